@@ -1,0 +1,286 @@
+"""The public face of the compiler: ``load_cell`` and ``CellSpec.build``.
+
+``load_cell`` runs parse -> check -> lower and keeps the IR graph;
+``build`` binds sizes and hyper-parameters, runs the passes, generates the
+source (cached per graph and pass selection), and returns a module: plain
+Python (``backend="eager"``) or TorchScript (``backend="script"``).
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+import linecache
+import math
+import os
+import threading
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from . import syntax_tree as st
+from .check import check_file
+from .codegen import generate
+from .errors import CellError, Span
+from .ir import Graph
+from .lower import lower
+from .passes import run_passes
+from .resources import stock_cell_names, stock_cells_dir
+from .syntax import decode, parse
+
+BACKENDS = ("script", "eager")
+_compile_lock = threading.RLock()  # TorchScript compilation and our caches are shared state
+_counter = itertools.count()
+
+
+class CellModule(torch.nn.Module):
+    """Base of every generated cell: registers parameters, sizes and hyper-parameters.
+
+    Subclasses get ``forward`` and ``forward_sequence`` from generated source.
+    """
+
+    def __init__(self, spec: "CellSpec", sizes: Dict[str, int], hypers: Dict[str, float], source: str):
+        super().__init__()
+        graph = spec.graph
+        for name, value in sizes.items():
+            setattr(self, name, value)
+        for name, value in hypers.items():
+            setattr(self, name, value)
+        self.input_size = sizes["input"]
+        self.hidden_size = sizes["hidden"]
+        self.state_names: List[str] = [d.name for d in graph.states]
+        self.state_sizes: List[int] = [d.shape.dims[0].evaluate(sizes) for d in graph.states]
+        output = graph.node_map()[graph.outputs[0]]
+        self.output_size = output.shape.dims[0].evaluate(sizes)
+        self.source = source
+        self._inits: Dict[str, Optional[float]] = {d.name: d.default for d in graph.params}
+        for decl in graph.params:
+            shape = tuple(dim.evaluate(sizes) for dim in decl.shape.dims)
+            self.register_parameter(decl.name, torch.nn.Parameter(torch.empty(shape)))
+        self.reset_parameters()
+
+    @torch.jit.ignore
+    def reset_parameters(self) -> None:
+        """Uniform in ±1/sqrt(hidden), as torch.nn's cells; parameters declared ``= value`` get that value."""
+        bound = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0.0
+        with torch.no_grad():
+            for name, parameter in self.named_parameters():
+                init = self._inits.get(name)
+                if init is None:
+                    parameter.uniform_(-bound, bound)
+                else:
+                    parameter.fill_(init)
+
+    @property
+    def code(self) -> str:
+        """The generated source of this cell's methods."""
+        return self.source
+
+
+class ScriptedCell(torch.jit.RecursiveScriptModule):
+    """A scripted cell whose ``.code`` is the source rnndsl generated.
+
+    TorchScript's own ``.code`` (its re-print of ``forward``) stays available as
+    ``.forward.code``.
+    """
+
+    @property
+    def code(self) -> str:
+        return self.source
+
+
+class CellSpec:
+    """A checked cell, ready to build at any size: rnnlib's cell constructor, from a ``.cell`` file."""
+
+    def __init__(self, cell: st.Cell, source: str, path: str):
+        self.ast = cell
+        self.source = source
+        self.path = path
+        self.graph: Graph = lower(cell)
+
+    @property
+    def name(self) -> str:
+        return self.graph.name
+
+    @property
+    def state_names(self) -> Tuple[str, ...]:
+        return tuple(d.name for d in self.graph.states)
+
+    @property
+    def hypers(self) -> Dict[str, float]:
+        return {d.name: d.default for d in self.graph.hypers}
+
+    @property
+    def sizes(self) -> Dict[str, Optional[int]]:
+        return {d.name: (int(d.default) if d.default is not None else None) for d in self.graph.sizes}
+
+    @property
+    def native_mode(self) -> Optional[str]:
+        """"LSTM", "GRU", "RNN_TANH" or "RNN_RELU" when torch has a fused kernel for this cell."""
+        from .native_match import match_native
+        return match_native(self)[0]
+
+    @property
+    def why_not_native(self) -> str:
+        from .native_match import match_native
+        return match_native(self)[1]
+
+    def optimized(self, disable: Iterable[str] = ()) -> Graph:
+        """The IR after the passes (see rnndsl.passes)."""
+        return _optimized(self.graph, tuple(sorted(disable)))
+
+    def code(self, disable: Iterable[str] = ()) -> str:
+        """The generated source, without building a module."""
+        return _source(self.graph, tuple(sorted(disable)), self.path)
+
+    def bind(self, input_size: int, hidden_size: int, **hyper: float) -> Tuple[Dict[str, int], Dict[str, float]]:
+        """Size variables and hyper-parameters for a build, checked."""
+        for what, value in (("input_size", input_size), ("hidden_size", hidden_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{self.name}: {what} must be a positive integer, got {value!r}")
+        sizes: Dict[str, int] = {"input": input_size, "hidden": hidden_size}
+        hypers = self.hypers
+        for key, value in hyper.items():
+            if key in hypers:
+                hypers[key] = float(value)
+            elif key in self.sizes and key not in sizes:
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise ValueError(f"{self.name}: size {key} must be a positive integer, got {value!r}")
+                sizes[key] = value
+            else:
+                known = sorted(set(hypers) | (set(self.sizes) - {"input", "hidden"}))
+                raise TypeError(f"cell {self.name} has no hyper-parameter or size {key!r}"
+                                + (f"; it has {', '.join(known)}" if known else ""))
+        for name, default in self.sizes.items():
+            sizes.setdefault(name, default)
+        declared = self.graph.input.shape.dims[0].evaluate(sizes)
+        if declared != input_size:
+            raise ValueError(f"cell {self.name} needs input size {self.graph.input.shape.dims[0]} "
+                             f"(= {declared}) for its input `{self.graph.input.name}`, got input_size={input_size}")
+        for decl in self.graph.params + self.graph.states:
+            for dim in decl.shape.dims:
+                if dim.evaluate(sizes) < 1:
+                    raise ValueError(f"cell {self.name}: {decl.name} would have size {dim} = "
+                                     f"{dim.evaluate(sizes)} with {sizes}")
+        return sizes, hypers
+
+    def build(self, input_size: int, hidden_size: int, backend: str = "script", *,
+              disable: Iterable[str] = (), **hyper: float) -> torch.nn.Module:
+        """A cell module: ``cell(state, x) -> (new_state, output)``."""
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; cells build with {', '.join(BACKENDS)} "
+                             "(networks also offer 'native' and 'auto')")
+        sizes, hypers = self.bind(input_size, hidden_size, **hyper)
+        cls = _module_class(self.graph, tuple(sorted(disable)), self.path, tuple(sizes), tuple(hypers))
+        module = cls(self, sizes, hypers, cls.generated_source)
+        if backend == "eager":
+            return module
+        with _compile_lock:
+            scripted = torch.jit.script(module)
+        scripted.__class__ = ScriptedCell
+        return scripted
+
+    def __repr__(self) -> str:
+        return f"CellSpec({self.name!r} from {self.path})"
+
+
+@functools.lru_cache(maxsize=128)
+def _optimized(graph: Graph, disable: Tuple[str, ...]) -> Graph:
+    return run_passes(graph, disable)
+
+
+@functools.lru_cache(maxsize=128)
+def _source(graph: Graph, disable: Tuple[str, ...], origin: str) -> str:
+    return generate(_optimized(graph, disable), f"{os.path.basename(origin)} (cell {graph.name})")
+
+
+@functools.lru_cache(maxsize=128)
+def _module_class(graph: Graph, disable: Tuple[str, ...], origin: str,
+                  sizes: Tuple[str, ...], hypers: Tuple[str, ...]) -> type:
+    """A CellModule subclass with the generated methods; cached, so TorchScript compiles it once."""
+    with _compile_lock:
+        source = _source(graph, disable, origin)
+        filename = f"<rnndsl {graph.name} #{next(_counter)}>"
+        # Registered like torch.fx does, so tracebacks and torch.jit.script can read the source.
+        linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+        namespace = {"torch": torch, "Tensor": Tensor, "Tuple": Tuple, "List": List, "Optional": Optional}
+        exec(compile(source, filename, "exec"), namespace)  # the source comes only from the IR
+        methods = {
+            "forward": namespace["forward"],
+            "forward_sequence": torch.jit.export(namespace["forward_sequence"]),
+            "__constants__": list(sizes) + list(hypers),
+            "generated_source": source,
+        }
+        return type(f"{graph.name}_cell", (CellModule,), methods)
+
+
+def _read(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CellError(f"no such file: {path}", None) from None
+    except IsADirectoryError:
+        raise CellError(f"{path} is a directory, not a .cell file", None) from None
+    except OSError as exc:
+        raise CellError(f"cannot read {path}: {exc.strerror or exc}", None) from None
+    return decode(data, str(path))
+
+
+def _resolve(name_or_path: Union[str, os.PathLike]) -> Path:
+    text = os.fspath(name_or_path)
+    path = Path(text)
+    looks_like_name = not path.suffix and os.sep not in text and "/" not in text
+    if looks_like_name and not path.exists():
+        stock = stock_cells_dir() / f"{text}.cell"
+        if stock.exists():
+            return stock
+        raise CellError(f"no stock cell named {text!r}; stock cells are {', '.join(stock_cell_names())}",
+                        None)
+    return path
+
+
+def load_source(source: str, path: str = "<string>") -> Dict[str, CellSpec]:
+    """Every cell of a ``.cell`` text, by name."""
+    try:
+        file = check_file(parse(source, path))
+        return {cell.name: CellSpec(cell, source, path) for cell in file.cells}
+    except CellError as error:
+        raise (error.with_source(source) if error.source is None else error) from None
+
+
+@functools.lru_cache(maxsize=64)
+def _load_file(path: str, mtime_ns: int, size: int) -> Dict[str, CellSpec]:
+    return load_source(_read(Path(path)), path)
+
+
+def load_cells(name_or_path: Union[str, os.PathLike]) -> Dict[str, CellSpec]:
+    """Every cell in a ``.cell`` file (or the stock file of that name), by name."""
+    path = _resolve(name_or_path)
+    try:
+        stat = path.stat()
+    except OSError:
+        _read(path)  # raises the clear error
+        raise
+    with _compile_lock:
+        return dict(_load_file(str(path), stat.st_mtime_ns, stat.st_size))
+
+
+def load_cell(name_or_path: Union[str, os.PathLike], cell: Optional[str] = None) -> CellSpec:
+    """A stock cell by name (``"lstm"``), or a cell from a ``.cell`` file.
+
+    A file with several cells needs ``cell=`` to pick one.
+    """
+    cells = load_cells(name_or_path)
+    if cell is not None:
+        if cell not in cells:
+            raise CellError(f"{name_or_path} has no cell named {cell!r}; it has {', '.join(cells)}", None)
+        return cells[cell]
+    if len(cells) == 1:
+        return next(iter(cells.values()))
+    if not cells:
+        raise CellError("the file holds no cell", Span(str(name_or_path), 1, 1, 1, 2),
+                        hint="a cell starts with `cell name(x[input]) -> h {`")
+    raise CellError(f"{name_or_path} holds several cells ({', '.join(cells)}); "
+                    "pick one with load_cell(path, cell=NAME)", None)
+

@@ -1,0 +1,237 @@
+"""Check: AST -> checked AST. Names, declarations and the rules of state updates.
+
+Shapes are checked while lowering (rnndsl/lower.py), where each expression's
+shape is computed by the op's shape rule. Everything here raises a
+:class:`CellError` at the offending spot, or warns about legal oddities.
+"""
+from __future__ import annotations
+
+import keyword
+from typing import Dict, Iterator, List, Set
+
+import torch
+
+from . import syntax_tree as st
+from .errors import CellError, Span, did_you_mean, warn
+from .ops import FUNCTIONS
+
+BUILTIN_SIZES = ("input", "hidden")
+KEYWORDS = {"cell", "state", "param", "size", "hyper"}
+# Parameters, sizes and hyper-parameters become module attributes: keep clear of nn.Module's own.
+MODULE_ATTRIBUTES = set(dir(torch.nn.Module)) | {"input_size", "hidden_size", "output_size",
+                                                  "state_sizes", "state_names", "source", "code"}
+
+
+def check_file(file: st.File) -> st.File:
+    """Check every cell of a parsed file; return it unchanged when all is well."""
+    seen: Dict[str, st.Cell] = {}
+    for cell in file.cells:
+        if cell.name in seen:
+            raise CellError(f"cell `{cell.name}` is defined twice (first at line "
+                            f"{seen[cell.name].span.line})", cell.name_span)
+        seen[cell.name] = cell
+        check_cell(cell)
+    return file
+
+
+def check_cell(cell: st.Cell) -> st.Cell:
+    _check_declarations(cell)
+    _check_body(cell)
+    return cell
+
+
+def _check_name(name: str, span: Span, what: str) -> None:
+    if name in KEYWORDS:
+        raise CellError(f"`{name}` is a keyword of the cell language and cannot name a {what}", span)
+    if keyword.iskeyword(name) or name.startswith("__"):
+        raise CellError(f"`{name}` cannot name a {what}: it is reserved in Python", span,
+                        hint=f"call it `{name.strip('_')}_` or another name")
+
+
+def _declarations(cell: st.Cell) -> Iterator[tuple]:
+    yield cell.input.name, "input", cell.input.span
+    for decl in cell.states:
+        yield decl.name, "state", decl.span
+    for decl in cell.params:
+        yield decl.name, "parameter", decl.span
+    for decl in cell.sizes:
+        yield decl.name, "size", decl.span
+    for decl in cell.hypers:
+        yield decl.name, "hyper-parameter", decl.span
+
+
+def _check_declarations(cell: st.Cell) -> None:
+    declared: Dict[str, str] = {name: "size" for name in BUILTIN_SIZES}
+    for name, what, span in _declarations(cell):
+        _check_name(name, span, what)
+        if name in declared:
+            if name in BUILTIN_SIZES:
+                raise CellError(f"`{name}` is the built-in size variable and cannot name a {what}", span)
+            raise CellError(f"`{name}` is declared twice (already a {declared[name]})", span)
+        if what in ("parameter", "size", "hyper-parameter") and name in MODULE_ATTRIBUTES:
+            raise CellError(f"`{name}` cannot name a {what}: it clashes with torch.nn.Module.{name}", span,
+                            hint=f"call it `{name}_` or another name")
+        declared[name] = what
+    if not cell.states:
+        raise CellError(f"cell `{cell.name}` declares no state", cell.name_span,
+                        hint="add a line such as `state h[hidden]`")
+    sizes = set(BUILTIN_SIZES) | {decl.name for decl in cell.sizes}
+    for decl in cell.sizes:
+        if decl.default < 1:
+            raise CellError(f"size `{decl.name}` must be at least 1, got {decl.default}", decl.span)
+    for size in [cell.input.size] + [d.size for d in cell.states] + [s for p in cell.params for s in p.shape]:
+        _check_size(size, sizes)
+
+
+def _check_size(size: st.SizeExpr, sizes: Set[str]) -> None:
+    stack = [size]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, st.SizeName) and node.name not in sizes:
+            raise CellError(f"unknown size `{node.name}`", node.span,
+                            hint=did_you_mean(node.name, sizes) or
+                            f"sizes are {', '.join(sorted(sizes))}; declare others with `size {node.name} = ...`")
+        if isinstance(node, st.SizeBinary):
+            stack.extend((node.left, node.right))
+
+
+class _Scope:
+    """What a name means at a point of the body."""
+
+    def __init__(self, cell: st.Cell):
+        self.cell = cell
+        self.kinds: Dict[str, str] = {cell.input.name: "input"}
+        self.kinds.update({d.name: "state" for d in cell.states})
+        self.kinds.update({d.name: "parameter" for d in cell.params})
+        self.kinds.update({d.name: "hyper-parameter" for d in cell.hypers})
+        self.sizes = set(BUILTIN_SIZES) | {d.name for d in cell.sizes}
+        self.locals: Dict[str, Span] = {}
+        self.updated: Dict[str, Span] = {}
+        self.used: Set[str] = set()
+
+    def visible(self) -> List[str]:
+        return list(self.kinds) + list(self.locals)
+
+
+def _check_body(cell: st.Cell) -> None:
+    scope = _Scope(cell)
+    for assign in cell.body:
+        _check_value(assign, scope)
+        for target in assign.targets:
+            _bind(target, scope)
+    for decl in cell.states:
+        if decl.name not in scope.updated:
+            raise CellError(f"state `{decl.name}` is never updated", decl.span,
+                            hint=f"give its next value with `{decl.name}' = ...`")
+    for output in cell.outputs:
+        if output.name not in scope.locals and scope.kinds.get(output.name) != "state":
+            raise CellError(f"output `{output.name}` is never defined", output.span,
+                            hint=did_you_mean(output.name, list(scope.locals) + [d.name for d in cell.states])
+                            or "outputs name a state (its next value) or a value assigned in the cell")
+        scope.used.add(output.name)
+    for decl in cell.params:
+        if decl.name not in scope.used:
+            warn(f"parameter `{decl.name}` is never used", decl.span)
+    for name, span in scope.locals.items():
+        if name not in scope.used:
+            warn(f"`{name}` is assigned but never used", span)
+
+
+def _bind(target: st.Target, scope: _Scope) -> None:
+    name = target.name
+    if target.primed:
+        if scope.kinds.get(name) != "state":
+            raise CellError(f"`{name}'` gives a next value, but `{name}` is not a state", target.span,
+                            hint=did_you_mean(name, [d.name for d in scope.cell.states]))
+        if name in scope.updated:
+            raise CellError(f"state `{name}` is updated twice (first at line {scope.updated[name].line})",
+                            target.span)
+        scope.updated[name] = target.span
+        return
+    _check_name(name, target.span, "value")
+    if name in scope.kinds:
+        kind = scope.kinds[name]
+        hint = f"write `{name}' = ...` for its next value" if kind == "state" else None
+        raise CellError(f"cannot assign to `{name}`: it is the cell's {kind}", target.span, hint=hint)
+    if name in scope.sizes:
+        raise CellError(f"cannot assign to `{name}`: it is a size", target.span)
+    if name in scope.locals:
+        raise CellError(f"`{name}` is assigned twice (first at line {scope.locals[name].line})",
+                        target.span, hint="give each value its own name")
+    scope.locals[name] = target.span
+
+
+def _check_value(assign: st.Assign, scope: _Scope) -> None:
+    value, targets = assign.value, assign.targets
+    is_chunk = isinstance(value, st.Call) and value.function == "chunk"
+    if len(targets) > 1 and not is_chunk:
+        raise CellError(f"{len(targets)} names on the left need a `chunk(..., {len(targets)})` on the right",
+                        assign.span)
+    if is_chunk:
+        _check_call_arity(value)
+        parts = value.args[1]
+        if not (isinstance(parts, st.Number) and parts.value == int(parts.value) and parts.value >= 1):
+            raise CellError("chunk's second argument must be a whole number of parts", parts.span)
+        if int(parts.value) != len(targets):
+            raise CellError(f"chunk into {int(parts.value)} parts, but {len(targets)} "
+                            f"name{'s' if len(targets) != 1 else ''} on the left", value.span)
+        _check_expr(value.args[0], scope)
+    else:
+        _check_expr(value, scope)
+
+
+def _check_call_arity(call: st.Call) -> None:
+    function = FUNCTIONS[call.function]
+    count = len(call.args)
+    if count < function.min_args or (function.max_args is not None and count > function.max_args):
+        if function.max_args == function.min_args:
+            wanted = f"{function.min_args} argument{'s' if function.min_args != 1 else ''}"
+        elif function.max_args is None:
+            wanted = f"at least {function.min_args} arguments"
+        else:
+            wanted = f"{function.min_args} to {function.max_args} arguments"
+        raise CellError(f"`{call.function}` takes {wanted}, got {count}", call.span,
+                        hint=function.doc)
+
+
+def _check_expr(expr: st.Expr, scope: _Scope) -> None:
+    stack = [expr]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, st.Name):
+            _check_name_use(node, scope)
+        elif isinstance(node, st.Primed):
+            if scope.kinds.get(node.name) != "state":
+                raise CellError(f"`{node.name}'` is not a next state: `{node.name}` is not a state", node.span)
+            if node.name not in scope.updated:
+                raise CellError(f"`{node.name}'` is used before it is assigned", node.span,
+                                hint=f"assign `{node.name}' = ...` on an earlier line")
+        elif isinstance(node, st.Binary):
+            stack.extend((node.right, node.left))
+        elif isinstance(node, st.Neg):
+            stack.append(node.operand)
+        elif isinstance(node, st.Call):
+            if node.function not in FUNCTIONS:
+                raise CellError(f"unknown function `{node.function}`", node.name_span,
+                                hint=did_you_mean(node.function, FUNCTIONS) or
+                                f"functions are {', '.join(sorted(FUNCTIONS))}")
+            if node.function == "chunk":
+                raise CellError("chunk gives several values: use it alone on the right of "
+                                "`a, b = chunk(v, 2)`", node.span)
+            _check_call_arity(node)
+            stack.extend(reversed(node.args))
+
+
+def _check_name_use(node: st.Name, scope: _Scope) -> None:
+    name = node.name
+    if name in scope.kinds or name in scope.locals:
+        scope.used.add(name)
+        return
+    if name in scope.sizes:
+        raise CellError(f"`{name}` is a size: sizes appear only in shapes", node.span)
+    if name in FUNCTIONS:
+        raise CellError(f"`{name}` is a function: call it as `{name}(...)`", node.span)
+    later = [a for a in scope.cell.body for t in a.targets if t.name == name and not t.primed]
+    if later:
+        raise CellError(f"`{name}` is used before it is assigned (line {later[0].span.line})", node.span)
+    raise CellError(f"undefined name `{name}`", node.span, hint=did_you_mean(name, scope.visible()))

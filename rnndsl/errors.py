@@ -1,0 +1,107 @@
+"""Source positions and the one error type of the cell language.
+
+Every problem found in a ``.cell`` file is a :class:`CellError` that prints like
+a compiler diagnostic::
+
+    lstm.cell:7:22: error: unknown function `tanhh`
+        c' = sigmoid(f) * c + tanhh(g)
+                              ^~~~~
+    hint: did you mean `tanh`?
+"""
+from __future__ import annotations
+
+import difflib
+import warnings
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """A stretch of source text: 1-based line and column, end exclusive."""
+
+    file: str
+    line: int
+    column: int
+    end_line: int
+    end_column: int
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.column}"
+
+
+def _underline(source: Optional[str], span: Span) -> str:
+    """The source line of ``span`` with a ``^~~~`` marker under it."""
+    if not source:
+        return ""
+    lines = source.splitlines()
+    if not 1 <= span.line <= len(lines):
+        return ""
+    text = lines[span.line - 1]
+    if len(text) > 200:  # keep huge lines readable: show a window around the spot
+        start = max(0, span.column - 80)
+        text = text[start:start + 160]
+        column = span.column - start
+    else:
+        column = span.column
+    width = span.end_column - span.column if span.end_line == span.line else len(text) - column + 1
+    width = max(1, min(width, len(text) - column + 2))
+    text = text.replace("\t", " ")
+    return f"    {text}\n    {' ' * (column - 1)}^{'~' * (width - 1)}"
+
+
+class CellError(Exception):
+    """A problem in a ``.cell`` file, with its position and, where it helps, a hint."""
+
+    def __init__(self, message: str, span: Optional[Span] = None, *,
+                 source: Optional[str] = None, hint: Optional[str] = None):
+        self.message = message
+        self.span = span
+        self.source = source
+        self.hint = hint
+        super().__init__(self.format())
+
+    @property
+    def file(self) -> Optional[str]:
+        return self.span.file if self.span else None
+
+    @property
+    def line(self) -> Optional[int]:
+        return self.span.line if self.span else None
+
+    @property
+    def column(self) -> Optional[int]:
+        return self.span.column if self.span else None
+
+    def with_source(self, source: str) -> "CellError":
+        """The same error, able to quote the offending line."""
+        return CellError(self.message, self.span, source=source, hint=self.hint)
+
+    def format(self) -> str:
+        where = f"{self.span}: " if self.span else ""
+        parts = [f"{where}error: {self.message}"]
+        if self.span:
+            quoted = _underline(self.source, self.span)
+            if quoted:
+                parts.append(quoted)
+        if self.hint:
+            parts.append(f"hint: {self.hint}")
+        return "\n".join(parts)
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+class CellWarning(UserWarning):
+    """Something legal but probably unintended, such as an unused parameter."""
+
+
+def warn(message: str, span: Optional[Span]) -> None:
+    where = f"{span}: " if span else ""
+    warnings.warn(f"{where}warning: {message}", CellWarning, stacklevel=3)
+
+
+def did_you_mean(name: str, candidates: Iterable[str]) -> Optional[str]:
+    """A hint naming the closest candidate, or None."""
+    close = difflib.get_close_matches(name, sorted(set(candidates)), n=1, cutoff=0.6)
+    return f"did you mean `{close[0]}`?" if close else None

@@ -1,0 +1,333 @@
+"""The IR: a cell as a graph of named nodes from ``(state, input)`` to ``(next state, output)``.
+
+The counterpart of rnnlib's nngraph gModule. Its grammar::
+
+    graph   := name, input decl, state decls, param decls, sizes, hypers,
+               nodes (topologically ordered), next_states (one node per state), outputs
+    node    := name = op(inputs...; attrs) : shape      at a phase
+    shape   := [] (scalar) | [n] (vector) | [m, n] (matrix); "batched" vectors carry a batch dim
+    size    := a linear polynomial of size variables, e.g. 4*hidden + input
+
+Nodes are frozen and slotted; passes build new graphs (rnndsl/passes/).
+Per-op knowledge lives in tables, one per concern: shape rules (rnndsl/ops.py),
+code emitters (rnndsl/codegen.py) and derivatives (rnndsl/derivatives.py).
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, replace
+from typing import Dict, Iterable, Mapping, Optional, Tuple
+
+from .errors import Span
+
+
+# Sizes ---------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Size:
+    """A linear polynomial over size variables: ``sum(coeff * var) + const``."""
+
+    terms: Tuple[Tuple[str, int], ...] = ()
+    const: int = 0
+
+    @staticmethod
+    def of(value: "int | str | Size") -> "Size":
+        if isinstance(value, Size):
+            return value
+        if isinstance(value, str):
+            return Size(((value, 1),), 0)
+        return Size((), int(value))
+
+    @staticmethod
+    def _make(coeffs: Mapping[str, int], const: int) -> "Size":
+        return Size(tuple(sorted((k, v) for k, v in coeffs.items() if v != 0)), const)
+
+    def __add__(self, other: "Size | int") -> "Size":
+        other = Size.of(other)
+        coeffs = dict(self.terms)
+        for name, coeff in other.terms:
+            coeffs[name] = coeffs.get(name, 0) + coeff
+        return Size._make(coeffs, self.const + other.const)
+
+    def __neg__(self) -> "Size":
+        return Size(tuple((k, -v) for k, v in self.terms), -self.const)
+
+    def __sub__(self, other: "Size | int") -> "Size":
+        return self + (-Size.of(other))
+
+    def __mul__(self, other: "Size | int") -> "Size":
+        other = Size.of(other)
+        if self.terms and other.terms:
+            raise ValueError("sizes must stay linear: cannot multiply two size variables")
+        scale, poly = (other.const, self) if not other.terms else (self.const, other)
+        return Size._make({k: v * scale for k, v in poly.terms}, poly.const * scale)
+
+    __rmul__ = __mul__
+    __radd__ = __add__
+
+    def divisible_by(self, n: int) -> bool:
+        return all(v % n == 0 for _, v in self.terms) and self.const % n == 0
+
+    def __floordiv__(self, n: int) -> "Size":
+        assert self.divisible_by(n), (self, n)
+        return Size(tuple((k, v // n) for k, v in self.terms), self.const // n)
+
+    @property
+    def variables(self) -> Tuple[str, ...]:
+        return tuple(k for k, _ in self.terms)
+
+    def evaluate(self, env: Mapping[str, int]) -> int:
+        return sum(coeff * env[name] for name, coeff in self.terms) + self.const
+
+    def render(self, variable=lambda name: name) -> str:
+        """``4*hidden + 2``; ``variable`` maps names, e.g. to ``self.hidden`` in code."""
+        parts = []
+        for name, coeff in self.terms:
+            text = variable(name) if coeff == 1 else f"{coeff}*{variable(name)}"
+            parts.append(text)
+        if self.const or not parts:
+            parts.append(str(self.const))
+        return " + ".join(parts).replace("+ -", "- ")
+
+    def __str__(self) -> str:
+        return self.render()
+
+
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """Feature dims, and whether the value carries a leading batch dim."""
+
+    dims: Tuple[Size, ...] = ()
+    batched: bool = False
+
+    @property
+    def is_scalar(self) -> bool:
+        return not self.dims
+
+    @property
+    def is_vector(self) -> bool:
+        return len(self.dims) == 1
+
+    @property
+    def is_matrix(self) -> bool:
+        return len(self.dims) == 2
+
+    def __str__(self) -> str:
+        inner = ", ".join(str(d) for d in self.dims)
+        return f"[B, {inner}]" if self.batched else f"[{inner}]"
+
+
+SCALAR = Shape()
+
+
+# Ops -----------------------------------------------------------------------
+
+class OpKind(enum.Enum):
+    LEAF = "leaf"              # values from outside the equations
+    ELEMENTWISE = "elementwise"
+    LINEAR = "linear"          # matrix products
+    LAYOUT = "layout"          # slicing and joining feature vectors
+    NORMALIZE = "normalize"    # reductions over the feature dimension
+    RANDOM = "random"          # active only in training
+
+
+class Op(enum.Enum):
+    """The closed set of IR operations, grouped by kind."""
+
+    INPUT = ("input", OpKind.LEAF)
+    STATE = ("state", OpKind.LEAF)
+    PARAM = ("param", OpKind.LEAF)
+    HYPER = ("hyper", OpKind.LEAF)
+    CONST = ("const", OpKind.LEAF)
+
+    NEG = ("neg", OpKind.ELEMENTWISE)
+    ADD = ("add", OpKind.ELEMENTWISE)
+    SUB = ("sub", OpKind.ELEMENTWISE)
+    MUL = ("mul", OpKind.ELEMENTWISE)
+    DIV = ("div", OpKind.ELEMENTWISE)
+    SIGMOID = ("sigmoid", OpKind.ELEMENTWISE)
+    TANH = ("tanh", OpKind.ELEMENTWISE)
+    RELU = ("relu", OpKind.ELEMENTWISE)
+    EXP = ("exp", OpKind.ELEMENTWISE)
+    LOG = ("log", OpKind.ELEMENTWISE)
+    SOFTPLUS = ("softplus", OpKind.ELEMENTWISE)
+    ABS = ("abs", OpKind.ELEMENTWISE)
+    SQRT = ("sqrt", OpKind.ELEMENTWISE)
+    SILU = ("silu", OpKind.ELEMENTWISE)
+
+    MATMUL = ("matmul", OpKind.LINEAR)
+
+    CHUNK = ("chunk", OpKind.LAYOUT)     # attrs: parts, index
+    SLICE = ("slice", OpKind.LAYOUT)     # attrs: start, length (Sizes)
+    CONCAT = ("concat", OpKind.LAYOUT)   # joins vectors, or matrices by rows
+
+    LAYERNORM = ("layernorm", OpKind.NORMALIZE)  # (x, weight, bias); attrs: eps
+    DROPOUT = ("dropout", OpKind.RANDOM)         # (x); attrs: p
+    ZONEOUT = ("zoneout", OpKind.RANDOM)         # (new, old); attrs: p
+
+    def __init__(self, label: str, kind: OpKind):
+        self.label = label
+        self.kind = kind
+
+
+class Phase(enum.IntEnum):
+    """When a node runs in the sequence loop (set by the hoisting pass)."""
+
+    ONCE = 0        # depends only on parameters: once per sequence
+    PER_INPUT = 1   # depends on the input but no state: all steps in one batched op
+    PER_STEP = 2    # depends on a state: inside the time loop
+
+
+# Nodes and graphs ------------------------------------------------------------
+
+Attrs = Tuple[Tuple[str, object], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    name: str
+    op: Op
+    inputs: Tuple[str, ...]
+    shape: Shape
+    attrs: Attrs = ()
+    span: Optional[Span] = field(default=None, compare=False)
+    phase: Phase = Phase.PER_STEP
+
+    def attr(self, key: str, default: object = None) -> object:
+        for name, value in self.attrs:
+            if name == key:
+                return value
+        return default
+
+
+def attrs(**values: object) -> Attrs:
+    return tuple(sorted(values.items()))
+
+
+@dataclass(frozen=True, slots=True)
+class Decl:
+    """A declared input, state, parameter, size or hyper-parameter."""
+
+    name: str
+    shape: Shape = SCALAR
+    default: Optional[float] = None  # sizes and hypers: default value; params: constant init
+    span: Optional[Span] = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class Graph:
+    name: str
+    input: Decl
+    states: Tuple[Decl, ...]
+    params: Tuple[Decl, ...]
+    sizes: Tuple[Decl, ...]
+    hypers: Tuple[Decl, ...]
+    nodes: Tuple[Node, ...]
+    next_states: Tuple[str, ...]
+    outputs: Tuple[str, ...]
+    passes: Tuple[str, ...] = ()  # the passes that made this graph, in order
+
+    def node_map(self) -> Dict[str, Node]:
+        return {node.name: node for node in self.nodes}
+
+    def users(self) -> Dict[str, Tuple[str, ...]]:
+        found: Dict[str, list] = {node.name: [] for node in self.nodes}
+        for node in self.nodes:
+            for name in node.inputs:
+                found[name].append(node.name)
+        return {name: tuple(users) for name, users in found.items()}
+
+    def results(self) -> Tuple[str, ...]:
+        """Nodes whose values leave the cell: next states and outputs."""
+        return self.next_states + self.outputs
+
+    def with_nodes(self, nodes: Iterable[Node], pass_name: str, **changes) -> "Graph":
+        return replace(self, nodes=tuple(nodes), passes=self.passes + (pass_name,), **changes)
+
+    def __str__(self) -> str:
+        return format_graph(self)
+
+
+class IRError(Exception):
+    """A broken IR invariant: a bug in rnndsl, never in the user's cell."""
+
+
+def verify(graph: Graph) -> Graph:
+    """Check the IR's invariants; return the graph unchanged."""
+    from .ops import SHAPE_RULES  # the shape table depends on this module
+
+    seen: Dict[str, Node] = {}
+    for node in graph.nodes:
+        if node.name in seen:
+            raise IRError(f"{graph.name}: node name {node.name!r} defined twice")
+        if not node.name.isidentifier():
+            raise IRError(f"{graph.name}: node name {node.name!r} is not an identifier")
+        for name in node.inputs:
+            if name not in seen:
+                raise IRError(f"{graph.name}: {node.name} uses {name!r} before it is defined")
+        inputs = [seen[name] for name in node.inputs]
+        if node.op.kind is not OpKind.LEAF:
+            expected = SHAPE_RULES[node.op](node, [n.shape for n in inputs])
+            if expected != node.shape:
+                raise IRError(f"{graph.name}: {node.name} has shape {node.shape}, its rule gives {expected}")
+            if any(n.phase > node.phase for n in inputs):
+                raise IRError(f"{graph.name}: {node.name} is hoisted above an input of a later phase")
+        seen[node.name] = node
+    if len(graph.next_states) != len(graph.states):
+        raise IRError(f"{graph.name}: {len(graph.states)} states but {len(graph.next_states)} next states")
+    for decl, name in zip(graph.states, graph.next_states):
+        if name not in seen:
+            raise IRError(f"{graph.name}: next value of state {decl.name} is undefined")
+        if seen[name].shape != decl.shape:
+            raise IRError(f"{graph.name}: next value of {decl.name} has shape {seen[name].shape}, "
+                          f"the state {decl.shape}")
+    for name in graph.outputs:
+        if name not in seen or not seen[name].shape.batched:
+            raise IRError(f"{graph.name}: output {name!r} is not a batched node")
+    return graph
+
+
+def _format_value(value: object) -> str:
+    return repr(value) if not isinstance(value, Size) else str(value)
+
+
+def format_node(node: Node) -> str:
+    if node.op is Op.CONST:
+        rhs = repr(node.attr("value"))
+    else:
+        args = list(node.inputs) + [f"{k}={_format_value(v)}" for k, v in node.attrs]
+        rhs = f"{node.op.label}({', '.join(args)})"
+    return f"{node.name} = {rhs}  : {node.shape}"
+
+
+_PHASE_TITLES = {Phase.ONCE: "once per sequence (parameters only)",
+                 Phase.PER_INPUT: "for all steps at once (input only)",
+                 Phase.PER_STEP: "every step"}
+
+
+def format_graph(graph: Graph) -> str:
+    """The graph as a readable program."""
+    def decls(items: Iterable[Decl]) -> str:
+        return ", ".join(f"{d.name}: {d.shape}" for d in items) or "-"
+
+    lines = [f"graph {graph.name}({graph.input.name}: {graph.input.shape}) {{"]
+    lines.append(f"  states  {decls(graph.states)}")
+    lines.append(f"  params  {decls(graph.params)}")
+    if graph.sizes:
+        lines.append("  sizes   " + ", ".join(f"{d.name}" + (f" = {d.default:g}" if d.default is not None else "")
+                                          for d in graph.sizes))
+    if graph.hypers:
+        lines.append("  hypers  " + ", ".join(f"{d.name} = {d.default:g}" for d in graph.hypers))
+    if graph.passes:
+        lines.append(f"  passes  {', '.join(graph.passes)}")
+    body = [n for n in graph.nodes if n.op.kind is not OpKind.LEAF or n.op is Op.CONST]
+    phases = sorted({n.phase for n in body})
+    for phase in phases:
+        if len(phases) > 1:
+            lines.append(f"  # {_PHASE_TITLES[phase]}")
+        lines.extend(f"  {format_node(n)}" for n in body if n.phase == phase)
+    nexts = ", ".join(f"{d.name}' = {name}" for d, name in zip(graph.states, graph.next_states))
+    lines.append(f"  next    {nexts}")
+    lines.append(f"  output  {', '.join(graph.outputs)}")
+    lines.append("}")
+    return "\n".join(lines)

@@ -1,0 +1,175 @@
+"""Lower: checked AST -> IR graph (rnndsl/ir.py), computing every value's shape.
+
+Each expression becomes one node; a value assigned a name keeps it (``c'``
+becomes ``c_next``), intermediate values are named after their op
+(``sigmoid_1``). Shape mismatches are reported here, at the expression that
+causes them.
+"""
+from __future__ import annotations
+
+import builtins
+import keyword
+from typing import Dict, List, Optional
+
+from . import syntax_tree as st
+from .check import BUILTIN_SIZES
+from .errors import CellError, Span
+from .ir import Decl, Graph, Node, Op, Shape, Size, attrs, verify
+from .ops import BINARY_OPS, FUNCTIONS, SHAPE_RULES, ShapeError
+
+# Names the generated code uses for itself; user names that collide get a suffix.
+RESERVED = (set(keyword.kwlist) | set(dir(builtins)) |
+            {"self", "torch", "state", "xs", "mask", "outputs", "t", "keep", "Tensor", "Tuple", "List",
+             "Optional"})
+
+
+class Namespace:
+    """Hands out identifiers that never collide with each other or with RESERVED."""
+
+    def __init__(self, taken: set):
+        self.taken = set(taken) | RESERVED
+
+    def claim(self, name: str) -> str:
+        """Take exactly ``name`` (declared names must keep theirs)."""
+        self.taken.add(name)
+        return name
+
+    def fresh(self, base: str) -> str:
+        candidate = base if base not in self.taken else None
+        suffix = 1
+        while candidate is None:
+            if f"{base}_{suffix}" not in self.taken:
+                candidate = f"{base}_{suffix}"
+            suffix += 1
+        self.taken.add(candidate)
+        return candidate
+
+
+def size_of(expr: st.SizeExpr) -> Size:
+    if isinstance(expr, st.SizeInt):
+        return Size.of(expr.value)
+    if isinstance(expr, st.SizeName):
+        return Size.of(expr.name)
+    left, right = size_of(expr.left), size_of(expr.right)
+    try:
+        return {"+": left + right, "-": left - right}[expr.op] if expr.op != "*" else left * right
+    except ValueError as exc:
+        raise CellError(str(exc), expr.span) from None
+
+
+def _vector(size: st.SizeExpr) -> Shape:
+    return Shape((size_of(size),), batched=True)
+
+
+class _Lowering:
+    def __init__(self, cell: st.Cell):
+        self.cell = cell
+        declared = {cell.input.name} | {d.name for d in cell.states} | {d.name for d in cell.params} | \
+                   {d.name for d in cell.hypers} | {d.name for d in cell.sizes}
+        self.names = Namespace(declared)
+        self.nodes: List[Node] = []
+        self.env: Dict[str, Node] = {}     # source name -> node
+        self.next: Dict[str, Node] = {}    # state name -> node of its next value
+
+    def add(self, node: Node) -> Node:
+        self.nodes.append(node)
+        return node
+
+    def leaf(self, name: str, op: Op, shape: Shape, span: Optional[Span], **attributes) -> Node:
+        return self.add(Node(self.names.claim(name), op, (), shape, attrs(**attributes), span))
+
+    def make(self, op: Op, inputs: List[Node], span: Span, name: Optional[str] = None, **attributes) -> Node:
+        probe = Node("_", op, tuple(n.name for n in inputs), Shape(), attrs(**attributes), span)
+        try:
+            shape = SHAPE_RULES[op](probe, [n.shape for n in inputs])
+        except ShapeError as exc:
+            raise CellError(str(exc), span) from None
+        final = self.names.fresh(name) if name else self.names.fresh(op.label)
+        return self.add(Node(final, op, probe.inputs, shape, probe.attrs, span))
+
+    def expr(self, expr: st.Expr, name: Optional[str] = None) -> Node:
+        if isinstance(expr, st.Number):
+            return self.make_const(expr.value, expr.span)
+        if isinstance(expr, st.Name):
+            return self.env[expr.name]
+        if isinstance(expr, st.Primed):
+            return self.next[expr.name]
+        if isinstance(expr, st.Neg):
+            return self.make(Op.NEG, [self.expr(expr.operand)], expr.span, name)
+        if isinstance(expr, st.Binary):
+            left, right = self.expr(expr.left), self.expr(expr.right)
+            return self.make(BINARY_OPS[expr.op], [left, right], expr.span, name)
+        function = FUNCTIONS[expr.function]
+        args = [self.expr(arg) for arg in expr.args]
+        return self.make(function.op, args, expr.span, name)
+
+    def make_const(self, value: float, span: Span) -> Node:
+        return self.add(Node(self.names.fresh("const"), Op.CONST, (), Shape(), attrs(value=value), span))
+
+    def assign(self, assign: st.Assign) -> None:
+        targets = assign.targets
+        if len(targets) > 1 or (isinstance(assign.value, st.Call) and assign.value.function == "chunk"):
+            source = self.expr(assign.value.args[0])
+            for index, target in enumerate(targets):
+                self.bind(target, self.make(Op.CHUNK, [source], assign.value.span, self.target_name(target),
+                                            parts=len(targets), index=index))
+            return
+        (target,) = targets
+        self.bind(target, self.expr(assign.value, self.target_name(target)))
+
+    def target_name(self, target: st.Target) -> str:
+        return f"{target.name}_next" if target.primed else target.name
+
+    def bind(self, target: st.Target, node: Node) -> None:
+        if not target.primed:
+            self.env[target.name] = node
+            return
+        decl = next(d for d in self.cell.states if d.name == target.name)
+        expected = _vector(decl.size)
+        if node.shape != expected:
+            if node.shape.dims == expected.dims:
+                raise CellError(f"the next value of state `{decl.name}` depends on neither the input nor "
+                                "a state, so it would be the same for every example", target.span)
+            raise CellError(f"state `{decl.name}` has shape {expected} but its next value has shape "
+                            f"{node.shape}", target.span)
+        self.next[target.name] = node
+
+    def run(self) -> Graph:
+        cell = self.cell
+        input_decl = Decl(cell.input.name, _vector(cell.input.size), span=cell.input.span)
+        self.env[cell.input.name] = self.leaf(cell.input.name, Op.INPUT, input_decl.shape, cell.input.span)
+        states = []
+        for decl in cell.states:
+            states.append(Decl(decl.name, _vector(decl.size), span=decl.span))
+            self.env[decl.name] = self.leaf(decl.name, Op.STATE, states[-1].shape, decl.span)
+        params = []
+        for decl in cell.params:
+            shape = Shape(tuple(size_of(s) for s in decl.shape), batched=False)
+            params.append(Decl(decl.name, shape, decl.init, decl.span))
+            self.env[decl.name] = self.leaf(decl.name, Op.PARAM, shape, decl.span)
+        hypers = []
+        for decl in cell.hypers:
+            hypers.append(Decl(decl.name, Shape(), decl.default, decl.span))
+            self.env[decl.name] = self.leaf(decl.name, Op.HYPER, Shape(), decl.span)
+        for assign in cell.body:
+            self.assign(assign)
+        outputs = []
+        for output in cell.outputs:
+            is_state = any(d.name == output.name for d in cell.states)
+            node = self.next[output.name] if is_state else self.env[output.name]
+            if not (node.shape.batched and node.shape.is_vector):
+                raise CellError(f"output `{output.name}` must be a per-example vector, got shape {node.shape}",
+                                output.span)
+            outputs.append(node.name)
+        sizes = tuple(Decl(name) for name in BUILTIN_SIZES) + \
+            tuple(Decl(d.name, default=d.default, span=d.span) for d in cell.sizes)
+        graph = Graph(name=cell.name, input=input_decl, states=tuple(states), params=tuple(params),
+                      sizes=sizes, hypers=tuple(hypers), nodes=tuple(self.nodes),
+                      next_states=tuple(self.next[d.name].name for d in cell.states),
+                      outputs=tuple(outputs))
+        return verify(graph)
+
+
+def lower(cell: st.Cell) -> Graph:
+    """The IR graph of a checked cell."""
+    return _Lowering(cell).run()

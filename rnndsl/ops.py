@@ -1,0 +1,184 @@
+"""Per-op tables of the language: the functions a cell may call, and each op's shape rule.
+
+Adding an op means one entry here (and one in the code emitters of
+rnndsl/codegen.py, and one in the derivative rules of rnndsl/derivatives.py);
+tests/test_ops_tables.py checks that every op has an entry in every table.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+from .ir import Node, Op, Shape, Size
+
+
+class ShapeError(Exception):
+    """Operands whose shapes do not fit; rnndsl/check.py adds the source position."""
+
+
+@dataclass(frozen=True)
+class Function:
+    """A function callable by name in a ``.cell`` file."""
+
+    op: Op
+    min_args: int
+    max_args: Optional[int]  # None: any number
+    doc: str
+
+
+FUNCTIONS: Dict[str, Function] = {
+    "sigmoid": Function(Op.SIGMOID, 1, 1, "logistic sigmoid"),
+    "tanh": Function(Op.TANH, 1, 1, "hyperbolic tangent"),
+    "relu": Function(Op.RELU, 1, 1, "max(x, 0)"),
+    "exp": Function(Op.EXP, 1, 1, "exponential"),
+    "log": Function(Op.LOG, 1, 1, "natural logarithm"),
+    "softplus": Function(Op.SOFTPLUS, 1, 1, "log(1 + exp(x))"),
+    "abs": Function(Op.ABS, 1, 1, "absolute value"),
+    "sqrt": Function(Op.SQRT, 1, 1, "square root"),
+    "silu": Function(Op.SILU, 1, 1, "x * sigmoid(x)"),
+    "chunk": Function(Op.CHUNK, 2, 2, "chunk(v, n): split v into n equal parts, `a, b = chunk(v, 2)`"),
+    "concat": Function(Op.CONCAT, 2, None, "concat(a, b, ...): join vectors"),
+    "layernorm": Function(Op.LAYERNORM, 3, 3, "layernorm(v, weight, bias): layer norm over features, eps 1e-5"),
+    "dropout": Function(Op.DROPOUT, 2, 2, "dropout(v, p): zero units with probability p in training"),
+    "zoneout": Function(Op.ZONEOUT, 3, 3, "zoneout(new, old, p): keep old units with probability p in training"),
+}
+
+
+def _not_matrix(shape: Shape, what: str) -> None:
+    if shape.is_matrix:
+        raise ShapeError(f"{what} needs vectors or numbers, not a matrix; a matrix parameter can "
+                         "only stand on the left of `@`")
+
+
+def _elementwise_unary(node: Node, shapes: List[Shape]) -> Shape:
+    (shape,) = shapes
+    _not_matrix(shape, node.op.label)
+    return shape
+
+
+def broadcast(a: Shape, b: Shape, what: str) -> Shape:
+    """Elementwise operands: numbers broadcast to anything, vectors must agree in size."""
+    _not_matrix(a, what)
+    _not_matrix(b, what)
+    if a.is_scalar:
+        return b
+    if b.is_scalar:
+        return a
+    if a.dims != b.dims:
+        raise ShapeError(f"{what} of vectors of different sizes: [{a.dims[0]}] and [{b.dims[0]}]")
+    return Shape(a.dims, a.batched or b.batched)
+
+
+def _elementwise_binary(node: Node, shapes: List[Shape]) -> Shape:
+    return broadcast(shapes[0], shapes[1], _BINARY_WORDS[node.op])
+
+
+_BINARY_WORDS = {Op.ADD: "addition", Op.SUB: "subtraction", Op.MUL: "multiplication", Op.DIV: "division"}
+
+
+def _matmul(node: Node, shapes: List[Shape]) -> Shape:
+    matrix, vector = shapes
+    if not matrix.is_matrix:
+        raise ShapeError(f"the left side of `@` must be a matrix parameter, got a {_describe(matrix)}")
+    if not vector.is_vector:
+        raise ShapeError(f"the right side of `@` must be a vector, got a {_describe(vector)}")
+    rows, cols = matrix.dims
+    if cols != vector.dims[0]:
+        raise ShapeError(f"matrix product does not fit: a [{rows}, {cols}] matrix times a "
+                         f"[{vector.dims[0]}] vector (the matrix needs {cols} columns to match)")
+    return Shape((rows,), vector.batched)
+
+
+def _chunk(node: Node, shapes: List[Shape]) -> Shape:
+    (shape,) = shapes
+    parts = node.attr("parts")
+    if not shape.is_vector:
+        raise ShapeError(f"chunk splits a vector, got a {_describe(shape)}")
+    if not shape.dims[0].divisible_by(parts):
+        raise ShapeError(f"chunk cannot split a vector of size {shape.dims[0]} into {parts} equal parts")
+    return Shape((shape.dims[0] // parts,), shape.batched)
+
+
+def _slice(node: Node, shapes: List[Shape]) -> Shape:
+    (shape,) = shapes
+    if not shape.is_vector:
+        raise ShapeError(f"slice takes a vector, got a {_describe(shape)}")
+    return Shape((node.attr("length"),), shape.batched)
+
+
+def _concat(node: Node, shapes: List[Shape]) -> Shape:
+    ranks = {len(s.dims) for s in shapes}
+    if ranks == {1}:
+        if len({s.batched for s in shapes}) > 1:
+            raise ShapeError("concat joins vectors that are all per-example or all parameters, not a mix")
+        total = Size()
+        for s in shapes:
+            total = total + s.dims[0]
+        return Shape((total,), shapes[0].batched)
+    if ranks == {2} and len({s.dims[1] for s in shapes}) == 1:
+        rows = Size()
+        for s in shapes:
+            rows = rows + s.dims[0]
+        return Shape((rows, shapes[0].dims[1]), False)
+    raise ShapeError("concat joins vectors: got " + ", ".join(_describe(s) for s in shapes))
+
+
+def _layernorm(node: Node, shapes: List[Shape]) -> Shape:
+    x, weight, bias = shapes
+    if not (x.is_vector and x.batched):
+        raise ShapeError(f"layernorm normalizes a per-example vector, got a {_describe(x)}")
+    for what, shape in (("weight", weight), ("bias", bias)):
+        if not shape.is_vector or shape.batched or shape.dims != x.dims:
+            raise ShapeError(f"layernorm's {what} must be a parameter vector of size [{x.dims[0]}], "
+                             f"got a {_describe(shape)}")
+    return x
+
+
+def _probability_last(node: Node, shapes: List[Shape]) -> Shape:
+    *values, p = shapes
+    if not p.is_scalar:
+        raise ShapeError(f"{node.op.label}'s probability must be a number or hyper-parameter")
+    if node.op is Op.ZONEOUT:
+        new, old = values
+        result = broadcast(new, old, "zoneout")
+    else:
+        (result,) = values
+        _not_matrix(result, node.op.label)
+    return result
+
+
+def _describe(shape: Shape) -> str:
+    if shape.is_scalar:
+        return "number"
+    if shape.is_vector:
+        return f"vector [{shape.dims[0]}]"
+    return f"matrix [{shape.dims[0]}, {shape.dims[1]}]"
+
+
+ShapeRule = Callable[[Node, List[Shape]], Shape]
+
+SHAPE_RULES: Dict[Op, ShapeRule] = {
+    Op.NEG: _elementwise_unary,
+    Op.ADD: _elementwise_binary,
+    Op.SUB: _elementwise_binary,
+    Op.MUL: _elementwise_binary,
+    Op.DIV: _elementwise_binary,
+    Op.SIGMOID: _elementwise_unary,
+    Op.TANH: _elementwise_unary,
+    Op.RELU: _elementwise_unary,
+    Op.EXP: _elementwise_unary,
+    Op.LOG: _elementwise_unary,
+    Op.SOFTPLUS: _elementwise_unary,
+    Op.ABS: _elementwise_unary,
+    Op.SQRT: _elementwise_unary,
+    Op.SILU: _elementwise_unary,
+    Op.MATMUL: _matmul,
+    Op.CHUNK: _chunk,
+    Op.SLICE: _slice,
+    Op.CONCAT: _concat,
+    Op.LAYERNORM: _layernorm,
+    Op.DROPOUT: _probability_last,
+    Op.ZONEOUT: _probability_last,
+}
+
+BINARY_OPS = {"+": Op.ADD, "-": Op.SUB, "*": Op.MUL, "/": Op.DIV, "@": Op.MATMUL}

@@ -1,0 +1,63 @@
+"""Run a cell over time.
+
+The scan knows nothing about the cell language: it runs any module with the
+cell calling convention (rnnlib's gModule convention, in PyTorch idiom)::
+
+    cell(state, x) -> (new_state, output)
+
+where ``state`` is a tuple of ``(batch, size)`` tensors, ``x`` is
+``(batch, input_size)`` and ``output`` is ``(batch, output_size)``.
+
+A cell may also offer ``forward_sequence(xs, state, mask)`` that runs a whole
+``(T, batch, input_size)`` sequence itself (cells built by rnndsl do: the loop
+is compiled with the cell, input projections hoisted out of it). ``scan`` uses
+it when present and falls back to a Python loop otherwise.
+
+``mask`` is an optional ``(T, batch)`` bool tensor, True at real steps: at a
+padded step the state is carried over unchanged and the output is zero, so each
+sequence's final state is the one at its own last real step.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+State = Tuple[Tensor, ...]
+
+
+def scan(cell: torch.nn.Module, xs: Tensor, state: State,
+         mask: Optional[Tensor] = None) -> Tuple[Tensor, State]:
+    """Run ``cell`` over ``xs`` (T, batch, input) from ``state``.
+
+    Returns the outputs ``(T, batch, output_size)`` and the final state.
+    """
+    if xs.dim() != 3:
+        raise ValueError(f"scan expects a (T, batch, input) sequence, got shape {tuple(xs.shape)}")
+    if xs.size(0) == 0:
+        raise ValueError("scan needs a sequence of at least one step, got T = 0")
+    if mask is not None and tuple(mask.shape) != tuple(xs.shape[:2]):
+        raise ValueError(f"mask must have shape (T, batch) = {tuple(xs.shape[:2])}, "
+                         f"got {tuple(mask.shape)}")
+    state = tuple(state)
+    forward_sequence = getattr(cell, "forward_sequence", None)
+    if forward_sequence is not None:
+        outputs, final = forward_sequence(xs, state, mask)
+        return outputs, tuple(final)
+    return python_scan(cell, xs, state, mask)
+
+
+def python_scan(cell: torch.nn.Module, xs: Tensor, state: State,
+                mask: Optional[Tensor] = None) -> Tuple[Tensor, State]:
+    """The reference loop: one call of ``cell`` per step."""
+    outputs = []
+    for t in range(xs.size(0)):
+        new_state, output = cell(state, xs[t])
+        if mask is not None:
+            keep = mask[t].unsqueeze(1)
+            new_state = tuple(torch.where(keep, new, old) for new, old in zip(new_state, state))
+            output = output * keep.to(output.dtype)
+        state = tuple(new_state)
+        outputs.append(output)
+    return torch.stack(outputs), state

@@ -1,0 +1,276 @@
+"""Parse: ``.cell`` text -> AST (rnndsl/syntax_tree.py), or a :class:`CellError`.
+
+The grammar lives in ``grammars/cell.lark``. Lark's LALR parser builds a parse
+tree without recursion; before the (recursive) transformer turns it into the
+AST we bound the tree's depth, so hostile input such as 200,000 open
+parentheses is a clear error instead of a ``RecursionError``.
+"""
+from __future__ import annotations
+
+import functools
+from lark import Lark, Token, Transformer, Tree, v_args
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+
+from . import syntax_tree as st
+from .errors import CellError, Span
+from .resources import grammar_path
+
+MAX_FILE_BYTES = 1 << 20   # a cell is a few hundred bytes; this keeps parsing well under a second
+MAX_NESTING = 100          # like CPython's own limit on nested parentheses
+
+
+@functools.lru_cache(maxsize=1)
+def _parser() -> Lark:
+    return Lark(grammar_path().read_text(encoding="utf-8"), start="file", parser="lalr",
+                lexer="contextual", propagate_positions=True, maybe_placeholders=True)
+
+
+def decode(data: bytes, path: str) -> str:
+    """Bytes of a ``.cell`` file -> text, refusing what no cell file contains."""
+    if len(data) > MAX_FILE_BYTES:
+        raise CellError(f"file is too large ({len(data):,} bytes; a .cell file may have at most "
+                        f"{MAX_FILE_BYTES:,})", Span(path, 1, 1, 1, 2))
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise CellError(f"file is not valid UTF-8 (byte 0x{data[exc.start]:02x})",
+                        Span(path, line, column, line, column + 1)) from None
+    return text
+
+
+def parse(text: str, path: str = "<string>") -> st.File:
+    """Parse the text of a ``.cell`` file."""
+    if len(text) > MAX_FILE_BYTES:
+        raise CellError(f"file is too large ({len(text):,} characters; a .cell file may have at "
+                        f"most {MAX_FILE_BYTES:,})", Span(path, 1, 1, 1, 2))
+    try:
+        tree = _parser().parse(text)
+    except UnexpectedInput as exc:
+        raise _syntax_error(exc, text, path) from None
+    _check_depth(tree, text, path)
+    cells = _ToAst(path).transform(tree)
+    return st.File(path=path, source=text, cells=tuple(cells))
+
+
+def _check_depth(tree: Tree, text: str, path: str) -> None:
+    """Refuse parse trees deeper than MAX_NESTING, without recursing."""
+    stack = [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_NESTING:
+            span = _span_of(node, path)
+            raise CellError(f"expression is nested too deeply (more than {MAX_NESTING} levels)",
+                            span, source=text,
+                            hint="split it into several equations with intermediate names")
+        stack.extend((child, depth + 1) for child in node.children if isinstance(child, Tree))
+
+
+def _span_of(node: Tree, path: str) -> Span:
+    meta = node.meta
+    if getattr(meta, "empty", True):
+        return Span(path, 1, 1, 1, 2)
+    return Span(path, meta.line, meta.column, meta.end_line, meta.end_column)
+
+
+def _token_span(token: Token, path: str) -> Span:
+    return Span(path, token.line, token.column, token.end_line, token.end_column)
+
+
+def _describe_terminal(name: str) -> str:
+    readable = {"NAME": "a name", "PRIMED": "a next-state name like `h'`", "INT": "an integer",
+                "NUMBER": "a number", "$END": "the end of the file"}
+    if name in readable:
+        return readable[name]
+    try:
+        pattern = _parser().get_terminal(name).pattern
+    except KeyError:
+        return name
+    return f"`{pattern.value}`" if pattern.type == "str" else name
+
+
+def _syntax_error(exc: UnexpectedInput, text: str, path: str) -> CellError:
+    line = getattr(exc, "line", 1) or 1
+    column = getattr(exc, "column", 1) or 1
+    if line < 1:  # Lark reports unexpected end of input at line -1
+        lines = text.splitlines() or [""]
+        line, column = len(lines), len(lines[-1]) + 1
+    span = Span(path, line, column, line, column + 1)
+    if isinstance(exc, UnexpectedCharacters):
+        char = text[exc.pos_in_stream] if exc.pos_in_stream < len(text) else ""
+        if char == "\x00":
+            message = "unexpected NUL byte: this looks like a binary file, not a .cell file"
+        elif char.isprintable() and not char.isascii():
+            message = (f"unexpected character `{char}` (U+{ord(char):04X}): names use ASCII "
+                       "letters, digits and `_`")
+        elif char.isprintable():
+            message = f"unexpected character `{char}`"
+        else:
+            message = f"unexpected character U+{ord(char):04X}"
+        return CellError(message, span, source=text)
+    expected = sorted({_describe_terminal(name) for name in getattr(exc, "expected", ()) or ()})
+    if isinstance(exc, UnexpectedEOF) or (isinstance(exc, UnexpectedToken) and exc.token.type == "$END"):
+        what = "unexpected end of file"
+        if "`}`" in expected:
+            return CellError(f"{what}: a cell is not closed", span, source=text,
+                             hint="add `}` at the end of the cell")
+    else:
+        token = exc.token
+        span = _token_span(token, path) if getattr(token, "line", None) else span
+        what = f"unexpected `{token}`" if token.type != "$END" else "unexpected end of file"
+    hint = _hint_for(exc)
+    listed = ", ".join(expected[:8]) + (", ..." if len(expected) > 8 else "")
+    message = f"{what}; expected {listed}" if expected else what
+    return CellError(message, span, source=text, hint=hint)
+
+
+def _hint_for(exc: UnexpectedInput) -> str | None:
+    token = getattr(exc, "token", None)
+    if token is None:
+        return None
+    if token.type == "__ANON_STRING" or str(token).startswith(("'", '"')):
+        return "the cell language has no strings"
+    if str(token) == "." or token.type == "DOT":
+        return "the cell language has no attribute access; functions are called by name"
+    if token.type == "PRIMED":
+        return "next-state names like `h'` go on the left of `=` or after the state's update"
+    return None
+
+
+@v_args(meta=True)
+class _ToAst(Transformer):
+    """Parse tree -> AST. Builds only; checks come later (Lark wraps exceptions here)."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+
+    def _span(self, meta) -> Span:
+        if getattr(meta, "empty", True):
+            return Span(self.path, 1, 1, 1, 2)
+        return Span(self.path, meta.line, meta.column, meta.end_line, meta.end_column)
+
+    def _tok(self, token: Token) -> Span:
+        return _token_span(token, self.path)
+
+    # file and cell
+
+    def file(self, meta, cells):
+        return list(cells)
+
+    def cell(self, meta, children):
+        name, input_decl, outputs, *statements = children
+        kinds = {kind: [] for kind in (st.VarDecl, st.ParamDecl, st.SizeDecl, st.HyperDecl, st.Assign)}
+        for statement in statements:
+            if isinstance(statement, list):  # state and param declarations list several names
+                for item in statement:
+                    kinds[type(item)].append(item)
+            else:
+                kinds[type(statement)].append(statement)
+        return st.Cell(name=str(name), input=input_decl, outputs=outputs,
+                       states=tuple(kinds[st.VarDecl]), params=tuple(kinds[st.ParamDecl]),
+                       sizes=tuple(kinds[st.SizeDecl]), hypers=tuple(kinds[st.HyperDecl]),
+                       body=tuple(kinds[st.Assign]), span=self._span(meta), name_span=self._tok(name))
+
+    def input_decl(self, meta, children):
+        name, size = children
+        return st.VarDecl(str(name), size, self._span(meta))
+
+    def output_list(self, meta, names):
+        return tuple(st.Output(str(name), self._tok(name)) for name in names)
+
+    # declarations
+
+    def state_decl(self, meta, decls):
+        return list(decls)
+
+    def var_decl(self, meta, children):
+        name, size = children
+        return st.VarDecl(str(name), size, self._span(meta))
+
+    def param_decl(self, meta, items):
+        return list(items)
+
+    def param_item(self, meta, children):
+        name, *rest = children
+        init = rest.pop() if rest and not _is_size(rest[-1]) else None
+        return st.ParamDecl(str(name), tuple(size for size in rest if size is not None), init,
+                            self._span(meta))
+
+    def size_decl(self, meta, children):
+        name, value = children
+        return st.SizeDecl(str(name), int(value), self._span(meta))
+
+    def hyper_decl(self, meta, children):
+        name, value = children
+        return st.HyperDecl(str(name), value, self._span(meta))
+
+    def signed_number(self, meta, children):
+        sign, number = children
+        value = float(number)
+        return -value if sign is not None else value
+
+    def assign(self, meta, children):
+        *targets, value = children
+        return st.Assign(tuple(targets), value, self._span(meta))
+
+    def target(self, meta, children):
+        (token,) = children
+        primed = token.type == "PRIMED"
+        return st.Target(str(token).rstrip("'"), primed, self._tok(token))
+
+    # sizes
+
+    def size_int(self, meta, children):
+        (token,) = children
+        return st.SizeInt(int(token), self._tok(token))
+
+    def size_name(self, meta, children):
+        (token,) = children
+        return st.SizeName(str(token), self._tok(token))
+
+    def _size_binary(op):
+        def build(self, meta, children):
+            left, right = children
+            return st.SizeBinary(op, left, right, self._span(meta))
+        return build
+
+    size_add, size_sub, size_mul = _size_binary("+"), _size_binary("-"), _size_binary("*")
+
+    # expressions
+
+    def number(self, meta, children):
+        (token,) = children
+        return st.Number(float(token), self._tok(token))
+
+    def name(self, meta, children):
+        (token,) = children
+        return st.Name(str(token), self._tok(token))
+
+    def primed(self, meta, children):
+        (token,) = children
+        return st.Primed(str(token).rstrip("'"), self._tok(token))
+
+    def neg(self, meta, children):
+        (operand,) = children
+        return st.Neg(operand, self._span(meta))
+
+    def call(self, meta, children):
+        name, *args = children
+        args = tuple(arg for arg in args if arg is not None)  # f() gives one placeholder
+        return st.Call(str(name), args, self._span(meta), self._tok(name))
+
+    def _binary(op):
+        def build(self, meta, children):
+            left, right = children
+            return st.Binary(op, left, right, self._span(meta))
+        return build
+
+    add, sub, mul, div, matmul = _binary("+"), _binary("-"), _binary("*"), _binary("/"), _binary("@")
+    del _binary, _size_binary
+
+
+def _is_size(node: object) -> bool:
+    return isinstance(node, (st.SizeInt, st.SizeName, st.SizeBinary))
+

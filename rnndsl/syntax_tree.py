@@ -1,0 +1,191 @@
+"""The abstract syntax tree of a ``.cell`` file.
+
+Frozen dataclasses, one per grammar rule, each with the :class:`Span` it came
+from. The parser only builds these; checks happen afterwards (rnndsl/check.py).
+
+Grammar, in short (grammars/cell.lark is the truth)::
+
+    file       := cell*
+    cell       := "cell" NAME "(" NAME "[" size "]" ")" "->" NAME ("," NAME)* "{" stmt* "}"
+    stmt       := "state" NAME[size], ...     | "param" NAME[size(, size)] (= number)?, ...
+                | "size" NAME = INT            | "hyper" NAME = number
+                | target, ... = expr           (target: NAME or NAME')
+    expr       := expr (+|-|*|/|@) expr | -expr | number | NAME | NAME' | NAME(expr, ...) | (expr)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Tuple, Union
+
+from .errors import Span
+
+
+# Sizes: integer expressions over size names.
+
+@dataclass(frozen=True, slots=True)
+class SizeInt:
+    value: int
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class SizeName:
+    name: str
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class SizeBinary:
+    op: str  # "+", "-", "*"
+    left: "SizeExpr"
+    right: "SizeExpr"
+    span: Span
+
+
+SizeExpr = Union[SizeInt, SizeName, SizeBinary]
+
+
+# Expressions.
+
+@dataclass(frozen=True, slots=True)
+class Number:
+    value: float
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class Name:
+    name: str
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class Primed:
+    """``h'``: the next value of state ``h``."""
+
+    name: str
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class Binary:
+    op: str  # "+", "-", "*", "/", "@"
+    left: "Expr"
+    right: "Expr"
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class Neg:
+    operand: "Expr"
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    function: str
+    args: Tuple["Expr", ...]
+    span: Span
+    name_span: Span
+
+
+Expr = Union[Number, Name, Primed, Binary, Neg, Call]
+
+
+# Declarations and statements.
+
+@dataclass(frozen=True, slots=True)
+class VarDecl:
+    """A state or the input: a name and its size."""
+
+    name: str
+    size: SizeExpr
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class ParamDecl:
+    name: str
+    shape: Tuple[SizeExpr, ...]  # (rows,) for a vector, (rows, cols) for a matrix
+    init: Union[float, None]     # a constant initial value, or None for the default
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class SizeDecl:
+    name: str
+    default: int
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class HyperDecl:
+    name: str
+    default: float
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    name: str
+    primed: bool
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class Assign:
+    targets: Tuple[Target, ...]
+    value: Expr
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    name: str
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class Cell:
+    name: str
+    input: VarDecl
+    outputs: Tuple[Output, ...]
+    states: Tuple[VarDecl, ...]
+    params: Tuple[ParamDecl, ...]
+    sizes: Tuple[SizeDecl, ...]
+    hypers: Tuple[HyperDecl, ...]
+    body: Tuple[Assign, ...]
+    span: Span
+    name_span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class File:
+    path: str
+    source: str
+    cells: Tuple[Cell, ...]
+
+
+def pretty(node: object, indent: int = 0) -> str:
+    """A readable dump of an AST, spans left out (``rnndsl show --stage ast``)."""
+    pad = "  " * indent
+    if isinstance(node, tuple):
+        if not node:
+            return pad + "()"
+        return "\n".join(pretty(item, indent) for item in node)
+    fields = [f for f in getattr(node, "__dataclass_fields__", {}) if "span" not in f and f != "source"]
+    if not fields:
+        return pad + repr(node)
+    simple, nested = [], []
+    for field in fields:
+        value = getattr(node, field)
+        if hasattr(value, "__dataclass_fields__") or (isinstance(value, tuple) and value
+                                                      and hasattr(value[0], "__dataclass_fields__")):
+            nested.append((field, value))
+        else:
+            simple.append(f"{field}={value!r}")
+    lines = [f"{pad}{type(node).__name__}({', '.join(simple)})"]
+    for field, value in nested:
+        lines.append(f"{pad}  {field}:")
+        lines.append(pretty(value, indent + 2))
+    return "\n".join(lines)
