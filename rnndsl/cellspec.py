@@ -25,6 +25,7 @@ from .codegen import generate
 from .errors import CellError, Span
 from .ir import Graph
 from .lower import lower
+from .native_match import match_native
 from .passes import run_passes
 from .resources import stock_cell_names, stock_cells_dir
 from .syntax import decode, parse
@@ -118,13 +119,17 @@ class CellSpec:
     @property
     def native_mode(self) -> Optional[str]:
         """"LSTM", "GRU", "RNN_TANH" or "RNN_RELU" when torch has a fused kernel for this cell."""
-        from .native_match import match_native
         return match_native(self)[0]
 
     @property
     def why_not_native(self) -> str:
-        from .native_match import match_native
+        """Why the cell cannot run on torch's fused kernels ("" when it can)."""
         return match_native(self)[1]
+
+    @property
+    def native_param_names(self) -> Dict[str, str]:
+        """This cell's parameter names -> torch's (``weight_ih``, ...), for a native cell."""
+        return dict(match_native(self)[2])
 
     def optimized(self, disable: Iterable[str] = ()) -> Graph:
         """The IR after the passes (see rnndsl.passes)."""

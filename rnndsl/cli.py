@@ -1,0 +1,87 @@
+"""The command line: ``rnndsl check FILE...`` and ``rnndsl show FILE --stage ast|ir|code|dot``.
+
+Problems in cell files print as compiler diagnostics and exit 1, never as a
+Python traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from typing import List, Optional
+
+from .cellspec import load_cells
+from .dot import to_dot
+from .errors import CellError
+from .passes import PASS_NAMES
+from .syntax_tree import pretty
+
+STAGES = ("ast", "ir", "code", "dot")
+
+
+def _check(paths: List[str]) -> int:
+    status = 0
+    for path in paths:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                cells = load_cells(path)
+            except CellError as error:
+                print(error, file=sys.stderr)
+                status = 1
+                continue
+        for warning in caught:
+            print(warning.message, file=sys.stderr)
+        print(f"{path}: ok ({len(cells)} cell{'s' if len(cells) != 1 else ''}: {', '.join(cells)})")
+    return status
+
+
+def _show(path: str, stage: str, cell: Optional[str], disable: List[str], raw: bool) -> int:
+    try:
+        cells = load_cells(path)
+    except CellError as error:
+        print(error, file=sys.stderr)
+        return 1
+    if cell is not None and cell not in cells:
+        print(f"error: {path} has no cell named {cell!r}; it has {', '.join(cells)}", file=sys.stderr)
+        return 1
+    for name, spec in cells.items():
+        if cell is not None and name != cell:
+            continue
+        if stage == "ast":
+            print(pretty(spec.ast))
+        elif stage == "ir":
+            print(spec.graph if raw else spec.optimized(disable))
+        elif stage == "code":
+            print(spec.code(disable))
+        else:
+            print(to_dot(spec.graph if raw else spec.optimized(disable)), end="")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="rnndsl", description="Check and inspect .cell files.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    check = commands.add_parser("check", help="check cell files; exit 1 if any has an error")
+    check.add_argument("files", nargs="+", metavar="FILE", help="a .cell file or a stock cell name")
+    show = commands.add_parser("show", help="print a compiler stage of a cell file")
+    show.add_argument("file", metavar="FILE", help="a .cell file or a stock cell name")
+    show.add_argument("--stage", choices=STAGES, default="ir")
+    show.add_argument("--cell", help="only this cell of the file")
+    show.add_argument("--raw", action="store_true", help="the IR before any pass (ir and dot stages)")
+    show.add_argument("--disable", action="append", default=[], choices=PASS_NAMES, metavar="PASS",
+                      help=f"switch a pass off (repeatable): {', '.join(PASS_NAMES)}")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "check":
+            return _check(args.files)
+        return _show(args.file, args.stage, args.cell, args.disable, args.raw)
+    except BrokenPipeError:  # `rnndsl show ... | head`
+        return 0
+    except Exception as exc:  # the promise is no traceback, ever; say what broke instead
+        print(f"rnndsl: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
