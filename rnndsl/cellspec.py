@@ -48,6 +48,7 @@ class CellModule(torch.nn.Module):
             setattr(self, name, value)
         for name, value in hypers.items():
             setattr(self, name, value)
+        self.cell_name = graph.name
         self.input_size = sizes["input"]
         self.hidden_size = sizes["hidden"]
         self.state_names: List[str] = [d.name for d in graph.states]
@@ -79,12 +80,78 @@ class CellModule(torch.nn.Module):
         return self.source
 
 
-class ScriptedCell(torch.jit.RecursiveScriptModule):
-    """A scripted cell whose ``.code`` is the source rnndsl generated.
+def check_call(cell: torch.nn.Module, state, x: Tensor, sequence: bool) -> None:
+    """Refuse inputs that do not fit, naming what was expected and what was received.
 
-    TorchScript's own ``.code`` (its re-print of ``forward``) stays available as
-    ``.forward.code``.
+    Runs in Python before the generated code, so errors are plain ValueErrors
+    rather than TorchScript tracebacks.
     """
+    name = cell.cell_name
+    shape = "(T, batch, {})" if sequence else "(batch, {})"
+    if not isinstance(x, Tensor) or x.dim() != (3 if sequence else 2) or x.size(-1) != cell.input_size:
+        got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"cell {name}: expected input of shape {shape.format(cell.input_size)}, got {got}")
+    names, sizes = cell.state_names, cell.state_sizes
+    if not isinstance(state, (tuple, list)) or len(state) != len(sizes) or \
+            not all(isinstance(s, Tensor) for s in state):
+        got = f"{len(state)} values" if isinstance(state, (tuple, list)) else type(state).__name__
+        raise ValueError(f"cell {name}: expected the state as a tuple of {len(sizes)} tensor(s) "
+                         f"({', '.join(names)}), got {got}")
+    batch = x.size(-2)
+    for state_name, size, value in zip(names, sizes, state):
+        if tuple(value.shape) != (batch, size):
+            raise ValueError(f"cell {name}: expected state {state_name} of shape ({batch}, {size}), "
+                             f"got {tuple(value.shape)}")
+        if value.dtype != x.dtype or value.device != x.device:
+            raise ValueError(f"cell {name}: state {state_name} is {value.dtype} on {value.device}, "
+                             f"but the input is {x.dtype} on {x.device}")
+    for parameter in cell.parameters():
+        if parameter.dtype != x.dtype or parameter.device != x.device:
+            raise ValueError(f"cell {name}: its parameters are {parameter.dtype} on {parameter.device}, "
+                             f"but the input is {x.dtype} on {x.device}; convert one with .to()")
+        break
+
+
+class EagerCell(CellModule):
+    """The generated methods run as plain Python, after checking their arguments."""
+
+    def forward(self, state, x):
+        check_call(self, state, x, sequence=False)
+        return super().forward(state, x)
+
+    def forward_sequence(self, xs, state, mask=None):
+        check_call(self, state, xs, sequence=True)
+        return super().forward_sequence(xs, state, mask)
+
+
+class ScriptedCell(torch.jit.RecursiveScriptModule):
+    """A scripted cell: checks arguments in Python, then runs the TorchScript methods.
+
+    Its ``.code`` is the source rnndsl generated; TorchScript's own re-print
+    of ``forward`` is ``.scripted_method("forward").code``.
+    """
+
+    @staticmethod
+    def adopt(scripted: torch.jit.RecursiveScriptModule) -> "ScriptedCell":
+        """Re-class a freshly scripted cell; its methods then resolve through this class."""
+        scripted.__class__ = ScriptedCell
+        # torch.jit.script binds each compiled method in the instance __dict__, which would
+        # shadow the checking methods below; the compiled ones stay reachable via _c.
+        for name in [k for k, v in vars(scripted).items() if isinstance(v, torch._C.ScriptMethod)]:
+            del scripted.__dict__[name]
+        return scripted
+
+    def scripted_method(self, name: str):
+        """A compiled method, bypassing the Python one of the same name."""
+        return self._c._get_method(name)
+
+    def forward(self, state, x):
+        check_call(self, state, x, sequence=False)
+        return self.scripted_method("forward")(state, x)
+
+    def forward_sequence(self, xs, state, mask=None):
+        check_call(self, state, xs, sequence=True)
+        return self.scripted_method("forward_sequence")(xs, state, mask)
 
     @property
     def code(self) -> str:
@@ -177,14 +244,13 @@ class CellSpec:
             raise ValueError(f"unknown backend {backend!r}; cells build with {', '.join(BACKENDS)} "
                              "(networks also offer 'native' and 'auto')")
         sizes, hypers = self.bind(input_size, hidden_size, **hyper)
-        cls = _module_class(self.graph, tuple(sorted(disable)), self.path, tuple(sizes), tuple(hypers))
-        module = cls(self, sizes, hypers, cls.generated_source)
+        cls = _module_class(self.graph, tuple(sorted(disable)), self.path)
         if backend == "eager":
-            return module
+            return _eager_class(cls)(self, sizes, hypers, cls.generated_source)
+        module = cls(self, sizes, hypers, cls.generated_source)
         with _compile_lock:
             scripted = torch.jit.script(module)
-        scripted.__class__ = ScriptedCell
-        return scripted
+        return ScriptedCell.adopt(scripted)
 
     def __repr__(self) -> str:
         return f"CellSpec({self.name!r} from {self.path})"
@@ -201,8 +267,7 @@ def _source(graph: Graph, disable: Tuple[str, ...], origin: str) -> str:
 
 
 @functools.lru_cache(maxsize=128)
-def _module_class(graph: Graph, disable: Tuple[str, ...], origin: str,
-                  sizes: Tuple[str, ...], hypers: Tuple[str, ...]) -> type:
+def _module_class(graph: Graph, disable: Tuple[str, ...], origin: str) -> type:
     """A CellModule subclass with the generated methods; cached, so TorchScript compiles it once."""
     with _compile_lock:
         source = _source(graph, disable, origin)
@@ -214,10 +279,14 @@ def _module_class(graph: Graph, disable: Tuple[str, ...], origin: str,
         methods = {
             "forward": namespace["forward"],
             "forward_sequence": torch.jit.export(namespace["forward_sequence"]),
-            "__constants__": list(sizes) + list(hypers),
             "generated_source": source,
         }
         return type(f"{graph.name}_cell", (CellModule,), methods)
+
+
+@functools.lru_cache(maxsize=128)
+def _eager_class(generated: type) -> type:
+    return type(generated.__name__, (EagerCell, generated), {})
 
 
 def _read(path: Path) -> str:
