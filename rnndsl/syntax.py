@@ -8,6 +8,8 @@ parentheses is a clear error instead of a ``RecursionError``.
 from __future__ import annotations
 
 import functools
+import re
+
 from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
@@ -17,6 +19,13 @@ from .resources import grammar_path
 
 MAX_FILE_BYTES = 1 << 20   # a cell is a few hundred bytes; this keeps parsing well under a second
 MAX_NESTING = 100          # like CPython's own limit on nested parentheses
+MAX_TOKENS = 50_000        # Lark lexes and parses some 10^5 tokens a second; a cell has a few hundred
+
+# The pre-scan's rough tokens: comments (skipped), parentheses, numbers with a signed exponent
+# (`1e-3`), other words and numbers, any other character.
+_ROUGH_TOKEN = re.compile(r"#[^\n]*|[()]|(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+[A-Za-z0-9_.']*"
+                          r"|[A-Za-z0-9_.']+|\S")
+_STARTS_NUMBER = re.compile(r"[0-9]|\.[0-9]")
 
 
 @functools.lru_cache(maxsize=1)
@@ -45,6 +54,7 @@ def parse(text: str, path: str = "<string>") -> st.File:
     if len(text) > MAX_FILE_BYTES:
         raise CellError(f"file is too large ({len(text):,} characters; a .cell file may have at "
                         f"most {MAX_FILE_BYTES:,})", Span(path, 1, 1, 1, 2))
+    _prescan(text, path)
     try:
         tree = _parser().parse(text)
     except UnexpectedInput as exc:
@@ -52,6 +62,58 @@ def parse(text: str, path: str = "<string>") -> st.File:
     _check_depth(tree, text, path)
     cells = _ToAst(path).transform(tree)
     return st.File(path=path, source=text, cells=tuple(cells))
+
+
+def _prescan(text: str, path: str) -> None:
+    """Refuse, before Lark sees them, files it would take long to parse and malformed numbers.
+
+    One pass over at most MAX_TOKENS rough tokens bounds the parser's work, the
+    depth of parentheses (which do not deepen the parse tree, so _check_depth
+    cannot see them) and catches ``1_000``, ``0x10`` or ``2x``, which Lark would
+    read as a number followed by a name and report somewhere later.
+    """
+    depth = 0
+    for count, match in enumerate(_ROUGH_TOKEN.finditer(text)):
+        token = match.group()
+        if token.startswith("#"):
+            continue
+        if count >= MAX_TOKENS:
+            raise _error_at(text, path, match, f"file is too long: more than {MAX_TOKENS:,} tokens "
+                            "(a cell has a few hundred)", "split the cells into several files")
+        if token == "(":
+            depth += 1
+            if depth > MAX_NESTING:
+                raise _error_at(text, path, match, f"parentheses are nested too deeply (more than "
+                                f"{MAX_NESTING} levels)", "split the expression into several "
+                                "equations with intermediate names")
+        elif token == ")":
+            depth = max(depth - 1, 0)
+        elif _STARTS_NUMBER.match(token) and not _number_pattern().fullmatch(token):
+            raise _error_at(text, path, match, f"malformed number `{token}`", _number_hint(token))
+
+
+@functools.lru_cache(maxsize=1)
+def _number_pattern() -> "re.Pattern[str]":
+    return re.compile(_parser().get_terminal("NUMBER").pattern.value)
+
+
+def _number_hint(token: str) -> str:
+    if "_" in token:
+        return "write numbers without `_`, as in 1000"
+    if token[:2].lower() in ("0x", "0o", "0b"):
+        return "numbers are decimal, as in 16, 0.5 or 1e-3"
+    if re.fullmatch(r"[0-9.]+[eE]", token):
+        return "an exponent needs digits, as in 1e-3"
+    if token[-1:].isalpha() or token[-1:] == "_":
+        return "write a product with `*`, as in `2 * x`"
+    return "numbers look like 3, 0.5, .5 or 1e-3"
+
+
+def _error_at(text: str, path: str, match: "re.Match[str]", message: str, hint: str) -> CellError:
+    line = text.count("\n", 0, match.start()) + 1
+    column = match.start() - (text.rfind("\n", 0, match.start()) + 1) + 1
+    span = Span(path, line, column, line, column + len(match.group()))
+    return CellError(message, span, source=text, hint=hint)
 
 
 def _check_depth(tree: Tree, text: str, path: str) -> None:
@@ -93,8 +155,9 @@ def _describe_terminal(name: str) -> str:
 def _syntax_error(exc: UnexpectedInput, text: str, path: str) -> CellError:
     line = getattr(exc, "line", 1) or 1
     column = getattr(exc, "column", 1) or 1
-    if line < 1:  # Lark reports unexpected end of input at line -1
-        lines = text.splitlines() or [""]
+    at_end = isinstance(exc, UnexpectedEOF) or (isinstance(exc, UnexpectedToken) and exc.token.type == "$END")
+    if at_end or line < 1:  # point just after the last character of the file
+        lines = text.rstrip().splitlines() or [""]
         line, column = len(lines), len(lines[-1]) + 1
     span = Span(path, line, column, line, column + 1)
     if isinstance(exc, UnexpectedCharacters):
@@ -110,7 +173,7 @@ def _syntax_error(exc: UnexpectedInput, text: str, path: str) -> CellError:
             message = f"unexpected character U+{ord(char):04X}"
         return CellError(message, span, source=text)
     expected = sorted({_describe_terminal(name) for name in getattr(exc, "expected", ()) or ()})
-    if isinstance(exc, UnexpectedEOF) or (isinstance(exc, UnexpectedToken) and exc.token.type == "$END"):
+    if at_end:
         what = "unexpected end of file"
         if "`}`" in expected:
             return CellError(f"{what}: a cell is not closed", span, source=text,
