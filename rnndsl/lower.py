@@ -19,15 +19,15 @@ from .ops import BINARY_OPS, FUNCTIONS, SHAPE_RULES, ShapeError
 
 # Names the generated code uses for itself; user names that collide get a suffix.
 RESERVED = (set(keyword.kwlist) | set(dir(builtins)) |
-            {"self", "torch", "state", "xs", "mask", "outputs", "t", "keep", "Tensor", "Tuple", "List",
+            {"self", "torch", "state", "xs", "mask", "outputs", "t", "keep", "real", "Tensor", "Tuple", "List",
              "Optional"})
 
 
 class Namespace:
     """Hands out identifiers that never collide with each other or with RESERVED."""
 
-    def __init__(self, taken: set):
-        self.taken = set(taken) | RESERVED
+    def __init__(self, taken: set, reserved: frozenset = frozenset(RESERVED)):
+        self.taken = set(taken) | reserved
 
     def claim(self, name: str) -> str:
         """Take exactly ``name`` (declared names must keep theirs)."""

@@ -6,7 +6,7 @@ intermediate sums used nowhere else) and rebuilds it with the terms ordered by
 what they depend on: parameters, then the input, then states.
 
 Before: ``add_2 = add(add_1, b_hh); add_1 = add(add, mh); add = add(mx, b_ih)``
-After:  ``sum = add(b_ih, b_hh); sum_1 = add(sum, mx); add_2 = add(sum_1, mh)``
+After:  ``partial = add(b_ih, b_hh); partial_1 = add(partial, mx); add_2 = add(partial_1, mh)``
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def reassociate_sums(graph: Graph) -> Graph:
             last = index == len(ordered) - 1
             inputs = (total.name, term)
             shape = SHAPE_RULES[Op.ADD](node, [total.shape, nodes[term].shape])
-            total = replace(node, name=node.name if last else names.fresh("sum"), inputs=inputs, shape=shape)
+            total = replace(node, name=node.name if last else names.fresh("partial"), inputs=inputs, shape=shape)
             chain.append(total)
         rebuilt[node.name] = chain
     if not rebuilt:

@@ -1,0 +1,17 @@
+"""Per-op knowledge lives in one table per concern: every op must have an entry in each."""
+from __future__ import annotations
+
+from rnndsl.codegen import EMITTERS
+from rnndsl.ir import Op, OpKind
+from rnndsl.ops import FUNCTIONS, SHAPE_RULES
+
+COMPUTING_OPS = [op for op in Op if op.kind is not OpKind.LEAF]
+
+
+def test_every_op_has_a_shape_rule_and_an_emitter():
+    assert set(SHAPE_RULES) == set(COMPUTING_OPS)
+    assert set(EMITTERS) == set(COMPUTING_OPS)
+
+
+def test_every_function_names_a_computing_op():
+    assert all(function.op in COMPUTING_OPS for function in FUNCTIONS.values())
