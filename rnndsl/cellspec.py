@@ -13,6 +13,7 @@ import linecache
 import math
 import os
 import threading
+import weakref
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple, Union
 
@@ -28,7 +29,7 @@ from .lower import lower
 from .native_match import match_native
 from .passes import run_passes
 from .resources import stock_cell_names, stock_cells_dir
-from .syntax import decode, parse
+from .syntax import MAX_FILE_BYTES, decode, parse
 
 BACKENDS = ("script", "eager")
 _compile_lock = threading.RLock()  # TorchScript compilation and our caches are shared state
@@ -202,9 +203,9 @@ class CellSpec:
         """The IR after the passes (see rnndsl.passes)."""
         return _optimized(self.graph, tuple(sorted(disable)))
 
-    def code(self, disable: Iterable[str] = ()) -> str:
+    def code(self, disable: Iterable[str] = (), fixed_dropout_mask: bool = False) -> str:
         """The generated source, without building a module."""
-        return _source(self.graph, tuple(sorted(disable)), self.path)
+        return _source(self.graph, tuple(sorted(disable)), self.path, fixed_dropout_mask)
 
     def bind(self, input_size: int, hidden_size: int, **hyper: float) -> Tuple[Dict[str, int], Dict[str, float]]:
         """Size variables and hyper-parameters for a build, checked."""
@@ -228,8 +229,10 @@ class CellSpec:
             sizes.setdefault(name, default)
         declared = self.graph.input.shape.dims[0].evaluate(sizes)
         if declared != input_size:
-            raise ValueError(f"cell {self.name} needs input size {self.graph.input.shape.dims[0]} "
-                             f"(= {declared}) for its input `{self.graph.input.name}`, got input_size={input_size}")
+            dim = self.graph.input.shape.dims[0]
+            wanted = dim.render(lambda name: f"{name}_size" if name in ("input", "hidden") else name)
+            raise ValueError(f"cell {self.name} declares its input as `{self.graph.input.name}[{dim}]`, so "
+                             f"input_size must be {wanted} = {declared}; got input_size={input_size}")
         for decl in self.graph.params + self.graph.states:
             for dim in decl.shape.dims:
                 if dim.evaluate(sizes) < 1:
@@ -238,13 +241,19 @@ class CellSpec:
         return sizes, hypers
 
     def build(self, input_size: int, hidden_size: int, backend: str = "script", *,
-              disable: Iterable[str] = (), **hyper: float) -> torch.nn.Module:
-        """A cell module: ``cell(state, x) -> (new_state, output)``."""
+              disable: Iterable[str] = (), fixed_dropout_mask: bool = False,
+              **hyper: float) -> torch.nn.Module:
+        """A cell module: ``cell(state, x) -> (new_state, output)``.
+
+        ``fixed_dropout_mask=True``: in ``forward_sequence`` (so in ``rnndsl.scan``),
+        each ``dropout`` of a value that depends on a state draws one mask per
+        sequence instead of one per step.
+        """
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; cells build with {', '.join(BACKENDS)} "
                              "(networks also offer 'native' and 'auto')")
         sizes, hypers = self.bind(input_size, hidden_size, **hyper)
-        cls = _module_class(self.graph, tuple(sorted(disable)), self.path)
+        cls = _module_class(self.graph, tuple(sorted(disable)), self.path, bool(fixed_dropout_mask))
         if backend == "eager":
             return _eager_class(cls)(self, sizes, hypers, cls.generated_source)
         module = cls(self, sizes, hypers, cls.generated_source)
@@ -262,15 +271,16 @@ def _optimized(graph: Graph, disable: Tuple[str, ...]) -> Graph:
 
 
 @functools.lru_cache(maxsize=128)
-def _source(graph: Graph, disable: Tuple[str, ...], origin: str) -> str:
-    return generate(_optimized(graph, disable), f"{os.path.basename(origin)} (cell {graph.name})")
+def _source(graph: Graph, disable: Tuple[str, ...], origin: str, fixed_dropout_mask: bool = False) -> str:
+    return generate(_optimized(graph, disable), f"{os.path.basename(origin)} (cell {graph.name})",
+                    fixed_dropout_mask)
 
 
 @functools.lru_cache(maxsize=128)
-def _module_class(graph: Graph, disable: Tuple[str, ...], origin: str) -> type:
+def _module_class(graph: Graph, disable: Tuple[str, ...], origin: str, fixed_dropout_mask: bool = False) -> type:
     """A CellModule subclass with the generated methods; cached, so TorchScript compiles it once."""
     with _compile_lock:
-        source = _source(graph, disable, origin)
+        source = _source(graph, disable, origin, fixed_dropout_mask)
         filename = f"<rnndsl {graph.name} #{next(_counter)}>"
         # Registered like torch.fx does, so tracebacks and torch.jit.script can read the source.
         linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
@@ -281,7 +291,11 @@ def _module_class(graph: Graph, disable: Tuple[str, ...], origin: str) -> type:
             "forward_sequence": torch.jit.export(namespace["forward_sequence"]),
             "generated_source": source,
         }
-        return type(f"{graph.name}_cell", (CellModule,), methods)
+        cls = type(f"{graph.name}_cell", (CellModule,), methods)
+        # The source lives as long as the class (the caches here are bounded; TorchScript's own
+        # store keeps every class it compiled).
+        weakref.finalize(cls, linecache.cache.pop, filename, None)
+        return cls
 
 
 @functools.lru_cache(maxsize=128)
@@ -291,7 +305,9 @@ def _eager_class(generated: type) -> type:
 
 def _read(path: Path) -> str:
     try:
-        data = path.read_bytes()
+        with path.open("rb") as handle:
+            # Bounded, so that /dev/zero or a pipe cannot fill memory; decode refuses what is too long.
+            data = handle.read(MAX_FILE_BYTES + 1)
     except FileNotFoundError:
         raise CellError(f"no such file: {path}", None) from None
     except IsADirectoryError:
@@ -318,6 +334,9 @@ def load_source(source: str, path: str = "<string>") -> Dict[str, CellSpec]:
     """Every cell of a ``.cell`` text, by name."""
     try:
         file = check_file(parse(source, path))
+        if not file.cells:
+            raise CellError("the file holds no cell", Span(path, 1, 1, 1, 2),
+                            hint="a cell starts with `cell name(x[input]) -> h {`")
         return {cell.name: CellSpec(cell, source, path) for cell in file.cells}
     except CellError as error:
         raise (error.with_source(source) if error.source is None else error) from None
@@ -352,9 +371,6 @@ def load_cell(name_or_path: Union[str, os.PathLike], cell: Optional[str] = None)
         return cells[cell]
     if len(cells) == 1:
         return next(iter(cells.values()))
-    if not cells:
-        raise CellError("the file holds no cell", Span(str(name_or_path), 1, 1, 1, 2),
-                        hint="a cell starts with `cell name(x[input]) -> h {`")
     raise CellError(f"{name_or_path} holds several cells ({', '.join(cells)}); "
                     "pick one with load_cell(path, cell=NAME)", None)
 

@@ -7,6 +7,7 @@ shape is computed by the op's shape rule. Everything here raises a
 from __future__ import annotations
 
 import keyword
+import math
 from typing import Dict, Iterator, List, Set
 
 import torch
@@ -17,9 +18,12 @@ from .ops import FUNCTIONS
 
 BUILTIN_SIZES = ("input", "hidden")
 KEYWORDS = {"cell", "state", "param", "size", "hyper"}
-# Parameters, sizes and hyper-parameters become module attributes: keep clear of nn.Module's own.
-MODULE_ATTRIBUTES = set(dir(torch.nn.Module)) | {"input_size", "hidden_size", "output_size",
-                                                  "state_sizes", "state_names", "source", "code"}
+# Parameters, sizes and hyper-parameters become module attributes: keep clear of those of
+# nn.Module (class and instance), of scripted modules, and of the cells rnndsl builds.
+MODULE_ATTRIBUTES = set(dir(torch.nn.Module)) | set(vars(torch.nn.Module())) | \
+    set(dir(torch.jit.RecursiveScriptModule)) | \
+    {"input_size", "hidden_size", "output_size", "state_sizes", "state_names", "source", "code",
+     "cell_name", "forward_sequence", "reset_parameters", "generated_source", "adopt", "scripted_method"}
 
 
 def check_file(file: st.File) -> st.File:
@@ -42,10 +46,18 @@ def check_cell(cell: st.Cell) -> st.Cell:
 
 def _check_name(name: str, span: Span, what: str) -> None:
     if name in KEYWORDS:
-        raise CellError(f"`{name}` is a keyword of the cell language and cannot name a {what}", span)
+        raise CellError(f"`{name}` is a keyword of the cell language and cannot name {_article(what)}", span)
     if keyword.iskeyword(name) or name.startswith("__"):
-        raise CellError(f"`{name}` cannot name a {what}: it is reserved in Python", span,
-                        hint=f"call it `{name.strip('_')}_` or another name")
+        raise CellError(f"`{name}` cannot name {_article(what)}: it is reserved in Python", span,
+                        hint=_another_name(name))
+
+
+def _article(noun: str) -> str:
+    return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
+
+
+def _another_name(name: str) -> str:
+    return f"call it `{name.strip('_') or 'value'}_` or another name"
 
 
 def _declarations(cell: st.Cell) -> Iterator[tuple]:
@@ -66,21 +78,34 @@ def _check_declarations(cell: st.Cell) -> None:
         _check_name(name, span, what)
         if name in declared:
             if name in BUILTIN_SIZES:
-                raise CellError(f"`{name}` is the built-in size variable and cannot name a {what}", span)
-            raise CellError(f"`{name}` is declared twice (already a {declared[name]})", span)
+                raise CellError(f"`{name}` is the built-in size variable and cannot name {_article(what)}", span)
+            raise CellError(f"`{name}` is declared twice (already {_article(declared[name])})", span)
         if what in ("parameter", "size", "hyper-parameter") and name in MODULE_ATTRIBUTES:
-            raise CellError(f"`{name}` cannot name a {what}: it clashes with torch.nn.Module.{name}", span,
-                            hint=f"call it `{name}_` or another name")
+            raise CellError(f"`{name}` cannot name {_article(what)}: it clashes with the attribute `{name}` "
+                            "every cell module has", span, hint=_another_name(name))
+        if what in ("parameter", "size", "hyper-parameter") and name.startswith("_"):
+            raise CellError(f"`{name}` cannot name {_article(what)}: names starting with `_` are kept for "
+                            "torch.nn.Module's internals", span, hint=_another_name(name))
         declared[name] = what
     if not cell.states:
         raise CellError(f"cell `{cell.name}` declares no state", cell.name_span,
                         hint="add a line such as `state h[hidden]`")
+    for decl in cell.params:
+        if decl.init is not None:
+            _check_number(decl.init, decl.span)
+    for decl in cell.hypers:
+        _check_number(decl.default, decl.span)
     sizes = set(BUILTIN_SIZES) | {decl.name for decl in cell.sizes}
     for decl in cell.sizes:
         if decl.default < 1:
             raise CellError(f"size `{decl.name}` must be at least 1, got {decl.default}", decl.span)
     for size in [cell.input.size] + [d.size for d in cell.states] + [s for p in cell.params for s in p.shape]:
         _check_size(size, sizes)
+
+
+def _check_number(value: float, span: Span) -> None:
+    if not math.isfinite(value):
+        raise CellError("number is too large: it would be infinity (the largest is about 1.8e308)", span)
 
 
 def _check_size(size: st.SizeExpr, sizes: Set[str]) -> None:
@@ -170,7 +195,8 @@ def _check_value(assign: st.Assign, scope: _Scope) -> None:
     if is_chunk:
         _check_call_arity(value)
         parts = value.args[1]
-        if not (isinstance(parts, st.Number) and parts.value == int(parts.value) and parts.value >= 1):
+        if not (isinstance(parts, st.Number) and math.isfinite(parts.value) and
+                parts.value == int(parts.value) and parts.value >= 1):
             raise CellError("chunk's second argument must be a whole number of parts", parts.span)
         if int(parts.value) != len(targets):
             raise CellError(f"chunk into {int(parts.value)} parts, but {len(targets)} "
@@ -200,6 +226,8 @@ def _check_expr(expr: st.Expr, scope: _Scope) -> None:
         node = stack.pop()
         if isinstance(node, st.Name):
             _check_name_use(node, scope)
+        elif isinstance(node, st.Number):
+            _check_number(node.value, node.span)
         elif isinstance(node, st.Primed):
             if scope.kinds.get(node.name) != "state":
                 raise CellError(f"`{node.name}'` is not a next state: `{node.name}` is not a state", node.span)

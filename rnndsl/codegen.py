@@ -116,6 +116,11 @@ class _Emitter:
         node = self.nodes[name]
         return leaf_reference(node) or rename.get(name, self.var(name))
 
+    def inline(self, name: str) -> str:
+        """A value as one expression of leaves, for code that runs before the nodes that compute it."""
+        node = self.nodes[name]
+        return leaf_reference(node) or f"({EMITTERS[node.op](node, [self.inline(i) for i in node.inputs])})"
+
     def emit(self, node: Node, indent: str, rename: Dict[str, str]) -> None:
         args = [self.ref(name, rename) for name in node.inputs]
         target = rename.get(node.name, node.name)
@@ -221,7 +226,8 @@ def _generate_sequence(graph: Graph, emitter: _Emitter, state_type: str, output_
         lines.append("    # Recurrent dropout: one mask per sequence, the same at every step.")
     for node in step:
         if node.name in masks:
-            size, p = _size(node.shape.dims[0]), emitter.ref(node.inputs[1], {})
+            # The probability is a number: parameters-only, but maybe computed in the loop (no hoisting).
+            size, p = _size(node.shape.dims[0]), emitter.inline(node.inputs[1])
             lines.append(f"    {masks[node.name]} = torch.nn.functional.dropout("
                          f"xs.new_ones([xs.size(1), {size}]), {p}, self.training)")
     for name in output_lists:

@@ -1,0 +1,131 @@
+"""Hand-written PyTorch references for the cells of the zoo (cells/*.cell).
+
+Each is a plain function ``(params, state, x) -> (new_state, output)`` written
+from the papers' equations, independently of the compiler: ``params`` maps the
+parameter names of the .cell file to tensors, ``state`` is a tuple of
+``(batch, size)`` tensors in the cell's order, ``x`` is ``(batch, input)``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+Params = Dict[str, Tensor]
+State = Tuple[Tensor, ...]
+Reference = Callable[[Params, State, Tensor], Tuple[State, Tensor]]
+
+
+def _linear(weight: Tensor, x: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    out = x @ weight.t()
+    return out if bias is None else out + bias
+
+
+def _layer_norm(v: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
+    mean = v.mean(-1, keepdim=True)
+    var = ((v - mean) ** 2).mean(-1, keepdim=True)  # biased, as torch.nn.LayerNorm
+    return (v - mean) / torch.sqrt(var + eps) * weight + bias
+
+
+def mingru(p: Params, state: State, x: Tensor) -> Tuple[State, Tensor]:
+    (h,) = state
+    z = torch.sigmoid(_linear(p["weight_z"], x, p["bias_z"]))
+    h_new = (1 - z) * h + z * _linear(p["weight_h"], x, p["bias_h"])
+    return (h_new,), h_new
+
+
+def minlstm(p: Params, state: State, x: Tensor) -> Tuple[State, Tensor]:
+    (h,) = state
+    f = torch.sigmoid(_linear(p["weight_f"], x, p["bias_f"]))
+    i = torch.sigmoid(_linear(p["weight_i"], x, p["bias_i"]))
+    h_new = f / (f + i) * h + i / (f + i) * _linear(p["weight_h"], x, p["bias_h"])
+    return (h_new,), h_new
+
+
+def qrnn(p: Params, state: State, x: Tensor) -> Tuple[State, Tensor]:
+    (c,) = state
+    z = torch.tanh(_linear(p["weight_z"], x, p["bias_z"]))
+    f = torch.sigmoid(_linear(p["weight_f"], x, p["bias_f"]))
+    o = torch.sigmoid(_linear(p["weight_o"], x, p["bias_o"]))
+    c_new = f * c + (1 - f) * z
+    return (c_new,), o * c_new
+
+
+def indrnn(p: Params, state: State, x: Tensor) -> Tuple[State, Tensor]:
+    (h,) = state
+    h_new = torch.relu(_linear(p["weight_ih"], x, p["bias_ih"]) + p["weight_hh"] * h)
+    return (h_new,), h_new
+
+
+def mgu(p: Params, state: State, x: Tensor) -> Tuple[State, Tensor]:
+    (h,) = state
+    f = torch.sigmoid(_linear(p["weight_f"], x) + _linear(p["recurrent_f"], h) + p["bias_f"])
+    candidate = torch.tanh(_linear(p["weight_h"], x) + _linear(p["recurrent_h"], f * h) + p["bias_h"])
+    h_new = (1 - f) * h + f * candidate
+    return (h_new,), h_new
+
+
+def peephole_lstm(p: Params, state: State, x: Tensor) -> Tuple[State, Tensor]:
+    h, c = state
+    gates = _linear(p["weight_ih"], x, p["bias_ih"]) + _linear(p["weight_hh"], h, p["bias_hh"])
+    gi, gf, gg, go = gates.chunk(4, 1)
+    i = torch.sigmoid(gi + p["peephole_i"] * c)
+    f = torch.sigmoid(gf + p["peephole_f"] * c)
+    c_new = f * c + i * torch.tanh(gg)
+    o = torch.sigmoid(go + p["peephole_o"] * c_new)
+    h_new = o * torch.tanh(c_new)
+    return (h_new, c_new), h_new
+
+
+def layernorm_lstm(p: Params, state: State, x: Tensor) -> Tuple[State, Tensor]:
+    h, c = state
+    gates = (_layer_norm(_linear(p["weight_ih"], x), p["layernorm_ih_weight"], p["layernorm_ih_bias"])
+             + _layer_norm(_linear(p["weight_hh"], h), p["layernorm_hh_weight"], p["layernorm_hh_bias"]))
+    i, f, g, o = gates.chunk(4, 1)
+    c_new = _layer_norm(torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g),
+                        p["layernorm_c_weight"], p["layernorm_c_bias"])
+    h_new = torch.sigmoid(o) * torch.tanh(c_new)
+    return (h_new, c_new), h_new
+
+
+def cifg_lstm(p: Params, state: State, x: Tensor) -> Tuple[State, Tensor]:
+    h, c = state
+    gates = _linear(p["weight_ih"], x, p["bias_ih"]) + _linear(p["weight_hh"], h, p["bias_hh"])
+    f, g, o = gates.chunk(3, 1)
+    c_new = torch.sigmoid(f) * c + (1 - torch.sigmoid(f)) * torch.tanh(g)
+    h_new = torch.sigmoid(o) * torch.tanh(c_new)
+    return (h_new, c_new), h_new
+
+
+def sru(p: Params, state: State, x: Tensor) -> Tuple[State, Tensor]:
+    (c,) = state
+    f = torch.sigmoid(_linear(p["weight_f"], x, p["bias_f"]) + p["vector_f"] * c)
+    r = torch.sigmoid(_linear(p["weight_r"], x, p["bias_r"]) + p["vector_r"] * c)
+    c_new = f * c + (1 - f) * _linear(p["weight"], x)
+    h = r * torch.tanh(c_new) + (1 - r) * x
+    return (c_new,), h
+
+
+REFERENCES: Dict[str, Reference] = {
+    "mingru": mingru, "minlstm": minlstm, "qrnn": qrnn, "indrnn": indrnn, "mgu": mgu,
+    "peephole_lstm": peephole_lstm, "layernorm_lstm": layernorm_lstm, "cifg_lstm": cifg_lstm, "sru": sru,
+}
+
+
+def reference_scan(reference: Reference, params: Params, state: State, xs: Tensor,
+                   mask: Optional[Tensor] = None) -> Tuple[Tensor, State]:
+    """A reference over a ``(T, batch, input)`` sequence: outputs and final state.
+
+    Where ``mask`` (T, batch) is False the state carries over and the output is zero.
+    """
+    outputs = []
+    for t, x in enumerate(xs):
+        new_state, output = reference(params, state, x)
+        if mask is not None:
+            keep = mask[t].unsqueeze(1)
+            new_state = tuple(torch.where(keep, new, old) for new, old in zip(new_state, state))
+            output = output * keep.to(output.dtype)
+        state = new_state
+        outputs.append(output)
+    return torch.stack(outputs), state
