@@ -5,7 +5,13 @@
     >>> (h, c), y = cell((h0, c0), x)
 """
 from .cellspec import CellSpec, load_cell, load_cells, load_source
+from .containers import Bidirectional, RecurrentNetwork, RecurrentTable, SequenceTable, ZeroState, setup_recurrent
 from .errors import CellError, CellWarning, Span
+from .native import load_native_state_dict, native_state_dict
+from .networks import GRU, LSTM, RNN, make_bidirectional, make_recurrent
 from .scan import scan
 
-__all__ = ["CellError", "CellSpec", "CellWarning", "Span", "load_cell", "load_cells", "load_source", "scan"]
+__all__ = ["Bidirectional", "CellError", "CellSpec", "CellWarning", "GRU", "LSTM", "RNN", "RecurrentNetwork",
+           "RecurrentTable", "SequenceTable", "Span", "ZeroState", "load_cell", "load_cells",
+           "load_native_state_dict", "load_source", "make_bidirectional", "make_recurrent",
+           "native_state_dict", "scan", "setup_recurrent"]

@@ -1,0 +1,434 @@
+"""Containers that assemble cells into networks: rnnlib's low-level API.
+
+Each container follows the cell calling convention, lifted from one step to a
+whole sequence::
+
+    module(state, xs, mask=None) -> (final_state, outputs)
+
+with ``xs`` a ``(T, batch, input)`` sequence and ``mask`` an optional
+``(T, batch)`` bool tensor, True at real steps (see :mod:`rnndsl.scan`). Because
+the convention is the same at every level, containers nest:
+
+- :class:`RecurrentTable` runs one cell over time (a scan);
+- :class:`SequenceTable` chains modules over depth, each module's outputs
+  feeding the next and the state being a tuple of per-module states; chaining
+  cells gives a deep cell, which a ``RecurrentTable`` then unrolls depth-first;
+- :class:`Bidirectional` pairs a forward layer with one that reads each
+  sequence backwards within its own length;
+- :func:`setup_recurrent` wraps a network in :class:`RecurrentNetwork`, which
+  takes ``forward(x, state=None, lengths=None)``, makes the initial state and
+  carries the final state over to the next call (truncated BPTT).
+
+States may nest (a tuple of per-layer tuples of tensors); containers that
+expose ``input_size``, ``output_size``, ``state_sizes`` and ``state_names``
+mirror that nesting so that initial states and shape checks come for free.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from .scan import scan
+
+StateTree = Union[Tensor, Tuple["StateTree", ...]]
+InitFunction = Callable[..., StateTree]
+
+
+def map_state(fn: Callable[[Tensor], Tensor], state: StateTree) -> StateTree:
+    """Apply ``fn`` to every tensor of a nested state, keeping its nesting."""
+    if isinstance(state, Tensor):
+        return fn(state)
+    return tuple(map_state(fn, part) for part in state)
+
+
+def _flatten(state: StateTree) -> Tuple[List[Tensor], Any]:
+    """The tensors of a nested state in order, and the nesting to rebuild it."""
+    if isinstance(state, Tensor):
+        return [state], None
+    leaves, layout = [], []
+    for part in state:
+        part_leaves, part_layout = _flatten(part)
+        leaves += part_leaves
+        layout.append((len(part_leaves), part_layout))
+    return leaves, layout
+
+
+def _unflatten(leaves: Sequence[Tensor], layout: Any) -> StateTree:
+    if layout is None:
+        return leaves[0]
+    parts, start = [], 0
+    for count, part_layout in layout:
+        parts.append(_unflatten(leaves[start:start + count], part_layout))
+        start += count
+    return tuple(parts)
+
+
+class _FlatStateCell:
+    """Shows a cell with a nested state to the scan as one with a flat state,
+    so that masking (which works tensor by tensor) applies to every layer."""
+
+    def __init__(self, cell: Callable, layout: Any) -> None:
+        self.cell = cell
+        self.layout = layout
+
+    def __call__(self, state: Tuple[Tensor, ...], x: Tensor) -> Tuple[Tuple[Tensor, ...], Tensor]:
+        new_state, output = self.cell(_unflatten(state, self.layout), x)
+        return tuple(_flatten(new_state)[0]), output
+
+
+def cell_sizes(cell: nn.Module) -> str:
+    """The sizes a cell declares, for a container's repr."""
+    return ", ".join(f"{key}={getattr(cell, key)}" for key in ("input_size", "hidden_size")
+                     if hasattr(cell, key))
+
+
+def reverse_padded(xs: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
+    """Reverse each sequence of ``xs`` (T, batch, ...) within its own length.
+
+    Padded steps stay where they are, so reversing twice is the identity.
+    """
+    if lengths is None:
+        return xs.flip(0)
+    steps = torch.arange(xs.size(0), device=xs.device).unsqueeze(1)
+    lengths = lengths.to(xs.device).unsqueeze(0)
+    index = torch.where(steps < lengths, lengths - 1 - steps, steps)
+    index = index.reshape(index.shape + (1,) * (xs.dim() - 2)).expand_as(xs)
+    return xs.gather(0, index)
+
+
+class RecurrentTable(nn.Module):
+    """Runs one cell over time: rnnlib's ``nn.RecurrentTable``.
+
+    ``forward(state, xs, mask=None) -> (final_state, outputs)``. The cell may be
+    any module with the cell calling convention, including a
+    :class:`SequenceTable` of cells (a deep cell with a nested state).
+    """
+
+    def __init__(self, cell: nn.Module) -> None:
+        super().__init__()
+        self.cell = cell
+
+    @property
+    def input_size(self) -> int:
+        return self.cell.input_size
+
+    @property
+    def output_size(self) -> int:
+        return self.cell.output_size
+
+    @property
+    def state_sizes(self):
+        return self.cell.state_sizes
+
+    @property
+    def state_names(self):
+        return self.cell.state_names
+
+    def extra_repr(self) -> str:
+        return cell_sizes(self.cell)
+
+    def forward(self, state: StateTree, xs: Tensor,
+                mask: Optional[Tensor] = None) -> Tuple[StateTree, Tensor]:
+        leaves, layout = _flatten(state)
+        if all(part_layout is None for _, part_layout in layout):
+            outputs, final = scan(self.cell, xs, tuple(leaves), mask)
+            return final, outputs
+        outputs, final = scan(_FlatStateCell(self.cell, layout), xs, tuple(leaves), mask)
+        return _unflatten(final, layout), outputs
+
+
+class SequenceTable(nn.Module):
+    """Chains modules over depth: rnnlib's ``nn.SequenceTable`` along layers.
+
+    Module ``i`` takes ``state[i]`` and the previous module's output, so the
+    state is a tuple with one entry per module. The modules may be layers
+    (``(state, xs, mask)``, as :class:`RecurrentTable`) or cells (one step;
+    wrap the table in a :class:`RecurrentTable` to unroll depth-first).
+    ``dropout`` applies to every module's input but the first, as in
+    ``torch.nn.LSTM``. With ``return_all=True`` the output is the tuple of
+    every module's outputs instead of the last one's.
+    """
+
+    def __init__(self, modules: Sequence[nn.Module], dropout: float = 0.0,
+                 return_all: bool = False) -> None:
+        super().__init__()
+        if len(modules) == 0:
+            raise ValueError("SequenceTable needs at least one module")
+        if not 0.0 <= dropout <= 1.0:
+            raise ValueError(f"dropout must lie in [0, 1], got {dropout}")
+        self.layers = nn.ModuleList(modules)
+        self.dropout = dropout
+        self.return_all = return_all
+
+    @property
+    def input_size(self) -> int:
+        return self.layers[0].input_size
+
+    @property
+    def output_size(self) -> int:
+        return self.layers[-1].output_size
+
+    @property
+    def state_sizes(self):
+        return tuple(layer.state_sizes for layer in self.layers)
+
+    @property
+    def state_names(self):
+        return tuple(layer.state_names for layer in self.layers)
+
+    def extra_repr(self) -> str:
+        return ", ".join([f"dropout={self.dropout}"] * bool(self.dropout)
+                         + ["return_all=True"] * self.return_all)
+
+    def forward(self, state: Sequence[StateTree], x: Tensor,
+                mask: Optional[Tensor] = None):
+        if len(state) != len(self.layers):
+            raise ValueError(f"state must have one entry per layer ({len(self.layers)}), "
+                             f"got {len(state)}")
+        finals, outputs = [], []
+        for depth, (layer, layer_state) in enumerate(zip(self.layers, state)):
+            if depth > 0 and self.dropout > 0:
+                x = nn.functional.dropout(x, self.dropout, self.training)
+            layer_state, x = layer(layer_state, x) if mask is None else layer(layer_state, x, mask)
+            finals.append(layer_state)
+            outputs.append(x)
+        return tuple(finals), tuple(outputs) if self.return_all else x
+
+
+class Bidirectional(nn.Module):
+    """A forward and a reverse layer over the same sequence, outputs concatenated.
+
+    The reverse layer reads each sequence backwards within its own length (the
+    mask must be True on a prefix of each sequence, as ``lengths`` give). With
+    ``reverse=None`` both directions run ``forward_layer``: the weights are
+    shared (rnnlib's ``sharefields``) while each direction keeps its own state.
+    The state is ``(forward_state, reverse_state)``.
+    """
+
+    def __init__(self, forward_layer: nn.Module, reverse: Optional[nn.Module] = None) -> None:
+        super().__init__()
+        self.fwd = forward_layer
+        self.rev = reverse
+
+    @property
+    def shares_weights(self) -> bool:
+        return self.rev is None
+
+    @property
+    def reverse_layer(self) -> nn.Module:
+        return self.fwd if self.rev is None else self.rev
+
+    @property
+    def input_size(self) -> int:
+        return self.fwd.input_size
+
+    @property
+    def output_size(self) -> int:
+        return self.fwd.output_size + self.reverse_layer.output_size
+
+    @property
+    def state_sizes(self):
+        return (self.fwd.state_sizes, self.reverse_layer.state_sizes)
+
+    @property
+    def state_names(self):
+        return (self.fwd.state_names, self.reverse_layer.state_names)
+
+    def forward(self, state: Tuple[StateTree, StateTree], xs: Tensor,
+                mask: Optional[Tensor] = None) -> Tuple[Tuple[StateTree, StateTree], Tensor]:
+        forward_state, reverse_state = state
+        lengths = None if mask is None else mask.sum(0)
+        forward_final, forward_out = self.fwd(forward_state, xs, mask)
+        reverse_final, reverse_out = self.reverse_layer(reverse_state, reverse_padded(xs, lengths), mask)
+        outputs = torch.cat([forward_out, reverse_padded(reverse_out, lengths)], dim=-1)
+        return (forward_final, reverse_final), outputs
+
+
+class ZeroState:
+    """An init function giving zero states of the given (nested) sizes.
+
+    ``hinitfun``, if given, is then applied in place to each state tensor, like
+    the ``torch.nn.init`` functions (``hinitfun=torch.nn.init.normal_``).
+    """
+
+    def __init__(self, state_sizes, hinitfun: Optional[Callable[[Tensor], Any]] = None) -> None:
+        self.state_sizes = state_sizes
+        self.hinitfun = hinitfun
+
+    def __call__(self, batch_size: int, *, dtype: torch.dtype, device: torch.device) -> StateTree:
+        return self._build(self.state_sizes, batch_size, dtype, device)
+
+    def _build(self, sizes, batch_size: int, dtype: torch.dtype, device: torch.device) -> StateTree:
+        if not isinstance(sizes, int):
+            return tuple(self._build(part, batch_size, dtype, device) for part in sizes)
+        tensor = torch.zeros(batch_size, sizes, dtype=dtype, device=device)
+        if self.hinitfun is not None:
+            with torch.no_grad():
+                self.hinitfun(tensor)
+        return tensor
+
+
+def _describe(tensor: Tensor) -> str:
+    return f"{str(tensor.dtype).replace('torch.', '')} on {tensor.device}"
+
+
+def check_state(state: StateTree, sizes, names, batch_size: int, like: Tensor,
+                where: str = "state") -> None:
+    """Raise a ValueError naming the first entry of ``state`` whose nesting,
+    shape, dtype or device differs from what ``sizes`` and ``like`` ask for."""
+    if isinstance(sizes, int):
+        label = where if not isinstance(names, str) else f"{where} ({names})"
+        if not isinstance(state, Tensor):
+            raise ValueError(f"{label} must be a tensor of shape ({batch_size}, {sizes}), "
+                             f"got {type(state).__name__}")
+        if tuple(state.shape) != (batch_size, sizes):
+            raise ValueError(f"{label} has shape {tuple(state.shape)}, expected "
+                             f"({batch_size}, {sizes}) (batch {batch_size}, size {sizes})")
+        if state.dtype != like.dtype or state.device != like.device:
+            raise ValueError(f"{label} is {_describe(state)} but the input is {_describe(like)}")
+        return
+    if isinstance(state, Tensor) or len(state) != len(sizes):
+        got = "a tensor" if isinstance(state, Tensor) else f"{len(state)} entries"
+        raise ValueError(f"{where} must have {len(sizes)} entries, got {got}")
+    if names is None or isinstance(names, str) or len(names) != len(sizes):
+        names = [None] * len(sizes)
+    for index, (part, part_sizes, part_names) in enumerate(zip(state, sizes, names)):
+        check_state(part, part_sizes, part_names, batch_size, like, f"{where}[{index}]")
+
+
+class RecurrentNetwork(nn.Module):
+    """A network with hidden-state handling: what :func:`setup_recurrent` returns.
+
+    ``forward(x, state=None, lengths=None) -> (output, final_state)``, where
+    ``x`` is ``(T, batch, input)`` (``(batch, T, input)`` with
+    ``batch_first``), ``state`` is the wrapped network's nested state and
+    ``lengths`` gives each sequence's length in a padded batch (outputs past a
+    sequence's end are zero; its final state is the one at its own last step).
+    A ``PackedSequence`` ``x`` stands for a padded batch and its lengths; the
+    output is then packed the same way.
+
+    With ``save_hidden`` a call without ``state`` continues from the final state
+    of the previous call, detached so that no graph outlives its batch; a
+    change of batch size starts afresh from the init functions.
+    :meth:`initialize_hidden` resets it and :attr:`hidden` reads it.
+    """
+
+    def __init__(self, network: nn.Module, init_functions: Optional[Sequence[InitFunction]] = None,
+                 *, save_hidden: bool = True, batch_first: bool = False) -> None:
+        super().__init__()
+        self.network = network
+        if init_functions is None:
+            sizes = getattr(network, "state_sizes", None)
+            if sizes is None:
+                raise ValueError("init_functions are needed for a network without state_sizes")
+            init_functions = [ZeroState(layer_sizes) for layer_sizes in sizes]
+        self.init_functions = list(init_functions)
+        self.save_hidden = save_hidden
+        self.batch_first = batch_first
+        self._hidden: Optional[StateTree] = None
+
+    def extra_repr(self) -> str:
+        return f"save_hidden={self.save_hidden}, batch_first={self.batch_first}"
+
+    @property
+    def hidden(self) -> Optional[StateTree]:
+        """The saved final state of the last call (None before the first)."""
+        return self._hidden
+
+    def _factory(self) -> dict:
+        tensor = next(itertools.chain(self.parameters(), self.buffers()), None)
+        if tensor is None:
+            return {"dtype": torch.get_default_dtype(), "device": torch.device("cpu")}
+        return {"dtype": tensor.dtype, "device": tensor.device}
+
+    def initialize_hidden(self, batch_size: int, *, dtype: Optional[torch.dtype] = None,
+                          device: Optional[torch.device] = None) -> StateTree:
+        """A fresh initial state for ``batch_size`` sequences; saved with ``save_hidden``."""
+        factory = self._factory()
+        factory = {"dtype": dtype or factory["dtype"], "device": device or factory["device"]}
+        state = tuple(init(batch_size, **factory) for init in self.init_functions)
+        if self.save_hidden:
+            self._hidden = state
+        return state
+
+    def _initial_state(self, batch_size: int, like: Tensor) -> StateTree:
+        saved = self._hidden if self.save_hidden else None
+        if saved is not None and _flatten(saved)[0][0].size(0) == batch_size:
+            return map_state(lambda t: t.to(dtype=like.dtype, device=like.device), saved)
+        return self.initialize_hidden(batch_size, dtype=like.dtype, device=like.device)
+
+    def forward(self, x: Union[Tensor, PackedSequence], state: Optional[StateTree] = None,
+                lengths: Optional[Union[Tensor, Sequence[int]]] = None):
+        packed = x if isinstance(x, PackedSequence) else None
+        if packed is not None:
+            if lengths is not None:
+                raise ValueError("a PackedSequence carries its own lengths; do not pass lengths=")
+            x, lengths = pad_packed_sequence(packed, batch_first=self.batch_first)
+        if x.dim() != 3:
+            layout = "(batch, T, input)" if self.batch_first else "(T, batch, input)"
+            raise ValueError(f"expected a {layout} input, got shape {tuple(x.shape)}")
+        xs = x.transpose(0, 1) if self.batch_first else x
+        steps, batch_size = xs.shape[:2]
+        input_size = getattr(self.network, "input_size", None)
+        if input_size is not None and xs.size(2) != input_size:
+            raise ValueError(f"expected input of size {input_size} in the last dimension, "
+                             f"got {xs.size(2)} (input shape {tuple(x.shape)})")
+        mask = None if lengths is None else lengths_mask(lengths, steps, batch_size, xs.device)
+        if state is None:
+            state = self._initial_state(batch_size, xs)
+        else:
+            sizes = getattr(self.network, "state_sizes", None)
+            if sizes is not None:
+                check_state(state, sizes, getattr(self.network, "state_names", None), batch_size, xs)
+        final, outputs = self.network(state, xs, mask) if mask is not None else self.network(state, xs)
+        if self.save_hidden:
+            self._hidden = map_state(Tensor.detach, final)
+        if packed is not None:
+            return map_state(lambda t: repack(t, lengths, packed), outputs), final
+        if self.batch_first:
+            outputs = map_state(lambda t: t.transpose(0, 1), outputs)
+        return outputs, final
+
+
+def repack(outputs: Tensor, lengths: Tensor, like: PackedSequence) -> PackedSequence:
+    """Pack padded ``outputs`` (T, batch, ...) with the order and batch sizes of ``like``."""
+    if like.sorted_indices is not None:
+        outputs = outputs.index_select(1, like.sorted_indices)
+        lengths = lengths.index_select(0, like.sorted_indices.cpu())
+    data = pack_padded_sequence(outputs, lengths, enforce_sorted=True).data
+    return PackedSequence(data, like.batch_sizes, like.sorted_indices, like.unsorted_indices)
+
+
+def lengths_mask(lengths: Union[Tensor, Sequence[int]], steps: int, batch_size: int,
+                 device: torch.device) -> Optional[Tensor]:
+    """The (T, batch) mask of real steps for sequences of the given lengths;
+    None when every sequence fills all ``steps``, so no masking is needed."""
+    lengths = torch.as_tensor(lengths)
+    if tuple(lengths.shape) != (batch_size,):
+        raise ValueError(f"lengths must have shape ({batch_size},), one per sequence, "
+                         f"got {tuple(lengths.shape)}")
+    shortest, longest = int(lengths.min()), int(lengths.max())
+    if shortest < 1 or longest > steps:
+        raise ValueError(f"lengths must lie in [1, {steps}] for a sequence of {steps} steps, "
+                         f"got {lengths.tolist()}")
+    if shortest == steps:
+        return None
+    lengths = lengths.to(device)
+    return torch.arange(steps, device=device).unsqueeze(1) < lengths.unsqueeze(0)
+
+
+def setup_recurrent(network: nn.Module, init_functions: Optional[Sequence[InitFunction]] = None,
+                    save_hidden: bool = True, *, batch_first: bool = False) -> RecurrentNetwork:
+    """Add hidden-state handling to ``network``: rnnlib's ``setupRecurrent``.
+
+    ``network`` follows the container convention ``(state, xs, mask) ->
+    (final_state, outputs)`` with a state holding one entry per layer;
+    ``init_functions[i](batch_size, dtype=..., device=...)`` makes layer
+    ``i``'s initial state (zeros of ``network.state_sizes`` when omitted).
+    """
+    return RecurrentNetwork(network, init_functions, save_hidden=save_hidden,
+                            batch_first=batch_first)

@@ -1,0 +1,166 @@
+"""Torch's fused recurrent kernels as a backend: rnnlib's ``makeCudnnRecurrent``.
+
+A cell whose IR the compiler recognizes as one of torch's fused computations
+(``spec.native_mode``: LSTM, GRU, RNN_TANH, RNN_RELU) can run through the kernel
+behind ``torch.nn.LSTM/GRU/RNN`` (cuDNN on GPU, the native CPU kernel
+otherwise). The cell keeps owning its parameters under its own names (the
+recognizer says which plays torch's ``weight_ih``, ``weight_hh``, ``bias_ih``,
+``bias_hh``), so a network's ``state_dict`` is the same whichever backend runs
+it; :func:`native_state_dict` and :func:`load_native_state_dict` convert a whole
+network's weights to and from ``torch.nn.LSTM``'s names (``weight_ih_l0``, ...).
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from .containers import Bidirectional, cell_sizes
+
+BACKENDS = ("script", "eager", "native", "auto")
+PARAMETER_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+
+# mode -> (kernel, gates per hidden unit)
+NATIVE_MODES = {
+    "LSTM": (torch.lstm, 4),
+    "GRU": (torch.gru, 3),
+    "RNN_TANH": (torch.rnn_tanh, 1),
+    "RNN_RELU": (torch.rnn_relu, 1),
+}
+
+
+def resolve_backend(backend: str, spec) -> str:
+    """The backend that will run ``spec``'s cells: ``"auto"`` becomes
+    ``"native"`` where the cell allows it and ``"script"`` elsewhere."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(map(repr, BACKENDS))}")
+    if backend == "auto":
+        return "script" if spec.native_mode is None else "native"
+    if backend == "native" and spec.native_mode is None:
+        raise ValueError(f"backend='native' is not available for cell {spec.name!r}: "
+                         f"{spec.why_not_native}")
+    return backend
+
+
+def native_names(spec) -> Dict[str, str]:
+    """Which of ``spec``'s parameters plays each of torch's (``weight_ih`` -> the
+    cell's name for it), as the compiler's recognizer paired them."""
+    if spec.native_mode is None:
+        raise ValueError(f"cell {spec.name!r} has no torch counterpart: {spec.why_not_native}")
+    return {torch_name: name for name, torch_name in spec.native_param_names.items()}
+
+
+def run_native(mode: str, xs: Tensor, state: Tuple[Tensor, ...], weights: List[Tensor],
+               mask: Optional[Tensor] = None) -> Tuple[Tensor, Tuple[Tensor, ...]]:
+    """Run one unidirectional layer with torch's fused kernel.
+
+    Same contract as :func:`rnndsl.scan.scan`, except that ``mask`` must be True
+    on a prefix of each sequence (as ``lengths`` give): the sequences are then
+    packed, so each final state is taken at its sequence's last step.
+    """
+    kernel, _ = NATIVE_MODES[mode]
+    hx = [s.unsqueeze(0) for s in state] if mode == "LSTM" else state[0].unsqueeze(0)
+    if mask is None:
+        outputs, *final = kernel(xs, hx, weights, True, 1, 0.0, False, False, False)
+        return outputs, tuple(f.squeeze(0) for f in final)
+    packed = pack_padded_sequence(xs, mask.sum(0).cpu(), enforce_sorted=False)
+    sort = packed.sorted_indices
+    hx = [h.index_select(1, sort) for h in hx] if mode == "LSTM" else hx.index_select(1, sort)
+    data, *final = kernel(packed.data, packed.batch_sizes, hx, weights, True, 1, 0.0, False, False)
+    outputs, _ = pad_packed_sequence(
+        PackedSequence(data, packed.batch_sizes, sort, packed.unsorted_indices),
+        total_length=xs.size(0))
+    return outputs, tuple(f.squeeze(0).index_select(0, packed.unsorted_indices) for f in final)
+
+
+class NativeLayer(nn.Module):
+    """Runs a cell over time with torch's fused kernel instead of its own code.
+
+    Same convention as :class:`rnndsl.containers.RecurrentTable`; the cell
+    (built with the eager backend) only holds the parameters, ``names`` says
+    which is which (see :func:`native_names`).
+    """
+
+    def __init__(self, cell: nn.Module, mode: str, names: Mapping[str, str]) -> None:
+        super().__init__()
+        if sorted(names) != sorted(PARAMETER_NAMES):
+            raise ValueError(f"names must map each of {PARAMETER_NAMES} to a cell parameter, "
+                             f"got {dict(names)}")
+        self.cell = cell
+        self.mode = mode
+        self.names = dict(names)
+
+    @property
+    def input_size(self) -> int:
+        return self.cell.input_size
+
+    @property
+    def output_size(self) -> int:
+        return self.cell.output_size
+
+    @property
+    def state_sizes(self):
+        return self.cell.state_sizes
+
+    @property
+    def state_names(self):
+        return self.cell.state_names
+
+    def extra_repr(self) -> str:
+        return f"{self.mode}, {cell_sizes(self.cell)}"
+
+    def forward(self, state: Tuple[Tensor, ...], xs: Tensor,
+                mask: Optional[Tensor] = None) -> Tuple[Tuple[Tensor, ...], Tensor]:
+        weights = [getattr(self.cell, self.names[name]) for name in PARAMETER_NAMES]
+        outputs, final = run_native(self.mode, xs, tuple(state), weights, mask)
+        return final, outputs
+
+
+def _layer_cells(network: nn.Module) -> List[List[nn.Module]]:
+    """The cells of a made network, per layer and direction."""
+    cells = []
+    for layer in network.network.layers:
+        directions = [layer.fwd, layer.reverse_layer] if isinstance(layer, Bidirectional) else [layer]
+        cells.append([direction.cell for direction in directions])
+    return cells
+
+
+def native_state_dict(network: nn.Module) -> Dict[str, Tensor]:
+    """The weights of a network made by ``make_recurrent``/``make_bidirectional``
+    under ``torch.nn.LSTM``'s names (``weight_ih_l0``, ``bias_hh_l1_reverse``...),
+    ready for ``torch.nn.LSTM(...).load_state_dict`` when all layers have one size."""
+    names = native_names(network.spec)
+    result = {}
+    for depth, directions in enumerate(_layer_cells(network)):
+        for direction, cell in enumerate(directions):
+            suffix = f"_l{depth}" + ("_reverse" if direction else "")
+            weights = cell.state_dict()
+            for torch_name, name in names.items():
+                result[torch_name + suffix] = weights[name]
+    return result
+
+
+def load_native_state_dict(network: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
+    """Load weights named as ``torch.nn.LSTM``'s (see :func:`native_state_dict`)
+    into a network made by ``make_recurrent``/``make_bidirectional``."""
+    expected = native_state_dict(network)
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"state_dict does not fit this network: missing {missing}, "
+                         f"unexpected {unexpected}")
+    names = native_names(network.spec)
+    for depth, directions in enumerate(_layer_cells(network)):
+        shared = len(directions) == 2 and directions[0] is directions[1]
+        for direction, cell in enumerate(directions):
+            suffix = f"_l{depth}" + ("_reverse" if direction else "")
+            values = {name: state_dict[torch_name + suffix] for torch_name, name in names.items()}
+            if shared and direction == 1:
+                if any(not torch.equal(state_dict[n + suffix], state_dict[n + f"_l{depth}"])
+                       for n in names):
+                    raise ValueError(f"layer {depth} shares its weights between directions, "
+                                     f"but the state_dict's forward and reverse weights differ")
+                continue
+            cell.load_state_dict(values)

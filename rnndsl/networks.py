@@ -1,0 +1,270 @@
+"""Whole networks from cells: rnnlib's ``makeRecurrent`` and ``nn.LSTM{...}``.
+
+Two ways in, both built on :mod:`rnndsl.containers`:
+
+- :func:`make_recurrent` / :func:`make_bidirectional` stack any cell (a stock
+  name, a ``.cell`` path or a ``CellSpec``) into layers of any sizes, with
+  rnnlib's defaults: weights uniform in ±0.1, the hidden state carried over
+  from one call to the next.
+- :class:`LSTM`, :class:`GRU`, :class:`RNN` are drop-in replacements for their
+  ``torch.nn`` namesakes (they subclass them): same arguments, parameters,
+  initialization, inputs and outputs, plus ``backend=``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+
+from .cellspec import load_cell
+from .containers import (Bidirectional, RecurrentNetwork, RecurrentTable, SequenceTable, ZeroState,
+                         lengths_mask, repack, setup_recurrent)
+from .native import NATIVE_MODES, PARAMETER_NAMES, NativeLayer, native_names, resolve_backend
+
+
+def _load_spec(cell):
+    """A CellSpec from a stock name, a path to a ``.cell`` file, or a CellSpec."""
+    if isinstance(cell, (str, os.PathLike)):
+        return load_cell(os.fspath(cell))
+    return cell
+
+
+def uniform_weights(module: nn.Module, bound: float = 0.1) -> None:
+    """rnnlib's default weight init: every parameter uniform in ±``bound``."""
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.uniform_(-bound, bound)
+
+
+def _layer(spec, input_size: int, hidden_size: int, backend: str, hyper: dict) -> nn.Module:
+    if backend == "native":
+        return NativeLayer(spec.build(input_size, hidden_size, backend="eager", **hyper),
+                           spec.native_mode, native_names(spec))
+    return RecurrentTable(spec.build(input_size, hidden_size, backend=backend, **hyper))
+
+
+def _make(cell, input_size: int, hids: Sequence[int], *, bidirectional: bool,
+          share_weights: bool, backend: str, dropout: float, batch_first: bool,
+          save_hidden: bool, winitfun: Optional[Callable[[nn.Module], None]],
+          hinitfun: Optional[Callable[[Tensor], None]], return_all_layers: bool,
+          hyper: dict) -> RecurrentNetwork:
+    spec = _load_spec(cell)
+    backend = resolve_backend(backend, spec)
+    hids = list(hids)
+    if not hids or any(not isinstance(h, int) or h < 1 for h in hids):
+        raise ValueError(f"hids must be a non-empty list of positive sizes, got {hids}")
+    layers, size = [], input_size
+    for hidden in hids:
+        layer = _layer(spec, size, hidden, backend, hyper)
+        if bidirectional:
+            reverse = None if share_weights else _layer(spec, size, hidden, backend, hyper)
+            layer = Bidirectional(layer, reverse)
+        layers.append(layer)
+        size = layer.output_size
+    table = SequenceTable(layers, dropout=dropout, return_all=return_all_layers)
+    network = setup_recurrent(table, [ZeroState(layer.state_sizes, hinitfun) for layer in layers],
+                              save_hidden, batch_first=batch_first)
+    (winitfun or uniform_weights)(network)
+    network.spec, network.backend = spec, backend
+    return network
+
+
+def make_recurrent(cell, input_size: int, hids: Sequence[int], *, backend: str = "script",
+                   dropout: float = 0.0, batch_first: bool = False, save_hidden: bool = True,
+                   winitfun: Optional[Callable[[nn.Module], None]] = None,
+                   hinitfun: Optional[Callable[[Tensor], None]] = None,
+                   return_all_layers: bool = False, **hyper) -> RecurrentNetwork:
+    """A stack of recurrent layers, one per entry of ``hids``: rnnlib's ``makeRecurrent``.
+
+    ``cell`` is a stock name (``"lstm"``), a path to a ``.cell`` file or a
+    ``CellSpec``; ``hyper`` goes to ``CellSpec.build``. The result's
+    ``forward(x, state=None, lengths=None)`` returns the top layer's outputs
+    (every layer's, as a tuple, with ``return_all_layers``) and every layer's
+    final state; see :class:`~rnndsl.containers.RecurrentNetwork` for the
+    saved hidden state. ``winitfun(network)`` initializes the weights (default:
+    uniform in ±0.1, as rnnlib); ``hinitfun(tensor)`` fills each fresh state
+    tensor in place (default: zeros). ``backend`` is ``"script"``, ``"eager"``,
+    ``"native"`` (torch's fused kernels) or ``"auto"``. The result also carries
+    ``spec`` and the ``backend`` chosen.
+    """
+    return _make(cell, input_size, hids, bidirectional=False, share_weights=False,
+                 backend=backend, dropout=dropout, batch_first=batch_first,
+                 save_hidden=save_hidden, winitfun=winitfun, hinitfun=hinitfun,
+                 return_all_layers=return_all_layers, hyper=hyper)
+
+
+def make_bidirectional(cell, input_size: int, hids: Sequence[int], *, share_weights: bool = False,
+                       backend: str = "script", dropout: float = 0.0, batch_first: bool = False,
+                       save_hidden: bool = False,
+                       winitfun: Optional[Callable[[nn.Module], None]] = None,
+                       hinitfun: Optional[Callable[[Tensor], None]] = None,
+                       return_all_layers: bool = False, **hyper) -> RecurrentNetwork:
+    """Like :func:`make_recurrent`, each layer reading forwards and backwards:
+    rnnlib's ``makeBidirectional``.
+
+    A layer's output is its two directions' outputs concatenated; its state is
+    ``(forward_state, reverse_state)``. With ``lengths`` the reverse direction
+    reads each sequence backwards from its own last step. ``share_weights``
+    runs both directions with the same cell (rnnlib's ``sharefields``).
+    ``save_hidden`` defaults to False, as in rnnlib: carrying the reverse
+    direction's state over to the next batch rarely makes sense.
+    """
+    return _make(cell, input_size, hids, bidirectional=True, share_weights=share_weights,
+                 backend=backend, dropout=dropout, batch_first=batch_first,
+                 save_hidden=save_hidden, winitfun=winitfun, hinitfun=hinitfun,
+                 return_all_layers=return_all_layers, hyper=hyper)
+
+
+_STOCK_CELLS = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}
+
+
+class _CompiledRNNBase:
+    """Runs a ``torch.nn.RNNBase`` subclass's layers with rnndsl's stock cells.
+
+    The module keeps torch's parameters (names, shapes, init, ``state_dict``);
+    the cells it builds for each layer and direction are kept out of the module
+    tree and run on those parameters through ``torch.func.functional_call``,
+    so ``.to()``, ``load_state_dict`` and ``functional_call`` on the module
+    itself all reach them. ``bias=False`` runs the cells with zero biases.
+    """
+
+    def __init__(self, *args, backend: str = "script", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        spec = _load_spec(_STOCK_CELLS[self.mode])
+        self.backend = resolve_backend(backend, spec)
+        if self.proj_size and self.backend != "native":
+            raise ValueError(f"proj_size > 0 needs backend='native': the stock {spec.name} cell "
+                             f"has no projection (got backend={backend!r})")
+        self._build_engine(spec)
+
+    def _build_engine(self, spec=None) -> None:
+        """Build the cells (none for the native backend) and how their
+        parameters map onto this module's."""
+        self.__dict__["_engine"] = None
+        if self.backend == "native":
+            return
+        spec = spec or _load_spec(_STOCK_CELLS[self.mode])
+        directions = 2 if self.bidirectional else 1
+        layers, bindings = [], {}
+        for depth in range(self.num_layers):
+            size = self.input_size if depth == 0 else self.hidden_size * directions
+            tables = []
+            for direction in range(directions):
+                cell = spec.build(size, self.hidden_size, backend=self.backend)
+                prefix = f"layers.{depth}." + ("" if directions == 1 else ("fwd.", "rev.")[direction])
+                suffix = f"_l{depth}" + ("_reverse" if direction else "")
+                for name in PARAMETER_NAMES:
+                    bindings[f"{prefix}cell.{name}"] = name + suffix
+                    if hasattr(self, name + suffix):
+                        # Share storage now so the cells' own copies are freed;
+                        # functional_call rebinds on every call regardless.
+                        setattr(cell, name, getattr(self, name + suffix))
+                tables.append(RecurrentTable(cell))
+            layers.append(tables[0] if directions == 1 else Bidirectional(*tables))
+        self.__dict__["_engine"] = SequenceTable(layers, dropout=self.dropout)
+        self.__dict__["_bindings"] = bindings
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_engine", None)  # TorchScript modules cannot be pickled; rebuilt on load
+        state.pop("_bindings", None)
+        return state
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        self._build_engine()
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, backend={self.backend!r}"
+
+    def _parameters_for_engine(self, like: Tensor) -> Dict[str, Tensor]:
+        gates = NATIVE_MODES[self.mode][1]
+        zeros = None if self.bias else like.new_zeros(gates * self.hidden_size)
+        return {inner: getattr(self, outer) if self.bias or "weight" in outer else zeros
+                for inner, outer in self._bindings.items()}
+
+    def forward(self, input, hx=None):
+        if self.backend == "native":
+            return super().forward(input, hx)
+        lstm = self.mode == "LSTM"
+        packed = isinstance(input, PackedSequence)
+        if packed:
+            self.check_input(input.data, input.batch_sizes)
+            checked, batch_sizes, batched = input.data, input.batch_sizes, True
+            xs, lengths = pad_packed_sequence(input)
+        else:
+            if input.dim() not in (2, 3):
+                raise ValueError(f"{type(self).__name__}: Expected input to be 2D or 3D, "
+                                 f"got {input.dim()}D instead")
+            batched = input.dim() == 3
+            if not batched:
+                input = input.unsqueeze(0 if self.batch_first else 1)
+            self.check_input(input, None)
+            checked, batch_sizes, lengths = input, None, None
+            xs = input.transpose(0, 1) if self.batch_first else input
+        hx = self._prepare_hx(hx, checked, batch_sizes, batched, xs)
+        state = self._layer_states(hx)
+        mask = None if lengths is None else lengths_mask(lengths, xs.size(0), xs.size(1), xs.device)
+        self._engine.train(self.training)
+        args = (state, xs) if mask is None else (state, xs, mask)
+        finals, outputs = torch.func.functional_call(self._engine, self._parameters_for_engine(xs), args)
+        directions = [d for layer in finals for d in (layer if self.bidirectional else (layer,))]
+        hidden = tuple(torch.stack([d[k] for d in directions]) for k in range(2 if lstm else 1))
+        if packed:
+            outputs = repack(outputs, lengths, input)
+        else:
+            if self.batch_first:
+                outputs = outputs.transpose(0, 1)
+            if not batched:
+                outputs = outputs.squeeze(0 if self.batch_first else 1)
+                hidden = tuple(h.squeeze(1) for h in hidden)
+        return outputs, (hidden if lstm else hidden[0])
+
+    def _prepare_hx(self, hx, checked: Tensor, batch_sizes, batched: bool, xs: Tensor):
+        """Zeros, or the user's ``hx`` checked and made 3-D; a tuple either way."""
+        lstm = self.mode == "LSTM"
+        directions = 2 if self.bidirectional else 1
+        if hx is None:
+            zeros = xs.new_zeros(self.num_layers * directions, xs.size(1), self.hidden_size)
+            return (zeros, zeros) if lstm else (zeros,)
+        hx = (hx,) if isinstance(hx, Tensor) else tuple(hx)
+        if len(hx) != (2 if lstm else 1) or not all(isinstance(h, Tensor) for h in hx):
+            raise ValueError(f"{type(self).__name__}: hx must be "
+                             + ("a tuple (h_0, c_0) of tensors" if lstm else "a tensor"))
+        dims = 3 if batched else 2
+        if any(h.dim() != dims for h in hx):
+            got = ", ".join(f"{h.dim()}-D" for h in hx)
+            raise RuntimeError(f"For {'batched 3-D' if batched else 'unbatched 2-D'} input, hx "
+                               f"should also be {dims}-D but got ({got})")
+        if not batched:
+            hx = tuple(h.unsqueeze(1) for h in hx)
+        self.check_forward_args(checked, hx if lstm else hx[0], batch_sizes)
+        for name, h in zip(("h_0", "c_0"), hx):
+            if h.dtype != xs.dtype or h.device != xs.device:
+                raise ValueError(f"{type(self).__name__}: {name} is {h.dtype} on {h.device} "
+                                 f"but the input is {xs.dtype} on {xs.device}")
+        return hx
+
+    def _layer_states(self, hx: Tuple[Tensor, ...]):
+        """torch's stacked (layers * directions, batch, hidden) states, per layer."""
+        directions = 2 if self.bidirectional else 1
+        layers = []
+        for depth in range(self.num_layers):
+            per_direction = [tuple(h[depth * directions + d] for h in hx) for d in range(directions)]
+            layers.append(per_direction[0] if directions == 1 else tuple(per_direction))
+        return tuple(layers)
+
+
+class LSTM(_CompiledRNNBase, nn.LSTM):
+    """``torch.nn.LSTM`` run by rnndsl's stock ``lstm`` cell; takes ``backend=``."""
+
+
+class GRU(_CompiledRNNBase, nn.GRU):
+    """``torch.nn.GRU`` run by rnndsl's stock ``gru`` cell; takes ``backend=``."""
+
+
+class RNN(_CompiledRNNBase, nn.RNN):
+    """``torch.nn.RNN`` run by rnndsl's stock ``rnn_tanh``/``rnn_relu`` cell; takes ``backend=``."""

@@ -1,0 +1,247 @@
+"""The scan containers and setup_recurrent, on hand-picked cells.
+
+The hand-written cells wrap ``torch.nn.LSTMCell``/``GRUCell`` in the cell
+calling convention (as rnnlib users composed hand-picked modules), so these
+tests exercise the containers' Python loop; the compiled cells, with their own
+``forward_sequence``, come in through ``rnndsl.load_cell``. References are
+plain loops over ``torch.nn`` cells, one sequence at a time.
+"""
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import rnndsl
+from rnndsl.containers import (Bidirectional, RecurrentTable, SequenceTable, reverse_padded,
+                               setup_recurrent, ZeroState)
+
+TOL = dict(rtol=1e-10, atol=1e-12)
+
+
+def randn(*shape, **kwargs):
+    return torch.randn(*shape, dtype=torch.float64, **kwargs)
+
+
+class TorchLSTMCell(nn.Module):
+    """torch.nn.LSTMCell in the cell calling convention."""
+
+    def __init__(self, input_size, hidden_size):
+        super().__init__()
+        self.inner = nn.LSTMCell(input_size, hidden_size)
+        self.input_size, self.hidden_size, self.output_size = input_size, hidden_size, hidden_size
+        self.state_sizes, self.state_names = [hidden_size, hidden_size], ["h", "c"]
+
+    def forward(self, state, x):
+        h, c = self.inner(x, state)
+        return (h, c), h
+
+
+class TorchGRUCell(nn.Module):
+    """torch.nn.GRUCell in the cell calling convention."""
+
+    def __init__(self, input_size, hidden_size):
+        super().__init__()
+        self.inner = nn.GRUCell(input_size, hidden_size)
+        self.input_size, self.hidden_size, self.output_size = input_size, hidden_size, hidden_size
+        self.state_sizes, self.state_names = [hidden_size], ["h"]
+
+    def forward(self, state, x):
+        h = self.inner(x, state[0])
+        return (h,), h
+
+
+def reference(cells, xs, states, lengths=None):
+    """Layer by layer, sequence by sequence, each cut to its own length."""
+    batch = xs.size(1)
+    lengths = [xs.size(0)] * batch if lengths is None else lengths
+    outputs = torch.zeros(xs.size(0), batch, cells[-1].output_size, dtype=xs.dtype)
+    finals = [[None] * batch for _ in cells]
+    for b in range(batch):
+        seq = xs[:lengths[b], b:b + 1]
+        for depth, cell in enumerate(cells):
+            state = tuple(s[b:b + 1] for s in states[depth])
+            ys = []
+            for x in seq:
+                state, y = cell(state, x)
+                ys.append(y)
+            seq = torch.stack(ys)
+            finals[depth][b] = state
+        outputs[:lengths[b], b:b + 1] = seq
+    finals = tuple(tuple(torch.cat([f[b][k] for b in range(batch)]) for k in range(len(f[0])))
+                   for f in finals)
+    return outputs, finals
+
+
+def mixed_cells(compiled=False):
+    """An LSTM layer, then a GRU layer of another size: hand-picked per layer."""
+    if compiled:
+        cells = [rnndsl.load_cell("lstm").build(3, 5), rnndsl.load_cell("gru").build(5, 4)]
+    else:
+        cells = [TorchLSTMCell(3, 5), TorchGRUCell(5, 4)]
+    return [cell.double() for cell in cells]
+
+
+def random_states(cells, batch):
+    return tuple(tuple(randn(batch, n) for n in cell.state_sizes) for cell in cells)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_sequence_of_recurrent_tables_matches_reference(compiled, with_lengths):
+    torch.manual_seed(0)
+    cells = mixed_cells(compiled)
+    net = SequenceTable([RecurrentTable(c) for c in cells])
+    xs = randn(6, 3, 3, requires_grad=True)
+    states = random_states(cells, 3)
+    lengths = [6, 2, 4] if with_lengths else None
+    mask = None if lengths is None else torch.arange(6).unsqueeze(1) < torch.tensor(lengths)
+    finals, ys = net(states, xs, mask)
+    ref_ys, ref_finals = reference(cells, xs, states, lengths)
+    torch.testing.assert_close(ys, ref_ys, **TOL)
+    torch.testing.assert_close(finals, ref_finals, **TOL)
+    grads = torch.autograd.grad(ys.square().sum() + sum(f.sum() for s in finals for f in s),
+                                [xs] + list(net.parameters()))
+    ref_grads = torch.autograd.grad(ref_ys.square().sum() + sum(f.sum() for s in ref_finals for f in s),
+                                    [xs] + list(net.parameters()))
+    torch.testing.assert_close(grads, ref_grads, **TOL)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_depth_first_unroll_equals_layer_by_layer(compiled):
+    """RecurrentTable(SequenceTable(cells)) unrolls over depth first, as
+    rnnlib's ``make(2, SequenceTable{dim=1})``; same result, mask included."""
+    torch.manual_seed(1)
+    cells = mixed_cells(compiled)
+    xs = randn(5, 3, 3)
+    states = random_states(cells, 3)
+    mask = torch.arange(5).unsqueeze(1) < torch.tensor([5, 1, 3])
+    layered = SequenceTable([RecurrentTable(c) for c in cells])
+    depth_first = RecurrentTable(SequenceTable(cells))
+    torch.testing.assert_close(depth_first(states, xs, mask), layered(states, xs, mask), **TOL)
+
+
+def test_reverse_padded_reverses_within_lengths():
+    xs = torch.arange(4.0, dtype=torch.float64).view(4, 1, 1).expand(4, 3, 1)
+    out = reverse_padded(xs, torch.tensor([4, 2, 1]))
+    assert out[:, :, 0].T.tolist() == [[3, 2, 1, 0], [1, 0, 2, 3], [0, 1, 2, 3]]
+    torch.testing.assert_close(reverse_padded(out, torch.tensor([4, 2, 1])), xs)
+
+
+def test_bidirectional_reverse_reads_each_sequence_backwards():
+    torch.manual_seed(2)
+    fwd, rev = TorchLSTMCell(3, 4).double(), TorchLSTMCell(3, 4).double()
+    layer = Bidirectional(RecurrentTable(fwd), RecurrentTable(rev))
+    xs, lengths = randn(5, 2, 3), [5, 3]
+    states = random_states([fwd, rev], 2)
+    mask = torch.arange(5).unsqueeze(1) < torch.tensor(lengths)
+    (f_final, r_final), ys = layer(states, xs, mask)
+    ref_f, ref_f_final = reference([fwd], xs, states[:1], lengths)
+    flipped = torch.zeros_like(xs)
+    for b, n in enumerate(lengths):
+        flipped[:n, b] = xs[:n, b].flip(0)
+    ref_r, ref_r_final = reference([rev], flipped, states[1:], lengths)
+    for b, n in enumerate(lengths):
+        ref_r[:n, b] = ref_r[:n, b].clone().flip(0)
+    torch.testing.assert_close(ys, torch.cat([ref_f, ref_r], -1), **TOL)
+    torch.testing.assert_close((f_final, r_final), (ref_f_final[0], ref_r_final[0]), **TOL)
+    assert layer.output_size == 8 and layer.state_sizes == ([4, 4], [4, 4])
+
+
+def test_bidirectional_without_reverse_shares_the_forward_weights():
+    cell = TorchGRUCell(3, 4).double()
+    shared = Bidirectional(RecurrentTable(cell))
+    explicit = Bidirectional(RecurrentTable(cell), RecurrentTable(cell))
+    assert shared.shares_weights and len(list(shared.parameters())) == 4
+    xs, states = randn(4, 2, 3), random_states([cell, cell], 2)
+    torch.testing.assert_close(shared(states, xs), explicit(states, xs))
+
+
+def make_network(save_hidden=True, **kwargs):
+    torch.manual_seed(3)
+    cells = mixed_cells()
+    return cells, setup_recurrent(SequenceTable([RecurrentTable(c) for c in cells]),
+                                  save_hidden=save_hidden, **kwargs)
+
+
+def test_setup_recurrent_two_halves_equal_the_whole():
+    cells, net = make_network()
+    xs = randn(8, 2, 3)
+    whole, whole_final = net(xs, net.initialize_hidden(2))
+    net.initialize_hidden(2)
+    first, _ = net(xs[:4])
+    second, final = net(xs[4:])
+    torch.testing.assert_close(torch.cat([first, second]), whole, **TOL)
+    torch.testing.assert_close(final, whole_final, **TOL)
+    net.initialize_hidden(2)
+    again, _ = net(xs[:4])
+    torch.testing.assert_close(again, first, **TOL)
+
+
+def test_saved_hidden_is_detached_and_holds_no_graph():
+    _, net = make_network()
+    xs = randn(5, 2, 3, requires_grad=True)
+    net(xs)[0].sum().backward()
+    for tensor in [t for layer in net.hidden for t in layer]:
+        assert tensor.grad_fn is None and not tensor.requires_grad
+    out, _ = net(xs)  # continues from the saved state; backward must not reach the first graph
+    out.sum().backward()
+
+
+def test_saved_hidden_in_eval_and_batch_size_change():
+    _, net = make_network()
+    fresh = setup_recurrent(net.network, save_hidden=False)
+    net.eval()
+    x2, x3 = randn(4, 2, 3), randn(4, 3, 3)
+    with torch.no_grad():
+        first, _ = net(x2)
+        continued, _ = net(x2)
+        assert not torch.allclose(first, continued)  # the second call starts where the first ended
+        restarted, _ = net(x3)  # another batch size: starts afresh from the init functions
+        torch.testing.assert_close(restarted, fresh(x3)[0], **TOL)
+        torch.testing.assert_close(first, fresh(x2)[0], **TOL)
+    assert net.hidden[0][0].shape == (3, 5)
+
+
+def test_explicit_state_and_batch_first():
+    _, net = make_network(save_hidden=False, batch_first=True)
+    x = randn(2, 6, 3)
+    state = net.initialize_hidden(2)
+    out, _ = net(x, state)
+    out_t, _ = setup_recurrent(net.network, save_hidden=False)(x.transpose(0, 1), state)
+    torch.testing.assert_close(out, out_t.transpose(0, 1))
+
+
+def test_init_functions_and_hinitfun():
+    _, net = make_network()
+    init = ZeroState([5, 5], hinitfun=lambda t: t.fill_(0.5))
+    custom = setup_recurrent(net.network, [init, ZeroState([4])])
+    state = custom.initialize_hidden(3)
+    assert torch.all(state[0][0] == 0.5) and torch.all(state[1][0] == 0)
+    assert custom.hidden is state
+
+
+def test_state_errors_name_expected_and_received():
+    _, net = make_network()
+    x = randn(4, 2, 3)
+    good = net.initialize_hidden(2)
+    with pytest.raises(ValueError, match=r"state\[1\]\[0\] \(h\) has shape \(3, 4\), expected \(2, 4\)"):
+        net(x, (good[0], (torch.zeros(3, 4, dtype=torch.float64),)))
+    with pytest.raises(ValueError, match="state must have 2 entries, got 1"):
+        net(x, good[:1])
+    with pytest.raises(ValueError, match="float32 on cpu but the input is float64"):
+        net(x, (good[0], (torch.zeros(2, 4, dtype=torch.float32),)))
+    with pytest.raises(ValueError, match="expected input of size 3 in the last dimension, got 7"):
+        net(randn(4, 2, 7))
+    with pytest.raises(ValueError, match=r"lengths must lie in \[1, 4\]"):
+        net(x, lengths=[5, 2])
+    with pytest.raises(ValueError, match=r"lengths must have shape \(2,\)"):
+        net(x, lengths=[4, 2, 1])
+
+
+def test_network_pickles_with_its_saved_state():
+    _, net = make_network()
+    net(randn(3, 2, 3))
+    copy = pickle.loads(pickle.dumps(net))
+    x = randn(2, 2, 3)
+    torch.testing.assert_close(copy(x)[0], net(x)[0])

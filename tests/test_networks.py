@@ -1,0 +1,422 @@
+"""Networks: the torch.nn drop-ins, make_recurrent/make_bidirectional, the native backend.
+
+Everything is compared in float64 against torch.nn (the drop-ins, bidirectional
+networks through the weight conversion) or against plain loops over
+``torch.nn`` cells, one sequence at a time (make_recurrent).
+"""
+import copy
+import pickle
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import rnndsl
+from rnndsl.containers import _flatten, map_state
+from rnndsl.native import load_native_state_dict, native_names, native_state_dict
+from rnndsl.networks import GRU, LSTM, RNN, make_bidirectional, make_recurrent
+
+F64 = torch.float64
+TOL = dict(rtol=1e-10, atol=1e-12)
+BACKENDS = ["script", "eager", "native"]
+DROP_INS = {  # name: (ours, torch's, extra constructor arguments)
+    "LSTM": (LSTM, nn.LSTM, {}),
+    "GRU": (GRU, nn.GRU, {}),
+    "RNN_TANH": (RNN, nn.RNN, {"nonlinearity": "tanh"}),
+    "RNN_RELU": (RNN, nn.RNN, {"nonlinearity": "relu"}),
+}
+
+
+def randn(*shape, requires_grad=False):
+    return torch.randn(*shape, dtype=F64, requires_grad=requires_grad)
+
+
+def flat(result):
+    """Outputs and hidden states of a torch.nn-style call as a list of tensors."""
+    output, hidden = result
+    output = output.data if isinstance(output, nn.utils.rnn.PackedSequence) else output
+    return [output] + (list(hidden) if isinstance(hidden, tuple) else [hidden])
+
+
+def pair(mode, backend, **options):
+    """torch.nn's module and ours with the same weights."""
+    ours_cls, torch_cls, extra = DROP_INS[mode]
+    reference = torch_cls(**options, **extra, dtype=F64)
+    ours = ours_cls(**options, **extra, backend=backend, dtype=F64)
+    ours.load_state_dict(reference.state_dict())
+    return reference, ours
+
+
+@settings(max_examples=45, deadline=None)
+@given(mode=st.sampled_from(sorted(DROP_INS)), backend=st.sampled_from(BACKENDS),
+       input_size=st.integers(1, 4), hidden_size=st.integers(1, 4), num_layers=st.integers(1, 3),
+       bias=st.booleans(), batch_first=st.booleans(), bidirectional=st.booleans(),
+       kind=st.sampled_from(["batched", "unbatched", "packed"]), with_hx=st.booleans(),
+       data=st.data())
+def test_drop_in_matches_torch(mode, backend, input_size, hidden_size, num_layers, bias,
+                               batch_first, bidirectional, kind, with_hx, data):
+    torch.manual_seed(0)
+    reference, ours = pair(mode, backend, input_size=input_size, hidden_size=hidden_size,
+                           num_layers=num_layers, bias=bias, batch_first=batch_first,
+                           bidirectional=bidirectional)
+    steps, batch = data.draw(st.integers(1, 5)), data.draw(st.integers(1, 4))
+    if kind == "unbatched":
+        x = randn(steps, input_size, requires_grad=True)
+    else:
+        x = randn(*((batch, steps) if batch_first else (steps, batch)), input_size, requires_grad=True)
+    inputs = x
+    if kind == "packed":
+        lengths = data.draw(st.lists(st.integers(1, steps), min_size=batch, max_size=batch))
+        inputs = pack_padded_sequence(x, torch.tensor(lengths), batch_first=batch_first,
+                                      enforce_sorted=data.draw(st.booleans()) and lengths == sorted(lengths, reverse=True))
+    hx = ()
+    if with_hx:
+        shape = (num_layers * (2 if bidirectional else 1),) + ((batch,) if kind != "unbatched" else ()) + (hidden_size,)
+        hx = (randn(*shape, requires_grad=True), randn(*shape, requires_grad=True))[:2 if mode == "LSTM" else 1]
+    args = (hx if mode == "LSTM" else hx[0],) if with_hx else ()
+    expected, got = flat(reference(inputs, *args)), flat(ours(inputs, *args))
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e, **TOL)
+    wrt = [x, *hx, *reference.parameters()]
+    weights = [randn(*t.shape) for t in expected]
+    grads = torch.autograd.grad(sum((t * w).sum() for t, w in zip(expected, weights)), wrt,
+                                retain_graph=True)  # the packing of x is shared
+    wrt_ours = [x, *hx, *ours.parameters()]
+    grads_ours = torch.autograd.grad(sum((t * w).sum() for t, w in zip(got, weights)), wrt_ours)
+    torch.testing.assert_close(grads_ours, grads, **TOL)
+
+
+@pytest.mark.parametrize("mode", sorted(DROP_INS))
+@pytest.mark.parametrize("bias", [True, False])
+def test_drop_in_parameters_init_and_state_dict_match_torch(mode, bias):
+    ours_cls, torch_cls, extra = DROP_INS[mode]
+    options = dict(input_size=3, hidden_size=4, num_layers=2, bias=bias, bidirectional=True, **extra)
+    torch.manual_seed(7)
+    reference = torch_cls(**options)
+    torch.manual_seed(7)
+    ours = ours_cls(**options)
+    assert [(n, p.shape) for n, p in ours.named_parameters()] == \
+        [(n, p.shape) for n, p in reference.named_parameters()]
+    assert list(ours.named_buffers()) == []
+    # Same default init as torch.nn: the same draws, so the same numbers.
+    torch.testing.assert_close(ours.state_dict(), reference.state_dict(), rtol=0, atol=0)
+    x = torch.randn(5, 2, 3)
+    with torch.no_grad():
+        ours.load_state_dict(reference.state_dict())
+        for p in reference.parameters():
+            p.add_(0.1)
+        reference.load_state_dict(ours.state_dict())  # and back
+        torch.testing.assert_close(flat(ours(x)), flat(reference(x)))
+
+
+def test_dropout_matches_torch_in_train_and_eval():
+    torch.manual_seed(0)
+    for backend in BACKENDS:
+        # p = 1 drops every input of layers above the first: deterministic in training.
+        reference, ours = pair("LSTM", backend, input_size=3, hidden_size=4, num_layers=3, dropout=1.0)
+        x = randn(5, 2, 3)
+        torch.testing.assert_close(flat(ours(x)), flat(reference(x)), **TOL)
+        reference.eval(), ours.eval()
+        torch.testing.assert_close(flat(ours(x)), flat(reference(x)), **TOL)
+
+
+def test_drop_in_pickles_copies_and_moves():
+    torch.manual_seed(0)
+    ours = LSTM(3, 4, num_layers=2)
+    x = torch.randn(5, 2, 3)
+    expected = flat(ours(x))
+    for clone in (pickle.loads(pickle.dumps(ours)), copy.deepcopy(ours)):
+        torch.testing.assert_close(flat(clone(x)), expected)
+    ours.double()
+    torch.testing.assert_close(flat(ours(x.double())), [t.double() for t in expected])
+    params = {n: p * 2 for n, p in ours.named_parameters()}
+    doubled = torch.func.functional_call(ours, params, (x.double(),))
+    assert not torch.allclose(flat(doubled)[0], expected[0].double())
+
+
+def test_drop_in_errors_name_expected_and_received():
+    lstm = LSTM(10, 20)
+    with pytest.raises(RuntimeError, match="Expected 10, got 11"):
+        lstm(torch.randn(5, 3, 11))
+    with pytest.raises(RuntimeError, match=r"Expected hidden\[0\] size \(1, 3, 20\), got \[1, 4, 20\]"):
+        lstm(torch.randn(5, 3, 10), (torch.zeros(1, 4, 20), torch.zeros(1, 3, 20)))
+    with pytest.raises(RuntimeError, match="hx should also be 3-D"):
+        lstm(torch.randn(5, 3, 10), (torch.zeros(3, 20), torch.zeros(3, 20)))
+    with pytest.raises(ValueError, match="h_0 is torch.float64 on cpu but the input is torch.float32"):
+        lstm(torch.randn(5, 3, 10), (torch.zeros(1, 3, 20, dtype=F64), torch.zeros(1, 3, 20)))
+    with pytest.raises(ValueError, match=r"hx must be a tuple \(h_0, c_0\) of tensors"):
+        lstm(torch.randn(5, 3, 10), torch.zeros(1, 3, 20))
+    with pytest.raises(ValueError, match="Expected input to be 2D or 3D, got 4D"):
+        GRU(10, 20)(torch.randn(5, 3, 1, 10))
+    with pytest.raises(ValueError, match="proj_size > 0 needs backend='native'"):
+        LSTM(10, 20, proj_size=5)
+    assert isinstance(LSTM(10, 20, proj_size=5, backend="auto"), nn.LSTM)
+
+
+PEEPHOLE = """
+cell peephole(x[input]) -> h {
+    state h[hidden], c[hidden]
+    param weight_ih[4*hidden, input], weight_hh[4*hidden, hidden], bias[4*hidden]
+    param w_ci[hidden], w_cf[hidden], w_co[hidden]
+    i, f, g, o = chunk(weight_ih @ x + weight_hh @ h + bias, 4)
+    c' = sigmoid(f + w_cf * c) * c + sigmoid(i + w_ci * c) * tanh(g)
+    h' = sigmoid(o + w_co * c') * tanh(c')
+}
+"""
+
+# torch's LSTM again, under other names and with the sums in another order.
+RENAMED_LSTM = """
+cell my_lstm(x[input]) -> hid {
+    state hid[hidden], mem[hidden]
+    param U[4*hidden, hidden], W[4*hidden, input], b_h[4*hidden], b_x[4*hidden]
+    i, f, g, o = chunk(b_h + U @ hid + W @ x + b_x, 4)
+    mem' = sigmoid(i) * tanh(g) + sigmoid(f) * mem
+    hid' = sigmoid(o) * tanh(mem')
+}
+"""
+
+
+def test_backend_choice(tmp_path):
+    (tmp_path / "peephole.cell").write_text(PEEPHOLE)
+    peephole = rnndsl.load_cell(tmp_path / "peephole.cell")
+    with pytest.raises(ValueError, match="backend='native' is not available for cell 'peephole'") as error:
+        make_recurrent(peephole, 3, [4], backend="native")
+    assert peephole.why_not_native in str(error.value)
+    assert make_recurrent(peephole, 3, [4], backend="auto").backend == "script"
+    assert make_recurrent("lstm", 3, [4], backend="auto").backend == "native"
+    assert LSTM(3, 4, backend="auto").backend == "native"
+    with pytest.raises(ValueError, match="unknown backend 'cudnn'"):
+        make_recurrent("lstm", 3, [4], backend="cudnn")
+
+
+class CellRef(nn.Module):
+    """A torch.nn cell in the cell calling convention, for the references."""
+
+    def __init__(self, torch_cell):
+        super().__init__()
+        self.inner = torch_cell
+
+    def forward(self, state, x):
+        if isinstance(self.inner, nn.LSTMCell):
+            h, c = self.inner(x, state)
+            return (h, c), h
+        h = self.inner(x, state[0])
+        return (h,), h
+
+
+def reference_cells(network):
+    """torch.nn cells holding each layer's weights, per layer and direction."""
+    cls = {"LSTM": nn.LSTMCell, "GRU": nn.GRUCell, "RNN_TANH": nn.RNNCell, "RNN_RELU": nn.RNNCell}
+    mode = network.spec.native_mode
+    weights = native_state_dict(network)
+    layers = []
+    for depth, layer in enumerate(network.network.layers):
+        directions = []
+        for suffix in ("", "_reverse")[:2 if hasattr(layer, "fwd") else 1]:
+            cell = layer.fwd.cell if hasattr(layer, "fwd") else layer.cell
+            extra = {"nonlinearity": "relu"} if mode == "RNN_RELU" else {}
+            torch_cell = cls[mode](cell.input_size, cell.hidden_size, dtype=F64, **extra)
+            torch_cell.load_state_dict({n: weights[f"{n}_l{depth}{suffix}"] for n in
+                                        ("weight_ih", "weight_hh", "bias_ih", "bias_hh")})
+            directions.append(CellRef(torch_cell))
+        layers.append(directions)
+    return layers
+
+
+def parameter_pairs(network, ref_layers):
+    """Each parameter of the network with the reference parameters that play it."""
+    names = native_names(network.spec)
+    pairs = {}
+    for layer, ref_directions in zip(network.network.layers, ref_layers):
+        cells = [layer.fwd.cell, layer.reverse_layer.cell] if hasattr(layer, "fwd") else [layer.cell]
+        for cell, ref in zip(cells, ref_directions):
+            for torch_name, name in names.items():
+                parameter = getattr(cell, name)
+                pairs.setdefault(id(parameter), (parameter, []))[1].append(getattr(ref.inner, torch_name))
+    return list(pairs.values())
+
+
+def run_reference(layers, xs, states, lengths):
+    """Layer by layer, one sequence at a time, each cut to its own length."""
+    outputs, finals = [], []
+    for b, length in enumerate(lengths):
+        seq, per_layer = xs[:length, b:b + 1], []
+        for directions, layer_state in zip(layers, states):
+            layer_state = layer_state if len(directions) == 2 else (layer_state,)
+            outs, ends = [], []
+            for direction, (cell, state) in enumerate(zip(directions, layer_state)):
+                state = tuple(s[b:b + 1] for s in state)
+                ys = []
+                for x in (seq.flip(0) if direction else seq):
+                    state, y = cell(state, x)
+                    ys.append(y)
+                ys = torch.stack(ys)
+                outs.append(ys.flip(0) if direction else ys)
+                ends.append(state)
+            seq = torch.cat(outs, -1)
+            per_layer.append(tuple(ends) if len(directions) == 2 else ends[0])
+        outputs.append(nn.functional.pad(seq, (0, 0, 0, 0, 0, xs.size(0) - length)))
+        finals.append(per_layer)
+
+    def stack(parts):
+        if isinstance(parts[0], torch.Tensor):
+            return torch.cat(parts)
+        return tuple(stack([p[i] for p in parts]) for i in range(len(parts[0])))
+    return torch.cat(outputs, 1), stack(finals)
+
+
+@settings(max_examples=25, deadline=None)
+@given(cell=st.sampled_from(["lstm", "gru", "rnn_tanh", "rnn_relu"]), backend=st.sampled_from(BACKENDS),
+       hids=st.lists(st.integers(1, 5), min_size=1, max_size=3), bidirectional=st.booleans(),
+       share=st.booleans(), with_lengths=st.booleans(), data=st.data())
+def test_make_recurrent_matches_reference(cell, backend, hids, bidirectional, share, with_lengths, data):
+    torch.manual_seed(0)
+    if bidirectional:
+        net = make_bidirectional(cell, 3, hids, backend=backend, share_weights=share)
+    else:
+        net = make_recurrent(cell, 3, hids, backend=backend)
+    net.double()
+    steps, batch = data.draw(st.integers(1, 5)), data.draw(st.integers(1, 3))
+    xs = randn(steps, batch, 3, requires_grad=True)
+    lengths = data.draw(st.lists(st.integers(1, steps), min_size=batch, max_size=batch)) \
+        if with_lengths else [steps] * batch
+    state = map_state(lambda t: torch.randn_like(t).requires_grad_(), net.initialize_hidden(batch))
+    ref_layers = reference_cells(net)
+    ys, finals = net(xs, state, lengths if with_lengths else None)
+    ref_ys, ref_finals = run_reference(ref_layers, xs, state, lengths)
+    torch.testing.assert_close(ys, ref_ys, **TOL)
+    torch.testing.assert_close(finals, ref_finals, **TOL)
+    leaves = _flatten(state)[0]
+    params = parameter_pairs(net, ref_layers)
+    loss = ys.sin().sum() + sum(t.sin().sum() for t in _flatten(finals)[0])
+    ref_loss = ref_ys.sin().sum() + sum(t.sin().sum() for t in _flatten(ref_finals)[0])
+    grads = torch.autograd.grad(loss, [xs] + leaves + [p for p, _ in params])
+    ref_grads = torch.autograd.grad(ref_loss, [xs] + leaves + [r for _, refs in params for r in refs])
+    expected, rest = list(ref_grads[:1 + len(leaves)]), list(ref_grads[1 + len(leaves):])
+    for _, refs in params:  # a weight shared by both directions gets both directions' gradients
+        expected.append(sum(rest[:len(refs)]))
+        rest = rest[len(refs):]
+    torch.testing.assert_close(grads, tuple(expected), **TOL)
+    if with_lengths:  # padded positions are zero and never leak into real ones
+        mask = torch.arange(steps).unsqueeze(1) < torch.tensor(lengths)
+        assert torch.all(ys[~mask] == 0)
+        noisy = xs.detach().masked_fill(~mask.unsqueeze(-1), 1e3)
+        ys2, finals2 = net(noisy, state, lengths)
+        torch.testing.assert_close((ys2, finals2), (ys, finals), **TOL)
+
+
+def test_make_recurrent_defaults_and_options():
+    torch.manual_seed(0)
+    net = make_recurrent("lstm", 3, [5, 2, 4])
+    assert all(p.abs().max() <= 0.1 for p in net.parameters())
+    assert net.network.output_size == 4
+    x = torch.randn(6, 2, 3)
+    all_layers = make_recurrent("lstm", 3, [5, 2, 4], return_all_layers=True, save_hidden=False)
+    all_layers.load_state_dict(net.state_dict())
+    outs, _ = all_layers(x)
+    assert [tuple(o.shape) for o in outs] == [(6, 2, 5), (6, 2, 2), (6, 2, 4)]
+    torch.testing.assert_close(outs[-1], net(x)[0])
+    custom = make_recurrent("gru", 3, [4], winitfun=lambda m: [nn.init.constant_(p, 0.5) for p in m.parameters()],
+                            hinitfun=lambda t: t.fill_(1.0), batch_first=True)
+    assert all(torch.all(p == 0.5) for p in custom.parameters())
+    assert torch.all(custom.initialize_hidden(2)[0][0] == 1.0)
+    assert custom(torch.randn(2, 6, 3))[0].shape == (2, 6, 4)
+    with pytest.raises(ValueError, match="hids must be a non-empty list"):
+        make_recurrent("lstm", 3, [])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_make_recurrent_hidden_state_carries_over(backend):
+    torch.manual_seed(0)
+    net = make_recurrent("lstm", 3, [4, 5], backend=backend)
+    xs = torch.randn(8, 2, 3)
+    whole, whole_final = net(xs, net.initialize_hidden(2))
+    net.initialize_hidden(2)
+    first, _ = net(xs[:3])
+    second, final = net(xs[3:])
+    torch.testing.assert_close(torch.cat([first, second]), whole)
+    torch.testing.assert_close(final, whole_final)
+    assert all(t.grad_fn is None for t in rnndsl.containers._flatten(net.hidden)[0])
+    net.initialize_hidden(2)
+    torch.testing.assert_close(net(xs[:3])[0], first)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("share", [False, True])
+def test_make_bidirectional_matches_torch_through_the_weight_conversion(backend, share):
+    torch.manual_seed(0)
+    reference = nn.LSTM(3, 4, num_layers=2, bidirectional=True, dtype=F64)
+    if share:
+        with torch.no_grad():
+            for name, p in reference.named_parameters():
+                if name.endswith("_reverse"):
+                    p.copy_(reference.get_parameter(name[:-len("_reverse")]))
+    net = make_bidirectional("lstm", 3, [4, 4], backend=backend, share_weights=share).double()
+    load_native_state_dict(net, reference.state_dict())
+    lengths = [5, 2, 4]
+    xs = randn(5, 3, 3)
+    out, (h, c) = reference(pack_padded_sequence(xs, torch.tensor(lengths), enforce_sorted=False))
+    ys, finals = net(xs, lengths=lengths)
+    padded, _ = nn.utils.rnn.pad_packed_sequence(out)
+    torch.testing.assert_close(ys, padded, **TOL)
+    ends = [d for layer in finals for d in layer]
+    torch.testing.assert_close(torch.stack([e[0] for e in ends]), h, **TOL)
+    torch.testing.assert_close(torch.stack([e[1] for e in ends]), c, **TOL)
+    back = nn.LSTM(3, 4, num_layers=2, bidirectional=True, dtype=F64)
+    back.load_state_dict(native_state_dict(net))
+    torch.testing.assert_close(flat(back(xs)), flat(reference(xs)), **TOL)
+    if share:
+        assert len(list(net.parameters())) == 8
+        tampered = dict(reference.state_dict(), weight_ih_l0_reverse=torch.zeros(16, 3))
+        with pytest.raises(ValueError, match="shares its weights"):
+            load_native_state_dict(net, tampered)
+
+
+def test_native_runs_a_renamed_copy_of_the_lstm(tmp_path):
+    (tmp_path / "my_lstm.cell").write_text(RENAMED_LSTM)
+    spec = rnndsl.load_cell(tmp_path / "my_lstm.cell")
+    assert spec.native_mode == "LSTM"
+    torch.manual_seed(0)
+    native = make_recurrent(spec, 3, [4, 4], backend="native", save_hidden=False).double()
+    script = make_recurrent(spec, 3, [4, 4], backend="script", save_hidden=False).double()
+    script.load_state_dict(native.state_dict())
+    reference = nn.LSTM(3, 4, num_layers=2, dtype=F64)
+    reference.load_state_dict(native_state_dict(native))
+    xs = randn(6, 2, 3)
+    expected = reference(xs)[0]
+    torch.testing.assert_close(native(xs)[0], expected, **TOL)
+    torch.testing.assert_close(script(xs)[0], expected, **TOL)
+
+
+SHIFTED_RNN = """
+cell shifted_rnn(x[input]) -> h {
+    hyper shift = 0.0
+    state h[hidden]
+    param weight_ih[hidden, input], weight_hh[hidden, hidden]
+    h' = tanh(weight_ih @ x + weight_hh @ h + shift)
+}
+"""
+
+
+@pytest.mark.parametrize("backend", ["script", "eager", "auto"])
+def test_make_recurrent_from_a_path_with_hyper_parameters(tmp_path, backend):
+    path = tmp_path / "shifted.cell"
+    path.write_text(SHIFTED_RNN)
+    zero = lambda network: [nn.init.zeros_(p) for p in network.parameters()]  # noqa: E731
+    net = make_recurrent(str(path), 2, [3, 2], backend=backend, winitfun=zero, shift=1.0)
+    ys, _ = net(torch.randn(4, 2, 2))
+    torch.testing.assert_close(ys, torch.full((4, 2, 2), torch.tanh(torch.tensor(1.0)).item()))
+
+
+def test_make_recurrent_takes_packed_sequences():
+    torch.manual_seed(0)
+    net = make_bidirectional("gru", 3, [4], batch_first=True).double()
+    x, lengths = randn(3, 5, 3), torch.tensor([2, 5, 4])
+    packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    out, finals = net(packed)
+    ys, expected = net(x, lengths=lengths)
+    assert isinstance(out, nn.utils.rnn.PackedSequence) and torch.equal(out.batch_sizes, packed.batch_sizes)
+    torch.testing.assert_close(nn.utils.rnn.pad_packed_sequence(out, batch_first=True)[0], ys, **TOL)
+    torch.testing.assert_close(finals, expected, **TOL)
