@@ -44,6 +44,14 @@ def _infix(symbol: str) -> Emitter:
     return lambda node, args: f"{args[0]} {symbol} {args[1]}"
 
 
+def _chunk(node: Node, args: List[str]) -> str:
+    # `narrow`, not `Tensor.chunk`: TorchScript's derivative of chunk breaks from the second call on
+    # (once the profiling executor specializes) when a part gets no gradient, e.g. an LSTM whose
+    # loss reads only c, and its `chunk(...)[i]` can give silently wrong gradients.
+    size = node.shape.dims[0]
+    return f"{args[0]}.narrow(-1, {_size(size * node.attr('index'))}, {_size(size)})"
+
+
 def _concat(node: Node, args: List[str]) -> str:
     dim = 0 if node.shape.is_matrix else -1
     return f"torch.cat([{', '.join(args)}], {dim})"
@@ -72,7 +80,7 @@ EMITTERS: Dict[Op, Emitter] = {
     Op.SILU: _call("torch.nn.functional.silu"),
     # W @ v with v of shape (..., n): one GEMM for any number of leading dims.
     Op.MATMUL: lambda node, args: f"torch.nn.functional.linear({args[1]}, {args[0]})",
-    Op.CHUNK: lambda node, args: f"{args[0]}.chunk({node.attr('parts')}, -1)[{node.attr('index')}]",
+    Op.CHUNK: _chunk,
     Op.SLICE: lambda node, args: f"{args[0]}.narrow(-1, {_size(node.attr('start'))}, {_size(node.attr('length'))})",
     Op.CONCAT: _concat,
     Op.LAYERNORM: lambda node, args: (f"torch.nn.functional.layer_norm({args[0]}, [{args[0]}.size(-1)], "
@@ -99,14 +107,12 @@ class _Emitter:
         self.graph = graph
         self.nodes = graph.node_map()
         self.lines: List[str] = []
-        self.emitted_chunks: set = set()
         # Lowering keeps body values clear of RESERVED, but the input and the states keep their
         # declared names in the IR; here those that would shadow what the code needs (`torch`,
         # `self`, `range`, `t`, `xs`, ...) become fresh locals.
         self.names = Namespace({n.name for n in graph.nodes})
         self.local = {n.name: self.names.fresh(n.name) for n in graph.nodes
                       if n.op in (Op.INPUT, Op.STATE) and n.name in RESERVED}
-        self.unused: Dict[tuple, str] = {}
 
     def var(self, name: str) -> str:
         """The local variable holding the input or a state."""
@@ -124,28 +130,7 @@ class _Emitter:
     def emit(self, node: Node, indent: str, rename: Dict[str, str]) -> None:
         args = [self.ref(name, rename) for name in node.inputs]
         target = rename.get(node.name, node.name)
-        if node.op is Op.CHUNK:
-            self.emit_chunk(node, args[0], indent, rename)
-            return
         self.lines.append(f"{indent}{target} = {EMITTERS[node.op](node, args)}")
-
-    def emit_chunk(self, node: Node, source: str, indent: str, rename: Dict[str, str]) -> None:
-        """All parts of one chunk in one line: ``i, f, g, o = gates.chunk(4, -1)``."""
-        key = (node.inputs[0], node.attr("parts"))
-        if key in self.emitted_chunks:
-            return
-        self.emitted_chunks.add(key)
-        parts = {n.attr("index"): rename.get(n.name, n.name) for n in self.graph.nodes
-                 if n.op is Op.CHUNK and n.inputs == node.inputs and n.attr("parts") == node.attr("parts")}
-        names = [parts.get(i) or self.unused_name(key, i) for i in range(node.attr("parts"))]
-        self.lines.append(f"{indent}{', '.join(names)} = {source}.chunk({node.attr('parts')}, -1)")
-
-
-    def unused_name(self, key: tuple, index: int) -> str:
-        """A throwaway name for an unused part of a chunk, clear of every other name."""
-        if (key, index) not in self.unused:
-            self.unused[key, index] = self.names.fresh(f"_unused_{index}")
-        return self.unused[key, index]
 
 
 def _tuple_type(count: int) -> str:
@@ -190,7 +175,6 @@ def generate(graph: Graph, origin: str = "", fixed_dropout_mask: bool = False) -
 def _generate_sequence(graph: Graph, emitter: _Emitter, state_type: str, output_type: str,
                        fixed_dropout_mask: bool) -> None:
     lines = emitter.lines
-    emitter.emitted_chunks = set()
     states = [emitter.var(d.name) for d in graph.states]
     body = _body_nodes(graph)
     # Lowering and the emitter kept user names clear of RESERVED, so this code may use those names itself.
@@ -232,9 +216,14 @@ def _generate_sequence(graph: Graph, emitter: _Emitter, state_type: str, output_
                          f"xs.new_ones([xs.size(1), {size}]), {p}, self.training)")
     for name in output_lists:
         lines.append(f"    {name} = torch.jit.annotate(List[Tensor], [])")
+    # unbind, not seq[t] in the loop: the backward of one indexing per step would zero-fill a
+    # whole (T, batch, n) gradient at every step, O(T^2); unbind's backward is one stack.
+    step_lists = {name: names.fresh(f"{emitter.var(name)}_steps") for name in per_step_reads}
+    for name in per_step_reads:
+        lines.append(f"    {step_lists[name]} = {seq_name[name]}.unbind(0)")
     lines.append("    for t in range(xs.size(0)):")
     for name in per_step_reads:
-        lines.append(f"        {emitter.var(name)} = {seq_name[name]}[t]")
+        lines.append(f"        {emitter.var(name)} = {step_lists[name]}[t]")
     for node in step:
         if node.name in masks:
             lines.append(f"        {node.name} = {emitter.ref(node.inputs[0], {})} * {masks[node.name]}")

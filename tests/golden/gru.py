@@ -3,10 +3,14 @@ def forward(self, state: Tuple[Tensor], x: Tensor) -> Tuple[Tuple[Tensor], Tenso
     h = state[0]
     matmul = torch.nn.functional.linear(x, self.weight_ih)
     add = self.bias_ih + matmul
-    xr, xz, xn = add.chunk(3, -1)
+    xr = add.narrow(-1, 0, self.hidden)
+    xz = add.narrow(-1, self.hidden, self.hidden)
+    xn = add.narrow(-1, 2*self.hidden, self.hidden)
     matmul_1 = torch.nn.functional.linear(h, self.weight_hh)
     add_1 = self.bias_hh + matmul_1
-    hr, hz, hn = add_1.chunk(3, -1)
+    hr = add_1.narrow(-1, 0, self.hidden)
+    hz = add_1.narrow(-1, self.hidden, self.hidden)
+    hn = add_1.narrow(-1, 2*self.hidden, self.hidden)
     add_2 = xr + hr
     r = torch.sigmoid(add_2)
     add_3 = xz + hz
@@ -26,15 +30,22 @@ def forward_sequence(self, xs: Tensor, state: Tuple[Tensor], mask: Optional[Tens
     # For all steps at once: these depend on the input but on no state.
     matmul_seq = torch.nn.functional.linear(xs, self.weight_ih)
     add_seq = self.bias_ih + matmul_seq
-    xr_seq, xz_seq, xn_seq = add_seq.chunk(3, -1)
+    xr_seq = add_seq.narrow(-1, 0, self.hidden)
+    xz_seq = add_seq.narrow(-1, self.hidden, self.hidden)
+    xn_seq = add_seq.narrow(-1, 2*self.hidden, self.hidden)
     outputs = torch.jit.annotate(List[Tensor], [])
+    xr_steps = xr_seq.unbind(0)
+    xz_steps = xz_seq.unbind(0)
+    xn_steps = xn_seq.unbind(0)
     for t in range(xs.size(0)):
-        xr = xr_seq[t]
-        xz = xz_seq[t]
-        xn = xn_seq[t]
+        xr = xr_steps[t]
+        xz = xz_steps[t]
+        xn = xn_steps[t]
         matmul_1 = torch.nn.functional.linear(h, self.weight_hh)
         add_1 = self.bias_hh + matmul_1
-        hr, hz, hn = add_1.chunk(3, -1)
+        hr = add_1.narrow(-1, 0, self.hidden)
+        hz = add_1.narrow(-1, self.hidden, self.hidden)
+        hn = add_1.narrow(-1, 2*self.hidden, self.hidden)
         add_2 = xr + hr
         r = torch.sigmoid(add_2)
         add_3 = xz + hz

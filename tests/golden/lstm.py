@@ -7,7 +7,10 @@ def forward(self, state: Tuple[Tensor, Tensor], x: Tensor) -> Tuple[Tuple[Tensor
     partial = self.bias_ih + self.bias_hh
     partial_1 = partial + matmul
     add_2 = partial_1 + matmul_1
-    i, f, g, o = add_2.chunk(4, -1)
+    i = add_2.narrow(-1, 0, self.hidden)
+    f = add_2.narrow(-1, self.hidden, self.hidden)
+    g = add_2.narrow(-1, 2*self.hidden, self.hidden)
+    o = add_2.narrow(-1, 3*self.hidden, self.hidden)
     sigmoid = torch.sigmoid(f)
     mul = sigmoid * c
     sigmoid_1 = torch.sigmoid(i)
@@ -29,11 +32,15 @@ def forward_sequence(self, xs: Tensor, state: Tuple[Tensor, Tensor], mask: Optio
     matmul_seq = torch.nn.functional.linear(xs, self.weight_ih)
     partial_1_seq = partial + matmul_seq
     outputs = torch.jit.annotate(List[Tensor], [])
+    partial_1_steps = partial_1_seq.unbind(0)
     for t in range(xs.size(0)):
-        partial_1 = partial_1_seq[t]
+        partial_1 = partial_1_steps[t]
         matmul_1 = torch.nn.functional.linear(h, self.weight_hh)
         add_2 = partial_1 + matmul_1
-        i, f, g, o = add_2.chunk(4, -1)
+        i = add_2.narrow(-1, 0, self.hidden)
+        f = add_2.narrow(-1, self.hidden, self.hidden)
+        g = add_2.narrow(-1, 2*self.hidden, self.hidden)
+        o = add_2.narrow(-1, 3*self.hidden, self.hidden)
         sigmoid = torch.sigmoid(f)
         mul = sigmoid * c
         sigmoid_1 = torch.sigmoid(i)

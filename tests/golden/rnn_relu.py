@@ -18,8 +18,9 @@ def forward_sequence(self, xs: Tensor, state: Tuple[Tensor], mask: Optional[Tens
     matmul_seq = torch.nn.functional.linear(xs, self.weight_ih)
     partial_1_seq = partial + matmul_seq
     outputs = torch.jit.annotate(List[Tensor], [])
+    partial_1_steps = partial_1_seq.unbind(0)
     for t in range(xs.size(0)):
-        partial_1 = partial_1_seq[t]
+        partial_1 = partial_1_steps[t]
         matmul_1 = torch.nn.functional.linear(h, self.weight_hh)
         add_2 = partial_1 + matmul_1
         h_next = torch.relu(add_2)
