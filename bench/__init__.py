@@ -1,0 +1,1 @@
+"""Benchmarks of rnndsl against torch.nn and hand-written baselines: see bench/benchmark.py."""

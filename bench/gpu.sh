@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The benchmark on CUDA: hidden 256 to 4096, every variant against cuDNN's
+# torch.nn.LSTM / torch.nn.GRU, start-up and memory at hidden 1024.
+# Writes benchmark-cuda.{csv,png,txt} to $OUT when set, else to bench/results/.
+# Not needed for CPU use: `python -m bench.benchmark` is the CPU benchmark.
+#
+# Stops itself after 450 s; the CSV and plot are rewritten after every section,
+# so a run cut short keeps what it measured. Extra arguments go to the
+# benchmark (e.g. --no-compile, --variants ...). PYTHON picks the interpreter;
+# by default the first of .venv/bin/python, python3, python whose torch sees a GPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+out="${OUT:-bench/results}"
+mkdir -p "$out"
+
+python="${PYTHON:-}"
+if [[ -z "$python" ]]; then
+    for candidate in .venv/bin/python python3 python; do
+        if command -v "$candidate" >/dev/null 2>&1 &&
+           "$candidate" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
+            python="$candidate"
+            break
+        fi
+    done
+fi
+if [[ -z "$python" ]]; then
+    echo "gpu.sh: no Python here has a CUDA build of torch that sees a GPU (set PYTHON=...)" >&2
+    exit 1
+fi
+
+timeout --signal=INT --kill-after=20 450 \
+    "$python" -m bench.benchmark --device cuda --memory-hidden 1024 --repeats 10 \
+        --csv "$out/benchmark-cuda.csv" --plot "$out/benchmark-cuda.png" "$@" \
+    2>&1 | tee "$out/benchmark-cuda.txt"

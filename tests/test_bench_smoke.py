@@ -1,0 +1,56 @@
+"""Smoke test of the benchmark harness (bench/benchmark.py): it runs and reports, at a tiny size.
+
+No timing is asserted; the hand-written baselines are checked to compute an LSTM,
+so the benchmark compares like with like.
+"""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # bench/ is run from the repository root, not installed
+
+from bench.benchmark import GATES_CELL, VARIANTS, Config, LoopLSTM, benchmark_size, format_tables  # noqa: E402
+
+TINY = Config(seq=3, batch=2, layers=2, repeats=1, warmup=1)
+
+
+def test_one_variant_produces_its_rows():
+    rows = benchmark_size([VARIANTS["torch.nn.LSTM"]], hidden=8, config=TINY)
+    metrics = {r["metric"]: r for r in rows if r["variant"] == "torch.nn.LSTM"}
+    assert set(metrics) == {"fwd_ms", "fwd_bwd_ms", "first_call_s", "warmup_s"}
+    assert metrics["fwd_ms"]["value"] > 0 and metrics["fwd_ms"]["ratio"] == 1.0
+    assert "torch.nn.LSTM" in format_tables(rows, TINY)
+
+
+def test_python_loop_is_torch_lstm():
+    torch.manual_seed(0)
+    reference = torch.nn.LSTM(5, 8, 2).double()
+    xs = torch.randn(4, 3, 5, dtype=torch.float64)
+    loop = LoopLSTM(reference)
+    expected = reference(xs)[0]
+    torch.testing.assert_close(loop(xs), expected)
+    torch.testing.assert_close(torch.jit.script(loop)(xs), expected)
+
+
+def test_gates_cell_is_torch_lstm_cell():
+    rnndsl = pytest.importorskip("rnndsl")
+    torch.manual_seed(0)
+    reference = torch.nn.LSTMCell(5, 8).double()
+    cell = rnndsl.load_cell(GATES_CELL).build(5, 8, backend="eager").double()
+    weights_i, weights_h = reference.weight_ih.chunk(4), reference.weight_hh.chunk(4)
+    biases = (reference.bias_ih + reference.bias_hh).chunk(4)
+    with torch.no_grad():
+        for k, gate in enumerate("ifgo"):
+            getattr(cell, f"weight_i{gate}").copy_(weights_i[k])
+            getattr(cell, f"weight_h{gate}").copy_(weights_h[k])
+            getattr(cell, f"bias_{gate}").copy_(biases[k])
+    x = torch.randn(3, 5, dtype=torch.float64)
+    h, c = torch.randn(2, 3, 8, dtype=torch.float64)
+    (h_next, c_next), output = cell((h, c), x)
+    expected_h, expected_c = reference(x, (h, c))
+    torch.testing.assert_close(h_next, expected_h)
+    torch.testing.assert_close(c_next, expected_c)
+    torch.testing.assert_close(output, expected_h)
