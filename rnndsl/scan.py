@@ -52,8 +52,10 @@ def python_scan(cell: torch.nn.Module, xs: Tensor, state: State,
                 mask: Optional[Tensor] = None) -> Tuple[Tensor, State]:
     """The reference loop: one call of ``cell`` per step."""
     outputs = []
-    for t in range(xs.size(0)):
-        new_state, output = cell(state, xs[t])
+    # unbind, not xs[t]: indexing at every step makes the backward zero-fill a whole
+    # (T, batch, input) gradient per step, O(T^2).
+    for t, x in enumerate(xs.unbind(0)):
+        new_state, output = cell(state, x)
         if mask is not None:
             keep = mask[t].unsqueeze(1)
             new_state = tuple(torch.where(keep, new, old) for new, old in zip(new_state, state))

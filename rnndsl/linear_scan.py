@@ -1,0 +1,195 @@
+"""Parallel scan for recurrences linear in the state.
+
+Takes per-step coefficients ``a``, ``b`` of shape ``(T, batch, hidden)`` and an
+initial state ``s0`` ``(batch, hidden)``; returns every state of::
+
+    s_t = a_t * s_{t-1} + b_t        t = 1..T
+
+as a ``(T, batch, hidden)`` tensor. Cells such as minGRU, minLSTM and QRNN have
+this form once their input-only work is hoisted out of the time loop, so the
+whole sequence runs as a few vectorized passes instead of T small steps.
+
+Algorithm (chunked scan): split time into chunks of up to 16 steps, run all
+chunks side by side from a zero state, carry each chunk's end state across
+chunks with the same scan (recursively), then rerun the chunks from their true
+entering states. That is about 32 vectorized ops per factor of 16 in T, each
+over T/16 steps at once, instead of T small ops (on CPU, steps wider than 4096
+elements keep the plain loop; see ``_chunk_length``). Only products and sums
+of the inputs appear, never a division or a logarithm, so it holds for any
+real ``a`` (zero, negative, above one): a product of gates that underflows to
+zero only drops a contribution that small, where cumprod-and-divide would
+divide by it. ``bench/bench_linear_scan.py --algorithms`` measures it against
+the alternatives (forward, float32, batch 16, hidden 64, one thread, T = 64 to
+4096): Hillis-Steele doubling does O(T log T) work and ran 1.1-1.3x slower at
+T = 64 and 8-13x slower at T >= 1024; a log-space cumsum with sign handling
+ran 12-90x slower, lost accuracy (2e-4 relative error at T = 4096) and gives
+NaN at a = 0.
+
+The backward pass is the same scan run in reverse time: with g_t = dL/ds_t
+accumulated through the recurrence, g_t = dL/ds_t + a_{t+1} * g_{t+1}, and then
+dL/da_t = g_t * s_{t-1}, dL/db_t = g_t, dL/ds0 = a_1 * g_1.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+__all__ = ["linear_recurrence", "sequential_linear_recurrence"]
+
+
+def linear_recurrence(a: Tensor, b: Tensor, s0: Tensor) -> Tensor:
+    """All states s_1..s_T of ``s_t = a_t * s_{t-1} + b_t``, in parallel over time.
+
+    ``a``, ``b``: ``(T, batch, hidden)``; ``s0``: ``(batch, hidden)``. Returns
+    ``(T, batch, hidden)``. Differentiable (once) in ``a``, ``b`` and ``s0``.
+    """
+    _check_inputs(a, b, s0)
+    return _LinearRecurrence.apply(a, b, s0)
+
+
+def sequential_linear_recurrence(a: Tensor, b: Tensor, s0: Tensor) -> Tensor:
+    """The reference: one step at a time, differentiated by autograd."""
+    _check_inputs(a, b, s0)
+    states = []
+    state = s0
+    # unbind, not a[t]: autograd would back-propagate each a[t] into a zero
+    # tensor of the full (T, batch, hidden) shape, making backward O(T^2).
+    for a_t, b_t in zip(a.unbind(0), b.unbind(0)):
+        state = a_t * state + b_t
+        states.append(state)
+    return torch.stack(states)
+
+
+def _check_inputs(a: Tensor, b: Tensor, s0: Tensor) -> None:
+    if a.dim() != 3 or a.size(0) == 0:
+        raise ValueError(f"a must have shape (T, batch, hidden) with T >= 1, got {tuple(a.shape)}")
+    if b.shape != a.shape:
+        raise ValueError(f"b must have the shape of a, (T, batch, hidden) = {tuple(a.shape)}, "
+                         f"got {tuple(b.shape)}")
+    if s0.shape != a.shape[1:]:
+        raise ValueError(f"s0 must have shape (batch, hidden) = {tuple(a.shape[1:])}, "
+                         f"got {tuple(s0.shape)}")
+    if not (a.dtype == b.dtype == s0.dtype):
+        raise ValueError(f"a, b and s0 must share a dtype, got {a.dtype}, {b.dtype}, {s0.dtype}")
+    if not (a.device == b.device == s0.device):
+        raise ValueError(f"a, b and s0 must be on one device, got {a.device}, {b.device}, {s0.device}")
+
+
+class _LinearRecurrence(torch.autograd.Function):
+    """Forward and backward are both chunked scans; see the module docstring."""
+
+    @staticmethod
+    def forward(ctx: Any, a: Tensor, b: Tensor, s0: Tensor) -> Tensor:
+        states = _scan(a, b, s0, reverse=False)
+        # The states (and s0) only serve dL/da; a serves every gradient.
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(a, s0, states)
+        else:
+            ctx.save_for_backward(a, None, None)
+        return states
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
+        a, s0, states = ctx.saved_tensors
+        # g_T = grad_T; earlier g_t follow the reverse scan with decay a_{t+1},
+        # written straight into g so no shifted copy of a is made.
+        g = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
+        g[-1] = grad[-1]
+        _scan(a[1:], grad[:-1], g[-1], reverse=True, out=g[:-1])
+        grad_a = grad_s0 = None
+        if ctx.needs_input_grad[0]:
+            grad_a = torch.empty_like(g)
+            torch.mul(g[1:], states[:-1], out=grad_a[1:])
+            torch.mul(g[0], s0, out=grad_a[0])
+        if ctx.needs_input_grad[2]:
+            grad_s0 = a[0] * g[0]
+        return grad_a, g, grad_s0
+
+
+def _scan(a: Tensor, b: Tensor, init: Tensor, reverse: bool,
+          out: Optional[Tensor] = None) -> Tensor:
+    """The scan on plain tensors (no autograd), into ``out`` when given.
+
+    Forward: s_t = a_t * s_{t-1} + b_t from s_0 = ``init``. Reverse:
+    s_t = a_t * s_{t+1} + b_t from s_{T+1} = ``init``.
+    """
+    if out is None:
+        out = torch.empty(b.shape, dtype=b.dtype, device=b.device)
+    steps = a.size(0)
+    length = _chunk_length(steps, b.shape[1:].numel(), b.device)
+    chunks = steps // length if length else 0
+    if chunks < 2:
+        _run(a.unbind(0), b.unbind(0), init, out.unbind(0), reverse)
+        return out
+    # The chunks cover whole multiples of `length`; the few steps left over
+    # come last in scan order, so they run after the chunked body.
+    body = chunks * length
+    start = steps - body if reverse else 0
+    tail = slice(0, start) if reverse else slice(body, steps)
+
+    def by_chunk(x: Tensor) -> Tensor:
+        # (body, ...) -> (chunks, length, ...). Splitting dim 0 is always a view,
+        # whatever the strides (even for the expanded grads autograd hands back).
+        return x[start:start + body].view(chunks, length, *x.shape[1:])
+
+    a_chunked = by_chunk(a)
+    # One (chunks, ...) tensor per offset within a chunk: all chunks step together.
+    a_at, b_at, out_at = a_chunked.unbind(1), by_chunk(b).unbind(1), by_chunk(out).unbind(1)
+    # First pass: each chunk's end state from a zero start, kept in one small
+    # buffer rather than written out, which saves a pass over memory.
+    order = _order(length, reverse)
+    local_ends = b_at[order[0]].clone()
+    for t in order[1:]:
+        torch.addcmul(b_at[t], a_at[t], local_ends, out=local_ends)
+    decay = a_chunked.prod(1)
+    ends = _scan(decay, local_ends, init, reverse)
+    if reverse:
+        entering = torch.cat([ends[1:], init.unsqueeze(0)])
+        last = ends[0]
+    else:
+        entering = torch.cat([init.unsqueeze(0), ends[:-1]])
+        last = ends[-1]
+    _run(a_at, b_at, entering, out_at, reverse)
+    _run(a[tail].unbind(0), b[tail].unbind(0), last, out[tail].unbind(0), reverse)
+    return out
+
+
+def _run(a: Sequence[Tensor], b: Sequence[Tensor], init: Tensor,
+         out: Sequence[Tensor], reverse: bool) -> None:
+    """The plain loop over the given steps."""
+    state = init
+    for t in _order(len(a), reverse):
+        state = torch.addcmul(b[t], a[t], state, out=out[t])
+
+
+def _order(steps: int, reverse: bool) -> range:
+    """Step indices in scan order."""
+    return range(steps - 1, -1, -1) if reverse else range(steps)
+
+
+def _chunk_length(steps: int, width: int, device: torch.device) -> int:
+    """Steps per chunk, or 0 to run the plain loop.
+
+    sqrt(steps / 2) minimizes the 2 * length + steps / length ops of one level;
+    capping it at 16 adds levels of recursion but makes each op wider, which
+    ran 5-15% faster at T = 1024 and 4096 (lengths 8 to 32 all did about as
+    well). On CPU, steps wider than ``_CPU_LOOP_WIDTH`` are bound by memory
+    bandwidth, not per-op overhead, and the chunked scan's extra passes over
+    memory make it slower than the loop.
+    """
+    if device.type == "cpu" and width > _CPU_LOOP_WIDTH:
+        return 0
+    return max(2, min(16, round(math.sqrt(steps / 2))))
+
+
+# Measured on a 2-core EPYC (float32, one thread, forward, T = 128, 512, 2048):
+# the chunked scan ran 1.4-2.1x faster than the loop at 2048 elements a step,
+# 1.1-2.6x at 4096, and 0.4-1.0x (slower) at 8192. Other devices always chunk:
+# a GPU kernel launch costs microseconds and moves megabytes meanwhile, so the
+# loop stays launch-bound to far wider steps (reasoned, not measured here).
+_CPU_LOOP_WIDTH = 4096
