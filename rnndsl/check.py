@@ -23,7 +23,12 @@ KEYWORDS = {"cell", "state", "param", "size", "hyper"}
 MODULE_ATTRIBUTES = set(dir(torch.nn.Module)) | set(vars(torch.nn.Module())) | \
     set(dir(torch.jit.RecursiveScriptModule)) | \
     {"input_size", "hidden_size", "output_size", "state_sizes", "state_names", "source", "code",
-     "cell_name", "forward_sequence", "reset_parameters", "generated_source", "adopt", "scripted_method"}
+     "cell_name", "forward_sequence", "reset_parameters", "generated_source", "adopt", "scripted_method",
+     "backward_sequence", "derived_backward_trains", "forward_sequence_saving"}
+
+# Sizes and hyper-parameters are set as keyword arguments of CellSpec.build(input_size, hidden_size,
+# backend, *, disable, fixed_dropout_mask, **hyper): they cannot share a name with its own arguments.
+BUILD_ARGUMENTS = {"self", "input_size", "hidden_size", "backend", "disable", "fixed_dropout_mask"}
 
 
 def check_file(file: st.File) -> st.File:
@@ -83,6 +88,9 @@ def _check_declarations(cell: st.Cell) -> None:
         if what in ("parameter", "size", "hyper-parameter") and name in MODULE_ATTRIBUTES:
             raise CellError(f"`{name}` cannot name {_article(what)}: it clashes with the attribute `{name}` "
                             "every cell module has", span, hint=_another_name(name))
+        if what in ("size", "hyper-parameter") and name in BUILD_ARGUMENTS:
+            raise CellError(f"`{name}` cannot name {_article(what)}: it is an argument of CellSpec.build, "
+                            f"which could not set this {what}", span, hint=_another_name(name))
         if what in ("parameter", "size", "hyper-parameter") and name.startswith("_"):
             raise CellError(f"`{name}` cannot name {_article(what)}: names starting with `_` are kept for "
                             "torch.nn.Module's internals", span, hint=_another_name(name))
@@ -247,7 +255,29 @@ def _check_expr(expr: st.Expr, scope: _Scope) -> None:
                 raise CellError("chunk gives several values: use it alone on the right of "
                                 "`a, b = chunk(v, 2)`", node.span)
             _check_call_arity(node)
+            _check_probability(node, scope)
             stack.extend(reversed(node.args))
+
+
+# Functions whose last argument is a probability (torch refuses one outside [0, 1] at run time).
+PROBABILITY_FUNCTIONS = ("dropout", "zoneout")
+
+
+def _check_probability(call: st.Call, scope: _Scope) -> None:
+    """A literal probability, or a hyper-parameter's default, must lie in [0, 1]."""
+    if call.function not in PROBABILITY_FUNCTIONS:
+        return
+    p = call.args[-1]
+    if isinstance(p, st.Number):
+        value = p.value
+    elif isinstance(p, st.Neg) and isinstance(p.operand, st.Number):
+        value = -p.operand.value
+    elif isinstance(p, st.Name) and scope.kinds.get(p.name) == "hyper-parameter":
+        value = next(d.default for d in scope.cell.hypers if d.name == p.name)
+    else:
+        return
+    if not 0 <= value <= 1:
+        raise CellError(f"`{call.function}` takes a probability between 0 and 1, got {value:g}", p.span)
 
 
 def _check_name_use(node: st.Name, scope: _Scope) -> None:

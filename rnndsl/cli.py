@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import unicodedata
 import warnings
 from typing import List, Optional
 
@@ -19,6 +20,17 @@ from .syntax_tree import pretty
 STAGES = ("ast", "ir", "code", "dot")
 
 
+def _say(text: object, stream=None) -> None:
+    """Print, with control and format characters from a hostile file shown as `?`.
+
+    Diagnostics quote source lines and file names: raw escape sequences or
+    bidirectional overrides in them must not reach the terminal.
+    """
+    safe = "".join(char if char == "\n" or unicodedata.category(char)[0] not in "CZ" or char == " "
+                   else "?" for char in str(text))
+    print(safe, file=stream or sys.stdout)
+
+
 def _check(paths: List[str]) -> int:
     status = 0
     for path in paths:
@@ -27,12 +39,12 @@ def _check(paths: List[str]) -> int:
             try:
                 cells = load_cells(path)
             except CellError as error:
-                print(error, file=sys.stderr)
+                _say(error, sys.stderr)
                 status = 1
                 continue
         for warning in caught:
-            print(warning.message, file=sys.stderr)
-        print(f"{path}: ok ({len(cells)} cell{'s' if len(cells) != 1 else ''}: {', '.join(cells)})")
+            _say(warning.message, sys.stderr)
+        _say(f"{path}: ok ({len(cells)} cell{'s' if len(cells) != 1 else ''}: {', '.join(cells)})")
     return status
 
 
@@ -40,10 +52,10 @@ def _show(path: str, stage: str, cell: Optional[str], disable: List[str], raw: b
     try:
         cells = load_cells(path)
     except CellError as error:
-        print(error, file=sys.stderr)
+        _say(error, sys.stderr)
         return 1
     if cell is not None and cell not in cells:
-        print(f"error: {path} has no cell named {cell!r}; it has {', '.join(cells)}", file=sys.stderr)
+        _say(f"error: {path} has no cell named {cell!r}; it has {', '.join(cells)}", sys.stderr)
         return 1
     for name, spec in cells.items():
         if cell is not None and name != cell:
@@ -79,7 +91,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except BrokenPipeError:  # `rnndsl show ... | head`
         return 0
     except Exception as exc:  # the promise is no traceback, ever; say what broke instead
-        print(f"rnndsl: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        _say(f"rnndsl: internal error: {type(exc).__name__}: {exc}", sys.stderr)
         return 2
 
 

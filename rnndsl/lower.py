@@ -20,7 +20,7 @@ from .ops import BINARY_OPS, FUNCTIONS, SHAPE_RULES, ShapeError
 # Names the generated code uses for itself; user names that collide get a suffix.
 RESERVED = (set(keyword.kwlist) | set(dir(builtins)) |
             {"self", "torch", "state", "xs", "mask", "outputs", "t", "keep", "real", "Tensor", "Tuple", "List",
-             "Optional"})
+             "Optional", "linear", "outer_sum", "prepack", "tanh_via_sigmoid"})
 
 
 class Namespace:
@@ -28,6 +28,7 @@ class Namespace:
 
     def __init__(self, taken: set, reserved: frozenset = frozenset(RESERVED)):
         self.taken = set(taken) | reserved
+        self.next_suffix: Dict[str, int] = {}  # suffixes below are taken: keeps a cell of n values O(n)
 
     def claim(self, name: str) -> str:
         """Take exactly ``name`` (declared names must keep theirs)."""
@@ -36,11 +37,12 @@ class Namespace:
 
     def fresh(self, base: str) -> str:
         candidate = base if base not in self.taken else None
-        suffix = 1
+        suffix = self.next_suffix.get(base, 1)
         while candidate is None:
             if f"{base}_{suffix}" not in self.taken:
                 candidate = f"{base}_{suffix}"
             suffix += 1
+        self.next_suffix[base] = suffix
         self.taken.add(candidate)
         return candidate
 

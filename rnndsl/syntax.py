@@ -17,9 +17,9 @@ from . import syntax_tree as st
 from .errors import CellError, Span
 from .resources import grammar_path
 
-MAX_FILE_BYTES = 1 << 20   # a cell is a few hundred bytes; this keeps parsing well under a second
+MAX_FILE_BYTES = 1 << 20   # a cell is a few hundred bytes; larger files are not even read in full
 MAX_NESTING = 100          # like CPython's own limit on nested parentheses
-MAX_TOKENS = 50_000        # Lark lexes and parses some 10^5 tokens a second; a cell has a few hundred
+MAX_TOKENS = 20_000        # Lark lexes, parses and transforms some 10^4 tokens a second; a cell has a few hundred
 
 # The pre-scan's rough tokens: comments (skipped), parentheses, numbers with a signed exponent
 # (`1e-3`), other words and numbers, any other character.
@@ -38,15 +38,17 @@ def _parser() -> Lark:
 def decode(data: bytes, path: str) -> str:
     """Bytes of a ``.cell`` file -> text, refusing what no cell file contains."""
     if len(data) > MAX_FILE_BYTES:
-        raise CellError(f"file is too large ({len(data):,} bytes; a .cell file may have at most "
-                        f"{MAX_FILE_BYTES:,})", Span(path, 1, 1, 1, 2))
+        raise CellError(f"file is too large: more than {MAX_FILE_BYTES:,} bytes (a cell has a few hundred)",
+                        Span(path, 1, 1, 1, 2))
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # editors on Windows may start the file with a byte-order mark
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
-        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        line_start = data.rfind(b"\n", 0, exc.start) + 1
+        column = len(data[line_start:exc.start].decode("utf-8-sig", errors="replace")) + 1  # in characters
         raise CellError(f"file is not valid UTF-8 (byte 0x{data[exc.start]:02x})",
-                        Span(path, line, column, line, column + 1)) from None
+                        Span(path, line, column, line, column + 1),
+                        source=data.decode("utf-8-sig", errors="replace")) from None
     return text
 
 
@@ -55,32 +57,41 @@ def parse(text: str, path: str = "<string>") -> st.File:
     if len(text) > MAX_FILE_BYTES:
         raise CellError(f"file is too large ({len(text):,} characters; a .cell file may have at "
                         f"most {MAX_FILE_BYTES:,})", Span(path, 1, 1, 1, 2))
-    _prescan(text, path)
+    bad_number = _prescan(text, path)
     try:
         tree = _parser().parse(text)
     except UnexpectedInput as exc:
-        raise _syntax_error(exc, text, path) from None
+        error = _syntax_error(exc, text, path)
+        if bad_number and (bad_number.line, bad_number.column) < (error.line, error.column):
+            raise bad_number from None
+        raise error from None
+    if bad_number:
+        raise bad_number
     _check_depth(tree, text, path)
     cells = _ToAst(path).transform(tree)
     return st.File(path=path, source=text, cells=tuple(cells))
 
 
-def _prescan(text: str, path: str) -> None:
-    """Refuse, before Lark sees them, files it would take long to parse and malformed numbers.
+def _prescan(text: str, path: str) -> CellError | None:
+    """Refuse, before Lark sees them, files it would take long to parse; find malformed numbers.
 
-    One pass over at most MAX_TOKENS rough tokens bounds the parser's work, the
-    depth of parentheses (which do not deepen the parse tree, so _check_depth
-    cannot see them) and catches ``1_000``, ``0x10`` or ``2x``, which Lark would
-    read as a number followed by a name and report somewhere later.
+    One pass over at most MAX_TOKENS rough tokens bounds the parser's work and
+    the depth of parentheses (which do not deepen the parse tree, so _check_depth
+    cannot see them). It also returns the first ``1_000``, ``0x10`` or ``2x``,
+    which Lark would read as a number followed by a name and report somewhere
+    later; the caller reports whichever error comes first in the file.
     """
     depth = 0   # open parentheses
     prefix = 0  # `-` and `(` in a row: each `-` there is a unary minus, one level deeper
+    count = 0
+    bad_number = None
     split = "split the expression into several equations with intermediate names"
-    for count, match in enumerate(_ROUGH_TOKEN.finditer(text)):
+    for match in _ROUGH_TOKEN.finditer(text):
         token = match.group()
         if token.startswith("#"):
             continue
-        if count >= MAX_TOKENS:
+        count += 1
+        if count > MAX_TOKENS:
             raise _error_at(text, path, match, f"file is too long: more than {MAX_TOKENS:,} tokens "
                             "(a cell has a few hundred)", "split the cells into several files")
         prefix = prefix + 1 if token in ("-", "(") else 0
@@ -94,8 +105,9 @@ def _prescan(text: str, path: str) -> None:
                             f"{MAX_NESTING} levels)", split)
         elif token == ")":
             depth = max(depth - 1, 0)
-        elif _STARTS_NUMBER.match(token) and not _number_pattern().fullmatch(token):
-            raise _error_at(text, path, match, f"malformed number `{token}`", _number_hint(token))
+        elif bad_number is None and _STARTS_NUMBER.match(token) and not _number_pattern().fullmatch(token):
+            bad_number = _error_at(text, path, match, f"malformed number `{token}`", _number_hint(token))
+    return bad_number
 
 
 @functools.lru_cache(maxsize=1)

@@ -1,0 +1,247 @@
+"""Hypothesis strategies for the cell language.
+
+- :func:`token_soup`: text made of the language's tokens and of junk (Python,
+  Unicode look-alikes, control characters, malformed numbers).
+- :func:`well_formed_cells`: random cells that the compiler must accept, drawn
+  from the grammar: sizes, hyper-parameters, states, parameters and equations
+  built from every op of the language, with shapes that fit. Names come from
+  a pool full of words the generated code itself uses (``torch``, ``self``,
+  ``t``, ``xs``, ``mask``, ``range``, ...), so every draw also tests renaming.
+- :func:`mutated_cells`: a well-formed cell with a few of its tokens deleted,
+  repeated, swapped or replaced: text that gets past the parser more often.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Dict, List, Tuple
+
+from hypothesis import strategies as st
+
+from rnndsl.check import BUILD_ARGUMENTS, MODULE_ATTRIBUTES
+from rnndsl.ops import FUNCTIONS
+
+KEYWORDS = ["cell", "state", "param", "size", "hyper"]
+PUNCTUATION = ["(", ")", "[", "]", "{", "}", ",", "=", "->", "+", "-", "*", "/", "@", "'"]
+LANGUAGE_TOKENS = KEYWORDS + PUNCTUATION + sorted(FUNCTIONS) + [
+    "x", "h", "c", "h'", "c'", "W", "b", "input", "hidden", "0", "1", "4", "0.5", ".5", "2e-3", "1.",
+    "#", "# comment\n", "\n", "cell c(x[input]) -> h {", "state h[hidden]", "param W[hidden, input]",
+]
+JUNK = [
+    ".", ";", ":", '"', "\\", "\x00", "\t", "\r", "\x0c", "\x1b[2J", "\u202e", "\u2028", "\ufeff",
+    "é", "π", "𝑥", "ｅｘｅｃ", "__import__", "__class__", "exec", "eval", "lambda", "import", "os",
+    "f'", "'''", "1_000", "0x1f", "0b1", "1e999", "1e", "3x", "nan", "inf", "!", "$", "`", "%", "&",
+    "|", "~", "^", "?", "<", ">", "**", "//", ":=", "torch", "self", "sum", "print", "{x}",
+]
+
+# Names for inputs, states and locals: many shadow what Python or the generated code uses.
+LOCAL_NAMES = [
+    "h", "c", "m", "n", "a", "g", "z", "gate", "acc", "sum", "len", "torch", "self", "t", "xs",
+    "mask", "keep", "real", "outputs", "outputs_1", "range", "Tensor", "List", "Optional", "nan",
+    "inf", "const", "matmul", "x_seq", "h_next", "tanh_1", "_unused_0", "print", "exec", "eval",
+    "id", "weights", "merged", "slice", "float", "int", "bool", "max", "annotate", "fork", "Dict", "Any",
+]
+# Parameters, sizes and hyper-parameters become module attributes, which the checker guards.
+ATTRIBUTE_NAMES = [name for name in LOCAL_NAMES + ["W", "U", "bias", "gain", "scale", "p", "k", "q"]
+                   if name not in MODULE_ATTRIBUTES | BUILD_ARGUMENTS and not name.startswith("_")]
+
+_SEPARATORS = st.sampled_from([" ", " ", "", "\n", "  ", "\t", "\n    "])
+
+
+def token_soup() -> st.SearchStrategy[str]:
+    """Random sequences of language tokens and junk, sometimes inside a valid cell header."""
+    token = st.sampled_from(LANGUAGE_TOKENS + JUNK) | st.text(max_size=3)
+    body = st.lists(st.tuples(token, _SEPARATORS), max_size=60).map(
+        lambda pairs: "".join(text + separator for text, separator in pairs))
+    header = "cell c(x[input]) -> h {\n    state h[hidden]\n    param W[hidden, input]\n    h' = "
+    return body | body.map(lambda text: header + text + "\n}\n")
+
+
+@dataclass
+class DrawnCell:
+    """A random well-formed cell: its source, its name and the sizes it can be built with."""
+
+    source: str
+    name: str
+    extra_sizes: Dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Builder:
+    """Names, declarations and the values available while drawing one cell."""
+
+    draw: object
+    names: List[str]            # for the input, states and locals, in drawn order
+    attribute_names: List[str]  # for parameters, sizes and hyper-parameters
+    size_exprs: List[str]
+    params: List[str] = field(default_factory=list)
+    hypers: Dict[str, float] = field(default_factory=dict)
+    pool: Dict[str, List[str]] = field(default_factory=dict)  # size -> batched values of that size
+    used: set = field(default_factory=set)
+
+    def _take(self, candidates: List[str], fallback: str) -> str:
+        while candidates and candidates[-1] in self.used:
+            candidates.pop()
+        name = candidates.pop() if candidates else f"{fallback}{len(self.used)}"
+        self.used.add(name)
+        return name
+
+    def fresh(self) -> str:
+        return self._take(self.names, "v")
+
+    def fresh_attribute(self) -> str:
+        return self._take(self.attribute_names, "w")
+
+    def param(self, shape: str) -> str:
+        name = self.fresh_attribute()
+        self.params.append(f"{name}[{shape}]")
+        return name
+
+    def scalar(self) -> str:
+        if self.hypers and self.draw(st.booleans()):
+            return self.draw(st.sampled_from(sorted(self.hypers)))
+        return self.draw(st.sampled_from(["0.5", "2", "1.5e-1", ".25", "3.", "1e-3", "0"]))
+
+    def probability(self) -> str:
+        usable = sorted(name for name, value in self.hypers.items() if 0 <= value <= 1)
+        if usable and self.draw(st.booleans()):
+            return self.draw(st.sampled_from(usable))
+        return self.draw(st.sampled_from(["0.5", "0", ".25", "1e-1"]))
+
+    def vector(self, size: str, depth: int) -> str:
+        """An expression for a per-example vector of ``size``."""
+        sources = [s for s, values in self.pool.items() if values]
+        kinds = ["matmul"] if size not in self.pool or not self.pool[size] else ["leaf", "matmul"]
+        if depth > 0:
+            kinds += ["matmul", "concat", "unary", "safe", "neg", "binary", "scale", "bias", "divide",
+                      "layernorm", "dropout", "zoneout"]
+        kind = self.draw(st.sampled_from(kinds))
+        if kind == "leaf":
+            return self.draw(st.sampled_from(self.pool[size]))
+        if kind == "matmul":
+            source = self.draw(st.sampled_from(sources))
+            return f"{self.param(f'{size}, {source}')} @ {_operand(self.vector(source, max(depth - 1, 0)))}"
+        if kind == "concat":
+            left, right = self.draw(st.sampled_from(sources)), self.draw(st.sampled_from(sources))
+            joined = f"concat({self.vector(left, 0)}, {self.vector(right, 0)})"
+            return f"{self.param(f'{size}, {left} + {right}')} @ {joined}"
+        inner = self.vector(size, depth - 1)
+        if kind == "unary":
+            function = self.draw(st.sampled_from(["sigmoid", "tanh", "relu", "abs", "silu", "softplus"]))
+            return f"{function}({inner})"
+        if kind == "safe":  # functions whose domain or range needs a guard to stay finite
+            return self.draw(st.sampled_from([f"exp(tanh({inner}))", f"log(1 + softplus({inner}))",
+                                              f"sqrt(abs({inner}) + 1)"]))
+        if kind == "neg":
+            return f"-({inner})"
+        if kind == "binary":  # `+` and `-` bind looser than `@`; `*` needs the parentheses
+            operator = self.draw(st.sampled_from(["+", "-", "*"]))
+            left, right = inner, self.vector(size, depth - 1)
+            if operator == "*":
+                left, right = _operand(left), _operand(right)
+            return f"({left} {operator} {right})"
+        if kind == "scale":
+            operator = self.draw(st.sampled_from(["+", "-", "*"]))
+            scalar, inner = self.scalar(), _operand(inner)
+            return f"({scalar} {operator} {inner})" if self.draw(st.booleans()) else f"({inner} {operator} {scalar})"
+        if kind == "bias":
+            return f"({inner} + {self.param(size)})"
+        if kind == "divide":
+            inner = _operand(inner)
+            return self.draw(st.sampled_from([f"{inner} / 2.5", f"{inner} / (1 + abs({self.vector(size, 0)}))"]))
+        if kind == "layernorm":
+            return f"layernorm({inner}, {self.param(size)}, {self.param(size)})"
+        if kind == "dropout":
+            return f"dropout({inner}, {self.probability()})"
+        return f"zoneout({inner}, {self.vector(size, depth - 1)}, {self.probability()})"
+
+
+def _operand(expression: str) -> str:
+    """``expression`` as the right side of `@`, which binds as tightly as `*`."""
+    return expression if re.fullmatch(r"[\w']+", expression) else f"({expression})"
+
+
+@st.composite
+def well_formed_cells(draw) -> DrawnCell:
+    """A random cell the compiler must accept, with every op of the language in reach."""
+    names = list(draw(st.permutations(LOCAL_NAMES)))
+    attribute_names = list(draw(st.permutations(ATTRIBUTE_NAMES)))
+    builder = _Builder(draw, names, attribute_names, ["hidden", "input", "2*hidden"])
+    lines: List[str] = []
+    extra_sizes: Dict[str, int] = {}
+    if draw(st.booleans()):
+        size = builder.fresh_attribute()
+        extra_sizes[size] = draw(st.integers(1, 3))
+        lines.append(f"size {size} = {extra_sizes[size]}")
+        builder.size_exprs.append(size)
+    for _ in range(draw(st.integers(0, 2))):
+        hyper, value = builder.fresh_attribute(), draw(st.sampled_from(["0", "0.25", "-1.5", "2e-1"]))
+        builder.hypers[hyper] = float(value)
+        lines.append(f"hyper {hyper} = {value}")
+    x = builder.fresh()
+    builder.pool["input"] = [x]
+    states: List[Tuple[str, str]] = []
+    for _ in range(draw(st.integers(1, 3))):
+        name, size = builder.fresh(), draw(st.sampled_from(builder.size_exprs))
+        states.append((name, size))
+        builder.pool.setdefault(size, []).append(name)
+    lines.append("state " + ", ".join(f"{name}[{size}]" for name, size in states))
+
+    # Equations: locals, chunks and state updates, in a random order; each may use what came before.
+    steps = [("update", state) for state in states] + \
+        [("local", None)] * draw(st.integers(0, 3)) + [("chunk", None)] * draw(st.integers(0, 1))
+    steps = draw(st.permutations(steps))
+    equations: List[str] = []
+    locals_: List[str] = []
+    for kind, state in steps:
+        depth = draw(st.integers(0, 2))
+        if kind == "update":
+            name, size = state
+            equations.append(f"{name}' = {builder.vector(size, depth)}")
+            builder.pool[size].append(f"{name}'")
+        elif kind == "local":
+            name, size = builder.fresh(), draw(st.sampled_from(sorted(builder.pool)))
+            equations.append(f"{name} = {builder.vector(size, depth)}")
+            builder.pool[size].append(name)
+            locals_.append(name)
+        else:
+            size, parts = draw(st.sampled_from(sorted(builder.pool))), draw(st.integers(2, 4))
+            source = builder.draw(st.sampled_from([s for s, v in builder.pool.items() if v]))
+            targets = [builder.fresh() for _ in range(parts)]
+            weight = builder.param(f"{parts}*({size}), {source}")
+            equations.append(f"{', '.join(targets)} = chunk({weight} @ {_operand(builder.vector(source, 0))}, {parts})")
+            builder.pool[size].extend(targets)
+            locals_.extend(targets)
+    if builder.params:
+        lines.insert(draw(st.integers(0, len(lines))), "param " + ", ".join(builder.params))
+    outputs = draw(st.lists(st.sampled_from([name for name, _ in states] + locals_), min_size=1,
+                            max_size=2, unique=True))
+    separator = draw(st.sampled_from(["\n    ", "\n    # a comment\n    ", "  "]))
+    name = draw(st.sampled_from(["c", "drawn", "torch", "self", "forward"]))
+    source = (f"cell {name}({x}[input]) -> {', '.join(outputs)} {{\n    "
+              + separator.join(lines + equations) + "\n}\n")
+    return DrawnCell(source, name, extra_sizes)
+
+
+_ROUGH_TOKEN = re.compile(r"#[^\n]*|[A-Za-z0-9_.']+|->|\S")
+
+
+@st.composite
+def mutated_cells(draw) -> str:
+    """A well-formed cell with one to three tokens deleted, repeated, swapped or replaced."""
+    tokens = _ROUGH_TOKEN.findall(draw(well_formed_cells()).source)
+    for _ in range(draw(st.integers(1, 3))):
+        at = draw(st.integers(0, len(tokens) - 1))
+        change = draw(st.sampled_from(["delete", "repeat", "swap", "replace"]))
+        if change == "delete":
+            del tokens[at]
+        elif change == "repeat":
+            tokens.insert(at, tokens[at])
+        elif change == "swap":
+            other = draw(st.integers(0, len(tokens) - 1))
+            tokens[at], tokens[other] = tokens[other], tokens[at]
+        else:
+            tokens[at] = draw(st.sampled_from(LANGUAGE_TOKENS + JUNK + LOCAL_NAMES))
+        if not tokens:
+            break
+    return " ".join(token + "\n" if token.startswith("#") else token for token in tokens)
