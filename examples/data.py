@@ -1,0 +1,176 @@
+"""Corpora, batching and progress reporting shared by the examples.
+
+- :class:`Vocabulary` and :func:`tokenize` turn lines of words into ids, one
+  ``<eos>`` after each line, as torch-rnnlib's word-language-model loader does.
+- :func:`stdlib_corpus` is a word corpus every Python installation has: the
+  English documentation in ``pydoc_data.topics``, split deterministically into
+  train/valid/test, so the examples run offline with nothing downloaded.
+- :func:`batchify` lays a token stream out as ``batch_size`` parallel columns
+  and :func:`bptt_batches` cuts them into truncated-BPTT windows.
+- :class:`Progress` shows a tqdm bar when tqdm is installed and the output is
+  a terminal, and prints a plain line every few batches otherwise.
+"""
+from __future__ import annotations
+
+import re
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+EOS = "<eos>"
+UNK = "<unk>"
+
+
+def shared_data_dir() -> Optional[Path]:
+    """``<repo>/../shared/data`` when present: the data the README's measurements use."""
+    path = Path(__file__).resolve().parents[2] / "shared" / "data"
+    return path if path.is_dir() else None
+
+
+class Vocabulary:
+    """Words to ids and back, in order of first appearance."""
+
+    def __init__(self, words: Iterable[str] = ()) -> None:
+        self.words: List[str] = []
+        self.index: Dict[str, int] = {}
+        for word in words:
+            self.add(word)
+
+    def add(self, word: str) -> int:
+        if word not in self.index:
+            self.index[word] = len(self.words)
+            self.words.append(word)
+        return self.index[word]
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    def ids(self, words: Sequence[str]) -> List[int]:
+        """Ids of ``words``; a word not in the vocabulary becomes ``<unk>``, or raises
+        a KeyError when the vocabulary has no ``<unk>``."""
+        unknown = self.index.get(UNK)
+        result = []
+        for word in words:
+            index = self.index.get(word, unknown)
+            if index is None:
+                raise KeyError(f"{word!r} is not in the vocabulary (which has no {UNK})")
+            result.append(index)
+        return result
+
+
+def read_lines(path: Path) -> List[List[str]]:
+    """The whitespace-separated words of each line of a text file."""
+    with open(path, encoding="utf-8") as file:
+        return [line.split() for line in file]
+
+
+def tokenize(lines: Sequence[Sequence[str]], vocabulary: Vocabulary) -> Tensor:
+    """One long tensor of word ids, ``<eos>`` after each line."""
+    ids: List[int] = []
+    eos = vocabulary.index[EOS]
+    for words in lines:
+        ids.extend(vocabulary.ids(words))
+        ids.append(eos)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+_WORD = re.compile(r"[a-z]+|[0-9]+|[^\sa-z0-9]")
+
+
+def stdlib_corpus(min_count: int = 2) -> Tuple[List[List[str]], List[List[str]], List[List[str]]]:
+    """train/valid/test lines from Python's own documentation (``pydoc_data.topics``).
+
+    Preprocessed the way Mikolov's Penn Treebank was: lower case, every number
+    ``N``, punctuation as separate tokens, and words seen fewer than
+    ``min_count`` times in the training split replaced by ``<unk>``. Paragraphs
+    (in sorted topic order) go to valid when their index ends in 8, to test when
+    it ends in 9 and to train otherwise, so the split never changes.
+    """
+    from pydoc_data.topics import topics
+
+    splits: Tuple[List[List[str]], ...] = ([], [], [])
+    index = 0
+    for name in sorted(topics):
+        for paragraph in re.split(r"\n\s*\n", topics[name]):
+            lines = [["N" if word.isdigit() else word for word in _WORD.findall(line.lower())]
+                     for line in paragraph.splitlines()]
+            lines = [words for words in lines if words]
+            if not lines:
+                continue
+            splits[{8: 1, 9: 2}.get(index % 10, 0)].extend(lines)
+            index += 1
+    counts = Counter(word for words in splits[0] for word in words)
+    keep = {word for word, count in counts.items() if count >= min_count}
+    train, valid, test = ([[word if word in keep else UNK for word in words] for words in lines]
+                          for lines in splits)
+    return train, valid, test
+
+
+def batchify(data: Tensor, batch_size: int) -> Tensor:
+    """``data`` (N,) as ``batch_size`` contiguous columns ``(N // batch_size, batch_size)``;
+    the remainder that does not fill a row is dropped."""
+    rows = data.size(0) // batch_size
+    if rows < 2:
+        raise ValueError(f"{data.size(0)} tokens are too few for batch size {batch_size}")
+    return data[:rows * batch_size].view(batch_size, rows).t().contiguous()
+
+
+def _window_starts(source: Tensor, bptt: int, full_only: bool, max_batches: Optional[int]) -> range:
+    # The last token has no successor, so windows end one step early.
+    end = source.size(0) - 1 - (bptt - 1 if full_only else 0)
+    starts = range(0, max(end, 0), bptt)
+    return starts if max_batches is None else starts[:max_batches]
+
+
+def bptt_batches(source: Tensor, bptt: int, max_batches: Optional[int] = None,
+                 full_only: bool = False) -> Iterator[Tuple[Tensor, Tensor]]:
+    """Consecutive windows of ``source`` (N, batch): inputs ``(T, batch)`` and their next
+    tokens, ``T = bptt`` except for a shorter last window (dropped with ``full_only``)."""
+    for start in _window_starts(source, bptt, full_only, max_batches):
+        steps = min(bptt, source.size(0) - 1 - start)
+        yield source[start:start + steps], source[start + 1:start + 1 + steps]
+
+
+def count_batches(source: Tensor, bptt: int, max_batches: Optional[int] = None,
+                  full_only: bool = False) -> int:
+    """How many windows :func:`bptt_batches` yields."""
+    return len(_window_starts(source, bptt, full_only, max_batches))
+
+
+class Progress:
+    """Training progress: a tqdm bar on a terminal, a plain line every ``every`` batches elsewhere.
+
+    ``update(**stats)`` after each batch; ``close()`` at the end.
+    """
+
+    def __init__(self, total: int, description: str, every: int = 50) -> None:
+        self.total, self.description, self.every = total, description, every
+        self.count, self.start = 0, time.perf_counter()
+        self.bar = None
+        if sys.stderr.isatty():
+            try:
+                from tqdm import tqdm
+            except ImportError:  # tqdm is the optional "examples" extra
+                tqdm = None
+            if tqdm is not None:
+                self.bar = tqdm(total=total, desc=description, unit="batch", leave=False)
+
+    def update(self, **stats: float) -> None:
+        self.count += 1
+        elapsed = time.perf_counter() - self.start
+        stats = dict(stats, ms_per_batch=1000 * elapsed / self.count)
+        if self.bar is not None:
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in stats.items()}, refresh=False)
+            self.bar.update()
+        elif self.count % self.every == 0 or self.count == self.total:
+            shown = " | ".join(f"{k.replace('_', ' ')} {v:.4g}" for k, v in stats.items())
+            print(f"{self.description} | {self.count}/{self.total} batches | {shown}", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

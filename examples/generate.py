@@ -1,0 +1,76 @@
+"""Sample text from a word model saved by ``word_lm.py --save``: torch-rnnlib's generate.lua.
+
+The model reads ``<eos>`` (the start of a sentence) and the primer, then
+draws each next word from its softmax at the given temperature and feeds it
+back. ``<eos>`` is printed as a line break.
+
+    python examples/word_lm.py --save lm.pt
+    python examples/generate.py --checkpoint lm.pt --words 50 --temperature 0.8 --primer "the"
+"""
+import argparse
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # word_lm.py, when imported from elsewhere
+
+from data import EOS, Vocabulary  # noqa: E402
+from word_lm import WordLM, load_checkpoint  # noqa: E402
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, required=True,
+                        help="file written by word_lm.py --save")
+    parser.add_argument("--words", type=int, default=100, help="number of words to sample")
+    parser.add_argument("--temperature", type=float, default=1.0,
+                        help="softmax temperature: lower is more conservative")
+    parser.add_argument("--seed", type=int, default=1111, help="random seed")
+    parser.add_argument("--primer", default="", help="text the model reads before sampling")
+    parser.add_argument("--backend", choices=("script", "eager", "native", "auto"),
+                        help="how the cells run (default: the one the model was trained with)")
+    args = parser.parse_args(argv)
+    if args.temperature <= 0:
+        parser.error("--temperature must be positive")
+    if args.words < 0:
+        parser.error("--words must not be negative")
+    return args
+
+
+def sample(model: WordLM, vocabulary: Vocabulary, words: int, temperature: float = 1.0,
+           primer: Sequence[str] = (), generator: Optional[torch.Generator] = None) -> List[str]:
+    """``words`` words drawn one at a time after ``<eos>`` and ``primer``."""
+    model.eval()
+    model.rnn.initialize_hidden(1)
+    context = torch.tensor([vocabulary.index[EOS]] + vocabulary.ids(primer)).view(-1, 1)
+    drawn: List[str] = []
+    with torch.no_grad():
+        logits = model(context)[-1, 0]
+        for _ in range(words):
+            probabilities = torch.softmax(logits / temperature, dim=-1)
+            index = int(torch.multinomial(probabilities, 1, generator=generator))
+            drawn.append(vocabulary.words[index])
+            logits = model(torch.tensor([[index]]))[-1, 0]
+    return drawn
+
+
+def main(argv: Optional[Sequence[str]] = None) -> str:
+    args = parse_args(argv)
+    model, vocabulary = load_checkpoint(args.checkpoint, backend=args.backend)
+    primer = args.primer.split()
+    try:
+        vocabulary.ids(primer)
+    except KeyError as error:
+        sys.exit(f"generate.py: the primer has a word the model does not know: {error}")
+    generator = torch.Generator().manual_seed(args.seed)
+    words = primer + sample(model, vocabulary, args.words, args.temperature, primer, generator)
+    text = " ".join(words).replace(f" {EOS} ", "\n").replace(EOS, "\n").strip()
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""Smoke tests of the examples: tiny models, a few batches each.
+
+The word model is trained once per module (with a ``.cell`` file of its own,
+deleted afterwards) and shared by the checkpoint, export and generation tests.
+The full runs are documented commands in the README, not tests.
+"""
+import contextlib
+import io
+import math
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+import char_lm  # noqa: E402
+import classify  # noqa: E402
+import generate  # noqa: E402
+import word_lm  # noqa: E402
+
+# Minimal gated unit: not one of torch's cells, so only the embedded source can rebuild it.
+MGU_CELL = """\
+cell mgu(x[input]) -> h {
+    state h[hidden]
+    param w_f[hidden, input], u_f[hidden, hidden], b_f[hidden]
+    param w_h[hidden, input], u_h[hidden, hidden], b_h[hidden]
+    f = sigmoid(w_f @ x + u_f @ h + b_f)
+    h' = (1 - f) * h + f * tanh(w_h @ x + u_h @ (f * h) + b_h)
+}
+"""
+TINY_WORD_LM = ["--emsize", "8", "--nhid", "8", "6", "--batch-size", "4", "--bptt", "5",
+                "--epochs", "1", "--max-batches", "3"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny models run fastest on one thread, and the machine is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_main(main, argv):
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output):
+        result = main([str(arg) for arg in argv])
+    return result, output.getvalue()
+
+
+@pytest.fixture(scope="module")
+def word_model(tmp_path_factory):
+    """A word model trained on Python's documentation, saved and exported; its .cell file removed."""
+    folder = tmp_path_factory.mktemp("word_lm")
+    cell = folder / "mgu.cell"
+    cell.write_text(MGU_CELL)
+    paths = {"checkpoint": folder / "lm.pt", "export": folder / "lm.ts"}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result, output = run_main(word_lm.main, TINY_WORD_LM + [
+            "--cell", cell, "--save", paths["checkpoint"], "--export", paths["export"]])
+    finally:
+        torch.set_num_threads(threads)
+    cell.unlink()
+    return dict(paths, folder=folder, result=result, output=output)
+
+
+def test_word_lm_trains_offline_and_reports_test_perplexity(word_model):
+    output = word_model["output"]
+    assert "pydoc_data.topics" in output
+    assert "end of epoch   1" in output and "ms/batch" in output
+    perplexity = float(re.search(r"test ppl (\d+\.\d+)", output).group(1))
+    assert math.isfinite(perplexity) and perplexity > 1
+    assert math.isclose(perplexity, math.exp(word_model["result"]["test_loss"]), rel_tol=1e-3)
+
+
+def test_checkpoint_loads_with_weights_only_and_without_the_cell_file(word_model):
+    checkpoint = torch.load(word_model["checkpoint"], weights_only=True)
+    assert "cell mgu" in checkpoint["cell_source"]
+    assert not Path(checkpoint["cell_path"]).exists()
+    model, vocabulary = word_lm.load_checkpoint(word_model["checkpoint"])
+    assert model.rnn.spec.name == "mgu" and model.nhid == [8, 6]
+    # The reloaded model scores the validation windows exactly as the trained one did.
+    args = word_lm.parse_args(TINY_WORD_LM)
+    loaded_vocabulary, _, valid, _ = word_lm.load_corpus(args)
+    assert vocabulary.words == loaded_vocabulary.words
+    valid_loss = word_lm.evaluate(model, valid, args.bptt, args.max_batches)
+    assert valid_loss == pytest.approx(word_model["result"]["valid_loss"], rel=1e-6)
+
+
+def test_export_runs_with_torch_alone(word_model):
+    """The TorchScript export gives the model's next-word distribution in a process
+    that cannot import rnndsl, from a folder outside the repository."""
+    tokens = torch.tensor([[5, 9, 2, 31, 7, 0, 3, 12, 40], [1, 4, 4, 8, 0, 2, 6, 11, 13]]).t()
+    torch.save(tokens, word_model["folder"] / "tokens.pt")
+    script = textwrap.dedent("""
+        import sys
+        sys.modules["rnndsl"] = None  # any import of rnndsl now fails
+        import torch
+        model = torch.jit.load("lm.ts")
+        tokens = torch.load("tokens.pt")
+        with torch.no_grad():
+            whole, _ = model(tokens)
+            head, state = model(tokens[:4])
+            tail, _ = model(tokens[4:], state)
+        torch.testing.assert_close(torch.cat([head, tail]), whole)
+        assert model.vocabulary[0] and len(model.vocabulary) == whole.size(-1)
+        assert not [name for name in sys.modules if name.startswith("rnndsl.")]
+        torch.save(whole, "log_probs.pt")
+    """)
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env["OMP_NUM_THREADS"] = "1"
+    subprocess.run([sys.executable, "-I", "-c", script], cwd=word_model["folder"], env=env,
+                   check=True, timeout=120)
+    exported = torch.load(word_model["folder"] / "log_probs.pt")
+    model, _ = word_lm.load_checkpoint(word_model["checkpoint"])
+    model.rnn.initialize_hidden(tokens.size(1))
+    with torch.no_grad():
+        expected = torch.log_softmax(model(tokens), dim=-1)
+    torch.testing.assert_close(exported, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_generate_samples_reproducibly_after_the_primer(word_model):
+    argv = ["--checkpoint", word_model["checkpoint"], "--words", "12", "--seed", "3",
+            "--primer", "the if", "--temperature", "0.7"]
+    first, _ = run_main(generate.main, argv)
+    second, _ = run_main(generate.main, argv)
+    assert first == second and first.startswith("the if")
+    model, vocabulary = word_lm.load_checkpoint(word_model["checkpoint"])
+    drawn = generate.sample(model, vocabulary, 12, 0.7, ["the"], torch.Generator().manual_seed(3))
+    assert len(drawn) == 12 and set(drawn) <= set(vocabulary.words)
+
+
+def test_word_lm_on_ptb_small_with_the_native_backend(data_dir):
+    result, output = run_main(word_lm.main, TINY_WORD_LM + [
+        "--data", data_dir / "ptb-small", "--backend", "native"])
+    assert "vocabulary 7596" in output  # the figure in the data's README
+    assert "backend native" in output and math.isfinite(result["test_loss"])
+
+
+def test_char_lm_reports_bits_per_character(data_dir):
+    result, output = run_main(char_lm.main, [
+        "--data", data_dir / "tiny-shakespeare.txt", "--rnn-size", "16", "--wordvec-size", "8",
+        "--seq-length", "10", "--max-batches", "3"])
+    assert "65 characters" in output and "valid bpc" in output
+    assert 0 < result["valid_bpc"] < 8
+
+
+def write_keyword_sentences(path: Path, count: int = 200) -> None:
+    """Labelled by which keyword the sentence holds, among filler words; lengths 3 to 13."""
+    generator = torch.Generator().manual_seed(0)
+    filler = "the a movie film plot was is really quite very story acting it this".split()
+    keywords = {"pos": ["good", "great", "fine"], "neg": ["bad", "awful", "poor"]}
+    lines = []
+    for _ in range(count):
+        label = ("pos", "neg")[int(torch.randint(2, (), generator=generator))]
+        length = int(torch.randint(2, 13, (), generator=generator))
+        words = [filler[int(i)] for i in torch.randint(len(filler), (length,), generator=generator)]
+        keyword = keywords[label][int(torch.randint(3, (), generator=generator))]
+        words.insert(int(torch.randint(len(words) + 1, (), generator=generator)), keyword)
+        lines.append(f"{label}\t{' '.join(words)}\n")
+    path.write_text("".join(lines))
+
+
+@pytest.mark.parametrize("pool", ["mean", "max"])
+def test_classify_learns_keyword_sentences(tmp_path, pool):
+    data = tmp_path / "labelled.tsv"
+    write_keyword_sentences(data)
+    result, output = run_main(classify.main, [
+        "--train", data, "--emsize", "16", "--nhid", "16", "--batch-size", "10", "--epochs", "3",
+        "--optimizer", "adam", "--lr", "0.01", "--pool", pool])
+    assert "2 classes" in output and f"pool {pool}" in output
+    assert result["valid_accuracy"] >= 0.9
+
+
+@pytest.mark.parametrize("pool", ["mean", "max"])
+def test_classify_pools_over_real_positions_only(pool):
+    """A sentence gets the same logits alone and padded beside a longer one."""
+    torch.manual_seed(0)
+    vocabulary = classify.Vocabulary([classify.PAD, classify.UNK, "a", "b", "c"])
+    model = classify.Classifier("lstm", len(vocabulary), 3, emsize=4, nhid=[5, 3], pool=pool).eval()
+    short, long = (["a", "b"], "x"), (["c", "a", "b", "b", "c"], "x")
+    labels = {"x": 0}
+    alone = model(*classify.pad_batch([short], vocabulary, labels)[:2])
+    padded = model(*classify.pad_batch([short, long], vocabulary, labels)[:2])
+    torch.testing.assert_close(padded[:1], alone)
