@@ -20,18 +20,26 @@ from typing import Dict, Iterable, List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from . import backward
 from . import syntax_tree as st
 from .check import check_file
-from .codegen import generate
+from .codegen import generate, validate_source
 from .errors import CellError, Span
 from .ir import Graph
+from .linear_scan import linear_recurrence
 from .lower import lower
 from .native_match import match_native
+from .parallel import NotLinear, find_linear_recurrences, generate_parallel
 from .passes import run_passes
 from .resources import stock_cell_names, stock_cells_dir
 from .syntax import MAX_FILE_BYTES, decode, parse
 
 BACKENDS = ("script", "eager")
+SCANS = ("auto", "parallel", "sequential")
+# Not a pass, but switched off the same way: build(..., disable=("derived_backward",)) trains
+# scripted cells through autograd of the compiled loop instead (rnndsl/backward.py).
+DERIVED_BACKWARD = "derived_backward"
+MAX_DIMENSION = 2**31 - 1  # beyond, torch.empty overflows (and no memory could hold the tensor)
 _compile_lock = threading.RLock()  # TorchScript compilation and our caches are shared state
 _counter = itertools.count()
 
@@ -57,6 +65,7 @@ class CellModule(torch.nn.Module):
         output = graph.node_map()[graph.outputs[0]]
         self.output_size = output.shape.dims[0].evaluate(sizes)
         self.source = source
+        self.derived_backward_trains = backward.supports_training(graph)
         self._inits: Dict[str, Optional[float]] = {d.name: d.default for d in graph.params}
         for decl in graph.params:
             shape = tuple(dim.evaluate(sizes) for dim in decl.shape.dims)
@@ -116,12 +125,16 @@ def check_call(cell: torch.nn.Module, state, x: Tensor, sequence: bool) -> None:
 class EagerCell(CellModule):
     """The generated methods run as plain Python, after checking their arguments."""
 
+    scan_mode = "sequential"  # "parallel" on the classes that carry a forward_parallel
+
     def forward(self, state, x):
         check_call(self, state, x, sequence=False)
         return super().forward(state, x)
 
     def forward_sequence(self, xs, state, mask=None):
         check_call(self, state, xs, sequence=True)
+        if self.scan_mode == "parallel":
+            return self.forward_parallel(xs, state, mask)
         return super().forward_sequence(xs, state, mask)
 
 
@@ -132,10 +145,12 @@ class ScriptedCell(torch.jit.RecursiveScriptModule):
     of ``forward`` is ``.scripted_method("forward").code``.
     """
 
+    scan_mode = "sequential"  # "parallel" on the classes that carry a forward_parallel
+
     @staticmethod
-    def adopt(scripted: torch.jit.RecursiveScriptModule) -> "ScriptedCell":
-        """Re-class a freshly scripted cell; its methods then resolve through this class."""
-        scripted.__class__ = ScriptedCell
+    def adopt(scripted: torch.jit.RecursiveScriptModule, cls: type) -> "ScriptedCell":
+        """Re-class a freshly scripted cell to ``cls`` (ScriptedCell or a subclass)."""
+        scripted.__class__ = cls
         # torch.jit.script binds each compiled method in the instance __dict__, which would
         # shadow the checking methods below; the compiled ones stay reachable via _c.
         for name in [k for k, v in vars(scripted).items() if isinstance(v, torch._C.ScriptMethod)]:
@@ -152,6 +167,10 @@ class ScriptedCell(torch.jit.RecursiveScriptModule):
 
     def forward_sequence(self, xs, state, mask=None):
         check_call(self, state, xs, sequence=True)
+        if self.scan_mode == "parallel":
+            return self.forward_parallel(xs, state, mask)
+        if backward.uses_derived_backward(self, xs, state):
+            return backward.derived_forward_sequence(self, xs, state, mask)
         return self.scripted_method("forward_sequence")(xs, state, mask)
 
     @property
@@ -207,6 +226,10 @@ class CellSpec:
         """The generated source, without building a module."""
         return _source(self.graph, tuple(sorted(disable)), self.path, fixed_dropout_mask)
 
+    def backward_code(self, disable: Iterable[str] = ()) -> str:
+        """The generated source of the derived backward (rnndsl/backward.py)."""
+        return _backward_source(self.graph, tuple(sorted(disable)))
+
     def bind(self, input_size: int, hidden_size: int, **hyper: float) -> Tuple[Dict[str, int], Dict[str, float]]:
         """Size variables and hyper-parameters for a build, checked."""
         for what, value in (("input_size", input_size), ("hidden_size", hidden_size)):
@@ -235,31 +258,46 @@ class CellSpec:
                              f"input_size must be {wanted} = {declared}; got input_size={input_size}")
         for decl in self.graph.params + self.graph.states:
             for dim in decl.shape.dims:
-                if dim.evaluate(sizes) < 1:
+                if not 1 <= dim.evaluate(sizes) <= MAX_DIMENSION:
                     raise ValueError(f"cell {self.name}: {decl.name} would have size {dim} = "
-                                     f"{dim.evaluate(sizes)} with {sizes}")
+                                     f"{dim.evaluate(sizes)} with {sizes}; sizes run from 1 to "
+                                     f"{MAX_DIMENSION:,}")
         return sizes, hypers
 
+    def parallel_plan(self, disable: Iterable[str] = ()) -> Tuple[Optional[str], str]:
+        """``(source of forward_parallel, "")`` when the recurrence is linear in the state, else
+        ``(None, why not)`` quoting the equation that is not (see rnndsl/parallel.py)."""
+        return _parallel_plan(self.graph, tuple(sorted(disable)), self.source)
+
     def build(self, input_size: int, hidden_size: int, backend: str = "script", *,
-              disable: Iterable[str] = (), fixed_dropout_mask: bool = False,
+              disable: Iterable[str] = (), fixed_dropout_mask: bool = False, scan: str = "auto",
               **hyper: float) -> torch.nn.Module:
         """A cell module: ``cell(state, x) -> (new_state, output)``.
 
         ``fixed_dropout_mask=True``: in ``forward_sequence`` (so in ``rnndsl.scan``),
         each ``dropout`` of a value that depends on a state draws one mask per
         sequence instead of one per step.
+        ``scan``: ``"parallel"`` runs ``forward_sequence`` as a parallel scan (only for
+        cells linear in their state, else ValueError), ``"sequential"`` as a time loop,
+        ``"auto"`` picks the parallel scan where it applies.
         """
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; cells build with {', '.join(BACKENDS)} "
                              "(networks also offer 'native' and 'auto')")
+        if scan not in SCANS:
+            raise ValueError(f"unknown scan {scan!r}; choose one of {', '.join(SCANS)}")
         sizes, hypers = self.bind(input_size, hidden_size, **hyper)
-        cls = _module_class(self.graph, tuple(sorted(disable)), self.path, bool(fixed_dropout_mask))
+        disable = tuple(sorted(disable))
+        parallel, why_not = self.parallel_plan(disable) if scan != "sequential" else (None, "")
+        if scan == "parallel" and parallel is None:
+            raise ValueError(f"cell {self.name} cannot run as a parallel scan: {why_not}")
+        cls = _module_class(self.graph, disable, self.path, bool(fixed_dropout_mask))
         if backend == "eager":
-            return _eager_class(cls)(self, sizes, hypers, cls.generated_source)
+            return _eager_class(cls, parallel)(self, sizes, hypers, cls.generated_source)
         module = cls(self, sizes, hypers, cls.generated_source)
         with _compile_lock:
             scripted = torch.jit.script(module)
-        return ScriptedCell.adopt(scripted)
+        return ScriptedCell.adopt(scripted, _scripted_class(parallel))
 
     def __repr__(self) -> str:
         return f"CellSpec({self.name!r} from {self.path})"
@@ -267,7 +305,12 @@ class CellSpec:
 
 @functools.lru_cache(maxsize=128)
 def _optimized(graph: Graph, disable: Tuple[str, ...]) -> Graph:
-    return run_passes(graph, disable)
+    return run_passes(graph, tuple(name for name in disable if name != DERIVED_BACKWARD))
+
+
+@functools.lru_cache(maxsize=128)
+def _backward_source(graph: Graph, disable: Tuple[str, ...]) -> str:
+    return backward.generate(_optimized(graph, disable))
 
 
 @functools.lru_cache(maxsize=128)
@@ -281,16 +324,23 @@ def _module_class(graph: Graph, disable: Tuple[str, ...], origin: str, fixed_dro
     """A CellModule subclass with the generated methods; cached, so TorchScript compiles it once."""
     with _compile_lock:
         source = _source(graph, disable, origin, fixed_dropout_mask)
+        derived = DERIVED_BACKWARD not in disable
+        text = source + ("\n\n" + _backward_source(graph, disable) if derived else "")
         filename = f"<rnndsl {graph.name} #{next(_counter)}>"
         # Registered like torch.fx does, so tracebacks and torch.jit.script can read the source.
-        linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-        namespace = {"torch": torch, "Tensor": Tensor, "Tuple": Tuple, "List": List, "Optional": Optional}
-        exec(compile(source, filename, "exec"), namespace)  # the source comes only from the IR
+        linecache.cache[filename] = (len(text), None, text.splitlines(True), filename)
+        namespace = {"torch": torch, "Tensor": Tensor, "Tuple": Tuple, "List": List, "Optional": Optional,
+                     **{name: getattr(backward, name) for name in backward.HELPERS}}
+        # The source comes only from the IR; validate_source is the last guard before exec.
+        exec(compile(validate_source(text), filename, "exec"), namespace)
         methods = {
             "forward": namespace["forward"],
             "forward_sequence": torch.jit.export(namespace["forward_sequence"]),
             "generated_source": source,
         }
+        if derived:
+            for name in ("forward_sequence_saving", "backward_sequence"):
+                methods[name] = torch.jit.export(namespace[name])
         cls = type(f"{graph.name}_cell", (CellModule,), methods)
         # The source lives as long as the class (the caches here are bounded; TorchScript's own
         # store keeps every class it compiled).
@@ -298,9 +348,43 @@ def _module_class(graph: Graph, disable: Tuple[str, ...], origin: str, fixed_dro
         return cls
 
 
+def _parallel_methods(parallel_source: Optional[str]) -> dict:
+    """Class attributes for a cell that runs as a parallel scan (none when it does not)."""
+    if parallel_source is None:
+        return {}
+    filename = f"<rnndsl parallel #{next(_counter)}>"
+    linecache.cache[filename] = (len(parallel_source), None, parallel_source.splitlines(True), filename)
+    namespace = {"torch": torch, "linear_recurrence": linear_recurrence}
+    exec(compile(validate_source(parallel_source), filename, "exec"), namespace)  # generated from the IR
+    return {"forward_parallel": namespace["forward_parallel"], "scan_mode": "parallel",
+            "parallel_source": parallel_source}
+
+
 @functools.lru_cache(maxsize=128)
-def _eager_class(generated: type) -> type:
-    return type(generated.__name__, (EagerCell, generated), {})
+def _eager_class(generated: type, parallel_source: Optional[str] = None) -> type:
+    return type(generated.__name__, (EagerCell, generated), _parallel_methods(parallel_source))
+
+
+@functools.lru_cache(maxsize=128)
+def _scripted_class(parallel_source: Optional[str]) -> type:
+    if parallel_source is None:
+        return ScriptedCell
+    return type("ScriptedParallelCell", (ScriptedCell,), _parallel_methods(parallel_source))
+
+
+@functools.lru_cache(maxsize=128)
+def _parallel_plan(graph: Graph, disable: Tuple[str, ...], source: str) -> Tuple[Optional[str], str]:
+    optimized = _optimized(graph, disable)
+    try:
+        return generate_parallel(optimized, find_linear_recurrences(optimized)), ""
+    except NotLinear as reason:
+        where = ""
+        span = reason.node.span if reason.node is not None else None
+        if span is not None:
+            lines = source.splitlines()
+            quoted = lines[span.line - 1].strip() if 0 < span.line <= len(lines) else ""
+            where = f" (at {span.file}:{span.line}: `{quoted}`)"
+        return None, f"the recurrence is not linear in the state: {reason}{where}"
 
 
 def _read(path: Path) -> str:
@@ -312,8 +396,8 @@ def _read(path: Path) -> str:
         raise CellError(f"no such file: {path}", None) from None
     except IsADirectoryError:
         raise CellError(f"{path} is a directory, not a .cell file", None) from None
-    except OSError as exc:
-        raise CellError(f"cannot read {path}: {exc.strerror or exc}", None) from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+        raise CellError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}", None) from None
     return decode(data, str(path))
 
 
@@ -352,7 +436,7 @@ def load_cells(name_or_path: Union[str, os.PathLike]) -> Dict[str, CellSpec]:
     path = _resolve(name_or_path)
     try:
         stat = path.stat()
-    except OSError:
+    except (OSError, ValueError):
         _read(path)  # raises the clear error
         raise
     with _compile_lock:

@@ -24,11 +24,12 @@ MODULE_ATTRIBUTES = set(dir(torch.nn.Module)) | set(vars(torch.nn.Module())) | \
     set(dir(torch.jit.RecursiveScriptModule)) | \
     {"input_size", "hidden_size", "output_size", "state_sizes", "state_names", "source", "code",
      "cell_name", "forward_sequence", "reset_parameters", "generated_source", "adopt", "scripted_method",
-     "backward_sequence", "derived_backward_trains", "forward_sequence_saving"}
+     "backward_sequence", "derived_backward_trains", "forward_sequence_saving", "forward_parallel",
+     "scan_mode", "parallel_source"}
 
 # Sizes and hyper-parameters are set as keyword arguments of CellSpec.build(input_size, hidden_size,
-# backend, *, disable, fixed_dropout_mask, **hyper): they cannot share a name with its own arguments.
-BUILD_ARGUMENTS = {"self", "input_size", "hidden_size", "backend", "disable", "fixed_dropout_mask"}
+# backend, *, disable, fixed_dropout_mask, scan, **hyper): they cannot share a name with its own arguments.
+BUILD_ARGUMENTS = {"self", "input_size", "hidden_size", "backend", "disable", "fixed_dropout_mask", "scan"}
 
 
 def check_file(file: st.File) -> st.File:

@@ -1,4 +1,4 @@
-"""The command line: ``rnndsl check FILE...`` and ``rnndsl show FILE --stage ast|ir|code|dot``.
+"""The command line: ``rnndsl check FILE...`` and ``rnndsl show FILE --stage ast|ir|code|backward|dot``.
 
 Problems in cell files print as compiler diagnostics and exit 1, never as a
 Python traceback.
@@ -17,7 +17,7 @@ from .errors import CellError
 from .passes import PASS_NAMES
 from .syntax_tree import pretty
 
-STAGES = ("ast", "ir", "code", "dot")
+STAGES = ("ast", "ir", "code", "backward", "dot")
 
 
 def _say(text: object, stream=None) -> None:
@@ -66,6 +66,8 @@ def _show(path: str, stage: str, cell: Optional[str], disable: List[str], raw: b
             print(spec.graph if raw else spec.optimized(disable))
         elif stage == "code":
             print(spec.code(disable))
+        elif stage == "backward":  # the derived backward's two methods (rnndsl/backward.py)
+            print(spec.backward_code(disable))
         else:
             print(to_dot(spec.graph if raw else spec.optimized(disable)), end="")
     return 0

@@ -1,0 +1,706 @@
+"""The backward of a whole sequence, derived from the cell's equations.
+
+From the optimized IR this module generates two more TorchScript methods of
+the cell (next to ``forward`` and ``forward_sequence``, rnndsl/codegen.py):
+
+``forward_sequence_saving(xs, state, mask) -> (outputs, final state, saved)``
+    the same loop as ``forward_sequence``, keeping over time only the values
+    the derivative rules (rnndsl/derivatives.py) read;
+``backward_sequence(xs, mask, saved, grad_outputs, grad_state, need_input_grad)
+-> (grad_xs, grad_state0, grad_params)``
+    walks time backwards: per step, the elementwise rules and one GEMM per
+    recurrent matrix product (``grad_h = grad_gates @ W_hh``). The gradient of
+    every matrix product is written into a ``(T, batch, rows)`` buffer, and
+    after the loop each weight gradient is ONE GEMM over all steps
+    (``grad_W = G.reshape(T*B, -1).t() @ V.reshape(T*B, -1)``); the hoisted
+    (input-only) part runs backwards on whole-sequence tensors, then the
+    parameter-only part.
+
+Where a value lives decides how its gradient is kept: a batched value that
+depends on a state lives in the loop (one gradient per step); one that depends
+only on the input lives on the whole sequence (per-step contributions go into
+a buffer); unbatched values depend only on parameters and get the sum over
+all steps and examples.
+
+:class:`DerivedSequence` is the ``torch.autograd.Function`` around the two
+methods; ``ScriptedCell.forward_sequence`` (rnndsl/cellspec.py) uses it when
+autograd records, unless the cell is training with random ops, whose noise
+the derived backward does not save.
+
+Matrix products in these methods go through :func:`linear` and
+:func:`outer_sum`, which use oneDNN's GEMM for float32 on CPU when autograd is
+not recording (torch's matmul calls MKL, which on AMD CPUs runs at about half
+the speed torch.nn.LSTM's oneDNN kernels get).
+"""
+from __future__ import annotations
+
+import enum
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .codegen import EMITTERS, _Emitter, leaf_reference, validate_source
+from .derivatives import DERIVATIVES, Outer, Placed, Product, Term
+from .ir import Graph, Node, Op, OpKind, Phase, Shape, Size
+from .lower import Namespace
+
+# Helpers the generated methods call by name (lower.py reserves these names).
+HELPERS = ("linear", "outer_sum", "prepack", "tanh_via_sigmoid")
+
+
+def _uses_onednn(rows: int, weight: Tensor) -> bool:
+    """Whether a ``rows``-row product with ``weight`` goes to oneDNN.
+
+    Float32 on CPU outside autograd (oneDNN's kernels have no derivative), and large
+    enough: below about a million multiply-adds its fixed cost per call outweighs its
+    faster kernel.
+    """
+    return (weight.dtype == torch.float32 and weight.device.type == "cpu" and not torch.is_grad_enabled()
+            and rows * weight.size(0) * weight.size(1) >= 1048576)
+
+
+def _linear_onednn(v: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``v @ weight.t() + bias`` over the last dim of ``v`` (any leading dims); ``weight`` may be prepacked."""
+    rows = v.numel() // max(v.size(-1), 1)
+    if weight.is_mkldnn or _uses_onednn(rows, weight):
+        if bias is not None:
+            bias = bias.contiguous()
+        flat = torch.ops.mkldnn._linear_pointwise(v.reshape(-1, v.size(-1)), weight, bias, "none", [], "")
+        return flat.reshape(list(v.size())[:-1] + [flat.size(-1)])
+    return _linear_matmul(v, weight, bias)
+
+
+def _prepack_onednn(weight: Tensor, rows: int) -> Tensor:
+    """``weight`` in oneDNN's blocked layout for products of ``rows`` rows, when they go to oneDNN.
+
+    Packed once per sequence, the recurrent weight saves a reorder in each step's GEMM
+    (10 to 20% of its time here).
+    """
+    if _uses_onednn(rows, weight):
+        return torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+    return weight
+
+
+def _linear_matmul(v: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``v @ weight.t() + bias`` over the last dim of ``v``, any leading dims."""
+    product = torch.matmul(v, weight.t())
+    return product if bias is None else product + bias
+
+
+def _prepack_none(weight: Tensor, rows: int) -> Tensor:
+    """Without oneDNN, weights stay as they are."""
+    return weight
+
+
+def outer_sum(grad: Tensor, vector: Tensor) -> Tensor:
+    """``sum_k grad[k] ⊗ vector[k]`` over all leading dims: the gradient of W in ``W @ v``, one GEMM."""
+    grads, vectors = grad.reshape(-1, grad.size(-1)), vector.reshape(-1, vector.size(-1))
+    count, rows, columns = grads.size(0), grads.size(1), vectors.size(1)
+    # oneDNN copies a transposed left operand to make it contiguous: transpose the side that
+    # moves less memory (for an LSTM's (4h, h) weight, the vectors and the result).
+    if columns * count + rows * columns < rows * count:
+        return linear(vectors.t(), grads.t()).t().contiguous()
+    return linear(grads.t(), vectors.t())
+
+
+def tanh_via_sigmoid(x: Tensor) -> Tensor:
+    """``tanh(x)``; for float32 on CPU as ``2 sigmoid(2x) - 1`` (within 2e-7 of it).
+
+    torch.tanh calls MKL's vector math, which on AMD CPUs takes 2 ns per element here,
+    eight times torch.sigmoid: the two tanh of an LSTM step cost more than the rest of
+    its elementwise work.
+    """
+    if x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled():
+        return torch.sigmoid(x * 2.0).mul_(2.0).sub_(1.0)
+    return torch.tanh(x)
+
+
+_HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+linear = _linear_onednn if _HAS_ONEDNN else _linear_matmul
+prepack = _prepack_onednn if _HAS_ONEDNN else _prepack_none
+
+
+# Where values live --------------------------------------------------------------------------
+
+class Level(enum.Enum):
+    """Where a value lives in the sequence methods, and so how many leading dims it has there."""
+
+    LOOP = "loop"      # per step, in the time loop: (batch, n)
+    SEQ = "seq"        # the whole sequence at once: (T, batch, n)
+    ONCE = "once"      # parameters only, unbatched: (n,), (m, n) or a number
+
+
+_LEAD = {Level.LOOP: 1, Level.SEQ: 2, Level.ONCE: 0}  # leading dims of a batched value
+
+
+def level_of(node: Node) -> Level:
+    """Unbatched values depend only on parameters (the input and states are batched)."""
+    if not node.shape.batched:
+        return Level.ONCE
+    if node.op is Op.INPUT or node.phase is Phase.PER_INPUT:
+        return Level.SEQ
+    return Level.LOOP
+
+
+def _atom(expr: str) -> str:
+    """``expr``, parenthesized unless it can take ``.method()`` or stand in a product as it is."""
+    depth = 0
+    for char in expr:
+        depth += char in "(["
+        depth -= char in ")]"
+        if char == " " and depth == 0:  # generated operators have spaces around them
+            return f"({expr})"
+    return f"({expr})" if expr.startswith("-") else expr
+
+
+def _reduce(expr: str, shape: Shape, lead: int, target: Shape) -> str:
+    """Sum a gradient of IR shape ``shape`` with ``lead`` leading dims down to ``target``'s shape.
+
+    Differentiable values are never numbers (parameters have dims), so only leading dims go.
+    """
+    if target.batched or lead == 0:
+        return expr
+    dims = "0" if lead == 1 else f"[{', '.join(str(d) for d in range(lead))}]"
+    return f"{_atom(expr)}.sum({dims})"
+
+
+def _size(size: Size) -> str:
+    return size.render(lambda name: f"self.{name}")
+
+
+@dataclass(frozen=True)
+class _OuterOf:
+    """An :class:`Outer` with its vector named (the rule gave an input index)."""
+
+    grad: str
+    vector: str
+
+
+@dataclass(frozen=True)
+class _Item:
+    """A pending contribution, its IR shape, and the leading dims its code has beyond that shape."""
+
+    contribution: object  # Term, Product, Placed or _OuterOf
+    shape: Shape
+    lead: int
+
+
+@dataclass
+class _Block:
+    """The lines of one stretch of code at one level."""
+
+    level: Level
+    indent: str
+    lines: List[str] = field(default_factory=list)
+
+    def emit(self, line: str) -> None:
+        self.lines.append(self.indent + line)
+
+
+class _RuleContext:
+    """What a derivative rule sees (the rnndsl.derivatives.Rule protocol)."""
+
+    def __init__(self, generator: "_Generator", node: Node, grad: str, block: _Block):
+        self.node, self.grad = node, grad
+        self._generator, self._block = generator, block
+
+    def needs(self, index: int) -> bool:
+        return self.node.inputs[index] in self._generator.differentiable
+
+    def shape(self, index: int) -> Shape:
+        return self._generator.nodes[self.node.inputs[index]].shape
+
+    def value(self, index: int) -> str:
+        return self._generator.value(self.node.inputs[index], self._block.level)
+
+    def output(self) -> str:
+        return self._generator.value(self.node.name, self._block.level)
+
+    def grad_times_matrix(self, index: int) -> str:
+        return self._generator.times_matrix(self.grad, self.node.inputs[index], self._block.level)
+
+    def size(self, size: Size) -> str:
+        return _size(size)
+
+    def fresh(self, base: str) -> str:
+        return self._generator.names.fresh(base)
+
+    def emit(self, line: str) -> None:
+        self._block.emit(line)
+
+
+class _Generator:
+    """Generates ``backward_sequence``, recording the forward values it reads, then the saving forward."""
+
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        self.nodes = graph.node_map()
+        self.emitter = _Emitter(graph)
+        self.names = Namespace({n.name for n in graph.nodes} | set(self.emitter.local.values()))
+        self.differentiable = set()
+        for node in graph.nodes:
+            if node.op in (Op.PARAM, Op.STATE, Op.INPUT) or (
+                    node.op.kind is not OpKind.LEAF and any(i in self.differentiable for i in node.inputs)):
+                self.differentiable.add(node.name)
+        body = [n for n in graph.nodes if n.op.kind is not OpKind.LEAF]
+        self.body = {level: [n for n in body if level_of(n) is level] for level in Level}
+        self.seq_names = {n.name: self.fresh(n.name, "seq") for n in self.body[Level.SEQ]}
+        self.seq_names[graph.input.name] = "xs"
+        # What the backward reads of the forward: loop values stacked over time, whole-sequence
+        # values, and parameter-only values (by value name -> local name).
+        self.stacked: Dict[str, str] = {}
+        self.whole: Dict[str, str] = {}
+        self.once: Dict[str, str] = {}
+        self.loads: Dict[str, str] = {}  # read in the loop at step t: value -> local
+        # Matrices of the loop's products, packed once for oneDNN: value -> local, forward and backward.
+        self.packed: Dict[str, str] = {}
+        self.packed_transposed: Dict[str, Tuple[str, str]] = {}  # value -> (local, the matrix)
+        self.buffers: Dict[str, Tuple[str, Shape]] = {}  # per-step gradient -> its (T, ...) buffer
+        # Gradients joined from slices with torch.cat: local -> (block, line, its parts with their ranges).
+        self.joins: Dict[str, Tuple[_Block, int, List[Tuple[str, Size, Size]]]] = {}
+        self.views: Dict[str, Tuple[str, Size, Size]] = {}  # buffers that are slices of another buffer
+        self.pending: Dict[str, List[_Item]] = defaultdict(list)
+        self.crossing: Dict[str, List[_Item]] = defaultdict(list)  # from the loop to other levels
+
+    # Forward values ------------------------------------------------------------------------
+
+    def value(self, name: str, level: Level) -> str:
+        """Forward value ``name`` as code at ``level`` sees it; records that the backward reads it."""
+        node = self.nodes[name]
+        leaf = leaf_reference(node)
+        if leaf is not None:
+            return leaf
+        home = level_of(node)
+        if home is Level.ONCE:
+            self.once[name] = name
+            return name
+        if level is Level.LOOP:
+            self.loads[name] = self.emitter.var(name)
+            self.sequence(name)
+            return self.loads[name]
+        return self.sequence(name)
+
+    def sequence(self, name: str) -> str:
+        """All steps of a batched value: its stack over time, or its whole-sequence tensor."""
+        if level_of(self.nodes[name]) is Level.LOOP:
+            if name not in self.stacked:
+                self.stacked[name] = self.fresh(self.emitter.var(name), "steps")
+            return self.stacked[name]
+        if name != self.graph.input.name:
+            self.whole[name] = self.seq_names[name]
+        return self.seq_names[name]
+
+    def times_matrix(self, grad: str, matrix: str, level: Level) -> str:
+        """Code for ``grad @ matrix``; in the loop with the matrix transposed and packed once."""
+        if level is Level.LOOP:
+            if matrix not in self.packed_transposed:
+                self.packed_transposed[matrix] = (self.fresh(matrix, "t", "packed"), self.value(matrix, level))
+            return f"linear({grad}, {self.packed_transposed[matrix][0]})"
+        return f"linear({grad}, {self.value(matrix, level)}.t())"
+
+    # Gradients ------------------------------------------------------------------------------
+
+    def differentiate(self, node: Node, block: _Block) -> None:
+        """Apply ``node``'s rule to its finished gradient, filing what its inputs get."""
+        grad = self.gradient(node.name, block)
+        if grad is None:
+            return
+        contributions = DERIVATIVES[node.op].rule(_RuleContext(self, node, grad, block))
+        for index, item in enumerate(contributions):
+            target = self.nodes[node.inputs[index]]
+            if item is None or target.name not in self.differentiable:
+                continue
+            if isinstance(item, Outer):
+                item, shape = _OuterOf(item.grad, node.inputs[item.vector]), node.shape
+            elif isinstance(item, Term):
+                shape = item.shape or node.shape
+            elif isinstance(item, Placed):
+                shape = Shape(target.shape.dims, node.shape.batched)
+            else:
+                shape = node.shape
+            self.route(target.name, item, shape, block)
+
+    def route(self, target: str, item: object, shape: Shape, block: _Block) -> None:
+        """File a contribution made at ``block``'s level where ``target``'s gradient is summed."""
+        if block.level is Level.LOOP and level_of(self.nodes[target]) is not Level.LOOP:
+            self.crossing[target].append(_Item(item, shape, _LEAD[Level.LOOP] if shape.batched else 0))
+            return
+        if isinstance(item, _OuterOf):  # outside the loop: one GEMM right away
+            vector = self.value(item.vector, block.level)
+            item, shape = Term(f"outer_sum({item.grad}, {vector})"), self.nodes[target].shape
+        self.pending[target].append(_Item(item, shape, _LEAD[block.level] if shape.batched else 0))
+
+    def gradient(self, name: str, block: _Block) -> Optional[str]:
+        """The finished gradient of ``name`` as a local, or None when nothing reached it."""
+        parts = ("grad", self.emitter.var(name))
+        expr = self.combine(self.pending.pop(name, []), self.nodes[name].shape, block, parts)
+        if expr is None:
+            return None
+        return self.assign(expr, parts, block)
+
+    def fresh(self, *parts: str) -> str:
+        """A new local named from ``parts`` joined by ``_`` (never ``__``: generated code has no dunders)."""
+        return self.names.fresh("_".join(part.strip("_") for part in parts if part.strip("_")) or "value")
+
+    def assign(self, expr: str, parts: Tuple[str, ...], block: _Block) -> str:
+        """``expr`` as a local: itself when it is one, else a new local named from ``parts``."""
+        if expr.isidentifier():
+            return expr
+        local = self.fresh(*parts)
+        block.emit(f"{local} = {expr}")
+        return local
+
+    def combine(self, items: Sequence[_Item], target: Shape, block: _Block,
+                parts: Tuple[str, ...] = ("grad",)) -> Optional[str]:
+        """The sum of ``items`` in ``target``'s shape, as code (lines it needs go to ``block``, locals
+        named from ``parts``)."""
+        groups: Dict[Tuple[Shape, int], List[object]] = defaultdict(list)
+        for item in items:
+            groups[item.shape, item.lead].append(item.contribution)
+        sums = []
+        for (shape, lead), group in groups.items():
+            places = [c for c in group if isinstance(c, Placed)]
+            total = self.place(places, shape, block, parts) if places else None
+            for term in (c for c in group if isinstance(c, Term)):
+                total = term.expr if total is None else f"{total} + {_atom(term.expr)}"
+            for product in (c for c in group if isinstance(c, Product)):
+                total = (f"{_atom(product.left)} * {_atom(product.right)}" if total is None else
+                         f"torch.addcmul({total}, {product.left}, {product.right})")
+            sums.append(_reduce(total, shape, lead, target))
+        return " + ".join(sums[:1] + [_atom(s) for s in sums[1:]]) if sums else None
+
+    def place(self, places: Sequence[Placed], shape: Shape, block: _Block, name: Tuple[str, ...]) -> str:
+        """Gradients of slices of a vector, joined into the gradient of the whole vector."""
+        parts: Dict[Tuple[Size, Size], str] = {}
+        for place in places:
+            key = (place.start, place.length)
+            parts[key] = place.expr if key not in parts else f"{parts[key]} + {_atom(place.expr)}"
+        order, position = [], Size()
+        while len(order) < len(parts):
+            following = [key for key in parts if key[0] == position and key not in order]
+            if not following:
+                break
+            order.append(following[0])
+            position = position + following[0][1]
+        whole = shape.dims[0]
+        if len(order) == len(parts) and position == whole:
+            bases = {self.views.get(parts[key], (None,))[0] for key in order}
+            if len(bases) == 1 and None not in bases and all(
+                    self.views[parts[key]][1:] == key for key in order):
+                return bases.pop()  # the slices of one buffer, all of it in order: the buffer
+            local = self.fresh(*name)
+            self.joins[local] = (block, len(block.lines), [(parts[key],) + key for key in order])
+            block.emit(f"{local} = torch.cat([{', '.join(parts[key] for key in order)}], -1)")
+            return local
+        # Gaps or overlaps: start from zeros (rare: a chunk with an unused part).
+        first = _atom(next(iter(parts.values())))
+        local = self.names.fresh("placed")
+        block.emit(f"{local} = {first}.new_zeros({first}.size()[:-1] + [{_size(whole)}])")
+        for (start, length), expr in parts.items():
+            block.emit(f"{local}.narrow(-1, {_size(start)}, {_size(length)}).add_({expr})")
+        return local
+
+    def buffer(self, local: str, shape: Shape) -> str:
+        """The (T, ...) buffer that keeps the per-step gradient ``local`` of every step."""
+        if local not in self.buffers:
+            self.buffers[local] = (self.fresh(local, "steps"), shape)
+        return self.buffers[local][0]
+
+    # The backward ---------------------------------------------------------------------------
+
+    def backward(self) -> str:
+        """The source of ``backward_sequence``; generated first, it records what the forward keeps."""
+        graph = self.graph
+        fixed = {name: self.names.fresh(name) for name in
+                 ("saved", "grad_outputs", "grad_state", "need_input_grad", "grad_xs", "steps", "batch")}
+        self.steps, self.batch = fixed["steps"], fixed["batch"]
+        states = [d.name for d in graph.states]
+        carries = {s: self.fresh("grad", self.emitter.var(s)) for s in states}
+        grad_outputs = [self.names.fresh("grad_output_seq") for _ in graph.outputs]
+
+        loop = _Block(Level.LOOP, " " * 8)
+        output_steps = [self.names.fresh("grad_output") for _ in graph.outputs]
+        for name, local, whole in zip(graph.outputs, output_steps, grad_outputs):
+            loop.emit(f"{local} = {whole}[t]")
+            self.route(name, Term(local), self.nodes[name].shape, loop)
+        seeds = {s: self.fresh("seed", self.emitter.var(s)) for s in states}
+        carried = [carries[s] for s in states]
+        loop.emit("if mask is None:")
+        loop.emit(f"    {', '.join(seeds.values())} = {', '.join(carried)}")
+        loop.emit("else:")
+        loop.emit("    keep = mask[t].unsqueeze(1)")
+        loop.emit(f"    {', '.join(seeds.values())} = "
+                  f"{', '.join(f'torch.where(keep, {c}, 0.0)' for c in carried)}")
+        for state, next_state in zip(states, graph.next_states):
+            self.route(next_state, Term(seeds[state]), self.nodes[next_state].shape, loop)
+        for node in reversed(self.body[Level.LOOP]):
+            self.differentiate(node, loop)
+        new = []
+        for state in states:
+            expr = self.combine(self.pending.pop(state, []), self.nodes[state].shape, loop)
+            new.append(expr or f"torch.zeros_like({carries[state]})")
+        after_loop = self.flush(loop)
+        loop.emit("if mask is None:")
+        loop.emit(f"    {', '.join(carried)} = {', '.join(new)}")
+        loop.emit("else:")
+        loop.emit("    keep = mask[t].unsqueeze(1)")
+        loop.emit(f"    {', '.join(carried)} = "
+                  f"{', '.join(f'{_atom(n)} + torch.where(keep, 0.0, {c})' for n, c in zip(new, carried))}")
+        for target, item in after_loop:
+            self.pending[target].append(item)
+
+        seq = _Block(Level.SEQ, " " * 4)
+        for node in reversed(self.body[Level.SEQ]):
+            self.differentiate(node, seq)
+        input_grad = _Block(Level.SEQ, " " * 8)
+        x = graph.input.name
+        grad_xs = self.combine(self.pending.pop(x, []), self.nodes[x].shape, input_grad)
+        input_grad.emit(f"{fixed['grad_xs']} = {grad_xs or 'torch.zeros_like(xs)'}")
+        once = _Block(Level.ONCE, " " * 4)
+        for node in reversed(self.body[Level.ONCE]):
+            self.differentiate(node, once)
+        grad_params = []
+        for decl in graph.params:
+            expr = self.combine(self.pending.pop(decl.name, []), decl.shape, once)
+            grad_params.append(self.assign(expr or f"torch.zeros_like(self.{decl.name})",
+                                           ("grad", decl.name), once))
+
+        lines = [f"def backward_sequence(self, xs: Tensor, mask: Optional[Tensor], {fixed['saved']}: List[Tensor], "
+                 f"{fixed['grad_outputs']}: List[Tensor], {fixed['grad_state']}: List[Tensor], "
+                 f"{fixed['need_input_grad']}: bool) -> Tuple[Tensor, List[Tensor], List[Tensor]]:"]
+        lines += [f"    {local} = {fixed['saved']}[{i}]" for i, local in enumerate(self.saved_locals())]
+        lines += [f"    {local} = {fixed['grad_outputs']}[{i}]" for i, local in enumerate(grad_outputs)]
+        lines.append("    if mask is not None:")
+        lines += [f"        {local} = torch.where(mask.unsqueeze(2), {local}, 0.0)" for local in grad_outputs]
+        lines += [f"    {carries[s]} = {fixed['grad_state']}[{i}]" for i, s in enumerate(states)]
+        lines.append(f"    {self.steps}, {self.batch} = xs.size(0), xs.size(1)")
+        for buffer, shape in self.buffers.values():
+            dims = [self.steps] + ([self.batch] if shape.batched else []) + [_size(d) for d in shape.dims]
+            if buffer not in self.views:
+                lines.append(f"    {buffer} = xs.new_empty([{', '.join(dims)}])")
+        for buffer, (base, start, length) in self.views.items():
+            lines.append(f"    {buffer} = {base}.narrow(-1, {_size(start)}, {_size(length)})")
+        for local, matrix in self.packed_transposed.values():
+            lines.append(f"    {local} = prepack({matrix}.t(), {self.batch})")
+        lines.append(f"    for t in range({self.steps} - 1, -1, -1):")
+        lines += [f"        {local} = {self.sequence(name)}[t]" for name, local in self.loads.items()]
+        lines += loop.lines
+        lines += seq.lines
+        lines.append(f"    if {fixed['need_input_grad']}:")
+        lines += input_grad.lines
+        lines.append("    else:")
+        lines.append(f"        {fixed['grad_xs']} = xs.new_empty([0])")
+        lines += once.lines
+        lines.append(f"    return {fixed['grad_xs']}, [{', '.join(carried)}], [{', '.join(grad_params)}]")
+        return "\n".join(lines) + "\n"
+
+    def flush(self, loop: _Block) -> List[Tuple[str, _Item]]:
+        """End of a step: write what the loop gave to values outside it into buffers.
+
+        Returns the contributions those buffers make after the loop, by target.
+        """
+        after = []
+        for target, items in self.crossing.items():
+            groups: Dict[Tuple[Shape, int], List[_Item]] = defaultdict(list)
+            for item in items:
+                outer = item.contribution
+                if isinstance(outer, _OuterOf):  # loop values are batched: one GEMM over all steps
+                    term = f"outer_sum({self.buffer(outer.grad, item.shape)}, {self.sequence(outer.vector)})"
+                    after.append((target, _Item(Term(term), self.nodes[target].shape, 0)))
+                else:
+                    groups[item.shape, item.lead].append(item)
+            for (shape, lead), group in groups.items():
+                local = self.assign(self.combine(group, shape, loop), ("grad", target, "step"), loop)
+                after.append((target, _Item(Term(self.buffer(local, shape)), shape, lead + 1)))
+        for local, (buffer, _) in self.buffers.items():
+            if local in self.joins:  # join the parts straight into the buffer: no copy, no allocation
+                block, index, joined = self.joins[local]
+                block.lines[index] = f"{block.lines[index][:-1]}, out={buffer}[t])"
+                for part, start, length in joined:  # a buffered part is then a slice of this buffer
+                    if part in self.buffers and part not in self.joins:
+                        self.views.setdefault(self.buffers[part][0], (buffer, start, length))
+        for local, (buffer, _) in self.buffers.items():
+            if buffer not in self.views and local not in self.joins:
+                loop.emit(f"{buffer}[t].copy_({local})")
+        self.crossing.clear()
+        return after
+
+    def saved_locals(self) -> List[str]:
+        return list(self.stacked.values()) + list(self.whole.values()) + list(self.once.values())
+
+    # The saving forward --------------------------------------------------------------------
+
+    def forward(self) -> str:
+        """``forward_sequence_saving``: forward_sequence's loop, keeping what the backward reads."""
+        graph, emitter = self.graph, self.emitter
+        states = [emitter.var(d.name) for d in graph.states]
+        lines = [f"def forward_sequence_saving(self, xs: Tensor, state: {_tuple_type(len(states))}, "
+                 "mask: Optional[Tensor]) -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:"]
+        lines += [f"    {local} = state[{i}]" for i, local in enumerate(states)]
+        for node in self.body[Level.ONCE]:
+            lines.append(f"    {node.name} = {self.expression(node, {})}")
+        biased = self.biased_products()
+        for node in self.body[Level.SEQ]:
+            if node.name in biased:  # computed with the sum below
+                continue
+            lines.append(f"    {self.seq_names[node.name]} = {self.expression(node, self.seq_names, biased)}")
+        step = self.body[Level.LOOP]
+        for node in step:
+            matrix = node.inputs[0] if node.op is Op.MATMUL else None
+            if matrix is not None and matrix not in self.packed:
+                self.packed[matrix] = self.fresh(matrix, "packed")
+                lines.append(f"    {self.packed[matrix]} = prepack({emitter.ref(matrix, {})}, xs.size(1))")
+        # Kept values are copied at each step into (T, batch, n) tensors, while still in cache
+        # (a list of steps stacked after the loop costs twice as much here).
+        outputs = [self.fresh("outputs") for _ in graph.outputs]
+        for name, local in list(zip(graph.outputs, outputs)) + list(self.stacked.items()):
+            size = _size(self.nodes[name].shape.dims[0])
+            lines.append(f"    {local} = xs.new_empty([xs.size(0), xs.size(1), {size}])")
+        needed = [i for n in step for i in n.inputs] + list(graph.results())
+        reads = [name for name in self.seq_names if name in needed]
+        lines.append("    for t in range(xs.size(0)):")
+        lines += [f"        {emitter.var(name)} = {self.seq_names[name]}[t]" for name in reads]
+        lines += [f"        {self.stacked[d.name]}[t].copy_({emitter.var(d.name)})"
+                  for d in graph.states if d.name in self.stacked]
+        for node in step:
+            lines.append(f"        {node.name} = {self.expression(node, {}, packed=True)}")
+            if node.name in self.stacked:
+                lines.append(f"        {self.stacked[node.name]}[t].copy_({node.name})")
+        for local, name in zip(outputs, graph.outputs):
+            lines.append(f"        {local}[t].copy_({emitter.ref(name, {})})")
+        nexts = [emitter.ref(n, {}) for n in graph.next_states]
+        lines.append("        if mask is None:")
+        lines.append(f"            {', '.join(states)} = {', '.join(nexts)}")
+        lines.append("        else:")
+        lines.append("            keep = mask[t].unsqueeze(1)")
+        lines.append(f"            {', '.join(states)} = "
+                     f"{', '.join(f'torch.where(keep, {n}, {s})' for n, s in zip(nexts, states))}")
+        lines.append("    if mask is not None:")
+        lines += [f"        {local} = {local} * mask.unsqueeze(2).to(xs.dtype)" for local in outputs]
+        lines.append(f"    return [{', '.join(outputs)}], [{', '.join(states)}], [{', '.join(self.saved_locals())}]")
+        return "\n".join(lines) + "\n"
+
+    def biased_products(self) -> Dict[str, str]:
+        """Whole-sequence products ``W @ x`` whose one use is ``+ b`` (b a parameter vector), by the sum.
+
+        The GEMM adds the bias itself: one pass less over a (T, batch, rows) tensor.
+        """
+        users = self.graph.users()
+        found = {}
+        for node in self.body[Level.SEQ]:
+            if node.op is not Op.ADD:
+                continue
+            left, right = node.inputs
+            for product, bias in ((left, right), (right, left)):
+                product_node, bias_node = self.nodes[product], self.nodes[bias]
+                if (product_node.op is Op.MATMUL and level_of(product_node) is Level.SEQ
+                        and users[product] == (node.name,) and product not in self.whole
+                        and product not in self.graph.results()
+                        and level_of(bias_node) is Level.ONCE and bias_node.shape.dims == node.shape.dims):
+                    found[product] = node.name
+                    break
+        return found
+
+    def expression(self, node: Node, rename: Dict[str, str], biased: Optional[Dict[str, str]] = None,
+                   packed: bool = False) -> str:
+        """A node's forward code; matrix products (by ``packed`` matrices, with ``biased`` sums) and
+        tanh through the helpers."""
+        args = [self.emitter.ref(name, rename) for name in node.inputs]
+        product = next((i for i in node.inputs if (biased or {}).get(i) == node.name), None)
+        if product is not None:
+            matrix, vector = (self.emitter.ref(name, rename) for name in self.nodes[product].inputs)
+            bias = next(self.emitter.ref(i, rename) for i in node.inputs if i != product)
+            return f"linear({vector}, {matrix}, {bias})"
+        if node.op is Op.MATMUL:
+            return f"linear({args[1]}, {self.packed[node.inputs[0]] if packed else args[0]})"
+        if node.op is Op.TANH:
+            return f"tanh_via_sigmoid({args[0]})"
+        return EMITTERS[node.op](node, args)
+
+
+def _tuple_type(count: int) -> str:
+    return f"Tuple[{', '.join(['Tensor'] * count)}]"
+
+
+def generate(graph: Graph) -> str:
+    """The source of ``forward_sequence_saving`` and ``backward_sequence`` for an optimized graph."""
+    generator = _Generator(graph)
+    backward = generator.backward()  # first: it records what the forward must save
+    return validate_source(generator.forward() + "\n\n" + backward)
+
+
+def supports_training(graph: Graph) -> bool:
+    """Whether the derived backward holds in training mode too (no op that draws noise per step)."""
+    return all(DERIVATIVES[n.op].in_training for n in graph.nodes if n.op.kind is not OpKind.LEAF)
+
+
+# The autograd Function ----------------------------------------------------------------------
+
+class DerivedSequence(torch.autograd.Function):
+    """A whole sequence through a cell, with the backward derived from its equations.
+
+    ``apply(cell, xs, mask, state_count, *state, *parameters)`` returns the outputs then the
+    final state, flat; the cell is a scripted rnndsl cell with the generated methods.
+    """
+
+    @staticmethod
+    def forward(ctx, cell, xs: Tensor, mask: Optional[Tensor], state_count: int, *tensors: Tensor):
+        state = tuple(tensors[:state_count])
+        outputs, final, saved = cell.scripted_method("forward_sequence_saving")(xs, state, mask)
+        ctx.cell, ctx.counts = cell, (len(outputs), state_count)
+        ctx.save_for_backward(xs, mask, *saved)
+        return (*outputs, *final)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads: Tensor):
+        xs, mask, *saved = ctx.saved_tensors
+        output_count, state_count = ctx.counts
+        need_input_grad = bool(ctx.needs_input_grad[1])
+        grad_xs, grad_state, grad_params = ctx.cell.scripted_method("backward_sequence")(
+            xs, mask, saved, [g.contiguous() for g in grads[:output_count]],
+            [g.contiguous() for g in grads[output_count:]], need_input_grad)
+        # One tensor may be the gradient of two parameters (bias_ih and bias_hh of a sum):
+        # autograd may keep it as both .grad, so each gets its own.
+        seen, distinct = set(), []
+        for grad in grad_params:
+            distinct.append(grad.clone() if id(grad) in seen else grad)
+            seen.add(id(grad))
+        return (None, grad_xs if need_input_grad else None, None, None, *grad_state, *distinct)
+
+
+def uses_derived_backward(cell, xs: Tensor, state: Sequence[Tensor]) -> bool:
+    """Whether ``forward_sequence`` should run through :class:`DerivedSequence`.
+
+    Only when autograd records and something needs a gradient, the cell was built with the
+    derived backward, and it is not training with random ops (their noise is not saved).
+    """
+    if not torch.is_grad_enabled() or torch.jit.is_tracing():
+        return False
+    if not cell._c._has_method("backward_sequence"):
+        return False
+    if cell.training and not cell.derived_backward_trains:
+        return False
+    return (xs.requires_grad or any(s.requires_grad for s in state)
+            or any(p.requires_grad for p in _parameters(cell)))
+
+
+def _parameters(cell) -> List[Tensor]:
+    """Every parameter in declaration order, the order of backward_sequence's gradients.
+
+    Duplicates stay: torch.func.functional_call may bind one tensor to two parameters
+    (networks with ``bias=False`` bind one zero vector to both biases).
+    """
+    return [p for _, p in cell.named_parameters(recurse=False, remove_duplicate=False)]
+
+
+def derived_forward_sequence(cell, xs: Tensor, state: Sequence[Tensor], mask: Optional[Tensor]):
+    """``forward_sequence`` through :class:`DerivedSequence`: (outputs, final state)."""
+    state = tuple(state)
+    results = DerivedSequence.apply(cell, xs, mask, len(state), *state, *_parameters(cell))
+    outputs = results[:len(results) - len(state)]
+    return (outputs[0] if len(outputs) == 1 else tuple(outputs)), tuple(results[len(outputs):])

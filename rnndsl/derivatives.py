@@ -1,0 +1,244 @@
+"""Derivative rules: one per IR op, the third per-op table (after shape rules and emitters).
+
+A rule reads the node's output gradient and returns, for each input, its
+gradient contribution as code (or None where the input gets none). Rules ask
+the :class:`Rule` context for the forward values they need (``r.value(i)``,
+``r.output()``), and that is all the backward saves: the sequence-level
+generator (rnndsl/backward.py) runs every rule once to learn what to save,
+then emits the saving forward and the backward around them.
+
+Contributions come in four forms, so the generator can sum them cheaply and
+handle broadcasting in one place:
+
+- :class:`Term`: an expression, in the node's output shape unless it says
+  otherwise; flowing into a parameter vector it is summed over the batch, and
+  over time outside the loop.
+- :class:`Product`: ``a * b``; several add up with ``torch.addcmul``.
+- :class:`Placed`: the gradient of a slice, placed into the input's range;
+  the slices of one vector join with one ``torch.cat``.
+- :class:`Outer`: the gradient of the matrix in ``W @ v``, the sum over the
+  batch (and over time, in the loop) of ``grad ⊗ v``: the generator buffers
+  ``grad`` across steps and computes all of them with one GEMM.
+
+Random ops differentiate as in evaluation mode (where they are the identity);
+in training their noise is drawn inside the loop and not saved, so a cell that
+uses them trains through autograd instead (``Derivative.in_training``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Protocol, Sequence, Union
+
+from .ir import Node, Op, Shape, Size
+
+
+@dataclass(frozen=True)
+class Term:
+    """A gradient as an expression; ``shape`` None means the node's output shape."""
+
+    expr: str
+    shape: Optional[Shape] = None
+
+
+@dataclass(frozen=True)
+class Product:
+    """The gradient ``left * right``, in the node's output shape."""
+
+    left: str
+    right: str
+
+
+@dataclass(frozen=True)
+class Placed:
+    """A gradient of the input's features ``[start, start + length)``; zero elsewhere."""
+
+    expr: str
+    start: Size
+    length: Size
+
+
+@dataclass(frozen=True)
+class Outer:
+    """The gradient of ``W`` in ``W @ v``: sum over examples of ``grad ⊗ v``, where v is input ``vector``."""
+
+    grad: str
+    vector: int
+
+
+Contribution = Union[Term, Product, Placed, Outer]
+
+
+class Rule(Protocol):
+    """What a derivative rule sees of the node it differentiates."""
+
+    node: Node
+    grad: str  # the output gradient, a variable name
+
+    def needs(self, index: int) -> bool:
+        """Whether input ``index`` takes a gradient (parameters, states, the input and what depends on them)."""
+
+    def shape(self, index: int) -> Shape:
+        """The IR shape of input ``index``."""
+
+    def value(self, index: int) -> str:
+        """The forward value of input ``index``: asking for it saves it for the backward."""
+
+    def output(self) -> str:
+        """The forward value of the node itself, saved likewise."""
+
+    def grad_times_matrix(self, index: int) -> str:
+        """Code for ``grad @ M``, M the matrix input ``index``: one GEMM."""
+
+    def size(self, size: Size) -> str:
+        """A size as code."""
+
+    def fresh(self, base: str) -> str:
+        """A new local variable name."""
+
+    def emit(self, line: str) -> None:
+        """A statement to run before the contributions are used."""
+
+
+Contributions = Sequence[Optional[Contribution]]
+
+
+@dataclass(frozen=True)
+class Derivative:
+    """An op's derivative rule; ``in_training`` False: valid only in evaluation mode."""
+
+    rule: Callable[[Rule], Contributions]
+    in_training: bool = True
+
+
+def _unary(function: str, of_output: bool) -> Callable[[Rule], Contributions]:
+    """``function(grad, y)`` where y is the op's output (``of_output``) or its input."""
+    def rule(r: Rule) -> Contributions:
+        forward = r.output() if of_output else r.value(0)
+        return [Term(f"{function}({r.grad}, {forward})")]
+    return rule
+
+
+def _neg(r: Rule) -> Contributions:
+    return [Term(f"-{r.grad}")]
+
+
+def _add(r: Rule) -> Contributions:
+    return [Term(r.grad), Term(r.grad)]
+
+
+def _sub(r: Rule) -> Contributions:
+    return [Term(r.grad), Term(f"-{r.grad}") if r.needs(1) else None]
+
+
+def _mul(r: Rule) -> Contributions:
+    def times(other: int) -> Contribution:
+        # A number (a constant or hyper-parameter) is a Python float, which addcmul refuses.
+        value = r.value(other)
+        return Term(f"{r.grad} * {value}") if r.shape(other).is_scalar else Product(r.grad, value)
+    return [times(1) if r.needs(0) else None, times(0) if r.needs(1) else None]
+
+
+def _div(r: Rule) -> Contributions:
+    # d(a/b)/db = -(a/b)/b: the output, already computed, stands for a/b.
+    return [Term(f"{r.grad} / {r.value(1)}") if r.needs(0) else None,
+            Term(f"-{r.grad} * {r.output()} / {r.value(1)}") if r.needs(1) else None]
+
+
+def _exp(r: Rule) -> Contributions:
+    return [Product(r.grad, r.output())]
+
+
+def _log(r: Rule) -> Contributions:
+    return [Term(f"{r.grad} / {r.value(0)}")]
+
+
+def _abs(r: Rule) -> Contributions:
+    return [Product(r.grad, f"torch.sgn({r.value(0)})")]
+
+
+def _sqrt(r: Rule) -> Contributions:
+    return [Term(f"{r.grad} / (2.0 * {r.output()})")]
+
+
+def _softplus(r: Rule) -> Contributions:
+    # beta 1 and threshold 20: the defaults of torch.nn.functional.softplus, which the forward calls.
+    return [Term(f"torch.ops.aten.softplus_backward({r.grad}, {r.value(0)}, 1.0, 20.0)")]
+
+
+def _relu(r: Rule) -> Contributions:
+    return [Term(f"torch.ops.aten.threshold_backward({r.grad}, {r.output()}, 0.0)")]
+
+
+def _matmul(r: Rule) -> Contributions:
+    # W @ v: dv = grad @ W, one GEMM; dW is left to the generator, which batches it over steps.
+    return [Outer(r.grad, 1) if r.needs(0) else None,
+            Term(r.grad_times_matrix(0), r.shape(1)) if r.needs(1) else None]
+
+
+def _chunk(r: Rule) -> Contributions:
+    size = r.node.shape.dims[0]
+    return [Placed(r.grad, size * r.node.attr("index"), size)]
+
+
+def _slice(r: Rule) -> Contributions:
+    return [Placed(r.grad, r.node.attr("start"), r.node.attr("length"))]
+
+
+def _concat(r: Rule) -> Contributions:
+    # Vectors join along features (the last dim), matrices along rows.
+    dim = "0" if r.node.shape.is_matrix else "-1"
+    out, start = [], Size()
+    for index in range(len(r.node.inputs)):
+        length = r.shape(index).dims[0]
+        out.append(Term(f"{r.grad}.narrow({dim}, {r.size(start)}, {r.size(length)})", r.shape(index))
+                   if r.needs(index) else None)
+        start = start + length
+    return out
+
+
+def _layernorm(r: Rule) -> Contributions:
+    # torch.nn.functional.layer_norm keeps no mean and 1/std; they are recomputed here from the
+    # saved input, one extra normalization per step, instead of saved.
+    x, weight, bias = (r.value(i) for i in range(3))
+    eps = repr(float(r.node.attr("eps", 1e-5)))
+    normalized, mean, rstd = (r.fresh(name) for name in ("normalized", "mean", "rstd"))
+    grads = [r.fresh(f"{name}_grad") for name in ("x", "weight", "bias")]
+    wanted = ", ".join(str(r.needs(i)) for i in range(3))
+    r.emit(f"{normalized}, {mean}, {rstd} = torch.native_layer_norm({x}, [{x}.size(-1)], {weight}, {bias}, {eps})")
+    r.emit(f"{', '.join(grads)} = torch.ops.aten.native_layer_norm_backward({r.grad}, {x}, "
+           f"[{x}.size(-1)], {mean}, {rstd}, {weight}, {bias}, [{wanted}])")
+    # The weight and bias gradients come back summed over the batch.
+    return [Term(grads[0]) if r.needs(0) else None,
+            Term(grads[1], r.shape(1)) if r.needs(1) else None,
+            Term(grads[2], r.shape(2)) if r.needs(2) else None]
+
+
+def _first_only(r: Rule) -> Contributions:
+    """Evaluation-mode dropout and zoneout give their first input unchanged."""
+    return [Term(r.grad)] + [None] * (len(r.node.inputs) - 1)
+
+
+DERIVATIVES: Dict[Op, Derivative] = {
+    Op.NEG: Derivative(_neg),
+    Op.ADD: Derivative(_add),
+    Op.SUB: Derivative(_sub),
+    Op.MUL: Derivative(_mul),
+    Op.DIV: Derivative(_div),
+    Op.SIGMOID: Derivative(_unary("torch.ops.aten.sigmoid_backward", of_output=True)),
+    Op.TANH: Derivative(_unary("torch.ops.aten.tanh_backward", of_output=True)),
+    Op.RELU: Derivative(_relu),
+    Op.EXP: Derivative(_exp),
+    Op.LOG: Derivative(_log),
+    Op.SOFTPLUS: Derivative(_softplus),
+    Op.ABS: Derivative(_abs),
+    Op.SQRT: Derivative(_sqrt),
+    Op.SILU: Derivative(_unary("torch.ops.aten.silu_backward", of_output=False)),
+    Op.MATMUL: Derivative(_matmul),
+    Op.CHUNK: Derivative(_chunk),
+    Op.SLICE: Derivative(_slice),
+    Op.CONCAT: Derivative(_concat),
+    Op.LAYERNORM: Derivative(_layernorm),
+    # In training these draw fresh noise at every step, which the derived backward does not save.
+    Op.DROPOUT: Derivative(_first_only, in_training=False),
+    Op.ZONEOUT: Derivative(_first_only, in_training=False),
+}

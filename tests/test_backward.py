@@ -1,0 +1,280 @@
+"""The backward derived from the equations (rnndsl/derivatives.py, rnndsl/backward.py).
+
+- every op has a derivative rule;
+- ``torch.autograd.gradcheck`` of the derived ``torch.autograd.Function`` for
+  every stock and zoo cell, in float64, with and without a mask;
+- equality with autograd through the plain compiled loop (values and all
+  gradients), sizes drawn by hypothesis, float64 and float32 (oneDNN's GEMMs);
+- when the derived path runs, and when the cell falls back to autograd;
+- the switch, what ``rnndsl show --stage backward`` prints, and jit.save.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as hs
+
+import rnndsl
+from rnndsl import backward, cli
+from rnndsl.backward import DerivedSequence
+from rnndsl.derivatives import DERIVATIVES
+from rnndsl.ir import Op, OpKind
+from strategies import well_formed_cells
+
+CELLS_DIR = Path(__file__).resolve().parent.parent / "cells"
+CELLS = sorted(path.stem for path in CELLS_DIR.glob("*.cell"))
+STOCK = ["lstm", "gru", "rnn_tanh", "rnn_relu", "rnn_sigmoid"]
+
+
+def build(name: str, input_size: int, hidden: int, **options) -> torch.nn.Module:
+    """A zoo cell as a time loop (cells linear in their state would otherwise run a parallel scan)."""
+    spec = rnndsl.load_cell(CELLS_DIR / f"{name}.cell")
+    if spec.graph.input.shape.dims[0].variables == ("hidden",):  # sru: the input size is the hidden size
+        input_size = hidden
+    return spec.build(input_size, hidden, scan="sequential", **options)
+
+
+def inputs(cell, steps: int, batch: int, dtype=torch.float64, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    xs = torch.randn(steps, batch, cell.input_size, dtype=dtype, generator=generator)
+    state = tuple(torch.randn(batch, size, dtype=dtype, generator=generator) for size in cell.state_sizes)
+    mask = torch.rand(steps, batch, generator=generator) < 0.6
+    return xs, state, mask
+
+
+def run(cell, xs, state, mask, seed: int = 1):
+    """Outputs, final state, and the gradients of a random weighting of both wrt inputs and parameters."""
+    xs = xs.clone().requires_grad_(True)
+    state = tuple(s.clone().requires_grad_(True) for s in state)
+    outputs, final = cell.forward_sequence(xs, state, mask)
+    results = list(outputs if isinstance(outputs, tuple) else (outputs,)) + list(final)
+    generator = torch.Generator().manual_seed(seed)
+    loss = sum((r * torch.randn(r.shape, dtype=r.dtype, generator=generator)).sum() for r in results)
+    wrt = [xs, *state, *cell.parameters()]
+    grads = torch.autograd.grad(loss, wrt, allow_unused=True)  # a cell may ignore its input
+    return results, [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wrt)], results[0].grad_fn
+
+
+def test_every_computing_op_has_a_derivative():
+    assert set(DERIVATIVES) == {op for op in Op if op.kind is not OpKind.LEAF}
+    # Random ops hold in evaluation mode only: in training their per-step noise is not saved.
+    assert {op for op, rule in DERIVATIVES.items() if not rule.in_training} == {Op.DROPOUT, Op.ZONEOUT}
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("name", CELLS)
+def test_gradcheck_of_the_derived_function(name, masked):
+    cell = build(name, 3, 2).double().eval()
+    xs, state, mask = inputs(cell, steps=3, batch=2)
+    mask = mask if masked else None
+
+    def function(xs, *tensors):
+        return DerivedSequence.apply(cell, xs, mask, len(state), *tensors)
+
+    # The cell's own parameters: gradcheck perturbs them in place, where the cell reads them.
+    arguments = [xs.requires_grad_(True), *(s.requires_grad_(True) for s in state), *cell.parameters()]
+    assert torch.autograd.gradcheck(function, arguments, fast_mode=name not in STOCK)
+
+
+@settings(max_examples=12, deadline=None)
+@given(name=hs.sampled_from(CELLS), input_size=hs.integers(1, 5), hidden=hs.integers(1, 6),
+       steps=hs.integers(1, 6), batch=hs.integers(1, 4), masked=hs.booleans(), seed=hs.integers(0, 1000))
+def test_derived_backward_equals_autograd_of_the_loop(name, input_size, hidden, steps, batch, masked, seed):
+    derived = build(name, input_size, hidden).double()
+    loop = build(name, input_size, hidden, disable=("derived_backward",)).double()
+    loop.load_state_dict(derived.state_dict())
+    xs, state, mask = inputs(derived, steps, batch, seed=seed)
+    mask = mask if masked else None
+    got, expected = run(derived, xs, state, mask, seed), run(loop, xs, state, mask, seed)
+    assert type(got[2]).__name__ == "DerivedSequenceBackward"
+    assert type(expected[2]).__name__ != "DerivedSequenceBackward"
+    for a, b in zip(got[0] + got[1], expected[0] + expected[1]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@settings(max_examples=10, deadline=None)
+@given(drawn=well_formed_cells(), input_size=hs.integers(1, 3), hidden=hs.integers(1, 3),
+       steps=hs.integers(1, 4), masked=hs.booleans())
+def test_random_cells_derive_the_same_gradients(drawn, input_size, hidden, steps, masked):
+    """Every op of the language, in random combinations (tests/strategies.py), evaluation mode."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # unused values are legal
+        spec = rnndsl.load_source(drawn.source)[drawn.name]
+    try:
+        derived = spec.build(input_size, hidden, scan="sequential").double().eval()
+    except ValueError:  # sizes this cell cannot take (e.g. its input must be as large as a state)
+        return
+    loop = spec.build(input_size, hidden, disable=("derived_backward",), scan="sequential").double().eval()
+    loop.load_state_dict(derived.state_dict())
+    xs, state, mask = inputs(derived, steps, batch=2)
+    got, expected = run(derived, xs, state, mask if masked else None), run(loop, xs, state, mask if masked else None)
+    for a, b in zip(got[0] + got[1], expected[0] + expected[1]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["lstm", "gru", "layernorm_lstm"])
+def test_float32_on_onednn_matches_autograd_of_the_loop(name):
+    """Sizes large enough that the products go to oneDNN (and the recurrent weight is prepacked)."""
+    derived = build(name, 96, 128)
+    loop = build(name, 96, 128, disable=("derived_backward",))
+    loop.load_state_dict(derived.state_dict())
+    xs, state, mask = inputs(derived, steps=5, batch=64, dtype=torch.float32)
+    for masked in (None, mask):
+        got, expected = run(derived, xs, state, masked), run(loop, xs, state, masked)
+        for a, b in zip(got[0] + got[1], expected[0] + expected[1]):
+            # float32 sums over steps and examples in another order: relative to the largest entry.
+            assert (a - b).abs().max() <= 1e-5 * b.abs().max() + 1e-6
+
+
+def test_gradients_reach_everything_from_the_final_state_or_the_outputs_alone():
+    derived = build("lstm", 3, 4).double()
+    loop = build("lstm", 3, 4, disable=("derived_backward",)).double()
+    loop.load_state_dict(derived.state_dict())
+    xs, state, _ = inputs(derived, steps=4, batch=3)
+    for pick in (lambda out, final: final[1].sum(), lambda out, final: out.sum()):
+        grads = []
+        for cell in (derived, loop):
+            x = xs.clone().requires_grad_(True)
+            outputs, final = cell.forward_sequence(x, state)
+            grads.append(torch.autograd.grad(pick(outputs, final), [x, *cell.parameters()]))
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_a_fully_padded_sequence_keeps_its_state_and_gets_its_gradient_through():
+    cell = build("gru", 3, 4).double()
+    xs, state, _ = inputs(cell, steps=3, batch=2)
+    mask = torch.tensor([[True, False]] * 3)
+    h0 = state[0].clone().requires_grad_(True)
+    outputs, (h,) = cell.forward_sequence(xs, (h0,), mask)
+    assert torch.equal(h[1], h0[1]) and not outputs[:, 1].any()
+    (grad,) = torch.autograd.grad(h.sum(), h0)
+    assert torch.equal(grad[1], torch.ones(4, dtype=torch.float64))
+
+
+def test_parameters_train_without_an_input_gradient():
+    cell = build("lstm", 3, 4)
+    xs, state, _ = inputs(cell, steps=3, batch=2, dtype=torch.float32)
+    outputs, _ = cell.forward_sequence(xs, state)
+    outputs.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in cell.parameters())
+    # Two parameters that share one gradient tensor (bias_ih and bias_hh) still get their own.
+    assert cell.bias_ih.grad.data_ptr() != cell.bias_hh.grad.data_ptr()
+
+
+def test_when_the_derived_backward_runs():
+    cell = build("lstm", 3, 4)
+    xs, state, _ = inputs(cell, steps=2, batch=2, dtype=torch.float32)
+    assert type(cell.forward_sequence(xs, state)[0].grad_fn).__name__ == "DerivedSequenceBackward"
+    with torch.no_grad():
+        assert cell.forward_sequence(xs, state)[0].grad_fn is None
+    for parameter in cell.parameters():
+        parameter.requires_grad_(False)
+    assert cell.forward_sequence(xs, state)[0].grad_fn is None  # nothing needs a gradient
+    assert type(cell.forward_sequence(xs.requires_grad_(True), state)[0].grad_fn).__name__ == \
+        "DerivedSequenceBackward"
+
+
+def test_rnndsl_scan_goes_through_the_derived_backward(monkeypatch):
+    calls = []
+    original = DerivedSequence.backward
+
+    def counted(ctx, *grads):
+        calls.append(len(grads))
+        return original(ctx, *grads)
+
+    monkeypatch.setattr(DerivedSequence, "backward", staticmethod(counted))
+    cell = build("gru", 3, 4)
+    xs, state, _ = inputs(cell, steps=2, batch=2, dtype=torch.float32)
+    outputs, _ = rnndsl.scan(cell, xs, state)
+    outputs.sum().backward()
+    assert calls == [2]  # one output, one state
+
+
+RANDOM_CELL = """
+cell noisy(x[input]) -> h {
+    state h[hidden]
+    param W[hidden, input], U[hidden, hidden]
+    hyper p = 0.5
+    h' = zoneout(tanh(W @ x + dropout(U @ h, p)), h, p)
+}
+"""
+
+
+def test_random_ops_train_through_autograd_and_evaluate_through_the_derived_backward():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        spec = rnndsl.load_source(RANDOM_CELL)["noisy"]
+    cell = spec.build(3, 4).double()
+    loop = spec.build(3, 4, disable=("derived_backward",)).double().eval()
+    loop.load_state_dict(cell.state_dict())
+    xs, state, _ = inputs(cell, steps=3, batch=2)
+    assert type(run(cell.train(), xs, state, None)[2]).__name__ != "DerivedSequenceBackward"
+    got, expected = run(cell.eval(), xs, state, None), run(loop, xs, state, None)
+    assert type(got[2]).__name__ == "DerivedSequenceBackward"
+    for a, b in zip(got[0] + got[1], expected[0] + expected[1]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+MANY_OPS_CELL = """
+cell many(x[input]) -> y, h {
+    state h[hidden], c[hidden]
+    param W[2*hidden, input], U[2*hidden, hidden], b[hidden], s[hidden], g[hidden], n[hidden]
+    hyper k = 0.3
+    a, z = chunk(W @ x + U @ h, 2)
+    d = exp(-abs(a)) / (1 + softplus(z)) - sqrt(c * c + 1) * s + log(1 + sigmoid(b))
+    e = layernorm(silu(d) + relu(a) * k, g, n)
+    u, v = chunk(concat(e, tanh(z)), 2)
+    y = u * v - b
+    h' = tanh(y)
+    c' = c
+}
+"""
+
+
+@pytest.mark.parametrize("disable", [(), ("hoist",), ("cse", "dce", "hoist", "merge_matmuls", "reassociate")])
+def test_every_op_with_and_without_the_passes(disable):
+    """Parameter vectors in the loop, a state passed through, two outputs, layer norm, concat."""
+    spec = rnndsl.load_source(MANY_OPS_CELL)["many"]
+    derived = spec.build(3, 4, disable=disable).double()
+    loop = spec.build(3, 4, disable=disable + ("derived_backward",)).double()
+    derived.load_state_dict(loop.state_dict())
+    xs, state, mask = inputs(derived, steps=3, batch=2)
+    for masked in (None, mask):
+        got, expected = run(derived, xs, state, masked), run(loop, xs, state, masked)
+        assert type(got[2]).__name__ == "DerivedSequenceBackward"
+        for a, b in zip(got[0] + got[1], expected[0] + expected[1]):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_the_switch_leaves_the_derived_methods_out():
+    cell = build("rnn_tanh", 3, 4, disable=("derived_backward",))
+    assert not cell._c._has_method("backward_sequence")
+    assert build("rnn_tanh", 3, 4)._c._has_method("backward_sequence")
+
+
+def test_show_prints_the_backward(capsys):
+    assert cli.main(["show", "lstm", "--stage", "backward"]) == 0
+    printed = capsys.readouterr().out
+    assert "def forward_sequence_saving(" in printed and "def backward_sequence(" in printed
+    assert printed.strip() == rnndsl.load_cell("lstm").backward_code().strip()
+
+
+def test_a_saved_cell_loads_without_rnndsl_and_trains_through_its_loop():
+    cell = build("lstm", 3, 4)
+    buffer = io.BytesIO()
+    torch.jit.save(cell, buffer)
+    buffer.seek(0)
+    loaded = torch.jit.load(buffer)
+    assert type(loaded) is torch.jit.RecursiveScriptModule
+    xs, state, _ = inputs(cell, steps=3, batch=2, dtype=torch.float32)
+    outputs, final = loaded.forward_sequence(xs.requires_grad_(True), state, None)
+    expected, _ = cell.forward_sequence(xs, state)
+    torch.testing.assert_close(outputs, expected, rtol=1e-5, atol=1e-6)
+    outputs.sum().backward()
+    assert xs.grad is not None
