@@ -76,7 +76,7 @@ def make_recurrent(cell, input_size: int, hids: Sequence[int], *, backend: str =
                    dropout: float = 0.0, batch_first: bool = False, save_hidden: bool = True,
                    winitfun: Optional[Callable[[nn.Module], None]] = None,
                    hinitfun: Optional[Callable[[Tensor], None]] = None,
-                   return_all_layers: bool = False, **hyper) -> RecurrentNetwork:
+                   return_all_layers: bool = False, scan: str = "auto", **hyper) -> RecurrentNetwork:
     """A stack of recurrent layers, one per entry of ``hids``: rnnlib's ``makeRecurrent``.
 
     ``cell`` is a stock name (``"lstm"``), a path to a ``.cell`` file or a
@@ -87,13 +87,16 @@ def make_recurrent(cell, input_size: int, hids: Sequence[int], *, backend: str =
     saved hidden state. ``winitfun(network)`` initializes the weights (default:
     uniform in ±0.1, as rnnlib); ``hinitfun(tensor)`` fills each fresh state
     tensor in place (default: zeros). ``backend`` is ``"script"``, ``"eager"``,
-    ``"native"`` (torch's fused kernels) or ``"auto"``. The result also carries
-    ``spec`` and the ``backend`` chosen.
+    ``"native"`` (torch's fused kernels) or ``"auto"``. ``scan`` is ``"auto"``
+    (a parallel scan over time where the cell's recurrence is linear in its
+    state, as minGRU's), ``"parallel"`` (ValueError naming the equation when it
+    is not) or ``"sequential"``. The result also carries ``spec`` and the
+    ``backend`` chosen.
     """
     return _make(cell, input_size, hids, bidirectional=False, share_weights=False,
                  backend=backend, dropout=dropout, batch_first=batch_first,
                  save_hidden=save_hidden, winitfun=winitfun, hinitfun=hinitfun,
-                 return_all_layers=return_all_layers, hyper=hyper)
+                 return_all_layers=return_all_layers, hyper=dict(hyper, scan=scan))
 
 
 def make_bidirectional(cell, input_size: int, hids: Sequence[int], *, share_weights: bool = False,
@@ -101,7 +104,7 @@ def make_bidirectional(cell, input_size: int, hids: Sequence[int], *, share_weig
                        save_hidden: bool = False,
                        winitfun: Optional[Callable[[nn.Module], None]] = None,
                        hinitfun: Optional[Callable[[Tensor], None]] = None,
-                       return_all_layers: bool = False, **hyper) -> RecurrentNetwork:
+                       return_all_layers: bool = False, scan: str = "auto", **hyper) -> RecurrentNetwork:
     """Like :func:`make_recurrent`, each layer reading forwards and backwards:
     rnnlib's ``makeBidirectional``.
 
@@ -115,7 +118,7 @@ def make_bidirectional(cell, input_size: int, hids: Sequence[int], *, share_weig
     return _make(cell, input_size, hids, bidirectional=True, share_weights=share_weights,
                  backend=backend, dropout=dropout, batch_first=batch_first,
                  save_hidden=save_hidden, winitfun=winitfun, hinitfun=hinitfun,
-                 return_all_layers=return_all_layers, hyper=hyper)
+                 return_all_layers=return_all_layers, hyper=dict(hyper, scan=scan))
 
 
 _STOCK_CELLS = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}

@@ -1,0 +1,137 @@
+"""The parallel scan: cells whose recurrence is linear in the state run without a time loop.
+
+When every state's update has the form ``s' = a * s + b`` with ``a`` and ``b``
+independent of every state (minGRU, minLSTM, QRNN, ...), ``a`` and ``b`` are
+computed for all steps at once, like hoisted input projections, and
+:func:`rnndsl.linear_scan.linear_recurrence` runs the whole sequence in
+O(log T) depth, forward and backward. Outputs that depend on the states only
+through their next values (QRNN's ``o * c'``) are then computed for all steps
+at once too.
+
+``find_linear_recurrences`` decides; ``generate_parallel`` writes the
+``forward_parallel`` method (plain Python: autograd Functions cannot be called
+from TorchScript).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+from .codegen import _body_nodes, _Emitter, _tuple, validate_source
+from .ir import Graph, Node, Op, Phase
+from .lower import Namespace
+from .passes.dependency import dependency_phases
+
+
+@dataclass(frozen=True)
+class LinearUpdate:
+    """``state' = a * state + b``, with ``a`` and ``b`` node names free of every state."""
+
+    state: str
+    next: str
+    a: str
+    b: str
+
+
+class NotLinear(Exception):
+    """Why a cell's recurrence is not linear in its state; ``node`` is the offending equation."""
+
+    def __init__(self, message: str, node: Optional[Node]):
+        super().__init__(message)
+        self.node = node
+
+
+def _update_of(state: str, node: Node, nodes: Dict[str, Node], free: Dict[str, bool]) -> Tuple[str, str]:
+    """``(a, b)`` if ``node`` is ``a * state + b`` (in any order), else NotLinear."""
+    if node.op is Op.ADD:
+        for scaled, offset in (node.inputs, node.inputs[::-1]):
+            term = nodes[scaled]
+            if free[offset] and term.op is Op.MUL and state in term.inputs:
+                coefficient = term.inputs[1] if term.inputs[0] == state else term.inputs[0]
+                if free[coefficient] and coefficient != state:
+                    return coefficient, offset
+    raise NotLinear(f"the next value of `{state}` is not of the form a * {state} + b "
+                    "with a and b independent of every state", node)
+
+
+def find_linear_recurrences(graph: Graph) -> List[LinearUpdate]:
+    """The linear update of every state, or NotLinear naming the first equation that is not."""
+    nodes = graph.node_map()
+    phases = dependency_phases(graph)
+    free = {name: phase is not Phase.PER_STEP for name, phase in phases.items()}
+    updates = []
+    for decl, next_name in zip(graph.states, graph.next_states):
+        a, b = _update_of(decl.name, nodes[next_name], nodes, free)
+        updates.append(LinearUpdate(decl.name, next_name, a, b))
+    available = {name for name, is_free in free.items() if is_free} | {u.next for u in updates}
+    for output in graph.outputs:
+        stack = [output]
+        while stack:
+            name = stack.pop()
+            if name in available:
+                continue
+            node = nodes[name]
+            if node.op is Op.STATE:
+                raise NotLinear(f"output `{output}` depends on a state other than through its next value",
+                                nodes[output])
+            if node.op.kind.value == "random":
+                raise NotLinear(f"`{name}` draws random numbers at each step of the recurrence", node)
+            stack.extend(node.inputs)
+    return updates
+
+
+def generate_parallel(graph: Graph, updates: List[LinearUpdate]) -> str:
+    """Python source of ``forward_parallel(self, xs, state, mask=None)``."""
+    emitter = _Emitter(graph)
+    nodes = graph.node_map()
+    phases = dependency_phases(graph)
+    names = Namespace({n.name for n in graph.nodes} | set(emitter.local.values()), reserved=frozenset())
+    body = _body_nodes(graph)
+    # Values with a time axis get a _seq name; parameter-only values keep theirs.
+    seq = {n.name: names.fresh(f"{n.name}_seq") for n in body if phases[n.name] is not Phase.ONCE}
+    seq[graph.input.name] = "xs"
+    done = {u.next for u in updates}
+    needed = _needed_for_outputs(graph, nodes, done)
+    states = [emitter.var(d.name) for d in graph.states]
+    lines = emitter.lines
+    lines.append("def forward_parallel(self, xs, state, mask=None):")
+    lines.extend(f"    {name} = state[{i}]" for i, name in enumerate(states))
+    lines.append("    # Every value free of the states, for all steps at once.")
+    for node in body:
+        if phases[node.name] is not Phase.PER_STEP:
+            emitter.emit(node, "    ", seq if phases[node.name] is Phase.PER_INPUT else {})
+    lines.append("    steps = xs.new_zeros([xs.size(0), xs.size(1), 1])")
+    lines.append("    if mask is not None:")
+    lines.append("        real = mask.unsqueeze(2)")
+    for update, var in zip(updates, states):
+        a, b = (emitter.ref(name, seq) for name in (update.a, update.b))
+        full_a, full_b = names.fresh(f"{update.state}_a"), names.fresh(f"{update.state}_b")
+        lines.append(f"    {full_a} = steps + {a}")
+        lines.append(f"    {full_b} = steps + {b}")
+        lines.append("    if mask is not None:  # padded steps keep the state: a = 1, b = 0")
+        lines.append(f"        {full_a} = torch.where(real, {full_a}, torch.ones_like({full_a}))")
+        lines.append(f"        {full_b} = torch.where(real, {full_b}, torch.zeros_like({full_b}))")
+        lines.append(f"    {seq[update.next]} = linear_recurrence({full_a}, {full_b}, {var})")
+    lines.append("    # What the outputs need from the new states, for all steps at once.")
+    for node in body:
+        if phases[node.name] is Phase.PER_STEP and node.name not in done and node.name in needed:
+            emitter.emit(node, "    ", seq)
+    outputs = [emitter.ref(name, seq) for name in graph.outputs]
+    zeroed = [f"{o} * real.to(xs.dtype)" for o in outputs]
+    finals = [f"{seq[u.next]}[-1]" for u in updates]
+    lines.append("    if mask is not None:")
+    lines.append(f"        return {zeroed[0] if len(zeroed) == 1 else _tuple(zeroed)}, {_tuple(finals)}")
+    lines.append(f"    return {outputs[0] if len(outputs) == 1 else _tuple(outputs)}, {_tuple(finals)}")
+    return validate_source("\n".join(lines) + "\n")
+
+
+def _needed_for_outputs(graph: Graph, nodes: Dict[str, Node], new_states: set) -> set:
+    """The nodes on the way to an output, from the new states (which the scan computes)."""
+    wanted, stack = set(), list(graph.outputs)
+    while stack:
+        current = stack.pop()
+        if current not in wanted:
+            wanted.add(current)
+            if current not in new_states:
+                stack.extend(nodes[current].inputs)
+    return wanted

@@ -1,0 +1,92 @@
+"""Cells linear in their state run as a parallel scan: equal to the time loop, values and gradients."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import rnndsl
+from rnndsl.parallel import NotLinear, find_linear_recurrences
+
+LINEAR = ["mingru", "minlstm", "qrnn"]
+NOT_LINEAR = {"lstm": "h' = sigmoid(o) * tanh(c')", "gru": "h' = (1 - z) * n + z * h", "indrnn": "h' = relu("}
+
+
+def _pair(name, backend, input_size, hidden):
+    spec = rnndsl.load_cell(name)
+    sequential = spec.build(input_size, hidden, backend=backend, scan="sequential").double()
+    parallel = spec.build(input_size, hidden, backend=backend, scan="parallel").double()
+    parallel.load_state_dict(sequential.state_dict())
+    return sequential, parallel
+
+
+def _run(cell, xs, state, mask):
+    outputs, final = rnndsl.scan(cell, xs, state, mask)
+    weights = torch.linspace(-1, 1, outputs.numel(), dtype=outputs.dtype).view_as(outputs)
+    loss = (outputs * weights).sum() + sum((s * s).sum() for s in final)
+    grads = torch.autograd.grad(loss, [xs, *state, *cell.parameters()])
+    return outputs, final, grads
+
+
+@pytest.mark.parametrize("backend", ["script", "eager"])
+@pytest.mark.parametrize("name", LINEAR)
+@given(steps=st.integers(1, 70), batch=st.integers(1, 4), hidden=st.integers(1, 9), masked=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_parallel_equals_sequential(name, backend, steps, batch, hidden, masked, seed):
+    sequential, parallel = _pair(name, backend, 3, hidden)
+    g = torch.Generator().manual_seed(seed)
+    xs = torch.randn(steps, batch, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    state = tuple(torch.randn(batch, hidden, dtype=torch.float64, generator=g, requires_grad=True)
+                  for _ in sequential.state_sizes)
+    mask = None
+    if masked:
+        lengths = torch.randint(1, steps + 1, (batch,), generator=g)
+        mask = torch.arange(steps)[:, None] < lengths[None, :]
+    want, got = _run(sequential, xs, state, mask), _run(parallel, xs, state, mask)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-10)
+    for a, b in zip(got[1] + got[2], want[1] + want[2]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_long_sequences_are_exact_and_finite():
+    sequential, parallel = _pair("mingru", "script", 4, 8)
+    xs = torch.randn(512, 2, 4, dtype=torch.float64)
+    state = (torch.randn(2, 8, dtype=torch.float64),)
+    with torch.no_grad():
+        torch.testing.assert_close(rnndsl.scan(parallel, xs, state)[0], rnndsl.scan(sequential, xs, state)[0],
+                                   rtol=0, atol=1e-8)
+        long = torch.randn(4096, 2, 4, dtype=torch.float64)
+        assert torch.isfinite(rnndsl.scan(parallel, long, state)[0]).all()
+
+
+def test_auto_picks_the_parallel_scan_only_where_it_applies():
+    assert rnndsl.load_cell("mingru").build(3, 4, scan="auto").scan_mode == "parallel"
+    assert rnndsl.load_cell("lstm").build(3, 4, scan="auto").scan_mode == "sequential"
+
+
+@pytest.mark.parametrize("name", sorted(NOT_LINEAR))
+def test_refusal_names_the_equation(name):
+    with pytest.raises(ValueError) as caught:
+        rnndsl.load_cell(name).build(3, 4, scan="parallel")
+    message = str(caught.value)
+    assert "not linear in the state" in message
+    assert NOT_LINEAR[name] in message
+    assert f"{name}.cell:" in message
+
+
+def test_find_linear_recurrences_reads_the_ir():
+    (update,) = find_linear_recurrences(rnndsl.load_cell("qrnn").optimized())
+    assert update.state == "c" and update.next == "c_next"
+    with pytest.raises(NotLinear):
+        find_linear_recurrences(rnndsl.load_cell("sru").optimized())
+
+
+def test_networks_take_a_scan_option():
+    net = rnndsl.make_recurrent("mingru", 3, [5, 4], scan="parallel", save_hidden=False)
+    reference = rnndsl.make_recurrent("mingru", 3, [5, 4], scan="sequential", save_hidden=False)
+    reference.load_state_dict(net.state_dict())
+    xs = torch.randn(40, 2, 3)
+    torch.testing.assert_close(net(xs)[0], reference(xs)[0], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="not linear in the state"):
+        rnndsl.make_recurrent("lstm", 3, [5], scan="parallel")
