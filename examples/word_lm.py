@@ -1,8 +1,10 @@
 """Word-level language model: torch-rnnlib's word_lm, with the cell read from a ``.cell`` file.
 
 The protocol is rnnlib's ``examples/word-language-model/word_lm.lua``: an
-embedding, a stack of recurrent layers and a linear decoder; every weight
-uniform in ±0.1 and the decoder bias zero; plain SGD on the mean cross-entropy
+embedding, a stack of recurrent layers and a linear decoder; embedding and
+decoder weights uniform in ±0.1 and the decoder bias zero, the recurrent weights
+with the cell's own init (as the torch.nn.LSTM reference figures were measured;
+``--rnn-init rnnlib`` puts them in ±0.1 too, as rnnlib did); plain SGD on the mean cross-entropy
 with the gradients' global norm clipped; the hidden state carried from one
 batch to the next (and reset at each epoch); the learning rate divided by 4
 whenever the validation loss rises; validation and test read with batch size 1.
@@ -53,6 +55,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     model.add_argument("--emsize", type=int, default=200, help="word embedding size")
     model.add_argument("--nhid", type=int, nargs="+", default=[200, 200],
                        help="hidden size of each layer, one value per layer")
+    model.add_argument("--rnn-init", default="cell", choices=("cell", "rnnlib"),
+                       help="recurrent weights: the cell's own init (uniform in ±1/sqrt(hidden), as "
+                            "torch.nn and PyTorch's word_language_model) or rnnlib's uniform ±0.1")
     model.add_argument("--backend", default="script", choices=("script", "eager", "native", "auto"),
                        help="how the cells run; native is torch's fused kernel")
     training = parser.add_argument_group("training")
@@ -112,11 +117,12 @@ class WordLM(nn.Module):
     """
 
     def __init__(self, cell, vocabulary_size: int, emsize: int, nhid: Sequence[int],
-                 backend: str = "script") -> None:
+                 backend: str = "script", rnn_init: str = "cell") -> None:
         super().__init__()
         self.nhid = list(nhid)
         self.encoder = nn.Embedding(vocabulary_size, emsize)
-        self.rnn = rnndsl.make_recurrent(cell, emsize, list(nhid), backend=backend)
+        keep_cell_init = (lambda network: None) if rnn_init == "cell" else None
+        self.rnn = rnndsl.make_recurrent(cell, emsize, list(nhid), backend=backend, winitfun=keep_cell_init)
         self.decoder = nn.Linear(self.rnn.network.output_size, vocabulary_size)
         with torch.no_grad():
             self.encoder.weight.uniform_(-INIT_RANGE, INIT_RANGE)
@@ -302,7 +308,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
     print(f"corpus: {corpus} | vocabulary {len(vocabulary)} | words: train {train.numel()}, "
           f"valid {valid.numel()}, test {test.numel()}")
     train = batchify(train, args.batch_size)
-    model = WordLM(rnndsl.load_cell(args.cell), len(vocabulary), args.emsize, args.nhid, args.backend)
+    model = WordLM(rnndsl.load_cell(args.cell), len(vocabulary), args.emsize, args.nhid, args.backend,
+                   args.rnn_init)
     spec, size = model.rnn.spec, sum(p.numel() for p in model.parameters())
     print(f"model: cell {spec.name} ({spec.path}), backend {model.rnn.backend}, emsize {args.emsize}, "
           f"nhid {' '.join(map(str, args.nhid))}, {size} parameters")
