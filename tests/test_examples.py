@@ -79,7 +79,8 @@ def test_word_lm_trains_offline_and_reports_test_perplexity(word_model):
     assert "end of epoch   1" in output and "ms/batch" in output
     perplexity = float(re.search(r"test ppl (\d+\.\d+)", output).group(1))
     assert math.isfinite(perplexity) and perplexity > 1
-    assert math.isclose(perplexity, math.exp(word_model["result"]["test_loss"]), rel_tol=1e-3)
+    # printed with two decimals
+    assert abs(perplexity - math.exp(word_model["result"]["test_loss"])) <= 0.005 + 1e-9
 
 
 def test_checkpoint_loads_with_weights_only_and_without_the_cell_file(word_model):
