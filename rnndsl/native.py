@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from .containers import Bidirectional, cell_sizes
+from .containers import Bidirectional, RecurrentTable, cell_sizes
 
 BACKENDS = ("script", "eager", "native", "auto")
 PARAMETER_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
@@ -75,7 +75,7 @@ def run_native(mode: str, xs: Tensor, state: Tuple[Tensor, ...], weights: List[T
     return outputs, tuple(f.squeeze(0).index_select(0, packed.unsorted_indices) for f in final)
 
 
-class NativeLayer(nn.Module):
+class NativeLayer(RecurrentTable):
     """Runs a cell over time with torch's fused kernel instead of its own code.
 
     Same convention as :class:`rnndsl.containers.RecurrentTable`; the cell
@@ -84,29 +84,12 @@ class NativeLayer(nn.Module):
     """
 
     def __init__(self, cell: nn.Module, mode: str, names: Mapping[str, str]) -> None:
-        super().__init__()
+        super().__init__(cell)
         if sorted(names) != sorted(PARAMETER_NAMES):
             raise ValueError(f"names must map each of {PARAMETER_NAMES} to a cell parameter, "
                              f"got {dict(names)}")
-        self.cell = cell
         self.mode = mode
         self.names = dict(names)
-
-    @property
-    def input_size(self) -> int:
-        return self.cell.input_size
-
-    @property
-    def output_size(self) -> int:
-        return self.cell.output_size
-
-    @property
-    def state_sizes(self):
-        return self.cell.state_sizes
-
-    @property
-    def state_names(self):
-        return self.cell.state_names
 
     def extra_repr(self) -> str:
         return f"{self.mode}, {cell_sizes(self.cell)}"
