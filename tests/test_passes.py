@@ -122,3 +122,13 @@ def test_gate_by_gate_lstm_computes_the_stock_lstm():
     xs = torch.randn(6, 2, 4, dtype=torch.float64)
     state = (torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64))
     torch.testing.assert_close(rnndsl.scan(gates, xs, state)[0], rnndsl.scan(stock, xs, state)[0])
+
+
+def test_join_slices_turns_the_gate_by_gate_lstm_into_the_stacked_one():
+    graph = rnndsl.load_source(GATES)["lstm_gates"].optimized()
+    step_adds = [n for n in graph.nodes if n.op is Op.ADD and n.phase is Phase.PER_STEP and n.name != "c_next"]
+    assert len(step_adds) == 1  # one add of the whole [B, 4*hidden] per step, as cells/lstm.cell
+    assert sum(n.op is Op.MATMUL for n in graph.nodes) == 2
+    joined = [n for n in graph.nodes if n.op is Op.CONCAT and n.phase is Phase.ONCE]
+    assert {tuple(n.inputs) for n in joined} >= {("bias_i", "bias_f", "bias_g", "bias_o")}
+    assert "join_slices" not in rnndsl.load_source(GATES)["lstm_gates"].optimized(disable=["join_slices"]).passes

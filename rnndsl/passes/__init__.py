@@ -11,6 +11,7 @@ from ..ir import Graph, verify
 from .dead_code import eliminate_dead_code
 from .dedupe import eliminate_common_subexpressions
 from .hoist import hoist_invariants
+from .join_slices import join_slices
 from .merge_matmuls import merge_matmuls
 from .reassociate import reassociate_sums
 
@@ -20,6 +21,7 @@ PASSES: List[Tuple[str, Pass]] = [
     ("cse", eliminate_common_subexpressions),
     ("reassociate", reassociate_sums),
     ("merge_matmuls", merge_matmuls),
+    ("join_slices", join_slices),
     ("dce", eliminate_dead_code),
     ("hoist", hoist_invariants),
 ]
