@@ -606,10 +606,11 @@ def write_plot(path: Path, rows: Sequence[dict], title: str) -> Optional[str]:
         for r in rows:
             if r["section"] == "time" and r["metric"] == metric:
                 series.setdefault(r["variant"], []).append((r["hidden"], r["value"]))
-        for name, points in series.items():
+        colors = plt.get_cmap("tab20").colors  # more variants than tab10's ten colours
+        for index, (name, points) in enumerate(series.items()):
             points.sort()
             style = "-" if name in REFERENCES.values() else "--" if name.startswith("rnndsl") else ":"
-            axis.plot(*zip(*points), style, marker="o", label=name)
+            axis.plot(*zip(*points), style, marker="o", label=name, color=colors[index % len(colors)])
         axis.set(xscale="log", yscale="log", xlabel="hidden size", title=label)
         axis.set_xticks(sorted({r["hidden"] for r in rows if r["section"] == "time"}))
         axis.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
