@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .codegen import EMITTERS, _Emitter, leaf_reference, validate_source
+from .codegen import EMITTERS, _Emitter, leaf_reference, size_code, state_update, validate_source
 from .derivatives import DERIVATIVES, Outer, Placed, Product, Term
 from .ir import Graph, Node, Op, OpKind, Phase, Shape, Size
 from .lower import Namespace
@@ -168,10 +168,6 @@ def _reduce(expr: str, shape: Shape, lead: int, target: Shape) -> str:
     return f"{_atom(expr)}.sum({dims})"
 
 
-def _size(size: Size) -> str:
-    return size.render(lambda name: f"self.{name}")
-
-
 @dataclass(frozen=True)
 class _OuterOf:
     """An :class:`Outer` with its vector named (the rule gave an input index)."""
@@ -224,7 +220,7 @@ class _RuleContext:
         return self._generator.times_matrix(self.grad, self.node.inputs[index], self._block.level)
 
     def size(self, size: Size) -> str:
-        return _size(size)
+        return size_code(size)
 
     def fresh(self, base: str) -> str:
         return self._generator.names.fresh(base)
@@ -399,9 +395,9 @@ class _Generator:
         # Gaps or overlaps: start from zeros (rare: a chunk with an unused part).
         first = _atom(next(iter(parts.values())))
         local = self.names.fresh("placed")
-        block.emit(f"{local} = {first}.new_zeros({first}.size()[:-1] + [{_size(whole)}])")
+        block.emit(f"{local} = {first}.new_zeros({first}.size()[:-1] + [{size_code(whole)}])")
         for (start, length), expr in parts.items():
-            block.emit(f"{local}.narrow(-1, {_size(start)}, {_size(length)}).add_({expr})")
+            block.emit(f"{local}.narrow(-1, {size_code(start)}, {size_code(length)}).add_({expr})")
         return local
 
     def buffer(self, local: str, shape: Shape) -> str:
@@ -479,11 +475,11 @@ class _Generator:
         lines += [f"    {carries[s]} = {fixed['grad_state']}[{i}]" for i, s in enumerate(states)]
         lines.append(f"    {self.steps}, {self.batch} = xs.size(0), xs.size(1)")
         for buffer, shape in self.buffers.values():
-            dims = [self.steps] + ([self.batch] if shape.batched else []) + [_size(d) for d in shape.dims]
+            dims = [self.steps] + ([self.batch] if shape.batched else []) + [size_code(d) for d in shape.dims]
             if buffer not in self.views:
                 lines.append(f"    {buffer} = xs.new_empty([{', '.join(dims)}])")
         for buffer, (base, start, length) in self.views.items():
-            lines.append(f"    {buffer} = {base}.narrow(-1, {_size(start)}, {_size(length)})")
+            lines.append(f"    {buffer} = {base}.narrow(-1, {size_code(start)}, {size_code(length)})")
         for local, matrix in self.packed_transposed.values():
             lines.append(f"    {local} = prepack({matrix}.t(), {self.batch})")
         lines.append(f"    for t in range({self.steps} - 1, -1, -1):")
@@ -558,7 +554,7 @@ class _Generator:
         # (a list of steps stacked after the loop costs twice as much here).
         outputs = [self.fresh("outputs") for _ in graph.outputs]
         for name, local in list(zip(graph.outputs, outputs)) + list(self.stacked.items()):
-            size = _size(self.nodes[name].shape.dims[0])
+            size = size_code(self.nodes[name].shape.dims[0])
             lines.append(f"    {local} = xs.new_empty([xs.size(0), xs.size(1), {size}])")
         needed = [i for n in step for i in n.inputs] + list(graph.results())
         reads = [name for name in self.seq_names if name in needed]
@@ -572,13 +568,7 @@ class _Generator:
                 lines.append(f"        {self.stacked[node.name]}[t].copy_({node.name})")
         for local, name in zip(outputs, graph.outputs):
             lines.append(f"        {local}[t].copy_({emitter.ref(name, {})})")
-        nexts = [emitter.ref(n, {}) for n in graph.next_states]
-        lines.append("        if mask is None:")
-        lines.append(f"            {', '.join(states)} = {', '.join(nexts)}")
-        lines.append("        else:")
-        lines.append("            keep = mask[t].unsqueeze(1)")
-        lines.append(f"            {', '.join(states)} = "
-                     f"{', '.join(f'torch.where(keep, {n}, {s})' for n, s in zip(nexts, states))}")
+        lines.extend(state_update(states, [emitter.ref(n, {}) for n in graph.next_states]))
         lines.append("    if mask is not None:")
         lines += [f"        {local} = {local} * mask.unsqueeze(2).to(xs.dtype)" for local in outputs]
         lines.append(f"    return [{', '.join(outputs)}], [{', '.join(states)}], [{', '.join(self.saved_locals())}]")

@@ -32,7 +32,8 @@ from .passes.dependency import dependency_phases
 Emitter = Callable[[Node, List[str]], str]
 
 
-def _size(value) -> str:
+def size_code(value) -> str:
+    """A size as code: ``4*self.hidden``."""
     return value.render(lambda name: f"self.{name}")
 
 
@@ -49,7 +50,7 @@ def _chunk(node: Node, args: List[str]) -> str:
     # (once the profiling executor specializes) when a part gets no gradient, e.g. an LSTM whose
     # loss reads only c, and its `chunk(...)[i]` can give silently wrong gradients.
     size = node.shape.dims[0]
-    return f"{args[0]}.narrow(-1, {_size(size * node.attr('index'))}, {_size(size)})"
+    return f"{args[0]}.narrow(-1, {size_code(size * node.attr('index'))}, {size_code(size)})"
 
 
 def _concat(node: Node, args: List[str]) -> str:
@@ -81,7 +82,7 @@ EMITTERS: Dict[Op, Emitter] = {
     # W @ v with v of shape (..., n): one GEMM for any number of leading dims.
     Op.MATMUL: lambda node, args: f"torch.nn.functional.linear({args[1]}, {args[0]})",
     Op.CHUNK: _chunk,
-    Op.SLICE: lambda node, args: f"{args[0]}.narrow(-1, {_size(node.attr('start'))}, {_size(node.attr('length'))})",
+    Op.SLICE: lambda node, args: f"{args[0]}.narrow(-1, {size_code(node.attr('start'))}, {size_code(node.attr('length'))})",
     Op.CONCAT: _concat,
     Op.LAYERNORM: lambda node, args: (f"torch.nn.functional.layer_norm({args[0]}, [{args[0]}.size(-1)], "
                                       f"{args[1]}, {args[2]}, {node.attr('eps', 1e-5)!r})"),
@@ -131,6 +132,16 @@ class _Emitter:
         args = [self.ref(name, rename) for name in node.inputs]
         target = rename.get(node.name, node.name)
         self.lines.append(f"{indent}{target} = {EMITTERS[node.op](node, args)}")
+
+
+def state_update(states: Sequence[str], nexts: Sequence[str]) -> List[str]:
+    """The loop's last lines: states take their next values, except at padded steps."""
+    kept = [f"torch.where(keep, {new}, {old})" for new, old in zip(nexts, states)]
+    return ["        if mask is None:",
+            f"            {', '.join(states)} = {', '.join(nexts)}",
+            "        else:",
+            "            keep = mask[t].unsqueeze(1)",
+            f"            {', '.join(states)} = {', '.join(kept)}"]
 
 
 def _tuple_type(count: int) -> str:
@@ -211,7 +222,7 @@ def _generate_sequence(graph: Graph, emitter: _Emitter, state_type: str, output_
     for node in step:
         if node.name in masks:
             # The probability is a number: parameters-only, but maybe computed in the loop (no hoisting).
-            size, p = _size(node.shape.dims[0]), emitter.inline(node.inputs[1])
+            size, p = size_code(node.shape.dims[0]), emitter.inline(node.inputs[1])
             lines.append(f"    {masks[node.name]} = torch.nn.functional.dropout("
                          f"xs.new_ones([xs.size(1), {size}]), {p}, self.training)")
     for name in output_lists:
@@ -231,13 +242,7 @@ def _generate_sequence(graph: Graph, emitter: _Emitter, state_type: str, output_
             emitter.emit(node, "        ", {})
     for name, output in zip(output_lists, graph.outputs):
         lines.append(f"        {name}.append({emitter.ref(output, {})})")
-    nexts = [emitter.ref(n, {}) for n in graph.next_states]
-    lines.append("        if mask is None:")
-    lines.append(f"            {', '.join(states)} = {', '.join(nexts)}")
-    lines.append("        else:")
-    lines.append("            keep = mask[t].unsqueeze(1)")
-    kept = [f"torch.where(keep, {new}, {old})" for new, old in zip(nexts, states)]
-    lines.append(f"            {', '.join(states)} = {', '.join(kept)}")
+    lines.extend(state_update(states, [emitter.ref(n, {}) for n in graph.next_states]))
     stacked = [f"torch.stack({name})" for name in output_lists]
     lines.append("    if mask is not None:")
     lines.append("        real = mask.unsqueeze(2)")
