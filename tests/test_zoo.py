@@ -17,6 +17,7 @@ from hypothesis import strategies as hs
 
 import rnndsl
 from rnndsl.cellspec import BACKENDS
+from rnndsl.scan import python_scan
 from references import REFERENCES, reference_scan
 
 CELLS = sorted(REFERENCES)
@@ -230,3 +231,19 @@ def test_zoneout_keeps_old_units_with_probability_p(backend: str) -> None:
     cell.eval()
     (h,), _ = cell((old,), new)
     assert torch.equal(h, new)
+
+
+def test_dropout_of_a_parameter_vector_draws_per_step_in_the_loop():
+    spec = rnndsl.load_source("""
+        cell c(x[input]) -> h {
+            state h[hidden]
+            param W[hidden, input], b[hidden]
+            h' = tanh(W @ x + h * dropout(b, 0.5))
+        }""")["c"]
+    for backend in ("script", "eager"):
+        cell = spec.build(3, 4, backend=backend).train()
+        xs, state = torch.randn(6, 2, 3), (torch.ones(2, 4),)
+        outputs, _ = rnndsl.scan(cell, xs, state)
+        assert outputs.shape == (6, 2, 4) and torch.isfinite(outputs).all()
+        cell.eval()
+        torch.testing.assert_close(rnndsl.scan(cell, xs, state)[0], python_scan(cell, xs, state)[0])

@@ -12,7 +12,8 @@ _LEAF_PHASES = {Op.PARAM: Phase.ONCE, Op.HYPER: Phase.ONCE, Op.CONST: Phase.ONCE
 def dependency_phases(graph: Graph) -> Dict[str, Phase]:
     """The earliest phase each node could run in.
 
-    Random ops draw fresh noise at every step, so they never run once per sequence.
+    Random ops draw fresh noise at every step, so they never run once per sequence; one
+    of a parameter-only value (no batch, no time axis) runs in the loop, a fresh draw per step.
     """
     phases: Dict[str, Phase] = {}
     for node in graph.nodes:
@@ -21,6 +22,6 @@ def dependency_phases(graph: Graph) -> Dict[str, Phase]:
             continue
         phase = max((phases[name] for name in node.inputs), default=Phase.ONCE)
         if node.op.kind is OpKind.RANDOM:
-            phase = max(phase, Phase.PER_INPUT)
+            phase = max(phase, Phase.PER_INPUT if node.shape.batched else Phase.PER_STEP)
         phases[node.name] = phase
     return phases
