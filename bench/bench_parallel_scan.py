@@ -15,6 +15,7 @@ import time
 import torch
 
 import rnndsl
+from rnndsl.scan import python_scan
 
 
 def _time(function, rounds: int):
@@ -33,6 +34,8 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--python-loop", action="store_true",
+                        help="also time a Python loop calling the (eager) cell once per step (slow)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -44,17 +47,22 @@ def main() -> None:
         "sequential": spec.build(args.hidden, args.hidden, scan="sequential"),
         "parallel": spec.build(args.hidden, args.hidden, scan="parallel"),
     }
+    if args.python_loop:
+        cells["python loop"] = spec.build(args.hidden, args.hidden, backend="eager", scan="sequential")
     for cell in cells.values():
         cell.load_state_dict(cells["sequential"].state_dict())
     print(f"minGRU fwd+bwd, batch {args.batch}, hidden {args.hidden}, {torch.get_num_threads()} threads; "
           "ms, medians of interleaved runs")
-    print(f"{'T':>6} {'plain loop':>11} {'sequential':>11} {'parallel':>9} {'vs plain':>9} {'vs sequential':>14}")
+    extra = f" {'python loop':>12} {'vs python':>10}" if args.python_loop else ""
+    print(f"{'T':>6} {'plain loop':>11} {'sequential':>11} {'parallel':>9} {'vs plain':>9} {'vs sequential':>14}"
+          + extra)
     for steps in args.lengths:
         xs = torch.randn(steps, args.batch, args.hidden, requires_grad=True)
         state = (torch.zeros(args.batch, args.hidden),)
 
         def run(cell):
-            outputs, _ = rnndsl.scan(cell, xs, state)
+            scan = python_scan if cell is cells.get("python loop") else rnndsl.scan
+            outputs, _ = scan(cell, xs, state)
             outputs.sum().backward()
 
         for cell in cells.values():
@@ -64,9 +72,11 @@ def main() -> None:
         for _ in range(args.rounds):
             for mode, cell in cells.items():
                 medians[mode].append(_time(lambda: run(cell), 1))
-        plain, sequential, parallel = (statistics.median(medians[m]) * 1e3 for m in cells)
+        ms = {mode: statistics.median(times) * 1e3 for mode, times in medians.items()}
+        plain, sequential, parallel = ms["plain loop"], ms["sequential"], ms["parallel"]
+        extra = f" {ms['python loop']:>12.2f} {ms['python loop'] / parallel:>9.1f}x" if args.python_loop else ""
         print(f"{steps:>6} {plain:>11.2f} {sequential:>11.2f} {parallel:>9.2f} {plain / parallel:>8.1f}x "
-              f"{sequential / parallel:>13.1f}x")
+              f"{sequential / parallel:>13.1f}x" + extra)
 
 
 if __name__ == "__main__":
