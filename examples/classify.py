@@ -26,7 +26,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # data.py, when imported from elsewhere
 
 import rnndsl  # noqa: E402
-from data import UNK, Progress, Vocabulary  # noqa: E402
+from data import UNK, Progress, Vocabulary, divide_lr_if_worse  # noqa: E402
 
 PAD = "<pad>"
 INIT_RANGE = 0.1
@@ -201,10 +201,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
         print(f"| end of epoch {epoch:3d} | lr {lr:.4g} | {milliseconds:6.1f} ms/batch "
               f"| train loss {loss_sum / seen:.4f} acc {correct / seen:.3f} "
               f"| valid loss {valid_loss:.4f} acc {valid_accuracy:.3f}", flush=True)
-        if previous is not None and valid_loss > previous:
-            lr /= 2
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+        lr = divide_lr_if_worse(optimizer, lr, previous, valid_loss, factor=2)
         previous = valid_loss
     results = {"valid_loss": valid_loss, "valid_accuracy": valid_accuracy}
     if test:

@@ -142,6 +142,16 @@ def count_batches(source: Tensor, bptt: int, max_batches: Optional[int] = None,
     return len(_window_starts(source, bptt, full_only, max_batches))
 
 
+def divide_lr_if_worse(optimizer: torch.optim.Optimizer, lr: float, previous: Optional[float],
+                       current: float, factor: float) -> float:
+    """rnnlib's schedule: divide the learning rate by ``factor`` when validation loss rose."""
+    if previous is not None and current > previous:
+        lr /= factor
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+    return lr
+
+
 class Progress:
     """Training progress: a tqdm bar on a terminal, a plain line every ``every`` batches elsewhere.
 

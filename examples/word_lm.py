@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # data.py, when import
 
 import rnndsl  # noqa: E402
 from data import (EOS, Progress, Vocabulary, batchify, bptt_batches, count_batches,  # noqa: E402
-                  read_lines, stdlib_corpus, tokenize)
+                  divide_lr_if_worse, read_lines, stdlib_corpus, tokenize)
 
 INIT_RANGE = 0.1
 
@@ -328,10 +328,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
               f"| valid loss {valid_loss:5.2f} ppl {math.exp(valid_loss):8.2f} "
               f"| test loss {test_loss:5.2f} ppl {math.exp(test_loss):8.2f} "
               f"| eval {eval_seconds:5.1f} s", flush=True)
-        if previous_valid is not None and valid_loss > previous_valid:
-            lr /= 4
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+        lr = divide_lr_if_worse(optimizer, lr, previous_valid, valid_loss, factor=4)
         previous_valid = valid_loss
     print(f"| end of training | test loss {test_loss:5.2f} | test ppl {math.exp(test_loss):.2f}")
     if args.save is not None:
