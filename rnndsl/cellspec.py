@@ -203,20 +203,24 @@ class CellSpec:
     def sizes(self) -> Dict[str, Optional[int]]:
         return {d.name: (int(d.default) if d.default is not None else None) for d in self.graph.sizes}
 
+    @functools.cached_property
+    def _native_match(self) -> Tuple[Optional[str], str, Dict[str, str]]:
+        return match_native(self)  # fingerprints the whole IR: once per spec
+
     @property
     def native_mode(self) -> Optional[str]:
         """"LSTM", "GRU", "RNN_TANH" or "RNN_RELU" when torch has a fused kernel for this cell."""
-        return match_native(self)[0]
+        return self._native_match[0]
 
     @property
     def why_not_native(self) -> str:
         """Why the cell cannot run on torch's fused kernels ("" when it can)."""
-        return match_native(self)[1]
+        return self._native_match[1]
 
     @property
     def native_param_names(self) -> Dict[str, str]:
         """This cell's parameter names -> torch's (``weight_ih``, ...), for a native cell."""
-        return dict(match_native(self)[2])
+        return dict(self._native_match[2])
 
     def optimized(self, disable: Iterable[str] = ()) -> Graph:
         """The IR after the passes (see rnndsl.passes)."""
