@@ -300,7 +300,14 @@ class CellSpec:
             return _eager_class(cls, parallel)(self, sizes, hypers, cls.generated_source)
         module = cls(self, sizes, hypers, cls.generated_source)
         with _compile_lock:
-            scripted = torch.jit.script(module)
+            try:
+                scripted = torch.jit.script(module)
+            except Exception:
+                # TorchScript keeps the methods it compiled before failing, and would refuse to
+                # compile this class again ("Can't redefine method"), hiding the real error on
+                # the next build: forget the class so that build makes a fresh one.
+                _module_class.cache_clear()
+                raise
         return ScriptedCell.adopt(scripted, _scripted_class(parallel))
 
     def __repr__(self) -> str:

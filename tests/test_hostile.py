@@ -472,3 +472,20 @@ def test_sizes_beyond_what_torch_can_allocate_are_refused_at_build():
     with pytest.raises(ValueError, match="sizes run from 1 to 2,147,483,647"):
         spec.build(3, 3, backend="eager", k=2**40)
     assert spec.build(3, 3, backend="eager", k=2).state_sizes == [2]
+
+
+def test_a_failed_scripted_build_does_not_poison_the_next(monkeypatch):
+    """TorchScript keeps what it compiled before an error; the next build must still compile, not
+    fail with "Can't redefine method". The failure is forced with a helper TorchScript rejects."""
+    from rnndsl import kernels
+
+    def not_scriptable(x, *rest):
+        return x
+
+    spec = rnndsl.load_source(HEADER.replace("cell c", "cell poisoned") + "    h' = tanh(w @ x + h)\n}\n")["poisoned"]
+    with monkeypatch.context() as patch:
+        patch.setattr(kernels, "tanh_via_sigmoid", not_scriptable)
+        with pytest.raises(Exception, match="variable number of arguments"):
+            spec.build(3, 4)
+    cell = spec.build(3, 4)
+    assert cell((torch.zeros(2, 4),), torch.randn(2, 3))[1].shape == (2, 4)
