@@ -12,7 +12,9 @@ def _live_tensor_bytes() -> int:
     gc.collect()
     total = 0
     for obj in gc.get_objects():
-        if isinstance(obj, torch.Tensor):
+        # type(), not isinstance(): isinstance reads __class__, which on some deprecated torch
+        # objects (torch.distributed.reduce_op) warns.
+        if issubclass(type(obj), torch.Tensor):
             total += obj.untyped_storage().nbytes()
     return total
 

@@ -229,7 +229,7 @@ def test_hyper_parameters_and_sizes_are_overridable():
     assert spec.hypers == {"forget_bias": 1.0, "scale": -0.25}
     cell = spec.build(4, 6, backend="eager", forget_bias=2.0, proj=5)
     assert cell.forget_bias == 2.0 and cell.state_sizes == [6, 5]
-    assert float(cell.b[0]) == 0.5 and float(cell.v[0]) == 1.0
+    assert cell.b[0].item() == 0.5 and cell.v[0].item() == 1.0
     with pytest.raises(TypeError, match="no hyper-parameter or size 'forget'"):
         spec.build(4, 6, forget=1.0)
 
