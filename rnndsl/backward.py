@@ -27,10 +27,9 @@ methods; ``ScriptedCell.forward_sequence`` (rnndsl/cellspec.py) uses it when
 autograd records, unless the cell is training with random ops, whose noise
 the derived backward does not save.
 
-Matrix products in these methods go through :func:`linear` and
-:func:`outer_sum`, which use oneDNN's GEMM for float32 on CPU when autograd is
-not recording (torch's matmul calls MKL, which on AMD CPUs runs at about half
-the speed torch.nn.LSTM's oneDNN kernels get).
+Matrix products in these methods go through the helpers of rnndsl/kernels.py
+(``linear``, ``outer_sum``, ``prepack``), which pick oneDNN's GEMM where it is
+faster.
 """
 from __future__ import annotations
 
@@ -43,86 +42,11 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .codegen import EMITTERS, _Emitter, leaf_reference, size_code, state_update, validate_source
+from .codegen import (EMITTERS, _Emitter, biased_products, leaf_reference, size_code, state_update,
+                      validate_source)
 from .derivatives import DERIVATIVES, Outer, Placed, Product, Term
 from .ir import Graph, Node, Op, OpKind, Phase, Shape, Size
 from .lower import Namespace
-
-# Helpers the generated methods call by name (lower.py reserves these names).
-HELPERS = ("linear", "outer_sum", "prepack", "tanh_via_sigmoid")
-
-
-def _uses_onednn(rows: int, weight: Tensor) -> bool:
-    """Whether a ``rows``-row product with ``weight`` goes to oneDNN.
-
-    Float32 on CPU outside autograd (oneDNN's kernels have no derivative), and large
-    enough: below about a million multiply-adds its fixed cost per call outweighs its
-    faster kernel.
-    """
-    return (weight.dtype == torch.float32 and weight.device.type == "cpu" and not torch.is_grad_enabled()
-            and rows * weight.size(0) * weight.size(1) >= 1048576)
-
-
-def _linear_onednn(v: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """``v @ weight.t() + bias`` over the last dim of ``v`` (any leading dims); ``weight`` may be prepacked."""
-    rows = v.numel() // max(v.size(-1), 1)
-    if weight.is_mkldnn or _uses_onednn(rows, weight):
-        if bias is not None:
-            bias = bias.contiguous()
-        flat = torch.ops.mkldnn._linear_pointwise(v.reshape(-1, v.size(-1)), weight, bias, "none", [], "")
-        return flat.reshape(list(v.size())[:-1] + [flat.size(-1)])
-    return _linear_matmul(v, weight, bias)
-
-
-def _prepack_onednn(weight: Tensor, rows: int) -> Tensor:
-    """``weight`` in oneDNN's blocked layout for products of ``rows`` rows, when they go to oneDNN.
-
-    Packed once per sequence, the recurrent weight saves a reorder in each step's GEMM
-    (10 to 20% of its time here).
-    """
-    if _uses_onednn(rows, weight):
-        return torch.ops.mkldnn._reorder_linear_weight(weight, rows)
-    return weight
-
-
-def _linear_matmul(v: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """``v @ weight.t() + bias`` over the last dim of ``v``, any leading dims."""
-    product = torch.matmul(v, weight.t())
-    return product if bias is None else product + bias
-
-
-def _prepack_none(weight: Tensor, rows: int) -> Tensor:
-    """Without oneDNN, weights stay as they are."""
-    return weight
-
-
-def outer_sum(grad: Tensor, vector: Tensor) -> Tensor:
-    """``sum_k grad[k] ⊗ vector[k]`` over all leading dims: the gradient of W in ``W @ v``, one GEMM."""
-    grads, vectors = grad.reshape(-1, grad.size(-1)), vector.reshape(-1, vector.size(-1))
-    count, rows, columns = grads.size(0), grads.size(1), vectors.size(1)
-    # oneDNN copies a transposed left operand to make it contiguous: transpose the side that
-    # moves less memory (for an LSTM's (4h, h) weight, the vectors and the result).
-    if columns * count + rows * columns < rows * count:
-        return linear(vectors.t(), grads.t()).t().contiguous()
-    return linear(grads.t(), vectors.t())
-
-
-def tanh_via_sigmoid(x: Tensor) -> Tensor:
-    """``tanh(x)``; for float32 on CPU as ``2 sigmoid(2x) - 1`` (within 2e-7 of it).
-
-    torch.tanh calls MKL's vector math, which on AMD CPUs takes 2 ns per element here,
-    eight times torch.sigmoid: the two tanh of an LSTM step cost more than the rest of
-    its elementwise work.
-    """
-    if x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled():
-        return torch.sigmoid(x * 2.0).mul_(2.0).sub_(1.0)
-    return torch.tanh(x)
-
-
-_HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-linear = _linear_onednn if _HAS_ONEDNN else _linear_matmul
-prepack = _prepack_onednn if _HAS_ONEDNN else _prepack_none
-
 
 # Where values live --------------------------------------------------------------------------
 
@@ -575,25 +499,10 @@ class _Generator:
         return "\n".join(lines) + "\n"
 
     def biased_products(self) -> Dict[str, str]:
-        """Whole-sequence products ``W @ x`` whose one use is ``+ b`` (b a parameter vector), by the sum.
-
-        The GEMM adds the bias itself: one pass less over a (T, batch, rows) tensor.
-        """
-        users = self.graph.users()
-        found = {}
-        for node in self.body[Level.SEQ]:
-            if node.op is not Op.ADD:
-                continue
-            left, right = node.inputs
-            for product, bias in ((left, right), (right, left)):
-                product_node, bias_node = self.nodes[product], self.nodes[bias]
-                if (product_node.op is Op.MATMUL and level_of(product_node) is Level.SEQ
-                        and users[product] == (node.name,) and product not in self.whole
-                        and product not in self.graph.results()
-                        and level_of(bias_node) is Level.ONCE and bias_node.shape.dims == node.shape.dims):
-                    found[product] = node.name
-                    break
-        return found
+        """Whole-sequence products whose GEMM adds their bias (see codegen.biased_products); not
+        those the backward reads, which must exist on their own."""
+        once = {n.name for n in self.graph.nodes if level_of(n) is Level.ONCE}
+        return biased_products(self.graph, self.body[Level.SEQ], once, kept=self.whole)
 
     def expression(self, node: Node, rename: Dict[str, str], biased: Optional[Dict[str, str]] = None,
                    packed: bool = False) -> str:

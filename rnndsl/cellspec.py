@@ -20,13 +20,13 @@ from typing import Dict, Iterable, List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from . import backward
+from . import backward, kernels
 from . import syntax_tree as st
 from .check import check_file
 from .codegen import generate, validate_source
 from .errors import CellError, Span
 from .ir import Graph
-from .linear_scan import linear_recurrence
+from .linear_scan import along_steps, linear_recurrence
 from .lower import lower
 from .native_match import match_native
 from .parallel import NotLinear, find_linear_recurrences, generate_parallel
@@ -341,7 +341,7 @@ def _module_class(graph: Graph, disable: Tuple[str, ...], origin: str, fixed_dro
         # Registered like torch.fx does, so tracebacks and torch.jit.script can read the source.
         linecache.cache[filename] = (len(text), None, text.splitlines(True), filename)
         namespace = {"torch": torch, "Tensor": Tensor, "Tuple": Tuple, "List": List, "Optional": Optional,
-                     **{name: getattr(backward, name) for name in backward.HELPERS}}
+                     **{name: getattr(kernels, name) for name in kernels.HELPERS}}
         # The source comes only from the IR; validate_source is the last guard before exec.
         exec(compile(validate_source(text), filename, "exec"), namespace)
         methods = {
@@ -365,7 +365,8 @@ def _parallel_methods(parallel_source: Optional[str]) -> dict:
         return {}
     filename = f"<rnndsl parallel #{next(_counter)}>"
     linecache.cache[filename] = (len(parallel_source), None, parallel_source.splitlines(True), filename)
-    namespace = {"torch": torch, "linear_recurrence": linear_recurrence}
+    namespace = {"torch": torch, "linear_recurrence": linear_recurrence, "along_steps": along_steps,
+                 "linear_with_grad": kernels.linear_with_grad}
     exec(compile(validate_source(parallel_source), filename, "exec"), namespace)  # generated from the IR
     return {"forward_parallel": namespace["forward_parallel"], "scan_mode": "parallel",
             "parallel_source": parallel_source}

@@ -23,7 +23,7 @@ import keyword
 import math
 import re
 import tokenize
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Collection, Dict, List, Optional, Sequence
 
 from .ir import Graph, IRError, Node, Op, OpKind, Phase
 from .lower import RESERVED, Namespace
@@ -132,6 +132,29 @@ class _Emitter:
         args = [self.ref(name, rename) for name in node.inputs]
         target = rename.get(node.name, node.name)
         self.lines.append(f"{indent}{target} = {EMITTERS[node.op](node, args)}")
+
+
+def biased_products(graph: Graph, whole_sequence: Sequence[Node], once: Collection[str],
+                    kept: Collection[str] = ()) -> Dict[str, str]:
+    """Products ``W @ x`` among ``whole_sequence`` whose one use is ``+ b``, by the sum's name.
+
+    ``b`` must be a parameters-only value (in ``once``) the size of the sum, and the product
+    must not be ``kept`` on its own. Code for the sum can then be one GEMM that adds the bias
+    itself: one pass less over a (T, batch, rows) tensor.
+    """
+    nodes, users = graph.node_map(), graph.users()
+    candidates = {n.name for n in whole_sequence}
+    found = {}
+    for node in whole_sequence:
+        if node.op is not Op.ADD:
+            continue
+        for product, bias in (node.inputs, node.inputs[::-1]):
+            if (nodes[product].op is Op.MATMUL and product in candidates and users[product] == (node.name,)
+                    and product not in graph.results() and product not in kept and bias in once
+                    and nodes[bias].shape.dims == node.shape.dims):
+                found[product] = node.name
+                break
+    return found
 
 
 def state_update(states: Sequence[str], nexts: Sequence[str]) -> List[str]:

@@ -20,7 +20,8 @@ from .ops import BINARY_OPS, FUNCTIONS, SHAPE_RULES, ShapeError
 # Names the generated code uses for itself; user names that collide get a suffix.
 RESERVED = (set(keyword.kwlist) | set(dir(builtins)) |
             {"self", "torch", "state", "xs", "mask", "outputs", "t", "keep", "real", "Tensor", "Tuple", "List",
-             "Optional", "linear", "outer_sum", "prepack", "tanh_via_sigmoid"})
+             "Optional", "linear", "linear_with_grad", "outer_sum", "prepack", "tanh_via_sigmoid",
+             "linear_recurrence", "along_steps"})
 
 
 class Namespace:

@@ -17,8 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
-from .codegen import _body_nodes, _Emitter, _tuple, validate_source
-from .ir import Graph, Node, Op, Phase
+from .codegen import _body_nodes, _Emitter, _tuple, biased_products, size_code, validate_source
+from .ir import Graph, Node, Op, Phase, Size
 from .lower import Namespace
 from .passes.dependency import dependency_phases
 
@@ -81,7 +81,12 @@ def find_linear_recurrences(graph: Graph) -> List[LinearUpdate]:
 
 
 def generate_parallel(graph: Graph, updates: List[LinearUpdate]) -> str:
-    """Python source of ``forward_parallel(self, xs, state, mask=None)``."""
+    """Python source of ``forward_parallel(self, xs, state, mask=None)``.
+
+    It runs under autograd as plain Python, so it can use what TorchScript's derivatives get
+    wrong or lack: ``split`` for slices that tile a value (``narrow``'s backward zero-fills a
+    whole gradient per slice) and oneDNN's GEMM through ``linear_with_grad``.
+    """
     emitter = _Emitter(graph)
     nodes = graph.node_map()
     phases = dependency_phases(graph)
@@ -92,30 +97,60 @@ def generate_parallel(graph: Graph, updates: List[LinearUpdate]) -> str:
     seq[graph.input.name] = "xs"
     done = {u.next for u in updates}
     needed = _needed_for_outputs(graph, nodes, done)
+    once = {n.name for n in graph.nodes if phases.get(n.name) is Phase.ONCE or n.op is Op.PARAM}
+    biased = biased_products(graph, [n for n in body if phases[n.name] is Phase.PER_INPUT], once)
+    splits = tiling_slices(graph)
     states = [emitter.var(d.name) for d in graph.states]
     lines = emitter.lines
+
+    def emit(node: Node, rename: Dict[str, str]) -> None:
+        if node.name in biased:  # computed with the sum that adds its bias
+            return
+        args = [emitter.ref(name, rename) for name in node.inputs]
+        target = rename.get(node.name, node.name)
+        product = next((i for i in node.inputs if biased.get(i) == node.name), None)
+        if product is not None:
+            matrix, vector = (emitter.ref(name, rename) for name in nodes[product].inputs)
+            bias = next(emitter.ref(i, rename) for i in node.inputs if i != product)
+            lines.append(f"    {target} = linear_with_grad({vector}, {matrix}, {bias})")
+        elif node.op is Op.MATMUL:
+            lines.append(f"    {target} = linear_with_grad({args[1]}, {args[0]})")
+        elif node.op in (Op.SLICE, Op.CHUNK) and node.inputs[0] in splits:
+            pieces = splits[node.inputs[0]]
+            if pieces[0][0] == node.name:  # all pieces at once, at the first
+                targets = ", ".join(rename.get(name, name) for name, _ in pieces)
+                sizes = ", ".join(size_code(length) for _, length in pieces)
+                lines.append(f"    {targets} = {args[0]}.split([{sizes}], -1)")
+        else:
+            emitter.emit(node, "    ", rename)
+
     lines.append("def forward_parallel(self, xs, state, mask=None):")
     lines.extend(f"    {name} = state[{i}]" for i, name in enumerate(states))
     lines.append("    # Every value free of the states, for all steps at once.")
     for node in body:
         if phases[node.name] is not Phase.PER_STEP:
-            emitter.emit(node, "    ", seq if phases[node.name] is Phase.PER_INPUT else {})
-    lines.append("    steps = xs.new_zeros([xs.size(0), xs.size(1), 1])")
+            emit(node, seq if phases[node.name] is Phase.PER_INPUT else {})
     lines.append("    if mask is not None:")
     lines.append("        real = mask.unsqueeze(2)")
     for update, var in zip(updates, states):
-        a, b = (emitter.ref(name, seq) for name in (update.a, update.b))
-        full_a, full_b = names.fresh(f"{update.state}_a"), names.fresh(f"{update.state}_b")
-        lines.append(f"    {full_a} = steps + {a}")
-        lines.append(f"    {full_b} = steps + {b}")
+        state_dims = nodes[update.state].shape.dims
+        coefficients = []
+        for name, base in ((update.a, "a"), (update.b, "b")):
+            local = names.fresh(f"{update.state}_{base}")
+            node, ref = nodes[name], emitter.ref(name, seq)
+            per_step = phases.get(name) is Phase.PER_INPUT and node.shape.batched and node.shape.dims == state_dims
+            # A coefficient shared by all steps (a parameter, a number) is broadcast over them.
+            lines.append(f"    {local} = {ref if per_step else f'along_steps({ref}, xs.size(0), {var})'}")
+            coefficients.append(local)
+        full_a, full_b = coefficients
         lines.append("    if mask is not None:  # padded steps keep the state: a = 1, b = 0")
-        lines.append(f"        {full_a} = torch.where(real, {full_a}, torch.ones_like({full_a}))")
-        lines.append(f"        {full_b} = torch.where(real, {full_b}, torch.zeros_like({full_b}))")
+        lines.append(f"        {full_a} = torch.where(real, {full_a}, 1.0)")
+        lines.append(f"        {full_b} = torch.where(real, {full_b}, 0.0)")
         lines.append(f"    {seq[update.next]} = linear_recurrence({full_a}, {full_b}, {var})")
     lines.append("    # What the outputs need from the new states, for all steps at once.")
     for node in body:
         if phases[node.name] is Phase.PER_STEP and node.name not in done and node.name in needed:
-            emitter.emit(node, "    ", seq)
+            emit(node, seq)
     outputs = [emitter.ref(name, seq) for name in graph.outputs]
     zeroed = [f"{o} * real.to(xs.dtype)" for o in outputs]
     finals = [f"{seq[u.next]}[-1]" for u in updates]
@@ -123,6 +158,35 @@ def generate_parallel(graph: Graph, updates: List[LinearUpdate]) -> str:
     lines.append(f"        return {zeroed[0] if len(zeroed) == 1 else _tuple(zeroed)}, {_tuple(finals)}")
     lines.append(f"    return {outputs[0] if len(outputs) == 1 else _tuple(outputs)}, {_tuple(finals)}")
     return validate_source("\n".join(lines) + "\n")
+
+
+def tiling_slices(graph: Graph) -> Dict[str, List[Tuple[str, Size]]]:
+    """Values whose slices (and chunks) tile them exactly, each with its pieces ``(name, length)``
+    in order: code can cut such a value with one ``split``."""
+    nodes, users = graph.node_map(), graph.users()
+    found = {}
+    for name, user_names in users.items():
+        pieces = []
+        for user in user_names:
+            node = nodes[user]
+            if node.op is Op.SLICE and node.inputs[0] == name:
+                pieces.append((node.attr("start"), node.attr("length"), user))
+            elif node.op is Op.CHUNK:
+                length = node.shape.dims[0]
+                pieces.append((length * node.attr("index"), length, user))
+        if not pieces or not nodes[name].shape.dims:
+            continue
+        # Walk from offset 0, each piece starting where the last ended (sizes are symbolic: no sort).
+        ordered, position = [], Size()
+        while len(ordered) < len(pieces):
+            following = [(user, length) for start, length, user in pieces if start == position]
+            if len(following) != 1:
+                break
+            ordered.append(following[0])
+            position = position + following[0][1]
+        if len(ordered) == len(pieces) and position == nodes[name].shape.dims[-1]:
+            found[name] = ordered
+    return found
 
 
 def _needed_for_outputs(graph: Graph, nodes: Dict[str, Node], new_states: set) -> set:

@@ -49,6 +49,48 @@ def test_parallel_equals_sequential(name, backend, steps, batch, hidden, masked,
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
+# Coefficients the scan must broadcast over steps (a parameter vector, a number), a product of the
+# new state after the scan, and chunks that tile a value (cut with one split).
+SHARED_COEFFICIENTS = """
+cell decaying(x[input]) -> y {
+    state h[hidden], c[hidden]
+    param decay[hidden], proj[hidden, hidden], weight[2*hidden, input], bias[2*hidden]
+    u, v = chunk(weight @ x + bias, 2)
+    h' = decay * h + 0.5
+    c' = sigmoid(u) * c + v
+    y = proj @ h' + c'
+}
+"""
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_shared_coefficients_and_outputs_after_the_scan(masked):
+    spec = rnndsl.load_source(SHARED_COEFFICIENTS, "decaying.cell")["decaying"]
+    sequential = spec.build(3, 4, scan="sequential").double()
+    parallel = spec.build(3, 4, scan="parallel").double()
+    parallel.load_state_dict(sequential.state_dict())
+    assert "along_steps(self.decay" in parallel.parallel_source and ".split(" in parallel.parallel_source
+    xs = torch.randn(30, 2, 3, dtype=torch.float64, requires_grad=True)
+    state = tuple(torch.randn(2, 4, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    mask = (torch.arange(30)[:, None] < torch.tensor([30, 17])[None, :]) if masked else None
+    want, got = _run(sequential, xs, state, mask), _run(parallel, xs, state, mask)
+    for a, b in zip(got[:1] + got[1] + got[2], want[:1] + want[1] + want[2]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", LINEAR)
+def test_float32_on_onednn_matches_the_loop(name):
+    """Sizes large enough that the input projection's GEMMs go to oneDNN, forward and backward."""
+    sequential, parallel = (rnndsl.load_cell(name).build(96, 128, scan=scan) for scan in ("sequential", "parallel"))
+    parallel.load_state_dict(sequential.state_dict())
+    xs = torch.randn(20, 64, 96, requires_grad=True)
+    state = (torch.randn(64, 128, requires_grad=True),)
+    want, got = _run(sequential, xs, state, None), _run(parallel, xs, state, None)
+    for a, b in zip(got[:1] + got[1] + got[2], want[:1] + want[1] + want[2]):
+        # float32 sums over steps and examples in another order: relative to the largest entry.
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max() + 1e-6
+
+
 def test_long_sequences_are_exact_and_finite():
     sequential, parallel = _pair("mingru", "script", 4, 8)
     xs = torch.randn(512, 2, 4, dtype=torch.float64)

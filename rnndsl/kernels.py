@@ -1,0 +1,130 @@
+"""The few kernels generated code calls by name, besides torch's own.
+
+Matrix products go through :func:`linear` and :func:`outer_sum`, which use
+oneDNN's GEMM for large float32 products on CPU (torch's matmul calls MKL,
+which on AMD CPUs runs at about half the speed torch.nn.LSTM's oneDNN kernels
+get). oneDNN's op has no derivative, so :func:`linear` picks it only where
+autograd does not record (the derived backward's methods run that way);
+:func:`linear_with_grad` wraps it in an autograd Function for code that runs
+under autograd (the parallel scan's ``forward_parallel``).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+# Helpers the generated methods call by name (lower.py reserves these names).
+HELPERS = ("linear", "linear_with_grad", "outer_sum", "prepack", "tanh_via_sigmoid")
+
+def _onednn_fits(rows: int, weight: Tensor) -> bool:
+    """Whether a ``rows``-row product with ``weight`` is float32 on CPU and large enough for oneDNN:
+    below about a million multiply-adds its fixed cost per call outweighs its faster kernel.
+
+    (TorchScript compiles this function too, so the threshold is a literal, not a global.)
+    """
+    return (weight.dtype == torch.float32 and weight.device.type == "cpu"
+            and rows * weight.size(0) * weight.size(1) >= 1048576)
+
+
+def _uses_onednn(rows: int, weight: Tensor) -> bool:
+    """Whether :func:`linear` sends a ``rows``-row product with ``weight`` to oneDNN: only outside
+    autograd, since oneDNN's kernels have no derivative."""
+    return not torch.is_grad_enabled() and _onednn_fits(rows, weight)
+
+
+def _rows(v: Tensor) -> int:
+    return v.numel() // max(v.size(-1), 1)
+def _linear_onednn(v: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``v @ weight.t() + bias`` over the last dim of ``v`` (any leading dims); ``weight`` may be prepacked."""
+    if weight.is_mkldnn or _uses_onednn(_rows(v), weight):
+        if bias is not None:
+            bias = bias.contiguous()
+        flat = torch.ops.mkldnn._linear_pointwise(v.reshape(-1, v.size(-1)), weight, bias, "none", [], "")
+        return flat.reshape(list(v.size())[:-1] + [flat.size(-1)])
+    return _linear_matmul(v, weight, bias)
+
+
+def _prepack_onednn(weight: Tensor, rows: int) -> Tensor:
+    """``weight`` in oneDNN's blocked layout for products of ``rows`` rows, when they go to oneDNN.
+
+    Packed once per sequence, the recurrent weight saves a reorder in each step's GEMM
+    (10 to 20% of its time here).
+    """
+    if _uses_onednn(rows, weight):
+        return torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+    return weight
+
+
+def _linear_matmul(v: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``v @ weight.t() + bias`` over the last dim of ``v``, any leading dims."""
+    product = torch.matmul(v, weight.t())
+    return product if bias is None else product + bias
+
+
+def _prepack_none(weight: Tensor, rows: int) -> Tensor:
+    """Without oneDNN, weights stay as they are."""
+    return weight
+
+
+def outer_sum(grad: Tensor, vector: Tensor) -> Tensor:
+    """``sum_k grad[k] ⊗ vector[k]`` over all leading dims: the gradient of W in ``W @ v``, one GEMM."""
+    grads, vectors = grad.reshape(-1, grad.size(-1)), vector.reshape(-1, vector.size(-1))
+    count, rows, columns = grads.size(0), grads.size(1), vectors.size(1)
+    # oneDNN copies a transposed left operand to make it contiguous: transpose the side that
+    # moves less memory (for an LSTM's (4h, h) weight, the vectors and the result).
+    if columns * count + rows * columns < rows * count:
+        return linear(vectors.t(), grads.t()).t().contiguous()
+    return linear(grads.t(), vectors.t())
+
+
+def tanh_via_sigmoid(x: Tensor) -> Tensor:
+    """``tanh(x)``; for float32 on CPU as ``2 sigmoid(2x) - 1`` (within 2e-7 of it).
+
+    torch.tanh calls MKL's vector math, which on AMD CPUs takes 2 ns per element here,
+    eight times torch.sigmoid: the two tanh of an LSTM step cost more than the rest of
+    its elementwise work.
+    """
+    if x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled():
+        return torch.sigmoid(x * 2.0).mul_(2.0).sub_(1.0)
+    return torch.tanh(x)
+
+
+_HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+linear = _linear_onednn if _HAS_ONEDNN else _linear_matmul
+prepack = _prepack_onednn if _HAS_ONEDNN else _prepack_none
+
+
+
+
+class _LinearFunction(torch.autograd.Function):
+    """``v @ weight.t() + bias`` whose forward and backward products all go through :func:`linear`
+    and :func:`outer_sum` (autograd's own would take MKL's matmul)."""
+
+    @staticmethod
+    def forward(ctx: Any, v: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        ctx.save_for_backward(v, weight)
+        ctx.has_bias = bias is not None
+        return linear(v, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
+        v, weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        need_v, need_weight, need_bias = ctx.needs_input_grad
+        grad_v = linear(grad, weight.t()) if need_v else None
+        grad_weight = outer_sum(grad, v) if need_weight else None
+        grad_bias = grad.reshape(-1, grad.size(-1)).sum(0) if ctx.has_bias and need_bias else None
+        return grad_v, grad_weight, grad_bias
+
+
+def linear_with_grad(v: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """:func:`linear` under autograd: large float32 CPU products keep oneDNN's GEMM, forward and
+    backward (about twice as fast as MKL's there for a (T*batch, n) sequence); others go to
+    torch's own linear."""
+    if _HAS_ONEDNN and torch.is_grad_enabled() and _onednn_fits(_rows(v), weight):
+        return _LinearFunction.apply(v, weight, bias)
+    return torch.nn.functional.linear(v, weight, bias)
