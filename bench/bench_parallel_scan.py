@@ -4,6 +4,12 @@ Both are rnndsl's default script backend (the loop with its derived backward),
 built from cells/mingru.cell with scan="parallel" and scan="sequential";
 medians of interleaved runs, batch 16, hidden 64 (input 64), float32, CPU.
 
+"GEMM floor" times what every way of running the cell must do, the loop too:
+the input projection of all steps (one GEMM with its bias) and its backward
+(two GEMMs and a bias sum), with rnndsl's fastest kernels. No scan can beat
+it, so "sequential / floor" bounds the speed-up any parallel scan can reach
+over the sequential loop on this machine.
+
     python -m bench.bench_parallel_scan [--threads N] [--lengths 64 256 1024 4096]
 """
 from __future__ import annotations
@@ -15,6 +21,7 @@ import time
 import torch
 
 import rnndsl
+from rnndsl.kernels import linear_with_grad
 from rnndsl.scan import python_scan
 
 
@@ -55,7 +62,9 @@ def main() -> None:
           "ms, medians of interleaved runs")
     extra = f" {'python loop':>12} {'vs python':>10}" if args.python_loop else ""
     print(f"{'T':>6} {'plain loop':>11} {'sequential':>11} {'parallel':>9} {'vs plain':>9} {'vs sequential':>14}"
-          + extra)
+          f" {'GEMM floor':>11} {'sequential / floor':>19}" + extra)
+    weights = torch.cat([cells["sequential"].weight_z, cells["sequential"].weight_h]).detach().requires_grad_()
+    biases = torch.cat([cells["sequential"].bias_z, cells["sequential"].bias_h]).detach().requires_grad_()
     for steps in args.lengths:
         xs = torch.randn(steps, args.batch, args.hidden, requires_grad=True)
         state = (torch.zeros(args.batch, args.hidden),)
@@ -65,18 +74,25 @@ def main() -> None:
             outputs, _ = scan(cell, xs, state)
             outputs.sum().backward()
 
-        for cell in cells.values():
-            run(cell)
-            run(cell)
-        medians = {mode: [] for mode in cells}
+        grad_gates = torch.randn(steps, args.batch, 2 * args.hidden)
+
+        def floor():
+            linear_with_grad(xs, weights, biases).backward(grad_gates)
+
+        runs = {mode: (lambda cell=cell: run(cell)) for mode, cell in cells.items()}
+        runs["floor"] = floor
+        for function in runs.values():
+            function()
+            function()
+        medians = {mode: [] for mode in runs}
         for _ in range(args.rounds):
-            for mode, cell in cells.items():
-                medians[mode].append(_time(lambda: run(cell), 1))
+            for mode, function in runs.items():
+                medians[mode].append(_time(function, 1))
         ms = {mode: statistics.median(times) * 1e3 for mode, times in medians.items()}
         plain, sequential, parallel = ms["plain loop"], ms["sequential"], ms["parallel"]
         extra = f" {ms['python loop']:>12.2f} {ms['python loop'] / parallel:>9.1f}x" if args.python_loop else ""
         print(f"{steps:>6} {plain:>11.2f} {sequential:>11.2f} {parallel:>9.2f} {plain / parallel:>8.1f}x "
-              f"{sequential / parallel:>13.1f}x" + extra)
+              f"{sequential / parallel:>13.1f}x {ms['floor']:>11.2f} {sequential / ms['floor']:>18.1f}x" + extra)
 
 
 if __name__ == "__main__":
