@@ -7,6 +7,7 @@ Python (``backend="eager"``) or TorchScript (``backend="script"``).
 """
 from __future__ import annotations
 
+import copy
 import functools
 import itertools
 import linecache
@@ -14,6 +15,7 @@ import math
 import os
 import threading
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple, Union
 
@@ -122,10 +124,40 @@ def check_call(cell: torch.nn.Module, state, x: Tensor, sequence: bool) -> None:
         break
 
 
+@dataclass(frozen=True)
+class _Recipe:
+    """What rebuilds a cell: its ``.cell`` source and the arguments ``CellSpec.build`` got."""
+
+    source: str
+    path: str
+    name: str
+    input_size: int
+    hidden_size: int
+    backend: str
+    options: Tuple[Tuple[str, object], ...]
+
+
+def _rebuild_cell(recipe: _Recipe, state: Dict[str, Tensor], training: bool) -> torch.nn.Module:
+    """Unpickling: compile the cell again from its source, then take the saved tensors as they are
+    (``assign``: their dtype and device too)."""
+    spec = load_source(recipe.source, recipe.path)[recipe.name]
+    cell = spec.build(recipe.input_size, recipe.hidden_size, recipe.backend, **dict(recipe.options))
+    cell.load_state_dict(state, assign=True)
+    return cell.train(training)
+
+
+def _reduce_cell(cell: torch.nn.Module):
+    """Compiled cells cannot be pickled as they are (TorchScript modules, classes made at run time):
+    they pickle as their source, build arguments and tensors, so ``torch.save(model)`` works."""
+    return _rebuild_cell, (cell.__dict__["_recipe"], cell.state_dict(), cell.training)
+
+
 class EagerCell(CellModule):
     """The generated methods run as plain Python, after checking their arguments."""
 
     scan_mode = "sequential"  # "parallel" on the classes that carry a forward_parallel
+
+    __reduce__ = _reduce_cell
 
     def forward(self, state, x):
         check_call(self, state, x, sequence=False)
@@ -146,6 +178,13 @@ class ScriptedCell(torch.jit.RecursiveScriptModule):
     """
 
     scan_mode = "sequential"  # "parallel" on the classes that carry a forward_parallel
+    __reduce__ = _reduce_cell
+
+    def __deepcopy__(self, memo):
+        # RecursiveScriptModule's own deepcopy returns a bare RecursiveScriptModule: without this
+        # class, a copy would lose the argument checks, the derived backward and the parallel scan.
+        rebuild, arguments = _reduce_cell(self)
+        return rebuild(*copy.deepcopy(arguments, memo))
 
     @staticmethod
     def adopt(scripted: torch.jit.RecursiveScriptModule, cls: type) -> "ScriptedCell":
@@ -296,8 +335,13 @@ class CellSpec:
         if scan == "parallel" and parallel is None:
             raise ValueError(f"cell {self.name} cannot run as a parallel scan: {why_not}")
         cls = _module_class(self.graph, disable, self.path, bool(fixed_dropout_mask))
+        options = dict(disable=disable, fixed_dropout_mask=bool(fixed_dropout_mask), scan=scan, **hyper)
+        recipe = _Recipe(self.source, self.path, self.name, input_size, hidden_size, backend,
+                         tuple(sorted(options.items())))
         if backend == "eager":
-            return _eager_class(cls, parallel)(self, sizes, hypers, cls.generated_source)
+            cell = _eager_class(cls, parallel)(self, sizes, hypers, cls.generated_source)
+            cell._recipe = recipe
+            return cell
         module = cls(self, sizes, hypers, cls.generated_source)
         with _compile_lock:
             try:
@@ -308,7 +352,9 @@ class CellSpec:
                 # the next build: forget the class so that build makes a fresh one.
                 _module_class.cache_clear()
                 raise
-        return ScriptedCell.adopt(scripted, _scripted_class(parallel))
+        cell = ScriptedCell.adopt(scripted, _scripted_class(parallel))
+        cell._recipe = recipe
+        return cell
 
     def __repr__(self) -> str:
         return f"CellSpec({self.name!r} from {self.path})"
