@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import unicodedata
 import warnings
 from typing import List, Optional
 
 from .cellspec import load_cells
 from .dot import to_dot
-from .errors import CellError
+from .errors import CellError, printable
 from .passes import PASS_NAMES
 from .syntax_tree import pretty
 
@@ -21,14 +20,8 @@ STAGES = ("ast", "ir", "code", "backward", "dot")
 
 
 def _say(text: object, stream=None) -> None:
-    """Print, with control and format characters from a hostile file shown as `?`.
-
-    Diagnostics quote source lines and file names: raw escape sequences or
-    bidirectional overrides in them must not reach the terminal.
-    """
-    safe = "".join(char if char == "\n" or unicodedata.category(char)[0] not in "CZ" or char == " "
-                   else "?" for char in str(text))
-    print(safe, file=stream or sys.stdout)
+    """Print, with control and format characters from a hostile file shown as `?`."""
+    print(printable(text), file=stream or sys.stdout)
 
 
 def _check(paths: List[str]) -> int:

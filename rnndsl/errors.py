@@ -11,6 +11,7 @@ a compiler diagnostic::
 from __future__ import annotations
 
 import difflib
+import unicodedata
 import warnings
 from dataclasses import dataclass
 from typing import Iterable, Optional
@@ -28,6 +29,16 @@ class Span:
 
     def __str__(self) -> str:
         return f"{self.file}:{self.line}:{self.column}"
+
+
+def printable(text: object) -> str:
+    """``text`` with control and format characters shown as `?` (newlines and spaces kept).
+
+    Diagnostics quote source lines, names and file names: raw escape sequences or
+    bidirectional overrides from a hostile file must not reach a terminal or a log.
+    """
+    return "".join(char if char in "\n " or unicodedata.category(char)[0] not in "CZ" else "?"
+                   for char in str(text))
 
 
 def _underline(source: Optional[str], span: Span) -> str:
@@ -89,7 +100,7 @@ class CellError(Exception):
         return "\n".join(parts)
 
     def __str__(self) -> str:
-        return self.format()
+        return printable(self.format())
 
 
 class CellWarning(UserWarning):
@@ -98,7 +109,7 @@ class CellWarning(UserWarning):
 
 def warn(message: str, span: Optional[Span]) -> None:
     where = f"{span}: " if span else ""
-    warnings.warn(f"{where}warning: {message}", CellWarning, stacklevel=3)
+    warnings.warn(printable(f"{where}warning: {message}"), CellWarning, stacklevel=3)
 
 
 def did_you_mean(name: str, candidates: Iterable[str]) -> Optional[str]:

@@ -30,6 +30,7 @@ from rnndsl import CellError, CellWarning
 from rnndsl.check import BUILD_ARGUMENTS, MODULE_ATTRIBUTES
 from rnndsl.cli import main
 from rnndsl.codegen import generate, validate_source
+from rnndsl.errors import printable
 from rnndsl.ir import IRError, Op
 
 REPO = Path(__file__).resolve().parent.parent
@@ -143,6 +144,7 @@ def test_malformed_file_is_a_positioned_cell_error(name, malformed_files, capsys
         assert (error.line, error.column) == position, str(error)
     text = str(error)
     assert text.startswith(f"{path}:{error.line}:{error.column}: error: ")
+    assert "\x1b" not in text and "\u202e" not in text  # quoted source lines are shown sanitized
     assert elapsed < HANG_GUARD_S
     with hang_guard():
         assert main(["check", path]) == 1
@@ -184,7 +186,8 @@ def test_missing_or_unreadable_paths_are_clear_errors(tmp_path, capsys):
         with hang_guard(), pytest.raises(CellError) as caught:
             rnndsl.load_cell(path)
         assert words in str(caught.value), (name, str(caught.value))
-        assert path in str(caught.value) or path == "/dev/zero", (name, str(caught.value))
+        # the path as printed: a NUL in it shows as `?`
+        assert printable(path) in str(caught.value) or path == "/dev/zero", (name, str(caught.value))
         with hang_guard():
             assert main(["check", path]) == 1, name
         err = capsys.readouterr().err
