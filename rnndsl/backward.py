@@ -196,6 +196,8 @@ class _Generator:
             return leaf
         home = level_of(node)
         if home is Level.ONCE:
+            if not node.shape.dims:  # a number (hypers and constants): recomputed, as saved values are tensors
+                return self.emitter.inline(name)
             self.once[name] = name
             return name
         if level is Level.LOOP:

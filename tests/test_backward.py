@@ -278,3 +278,19 @@ def test_a_saved_cell_loads_without_rnndsl_and_trains_through_its_loop():
     torch.testing.assert_close(outputs, expected, rtol=1e-5, atol=1e-6)
     outputs.sum().backward()
     assert xs.grad is not None
+
+
+def test_a_number_computed_from_hypers_is_recomputed_not_saved():
+    """`(decay * 0.5) * h`: the coefficient is a Python number, which the saved list (tensors) cannot
+    hold; the backward recomputes it."""
+    spec = rnndsl.load_source(
+        "cell t(x[input]) -> h {\n    state h[hidden]\n    hyper decay = 0.9\n    param w[hidden, input]\n"
+        "    h' = (decay * 0.5) * h + w @ x\n}\n")["t"]
+    derived = spec.build(3, 4, scan="sequential", decay=0.7).double()
+    loop = spec.build(3, 4, scan="sequential", decay=0.7, disable=("derived_backward",)).double()
+    loop.load_state_dict(derived.state_dict())
+    xs, state, mask = inputs(derived, steps=6, batch=2)
+    got, expected = run(derived, xs, state, mask), run(loop, xs, state, mask)
+    assert isinstance(got[2], torch.autograd.function.BackwardCFunction)  # the derived backward ran
+    for a, b in zip(got[0] + got[1], expected[0] + expected[1]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
