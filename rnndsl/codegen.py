@@ -142,7 +142,7 @@ def biased_products(graph: Graph, whole_sequence: Sequence[Node], once: Collecti
     must not be ``kept`` on its own. Code for the sum can then be one GEMM that adds the bias
     itself: one pass less over a (T, batch, rows) tensor.
     """
-    nodes, users = graph.node_map(), graph.users()
+    nodes, users, results = graph.node_map(), graph.users(), set(graph.results())
     candidates = {n.name for n in whole_sequence}
     found = {}
     for node in whole_sequence:
@@ -150,7 +150,7 @@ def biased_products(graph: Graph, whole_sequence: Sequence[Node], once: Collecti
             continue
         for product, bias in (node.inputs, node.inputs[::-1]):
             if (nodes[product].op is Op.MATMUL and product in candidates and users[product] == (node.name,)
-                    and product not in graph.results() and product not in kept and bias in once
+                    and product not in results and product not in kept and bias in once
                     and nodes[bias].shape.dims == node.shape.dims):
                 found[product] = node.name
                 break

@@ -1,4 +1,4 @@
-"""The few kernels generated code calls by name, besides torch's own.
+"""The few helpers generated code calls by name, besides torch's own.
 
 Matrix products go through :func:`linear` and :func:`outer_sum`, which use
 oneDNN's GEMM for large float32 products on CPU (torch's matmul calls MKL,
@@ -10,14 +10,24 @@ under autograd (the parallel scan's ``forward_parallel``).
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Iterable, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-# Helpers the generated methods call by name (lower.py reserves these names).
-HELPERS = ("linear", "linear_with_grad", "outer_sum", "prepack", "tanh_via_sigmoid")
+from .linear_scan import linear_recurrence
+
+# What generated code calls by name: the TorchScript methods (rnndsl/codegen.py, backward.py)
+# and the parallel scan's plain Python (rnndsl/parallel.py). lower.py reserves all these names.
+SCRIPT_HELPERS = ("linear", "outer_sum", "prepack", "tanh_via_sigmoid")
+PARALLEL_HELPERS = ("along_steps", "linear_recurrence", "linear_with_grad")
+
+
+def helpers(names: Iterable[str]) -> Dict[str, Any]:
+    """The namespace generated code runs in: each helper by its name."""
+    return {name: globals()[name] for name in names}
+
 
 def _onednn_fits(rows: int, weight: Tensor) -> bool:
     """Whether a ``rows``-row product with ``weight`` is float32 on CPU and large enough for oneDNN:
@@ -36,7 +46,10 @@ def _uses_onednn(rows: int, weight: Tensor) -> bool:
 
 
 def _rows(v: Tensor) -> int:
+    """Rows of ``v`` as one GEMM sees them: every leading dim flattened."""
     return v.numel() // max(v.size(-1), 1)
+
+
 def _linear_onednn(v: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``v @ weight.t() + bias`` over the last dim of ``v`` (any leading dims); ``weight`` may be prepacked."""
     if weight.is_mkldnn or _uses_onednn(_rows(v), weight):
@@ -122,9 +135,21 @@ class _LinearFunction(torch.autograd.Function):
 
 
 def linear_with_grad(v: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """:func:`linear` under autograd: large float32 CPU products keep oneDNN's GEMM, forward and
-    backward (about twice as fast as MKL's there for a (T*batch, n) sequence); others go to
-    torch's own linear."""
+    """:func:`linear` under autograd too: large float32 CPU products keep oneDNN's GEMM, forward
+    and backward (about twice as fast as MKL's there for a (T*batch, n) sequence)."""
     if _HAS_ONEDNN and torch.is_grad_enabled() and _onednn_fits(_rows(v), weight):
         return _LinearFunction.apply(v, weight, bias)
-    return torch.nn.functional.linear(v, weight, bias)
+    return linear(v, weight, bias)
+
+
+def along_steps(value: Union[Tensor, float], steps: int, s0: Tensor) -> Tensor:
+    """A coefficient of a linear recurrence as the ``(T, batch, hidden)`` tensor
+    :func:`linear_recurrence` takes.
+
+    Per-step values already have that shape and pass through; a parameter vector
+    or a number, shared by all steps, is broadcast as a view (autograd sums its gradient back).
+    """
+    shape = (steps,) + tuple(s0.shape)
+    if isinstance(value, Tensor):
+        return value if value.shape == shape else value.expand(shape)
+    return s0.new_full(shape, value)

@@ -32,13 +32,13 @@ dL/da_t = g_t * s_{t-1}, dL/db_t = g_t, dL/ds0 = a_1 * g_1.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["along_steps", "linear_recurrence", "sequential_linear_recurrence"]
+__all__ = ["linear_recurrence", "sequential_linear_recurrence"]
 
 
 def linear_recurrence(a: Tensor, b: Tensor, s0: Tensor) -> Tensor:
@@ -49,18 +49,6 @@ def linear_recurrence(a: Tensor, b: Tensor, s0: Tensor) -> Tensor:
     """
     _check_inputs(a, b, s0)
     return _LinearRecurrence.apply(a, b, s0)
-
-
-def along_steps(value: Union[Tensor, float], steps: int, s0: Tensor) -> Tensor:
-    """A coefficient as a ``(T, batch, hidden)`` tensor for :func:`linear_recurrence`.
-
-    Per-step values already have that shape and pass through; a parameter vector
-    or a number is broadcast as a view (its gradient is summed back by autograd).
-    """
-    shape = (steps,) + tuple(s0.shape)
-    if isinstance(value, Tensor):
-        return value if value.shape == shape else value.expand(shape)
-    return s0.new_full(shape, value)
 
 
 def sequential_linear_recurrence(a: Tensor, b: Tensor, s0: Tensor) -> Tensor:

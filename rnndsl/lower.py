@@ -15,13 +15,13 @@ from . import syntax_tree as st
 from .check import BUILTIN_SIZES
 from .errors import CellError, Span
 from .ir import Decl, Graph, Node, Op, Shape, Size, attrs, verify
+from .kernels import PARALLEL_HELPERS, SCRIPT_HELPERS
 from .ops import BINARY_OPS, FUNCTIONS, SHAPE_RULES, ShapeError
 
 # Names the generated code uses for itself; user names that collide get a suffix.
 RESERVED = (set(keyword.kwlist) | set(dir(builtins)) |
             {"self", "torch", "state", "xs", "mask", "outputs", "t", "keep", "real", "Tensor", "Tuple", "List",
-             "Optional", "linear", "linear_with_grad", "outer_sum", "prepack", "tanh_via_sigmoid",
-             "linear_recurrence", "along_steps"})
+             "Optional"} | set(SCRIPT_HELPERS) | set(PARALLEL_HELPERS))
 
 
 class Namespace:

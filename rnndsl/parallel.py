@@ -15,7 +15,7 @@ from TorchScript).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 from .codegen import _body_nodes, _Emitter, _tuple, biased_products, size_code, validate_source
 from .ir import Graph, Node, Op, Phase, Size
@@ -81,83 +81,95 @@ def find_linear_recurrences(graph: Graph) -> List[LinearUpdate]:
 
 
 def generate_parallel(graph: Graph, updates: List[LinearUpdate]) -> str:
-    """Python source of ``forward_parallel(self, xs, state, mask=None)``.
-
-    It runs under autograd as plain Python, so it can use what TorchScript's derivatives get
-    wrong or lack: ``split`` for slices that tile a value (``narrow``'s backward zero-fills a
-    whole gradient per slice) and oneDNN's GEMM through ``linear_with_grad``.
-    """
-    emitter = _Emitter(graph)
-    nodes = graph.node_map()
-    phases = dependency_phases(graph)
-    names = Namespace({n.name for n in graph.nodes} | set(emitter.local.values()), reserved=frozenset())
+    """Python source of ``forward_parallel(self, xs, state, mask=None)``."""
+    code = _WholeSequenceCode(graph)
+    nodes, phases, lines = code.nodes, code.phases, code.lines
+    names = Namespace({n.name for n in graph.nodes} | set(code.local.values()), reserved=frozenset())
     body = _body_nodes(graph)
     # Values with a time axis get a _seq name; parameter-only values keep theirs.
     seq = {n.name: names.fresh(f"{n.name}_seq") for n in body if phases[n.name] is not Phase.ONCE}
     seq[graph.input.name] = "xs"
     done = {u.next for u in updates}
-    needed = _needed_for_outputs(graph, nodes, done)
-    once = {n.name for n in graph.nodes if phases.get(n.name) is Phase.ONCE or n.op is Op.PARAM}
-    biased = biased_products(graph, [n for n in body if phases[n.name] is Phase.PER_INPUT], once)
-    splits = tiling_slices(graph)
-    states = [emitter.var(d.name) for d in graph.states]
-    lines = emitter.lines
-
-    def emit(node: Node, rename: Dict[str, str]) -> None:
-        if node.name in biased:  # computed with the sum that adds its bias
-            return
-        args = [emitter.ref(name, rename) for name in node.inputs]
-        target = rename.get(node.name, node.name)
-        product = next((i for i in node.inputs if biased.get(i) == node.name), None)
-        if product is not None:
-            matrix, vector = (emitter.ref(name, rename) for name in nodes[product].inputs)
-            bias = next(emitter.ref(i, rename) for i in node.inputs if i != product)
-            lines.append(f"    {target} = linear_with_grad({vector}, {matrix}, {bias})")
-        elif node.op is Op.MATMUL:
-            lines.append(f"    {target} = linear_with_grad({args[1]}, {args[0]})")
-        elif node.op in (Op.SLICE, Op.CHUNK) and node.inputs[0] in splits:
-            pieces = splits[node.inputs[0]]
-            if pieces[0][0] == node.name:  # all pieces at once, at the first
-                targets = ", ".join(rename.get(name, name) for name, _ in pieces)
-                sizes = ", ".join(size_code(length) for _, length in pieces)
-                lines.append(f"    {targets} = {args[0]}.split([{sizes}], -1)")
-        else:
-            emitter.emit(node, "    ", rename)
-
+    states = [code.var(d.name) for d in graph.states]
     lines.append("def forward_parallel(self, xs, state, mask=None):")
     lines.extend(f"    {name} = state[{i}]" for i, name in enumerate(states))
     lines.append("    # Every value free of the states, for all steps at once.")
     for node in body:
         if phases[node.name] is not Phase.PER_STEP:
-            emit(node, seq if phases[node.name] is Phase.PER_INPUT else {})
+            code.emit_whole(node, seq if phases[node.name] is Phase.PER_INPUT else {})
     lines.append("    if mask is not None:")
     lines.append("        real = mask.unsqueeze(2)")
     for update, var in zip(updates, states):
-        state_dims = nodes[update.state].shape.dims
-        coefficients = []
-        for name, base in ((update.a, "a"), (update.b, "b")):
-            local = names.fresh(f"{update.state}_{base}")
-            node, ref = nodes[name], emitter.ref(name, seq)
-            per_step = phases.get(name) is Phase.PER_INPUT and node.shape.batched and node.shape.dims == state_dims
-            # A coefficient shared by all steps (a parameter, a number) is broadcast over them.
-            lines.append(f"    {local} = {ref if per_step else f'along_steps({ref}, xs.size(0), {var})'}")
-            coefficients.append(local)
-        full_a, full_b = coefficients
+        full_a, full_b = names.fresh(f"{update.state}_a"), names.fresh(f"{update.state}_b")
+        # Coefficients shared by all steps (a parameter, a number) are broadcast over them.
+        lines.append(f"    {full_a} = along_steps({code.ref(update.a, seq)}, xs.size(0), {var})")
+        lines.append(f"    {full_b} = along_steps({code.ref(update.b, seq)}, xs.size(0), {var})")
         lines.append("    if mask is not None:  # padded steps keep the state: a = 1, b = 0")
         lines.append(f"        {full_a} = torch.where(real, {full_a}, 1.0)")
         lines.append(f"        {full_b} = torch.where(real, {full_b}, 0.0)")
         lines.append(f"    {seq[update.next]} = linear_recurrence({full_a}, {full_b}, {var})")
     lines.append("    # What the outputs need from the new states, for all steps at once.")
+    needed = code.with_whole_splits(_needed_for_outputs(graph, nodes, done))
     for node in body:
         if phases[node.name] is Phase.PER_STEP and node.name not in done and node.name in needed:
-            emit(node, seq)
-    outputs = [emitter.ref(name, seq) for name in graph.outputs]
+            code.emit_whole(node, seq)
+    outputs = [code.ref(name, seq) for name in graph.outputs]
     zeroed = [f"{o} * real.to(xs.dtype)" for o in outputs]
     finals = [f"{seq[u.next]}[-1]" for u in updates]
     lines.append("    if mask is not None:")
     lines.append(f"        return {zeroed[0] if len(zeroed) == 1 else _tuple(zeroed)}, {_tuple(finals)}")
     lines.append(f"    return {outputs[0] if len(outputs) == 1 else _tuple(outputs)}, {_tuple(finals)}")
     return validate_source("\n".join(lines) + "\n")
+
+
+class _WholeSequenceCode(_Emitter):
+    """Emits nodes as code over whole sequences, run under autograd as plain Python.
+
+    So it can use what TorchScript's derivatives get wrong or lack: one ``split`` for
+    slices that tile a value (``narrow``'s backward zero-fills a whole gradient per
+    slice), and oneDNN's GEMM, its bias added in the same call, through ``linear_with_grad``.
+    """
+
+    def __init__(self, graph: Graph):
+        super().__init__(graph)
+        self.phases = dependency_phases(graph)
+        once = {n.name for n in graph.nodes if self.phases.get(n.name) is Phase.ONCE or n.op is Op.PARAM}
+        body = _body_nodes(graph)
+        per_input = [n for n in body if self.phases[n.name] is Phase.PER_INPUT]
+        self.biased = biased_products(graph, per_input, once)  # product -> the sum adding its bias
+        self.splits = tiling_slices(graph)  # value -> its pieces
+        self.pieces = {piece for pieces in self.splits.values() for piece, _ in pieces}
+        # The split goes where the first of its pieces comes in the code, before any piece is read.
+        order = {n.name: index for index, n in enumerate(body)}
+        self.split_at = {min((piece for piece, _ in pieces), key=order.__getitem__): value
+                         for value, pieces in self.splits.items()}
+
+    def with_whole_splits(self, wanted: Set[str]) -> Set[str]:
+        """``wanted`` plus every piece of a split one of whose pieces is wanted (one line makes all)."""
+        extra = {piece for pieces in self.splits.values() if any(p in wanted for p, _ in pieces)
+                 for piece, _ in pieces}
+        return wanted | extra
+
+    def emit_whole(self, node: Node, rename: Dict[str, str]) -> None:
+        if node.name in self.biased:  # computed with the sum that adds its bias
+            return
+        target = rename.get(node.name, node.name)
+        product = next((i for i in node.inputs if self.biased.get(i) == node.name), None)
+        if product is not None:
+            matrix, vector = (self.ref(name, rename) for name in self.nodes[product].inputs)
+            bias = next(self.ref(i, rename) for i in node.inputs if i != product)
+            self.lines.append(f"    {target} = linear_with_grad({vector}, {matrix}, {bias})")
+        elif node.op is Op.MATMUL:
+            matrix, vector = (self.ref(name, rename) for name in node.inputs)
+            self.lines.append(f"    {target} = linear_with_grad({vector}, {matrix})")
+        elif node.name in self.split_at:
+            value = self.split_at[node.name]
+            pieces = self.splits[value]
+            targets = ", ".join(rename.get(piece, piece) for piece, _ in pieces)
+            sizes = ", ".join(size_code(length) for _, length in pieces)
+            self.lines.append(f"    {targets} = {self.ref(value, rename)}.split([{sizes}], -1)")
+        elif node.name not in self.pieces:  # (other pieces come with the split)
+            self.emit(node, "    ", rename)
 
 
 def tiling_slices(graph: Graph) -> Dict[str, List[Tuple[str, Size]]]:
@@ -174,7 +186,7 @@ def tiling_slices(graph: Graph) -> Dict[str, List[Tuple[str, Size]]]:
             elif node.op is Op.CHUNK:
                 length = node.shape.dims[0]
                 pieces.append((length * node.attr("index"), length, user))
-        if not pieces or not nodes[name].shape.dims:
+        if len(pieces) < 2 or not nodes[name].shape.dims:
             continue
         # Walk from offset 0, each piece starting where the last ended (sizes are symbolic: no sort).
         ordered, position = [], Size()

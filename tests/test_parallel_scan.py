@@ -1,6 +1,8 @@
 """Cells linear in their state run as a parallel scan: equal to the time loop, values and gradients."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from hypothesis import given
@@ -74,6 +76,54 @@ def test_shared_coefficients_and_outputs_after_the_scan(masked):
     state = tuple(torch.randn(2, 4, dtype=torch.float64, requires_grad=True) for _ in range(2))
     mask = (torch.arange(30)[:, None] < torch.tensor([30, 17])[None, :]) if masked else None
     want, got = _run(sequential, xs, state, mask), _run(parallel, xs, state, mask)
+    for a, b in zip(got[:1] + got[1] + got[2], want[:1] + want[1] + want[2]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+# Cells whose slices once broke the generated split (review of the parallel code generator).
+SPLIT_CASES = {
+    # merge_matmuls stacks Wc before Wz, so the piece at offset 0 is used after the other one
+    "pieces used out of offset order": ("""
+cell t(x[input]) -> h {
+    state h[hidden]
+    param Wc[hidden, input], Wz[hidden, input], bz[hidden], bc[hidden]
+    mc = Wc @ x
+    mz = Wz @ x
+    z = sigmoid(mz + bz)
+    c = tanh(mc + bc)
+    h' = (1 - z) * h + z * c
+}""", ()),
+    # after the scan, only the second piece is needed (kept alive by disabling dce)
+    "a split after the scan with an unneeded piece": ("""
+cell t(x[input]) -> y {
+    state h[2*hidden]
+    param U[2*hidden, input], W[2*hidden, input]
+    h' = sigmoid(U @ x) * h + W @ x
+    a, b = chunk(h', 2)
+    y = tanh(b)
+}""", ("dce",)),
+    "a chunk of one piece": ("""
+cell t(x[input]) -> h {
+    state h[hidden]
+    param W[hidden, input]
+    a = chunk(W @ x, 1)
+    h' = sigmoid(a) * h + a
+}""", ()),
+}
+
+
+@pytest.mark.parametrize("case", list(SPLIT_CASES))
+def test_split_cases_equal_the_loop(case):
+    source, disable = SPLIT_CASES[case]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rnndsl.CellWarning)  # `a` unused in one case
+        spec = rnndsl.load_source(source)["t"]
+    sequential = spec.build(3, 4, scan="sequential", disable=disable).double()
+    parallel = spec.build(3, 4, scan="parallel", disable=disable).double()
+    parallel.load_state_dict(sequential.state_dict())
+    xs = torch.randn(9, 2, 3, dtype=torch.float64, requires_grad=True)
+    state = tuple(torch.randn(2, size, dtype=torch.float64, requires_grad=True) for size in sequential.state_sizes)
+    want, got = _run(sequential, xs, state, None), _run(parallel, xs, state, None)
     for a, b in zip(got[:1] + got[1] + got[2], want[:1] + want[1] + want[2]):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
