@@ -14,6 +14,7 @@ import linecache
 import math
 import os
 import threading
+import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +27,8 @@ from . import backward, kernels
 from . import syntax_tree as st
 from .check import check_file
 from .codegen import generate, validate_source
-from .errors import CellError, Span
+from .errors import CellError, CellWarning, Span
 from .ir import Graph
-from .linear_scan import along_steps, linear_recurrence
 from .lower import lower
 from .native_match import match_native
 from .parallel import NotLinear, find_linear_recurrences, generate_parallel
@@ -137,19 +137,31 @@ class _Recipe:
     options: Tuple[Tuple[str, object], ...]
 
 
-def _rebuild_cell(recipe: _Recipe, state: Dict[str, Tensor], training: bool) -> torch.nn.Module:
-    """Unpickling: compile the cell again from its source, then take the saved tensors as they are
-    (``assign``: their dtype and device too)."""
-    spec = load_source(recipe.source, recipe.path)[recipe.name]
-    cell = spec.build(recipe.input_size, recipe.hidden_size, recipe.backend, **dict(recipe.options))
-    cell.load_state_dict(state, assign=True)
+def _unpickled_spec(recipe: _Recipe) -> "CellSpec":
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CellWarning)  # shown when the cell was first loaded
+        return load_source(recipe.source, recipe.path)[recipe.name]
+
+
+def _empty_eager_cell(recipe: _Recipe) -> "EagerCell":
+    """Unpickling an eager cell: its class, made again from the source, without ``__init__``;
+    pickle then restores its ``__dict__`` (parameters, buffers, hooks, flags, as they were)."""
+    options = dict(recipe.options)
+    cls, parallel = _unpickled_spec(recipe).generated_class(
+        options["disable"], options["fixed_dropout_mask"], options["scan"])
+    eager = _eager_class(cls, parallel)
+    return eager.__new__(eager)
+
+
+def _rebuilt_scripted_cell(recipe: _Recipe, parameters: Dict[str, Tensor], training: bool) -> "ScriptedCell":
+    """Unpickling a scripted cell: compiled again from its source, then given the saved Parameter
+    objects themselves (values, dtype, device, requires_grad, and identity where they are shared)."""
+    spec = _unpickled_spec(recipe)
+    with torch.random.fork_rng(devices=[]):  # building initializes parameters: leave the RNG as it was
+        cell = spec.build(recipe.input_size, recipe.hidden_size, recipe.backend, **dict(recipe.options))
+    for name, parameter in parameters.items():
+        setattr(cell, name, parameter)
     return cell.train(training)
-
-
-def _reduce_cell(cell: torch.nn.Module):
-    """Compiled cells cannot be pickled as they are (TorchScript modules, classes made at run time):
-    they pickle as their source, build arguments and tensors, so ``torch.save(model)`` works."""
-    return _rebuild_cell, (cell.__dict__["_recipe"], cell.state_dict(), cell.training)
 
 
 class EagerCell(CellModule):
@@ -157,7 +169,9 @@ class EagerCell(CellModule):
 
     scan_mode = "sequential"  # "parallel" on the classes that carry a forward_parallel
 
-    __reduce__ = _reduce_cell
+    def __reduce__(self):
+        # The class is made at run time (pickle could not find it by name): rebuilt from the source.
+        return _empty_eager_cell, (self._recipe,), self.__dict__
 
     def forward(self, state, x):
         check_call(self, state, x, sequence=False)
@@ -178,12 +192,16 @@ class ScriptedCell(torch.jit.RecursiveScriptModule):
     """
 
     scan_mode = "sequential"  # "parallel" on the classes that carry a forward_parallel
-    __reduce__ = _reduce_cell
+
+    def __reduce__(self):
+        # A TorchScript module does not pickle: it is compiled again from its source on loading.
+        parameters = dict(self.named_parameters(recurse=False, remove_duplicate=False))
+        return _rebuilt_scripted_cell, (self._recipe, parameters, self.training)
 
     def __deepcopy__(self, memo):
         # RecursiveScriptModule's own deepcopy returns a bare RecursiveScriptModule: without this
         # class, a copy would lose the argument checks, the derived backward and the parallel scan.
-        rebuild, arguments = _reduce_cell(self)
+        rebuild, arguments = self.__reduce__()
         return rebuild(*copy.deepcopy(arguments, memo))
 
     @staticmethod
@@ -331,33 +349,44 @@ class CellSpec:
             raise ValueError(f"unknown scan {scan!r}; choose one of {', '.join(SCANS)}")
         sizes, hypers = self.bind(input_size, hidden_size, **hyper)
         disable = tuple(sorted(disable))
-        parallel, why_not = self.parallel_plan(disable) if scan != "sequential" else (None, "")
-        if scan == "parallel" and parallel is None:
-            raise ValueError(f"cell {self.name} cannot run as a parallel scan: {why_not}")
-        cls = _module_class(self.graph, disable, self.path, bool(fixed_dropout_mask))
+        cls, parallel = self.generated_class(disable, bool(fixed_dropout_mask), scan)
         options = dict(disable=disable, fixed_dropout_mask=bool(fixed_dropout_mask), scan=scan, **hyper)
         recipe = _Recipe(self.source, self.path, self.name, input_size, hidden_size, backend,
                          tuple(sorted(options.items())))
         if backend == "eager":
             cell = _eager_class(cls, parallel)(self, sizes, hypers, cls.generated_source)
-            cell._recipe = recipe
-            return cell
-        module = cls(self, sizes, hypers, cls.generated_source)
-        with _compile_lock:
-            try:
-                scripted = torch.jit.script(module)
-            except Exception:
-                # TorchScript keeps the methods it compiled before failing, and would refuse to
-                # compile this class again ("Can't redefine method"), hiding the real error on
-                # the next build: forget the class so that build makes a fresh one.
-                _module_class.cache_clear()
-                raise
-        cell = ScriptedCell.adopt(scripted, _scripted_class(parallel))
-        cell._recipe = recipe
+        else:
+            cell = _script(cls(self, sizes, hypers, cls.generated_source), parallel)
+        cell._recipe = recipe  # what pickling needs to make the cell again
         return cell
+
+    def generated_class(self, disable: Tuple[str, ...], fixed_dropout_mask: bool,
+                        scan: str) -> Tuple[type, Optional[str]]:
+        """The module class with the generated methods, and the parallel scan's source (None when
+        the cell runs a time loop)."""
+        parallel, why_not = self.parallel_plan(disable) if scan != "sequential" else (None, "")
+        if scan == "parallel" and parallel is None:
+            raise ValueError(f"cell {self.name} cannot run as a parallel scan: {why_not}")
+        return _module_class(self.graph, tuple(sorted(disable)), self.path, fixed_dropout_mask), parallel
 
     def __repr__(self) -> str:
         return f"CellSpec({self.name!r} from {self.path})"
+
+
+def _script(module: CellModule, parallel: Optional[str]) -> "ScriptedCell":
+    with _compile_lock, warnings.catch_warnings():
+        # torch 2.13 deprecates torch.jit.script; the user did not call it, rnndsl did, and
+        # rnndsl's own pickling and deepcopy must work under -W error.
+        warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=DeprecationWarning)
+        try:
+            scripted = torch.jit.script(module)
+        except Exception:
+            # TorchScript keeps the methods it compiled before failing, and would refuse to
+            # compile this class again ("Can't redefine method"), hiding the real error on
+            # the next build: forget the class so that build makes a fresh one.
+            _module_class.cache_clear()
+            raise
+    return ScriptedCell.adopt(scripted, _scripted_class(parallel))
 
 
 @functools.lru_cache(maxsize=128)
@@ -387,7 +416,7 @@ def _module_class(graph: Graph, disable: Tuple[str, ...], origin: str, fixed_dro
         # Registered like torch.fx does, so tracebacks and torch.jit.script can read the source.
         linecache.cache[filename] = (len(text), None, text.splitlines(True), filename)
         namespace = {"torch": torch, "Tensor": Tensor, "Tuple": Tuple, "List": List, "Optional": Optional,
-                     **{name: getattr(kernels, name) for name in kernels.HELPERS}}
+                     **kernels.helpers(kernels.SCRIPT_HELPERS)}
         # The source comes only from the IR; validate_source is the last guard before exec.
         exec(compile(validate_source(text), filename, "exec"), namespace)
         methods = {
@@ -411,8 +440,7 @@ def _parallel_methods(parallel_source: Optional[str]) -> dict:
         return {}
     filename = f"<rnndsl parallel #{next(_counter)}>"
     linecache.cache[filename] = (len(parallel_source), None, parallel_source.splitlines(True), filename)
-    namespace = {"torch": torch, "linear_recurrence": linear_recurrence, "along_steps": along_steps,
-                 "linear_with_grad": kernels.linear_with_grad}
+    namespace = {"torch": torch, **kernels.helpers(kernels.PARALLEL_HELPERS)}
     exec(compile(validate_source(parallel_source), filename, "exec"), namespace)  # generated from the IR
     return {"forward_parallel": namespace["forward_parallel"], "scan_mode": "parallel",
             "parallel_source": parallel_source}

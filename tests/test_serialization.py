@@ -1,8 +1,9 @@
 """Built cells and the networks holding them survive pickling, torch.save and deepcopy.
 
-A compiled cell pickles as its .cell source, its build arguments and its tensors, and is
+A compiled cell pickles as its .cell source, its build arguments and its parameters, and is
 compiled again on loading: the copy computes the same numbers, with the same dtype, mode,
-scan, hyper-parameters and passes, and weights shared between directions stay shared.
+scan, hyper-parameters and passes; frozen parameters stay frozen and tied ones tied; copying
+draws no random numbers and repeats no warnings.
 """
 from __future__ import annotations
 
@@ -83,3 +84,53 @@ def test_deepcopy_keeps_the_cell_class_and_its_checks(backend):
     assert twin.weight_z is not cell.weight_z and torch.equal(twin.weight_z, cell.weight_z)
     with pytest.raises(ValueError, match="expected input of shape"):
         twin((torch.zeros(2, 4),), torch.zeros(2, 5))
+
+
+def _copies():
+    return {"deepcopy": copy.deepcopy, "pickle": lambda m: pickle.loads(pickle.dumps(m)), "torch.save": _reloaded}
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
+@pytest.mark.parametrize("backend", ["script", "eager"])
+def test_copies_keep_frozen_and_tied_parameters(backend, how):
+    copier = _copies()[how]
+    holder = torch.nn.Module()
+    holder.cell = rnndsl.load_cell("gru").build(4, 4, backend=backend)
+    holder.other = rnndsl.load_cell("gru").build(4, 4, backend=backend)
+    holder.other.weight_hh = holder.cell.weight_hh  # tied across two cells
+    holder.head = torch.nn.Linear(4, 12, bias=False)
+    holder.head.weight = holder.cell.weight_ih  # tied with a plain module
+    holder.cell.bias_ih.requires_grad_(False)  # frozen
+    twin = copier(holder)
+    assert twin.other.weight_hh is twin.cell.weight_hh and twin.head.weight is twin.cell.weight_ih
+    assert len(list(twin.parameters())) == len(list(holder.parameters()))
+    assert not twin.cell.bias_ih.requires_grad and twin.cell.weight_ih.requires_grad
+
+
+@pytest.mark.parametrize("backend", ["script", "eager"])
+def test_copies_draw_no_random_numbers_and_repeat_no_warnings(backend, recwarn):
+    with pytest.warns(rnndsl.CellWarning):
+        spec = rnndsl.load_source(HYPER_CELL.replace("    h' =", "    unused = tanh(h)\n    h' ="))["biased"]
+    cell = spec.build(3, 4, backend=backend)
+    recwarn.clear()
+    torch.manual_seed(5)
+    for copier in _copies().values():
+        copier(cell)
+    drawn = torch.rand(3)
+    torch.manual_seed(5)
+    torch.testing.assert_close(drawn, torch.rand(3))
+    assert not [w for w in recwarn if issubclass(w.category, (rnndsl.CellWarning, DeprecationWarning))]
+
+
+def test_an_eager_copy_keeps_buffers_hooks_and_attributes():
+    cell = rnndsl.load_cell("gru").build(3, 4, backend="eager")
+    cell.register_buffer("steps_seen", torch.tensor(7))
+    cell.register_forward_hook(_count_calls)
+    cell.note = "kept"
+    for copier in _copies().values():
+        twin = copier(cell)
+        assert int(twin.steps_seen) == 7 and twin.note == "kept" and len(twin._forward_hooks) == 1
+
+
+def _count_calls(module, inputs, outputs):  # module-level: hooks must pickle by name
+    module.calls = getattr(module, "calls", 0) + 1
