@@ -28,7 +28,8 @@ class Span:
     end_column: int
 
     def __str__(self) -> str:
-        return f"{self.file}:{self.line}:{self.column}"
+        # A newline in a file name would start a forged diagnostic line: it too shows as `?`.
+        return f"{printable(self.file).replace(chr(10), '?')}:{self.line}:{self.column}"
 
 
 def printable(text: object) -> str:

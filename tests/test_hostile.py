@@ -431,6 +431,14 @@ def test_a_file_name_with_a_newline_stays_in_its_comment():
     spec.build(2, 3, backend="eager")
 
 
+def test_a_file_name_with_a_newline_cannot_forge_a_diagnostic_line():
+    with pytest.raises(CellError) as caught:
+        rnndsl.load_source("cell c(x[input]) -> h {\n    h = x\n}\n", "a.cell\nb.cell:1:1: error: forged")
+    first, *rest = str(caught.value).splitlines()
+    assert first.startswith("a.cell?b.cell:1:1: error: forged:1:")
+    assert not any("error:" in line for line in rest)
+
+
 # Numbers at the edges -----------------------------------------------------------------
 
 def test_nan_and_inf_are_ordinary_names_and_big_literals_stay_numbers():
