@@ -325,10 +325,11 @@ class CellSpec:
                                      f"{MAX_DIMENSION:,}")
         return sizes, hypers
 
-    def parallel_plan(self, disable: Iterable[str] = ()) -> Tuple[Optional[str], str]:
+    def parallel_plan(self, disable: Iterable[str] = (),
+                      fixed_dropout_mask: bool = False) -> Tuple[Optional[str], str]:
         """``(source of forward_parallel, "")`` when the recurrence is linear in the state, else
         ``(None, why not)`` quoting the equation that is not (see rnndsl/parallel.py)."""
-        return _parallel_plan(self.graph, tuple(sorted(disable)), self.source)
+        return _parallel_plan(self.graph, tuple(sorted(disable)), self.source, bool(fixed_dropout_mask))
 
     def build(self, input_size: int, hidden_size: int, backend: str = "script", *,
               disable: Iterable[str] = (), fixed_dropout_mask: bool = False, scan: str = "auto",
@@ -364,7 +365,8 @@ class CellSpec:
                         scan: str) -> Tuple[type, Optional[str]]:
         """The module class with the generated methods, and the parallel scan's source (None when
         the cell runs a time loop)."""
-        parallel, why_not = self.parallel_plan(disable) if scan != "sequential" else (None, "")
+        parallel, why_not = (self.parallel_plan(disable, fixed_dropout_mask) if scan != "sequential"
+                             else (None, ""))
         if scan == "parallel" and parallel is None:
             raise ValueError(f"cell {self.name} cannot run as a parallel scan: {why_not}")
         return _module_class(self.graph, tuple(sorted(disable)), self.path, fixed_dropout_mask), parallel
@@ -459,10 +461,13 @@ def _scripted_class(parallel_source: Optional[str]) -> type:
 
 
 @functools.lru_cache(maxsize=128)
-def _parallel_plan(graph: Graph, disable: Tuple[str, ...], source: str) -> Tuple[Optional[str], str]:
-    optimized = _optimized(graph, disable)
+def _parallel_plan(graph: Graph, disable: Tuple[str, ...], source: str,
+                   fixed_dropout_mask: bool) -> Tuple[Optional[str], str]:
+    # Without join_slices: it would turn `s' = a * s + b` of two states into slices of one joined
+    # sum, hiding the linear form; it saves ops per step of a loop, and the scan has no loop.
+    optimized = _optimized(graph, tuple(sorted(set(disable) | {"join_slices"})))
     try:
-        return generate_parallel(optimized, find_linear_recurrences(optimized)), ""
+        return generate_parallel(optimized, find_linear_recurrences(optimized, fixed_dropout_mask)), ""
     except NotLinear as reason:
         where = ""
         span = reason.node.span if reason.node is not None else None

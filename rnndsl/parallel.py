@@ -54,8 +54,12 @@ def _update_of(state: str, node: Node, nodes: Dict[str, Node], free: Dict[str, b
                     "with a and b independent of every state", node)
 
 
-def find_linear_recurrences(graph: Graph) -> List[LinearUpdate]:
-    """The linear update of every state, or NotLinear naming the first equation that is not."""
+def find_linear_recurrences(graph: Graph, fixed_dropout_mask: bool = False) -> List[LinearUpdate]:
+    """The linear update of every state, or NotLinear naming the first equation that is not.
+
+    Random ops on the way from the new states to the outputs are fine (a draw for every step,
+    made for all steps at once), unless ``fixed_dropout_mask`` asks for one mask per sequence.
+    """
     nodes = graph.node_map()
     phases = dependency_phases(graph)
     free = {name: phase is not Phase.PER_STEP for name, phase in phases.items()}
@@ -74,8 +78,9 @@ def find_linear_recurrences(graph: Graph) -> List[LinearUpdate]:
             if node.op is Op.STATE:
                 raise NotLinear(f"output `{output}` depends on a state other than through its next value",
                                 nodes[output])
-            if node.op.kind.value == "random":
-                raise NotLinear(f"`{name}` draws random numbers at each step of the recurrence", node)
+            if node.op.kind.value == "random" and fixed_dropout_mask:
+                raise NotLinear(f"with fixed_dropout_mask, `{name}` draws one mask for the whole sequence, "
+                                "which the parallel scan does not do", node)
             stack.extend(node.inputs)
     return updates
 

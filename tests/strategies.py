@@ -7,6 +7,7 @@
   built from every op of the language, with shapes that fit. Names come from
   a pool full of words the generated code itself uses (``torch``, ``self``,
   ``t``, ``xs``, ``mask``, ``range``, ...), so every draw also tests renaming.
+- :func:`linear_cells`: random cells linear in their states, for the parallel scan.
 - :func:`mutated_cells`: a well-formed cell with a few of its tokens deleted,
   repeated, swapped or replaced: text that gets past the parser more often.
 """
@@ -98,6 +99,12 @@ class _Builder:
         return name
 
     def scalar(self) -> str:
+        """A number: a literal, a hyper-parameter, or sometimes a product of two (still a number)."""
+        if self.draw(st.integers(0, 3)) == 0:
+            return f"({self._number()} * {self._number()})"
+        return self._number()
+
+    def _number(self) -> str:
         if self.hypers and self.draw(st.booleans()):
             return self.draw(st.sampled_from(sorted(self.hypers)))
         return self.draw(st.sampled_from(["0.5", "2", "1.5e-1", ".25", "3.", "1e-3", "0"]))
@@ -221,6 +228,57 @@ def well_formed_cells(draw) -> DrawnCell:
     source = (f"cell {name}({x}[input]) -> {', '.join(outputs)} {{\n    "
               + separator.join(lines + equations) + "\n}\n")
     return DrawnCell(source, name, extra_sizes)
+
+
+@st.composite
+def linear_cells(draw) -> DrawnCell:
+    """A random cell whose recurrence is linear in its states, which the parallel scan must run.
+
+    Each state's update is ``a * s + b`` (in a drawn order) with ``a`` and ``b`` drawn from the
+    input alone, or ``a`` a parameter vector or a number; a chunk of the input's projection may
+    feed them (one split); outputs read the new states, not the old.
+    """
+    builder = _Builder(draw, list(draw(st.permutations(LOCAL_NAMES))),
+                       list(draw(st.permutations(ATTRIBUTE_NAMES))), ["hidden", "input", "2*hidden"])
+    lines: List[str] = []
+    for _ in range(draw(st.integers(0, 1))):
+        hyper, value = builder.fresh_attribute(), draw(st.sampled_from(["0.5", "-1.5", "2e-1"]))
+        builder.hypers[hyper] = float(value)
+        lines.append(f"hyper {hyper} = {value}")
+    x = builder.fresh()
+    builder.pool["input"] = [x]
+    states = [(builder.fresh(), draw(st.sampled_from(["hidden", "2*hidden"]))) for _ in range(draw(st.integers(1, 2)))]
+    lines.append("state " + ", ".join(f"{name}[{size}]" for name, size in states))
+    equations: List[str] = []
+    if draw(st.booleans()):
+        parts = draw(st.integers(2, 3))
+        targets = [builder.fresh() for _ in range(parts)]
+        equations.append(f"{', '.join(targets)} = chunk({builder.param(f'{parts}*hidden, input')} @ {x}, {parts})")
+        builder.pool.setdefault("hidden", []).extend(targets)
+    updates = []
+    for name, size in states:  # every coefficient is drawn before any new state joins the pool
+        depth = draw(st.integers(0, 2))
+        kind = draw(st.sampled_from(["gate", "vector", "parameter", "number"]))
+        a = {"gate": lambda: f"sigmoid({builder.vector(size, depth)})", "vector": lambda: builder.vector(size, 0),
+             "parameter": lambda: builder.param(size), "number": builder.scalar}[kind]()
+        b = builder.vector(size, depth)
+        a, b = _operand(a), _operand(b)
+        updates.append(draw(st.sampled_from([f"{name}' = {a} * {name} + {b}", f"{name}' = {b} + {name} * {a}"])))
+    equations.extend(updates)
+    outputs = []
+    for name, size in states:
+        builder.pool.setdefault(size, []).append(f"{name}'")
+    for name, size in states:
+        if draw(st.booleans()):
+            outputs.append(name)
+        else:
+            local = builder.fresh()
+            equations.append(f"{local} = {builder.vector(size, draw(st.integers(0, 1)))}")
+            outputs.append(local)
+    if builder.params:
+        lines.append("param " + ", ".join(builder.params))
+    source = f"cell linear({x}[input]) -> {', '.join(outputs)} {{\n    " + "\n    ".join(lines + equations) + "\n}\n"
+    return DrawnCell(source, "linear")
 
 
 _ROUGH_TOKEN = re.compile(r"#[^\n]*|[A-Za-z0-9_.']+|->|\S")

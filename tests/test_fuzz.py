@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 import rnndsl
 from rnndsl import CellError, cellspec
 from rnndsl.codegen import validate_source
-from strategies import DrawnCell, mutated_cells, token_soup, well_formed_cells
+from strategies import DrawnCell, linear_cells, mutated_cells, token_soup, well_formed_cells
 from test_hostile import hang_guard
 
 
@@ -140,6 +140,24 @@ def test_random_well_formed_cells_agree_on_both_backends(cell: DrawnCell, input_
             got = _run(scripted, x, state, mask, chosen)
             for a, b in zip(got[0] + got[1], expected[0] + expected[1]):
                 torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, equal_nan=True)
+
+
+@settings(max_examples=examples(25))
+@given(linear_cells(), st.integers(1, 4), st.integers(1, 4), st.integers(1, 3), st.integers(1, 9))
+def test_random_linear_cells_run_as_a_parallel_scan_equal_to_the_loop(cell: DrawnCell, input_size, hidden_size,
+                                                                      batch, steps):
+    """Every drawn cell is linear in its states: both backends take scan="parallel" and agree with
+    the compiled loop and its derived backward, values and gradients, with and without a mask."""
+    spec = load(cell.source)[cell.name]
+    loop = spec.build(input_size, hidden_size, scan="sequential").double().eval()
+    x, state, mask = _inputs(loop, batch, steps)
+    expected = _run(loop, x, state, mask)
+    for backend in ("script", "eager"):
+        parallel = spec.build(input_size, hidden_size, backend=backend, scan="parallel").double().eval()
+        parallel.load_state_dict(loop.state_dict())
+        got = _run(parallel, x, state, mask)
+        for a, b in zip(got[0] + got[1], expected[0] + expected[1]):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, equal_nan=True)
 
 
 def test_scripted_lstm_trains_on_its_cell_state_alone():

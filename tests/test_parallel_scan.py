@@ -182,3 +182,30 @@ def test_networks_take_a_scan_option():
     torch.testing.assert_close(net(xs)[0], reference(xs)[0], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="not linear in the state"):
         rnndsl.make_recurrent("lstm", 3, [5], scan="parallel")
+
+
+OUTPUT_DROPOUT = """
+cell dropped(x[input]) -> y {
+    state h[hidden]
+    param W[hidden, input], U[hidden, input]
+    h' = sigmoid(U @ x) * h + W @ x
+    y = dropout(h', 0.5)
+}
+"""
+
+
+def test_dropout_after_the_scan_draws_for_every_step_unless_one_mask_is_asked_for():
+    spec = rnndsl.load_source(OUTPUT_DROPOUT)["dropped"]
+    parallel = spec.build(3, 64, scan="parallel")
+    sequential = spec.build(3, 64, scan="sequential")
+    sequential.load_state_dict(parallel.state_dict())
+    xs, state = torch.randn(50, 8, 3), (torch.randn(8, 64),)
+    with torch.no_grad():
+        torch.testing.assert_close(rnndsl.scan(parallel.eval(), xs, state)[0],
+                                   rnndsl.scan(sequential.eval(), xs, state)[0])
+        dropped = rnndsl.scan(parallel.train(), xs, state)[0] == 0
+    assert 0.45 < dropped.double().mean() < 0.55  # a fresh draw at every step: half of all outputs
+    assert dropped.any(0).all() and not dropped.all(0).any()  # no unit is dropped at every step
+    with pytest.raises(ValueError, match="with fixed_dropout_mask, `y` draws one mask for the whole sequence"):
+        spec.build(3, 4, scan="parallel", fixed_dropout_mask=True)
+    assert spec.build(3, 4, scan="auto", fixed_dropout_mask=True).scan_mode == "sequential"
