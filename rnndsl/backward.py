@@ -175,6 +175,7 @@ class _Generator:
         self.stacked: Dict[str, str] = {}
         self.whole: Dict[str, str] = {}
         self.once: Dict[str, str] = {}
+        self.numbers: set = set()  # numbers the backward computes again, by value name
         self.loads: Dict[str, str] = {}  # read in the loop at step t: value -> local
         # Matrices of the loop's products, packed once for oneDNN: value -> local, forward and backward.
         self.packed: Dict[str, str] = {}
@@ -197,7 +198,8 @@ class _Generator:
         home = level_of(node)
         if home is Level.ONCE:
             if not node.shape.dims:  # a number (hypers and constants): recomputed, as saved values are tensors
-                return self.emitter.inline(name)
+                self.recompute_number(name)
+                return name
             self.once[name] = name
             return name
         if level is Level.LOOP:
@@ -205,6 +207,15 @@ class _Generator:
             self.sequence(name)
             return self.loads[name]
         return self.sequence(name)
+
+    def recompute_number(self, name: str) -> None:
+        """Have ``backward_sequence`` compute number ``name`` again, with the numbers it is made of."""
+        stack = [name]
+        while stack:
+            current = stack.pop()
+            if current not in self.numbers and leaf_reference(self.nodes[current]) is None:
+                self.numbers.add(current)
+                stack.extend(self.nodes[current].inputs)
 
     def sequence(self, name: str) -> str:
         """All steps of a batched value: its stack over time, or its whole-sequence tensor."""
@@ -395,6 +406,8 @@ class _Generator:
                  f"{fixed['grad_outputs']}: List[Tensor], {fixed['grad_state']}: List[Tensor], "
                  f"{fixed['need_input_grad']}: bool) -> Tuple[Tensor, List[Tensor], List[Tensor]]:"]
         lines += [f"    {local} = {fixed['saved']}[{i}]" for i, local in enumerate(self.saved_locals())]
+        lines += [f"    {node.name} = {EMITTERS[node.op](node, [self.emitter.ref(i, {}) for i in node.inputs])}"
+                  for node in graph.nodes if node.name in self.numbers]
         lines += [f"    {local} = {fixed['grad_outputs']}[{i}]" for i, local in enumerate(grad_outputs)]
         lines.append("    if mask is not None:")
         lines += [f"        {local} = torch.where(mask.unsqueeze(2), {local}, 0.0)" for local in grad_outputs]

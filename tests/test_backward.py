@@ -294,3 +294,19 @@ def test_a_number_computed_from_hypers_is_recomputed_not_saved():
     assert isinstance(got[2], torch.autograd.function.BackwardCFunction)  # the derived backward ran
     for a, b in zip(got[0] + got[1], expected[0] + expected[1]):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_numbers_built_on_numbers_are_computed_once_each():
+    """Inlined, `a1 = a0 * a0, a2 = a1 * a1, ...` would double the backward's code at every line."""
+    chain = ["a0 = k * k"] + [f"a{i} = a{i - 1} * a{i - 1}" for i in range(1, 40)]
+    spec = rnndsl.load_source("cell t(x[input]) -> h {\n    state h[hidden]\n    hyper k = 1.0\n"
+                              "    param w[hidden, input]\n    " + "\n    ".join(chain) +
+                              "\n    h' = a39 * h + w @ x\n}\n")["t"]
+    assert len(spec.backward_code()) < 10_000
+    derived = spec.build(3, 4, scan="sequential").double()  # k = 1: the coefficient stays 1
+    loop = spec.build(3, 4, scan="sequential", disable=("derived_backward",)).double()
+    loop.load_state_dict(derived.state_dict())
+    xs, state, mask = inputs(derived, steps=3, batch=2)
+    got, expected = run(derived, xs, state, mask), run(loop, xs, state, mask)
+    for a, b in zip(got[0] + got[1], expected[0] + expected[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
