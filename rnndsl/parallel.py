@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Set, Tuple
 
 from .codegen import _body_nodes, _Emitter, _tuple, biased_products, size_code, validate_source
-from .ir import Graph, Node, Op, Phase, Size
+from .ir import Graph, Node, Op, OpKind, Phase, Size
 from .lower import Namespace
 from .passes.dependency import dependency_phases
 
@@ -58,7 +58,8 @@ def find_linear_recurrences(graph: Graph, fixed_dropout_mask: bool = False) -> L
     """The linear update of every state, or NotLinear naming the first equation that is not.
 
     Random ops on the way from the new states to the outputs are fine (a draw for every step,
-    made for all steps at once), unless ``fixed_dropout_mask`` asks for one mask per sequence.
+    made for all steps at once), unless ``fixed_dropout_mask`` asks for one mask per sequence,
+    or the value drawn for is parameter-only (the loop draws its mask anew at each step).
     """
     nodes = graph.node_map()
     phases = dependency_phases(graph)
@@ -78,9 +79,13 @@ def find_linear_recurrences(graph: Graph, fixed_dropout_mask: bool = False) -> L
             if node.op is Op.STATE:
                 raise NotLinear(f"output `{output}` depends on a state other than through its next value",
                                 nodes[output])
-            if node.op.kind.value == "random" and fixed_dropout_mask:
-                raise NotLinear(f"with fixed_dropout_mask, `{name}` draws one mask for the whole sequence, "
-                                "which the parallel scan does not do", node)
+            if node.op.kind is OpKind.RANDOM:
+                if fixed_dropout_mask:
+                    raise NotLinear(f"with fixed_dropout_mask, `{name}` draws one mask for the whole sequence, "
+                                    "which the parallel scan does not do", node)
+                if not nodes[node.inputs[0]].shape.batched:  # one draw here would serve every step
+                    raise NotLinear(f"`{name}` draws a fresh mask for a parameter-only value at each step, "
+                                    "which the parallel scan does not do", node)
             stack.extend(node.inputs)
     return updates
 

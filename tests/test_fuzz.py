@@ -156,7 +156,7 @@ def test_random_linear_cells_run_as_a_parallel_scan_equal_to_the_loop(cell: Draw
         parallel = spec.build(input_size, hidden_size, backend=backend, scan="parallel").double().eval()
         parallel.load_state_dict(loop.state_dict())
         got = _run(parallel, x, state, mask)
-        for a, b in zip(got[0] + got[1], expected[0] + expected[1]):
+        for a, b in zip(got[0] + got[1], expected[0] + expected[1], strict=True):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, equal_nan=True)
 
 

@@ -24,9 +24,11 @@ def _pair(name, backend, input_size, hidden):
 
 
 def _run(cell, xs, state, mask):
+    """Outputs (one tensor, or a tuple for several), final state, and the gradients of a loss of both."""
     outputs, final = rnndsl.scan(cell, xs, state, mask)
-    weights = torch.linspace(-1, 1, outputs.numel(), dtype=outputs.dtype).view_as(outputs)
-    loss = (outputs * weights).sum() + sum((s * s).sum() for s in final)
+    loss = sum((s * s).sum() for s in final)
+    for output in (outputs if isinstance(outputs, tuple) else (outputs,)):
+        loss = loss + (output * torch.linspace(-1, 1, output.numel(), dtype=output.dtype).view_as(output)).sum()
     grads = torch.autograd.grad(loss, [xs, *state, *cell.parameters()])
     return outputs, final, grads
 
@@ -47,7 +49,7 @@ def test_parallel_equals_sequential(name, backend, steps, batch, hidden, masked,
         mask = torch.arange(steps)[:, None] < lengths[None, :]
     want, got = _run(sequential, xs, state, mask), _run(parallel, xs, state, mask)
     torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-10)
-    for a, b in zip(got[1] + got[2], want[1] + want[2]):
+    for a, b in zip(got[1] + got[2], want[1] + want[2], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
@@ -76,12 +78,12 @@ def test_shared_coefficients_and_outputs_after_the_scan(masked):
     state = tuple(torch.randn(2, 4, dtype=torch.float64, requires_grad=True) for _ in range(2))
     mask = (torch.arange(30)[:, None] < torch.tensor([30, 17])[None, :]) if masked else None
     want, got = _run(sequential, xs, state, mask), _run(parallel, xs, state, mask)
-    for a, b in zip(got[:1] + got[1] + got[2], want[:1] + want[1] + want[2]):
+    for a, b in zip(got[:1] + got[1] + got[2], want[:1] + want[1] + want[2], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
-# Cells whose slices once broke the generated split (review of the parallel code generator).
-SPLIT_CASES = {
+# Cells that once broke the parallel scan's code, or that it once refused wrongly.
+TRICKY_CELLS = {
     # merge_matmuls stacks Wc before Wz, so the piece at offset 0 is used after the other one
     "pieces used out of offset order": ("""
 cell t(x[input]) -> h {
@@ -109,12 +111,20 @@ cell t(x[input]) -> h {
     a = chunk(W @ x, 1)
     h' = sigmoid(a) * h + a
 }""", ()),
+    # join_slices would join the two sums into slices of one add, hiding both linear forms
+    "two states with parameter coefficients": ("""
+cell t(x[input]) -> h, c {
+    state h[hidden], c[hidden]
+    param a[hidden], b[hidden], W[hidden, input], V[hidden, input]
+    h' = a * h + W @ x
+    c' = b * c + V @ x
+}""", ()),
 }
 
 
-@pytest.mark.parametrize("case", list(SPLIT_CASES))
-def test_split_cases_equal_the_loop(case):
-    source, disable = SPLIT_CASES[case]
+@pytest.mark.parametrize("case", list(TRICKY_CELLS))
+def test_tricky_cells_equal_the_loop(case):
+    source, disable = TRICKY_CELLS[case]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", rnndsl.CellWarning)  # `a` unused in one case
         spec = rnndsl.load_source(source)["t"]
@@ -124,7 +134,7 @@ def test_split_cases_equal_the_loop(case):
     xs = torch.randn(9, 2, 3, dtype=torch.float64, requires_grad=True)
     state = tuple(torch.randn(2, size, dtype=torch.float64, requires_grad=True) for size in sequential.state_sizes)
     want, got = _run(sequential, xs, state, None), _run(parallel, xs, state, None)
-    for a, b in zip(got[:1] + got[1] + got[2], want[:1] + want[1] + want[2]):
+    for a, b in zip(got[:1] + got[1] + got[2], want[:1] + want[1] + want[2], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
@@ -136,7 +146,7 @@ def test_float32_on_onednn_matches_the_loop(name):
     xs = torch.randn(20, 64, 96, requires_grad=True)
     state = (torch.randn(64, 128, requires_grad=True),)
     want, got = _run(sequential, xs, state, None), _run(parallel, xs, state, None)
-    for a, b in zip(got[:1] + got[1] + got[2], want[:1] + want[1] + want[2]):
+    for a, b in zip(got[:1] + got[1] + got[2], want[:1] + want[1] + want[2], strict=True):
         # float32 sums over steps and examples in another order: relative to the largest entry.
         assert (a - b).abs().max() <= 1e-5 * b.abs().max() + 1e-6
 
@@ -201,11 +211,20 @@ def test_dropout_after_the_scan_draws_for_every_step_unless_one_mask_is_asked_fo
     sequential.load_state_dict(parallel.state_dict())
     xs, state = torch.randn(50, 8, 3), (torch.randn(8, 64),)
     with torch.no_grad():
-        torch.testing.assert_close(rnndsl.scan(parallel.eval(), xs, state)[0],
-                                   rnndsl.scan(sequential.eval(), xs, state)[0])
-        dropped = rnndsl.scan(parallel.train(), xs, state)[0] == 0
-    assert 0.45 < dropped.double().mean() < 0.55  # a fresh draw at every step: half of all outputs
-    assert dropped.any(0).all() and not dropped.all(0).any()  # no unit is dropped at every step
+        kept = rnndsl.scan(parallel.eval(), xs, state)[0]
+        torch.testing.assert_close(kept, rnndsl.scan(sequential.eval(), xs, state)[0])
+        trained = rnndsl.scan(parallel.train(), xs, state)[0]
+    dropped = trained == 0
+    torch.testing.assert_close(trained[~dropped], 2 * kept[~dropped])  # survivors scaled by 1 / (1 - p)
+    assert 0.45 < dropped.double().mean() < 0.55  # half of all outputs
+    assert dropped.any(0).all() and not dropped.all(0).any()  # a fresh mask at every step...
+    assert (dropped[:, 0] != dropped[:, 1]).any()  # ...and for every example
     with pytest.raises(ValueError, match="with fixed_dropout_mask, `y` draws one mask for the whole sequence"):
         spec.build(3, 4, scan="parallel", fixed_dropout_mask=True)
     assert spec.build(3, 4, scan="auto", fixed_dropout_mask=True).scan_mode == "sequential"
+    # a parameter-only value: the loop draws its mask at every step, which one draw cannot do
+    shared = rnndsl.load_source(OUTPUT_DROPOUT.replace("param W[hidden, input], U[hidden, input]",
+                                                       "param W[hidden, input], U[hidden, input], v[hidden]")
+                                .replace("y = dropout(h', 0.5)", "y = h' * dropout(v, 0.5)"))["dropped"]
+    with pytest.raises(ValueError, match="draws a fresh mask for a parameter-only value at each step"):
+        shared.build(3, 4, scan="parallel")
