@@ -53,6 +53,9 @@ def _not_matrix(shape: Shape, what: str) -> None:
 def _elementwise_unary(node: Node, shapes: List[Shape]) -> Shape:
     (shape,) = shapes
     _not_matrix(shape, node.op.label)
+    if shape.is_scalar and node.op is not Op.NEG:  # torch's functions take tensors, not numbers
+        raise ShapeError(f"{node.op.label} takes a vector, not a number; write the number it gives, "
+                         "or make the number a parameter vector")
     return shape
 
 
@@ -140,10 +143,15 @@ def _probability_last(node: Node, shapes: List[Shape]) -> Shape:
         raise ShapeError(f"{node.op.label}'s probability must be a number or hyper-parameter")
     if node.op is Op.ZONEOUT:
         new, old = values
-        result = broadcast(new, old, "zoneout")
-    else:
-        (result,) = values
-        _not_matrix(result, node.op.label)
+        if not (new.is_vector and new.batched and old.is_vector and old.batched and new.dims == old.dims):
+            kinds = [("per-example " if shape.batched else "parameter ") * shape.is_vector + _describe(shape)
+                     for shape in (new, old)]
+            raise ShapeError(f"zoneout keeps units of a per-example vector from one of the same size, "
+                             f"got a {kinds[0]} and a {kinds[1]}")
+        return new
+    (result,) = values
+    if not result.is_vector:
+        raise ShapeError(f"dropout zeroes units of a vector, got a {_describe(result)}")
     return result
 
 

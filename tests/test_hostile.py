@@ -230,6 +230,17 @@ BAD_INPUT = {
                                             "    param W[4*hidden, input]", "    a, b, c = chunk(W @ x, 3)",
                                             "    h' = a + b + c", "}"),
                                    4, 15, "cannot split a vector of size 4*hidden into 3 equal parts", None),
+    # torch's functions take tensors: these once passed the checker and failed in TorchScript
+    "function of a number": (_snippet("cell c(x[input]) -> h {", "    hyper k = 1.0", "    state h[hidden]",
+                                      "    h' = sigmoid(k) * h + x", "}"),
+                             4, 10, "sigmoid takes a vector, not a number", None),
+    "dropout of a number": (_snippet("cell c(x[input]) -> h {", "    hyper k = 1.0", "    state h[hidden]",
+                                     "    h' = dropout(k, 0.5) * h + x", "}"),
+                            4, 10, "dropout zeroes units of a vector, got a number", None),
+    # in eval, zoneout(v, h', p) returned v, a parameter, where a per-example value was due
+    "zoneout of a parameter": (_snippet("cell c(x[input]) -> h {", "    state h[hidden]", "    param v[hidden]",
+                                        "    h' = zoneout(v, h, 0.5) + x", "}"),
+                               4, 10, "got a parameter vector [hidden] and a per-example vector [hidden]", None),
 }
 
 
@@ -431,12 +442,20 @@ def test_a_file_name_with_a_newline_stays_in_its_comment():
     spec.build(2, 3, backend="eager")
 
 
-def test_a_file_name_with_a_newline_cannot_forge_a_diagnostic_line():
+def test_a_file_name_with_a_newline_cannot_forge_a_diagnostic_line(tmp_path):
+    forged = "a.cell\nb.cell:1:1: error: forged"
     with pytest.raises(CellError) as caught:
-        rnndsl.load_source("cell c(x[input]) -> h {\n    h = x\n}\n", "a.cell\nb.cell:1:1: error: forged")
+        rnndsl.load_source("cell c(x[input]) -> h {\n    h = x\n}\n", forged)
     first, *rest = str(caught.value).splitlines()
     assert first.startswith("a.cell?b.cell:1:1: error: forged:1:")
     assert not any("error:" in line for line in rest)
+    with pytest.raises(CellError) as caught:  # an error without a position names the path too
+        rnndsl.load_cell(str(tmp_path / forged))
+    assert len(str(caught.value).splitlines()) == 1
+    spec = rnndsl.load_source(HEADER + "    h' = tanh(w @ x + h)  # \x1b[31m\n}\n", forged)["c"]
+    with pytest.raises(ValueError) as refused:  # the parallel scan's refusal quotes file and line
+        spec.build(2, 3, scan="parallel")
+    assert "\n" not in str(refused.value) and "\x1b" not in str(refused.value)
 
 
 # Numbers at the edges -----------------------------------------------------------------
