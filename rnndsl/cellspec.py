@@ -27,7 +27,7 @@ from . import backward, kernels
 from . import syntax_tree as st
 from .check import check_file
 from .codegen import generate, validate_source
-from .errors import CellError, CellWarning, Span
+from .errors import CellError, CellWarning, Span, one_line
 from .ir import Graph
 from .lower import lower
 from .native_match import match_native
@@ -171,7 +171,8 @@ class EagerCell(CellModule):
 
     def __reduce__(self):
         # The class is made at run time (pickle could not find it by name): rebuilt from the source.
-        return _empty_eager_cell, (self._recipe,), self.__dict__
+        # __getstate__, not __dict__: torch refuses to pickle what it cannot (parametrized modules).
+        return _empty_eager_cell, (self._recipe,), self.__getstate__()
 
     def forward(self, state, x):
         check_call(self, state, x, sequence=False)
@@ -199,10 +200,14 @@ class ScriptedCell(torch.jit.RecursiveScriptModule):
         return _rebuilt_scripted_cell, (self._recipe, parameters, self.training)
 
     def __deepcopy__(self, memo):
-        # RecursiveScriptModule's own deepcopy returns a bare RecursiveScriptModule: without this
-        # class, a copy would lose the argument checks, the derived backward and the parallel scan.
+        # RecursiveScriptModule's own copies are bare RecursiveScriptModules: without this class, a
+        # copy would lose the argument checks, the derived backward and the parallel scan.
         rebuild, arguments = self.__reduce__()
         return rebuild(*copy.deepcopy(arguments, memo))
+
+    def __copy__(self):
+        rebuild, arguments = self.__reduce__()  # a shallow copy shares the parameters
+        return rebuild(*arguments)
 
     @staticmethod
     def adopt(scripted: torch.jit.RecursiveScriptModule, cls: type) -> "ScriptedCell":
@@ -474,7 +479,7 @@ def _parallel_plan(graph: Graph, disable: Tuple[str, ...], source: str,
         if span is not None:
             lines = source.splitlines()
             quoted = lines[span.line - 1].strip() if 0 < span.line <= len(lines) else ""
-            where = f" (at {span.file}:{span.line}: `{quoted}`)"
+            where = f" (at {one_line(span.file)}:{span.line}: `{one_line(quoted)}`)"
         return None, f"the recurrence is not linear in the state: {reason}{where}"
 
 

@@ -28,8 +28,7 @@ class Span:
     end_column: int
 
     def __str__(self) -> str:
-        # A newline in a file name would start a forged diagnostic line: it too shows as `?`.
-        return f"{printable(self.file).replace(chr(10), '?')}:{self.line}:{self.column}"
+        return f"{one_line(self.file)}:{self.line}:{self.column}"
 
 
 def printable(text: object) -> str:
@@ -40,6 +39,12 @@ def printable(text: object) -> str:
     """
     return "".join(char if char in "\n " or unicodedata.category(char)[0] not in "CZ" else "?"
                    for char in str(text))
+
+
+def one_line(text: object) -> str:
+    """:func:`printable`, with newlines shown as `?` too: a file name or a quoted line holding one
+    could otherwise print what looks like another diagnostic."""
+    return printable(text).replace("\n", "?")
 
 
 def _underline(source: Optional[str], span: Span) -> str:
@@ -58,7 +63,7 @@ def _underline(source: Optional[str], span: Span) -> str:
         column = span.column
     width = span.end_column - span.column if span.end_line == span.line else len(text) - column + 1
     width = max(1, min(width, len(text) - column + 2))
-    text = text.replace("\t", " ")
+    text = one_line(text.replace("\t", " "))  # one character for one: the caret stays in place
     return f"    {text}\n    {' ' * (column - 1)}^{'~' * (width - 1)}"
 
 
@@ -90,18 +95,20 @@ class CellError(Exception):
         return CellError(self.message, self.span, source=source, hint=self.hint)
 
     def format(self) -> str:
+        """The diagnostic: ``file:line:column: error: message``, the quoted line, the hint; every
+        part one line, with control characters shown as `?`."""
         where = f"{self.span}: " if self.span else ""
-        parts = [f"{where}error: {self.message}"]
+        parts = [one_line(f"{where}error: {self.message}")]
         if self.span:
             quoted = _underline(self.source, self.span)
             if quoted:
                 parts.append(quoted)
         if self.hint:
-            parts.append(f"hint: {self.hint}")
+            parts.append(one_line(f"hint: {self.hint}"))
         return "\n".join(parts)
 
     def __str__(self) -> str:
-        return printable(self.format())
+        return self.format()
 
 
 class CellWarning(UserWarning):
@@ -110,7 +117,7 @@ class CellWarning(UserWarning):
 
 def warn(message: str, span: Optional[Span]) -> None:
     where = f"{span}: " if span else ""
-    warnings.warn(printable(f"{where}warning: {message}"), CellWarning, stacklevel=3)
+    warnings.warn(one_line(f"{where}warning: {message}"), CellWarning, stacklevel=3)
 
 
 def did_you_mean(name: str, candidates: Iterable[str]) -> Optional[str]:

@@ -45,9 +45,9 @@ def test_torch_save_of_a_network_loads_an_equal_network(name, backend):
     net = rnndsl.make_recurrent(name, 3, [4, 5], backend=backend, save_hidden=False).double()
     copy_ = _reloaded(net)
     xs = torch.randn(7, 2, 3, dtype=torch.float64)
-    for got, want in zip(_outputs_and_grads(copy_, xs), _outputs_and_grads(net, xs)):
+    for got, want in zip(_outputs_and_grads(copy_, xs), _outputs_and_grads(net, xs), strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
-    for original, loaded in zip(net.modules(), copy_.modules()):
+    for original, loaded in zip(net.modules(), copy_.modules(), strict=True):
         assert type(loaded) is type(original)
         assert getattr(loaded, "scan_mode", None) == getattr(original, "scan_mode", None)
 
@@ -134,3 +134,24 @@ def test_an_eager_copy_keeps_buffers_hooks_and_attributes():
 
 def _count_calls(module, inputs, outputs):  # module-level: hooks must pickle by name
     module.calls = getattr(module, "calls", 0) + 1
+
+
+@pytest.mark.parametrize("backend", ["script", "eager"])
+def test_a_shallow_copy_keeps_the_class_and_shares_the_parameters(backend):
+    cell = rnndsl.load_cell("mingru").build(3, 4, backend=backend)
+    twin = copy.copy(cell)
+    assert type(twin) is type(cell) and twin.weight_z is cell.weight_z
+    with pytest.raises(ValueError, match="expected input of shape"):
+        twin((torch.zeros(2, 4),), torch.zeros(2, 5))
+
+
+def test_a_parametrized_cell_refuses_pickling_as_torch_does():
+    cell = rnndsl.load_cell("gru").build(3, 4, backend="eager")
+    torch.nn.utils.parametrize.register_parametrization(cell, "weight_hh", _Doubled())
+    with pytest.raises(RuntimeError, match="parametrized modules"):
+        pickle.dumps(cell)
+
+
+class _Doubled(torch.nn.Module):
+    def forward(self, weight):
+        return 2 * weight
