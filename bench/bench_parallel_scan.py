@@ -10,7 +10,7 @@ the input projection of all steps (one GEMM with its bias) and its backward
 it, so "sequential / floor" bounds the speed-up any parallel scan can reach
 over the sequential loop on this machine.
 
-    python -m bench.bench_parallel_scan [--threads N] [--lengths 64 256 1024 4096]
+    python -m bench.bench_parallel_scan [--threads N] [--lengths 64 256 1024 4096] [--device cuda]
 """
 from __future__ import annotations
 
@@ -25,11 +25,13 @@ from rnndsl.kernels import linear_with_grad
 from rnndsl.scan import python_scan
 
 
-def _time(function, rounds: int):
+def _time(function, rounds: int, device: torch.device):
     times = []
     for _ in range(rounds):
         start = time.perf_counter()
         function()
+        if device.type == "cuda":  # kernels run asynchronously: wait for them
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -41,6 +43,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--python-loop", action="store_true",
                         help="also time a Python loop calling the (eager) cell once per step (slow)")
     args = parser.parse_args()
@@ -56,25 +59,27 @@ def main() -> None:
     }
     if args.python_loop:
         cells["python loop"] = spec.build(args.hidden, args.hidden, backend="eager", scan="sequential")
+    device = torch.device(args.device)
     for cell in cells.values():
         cell.load_state_dict(cells["sequential"].state_dict())
-    print(f"minGRU fwd+bwd, batch {args.batch}, hidden {args.hidden}, {torch.get_num_threads()} threads; "
-          "ms, medians of interleaved runs")
+        cell.to(device)
+    where = f"{torch.get_num_threads()} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
+    print(f"minGRU fwd+bwd, batch {args.batch}, hidden {args.hidden}, {where}; ms, medians of interleaved runs")
     extra = f" {'python loop':>12} {'vs python':>10}" if args.python_loop else ""
     print(f"{'T':>6} {'plain loop':>11} {'sequential':>11} {'parallel':>9} {'vs plain':>9} {'vs sequential':>14}"
           f" {'GEMM floor':>11} {'sequential / floor':>19}" + extra)
     weights = torch.cat([cells["sequential"].weight_z, cells["sequential"].weight_h]).detach().requires_grad_()
     biases = torch.cat([cells["sequential"].bias_z, cells["sequential"].bias_h]).detach().requires_grad_()
     for steps in args.lengths:
-        xs = torch.randn(steps, args.batch, args.hidden, requires_grad=True)
-        state = (torch.zeros(args.batch, args.hidden),)
+        xs = torch.randn(steps, args.batch, args.hidden, device=device, requires_grad=True)
+        state = (torch.zeros(args.batch, args.hidden, device=device),)
 
         def run(cell):
             scan = python_scan if cell is cells.get("python loop") else rnndsl.scan
             outputs, _ = scan(cell, xs, state)
             outputs.sum().backward()
 
-        grad_gates = torch.randn(steps, args.batch, 2 * args.hidden)
+        grad_gates = torch.randn(steps, args.batch, 2 * args.hidden, device=device)
 
         def floor():
             linear_with_grad(xs, weights, biases).backward(grad_gates)
@@ -87,7 +92,7 @@ def main() -> None:
         medians = {mode: [] for mode in runs}
         for _ in range(args.rounds):
             for mode, function in runs.items():
-                medians[mode].append(_time(function, 1))
+                medians[mode].append(_time(function, 1, device))
         ms = {mode: statistics.median(times) * 1e3 for mode, times in medians.items()}
         plain, sequential, parallel = ms["plain loop"], ms["sequential"], ms["parallel"]
         extra = f" {ms['python loop']:>12.2f} {ms['python loop'] / parallel:>9.1f}x" if args.python_loop else ""

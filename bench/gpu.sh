@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# The benchmark on CUDA: hidden 256 to 4096, every variant against cuDNN's
-# torch.nn.LSTM / torch.nn.GRU, start-up and memory at hidden 1024.
-# Writes benchmark-cuda.{csv,png,txt} to $OUT when set, else to bench/results/.
-# Not needed for CPU use: `python -m bench.benchmark` is the CPU benchmark.
+# The benchmarks on CUDA: hidden 256 to 4096, every variant against cuDNN's
+# torch.nn.LSTM / torch.nn.GRU, start-up and memory at hidden 1024; then
+# minGRU's parallel scan against its loop (issue 6's goal, which on CPU the
+# shared GEMMs bound; on a GPU the loop is launch-bound instead).
+# Writes benchmark-cuda.{csv,png,txt} and parallel-scan-cuda.txt to $OUT when
+# set, else to bench/results/. Not needed for CPU use: `python -m bench.benchmark`
+# and `python -m bench.bench_parallel_scan` are the CPU benchmarks.
 #
-# Stops itself after 450 s; the CSV and plot are rewritten after every section,
+# Stops itself after 400 + 120 s; the CSV and plot are rewritten after every section,
 # so a run cut short keeps what it measured. Extra arguments go to the
 # benchmark (e.g. --no-compile, --variants ...). PYTHON picks the interpreter;
 # by default the first of .venv/bin/python, python3, python whose torch sees a GPU.
@@ -29,7 +32,10 @@ if [[ -z "$python" ]]; then
     exit 1
 fi
 
-timeout --signal=INT --kill-after=20 450 \
+timeout --signal=INT --kill-after=20 400 \
     "$python" -m bench.benchmark --device cuda --memory-hidden 1024 --repeats 10 \
         --csv "$out/benchmark-cuda.csv" --plot "$out/benchmark-cuda.png" "$@" \
-    2>&1 | tee "$out/benchmark-cuda.txt"
+    2>&1 | tee "$out/benchmark-cuda.txt" || true
+timeout --signal=INT --kill-after=10 120 \
+    "$python" -m bench.bench_parallel_scan --device cuda --python-loop \
+    2>&1 | tee "$out/parallel-scan-cuda.txt"

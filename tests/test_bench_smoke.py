@@ -1,4 +1,5 @@
-"""Smoke test of the benchmark harness (bench/benchmark.py): it runs and reports, at a tiny size.
+"""Smoke tests of the benchmark harnesses (bench/benchmark.py, bench/bench_parallel_scan.py): they run
+and report, at a tiny size.
 
 No timing is asserted; the hand-written baselines are checked to compute an LSTM,
 so the benchmark compares like with like.
@@ -54,3 +55,14 @@ def test_gates_cell_is_torch_lstm_cell():
     torch.testing.assert_close(h_next, expected_h)
     torch.testing.assert_close(c_next, expected_c)
     torch.testing.assert_close(output, expected_h)
+
+
+def test_parallel_scan_benchmark_reports_every_column(monkeypatch, capsys):
+    from bench import bench_parallel_scan
+
+    monkeypatch.setattr(sys, "argv", ["bench_parallel_scan", "--lengths", "8", "--rounds", "1", "--batch", "2",
+                                      "--hidden", "4", "--python-loop"])
+    bench_parallel_scan.main()
+    header, row = capsys.readouterr().out.splitlines()[-2:]
+    assert "GEMM floor" in header and "python loop" in header
+    assert row.split()[0] == "8" and len(row.split()) == 10
