@@ -26,7 +26,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # data.py, when imported from elsewhere
 
 import rnndsl  # noqa: E402
-from data import Progress, batchify, bptt_batches, count_batches, shared_data_dir  # noqa: E402
+from data import HelpFormatter, Progress, batchify, bptt_batches, count_batches, shared_data_dir  # noqa: E402
 
 
 def _default_data() -> Optional[Path]:
@@ -36,7 +36,7 @@ def _default_data() -> Optional[Path]:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--data", type=Path, default=_default_data(),
                         help="a text file (default: ../shared/data/tiny-shakespeare.txt)")
     parser.add_argument("--cell", default="lstm", help="stock cell name or path to a .cell file")

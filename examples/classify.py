@@ -26,7 +26,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # data.py, when imported from elsewhere
 
 import rnndsl  # noqa: E402
-from data import UNK, Progress, Vocabulary, divide_lr_if_worse  # noqa: E402
+from data import UNK, HelpFormatter, Progress, Vocabulary, divide_lr_if_worse  # noqa: E402
 
 PAD = "<pad>"
 INIT_RANGE = 0.1
@@ -35,7 +35,7 @@ Example = Tuple[List[str], str]
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--train", type=Path, required=True, help="label<TAB>sentence file")
     parser.add_argument("--valid", type=Path,
                         help="validation file (default: every tenth training example, held out)")

@@ -9,9 +9,11 @@
   and :func:`bptt_batches` cuts them into truncated-BPTT windows.
 - :class:`Progress` shows a tqdm bar when tqdm is installed and the output is
   a terminal, and prints a plain line every few batches otherwise.
+- :class:`HelpFormatter` shows each option's default once.
 """
 from __future__ import annotations
 
+import argparse
 import re
 import sys
 import time
@@ -24,6 +26,16 @@ from torch import Tensor
 
 EOS = "<eos>"
 UNK = "<unk>"
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: ...)`` to an option's help, unless the help already says its default
+    or there is none (``None``)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if "(default" in (action.help or "") or action.default is None:
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 def shared_data_dir() -> Optional[Path]:

@@ -16,13 +16,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # word_lm.py, when imported from elsewhere
 
-from data import EOS, Vocabulary  # noqa: E402
+from data import EOS, HelpFormatter, Vocabulary  # noqa: E402
 from word_lm import WordLM, load_checkpoint  # noqa: E402
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True,
                         help="file written by word_lm.py --save")
     parser.add_argument("--words", type=int, default=100, help="number of words to sample")

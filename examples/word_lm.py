@@ -36,7 +36,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # data.py, when imported from elsewhere
 
 import rnndsl  # noqa: E402
-from data import (EOS, Progress, Vocabulary, batchify, bptt_batches, count_batches,  # noqa: E402
+from data import (EOS, HelpFormatter, Progress, Vocabulary, batchify, bptt_batches, count_batches,  # noqa: E402
                   divide_lr_if_worse, read_lines, stdlib_corpus, tokenize)
 
 INIT_RANGE = 0.1
@@ -44,7 +44,7 @@ INIT_RANGE = 0.1
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     data = parser.add_argument_group("data (default: Python's documentation, pydoc_data.topics)")
     data.add_argument("--data", type=Path, help="directory with train.txt, valid.txt, test.txt")
     data.add_argument("--train", type=Path, help="training text, one sentence per line")
@@ -117,12 +117,13 @@ class WordLM(nn.Module):
     """
 
     def __init__(self, cell, vocabulary_size: int, emsize: int, nhid: Sequence[int],
-                 backend: str = "script", rnn_init: str = "cell") -> None:
+                 backend: str = "script", rnn_init: str = "cell", scan: str = "auto") -> None:
         super().__init__()
         self.nhid = list(nhid)
         self.encoder = nn.Embedding(vocabulary_size, emsize)
         keep_cell_init = (lambda network: None) if rnn_init == "cell" else None
-        self.rnn = rnndsl.make_recurrent(cell, emsize, list(nhid), backend=backend, winitfun=keep_cell_init)
+        self.rnn = rnndsl.make_recurrent(cell, emsize, list(nhid), backend=backend, winitfun=keep_cell_init,
+                                         scan=scan)
         self.decoder = nn.Linear(self.rnn.network.output_size, vocabulary_size)
         with torch.no_grad():
             self.encoder.weight.uniform_(-INIT_RANGE, INIT_RANGE)
@@ -275,12 +276,14 @@ def export(path: Path, model: WordLM, vocabulary: Vocabulary) -> None:
 
     The network is traced; the compiled cells' ``forward_sequence`` keeps its
     loop over time under tracing, so the program takes any length and batch.
-    Eager cells would be unrolled to the traced length, so they are rebuilt as
-    TorchScript (same weights) first.
+    Eager cells would be unrolled to the traced length, and a parallel scan is
+    plain Python that tracing cannot keep, so such models are rebuilt as
+    TorchScript loops (same weights) first.
     """
-    if model.rnn.backend == "eager":
+    parallel = any(getattr(module, "scan_mode", "") == "parallel" for module in model.modules())
+    if model.rnn.backend == "eager" or parallel:
         scripted = WordLM(model.rnn.spec, len(vocabulary), model.encoder.embedding_dim,
-                          model.nhid, backend="script")
+                          model.nhid, backend="script", scan="sequential")
         scripted.load_state_dict(model.state_dict())
         model = scripted
     model = model.eval()
@@ -292,7 +295,10 @@ def export(path: Path, model: WordLM, vocabulary: Vocabulary) -> None:
         # what we want (tests run the export at other lengths and batch sizes).
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         traced = torch.jit.trace(core, example, check_trace=False)
-    torch.jit.save(torch.jit.script(ExportedLM(traced, list(vocabulary.words), state_size)), str(path))
+    # Written next to the target, then renamed: a failure leaves no half-written file behind.
+    partial = path.with_name(path.name + ".partial")
+    torch.jit.save(torch.jit.script(ExportedLM(traced, list(vocabulary.words), state_size)), str(partial))
+    partial.replace(path)
 
 
 # ----------------------------------------------------------------------------

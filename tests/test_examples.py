@@ -129,6 +129,23 @@ def test_export_runs_with_torch_alone(word_model):
     torch.testing.assert_close(exported, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_a_model_on_the_parallel_scan_exports_as_a_loop(tmp_path):
+    """Tracing cannot keep the parallel scan (plain Python): the export rebuilds it as a TorchScript loop."""
+    paths = {"checkpoint": tmp_path / "lm.pt", "export": tmp_path / "lm.ts"}
+    run_main(word_lm.main, TINY_WORD_LM + ["--cell", "mingru", "--save", paths["checkpoint"],
+                                           "--export", paths["export"]])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lm.pt", "lm.ts"]  # no partial file left
+    model, _ = word_lm.load_checkpoint(paths["checkpoint"])
+    assert any(getattr(m, "scan_mode", "") == "parallel" for m in model.modules())
+    exported = torch.jit.load(str(paths["export"]))
+    tokens = torch.tensor([[5, 9, 2, 31, 7, 0, 3], [1, 4, 4, 8, 0, 2, 6]]).t()
+    model.rnn.initialize_hidden(tokens.size(1))
+    with torch.no_grad():
+        expected = torch.log_softmax(model(tokens), dim=-1)
+        got, _ = exported(tokens)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_generate_samples_reproducibly_after_the_primer(word_model):
     argv = ["--checkpoint", word_model["checkpoint"], "--words", "12", "--seed", "3",
             "--primer", "the if", "--temperature", "0.7"]
