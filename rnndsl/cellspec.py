@@ -468,11 +468,17 @@ def _scripted_class(parallel_source: Optional[str]) -> type:
 @functools.lru_cache(maxsize=128)
 def _parallel_plan(graph: Graph, disable: Tuple[str, ...], source: str,
                    fixed_dropout_mask: bool) -> Tuple[Optional[str], str]:
-    # Without join_slices: it would turn `s' = a * s + b` of two states into slices of one joined
-    # sum, hiding the linear form; it saves ops per step of a loop, and the scan has no loop.
-    optimized = _optimized(graph, tuple(sorted(set(disable) | {"join_slices"})))
     try:
-        return generate_parallel(optimized, find_linear_recurrences(optimized, fixed_dropout_mask)), ""
+        try:
+            optimized = _optimized(graph, disable)
+            updates = find_linear_recurrences(optimized, fixed_dropout_mask)
+        except NotLinear:
+            # join_slices may have joined the sums `a * s + b` of several states into slices of one
+            # add, hiding their linear form (it joins the bias adds that the GEMM then fuses, too,
+            # so it is tried first).
+            optimized = _optimized(graph, tuple(sorted(set(disable) | {"join_slices"})))
+            updates = find_linear_recurrences(optimized, fixed_dropout_mask)
+        return generate_parallel(optimized, updates), ""
     except NotLinear as reason:
         where = ""
         span = reason.node.span if reason.node is not None else None

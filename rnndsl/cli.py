@@ -16,7 +16,7 @@ from .errors import CellError, printable
 from .passes import PASS_NAMES
 from .syntax_tree import pretty
 
-STAGES = ("ast", "ir", "code", "backward", "dot")
+STAGES = ("ast", "ir", "code", "backward", "parallel", "dot")
 
 
 def _say(text: object, stream=None) -> None:
@@ -61,6 +61,12 @@ def _show(path: str, stage: str, cell: Optional[str], disable: List[str], raw: b
             print(spec.code(disable))
         elif stage == "backward":  # the derived backward's two methods (rnndsl/backward.py)
             print(spec.backward_code(disable))
+        elif stage == "parallel":  # forward_parallel, for cells linear in their state (rnndsl/parallel.py)
+            source, why_not = spec.parallel_plan(disable)
+            if source is None:
+                _say(f"error: cell {name} cannot run as a parallel scan: {why_not}", sys.stderr)
+                return 1
+            print(source)
         else:
             print(to_dot(spec.graph if raw else spec.optimized(disable)), end="")
     return 0

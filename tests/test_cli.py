@@ -32,6 +32,13 @@ def test_show_prints_each_stage(stage, marker, capsys):
     assert marker in capsys.readouterr().out
 
 
+def test_show_parallel_prints_the_scan_or_why_not(capsys):
+    assert main(["show", "mingru", "--stage", "parallel"]) == 0
+    assert "linear_recurrence(" in capsys.readouterr().out
+    assert main(["show", "lstm", "--stage", "parallel"]) == 1
+    assert "not linear in the state" in capsys.readouterr().err
+
+
 def test_show_with_a_pass_disabled(capsys):
     main(["show", "lstm", "--stage", "ir", "--disable", "hoist"])
     text = capsys.readouterr().out
