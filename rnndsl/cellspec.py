@@ -147,7 +147,7 @@ def _empty_eager_cell(recipe: _Recipe) -> "EagerCell":
     """Unpickling an eager cell: its class, made again from the source, without ``__init__``;
     pickle then restores its ``__dict__`` (parameters, buffers, hooks, flags, as they were)."""
     options = dict(recipe.options)
-    cls, parallel = _unpickled_spec(recipe).generated_class(
+    cls, parallel = _unpickled_spec(recipe)._generated_class(
         options["disable"], options["fixed_dropout_mask"], options["scan"])
     eager = _eager_class(cls, parallel)
     return eager.__new__(eager)
@@ -355,7 +355,7 @@ class CellSpec:
             raise ValueError(f"unknown scan {scan!r}; choose one of {', '.join(SCANS)}")
         sizes, hypers = self.bind(input_size, hidden_size, **hyper)
         disable = tuple(sorted(disable))
-        cls, parallel = self.generated_class(disable, bool(fixed_dropout_mask), scan)
+        cls, parallel = self._generated_class(disable, bool(fixed_dropout_mask), scan)
         options = dict(disable=disable, fixed_dropout_mask=bool(fixed_dropout_mask), scan=scan, **hyper)
         recipe = _Recipe(self.source, self.path, self.name, input_size, hidden_size, backend,
                          tuple(sorted(options.items())))
@@ -366,7 +366,7 @@ class CellSpec:
         cell._recipe = recipe  # what pickling needs to make the cell again
         return cell
 
-    def generated_class(self, disable: Tuple[str, ...], fixed_dropout_mask: bool,
+    def _generated_class(self, disable: Tuple[str, ...], fixed_dropout_mask: bool,
                         scan: str) -> Tuple[type, Optional[str]]:
         """The module class with the generated methods, and the parallel scan's source (None when
         the cell runs a time loop)."""
