@@ -45,7 +45,7 @@ from torch.autograd.function import once_differentiable
 from .codegen import (EMITTERS, _Emitter, biased_products, leaf_reference, size_code, state_update,
                       validate_source)
 from .derivatives import DERIVATIVES, Outer, Placed, Product, Term
-from .ir import Graph, Node, Op, OpKind, Phase, Shape, Size
+from .ir import Graph, Node, Op, OpKind, Phase, Shape, Size, tiling_order
 from .lower import Namespace
 
 # Where values live --------------------------------------------------------------------------
@@ -312,15 +312,10 @@ class _Generator:
         for place in places:
             key = (place.start, place.length)
             parts[key] = place.expr if key not in parts else f"{parts[key]} + {_atom(place.expr)}"
-        order, position = [], Size()
-        while len(order) < len(parts):
-            following = [key for key in parts if key[0] == position and key not in order]
-            if not following:
-                break
-            order.append(following[0])
-            position = position + following[0][1]
-        whole = shape.dims[0]
-        if len(order) == len(parts) and position == whole:
+        keys, whole = list(parts), shape.dims[0]
+        tiling = tiling_order(keys, whole)
+        if tiling is not None:
+            order = [keys[i] for i in tiling]
             bases = {self.views.get(parts[key], (None,))[0] for key in order}
             if len(bases) == 1 and None not in bases and all(
                     self.views[parts[key]][1:] == key for key in order):
@@ -406,8 +401,7 @@ class _Generator:
                  f"{fixed['grad_outputs']}: List[Tensor], {fixed['grad_state']}: List[Tensor], "
                  f"{fixed['need_input_grad']}: bool) -> Tuple[Tensor, List[Tensor], List[Tensor]]:"]
         lines += [f"    {local} = {fixed['saved']}[{i}]" for i, local in enumerate(self.saved_locals())]
-        lines += [f"    {node.name} = {EMITTERS[node.op](node, [self.emitter.ref(i, {}) for i in node.inputs])}"
-                  for node in graph.nodes if node.name in self.numbers]
+        lines += [f"    {node.name} = {self.expression(node, {})}" for node in graph.nodes if node.name in self.numbers]
         lines += [f"    {local} = {fixed['grad_outputs']}[{i}]" for i, local in enumerate(grad_outputs)]
         lines.append("    if mask is not None:")
         lines += [f"        {local} = torch.where(mask.unsqueeze(2), {local}, 0.0)" for local in grad_outputs]

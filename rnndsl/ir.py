@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field, replace
-from typing import Dict, Iterable, Mapping, Optional, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from .errors import Span
 
@@ -118,6 +118,21 @@ class Shape:
 
 
 SCALAR = Shape()
+
+
+def tiling_order(pieces: Sequence[Tuple[Size, Size]], whole: Size) -> Optional[List[int]]:
+    """The indices of ``(start, length)`` pieces in offset order, if together they cover
+    ``[0, whole)`` exactly once; else None. Sizes are symbolic, so the pieces are walked from
+    offset 0, each starting where the last ended, not sorted."""
+    order, position, remaining = [], Size(), list(range(len(pieces)))
+    while remaining:
+        following = [i for i in remaining if pieces[i][0] == position]
+        if len(following) != 1:
+            return None
+        order.append(following[0])
+        remaining.remove(following[0])
+        position = position + pieces[following[0]][1]
+    return order if position == whole else None
 
 
 # Ops -----------------------------------------------------------------------

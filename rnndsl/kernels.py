@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .linear_scan import linear_recurrence
+from .linear_scan import linear_recurrence  # noqa: F401 (generated code gets it through helpers())
 
 # What generated code calls by name: the TorchScript methods (rnndsl/codegen.py, backward.py)
 # and the parallel scan's plain Python (rnndsl/parallel.py). lower.py reserves all these names.

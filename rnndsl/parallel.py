@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Set, Tuple
 
 from .codegen import _body_nodes, _Emitter, _tuple, biased_products, size_code, validate_source
-from .ir import Graph, Node, Op, OpKind, Phase, Size
+from .ir import Graph, Node, Op, OpKind, Phase, Size, tiling_order
 from .lower import Namespace
 from .passes.dependency import dependency_phases
 
@@ -198,16 +198,9 @@ def tiling_slices(graph: Graph) -> Dict[str, List[Tuple[str, Size]]]:
                 pieces.append((length * node.attr("index"), length, user))
         if len(pieces) < 2 or not nodes[name].shape.dims:
             continue
-        # Walk from offset 0, each piece starting where the last ended (sizes are symbolic: no sort).
-        ordered, position = [], Size()
-        while len(ordered) < len(pieces):
-            following = [(user, length) for start, length, user in pieces if start == position]
-            if len(following) != 1:
-                break
-            ordered.append(following[0])
-            position = position + following[0][1]
-        if len(ordered) == len(pieces) and position == nodes[name].shape.dims[-1]:
-            found[name] = ordered
+        order = tiling_order([(start, length) for start, length, _ in pieces], nodes[name].shape.dims[-1])
+        if order is not None:
+            found[name] = [(pieces[i][2], pieces[i][1]) for i in order]
     return found
 
 

@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as hs
 
 import rnndsl
-from rnndsl import backward, cli
+from rnndsl import cli
 from rnndsl.backward import DerivedSequence
 from rnndsl.derivatives import DERIVATIVES
 from rnndsl.ir import Op, OpKind

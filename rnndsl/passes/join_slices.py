@@ -20,16 +20,9 @@ from collections import defaultdict
 from dataclasses import replace
 from typing import Dict, List, Optional, Tuple
 
-from ..ir import Graph, Node, Op, Shape, Size, attrs
+from ..ir import Graph, Node, Op, Shape, attrs, tiling_order
 from ..lower import Namespace
 from ..ops import SHAPE_RULES
-
-_PROBE = 1_000_003  # orders linear sizes with non-negative coefficients, e.g. hidden < 2*hidden
-
-
-def _order(size: Size) -> int:
-    return size.evaluate({name: _PROBE for name in size.variables})
-
 
 def _slice_operand(add: Node, nodes: Dict[str, Node]) -> Optional[Tuple[int, Node, str]]:
     """For ``add(u, slice(M))`` (either order): (position of the slice, the slice, u)."""
@@ -38,16 +31,6 @@ def _slice_operand(add: Node, nodes: Dict[str, Node]) -> Optional[Tuple[int, Nod
         if candidate.op is Op.SLICE and add.inputs[1 - position] != candidate.name:
             return position, candidate, add.inputs[1 - position]
     return None
-
-
-def _tiles(slices: List[Node], whole: Node) -> bool:
-    """Whether the slices, in order, cover ``whole`` exactly once."""
-    end = Size()
-    for piece in slices:
-        if piece.attr("start") != end:
-            return False
-        end = end + piece.attr("length")
-    return end == whole.shape.dims[0]
 
 
 def _rewrite_once(graph: Graph) -> Optional[List[Node]]:
@@ -60,10 +43,11 @@ def _rewrite_once(graph: Graph) -> Optional[List[Node]]:
                 groups[found[1].inputs[0]].append((node, found[1], found[2]))
     names = Namespace({n.name for n in graph.nodes})
     for source, members in groups.items():
-        members.sort(key=lambda member: _order(member[1].attr("start")))
         whole = nodes[source]
-        if len(members) < 2 or not _tiles([m[1] for m in members], whole):
+        order = tiling_order([(m[1].attr("start"), m[1].attr("length")) for m in members], whole.shape.dims[0])
+        if len(members) < 2 or order is None:
             continue
+        members = [members[i] for i in order]
         others = [nodes[m[2]] for m in members]
         if len({o.shape.batched for o in others}) != 1 or any(o.shape.is_scalar for o in others):
             continue
