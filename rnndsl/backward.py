@@ -42,8 +42,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .codegen import (EMITTERS, _Emitter, biased_products, leaf_reference, size_code, state_update,
-                      validate_source)
+from .codegen import (EMITTERS, _Emitter, biased_products, leaf_reference, masked_assignment, size_code,
+                      state_update, validate_source)
 from .derivatives import DERIVATIVES, Outer, Placed, Product, Term
 from .ir import Graph, Node, Op, OpKind, Phase, Shape, Size, tiling_order
 from .lower import Namespace
@@ -357,12 +357,9 @@ class _Generator:
             self.route(name, Term(local), self.nodes[name].shape, loop)
         seeds = {s: self.fresh("seed", self.emitter.var(s)) for s in states}
         carried = [carries[s] for s in states]
-        loop.emit("if mask is None:")
-        loop.emit(f"    {', '.join(seeds.values())} = {', '.join(carried)}")
-        loop.emit("else:")
-        loop.emit("    keep = mask[t].unsqueeze(1)")
-        loop.emit(f"    {', '.join(seeds.values())} = "
-                  f"{', '.join(f'torch.where(keep, {c}, 0.0)' for c in carried)}")
+        for line in masked_assignment(list(seeds.values()), carried,
+                                      [f"torch.where(keep, {c}, 0.0)" for c in carried]):
+            loop.emit(line)
         for state, next_state in zip(states, graph.next_states):
             self.route(next_state, Term(seeds[state]), self.nodes[next_state].shape, loop)
         for node in reversed(self.body[Level.LOOP]):
@@ -372,12 +369,9 @@ class _Generator:
             expr = self.combine(self.pending.pop(state, []), self.nodes[state].shape, loop)
             new.append(expr or f"torch.zeros_like({carries[state]})")
         after_loop = self.flush(loop)
-        loop.emit("if mask is None:")
-        loop.emit(f"    {', '.join(carried)} = {', '.join(new)}")
-        loop.emit("else:")
-        loop.emit("    keep = mask[t].unsqueeze(1)")
-        loop.emit(f"    {', '.join(carried)} = "
-                  f"{', '.join(f'{_atom(n)} + torch.where(keep, 0.0, {c})' for n, c in zip(new, carried))}")
+        for line in masked_assignment(carried, new, [f"{_atom(n)} + torch.where(keep, 0.0, {c})"
+                                                     for n, c in zip(new, carried)]):
+            loop.emit(line)
         for target, item in after_loop:
             self.pending[target].append(item)
 

@@ -157,14 +157,20 @@ def biased_products(graph: Graph, whole_sequence: Sequence[Node], once: Collecti
     return found
 
 
+def masked_assignment(targets: Sequence[str], plain: Sequence[str], masked: Sequence[str]) -> List[str]:
+    """Lines for step ``t`` of a loop: ``targets = plain`` without a mask, else ``targets = masked``,
+    which may read ``keep``, the step's mask as a ``(batch, 1)`` column."""
+    return ["if mask is None:",
+            f"    {', '.join(targets)} = {', '.join(plain)}",
+            "else:",
+            "    keep = mask[t].unsqueeze(1)",
+            f"    {', '.join(targets)} = {', '.join(masked)}"]
+
+
 def state_update(states: Sequence[str], nexts: Sequence[str]) -> List[str]:
     """The loop's last lines: states take their next values, except at padded steps."""
     kept = [f"torch.where(keep, {new}, {old})" for new, old in zip(nexts, states)]
-    return ["        if mask is None:",
-            f"            {', '.join(states)} = {', '.join(nexts)}",
-            "        else:",
-            "            keep = mask[t].unsqueeze(1)",
-            f"            {', '.join(states)} = {', '.join(kept)}"]
+    return ["        " + line for line in masked_assignment(states, nexts, kept)]
 
 
 def _tuple_type(count: int) -> str:
