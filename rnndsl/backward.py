@@ -40,9 +40,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from .codegen import (EMITTERS, _Emitter, biased_products, leaf_reference, masked_assignment, size_code,
+from .codegen import (EMITTERS, _Emitter, biased_products, masked_assignment, size_code,
                       state_update, validate_source)
 from .derivatives import DERIVATIVES, Outer, Placed, Product, Term
 from .ir import Graph, Node, Op, OpKind, Phase, Shape, Size, tiling_order
@@ -161,6 +160,10 @@ class _Generator:
         self.nodes = graph.node_map()
         self.emitter = _Emitter(graph)
         self.names = Namespace({n.name for n in graph.nodes} | set(self.emitter.local.values()))
+        # Both methods take the parameters as a list, so the backward uses exactly the tensors the
+        # forward used (autograd's inputs), whatever the module holds by then.
+        self.parameter_list = self.names.fresh("params")
+        self.emitter.bind_parameters(self.names)
         self.differentiable = set()
         for node in graph.nodes:
             if node.op in (Op.PARAM, Op.STATE, Op.INPUT) or (
@@ -192,7 +195,7 @@ class _Generator:
     def value(self, name: str, level: Level) -> str:
         """Forward value ``name`` as code at ``level`` sees it; records that the backward reads it."""
         node = self.nodes[name]
-        leaf = leaf_reference(node)
+        leaf = self.emitter.leaf(node)
         if leaf is not None:
             return leaf
         home = level_of(node)
@@ -213,7 +216,7 @@ class _Generator:
         stack = [name]
         while stack:
             current = stack.pop()
-            if current not in self.numbers and leaf_reference(self.nodes[current]) is None:
+            if current not in self.numbers and self.emitter.leaf(self.nodes[current]) is None:
                 self.numbers.add(current)
                 stack.extend(self.nodes[current].inputs)
 
@@ -388,12 +391,14 @@ class _Generator:
         grad_params = []
         for decl in graph.params:
             expr = self.combine(self.pending.pop(decl.name, []), decl.shape, once)
-            grad_params.append(self.assign(expr or f"torch.zeros_like(self.{decl.name})",
+            grad_params.append(self.assign(expr or f"torch.zeros_like({self.emitter.ref(decl.name, {})})",
                                            ("grad", decl.name), once))
 
-        lines = [f"def backward_sequence(self, xs: Tensor, mask: Optional[Tensor], {fixed['saved']}: List[Tensor], "
-                 f"{fixed['grad_outputs']}: List[Tensor], {fixed['grad_state']}: List[Tensor], "
-                 f"{fixed['need_input_grad']}: bool) -> Tuple[Tensor, List[Tensor], List[Tensor]]:"]
+        lines = [f"def backward_sequence(self, xs: Tensor, mask: Optional[Tensor], {self.parameter_list}: List[Tensor], "
+                 f"{fixed['saved']}: List[Tensor], {fixed['grad_outputs']}: List[Tensor], "
+                 f"{fixed['grad_state']}: List[Tensor], {fixed['need_input_grad']}: bool"
+                 ") -> Tuple[Tensor, List[Tensor], List[Tensor]]:"]
+        lines += self.parameter_lines()
         lines += [f"    {local} = {fixed['saved']}[{i}]" for i, local in enumerate(self.saved_locals())]
         lines += [f"    {node.name} = {self.expression(node, {})}" for node in graph.nodes if node.name in self.numbers]
         lines += [f"    {local} = {fixed['grad_outputs']}[{i}]" for i, local in enumerate(grad_outputs)]
@@ -452,6 +457,11 @@ class _Generator:
         self.crossing.clear()
         return after
 
+    def parameter_lines(self) -> List[str]:
+        """A method's first lines: its parameters, in declaration order, from its parameter list."""
+        return [f"    {self.emitter.ref(decl.name, {})} = {self.parameter_list}[{i}]"
+                for i, decl in enumerate(self.graph.params)]
+
     def saved_locals(self) -> List[str]:
         return list(self.stacked.values()) + list(self.whole.values()) + list(self.once.values())
 
@@ -462,7 +472,9 @@ class _Generator:
         graph, emitter = self.graph, self.emitter
         states = [emitter.var(d.name) for d in graph.states]
         lines = [f"def forward_sequence_saving(self, xs: Tensor, state: {_tuple_type(len(states))}, "
-                 "mask: Optional[Tensor]) -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:"]
+                 f"mask: Optional[Tensor], {self.parameter_list}: List[Tensor]"
+                 ") -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:"]
+        lines += self.parameter_lines()
         lines += [f"    {local} = state[{i}]" for i, local in enumerate(states)]
         for node in self.body[Level.ONCE]:
             lines.append(f"    {node.name} = {self.expression(node, {})}")
@@ -546,25 +558,34 @@ class DerivedSequence(torch.autograd.Function):
     """A whole sequence through a cell, with the backward derived from its equations.
 
     ``apply(cell, xs, mask, state_count, *state, *parameters)`` returns the outputs then the
-    final state, flat; the cell is a scripted rnndsl cell with the generated methods.
+    final state, flat; the cell is a scripted rnndsl cell with the generated methods. Both
+    methods get the parameter tensors of ``apply`` itself, never the module's attributes, so the
+    backward differentiates exactly what the forward computed with (tied, parametrized or
+    functional_call'd weights), and autograd's version counters catch in-place edits between.
+
+    Where the derived backward cannot serve, a gradient that must itself be differentiable
+    (``create_graph=True``) or a batched one (``torch.func``, ``gradcheck``'s batched check),
+    the backward recomputes the forward with autograd instead (:func:`_recomputed_gradients`).
     """
 
     @staticmethod
     def forward(ctx, cell, xs: Tensor, mask: Optional[Tensor], state_count: int, *tensors: Tensor):
-        state = tuple(tensors[:state_count])
-        outputs, final, saved = cell.scripted_method("forward_sequence_saving")(xs, state, mask)
-        ctx.cell, ctx.counts = cell, (len(outputs), state_count)
-        ctx.save_for_backward(xs, mask, *saved)
+        state, parameters = tuple(tensors[:state_count]), list(tensors[state_count:])
+        outputs, final, saved = cell.scripted_method("forward_sequence_saving")(xs, state, mask, parameters)
+        ctx.cell, ctx.counts, ctx.training = cell, (len(outputs), len(tensors), state_count), cell.training
+        ctx.save_for_backward(xs, mask, *tensors, *saved)
         return (*outputs, *final)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, *grads: Tensor):
-        xs, mask, *saved = ctx.saved_tensors
-        output_count, state_count = ctx.counts
+        xs, mask, *rest = ctx.saved_tensors
+        output_count, tensor_count, state_count = ctx.counts
+        tensors, saved = rest[:tensor_count], rest[tensor_count:]
+        if torch.is_grad_enabled() or _batched(grads):
+            return (None, *_recomputed_gradients(ctx, xs, mask, tensors, grads))
         need_input_grad = bool(ctx.needs_input_grad[1])
         grad_xs, grad_state, grad_params = ctx.cell.scripted_method("backward_sequence")(
-            xs, mask, saved, [g.contiguous() for g in grads[:output_count]],
+            xs, mask, list(tensors[state_count:]), saved, [g.contiguous() for g in grads[:output_count]],
             [g.contiguous() for g in grads[output_count:]], need_input_grad)
         # One tensor may be the gradient of two parameters (bias_ih and bias_hh of a sum):
         # autograd may keep it as both .grad, so each gets its own.
@@ -573,6 +594,67 @@ class DerivedSequence(torch.autograd.Function):
             distinct.append(grad.clone() if id(grad) in seen else grad)
             seen.add(id(grad))
         return (None, grad_xs if need_input_grad else None, None, None, *grad_state, *distinct)
+
+
+def _batched(grads: Sequence[Tensor]) -> bool:
+    """Whether the backward runs under a vmap (torch.func's, or the one behind
+    ``autograd.grad(is_grads_batched=True)``), whose batched tensors the scripted backward's
+    in-place and ``out=`` ops cannot take."""
+    return torch._C._are_functorch_transforms_active() or any(
+        torch._C._functorch.is_legacy_batchedtensor(g) for g in grads)
+
+
+def _recomputed_gradients(ctx, xs: Tensor, mask: Optional[Tensor], tensors: Sequence[Tensor],
+                          grads: Sequence[Tensor]) -> Tuple[Optional[Tensor], ...]:
+    """DerivedSequence's gradients for ``(xs, mask, state_count, *tensors)`` by autograd through
+    the generated loop run again as plain Python on the saved inputs.
+
+    The saved inputs keep their own history, so with ``create_graph`` the gradients are
+    differentiable in everything they depend on; under torch.func's vmap the grads come batched
+    and the plain ops batch them.
+    """
+    _, tensor_count, state_count = ctx.counts
+    needs = ctx.needs_input_grad
+    create_graph = torch.is_grad_enabled()
+    with torch.enable_grad():
+        # A view per argument: its gradient is that argument's share alone, even where one tensor
+        # fills two (tied weights; networks' shared zero biases), and it keeps the graph back to
+        # the tensor for the next derivative.
+        arguments = [t.view_as(t) if need else t for t, need in zip((xs, *tensors), (needs[1], *needs[4:]))]
+        inner_xs, inner = arguments[0], arguments[1:]
+        outputs, final = eager_forward_sequence(ctx.cell, inner_xs, inner[:state_count], mask,
+                                                inner[state_count:], ctx.training)
+        results = (*(outputs if isinstance(outputs, tuple) else (outputs,)), *final)
+        wanted = [i for i, need in enumerate((needs[1], *needs[4:])) if need]
+        found = torch.autograd.grad(results, [arguments[i] for i in wanted], grads,
+                                    create_graph=create_graph, allow_unused=True, materialize_grads=True)
+    gradients: List[Optional[Tensor]] = [None] * (1 + tensor_count)
+    for index, grad in zip(wanted, found):
+        gradients[index] = grad
+    return (gradients[0], None, None, *gradients[1:])
+
+
+class _BoundCell:
+    """A cell as its generated methods see it (``self.weight``, ``self.hidden``, ``self.training``),
+    with its parameters bound to given tensors: the Python twin of a scripted method then runs on
+    exactly those tensors, which torch.func and higher derivatives can follow."""
+
+    def __init__(self, cell, parameters: Dict[str, Tensor], training: bool):
+        self.__dict__.update(_cell=cell, _parameters=parameters, training=training)
+
+    def __getattr__(self, name: str):
+        parameters = self.__dict__["_parameters"]
+        return parameters[name] if name in parameters else getattr(self.__dict__["_cell"], name)
+
+
+def eager_forward_sequence(cell, xs: Tensor, state: Sequence[Tensor], mask: Optional[Tensor],
+                           parameters: Optional[Sequence[Tensor]] = None, training: Optional[bool] = None):
+    """A scripted cell's ``forward_sequence`` run as plain Python, on ``parameters`` (default: the
+    cell's own now) in declaration order: (outputs, final state)."""
+    names = [name for name, _ in cell.named_parameters(recurse=False, remove_duplicate=False)]
+    parameters = _parameters(cell) if parameters is None else parameters
+    bound = _BoundCell(cell, dict(zip(names, parameters)), cell.training if training is None else training)
+    return cell._python_class.forward_sequence(bound, xs, tuple(state), mask)
 
 
 def uses_derived_backward(cell, xs: Tensor, state: Sequence[Tensor]) -> bool:

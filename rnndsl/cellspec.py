@@ -231,6 +231,10 @@ class ScriptedCell(torch.jit.RecursiveScriptModule):
         check_call(self, state, xs, sequence=True)
         if self.scan_mode == "parallel":
             return self.forward_parallel(xs, state, mask)
+        if torch._C._are_functorch_transforms_active():
+            # torch.func's transforms follow plain Python, not TorchScript nor a Function without
+            # a vmap rule: run the same generated loop as Python.
+            return backward.eager_forward_sequence(self, xs, state, mask)
         if backward.uses_derived_backward(self, xs, state):
             return backward.derived_forward_sequence(self, xs, state, mask)
         return self.scripted_method("forward_sequence")(xs, state, mask)
@@ -363,6 +367,7 @@ class CellSpec:
             cell = _eager_class(cls, parallel)(self, sizes, hypers, cls.generated_source)
         else:
             cell = _script(cls(self, sizes, hypers, cls.generated_source), parallel)
+            cell._python_class = cls  # its Python methods serve torch.func and higher derivatives
         cell._recipe = recipe  # what pickling needs to make the cell again
         return cell
 

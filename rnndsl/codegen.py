@@ -114,19 +114,32 @@ class _Emitter:
         self.names = Namespace({n.name for n in graph.nodes})
         self.local = {n.name: self.names.fresh(n.name) for n in graph.nodes
                       if n.op in (Op.INPUT, Op.STATE) and n.name in RESERVED}
+        # Parameters the method takes as arguments instead of reading them from the module
+        # (see bind_parameters): parameter name -> local.
+        self.parameter_locals: Dict[str, str] = {}
 
     def var(self, name: str) -> str:
         """The local variable holding the input or a state."""
         return self.local.get(name, name)
 
+    def leaf(self, node: Node) -> Optional[str]:
+        """How this method refers to a leaf: a parameter bound to a local, else leaf_reference."""
+        return self.parameter_locals.get(node.name) or leaf_reference(node)
+
+    def bind_parameters(self, names: Namespace) -> None:
+        """Make parameters locals of the method (bound from its parameter list), named as declared
+        unless that would shadow what generated code uses."""
+        self.parameter_locals = {d.name: (names.fresh(d.name) if d.name in RESERVED else d.name)
+                                 for d in self.graph.params}
+
     def ref(self, name: str, rename: Dict[str, str]) -> str:
         node = self.nodes[name]
-        return leaf_reference(node) or rename.get(name, self.var(name))
+        return self.leaf(node) or rename.get(name, self.var(name))
 
     def inline(self, name: str) -> str:
         """A value as one expression of leaves, for code that runs before the nodes that compute it."""
         node = self.nodes[name]
-        return leaf_reference(node) or f"({EMITTERS[node.op](node, [self.inline(i) for i in node.inputs])})"
+        return self.leaf(node) or f"({EMITTERS[node.op](node, [self.inline(i) for i in node.inputs])})"
 
     def emit(self, node: Node, indent: str, rename: Dict[str, str]) -> None:
         args = [self.ref(name, rename) for name in node.inputs]

@@ -1,0 +1,241 @@
+"""Gradients under PyTorch's own parameter machinery, on every backend, against torch.nn.
+
+The drop-ins run torch's parameters through rnndsl's cells; whatever a user does to those
+parameters (reassign, tie, parametrize, prune, swap with functional_call, build on meta) the
+gradients must be torch's own, and so must higher derivatives and torch.func's transforms.
+Each case once silently gave wrong gradients on the script backend, whose backward read the
+module's parameters at backward time instead of the tensors the forward used.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.utils.prune as prune
+from torch import nn
+from torch.nn.utils import parametrizations
+
+import rnndsl
+from rnndsl.resources import stock_cell_names
+
+BACKENDS = ["script", "eager", "native"]
+
+
+def pair(backend: str, cls: str = "LSTM", **kwargs):
+    """torch.nn's network and rnndsl's, with the same parameters, float64."""
+    torch.manual_seed(1)
+    reference = getattr(nn, cls)(3, 5, dtype=torch.float64, **kwargs)
+    ours = getattr(rnndsl, cls)(3, 5, backend=backend, dtype=torch.float64, **kwargs)
+    ours.load_state_dict(reference.state_dict())
+    return reference, ours
+
+
+def assert_same_gradients(reference: nn.Module, ours: nn.Module, seed: int = 2) -> None:
+    """Same outputs and the same gradient for the input and every parameter the module has now."""
+    results = []
+    for module in (reference, ours):
+        torch.manual_seed(seed)  # parametrizations may draw (spectral_norm's power iteration)
+        x = torch.randn(4, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(7),
+                        requires_grad=True)
+        output, _ = module(x)
+        parameters = [p for p in module.parameters() if p.requires_grad]
+        weights = torch.linspace(-1, 1, output.size(-1), dtype=torch.float64)
+        grads = torch.autograd.grad((output * weights).square().sum(),
+                                    [x] + parameters)
+        results.append((output, grads))
+    (out_a, grads_a), (out_b, grads_b) = results
+    torch.testing.assert_close(out_b, out_a, rtol=1e-10, atol=1e-12)
+    assert len(grads_a) == len(grads_b)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+
+
+def _reassign(module):
+    module.weight_hh_l0 = nn.Parameter(module.weight_hh_l0.detach() * 2)
+
+
+def _assign_state(module):
+    state = {k: v.detach() * 1.5 for k, v in module.state_dict().items()}
+    module.load_state_dict(state, assign=True)
+
+
+def _weight_norm(module):
+    parametrizations.weight_norm(module, "weight_hh_l0")
+
+
+def _spectral_norm(module):
+    torch.manual_seed(3)
+    parametrizations.spectral_norm(module, "weight_ih_l0")
+    # In training, every read of the weight runs a power iteration, and torch.nn.LSTM reads its
+    # weights four times a call: compare the norm itself, not how often it is read.
+    module.eval()
+
+
+def _prune(module):
+    torch.manual_seed(4)
+    prune.random_unstructured(module, "weight_hh_l0", amount=0.4)
+
+
+MUTATIONS = {"reassigned": _reassign, "load_state_dict(assign=True)": _assign_state,
+             "weight_norm": _weight_norm, "spectral_norm": _spectral_norm, "prune": _prune}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mutation", list(MUTATIONS))
+def test_parameters_changed_after_construction(backend, mutation):
+    reference, ours = pair(backend)
+    for module in (reference, ours):
+        MUTATIONS[mutation](module)
+    assert_same_gradients(reference, ours)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weights_tied_across_layers(backend):
+    reference, ours = pair(backend, num_layers=3)
+    for module in (reference, ours):
+        module.weight_hh_l1 = module.weight_hh_l0
+        module.weight_hh_l2 = module.weight_hh_l0
+    assert_same_gradients(reference, ours)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weights_tied_across_directions(backend):
+    reference, ours = pair(backend, bidirectional=True)
+    for module in (reference, ours):
+        module.weight_hh_l0_reverse = module.weight_hh_l0
+        module.weight_ih_l0_reverse = module.weight_ih_l0
+    assert_same_gradients(reference, ours)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_overwrite_module_params_on_conversion(backend):
+    reference, ours = pair(backend)
+    previous = torch.__future__.get_overwrite_module_params_on_conversion()
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        reference, ours = reference.float().double(), ours.float().double()
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(previous)
+    assert_same_gradients(reference, ours)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_functional_call_with_other_parameters(backend):
+    reference, ours = pair(backend)
+    torch.manual_seed(5)
+    others = {k: torch.randn_like(v, requires_grad=True) for k, v in reference.named_parameters()}
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    grads = []
+    for module in (reference, ours):
+        output, _ = torch.func.functional_call(module, others, (x,))
+        grads.append(torch.autograd.grad(output.square().sum(), list(others.values())))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_meta_construction_then_to_empty(backend):
+    reference, _ = pair(backend)
+    with torch.device("meta"):
+        ours = rnndsl.LSTM(3, 5, backend=backend, dtype=torch.float64)
+    ours = ours.to_empty(device="cpu")
+    ours.load_state_dict(reference.state_dict())
+    assert_same_gradients(reference, ours)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weight_edited_in_place_between_forward_and_backward_raises(backend):
+    _, ours = pair(backend)
+    output, _ = ours(torch.randn(4, 2, 3, dtype=torch.float64))
+    with torch.no_grad():
+        ours.weight_hh_l0.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        output.sum().backward()
+
+
+# Higher-order and functional autograd ----------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls", ["LSTM", "GRU", "RNN"])
+def test_gradcheck_batched_and_gradgradcheck(backend, cls):
+    _, ours = pair(backend, cls)
+    x = torch.randn(3, 2, 3, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(1, 2, 5, dtype=torch.float64, requires_grad=True)
+    weight = ours.weight_hh_l0
+
+    def run(x, h, weight):
+        hx = (h, h.tanh()) if cls == "LSTM" else h
+        output, _ = torch.func.functional_call(ours, {"weight_hh_l0": weight}, (x, hx))
+        return output
+
+    assert torch.autograd.gradcheck(run, (x, h, weight), check_batched_grad=True)
+    assert torch.autograd.gradgradcheck(run, (x, h, weight))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradient_penalty_matches_torch(backend):
+    """Double backward: the gradient of a gradient's norm (WGAN-GP style)."""
+    reference, ours = pair(backend)
+    results = []
+    for module in (reference, ours):
+        x = torch.randn(4, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3),
+                        requires_grad=True)
+        output, _ = module(x)
+        grad_x, = torch.autograd.grad(output.sum(), x, create_graph=True)
+        results.append(torch.autograd.grad(grad_x.square().sum(), list(module.parameters())))
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_func_transforms_match_torch(backend):
+    reference, ours = pair(backend)
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    found = []
+    for module in (reference, ours):
+        params = {k: v.detach() for k, v in module.named_parameters()}
+
+        def loss(p, x):
+            return torch.func.functional_call(module, p, (x,))[0].square().sum()
+
+        grads = torch.func.grad(loss)(params, x)
+        if module is reference or backend == "native":  # torch's kernel fails under vmap: one at a time
+            per_example = torch.stack([torch.func.grad(loss)(params, x[:, i])["weight_ih_l0"]
+                                       for i in range(x.size(1))])
+        else:
+            per_example = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 1))(params, x)["weight_ih_l0"]
+        jacobian = torch.func.jacrev(lambda x: torch.func.functional_call(module, params, (x,))[0])(x)
+        vectorized = torch.autograd.functional.jacobian(lambda x: module(x)[0], x, vectorize=True)
+        found.append([grads["weight_hh_l0"], per_example, jacobian, vectorized])
+    for a, b in zip(*found):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+
+
+def test_plain_training_keeps_the_derived_backward():
+    """First-order training on the script backend still runs the derived backward (its speed)."""
+    _, ours = pair("script")
+    output, _ = ours(torch.randn(4, 2, 3, dtype=torch.float64))
+    assert type(output.grad_fn).__name__ == "DerivedSequenceBackward"
+
+
+@pytest.mark.parametrize("name", stock_cell_names())
+def test_every_stock_cell_has_higher_and_batched_derivatives_on_script(name):
+    """gradcheck (batched too) and gradgradcheck of each stock cell's sequence on the script
+    backend, in eval mode (cells with dropout or zoneout draw no noise then)."""
+    spec = rnndsl.load_cell(name)
+    torch.manual_seed(0)
+    cell = spec.build(4 if name == "sru" else 3, 4, backend="script", scan="sequential").double().eval()
+    x = torch.randn(3, 2, cell.input_size, dtype=torch.float64, requires_grad=True)
+    state = tuple(torch.randn(2, n, dtype=torch.float64, requires_grad=True) for n in cell.state_sizes)
+    names = [n for n, _ in cell.named_parameters()]
+
+    def run(x, *tensors):
+        state, parameters = tensors[:len(cell.state_sizes)], tensors[len(cell.state_sizes):]
+        cell_parameters = dict(zip(names, parameters))
+        for key, value in cell_parameters.items():
+            setattr(cell, key, value)
+        outputs, final = cell.forward_sequence(x, state)
+        return (outputs, *final)
+
+    inputs = (x, *state, *[p.detach().clone().requires_grad_() for p in cell.parameters()])
+    assert torch.autograd.gradcheck(run, inputs, check_batched_grad=True)
+    assert torch.autograd.gradgradcheck(run, inputs)
