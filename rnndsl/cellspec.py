@@ -34,6 +34,7 @@ from .native_match import match_native
 from .parallel import NotLinear, find_linear_recurrences, generate_parallel
 from .passes import run_passes
 from .resources import stock_cell_names, stock_cells_dir
+from .scan import check_mask
 from .syntax import MAX_FILE_BYTES, decode, parse
 
 BACKENDS = ("script", "eager")
@@ -92,7 +93,7 @@ class CellModule(torch.nn.Module):
         return self.source
 
 
-def check_call(cell: torch.nn.Module, state, x: Tensor, sequence: bool) -> None:
+def check_call(cell: torch.nn.Module, state, x: Tensor, sequence: bool, mask: Optional[Tensor] = None) -> None:
     """Refuse inputs that do not fit, naming what was expected and what was received.
 
     Runs in Python before the generated code, so errors are plain ValueErrors
@@ -102,7 +103,11 @@ def check_call(cell: torch.nn.Module, state, x: Tensor, sequence: bool) -> None:
     shape = "(T, batch, {})" if sequence else "(batch, {})"
     if not isinstance(x, Tensor) or x.dim() != (3 if sequence else 2) or x.size(-1) != cell.input_size:
         got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"cell {name}: expected input of shape {shape.format(cell.input_size)}, got {got}")
+        swapped = isinstance(state, Tensor) and isinstance(x, (tuple, list))
+        hint = "; cells take the state first: cell(state, x), as rnnlib's gModule" if swapped else ""
+        raise ValueError(f"cell {name}: expected input of shape {shape.format(cell.input_size)}, got {got}"
+                         + hint)
+    check_mask(mask, x)
     names, sizes = cell.state_names, cell.state_sizes
     if not isinstance(state, (tuple, list)) or len(state) != len(sizes) or \
             not all(isinstance(s, Tensor) for s in state):
@@ -179,7 +184,7 @@ class EagerCell(CellModule):
         return super().forward(state, x)
 
     def forward_sequence(self, xs, state, mask=None):
-        check_call(self, state, xs, sequence=True)
+        check_call(self, state, xs, sequence=True, mask=mask)
         if self.scan_mode == "parallel":
             return self.forward_parallel(xs, state, mask)
         return super().forward_sequence(xs, state, mask)
@@ -228,7 +233,7 @@ class ScriptedCell(torch.jit.RecursiveScriptModule):
         return self.scripted_method("forward")(state, x)
 
     def forward_sequence(self, xs, state, mask=None):
-        check_call(self, state, xs, sequence=True)
+        check_call(self, state, xs, sequence=True, mask=mask)
         if self.scan_mode == "parallel":
             return self.forward_parallel(xs, state, mask)
         if backward.uses_derived_backward(self, xs, state):
