@@ -13,6 +13,7 @@ import itertools
 import linecache
 import math
 import os
+import stat
 import threading
 import warnings
 import weakref
@@ -497,28 +498,71 @@ def _parallel_plan(graph: Graph, disable: Tuple[str, ...], source: str,
 def _read(path: Path) -> str:
     try:
         with path.open("rb") as handle:
-            # Bounded, so that /dev/zero or a pipe cannot fill memory; decode refuses what is too long.
+            # Bounded, so that a huge file cannot fill memory; decode refuses what is too long.
             data = handle.read(MAX_FILE_BYTES + 1)
-    except FileNotFoundError:
-        raise CellError(f"no such file: {path}", None) from None
-    except IsADirectoryError:
-        raise CellError(f"{path} is a directory, not a .cell file", None) from None
-    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
-        raise CellError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}", None) from None
+    except OSError as exc:  # a permission denied, or the file gone since _regular_file_status
+        raise CellError(f"cannot read {path}: {exc.strerror or exc}", None) from None
     return decode(data, str(path))
 
 
-def _resolve(name_or_path: Union[str, os.PathLike]) -> Path:
-    text = os.fspath(name_or_path)
-    path = Path(text)
-    looks_like_name = not path.suffix and os.sep not in text and "/" not in text
-    if looks_like_name and not path.exists():
-        stock = stock_cells_dir() / f"{text}.cell"
-        if stock.exists():
-            return stock
-        raise CellError(f"no stock cell named {text!r}; stock cells are {', '.join(stock_cell_names())}",
+_SPECIAL_FILES = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+                  (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _regular_file_status(path: Path) -> os.stat_result:
+    """The status of ``path``, or a CellError saying why it is not a readable regular file.
+
+    Checked before opening: opening a FIFO that nobody writes to blocks forever, and a
+    device such as /dev/zero never ends.
+    """
+    try:
+        status = path.stat()
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise CellError(f"{path} is a broken symbolic link: its target {os.readlink(path)} "
+                            "does not exist", None) from None
+        raise CellError(f"no such file: {path}", None) from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+        raise CellError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}", None) from None
+    if stat.S_ISDIR(status.st_mode):
+        raise CellError(f"{path} is a directory, not a .cell file", None)
+    if not stat.S_ISREG(status.st_mode):
+        kind = next((kind for test, kind in _SPECIAL_FILES if test(status.st_mode)), "a special file")
+        raise CellError(f"{path} is {kind}, not a regular file; cells are read from regular files only",
                         None)
-    return path
+    return status
+
+
+def _resolve(name_or_path: Union[str, os.PathLike]) -> Path:
+    """The file to read for ``name_or_path``: a path as given, or a stock cell's file.
+
+    A bare name (no suffix, no separator) is a stock cell unless something other
+    than a directory has that name in the working directory: that file wins, with
+    a warning naming it when it shadows a stock cell. A directory never does, so
+    that a folder ``lstm/`` beside a script cannot hide the stock ``lstm``.
+    """
+    text = os.fspath(name_or_path)
+    if not text:  # Path("") is ".", which would be reported as a directory
+        raise CellError("the path is empty; give a .cell file or a stock cell name "
+                        f"({', '.join(stock_cell_names())})", None)
+    path = Path(text)
+    if path.suffix or os.sep in text or "/" in text:
+        return path
+    if os.path.lexists(path) and not path.is_dir():
+        if text in stock_cell_names():
+            warnings.warn(f"{text!r} names the file {path.absolute()}, which is loaded instead of the stock "
+                          f"cell {text}; rnndsl.load_stock_cell({text!r}) loads the stock one",
+                          CellWarning, stacklevel=4)
+        return path
+    return _stock_file(text)
+
+
+def _stock_file(name: str) -> Path:
+    """The packaged file of stock cell ``name``; a CellError listing the stock cells when there is none."""
+    if name not in stock_cell_names():
+        raise CellError(f"no stock cell named {name!r}; stock cells are {', '.join(stock_cell_names())}",
+                        None)
+    return stock_cells_dir() / f"{name}.cell"
 
 
 def load_source(source: str, path: str = "<string>") -> Dict[str, CellSpec]:
@@ -541,13 +585,9 @@ def _load_file(path: str, mtime_ns: int, size: int) -> Dict[str, CellSpec]:
 def load_cells(name_or_path: Union[str, os.PathLike]) -> Dict[str, CellSpec]:
     """Every cell in a ``.cell`` file (or the stock file of that name), by name."""
     path = _resolve(name_or_path)
-    try:
-        stat = path.stat()
-    except (OSError, ValueError):
-        _read(path)  # raises the clear error
-        raise
+    status = _regular_file_status(path)
     with _compile_lock:
-        return dict(_load_file(str(path), stat.st_mtime_ns, stat.st_size))
+        return dict(_load_file(str(path), status.st_mtime_ns, status.st_size))
 
 
 def load_cell(name_or_path: Union[str, os.PathLike], cell: Optional[str] = None) -> CellSpec:
@@ -564,4 +604,9 @@ def load_cell(name_or_path: Union[str, os.PathLike], cell: Optional[str] = None)
         return next(iter(cells.values()))
     raise CellError(f"{name_or_path} holds several cells ({', '.join(cells)}); "
                     "pick one with load_cell(path, cell=NAME)", None)
+
+
+def load_stock_cell(name: str) -> CellSpec:
+    """The packaged stock cell ``name`` (``"lstm"``), whatever lies in the working directory."""
+    return load_cell(_stock_file(name))
 

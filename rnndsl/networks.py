@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
-from .cellspec import load_cell
+from .cellspec import load_cell, load_stock_cell
 from .containers import (Bidirectional, RecurrentNetwork, RecurrentTable, SequenceTable, ZeroState,
                          lengths_mask, repack, setup_recurrent)
 from .native import NATIVE_MODES, PARAMETER_NAMES, NativeLayer, native_names, resolve_backend
@@ -121,6 +121,8 @@ def make_bidirectional(cell, input_size: int, hids: Sequence[int], *, share_weig
                  return_all_layers=return_all_layers, hyper=dict(hyper, scan=scan))
 
 
+# Loaded with load_stock_cell: the drop-ins promise torch's numbers, so a file named `gru` in the
+# working directory must not stand in for the packaged cell.
 _STOCK_CELLS = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}
 
 
@@ -136,7 +138,7 @@ class _CompiledRNNBase:
 
     def __init__(self, *args, backend: str = "script", **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        spec = _load_spec(_STOCK_CELLS[self.mode])
+        spec = load_stock_cell(_STOCK_CELLS[self.mode])
         self.backend = resolve_backend(backend, spec)
         if self.proj_size and self.backend != "native":
             raise ValueError(f"proj_size > 0 needs backend='native': the stock {spec.name} cell "
@@ -149,7 +151,7 @@ class _CompiledRNNBase:
         self.__dict__["_engine"] = None
         if self.backend == "native":
             return
-        spec = spec or _load_spec(_STOCK_CELLS[self.mode])
+        spec = spec or load_stock_cell(_STOCK_CELLS[self.mode])
         directions = 2 if self.bidirectional else 1
         layers, bindings = [], {}
         for depth in range(self.num_layers):

@@ -8,12 +8,17 @@ backend and scan mode, before anything runs.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
+from test_hostile import hang_guard
+from torch import nn
 
 import rnndsl
-from rnndsl import make_recurrent
+from rnndsl import CellError, CellWarning, make_recurrent
+from rnndsl.cli import main
+from rnndsl.resources import stock_cells_dir
 
 T, BATCH, INPUT, HIDDEN = 4, 3, 5, 6
 
@@ -73,3 +78,71 @@ def test_every_backend_names_a_dtype_mismatch(backend):
     with pytest.raises(ValueError, match="cell lstm: its parameters are torch.float32 on cpu, "
                                          "but the input is torch.float64 on cpu"):
         net(torch.randn(3, 2, INPUT, dtype=torch.float64))
+
+
+# Loading: paths that are no cell file ----------------------------------------------
+
+QUICK_S = 2  # a clear error comes at once; reading a FIFO nobody writes to would block forever
+
+
+def _refused(path: str, words: str, capsys) -> None:
+    """``load_cell`` and ``rnndsl check`` both refuse ``path`` at once, with ``words``."""
+    with hang_guard(QUICK_S), pytest.raises(CellError) as caught:
+        rnndsl.load_cell(path)
+    assert words in str(caught.value)
+    with hang_guard(QUICK_S):
+        assert main(["check", path]) == 1
+    assert words in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+@pytest.mark.parametrize("name", ["pipe.cell", "pipe"])
+def test_a_fifo_nobody_writes_to_is_refused_at_once(name, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    os.mkfifo(name)
+    _refused(name, f"{name} is a FIFO (named pipe), not a regular file", capsys)
+
+
+@pytest.mark.parametrize("name", ["dangling.cell", "dangling"])
+def test_a_dangling_symlink_is_reported_as_one(name, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    os.symlink("nowhere", name)
+    _refused(name, f"{name} is a broken symbolic link: its target nowhere does not exist", capsys)
+
+
+def test_an_empty_path_is_reported_as_empty(capsys):
+    _refused("", "the path is empty; give a .cell file or a stock cell name (", capsys)
+
+
+# Loading: stock cells cannot be shadowed ------------------------------------------
+
+# The stock GRU with relu for tanh: same parameters, other numbers.
+RELU_GRU = (stock_cells_dir() / "gru.cell").read_text().replace("n = tanh(", "n = relu(")
+
+
+def test_a_folder_named_like_a_stock_cell_does_not_hide_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("lstm").mkdir()
+    assert Path(rnndsl.load_cell("lstm").path) == stock_cells_dir() / "lstm.cell"
+    outputs, _ = rnndsl.LSTM(4, 6)(torch.randn(3, 2, 4))
+    assert outputs.shape == (3, 2, 6)
+
+
+def test_a_file_named_like_a_stock_cell_is_named_and_never_runs_the_drop_ins(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("gru").write_text(RELU_GRU)
+    with pytest.warns(CellWarning, match=f"'gru' names the file {tmp_path / 'gru'}, which is loaded "
+                                         "instead of the stock cell gru"):
+        assert rnndsl.load_cell("gru").path == "gru"
+    assert Path(rnndsl.load_stock_cell("gru").path) == stock_cells_dir() / "gru.cell"
+    torch.manual_seed(0)
+    reference = nn.GRU(4, 6, dtype=torch.float64)
+    gru = rnndsl.GRU(4, 6, dtype=torch.float64)
+    gru.load_state_dict(reference.state_dict())
+    xs = torch.randn(3, 2, 4, dtype=torch.float64)
+    torch.testing.assert_close(gru(xs), reference(xs))
+
+
+def test_load_stock_cell_knows_only_stock_cells():
+    with pytest.raises(CellError, match="no stock cell named 'gru.cell'; stock cells are cifg_lstm, "):
+        rnndsl.load_stock_cell("gru.cell")
