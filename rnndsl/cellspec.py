@@ -246,6 +246,16 @@ class ScriptedCell(torch.jit.RecursiveScriptModule):
         return self.source
 
 
+# Passes to switch off: names, or one name as a string.
+Passes = Union[str, Iterable[str]]
+
+
+def _pass_names(disable: Passes) -> Tuple[str, ...]:
+    """``disable`` as the sorted tuple the caches key on; a string is one name, not a sequence of
+    one-letter names."""
+    return (disable,) if isinstance(disable, str) else tuple(sorted(disable))
+
+
 class CellSpec:
     """A checked cell, ready to build at any size: rnnlib's cell constructor, from a ``.cell`` file."""
 
@@ -290,17 +300,17 @@ class CellSpec:
         """This cell's parameter names -> torch's (``weight_ih``, ...), for a native cell."""
         return dict(self._native_match[2])
 
-    def optimized(self, disable: Iterable[str] = ()) -> Graph:
+    def optimized(self, disable: Passes = ()) -> Graph:
         """The IR after the passes (see rnndsl.passes)."""
-        return _optimized(self.graph, tuple(sorted(disable)))
+        return _optimized(self.graph, _pass_names(disable))
 
-    def code(self, disable: Iterable[str] = (), fixed_dropout_mask: bool = False) -> str:
+    def code(self, disable: Passes = (), fixed_dropout_mask: bool = False) -> str:
         """The generated source, without building a module."""
-        return _source(self.graph, tuple(sorted(disable)), self.path, fixed_dropout_mask)
+        return _source(self.graph, _pass_names(disable), self.path, fixed_dropout_mask)
 
-    def backward_code(self, disable: Iterable[str] = ()) -> str:
+    def backward_code(self, disable: Passes = ()) -> str:
         """The generated source of the derived backward (rnndsl/backward.py)."""
-        return _backward_source(self.graph, tuple(sorted(disable)))
+        return _backward_source(self.graph, _pass_names(disable))
 
     def bind(self, input_size: int, hidden_size: int, **hyper: float) -> Tuple[Dict[str, int], Dict[str, float]]:
         """Size variables and hyper-parameters for a build, checked."""
@@ -336,14 +346,14 @@ class CellSpec:
                                      f"{MAX_DIMENSION:,}")
         return sizes, hypers
 
-    def parallel_plan(self, disable: Iterable[str] = (),
+    def parallel_plan(self, disable: Passes = (),
                       fixed_dropout_mask: bool = False) -> Tuple[Optional[str], str]:
         """``(source of forward_parallel, "")`` when the recurrence is linear in the state, else
         ``(None, why not)`` quoting the equation that is not (see rnndsl/parallel.py)."""
-        return _parallel_plan(self.graph, tuple(sorted(disable)), self.source, bool(fixed_dropout_mask))
+        return _parallel_plan(self.graph, _pass_names(disable), self.source, bool(fixed_dropout_mask))
 
     def build(self, input_size: int, hidden_size: int, backend: str = "script", *,
-              disable: Iterable[str] = (), fixed_dropout_mask: bool = False, scan: str = "auto",
+              disable: Passes = (), fixed_dropout_mask: bool = False, scan: str = "auto",
               **hyper: float) -> torch.nn.Module:
         """A cell module: ``cell(state, x) -> (new_state, output)``.
 
@@ -360,7 +370,7 @@ class CellSpec:
         if scan not in SCANS:
             raise ValueError(f"unknown scan {scan!r}; choose one of {', '.join(SCANS)}")
         sizes, hypers = self.bind(input_size, hidden_size, **hyper)
-        disable = tuple(sorted(disable))
+        disable = _pass_names(disable)
         cls, parallel = self._generated_class(disable, bool(fixed_dropout_mask), scan)
         options = dict(disable=disable, fixed_dropout_mask=bool(fixed_dropout_mask), scan=scan, **hyper)
         recipe = _Recipe(self.source, self.path, self.name, input_size, hidden_size, backend,

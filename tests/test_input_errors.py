@@ -146,3 +146,64 @@ def test_a_file_named_like_a_stock_cell_is_named_and_never_runs_the_drop_ins(tmp
 def test_load_stock_cell_knows_only_stock_cells():
     with pytest.raises(CellError, match="no stock cell named 'gru.cell'; stock cells are cifg_lstm, "):
         rnndsl.load_stock_cell("gru.cell")
+
+
+# Building networks: mistakes at the call ------------------------------------------
+
+SHIFTED_RNN = """
+cell shifted(x[input]) -> h {
+    hyper shift = 0.0
+    state h[hidden]
+    param weight_ih[hidden, input], weight_hh[hidden, hidden]
+    h' = tanh(weight_ih @ x + weight_hh @ h + shift)
+}
+"""
+
+
+def test_one_hidden_size_instead_of_a_list_is_refused():
+    with pytest.raises(TypeError, match=r"hids must be a list of hidden sizes, one per layer, got 16; "
+                                        r"for one layer of 16, write \[16\]"):
+        make_recurrent("lstm", INPUT, 16)
+
+
+def test_a_built_cell_instead_of_a_spec_is_refused():
+    cell = rnndsl.load_cell("lstm").build(INPUT, HIDDEN)
+    with pytest.raises(TypeError, match=r"cell must be a stock cell name, a path to a .cell file or a CellSpec, "
+                                        r"got ScriptedCell \(a built lstm cell: .* rnndsl.load_cell\('lstm'\)"):
+        make_recurrent(cell, INPUT, [HIDDEN])
+
+
+def test_a_misspelt_keyword_names_the_network_and_the_cell_keywords(tmp_path):
+    with pytest.raises(TypeError) as caught:
+        make_recurrent("lstm", INPUT, [HIDDEN], dropuot=0.1)
+    message = str(caught.value)
+    assert message.startswith("make_recurrent() got an unexpected keyword argument 'dropuot'; "
+                              "did you mean `dropout`?")
+    assert "make_recurrent takes backend, dropout, " in message
+    assert "the cell's build takes disable, fixed_dropout_mask" in message
+    assert "cell lstm: it has no hyper-parameters or sizes" in message
+    path = tmp_path / "shifted.cell"
+    path.write_text(SHIFTED_RNN)
+    with pytest.raises(TypeError, match=r"make_bidirectional\(\) got an unexpected keyword argument 'shfit'; "
+                                        r"did you mean `shift`\? .* cell shifted: its hyper-parameters and "
+                                        r"sizes are shift\)"):
+        rnndsl.make_bidirectional(path, INPUT, [HIDDEN], shfit=1.0)
+    assert make_recurrent(path, INPUT, [HIDDEN], shift=1.0, disable="cse").network.layers[0].cell.shift == 1.0
+
+
+@pytest.mark.parametrize("backend", ["script", "eager"])
+def test_a_cell_called_input_first_is_told_the_convention(backend):
+    cell = rnndsl.load_cell("lstm").build(INPUT, HIDDEN, backend)
+    state = (torch.zeros(2, HIDDEN), torch.zeros(2, HIDDEN))
+    with pytest.raises(ValueError, match=r"got tuple; cells take the state first: cell\(state, x\)"):
+        cell(torch.randn(2, INPUT), state)
+
+
+def test_one_pass_to_disable_may_be_a_string():
+    spec = rnndsl.load_cell("lstm")
+    assert spec.code(disable="hoist") == spec.code(disable=["hoist"])
+    assert str(spec.optimized("cse")) == str(spec.optimized(("cse",)))
+    cell = spec.build(INPUT, HIDDEN, disable="hoist")
+    assert cell.code == spec.code(disable=("hoist",))
+    with pytest.raises(ValueError, match=r"unknown pass\(es\) \['hoister'\]; passes are cse, "):
+        spec.build(INPUT, HIDDEN, disable="hoister")
