@@ -4,7 +4,7 @@
     >>> cell = rnndsl.load_cell("lstm").build(input_size=10, hidden_size=20)
     >>> (h, c), y = cell((h0, c0), x)
 """
-from .cellspec import CellSpec, load_cell, load_cells, load_source
+from .cellspec import CellSpec, load_cell, load_cells, load_source, load_stock_cell
 from .containers import Bidirectional, RecurrentNetwork, RecurrentTable, SequenceTable, ZeroState, setup_recurrent
 from .errors import CellError, CellWarning, Span
 from .linear_scan import linear_recurrence, sequential_linear_recurrence
@@ -14,5 +14,6 @@ from .scan import scan
 
 __all__ = ["Bidirectional", "CellError", "CellSpec", "CellWarning", "GRU", "LSTM", "RNN", "RecurrentNetwork",
            "RecurrentTable", "SequenceTable", "Span", "ZeroState", "load_cell", "load_cells",
-           "linear_recurrence", "load_native_state_dict", "load_source", "make_bidirectional", "make_recurrent",
-           "native_state_dict", "scan", "sequential_linear_recurrence", "setup_recurrent"]
+           "linear_recurrence", "load_native_state_dict", "load_source", "load_stock_cell",
+           "make_bidirectional", "make_recurrent", "native_state_dict", "scan", "sequential_linear_recurrence",
+           "setup_recurrent"]

@@ -13,6 +13,7 @@ import itertools
 import linecache
 import math
 import os
+import stat
 import threading
 import warnings
 import weakref
@@ -34,6 +35,7 @@ from .native_match import match_native
 from .parallel import NotLinear, find_linear_recurrences, generate_parallel
 from .passes import run_passes
 from .resources import stock_cell_names, stock_cells_dir
+from .scan import check_mask
 from .syntax import MAX_FILE_BYTES, decode, parse
 
 BACKENDS = ("script", "eager")
@@ -92,7 +94,7 @@ class CellModule(torch.nn.Module):
         return self.source
 
 
-def check_call(cell: torch.nn.Module, state, x: Tensor, sequence: bool) -> None:
+def check_call(cell: torch.nn.Module, state, x: Tensor, sequence: bool, mask: Optional[Tensor] = None) -> None:
     """Refuse inputs that do not fit, naming what was expected and what was received.
 
     Runs in Python before the generated code, so errors are plain ValueErrors
@@ -102,7 +104,11 @@ def check_call(cell: torch.nn.Module, state, x: Tensor, sequence: bool) -> None:
     shape = "(T, batch, {})" if sequence else "(batch, {})"
     if not isinstance(x, Tensor) or x.dim() != (3 if sequence else 2) or x.size(-1) != cell.input_size:
         got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"cell {name}: expected input of shape {shape.format(cell.input_size)}, got {got}")
+        swapped = isinstance(state, Tensor) and isinstance(x, (tuple, list))
+        hint = "; cells take the state first: cell(state, x), as rnnlib's gModule" if swapped else ""
+        raise ValueError(f"cell {name}: expected input of shape {shape.format(cell.input_size)}, got {got}"
+                         + hint)
+    check_mask(mask, x)
     names, sizes = cell.state_names, cell.state_sizes
     if not isinstance(state, (tuple, list)) or len(state) != len(sizes) or \
             not all(isinstance(s, Tensor) for s in state):
@@ -179,7 +185,7 @@ class EagerCell(CellModule):
         return super().forward(state, x)
 
     def forward_sequence(self, xs, state, mask=None):
-        check_call(self, state, xs, sequence=True)
+        check_call(self, state, xs, sequence=True, mask=mask)
         if self.scan_mode == "parallel":
             return self.forward_parallel(xs, state, mask)
         return super().forward_sequence(xs, state, mask)
@@ -228,7 +234,7 @@ class ScriptedCell(torch.jit.RecursiveScriptModule):
         return self.scripted_method("forward")(state, x)
 
     def forward_sequence(self, xs, state, mask=None):
-        check_call(self, state, xs, sequence=True)
+        check_call(self, state, xs, sequence=True, mask=mask)
         if self.scan_mode == "parallel":
             return self.forward_parallel(xs, state, mask)
         if torch._C._are_functorch_transforms_active():
@@ -242,6 +248,16 @@ class ScriptedCell(torch.jit.RecursiveScriptModule):
     @property
     def code(self) -> str:
         return self.source
+
+
+# Passes to switch off: names, or one name as a string.
+Passes = Union[str, Iterable[str]]
+
+
+def _pass_names(disable: Passes) -> Tuple[str, ...]:
+    """``disable`` as the sorted tuple the caches key on; a string is one name, not a sequence of
+    one-letter names."""
+    return (disable,) if isinstance(disable, str) else tuple(sorted(disable))
 
 
 class CellSpec:
@@ -288,17 +304,17 @@ class CellSpec:
         """This cell's parameter names -> torch's (``weight_ih``, ...), for a native cell."""
         return dict(self._native_match[2])
 
-    def optimized(self, disable: Iterable[str] = ()) -> Graph:
+    def optimized(self, disable: Passes = ()) -> Graph:
         """The IR after the passes (see rnndsl.passes)."""
-        return _optimized(self.graph, tuple(sorted(disable)))
+        return _optimized(self.graph, _pass_names(disable))
 
-    def code(self, disable: Iterable[str] = (), fixed_dropout_mask: bool = False) -> str:
+    def code(self, disable: Passes = (), fixed_dropout_mask: bool = False) -> str:
         """The generated source, without building a module."""
-        return _source(self.graph, tuple(sorted(disable)), self.path, fixed_dropout_mask)
+        return _source(self.graph, _pass_names(disable), self.path, fixed_dropout_mask)
 
-    def backward_code(self, disable: Iterable[str] = ()) -> str:
+    def backward_code(self, disable: Passes = ()) -> str:
         """The generated source of the derived backward (rnndsl/backward.py)."""
-        return _backward_source(self.graph, tuple(sorted(disable)))
+        return _backward_source(self.graph, _pass_names(disable))
 
     def bind(self, input_size: int, hidden_size: int, **hyper: float) -> Tuple[Dict[str, int], Dict[str, float]]:
         """Size variables and hyper-parameters for a build, checked."""
@@ -334,14 +350,14 @@ class CellSpec:
                                      f"{MAX_DIMENSION:,}")
         return sizes, hypers
 
-    def parallel_plan(self, disable: Iterable[str] = (),
+    def parallel_plan(self, disable: Passes = (),
                       fixed_dropout_mask: bool = False) -> Tuple[Optional[str], str]:
         """``(source of forward_parallel, "")`` when the recurrence is linear in the state, else
         ``(None, why not)`` quoting the equation that is not (see rnndsl/parallel.py)."""
-        return _parallel_plan(self.graph, tuple(sorted(disable)), self.source, bool(fixed_dropout_mask))
+        return _parallel_plan(self.graph, _pass_names(disable), self.source, bool(fixed_dropout_mask))
 
     def build(self, input_size: int, hidden_size: int, backend: str = "script", *,
-              disable: Iterable[str] = (), fixed_dropout_mask: bool = False, scan: str = "auto",
+              disable: Passes = (), fixed_dropout_mask: bool = False, scan: str = "auto",
               **hyper: float) -> torch.nn.Module:
         """A cell module: ``cell(state, x) -> (new_state, output)``.
 
@@ -358,7 +374,7 @@ class CellSpec:
         if scan not in SCANS:
             raise ValueError(f"unknown scan {scan!r}; choose one of {', '.join(SCANS)}")
         sizes, hypers = self.bind(input_size, hidden_size, **hyper)
-        disable = tuple(sorted(disable))
+        disable = _pass_names(disable)
         cls, parallel = self._generated_class(disable, bool(fixed_dropout_mask), scan)
         options = dict(disable=disable, fixed_dropout_mask=bool(fixed_dropout_mask), scan=scan, **hyper)
         recipe = _Recipe(self.source, self.path, self.name, input_size, hidden_size, backend,
@@ -497,28 +513,71 @@ def _parallel_plan(graph: Graph, disable: Tuple[str, ...], source: str,
 def _read(path: Path) -> str:
     try:
         with path.open("rb") as handle:
-            # Bounded, so that /dev/zero or a pipe cannot fill memory; decode refuses what is too long.
+            # Bounded, so that a huge file cannot fill memory; decode refuses what is too long.
             data = handle.read(MAX_FILE_BYTES + 1)
-    except FileNotFoundError:
-        raise CellError(f"no such file: {path}", None) from None
-    except IsADirectoryError:
-        raise CellError(f"{path} is a directory, not a .cell file", None) from None
-    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
-        raise CellError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}", None) from None
+    except OSError as exc:  # a permission denied, or the file gone since _regular_file_status
+        raise CellError(f"cannot read {path}: {exc.strerror or exc}", None) from None
     return decode(data, str(path))
 
 
-def _resolve(name_or_path: Union[str, os.PathLike]) -> Path:
-    text = os.fspath(name_or_path)
-    path = Path(text)
-    looks_like_name = not path.suffix and os.sep not in text and "/" not in text
-    if looks_like_name and not path.exists():
-        stock = stock_cells_dir() / f"{text}.cell"
-        if stock.exists():
-            return stock
-        raise CellError(f"no stock cell named {text!r}; stock cells are {', '.join(stock_cell_names())}",
+_SPECIAL_FILES = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+                  (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _regular_file_status(path: Path) -> os.stat_result:
+    """The status of ``path``, or a CellError saying why it is not a readable regular file.
+
+    Checked before opening: opening a FIFO that nobody writes to blocks forever, and a
+    device such as /dev/zero never ends.
+    """
+    try:
+        status = path.stat()
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise CellError(f"{path} is a broken symbolic link: its target {os.readlink(path)} "
+                            "does not exist", None) from None
+        raise CellError(f"no such file: {path}", None) from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+        raise CellError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}", None) from None
+    if stat.S_ISDIR(status.st_mode):
+        raise CellError(f"{path} is a directory, not a .cell file", None)
+    if not stat.S_ISREG(status.st_mode):
+        kind = next((kind for test, kind in _SPECIAL_FILES if test(status.st_mode)), "a special file")
+        raise CellError(f"{path} is {kind}, not a regular file; cells are read from regular files only",
                         None)
-    return path
+    return status
+
+
+def _resolve(name_or_path: Union[str, os.PathLike]) -> Path:
+    """The file to read for ``name_or_path``: a path as given, or a stock cell's file.
+
+    A bare name (no suffix, no separator) is a stock cell unless something other
+    than a directory has that name in the working directory: that file wins, with
+    a warning naming it when it shadows a stock cell. A directory never does, so
+    that a folder ``lstm/`` beside a script cannot hide the stock ``lstm``.
+    """
+    text = os.fspath(name_or_path)
+    if not text:  # Path("") is ".", which would be reported as a directory
+        raise CellError("the path is empty; give a .cell file or a stock cell name "
+                        f"({', '.join(stock_cell_names())})", None)
+    path = Path(text)
+    if path.suffix or os.sep in text or "/" in text:
+        return path
+    if os.path.lexists(path) and not path.is_dir():
+        if text in stock_cell_names():
+            warnings.warn(f"{text!r} names the file {path.absolute()}, which is loaded instead of the stock "
+                          f"cell {text}; rnndsl.load_stock_cell({text!r}) loads the stock one",
+                          CellWarning, stacklevel=4)
+        return path
+    return _stock_file(text)
+
+
+def _stock_file(name: str) -> Path:
+    """The packaged file of stock cell ``name``; a CellError listing the stock cells when there is none."""
+    if name not in stock_cell_names():
+        raise CellError(f"no stock cell named {name!r}; stock cells are {', '.join(stock_cell_names())}",
+                        None)
+    return stock_cells_dir() / f"{name}.cell"
 
 
 def load_source(source: str, path: str = "<string>") -> Dict[str, CellSpec]:
@@ -541,13 +600,9 @@ def _load_file(path: str, mtime_ns: int, size: int) -> Dict[str, CellSpec]:
 def load_cells(name_or_path: Union[str, os.PathLike]) -> Dict[str, CellSpec]:
     """Every cell in a ``.cell`` file (or the stock file of that name), by name."""
     path = _resolve(name_or_path)
-    try:
-        stat = path.stat()
-    except (OSError, ValueError):
-        _read(path)  # raises the clear error
-        raise
+    status = _regular_file_status(path)
     with _compile_lock:
-        return dict(_load_file(str(path), stat.st_mtime_ns, stat.st_size))
+        return dict(_load_file(str(path), status.st_mtime_ns, status.st_size))
 
 
 def load_cell(name_or_path: Union[str, os.PathLike], cell: Optional[str] = None) -> CellSpec:
@@ -564,4 +619,9 @@ def load_cell(name_or_path: Union[str, os.PathLike], cell: Optional[str] = None)
         return next(iter(cells.values()))
     raise CellError(f"{name_or_path} holds several cells ({', '.join(cells)}); "
                     "pick one with load_cell(path, cell=NAME)", None)
+
+
+def load_stock_cell(name: str) -> CellSpec:
+    """The packaged stock cell ``name`` (``"lstm"``), whatever lies in the working directory."""
+    return load_cell(_stock_file(name))
 

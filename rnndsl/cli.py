@@ -1,7 +1,8 @@
 """The command line: ``rnndsl check FILE...`` and ``rnndsl show FILE --stage ast|ir|code|backward|dot``.
 
 Problems in cell files print as compiler diagnostics and exit 1, never as a
-Python traceback.
+Python traceback. ``--stage parallel`` of a cell that is not linear in its state
+prints why, as a comment, and exits 0.
 """
 from __future__ import annotations
 
@@ -64,9 +65,11 @@ def _show(path: str, stage: str, cell: Optional[str], disable: List[str], raw: b
         elif stage == "parallel":  # forward_parallel, for cells linear in their state (rnndsl/parallel.py)
             source, why_not = spec.parallel_plan(disable)
             if source is None:
-                _say(f"error: cell {name} cannot run as a parallel scan: {why_not}", sys.stderr)
-                return 1
-            print(source)
+                # A cell that is not linear in its state is an answer, not a failure: printed in
+                # place of the code, as a comment, and the exit status stays 0.
+                _say(f"# cell {name} cannot run as a parallel scan: {why_not}")
+            else:
+                print(source)
         else:
             print(to_dot(spec.graph if raw else spec.optimized(disable)), end="")
     return 0

@@ -411,6 +411,14 @@ def lengths_mask(lengths: Union[Tensor, Sequence[int]], steps: int, batch_size: 
     if tuple(lengths.shape) != (batch_size,):
         raise ValueError(f"lengths must have shape ({batch_size},), one per sequence, "
                          f"got {tuple(lengths.shape)}")
+    if lengths.numel() == 0:  # an empty batch: no sequence to mask
+        return None
+    # A length of 2.5 would otherwise run 3 steps (torch's packing truncates it to 2): neither is
+    # clearly what was meant, so only whole numbers are steps.
+    whole = lengths.dtype != torch.bool and not lengths.is_complex() and \
+        bool((lengths.isfinite() & (lengths == lengths.trunc())).all())
+    if not whole:
+        raise ValueError(f"lengths must be whole numbers of steps, got {lengths.tolist()} ({lengths.dtype})")
     shortest, longest = int(lengths.min()), int(lengths.max())
     if shortest < 1 or longest > steps:
         raise ValueError(f"lengths must lie in [1, {steps}] for a sequence of {steps} steps, "

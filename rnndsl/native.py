@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from .cellspec import check_call
 from .containers import Bidirectional, RecurrentTable, cell_sizes
 
 BACKENDS = ("script", "eager", "native", "auto")
@@ -96,6 +97,9 @@ class NativeLayer(RecurrentTable):
 
     def forward(self, state: Tuple[Tensor, ...], xs: Tensor,
                 mask: Optional[Tensor] = None) -> Tuple[Tuple[Tensor, ...], Tensor]:
+        # The fused kernels' own errors (a dtype mismatch inside a GEMM) name neither the cell nor the
+        # argument: check as the compiled cells do.
+        check_call(self.cell, tuple(state), xs, sequence=True, mask=mask)
         weights = [getattr(self.cell, self.names[name]) for name in PARAMETER_NAMES]
         outputs, final = run_native(self.mode, xs, tuple(state), weights, mask)
         return final, outputs

@@ -12,24 +12,54 @@ Two ways in, both built on :mod:`rnndsl.containers`:
 """
 from __future__ import annotations
 
+import inspect
 import os
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from collections.abc import Iterable
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
-from .cellspec import load_cell
+from .cellspec import CellSpec, load_cell, load_stock_cell
 from .containers import (Bidirectional, RecurrentNetwork, RecurrentTable, SequenceTable, ZeroState,
                          lengths_mask, repack, setup_recurrent)
+from .errors import did_you_mean
 from .native import NATIVE_MODES, PARAMETER_NAMES, NativeLayer, native_names, resolve_backend
 
 
-def _load_spec(cell):
+def _load_spec(cell) -> CellSpec:
     """A CellSpec from a stock name, a path to a ``.cell`` file, or a CellSpec."""
     if isinstance(cell, (str, os.PathLike)):
         return load_cell(os.fspath(cell))
-    return cell
+    if isinstance(cell, CellSpec):
+        return cell
+    name = getattr(cell, "cell_name", None)
+    built = (f" (a built {name} cell: the network builds one cell per layer from a spec, so pass "
+             f"rnndsl.load_cell({name!r}) or the cell's file)") if name is not None else ""
+    raise TypeError(f"cell must be a stock cell name, a path to a .cell file or a CellSpec, "
+                    f"got {type(cell).__name__}{built}")
+
+
+def _check_keywords(spec: CellSpec, hyper: dict, function: Callable) -> None:
+    """Refuse keywords that neither ``function`` nor the cell's ``build`` takes, naming both lists
+    and the closest one: a misspelt ``dropout=`` would otherwise be blamed on the cell."""
+    def keywords(signature_of: Callable) -> List[str]:
+        parameters = inspect.signature(signature_of).parameters.values()
+        return [p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY]
+
+    network, build = keywords(function), keywords(CellSpec.build)
+    cell = list(spec.hypers) + [name for name in spec.sizes if name not in ("input", "hidden")]
+    unknown = [key for key in hyper if key not in network + build + cell]
+    if not unknown:
+        return
+    hint = did_you_mean(unknown[0], network + build + cell)
+    cell_takes = (f"its hyper-parameters and sizes are {', '.join(cell)}" if cell
+                  else "it has no hyper-parameters or sizes")
+    raise TypeError(f"{function.__name__}() got an unexpected keyword argument {unknown[0]!r}"
+                    f"{'; ' + hint if hint else ''} ({function.__name__} takes {', '.join(network)}; "
+                    f"the cell's build takes {', '.join(k for k in build if k not in network)}; "
+                    f"cell {spec.name}: {cell_takes})")
 
 
 def uniform_weights(module: nn.Module, bound: float = 0.1) -> None:
@@ -50,9 +80,13 @@ def _make(cell, input_size: int, hids: Sequence[int], *, bidirectional: bool,
           share_weights: bool, backend: str, dropout: float, batch_first: bool,
           save_hidden: bool, winitfun: Optional[Callable[[nn.Module], None]],
           hinitfun: Optional[Callable[[Tensor], None]], return_all_layers: bool,
-          hyper: dict) -> RecurrentNetwork:
+          hyper: dict, function: Callable) -> RecurrentNetwork:
     spec = _load_spec(cell)
+    _check_keywords(spec, hyper, function)
     backend = resolve_backend(backend, spec)
+    if isinstance(hids, (str, bytes)) or not isinstance(hids, Iterable):
+        example = f"; for one layer of {hids}, write [{hids}]" if isinstance(hids, int) else ""
+        raise TypeError(f"hids must be a list of hidden sizes, one per layer, got {hids!r}{example}")
     hids = list(hids)
     if not hids or any(not isinstance(h, int) or h < 1 for h in hids):
         raise ValueError(f"hids must be a non-empty list of positive sizes, got {hids}")
@@ -96,7 +130,7 @@ def make_recurrent(cell, input_size: int, hids: Sequence[int], *, backend: str =
     return _make(cell, input_size, hids, bidirectional=False, share_weights=False,
                  backend=backend, dropout=dropout, batch_first=batch_first,
                  save_hidden=save_hidden, winitfun=winitfun, hinitfun=hinitfun,
-                 return_all_layers=return_all_layers, hyper=dict(hyper, scan=scan))
+                 return_all_layers=return_all_layers, hyper=dict(hyper, scan=scan), function=make_recurrent)
 
 
 def make_bidirectional(cell, input_size: int, hids: Sequence[int], *, share_weights: bool = False,
@@ -118,9 +152,12 @@ def make_bidirectional(cell, input_size: int, hids: Sequence[int], *, share_weig
     return _make(cell, input_size, hids, bidirectional=True, share_weights=share_weights,
                  backend=backend, dropout=dropout, batch_first=batch_first,
                  save_hidden=save_hidden, winitfun=winitfun, hinitfun=hinitfun,
-                 return_all_layers=return_all_layers, hyper=dict(hyper, scan=scan))
+                 return_all_layers=return_all_layers, hyper=dict(hyper, scan=scan),
+                 function=make_bidirectional)
 
 
+# Loaded with load_stock_cell: the drop-ins promise torch's numbers, so a file named `gru` in the
+# working directory must not stand in for the packaged cell.
 _STOCK_CELLS = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}
 
 
@@ -136,7 +173,7 @@ class _CompiledRNNBase:
 
     def __init__(self, *args, backend: str = "script", **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        spec = _load_spec(_STOCK_CELLS[self.mode])
+        spec = load_stock_cell(_STOCK_CELLS[self.mode])
         self.backend = resolve_backend(backend, spec)
         if self.proj_size and self.backend != "native":
             raise ValueError(f"proj_size > 0 needs backend='native': the stock {spec.name} cell "
@@ -149,7 +186,7 @@ class _CompiledRNNBase:
         self.__dict__["_engine"] = None
         if self.backend == "native":
             return
-        spec = spec or _load_spec(_STOCK_CELLS[self.mode])
+        spec = spec or load_stock_cell(_STOCK_CELLS[self.mode])
         directions = 2 if self.bidirectional else 1
         layers, bindings = [], {}
         for depth in range(self.num_layers):

@@ -37,15 +37,35 @@ def scan(cell: torch.nn.Module, xs: Tensor, state: State,
         raise ValueError(f"scan expects a (T, batch, input) sequence, got shape {tuple(xs.shape)}")
     if xs.size(0) == 0:
         raise ValueError("scan needs a sequence of at least one step, got T = 0")
-    if mask is not None and tuple(mask.shape) != tuple(xs.shape[:2]):
-        raise ValueError(f"mask must have shape (T, batch) = {tuple(xs.shape[:2])}, "
-                         f"got {tuple(mask.shape)}")
+    check_mask(mask, xs)
     state = tuple(state)
     forward_sequence = getattr(cell, "forward_sequence", None)
     if forward_sequence is not None:
         outputs, final = forward_sequence(xs, state, mask)
         return outputs, tuple(final)
     return python_scan(cell, xs, state, mask)
+
+
+def check_mask(mask: Optional[Tensor], xs: Tensor) -> None:
+    """Refuse a mask that is not a ``(T, batch)`` bool tensor beside ``xs``, naming what it is.
+
+    Every way into a sequence (the scan, a cell's ``forward_sequence`` on either
+    backend and scan mode, torch's fused kernels) goes through here: left to
+    themselves, a float mask fails deep inside TorchScript and a ``(1, batch)``
+    mask is broadcast over time by the parallel scan, silently.
+    """
+    if mask is None:
+        return
+    if not isinstance(mask, Tensor):
+        raise ValueError(f"mask must be a (T, batch) bool tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool tensor (True at real steps), got {mask.dtype}; "
+                         "convert it with mask.bool()")
+    if tuple(mask.shape) != tuple(xs.shape[:2]):
+        raise ValueError(f"mask must have shape (T, batch) = {tuple(xs.shape[:2])}, "
+                         f"got {tuple(mask.shape)}")
+    if mask.device != xs.device:
+        raise ValueError(f"mask is on {mask.device} but the input is on {xs.device}")
 
 
 def python_scan(cell: torch.nn.Module, xs: Tensor, state: State,

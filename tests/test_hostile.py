@@ -176,8 +176,8 @@ def _unreadable_paths(tmp_path: Path) -> dict:
         "unknown stock name": ("lstmm", "no stock cell named 'lstmm'"),
         "NUL in the path": (str(tmp_path / "a\x00.cell"), "embedded null byte"),
     }
-    if os.path.exists("/dev/zero"):  # endless: must be read only up to the size limit
-        paths["endless device"] = ("/dev/zero", "file is too large")
+    if os.path.exists("/dev/zero"):  # endless: refused before it is opened
+        paths["endless device"] = ("/dev/zero", "is a character device, not a regular file")
     return paths
 
 
