@@ -56,6 +56,10 @@ def _check_name(name: str, span: Span, what: str) -> None:
     if keyword.iskeyword(name) or name.startswith("__"):
         raise CellError(f"`{name}` cannot name {_article(what)}: it is reserved in Python", span,
                         hint=_another_name(name))
+    if "__" in name:
+        # Generated code holds no `__` at all, so that no name in it can reach Python's dunders.
+        raise CellError(f"`{name}` cannot name {_article(what)}: names holding `__` are kept for "
+                        "Python's special names", span, hint=_another_name(name))
 
 
 def _article(noun: str) -> str:
@@ -63,7 +67,8 @@ def _article(noun: str) -> str:
 
 
 def _another_name(name: str) -> str:
-    return f"call it `{name.strip('_') or 'value'}_` or another name"
+    stem = "_".join(part for part in name.split("_") if part) or "value"
+    return f"call it `{stem}_` or another name"
 
 
 def _declarations(cell: st.Cell) -> Iterator[tuple]:

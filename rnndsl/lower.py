@@ -24,6 +24,21 @@ RESERVED = (set(keyword.kwlist) | set(dir(builtins)) |
              "Optional"} | set(SCRIPT_HELPERS) | set(PARALLEL_HELPERS))
 
 
+def joined_name(*parts: str) -> str:
+    """``parts`` joined by ``_``: ``joined_name("c", "seq")`` is ``c_seq``.
+
+    The joints never give ``__`` (which generated code refuses as dunder-like: ``lambda_`` and
+    ``seq`` make ``lambda_seq``), and a leading ``_`` stays (``_1`` and ``seq`` make ``_1_seq``,
+    not the number-then-name ``1_seq``). One part is returned as it is.
+    """
+    head, *rest = parts
+    if not rest:
+        return head
+    pieces = [head.rstrip("_")] + [part.strip("_") for part in rest]
+    name = "_".join(piece for piece in pieces if piece)
+    return name if not head.startswith("_") or name.startswith("_") else f"_{name}"
+
+
 class Namespace:
     """Hands out identifiers that never collide with each other or with RESERVED."""
 
@@ -36,12 +51,15 @@ class Namespace:
         self.taken.add(name)
         return name
 
-    def fresh(self, base: str) -> str:
+    def fresh(self, *parts: str) -> str:
+        """A new identifier named from ``parts`` (see :func:`joined_name`), with a numeric suffix
+        if that is taken."""
+        base = joined_name(*parts)
         candidate = base if base not in self.taken else None
         suffix = self.next_suffix.get(base, 1)
         while candidate is None:
-            if f"{base}_{suffix}" not in self.taken:
-                candidate = f"{base}_{suffix}"
+            if joined_name(base, str(suffix)) not in self.taken:
+                candidate = joined_name(base, str(suffix))
             suffix += 1
         self.next_suffix[base] = suffix
         self.taken.add(candidate)
@@ -121,7 +139,7 @@ class _Lowering:
         self.bind(target, self.expr(assign.value, self.target_name(target)))
 
     def target_name(self, target: st.Target) -> str:
-        return f"{target.name}_next" if target.primed else target.name
+        return joined_name(target.name, "next") if target.primed else target.name
 
     def bind(self, target: st.Target, node: Node) -> None:
         if not target.primed:
