@@ -28,7 +28,7 @@ from . import syntax_tree as st
 from .check import check_file
 from .codegen import generate, validate_source
 from .errors import CellError, CellWarning, Span, one_line
-from .ir import Graph
+from .ir import MAX_DIMENSION, Graph
 from .lower import lower
 from .native_match import match_native
 from .parallel import NotLinear, find_linear_recurrences, generate_parallel
@@ -41,7 +41,8 @@ SCANS = ("auto", "parallel", "sequential")
 # Not a pass, but switched off the same way: build(..., disable=("derived_backward",)) trains
 # scripted cells through autograd of the compiled loop instead (rnndsl/backward.py).
 DERIVED_BACKWARD = "derived_backward"
-MAX_DIMENSION = 2**31 - 1  # beyond, torch.empty overflows (and no memory could hold the tensor)
+# All the parameters of one cell: 2**36 float32 numbers are 256 GiB, more than any accelerator holds.
+MAX_ELEMENTS = 2**36
 _compile_lock = threading.RLock()  # TorchScript compilation and our caches are shared state
 _counter = itertools.count()
 
@@ -71,7 +72,14 @@ class CellModule(torch.nn.Module):
         self._inits: Dict[str, Optional[float]] = {d.name: d.default for d in graph.params}
         for decl in graph.params:
             shape = tuple(dim.evaluate(sizes) for dim in decl.shape.dims)
-            self.register_parameter(decl.name, torch.nn.Parameter(torch.empty(shape)))
+            try:
+                parameter = torch.nn.Parameter(torch.empty(shape))
+            except RuntimeError as exc:  # the allocator's own words, but naming the cell and the size
+                dtype = torch.get_default_dtype()
+                need = math.prod(shape) * torch.finfo(dtype).bits // 8
+                raise MemoryError(f"cell {graph.name}: parameter {decl.name} of shape {list(shape)} needs "
+                                  f"{need:,} bytes in {dtype}, which cannot be allocated ({exc})") from None
+            self.register_parameter(decl.name, parameter)
         self.reset_parameters()
 
     @torch.jit.ignore
@@ -83,6 +91,9 @@ class CellModule(torch.nn.Module):
                 init = self._inits.get(name)
                 if init is None:
                     parameter.uniform_(-bound, bound)
+                elif parameter.is_floating_point() and abs(init) > torch.finfo(parameter.dtype).max:
+                    raise ValueError(f"cell {self.cell_name}: parameter {name} is declared `= {init:g}`, beyond "
+                                     f"the largest {parameter.dtype} ({torch.finfo(parameter.dtype).max:g})")
                 else:
                     parameter.fill_(init)
 
@@ -328,6 +339,11 @@ class CellSpec:
                     raise ValueError(f"cell {self.name}: {decl.name} would have size {dim} = "
                                      f"{dim.evaluate(sizes)} with {sizes}; sizes run from 1 to "
                                      f"{MAX_DIMENSION:,}")
+        elements = sum(math.prod(dim.evaluate(sizes) for dim in decl.shape.dims) for decl in self.graph.params)
+        if elements > MAX_ELEMENTS:
+            raise ValueError(f"cell {self.name}: with {sizes} its parameters would hold {elements:,} numbers, "
+                             f"{elements * torch.finfo(torch.get_default_dtype()).bits // 8:,} bytes in "
+                             f"{torch.get_default_dtype()}; a cell may have at most {MAX_ELEMENTS:,} numbers")
         return sizes, hypers
 
     def parallel_plan(self, disable: Iterable[str] = (),

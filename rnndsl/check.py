@@ -14,6 +14,7 @@ import torch
 
 from . import syntax_tree as st
 from .errors import CellError, Span, did_you_mean, warn
+from .ir import MAX_DIMENSION
 from .ops import FUNCTIONS
 
 BUILTIN_SIZES = ("input", "hidden")
@@ -111,8 +112,9 @@ def _check_declarations(cell: st.Cell) -> None:
         _check_number(decl.default, decl.span)
     sizes = set(BUILTIN_SIZES) | {decl.name for decl in cell.sizes}
     for decl in cell.sizes:
-        if decl.default < 1:
-            raise CellError(f"size `{decl.name}` must be at least 1, got {decl.default}", decl.span)
+        if not 1 <= decl.default <= MAX_DIMENSION:
+            raise CellError(f"size `{decl.name}` must be from 1 to {MAX_DIMENSION:,}, got {decl.default}",
+                            decl.span)
     for size in [cell.input.size] + [d.size for d in cell.states] + [s for p in cell.params for s in p.shape]:
         _check_size(size, sizes)
 

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional
 from . import syntax_tree as st
 from .check import BUILTIN_SIZES
 from .errors import CellError, Span
-from .ir import Decl, Graph, Node, Op, Shape, Size, attrs, verify
+from .ir import MAX_DIMENSION, Decl, Graph, Node, Op, Shape, Size, attrs, verify
 from .kernels import PARALLEL_HELPERS, SCRIPT_HELPERS
 from .ops import BINARY_OPS, FUNCTIONS, SHAPE_RULES, ShapeError
 
@@ -67,11 +67,21 @@ class Namespace:
 
 
 def size_of(expr: st.SizeExpr) -> Size:
+    """The size a declaration's shape gives, its numbers at most MAX_DIMENSION."""
+    size = _size_of(expr)
+    numbers = [size.const] + [coeff for _, coeff in size.terms]
+    if any(abs(number) > MAX_DIMENSION for number in numbers):
+        raise CellError(f"size `{size}` is too large: its numbers may be at most {MAX_DIMENSION:,}",
+                        expr.span)
+    return size
+
+
+def _size_of(expr: st.SizeExpr) -> Size:
     if isinstance(expr, st.SizeInt):
         return Size.of(expr.value)
     if isinstance(expr, st.SizeName):
         return Size.of(expr.name)
-    left, right = size_of(expr.left), size_of(expr.right)
+    left, right = _size_of(expr.left), _size_of(expr.right)
     try:
         return {"+": left + right, "-": left - right}[expr.op] if expr.op != "*" else left * right
     except ValueError as exc:

@@ -20,6 +20,9 @@ from .resources import grammar_path
 MAX_FILE_BYTES = 1 << 20   # a cell is a few hundred bytes; larger files are not even read in full
 MAX_NESTING = 100          # like CPython's own limit on nested parentheses
 MAX_TOKENS = 20_000        # Lark lexes, parses and transforms some 10^4 tokens a second; a cell has a few hundred
+# No float needs more digits (the exact decimal of a double has at most 767), and Python converts
+# no longer integer text (its limit is 4,300 digits).
+MAX_NUMBER_LENGTH = 1_000
 
 # The pre-scan's rough tokens: comments (skipped), parentheses, numbers with a signed exponent
 # (`1e-3`), other words and numbers, any other character.
@@ -77,7 +80,7 @@ def _prescan(text: str, path: str) -> CellError | None:
 
     One pass over at most MAX_TOKENS rough tokens bounds the parser's work and
     the depth of parentheses (which do not deepen the parse tree, so _check_depth
-    cannot see them). It also returns the first ``1_000``, ``0x10`` or ``2x``,
+    cannot see them) and the length of numbers. It also returns the first ``1_000``, ``0x10`` or ``2x``,
     which Lark would read as a number followed by a name and report somewhere
     later; the caller reports whichever error comes first in the file.
     """
@@ -105,6 +108,9 @@ def _prescan(text: str, path: str) -> CellError | None:
                             f"{MAX_NESTING} levels)", split)
         elif token == ")":
             depth = max(depth - 1, 0)
+        elif _STARTS_NUMBER.match(token) and len(token) > MAX_NUMBER_LENGTH:
+            raise _error_at(text, path, match, f"number is too long: more than {MAX_NUMBER_LENGTH:,} "
+                            "characters", "write large and small numbers with an exponent, as in 1e30")
         elif bad_number is None and _STARTS_NUMBER.match(token) and not _number_pattern().fullmatch(token):
             bad_number = _error_at(text, path, match, f"malformed number `{token}`", _number_hint(token))
     return bad_number

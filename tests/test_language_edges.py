@@ -69,3 +69,50 @@ def test_guard_refuses_a_number_running_into_a_name():
     with pytest.raises(IRError, match="runs into"):
         validate_source("y = 1_seq\n")
     assert validate_source("y = 1.0 + x_1\n")
+
+
+@pytest.mark.parametrize("declaration", ["param V[hidden, {}]", "size k = {}"])
+def test_a_size_literal_of_thousands_of_digits_is_a_cell_error(declaration):
+    with pytest.raises(CellError, match="number is too long") as error:
+        load(cell_source(declaration.format("9" * 5000), "h' = tanh(W @ x)"))
+    assert error.value.line == 4
+
+
+def test_a_constant_init_beyond_float32_is_a_clear_error_at_build():
+    spec = load(cell_source("param V[hidden] = 1e308", "h' = tanh(W @ x) * V"))
+    with pytest.raises(ValueError, match="cell c: parameter V is declared `= 1e\\+308`, beyond the largest"):
+        spec.build(3, 4, "eager")
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # where the number fits, it is the init
+    try:
+        assert spec.build(3, 4, "eager").V[0].item() == 1e308
+    finally:
+        torch.set_default_dtype(saved)
+
+
+@pytest.mark.parametrize("shape, needed", [("2000000000, 2000000000", "16,000,000,000,000,000,048 bytes"),
+                                            ("hidden*100000000, 100000000", "160,000,000,000,000,048 bytes")])
+def test_parameters_no_memory_could_hold_are_refused_with_the_bytes_needed(shape, needed):
+    spec = load(cell_source(f"param V[{shape}]", "h' = tanh(W @ x)"))
+    with pytest.raises(ValueError, match=f"cell c: .*would hold .* numbers, {needed} in torch.float32"):
+        spec.build(3, 4, "eager")
+
+
+def test_an_allocation_that_fails_names_the_cell_and_the_bytes(monkeypatch):
+    spec = load(cell_source("param V[hidden, 1000]", "h' = tanh(W @ x)"))
+
+    def refuse(*shape, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+    monkeypatch.setattr(torch, "empty", refuse)
+    with pytest.raises(MemoryError, match=r"cell c: parameter W of shape \[4, 3\] needs 48 bytes"):
+        spec.build(3, 4, "eager")
+
+
+def test_size_coefficients_beyond_int64_are_a_cell_error_not_a_script_failure():
+    big = "99999999999999999999"
+    with pytest.raises(CellError, match="is too large: its numbers may be at most 2,147,483,647") as error:
+        load(cell_source(f"param U[{big}*hidden - {big}*input + hidden, input]", "h' = tanh(W @ x)"))
+    assert (error.value.line, error.value.column) == (4, 11)
+    # Numbers that cancel are fine: the size is what they leave.
+    spec = load(cell_source(f"param U[hidden + {big}*input - {big}*input, input]", "h' = tanh(U @ x + W @ x)"))
+    spec.build(3, 4, "script")
