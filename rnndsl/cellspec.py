@@ -25,12 +25,13 @@ from torch import Tensor
 
 from . import backward, kernels
 from . import syntax_tree as st
-from .check import check_file
+from .check import check_file, hyper_value_problem
 from .codegen import generate, validate_source
 from .errors import CellError, CellWarning, Span, one_line
-from .ir import MAX_DIMENSION, Graph
+from .ir import MAX_DIMENSION, Graph, Op
 from .lower import lower
 from .native_match import match_native
+from .ops import PROBABILITY_OPS
 from .parallel import NotLinear, find_linear_recurrences, generate_parallel
 from .passes import run_passes
 from .resources import stock_cell_names, stock_cells_dir
@@ -277,6 +278,13 @@ class CellSpec:
         return {d.name: (int(d.default) if d.default is not None else None) for d in self.graph.sizes}
 
     @functools.cached_property
+    def _probability_hypers(self) -> frozenset:
+        """The hyper-parameters that are the probability of a dropout or zoneout."""
+        nodes = self.graph.node_map()
+        return frozenset(n.inputs[-1] for n in self.graph.nodes
+                         if n.op in PROBABILITY_OPS and nodes[n.inputs[-1]].op is Op.HYPER)
+
+    @functools.cached_property
     def _native_match(self) -> Tuple[Optional[str], str, Dict[str, str]]:
         return match_native(self)  # fingerprints the whole IR: once per spec
 
@@ -316,6 +324,9 @@ class CellSpec:
         hypers = self.hypers
         for key, value in hyper.items():
             if key in hypers:
+                problem = hyper_value_problem(value, key in self._probability_hypers)
+                if problem:
+                    raise ValueError(f"cell {self.name}: hyper-parameter {key} {problem}")
                 hypers[key] = float(value)
             elif key in self.sizes and key not in sizes:
                 if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import keyword
 import math
-from typing import Dict, Iterator, List, Set
+import numbers
+from typing import Dict, Iterator, List, Optional, Set
 
 import torch
 
@@ -122,6 +123,18 @@ def _check_declarations(cell: st.Cell) -> None:
 def _check_number(value: float, span: Span) -> None:
     if not math.isfinite(value):
         raise CellError("number is too large: it would be infinity (the largest is about 1.8e308)", span)
+
+
+def hyper_value_problem(value: object, probability: bool) -> Optional[str]:
+    """What is wrong with a hyper-parameter's value given at build, or None: the checker's rules
+    for defaults (a finite number; a probability of dropout or zoneout lies in [0, 1])."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return f"must be a number, got {value!r}"
+    if not math.isfinite(value):
+        return f"must be a finite number, got {value!r}"
+    if probability and not 0 <= value <= 1:
+        return f"is a probability of dropout or zoneout and must lie between 0 and 1, got {value!r}"
+    return None
 
 
 def _check_size(size: st.SizeExpr, sizes: Set[str]) -> None:
@@ -267,13 +280,9 @@ def _check_expr(expr: st.Expr, scope: _Scope) -> None:
             stack.extend(reversed(node.args))
 
 
-# Functions whose last argument is a probability (torch refuses one outside [0, 1] at run time).
-PROBABILITY_FUNCTIONS = ("dropout", "zoneout")
-
-
 def _check_probability(call: st.Call, scope: _Scope) -> None:
     """A literal probability, or a hyper-parameter's default, must lie in [0, 1]."""
-    if call.function not in PROBABILITY_FUNCTIONS:
+    if not FUNCTIONS[call.function].probability_last:
         return
     p = call.args[-1]
     if isinstance(p, st.Number):

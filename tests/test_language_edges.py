@@ -116,3 +116,31 @@ def test_size_coefficients_beyond_int64_are_a_cell_error_not_a_script_failure():
     # Numbers that cancel are fine: the size is what they leave.
     spec = load(cell_source(f"param U[hidden + {big}*input - {big}*input, input]", "h' = tanh(U @ x + W @ x)"))
     spec.build(3, 4, "script")
+
+
+ZONEOUT_CELL = cell_source("hyper p = 0.1", "hyper k = 2.0", "h' = zoneout(tanh(W @ x) * k, h, p)")
+
+
+@pytest.mark.parametrize("hyper, value, words", [
+    ("p", 1.5, "hyper-parameter p is a probability of dropout or zoneout and must lie between 0 and 1"),
+    ("p", -0.25, "between 0 and 1"),
+    ("k", float("inf"), "hyper-parameter k must be a finite number"),
+    ("k", float("nan"), "must be a finite number"),
+    ("k", "2.0", "hyper-parameter k must be a number, got '2.0'"),
+    ("p", "abc", "hyper-parameter p must be a number"),
+    ("k", True, "must be a number, got True"),
+])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hypers_given_at_build_are_checked_as_file_defaults(hyper, value, words, backend):
+    with pytest.raises(ValueError, match="cell c: ") as error:
+        load(ZONEOUT_CELL).build(3, 4, backend, **{hyper: value})
+    assert words in str(error.value)
+
+
+def test_hypers_given_at_build_within_their_range_are_used():
+    cell = load(ZONEOUT_CELL).build(3, 4, "script", p=1, k=3)
+    assert (cell.p, cell.k) == (1.0, 3.0)
+    cell.train()
+    state = (torch.randn(2, 4),)
+    (h,), _ = cell(state, torch.randn(2, 3))
+    torch.testing.assert_close(h, state[0])  # p = 1: zoneout keeps every unit
