@@ -8,6 +8,7 @@ Python (``backend="eager"``) or TorchScript (``backend="script"``).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import itertools
 import linecache
@@ -147,6 +148,12 @@ class _Recipe:
     hidden_size: int
     backend: str
     options: Tuple[Tuple[str, object], ...]
+    hypers: Tuple[str, ...]  # the cell's hyper-parameters, which may be set on the cell after build
+
+    def of(self, cell: torch.nn.Module) -> "_Recipe":
+        """This recipe, with the hyper-parameters ``cell`` holds now."""
+        options = dict(self.options, **{name: getattr(cell, name) for name in self.hypers})
+        return dataclasses.replace(self, options=tuple(sorted(options.items())))
 
 
 def _unpickled_spec(recipe: _Recipe) -> "CellSpec":
@@ -207,9 +214,11 @@ class ScriptedCell(torch.jit.RecursiveScriptModule):
     scan_mode = "sequential"  # "parallel" on the classes that carry a forward_parallel
 
     def __reduce__(self):
-        # A TorchScript module does not pickle: it is compiled again from its source on loading.
+        # A TorchScript module does not pickle: it is compiled again from its source on loading,
+        # with the hyper-parameters it holds now (`cell.beta = 0.25` after build sets the compiled
+        # module's attribute, which the forward reads).
         parameters = dict(self.named_parameters(recurse=False, remove_duplicate=False))
-        return _rebuilt_scripted_cell, (self._recipe, parameters, self.training)
+        return _rebuilt_scripted_cell, (self._recipe.of(self), parameters, self.training)
 
     def __deepcopy__(self, memo):
         # RecursiveScriptModule's own copies are bare RecursiveScriptModules: without this class, a
@@ -385,7 +394,7 @@ class CellSpec:
         cls, parallel = self._generated_class(disable, bool(fixed_dropout_mask), scan)
         options = dict(disable=disable, fixed_dropout_mask=bool(fixed_dropout_mask), scan=scan, **hyper)
         recipe = _Recipe(self.source, self.path, self.name, input_size, hidden_size, backend,
-                         tuple(sorted(options.items())))
+                         tuple(sorted(options.items())), tuple(hypers))
         if backend == "eager":
             cell = _eager_class(cls, parallel)(self, sizes, hypers, cls.generated_source)
         else:

@@ -5,6 +5,7 @@ Each test failed before its fix; each builds small cells on both backends where 
 """
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -144,3 +145,17 @@ def test_hypers_given_at_build_within_their_range_are_used():
     state = (torch.randn(2, 4),)
     (h,), _ = cell(state, torch.randn(2, 3))
     torch.testing.assert_close(h, state[0])  # p = 1: zoneout keeps every unit
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_hyper_set_after_build_survives_deepcopy_and_save(backend, tmp_path):
+    spec = load(cell_source("hyper beta = 0.5", "h' = tanh(W @ x) * beta"))
+    cell = spec.build(3, 4, backend)
+    cell.beta = 0.25
+    state, x = (torch.zeros(2, 4),), torch.randn(2, 3)
+    expected = cell(state, x)[1]
+    torch.testing.assert_close(expected, torch.tanh(x @ cell.W.T) * 0.25)
+    torch.save(cell, tmp_path / "cell.pt")
+    for copied in (copy.deepcopy(cell), torch.load(tmp_path / "cell.pt", weights_only=False)):
+        assert copied.beta == 0.25
+        torch.testing.assert_close(copied(state, x)[1], expected)
