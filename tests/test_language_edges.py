@@ -159,3 +159,18 @@ def test_a_hyper_set_after_build_survives_deepcopy_and_save(backend, tmp_path):
     for copied in (copy.deepcopy(cell), torch.load(tmp_path / "cell.pt", weights_only=False)):
         assert copied.beta == 0.25
         torch.testing.assert_close(copied(state, x)[1], expected)
+
+
+@pytest.mark.parametrize("make", [rnndsl.make_recurrent, rnndsl.make_bidirectional])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_default_network_init_keeps_the_values_a_cell_declares(make, backend):
+    network = make("layernorm_lstm", 3, [4, 5], backend=backend)
+    gains = {name: p for name, p in network.named_parameters() if name.endswith("_weight") and "layernorm" in name}
+    biases = {name: p for name, p in network.named_parameters() if name.endswith("_bias") and "layernorm" in name}
+    assert gains and biases
+    for parameter in gains.values():
+        assert torch.equal(parameter, torch.ones_like(parameter))
+    for parameter in biases.values():
+        assert torch.equal(parameter, torch.zeros_like(parameter))
+    weights = [p for name, p in network.named_parameters() if "weight_ih" in name]
+    assert all(0 < p.abs().max() <= 0.1 for p in weights)
