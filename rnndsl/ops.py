@@ -93,7 +93,8 @@ def _matmul(node: Node, shapes: List[Shape]) -> Shape:
     rows, cols = matrix.dims
     if cols != vector.dims[0]:
         raise ShapeError(f"matrix product does not fit: a [{rows}, {cols}] matrix times a "
-                         f"[{vector.dims[0]}] vector (the matrix needs {cols} columns to match)")
+                         f"[{vector.dims[0]}] vector (the matrix needs {vector.dims[0]} columns to match, "
+                         f"it has {cols})")
     return Shape((rows,), vector.batched)
 
 

@@ -174,3 +174,10 @@ def test_default_network_init_keeps_the_values_a_cell_declares(make, backend):
         assert torch.equal(parameter, torch.zeros_like(parameter))
     weights = [p for name, p in network.named_parameters() if "weight_ih" in name]
     assert all(0 < p.abs().max() <= 0.1 for p in weights)
+
+
+def test_matmul_shape_error_names_the_columns_the_vector_needs():
+    with pytest.raises(CellError) as error:
+        load(cell_source("param U[hidden, hidden]", "h' = tanh(U @ x)"))
+    assert "needs input columns to match, it has hidden" in error.value.message
+    assert (error.value.line, error.value.column) == (5, 13)
