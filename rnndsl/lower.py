@@ -109,12 +109,14 @@ class _Lowering:
     def leaf(self, name: str, op: Op, shape: Shape, span: Optional[Span], **attributes) -> Node:
         return self.add(Node(self.names.claim(name), op, (), shape, attrs(**attributes), span))
 
-    def make(self, op: Op, inputs: List[Node], span: Span, name: Optional[str] = None, **attributes) -> Node:
+    def make(self, op: Op, inputs: List[Node], span: Span, name: Optional[str] = None,
+             hint: Optional[str] = None, **attributes) -> Node:
+        """A new node; ``hint`` goes with a shape error."""
         probe = Node("_", op, tuple(n.name for n in inputs), Shape(), attrs(**attributes), span)
         try:
             shape = SHAPE_RULES[op](probe, [n.shape for n in inputs])
         except ShapeError as exc:
-            raise CellError(str(exc), span) from None
+            raise CellError(str(exc), span, hint=hint) from None
         final = self.names.fresh(name) if name else self.names.fresh(op.label)
         return self.add(Node(final, op, probe.inputs, shape, probe.attrs, span))
 
@@ -129,7 +131,10 @@ class _Lowering:
             return self.make(Op.NEG, [self.expr(expr.operand)], expr.span, name)
         if isinstance(expr, st.Binary):
             left, right = self.expr(expr.left), self.expr(expr.right)
-            return self.make(BINARY_OPS[expr.op], [left, right], expr.span, name)
+            # `a * U @ h` reads as `(a * U) @ h`: `*`, `/` and `@` bind equally, left to right.
+            hint = (f"`*`, `/` and `@` bind equally, from the left: to multiply by a product, write "
+                    f"`a {expr.op} (U @ v)`") if expr.op in "*/" and right.shape.is_matrix else None
+            return self.make(BINARY_OPS[expr.op], [left, right], expr.span, name, hint)
         function = FUNCTIONS[expr.function]
         args = [self.expr(arg) for arg in expr.args]
         return self.make(function.op, args, expr.span, name)

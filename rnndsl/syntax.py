@@ -206,6 +206,10 @@ def _syntax_error(exc: UnexpectedInput, text: str, path: str) -> CellError:
         token = exc.token
         span = _token_span(token, path) if getattr(token, "line", None) else span
         what = f"unexpected `{token}`" if token.type != "$END" else "unexpected end of file"
+        unfinished = _unfinished_line(exc, path)
+        if unfinished:
+            return CellError(f"{unfinished[0]}; expected {', '.join(expected)}", unfinished[1], source=text,
+                             hint=unfinished[2])
     hint = _hint_for(exc)
     listed = ", ".join(expected[:8]) + (", ..." if len(expected) > 8 else "")
     message = f"{what}; expected {listed}" if expected else what
@@ -221,6 +225,25 @@ _CHARACTER_HINTS = {
     "\\": "no line continuation is needed: an equation may span lines",
     ":": "the cell language has no lambdas, slices or type annotations",
 }
+
+
+# A declaration that stops at the end of its line, by its keyword: what it lacks, as an example.
+_UNFINISHED = {"PARAM": "a shape, as in `param {name}[hidden]`", "STATE": "a shape, as in `state {name}[hidden]`",
+               "HYPER": "a default value, as in `hyper {name} = 0.5`", "SIZE": "a value, as in `size {name} = 4`"}
+
+
+def _unfinished_line(exc: UnexpectedToken, path: str) -> "tuple[str, Span, str] | None":
+    """(message, span, hint) when a declaration is a keyword and a name alone on its line, as in
+    `param s` or `hyper beta`: the error belongs after the name, not at the next line's first token."""
+    stack = getattr(getattr(exc, "state", None), "value_stack", None) or []
+    if len(stack) < 2 or not all(isinstance(item, Token) for item in stack[-2:]):
+        return None
+    keyword, name = stack[-2:]
+    if keyword.type not in _UNFINISHED or name.type != "NAME" or exc.token.line <= name.end_line:
+        return None
+    span = Span(path, name.end_line, name.end_column, name.end_line, name.end_column + 1)
+    return (f"the line ends after `{keyword} {name}`", span,
+            f"`{name}` needs {_UNFINISHED[keyword.type].format(name=name)}")
 
 
 def _hint_for(exc: UnexpectedInput) -> str | None:

@@ -181,3 +181,22 @@ def test_matmul_shape_error_names_the_columns_the_vector_needs():
         load(cell_source("param U[hidden, hidden]", "h' = tanh(U @ x)"))
     assert "needs input columns to match, it has hidden" in error.value.message
     assert (error.value.line, error.value.column) == (5, 13)
+
+
+@pytest.mark.parametrize("declaration, column, hint", [
+    ("param s", 10, "`s` needs a shape, as in `param s[hidden]`"),
+    ("hyper beta", 13, "`beta` needs a default value, as in `hyper beta = 0.5`"),
+    ("size k", 9, "`k` needs a value, as in `size k = 4`"),
+])
+def test_a_declaration_cut_short_is_reported_at_its_own_line(declaration, column, hint):
+    with pytest.raises(CellError) as error:
+        load(cell_source(declaration, "h' = tanh(W @ x)"))
+    assert (error.value.line, error.value.column) == (4, column)
+    assert error.value.hint == hint
+
+
+def test_a_matrix_multiplied_by_a_product_suggests_parentheses():
+    with pytest.raises(CellError) as error:
+        load(cell_source("param U[hidden, hidden]", "h' = W @ x * U @ h"))
+    assert "`a * (U @ v)`" in error.value.hint
+    load(cell_source("param U[hidden, hidden]", "h' = W @ x * (U @ h)"))
