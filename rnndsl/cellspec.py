@@ -28,7 +28,7 @@ from . import backward, kernels
 from . import syntax_tree as st
 from .check import check_file, hyper_value_problem
 from .codegen import generate, validate_source
-from .errors import CellError, CellWarning, Span, one_line
+from .errors import CellError, CellWarning, Span, one_line, source_lines
 from .ir import MAX_DIMENSION, Graph, Op
 from .lower import lower
 from .native_match import match_native
@@ -519,7 +519,7 @@ def _parallel_plan(graph: Graph, disable: Tuple[str, ...], source: str,
         where = ""
         span = reason.node.span if reason.node is not None else None
         if span is not None:
-            lines = source.splitlines()
+            lines = source_lines(source)
             quoted = lines[span.line - 1].strip() if 0 < span.line <= len(lines) else ""
             where = f" (at {one_line(span.file)}:{span.line}: `{one_line(quoted)}`)"
         return None, f"the recurrence is not linear in the state: {reason}{where}"

@@ -14,7 +14,7 @@ from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
 from . import syntax_tree as st
-from .errors import CellError, Span
+from .errors import CellError, Span, source_lines
 from .resources import grammar_path
 
 MAX_FILE_BYTES = 1 << 20   # a cell is a few hundred bytes; larger files are not even read in full
@@ -181,7 +181,7 @@ def _syntax_error(exc: UnexpectedInput, text: str, path: str) -> CellError:
     column = getattr(exc, "column", 1) or 1
     at_end = isinstance(exc, UnexpectedEOF) or (isinstance(exc, UnexpectedToken) and exc.token.type == "$END")
     if at_end or line < 1:  # point just after the last character of the file
-        lines = text.rstrip().splitlines() or [""]
+        lines = source_lines(text.rstrip())
         line, column = len(lines), len(lines[-1]) + 1
     span = Span(path, line, column, line, column + 1)
     if isinstance(exc, UnexpectedCharacters):

@@ -200,3 +200,18 @@ def test_a_matrix_multiplied_by_a_product_suggests_parentheses():
         load(cell_source("param U[hidden, hidden]", "h' = W @ x * U @ h"))
     assert "`a * (U @ v)`" in error.value.hint
     load(cell_source("param U[hidden, hidden]", "h' = W @ x * (U @ h)"))
+
+
+@pytest.mark.parametrize("separator", ["\f", "\v", "\x85", "\u2028", "\r"])
+def test_quoted_line_is_the_error_line_after_odd_line_breaks_in_a_comment(separator):
+    source = cell_source(f"# a comment{separator}with an odd break", "h' = tanhh(W @ x)")
+    with pytest.raises(CellError) as error:
+        load(source)
+    assert error.value.line == 5
+    assert "h' = tanhh(W @ x)" in str(error.value).splitlines()[1]
+
+
+def test_quoted_line_of_a_windows_file_has_no_stray_character():
+    with pytest.raises(CellError) as error:
+        load(cell_source("h' = tanhh(W @ x)").replace("\n", "\r\n"))
+    assert str(error.value).splitlines()[1] == "      h' = tanhh(W @ x)"
