@@ -525,7 +525,7 @@ def _parallel_plan(graph: Graph, disable: Tuple[str, ...], source: str,
         return None, f"the recurrence is not linear in the state: {reason}{where}"
 
 
-def _read(path: Path) -> str:
+def _read(path: Path) -> bytes:
     try:
         with path.open("rb") as handle:
             # Bounded, so that /dev/zero or a pipe cannot fill memory; decode refuses what is too long.
@@ -536,7 +536,7 @@ def _read(path: Path) -> str:
         raise CellError(f"{path} is a directory, not a .cell file", None) from None
     except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
         raise CellError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}", None) from None
-    return decode(data, str(path))
+    return data
 
 
 def _resolve(name_or_path: Union[str, os.PathLike]) -> Path:
@@ -565,20 +565,18 @@ def load_source(source: str, path: str = "<string>") -> Dict[str, CellSpec]:
 
 
 @functools.lru_cache(maxsize=64)
-def _load_file(path: str, mtime_ns: int, size: int) -> Dict[str, CellSpec]:
-    return load_source(_read(Path(path)), path)
+def _load_file(path: str, data: bytes) -> Dict[str, CellSpec]:
+    return load_source(decode(data, path), path)
 
 
 def load_cells(name_or_path: Union[str, os.PathLike]) -> Dict[str, CellSpec]:
     """Every cell in a ``.cell`` file (or the stock file of that name), by name."""
     path = _resolve(name_or_path)
-    try:
-        stat = path.stat()
-    except (OSError, ValueError):
-        _read(path)  # raises the clear error
-        raise
+    # Cached on the content, not on the file's mtime and size: a rewrite of the same size within
+    # the mtime's resolution (or with the mtime kept) must load the new equations.
+    data = _read(path)
     with _compile_lock:
-        return dict(_load_file(str(path), stat.st_mtime_ns, stat.st_size))
+        return dict(_load_file(str(path), data))
 
 
 def load_cell(name_or_path: Union[str, os.PathLike], cell: Optional[str] = None) -> CellSpec:

@@ -6,6 +6,7 @@ Each test failed before its fix; each builds small cells on both backends where 
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 
 import pytest
@@ -215,3 +216,14 @@ def test_quoted_line_of_a_windows_file_has_no_stray_character():
     with pytest.raises(CellError) as error:
         load(cell_source("h' = tanhh(W @ x)").replace("\n", "\r\n"))
     assert str(error.value).splitlines()[1] == "      h' = tanhh(W @ x)"
+
+
+def test_a_same_size_rewrite_with_the_mtime_kept_loads_the_new_equations(tmp_path):
+    path = tmp_path / "c.cell"
+    path.write_text(cell_source("h' = tanh(W @ x)"))
+    assert "torch.tanh" in rnndsl.load_cell(path).code()
+    stat = path.stat()
+    path.write_text(cell_source("h' = relu(W @ x)"))  # as long as the first
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size
+    assert "torch.relu" in rnndsl.load_cell(path).code()
