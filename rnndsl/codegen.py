@@ -252,8 +252,10 @@ def _generate_sequence(graph: Graph, emitter: _Emitter, state_type: str, output_
         if node.name in masks:
             # The probability is a number: parameters-only, but maybe computed in the loop (no hoisting).
             size, p = size_code(node.shape.dims[0]), emitter.inline(node.inputs[1])
+            # The mask has the value's shape: a parameter vector's has no batch dimension.
+            shape = f"[xs.size(1), {size}]" if node.shape.batched else f"[{size}]"
             lines.append(f"    {masks[node.name]} = torch.nn.functional.dropout("
-                         f"xs.new_ones([xs.size(1), {size}]), {p}, self.training)")
+                         f"xs.new_ones({shape}), {p}, self.training)")
     for name in output_lists:
         lines.append(f"    {name} = torch.jit.annotate(List[Tensor], [])")
     # unbind, not seq[t] in the loop: the backward of one indexing per step would zero-fill a

@@ -227,3 +227,16 @@ def test_a_same_size_rewrite_with_the_mtime_kept_loads_the_new_equations(tmp_pat
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert path.stat().st_size == stat.st_size
     assert "torch.relu" in rnndsl.load_cell(path).code()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_fixed_dropout_mask_of_a_parameter_vector_has_its_shape(backend):
+    spec = load(cell_source("param g[hidden] = 1.0", "param b[hidden] = 0.0",
+                            "h' = layernorm(tanh(W @ x) + h, dropout(g, 0.5), b)"))
+    cell = spec.build(3, 64, backend, fixed_dropout_mask=True).train()
+    xs = torch.randn(6, 2, 3, requires_grad=True)
+    outputs, _ = cell.forward_sequence(xs, (torch.zeros(2, 64),))
+    outputs.sum().backward()
+    dropped = outputs == 0
+    assert dropped.any() and not dropped.all()
+    assert (dropped == dropped[0, 0]).all()  # one mask: every step, every example
