@@ -505,8 +505,8 @@ class _Generator:
 
     def expression(self, node: Node, rename: Dict[str, str], biased: Optional[Dict[str, str]] = None,
                    packed: bool = False) -> str:
-        """A node's forward code; matrix products (by ``packed`` matrices, with ``biased`` sums) and
-        tanh through the helpers."""
+        """A node's forward code; matrix products (by ``packed`` matrices, with ``biased`` sums)
+        through the helpers."""
         args = [self.emitter.ref(name, rename) for name in node.inputs]
         product = next((i for i in node.inputs if (biased or {}).get(i) == node.name), None)
         if product is not None:
@@ -515,8 +515,6 @@ class _Generator:
             return f"linear({vector}, {matrix}, {bias})"
         if node.op is Op.MATMUL:
             return f"linear({args[1]}, {self.packed[node.inputs[0]] if packed else args[0]})"
-        if node.op is Op.TANH:
-            return f"tanh_via_sigmoid({args[0]})"
         return EMITTERS[node.op](node, args)
 
 

@@ -240,3 +240,13 @@ def test_a_fixed_dropout_mask_of_a_parameter_vector_has_its_shape(backend):
     dropped = outputs == 0
     assert dropped.any() and not dropped.all()
     assert (dropped == dropped[0, 0]).all()  # one mask: every step, every example
+
+
+def test_training_forward_keeps_tanh_relatively_accurate_for_tiny_arguments():
+    spec = load(cell_source("h' = 4 * tanh((W @ x + h) / 4)"))  # soft-capped: tanh of small values
+    cell = spec.build(3, 8, "script")
+    xs, h = 1e-6 * torch.randn(7, 2, 3), (torch.zeros(2, 8),)
+    with torch.no_grad():
+        expected, _ = cell.forward_sequence(xs, h)
+    trained, _ = cell.forward_sequence(xs.requires_grad_(True), h)  # the derived backward's saving forward
+    torch.testing.assert_close(trained, expected, rtol=1e-5, atol=0)
