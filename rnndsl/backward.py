@@ -171,7 +171,7 @@ class _Generator:
                 self.differentiable.add(node.name)
         body = [n for n in graph.nodes if n.op.kind is not OpKind.LEAF]
         self.body = {level: [n for n in body if level_of(n) is level] for level in Level}
-        self.seq_names = {n.name: self.fresh(n.name, "seq") for n in self.body[Level.SEQ]}
+        self.seq_names = {n.name: self.names.fresh(n.name, "seq") for n in self.body[Level.SEQ]}
         self.seq_names[graph.input.name] = "xs"
         # What the backward reads of the forward: loop values stacked over time, whole-sequence
         # values, and parameter-only values (by value name -> local name).
@@ -224,7 +224,7 @@ class _Generator:
         """All steps of a batched value: its stack over time, or its whole-sequence tensor."""
         if level_of(self.nodes[name]) is Level.LOOP:
             if name not in self.stacked:
-                self.stacked[name] = self.fresh(self.emitter.var(name), "steps")
+                self.stacked[name] = self.names.fresh(self.emitter.var(name), "steps")
             return self.stacked[name]
         if name != self.graph.input.name:
             self.whole[name] = self.seq_names[name]
@@ -234,7 +234,7 @@ class _Generator:
         """Code for ``grad @ matrix``; in the loop with the matrix transposed and packed once."""
         if level is Level.LOOP:
             if matrix not in self.packed_transposed:
-                self.packed_transposed[matrix] = (self.fresh(matrix, "t", "packed"), self.value(matrix, level))
+                self.packed_transposed[matrix] = (self.names.fresh(matrix, "t", "packed"), self.value(matrix, level))
             return f"linear({grad}, {self.packed_transposed[matrix][0]})"
         return f"linear({grad}, {self.value(matrix, level)}.t())"
 
@@ -278,15 +278,11 @@ class _Generator:
             return None
         return self.assign(expr, parts, block)
 
-    def fresh(self, *parts: str) -> str:
-        """A new local named from ``parts`` joined by ``_`` (never ``__``: generated code has no dunders)."""
-        return self.names.fresh("_".join(part.strip("_") for part in parts if part.strip("_")) or "value")
-
     def assign(self, expr: str, parts: Tuple[str, ...], block: _Block) -> str:
         """``expr`` as a local: itself when it is one, else a new local named from ``parts``."""
         if expr.isidentifier():
             return expr
-        local = self.fresh(*parts)
+        local = self.names.fresh(*parts)
         block.emit(f"{local} = {expr}")
         return local
 
@@ -323,7 +319,7 @@ class _Generator:
             if len(bases) == 1 and None not in bases and all(
                     self.views[parts[key]][1:] == key for key in order):
                 return bases.pop()  # the slices of one buffer, all of it in order: the buffer
-            local = self.fresh(*name)
+            local = self.names.fresh(*name)
             self.joins[local] = (block, len(block.lines), [(parts[key],) + key for key in order])
             block.emit(f"{local} = torch.cat([{', '.join(parts[key] for key in order)}], -1)")
             return local
@@ -338,7 +334,7 @@ class _Generator:
     def buffer(self, local: str, shape: Shape) -> str:
         """The (T, ...) buffer that keeps the per-step gradient ``local`` of every step."""
         if local not in self.buffers:
-            self.buffers[local] = (self.fresh(local, "steps"), shape)
+            self.buffers[local] = (self.names.fresh(local, "steps"), shape)
         return self.buffers[local][0]
 
     # The backward ---------------------------------------------------------------------------
@@ -350,7 +346,7 @@ class _Generator:
                  ("saved", "grad_outputs", "grad_state", "need_input_grad", "grad_xs", "steps", "batch")}
         self.steps, self.batch = fixed["steps"], fixed["batch"]
         states = [d.name for d in graph.states]
-        carries = {s: self.fresh("grad", self.emitter.var(s)) for s in states}
+        carries = {s: self.names.fresh("grad", self.emitter.var(s)) for s in states}
         grad_outputs = [self.names.fresh("grad_output_seq") for _ in graph.outputs]
 
         loop = _Block(Level.LOOP, " " * 8)
@@ -358,7 +354,7 @@ class _Generator:
         for name, local, whole in zip(graph.outputs, output_steps, grad_outputs):
             loop.emit(f"{local} = {whole}[t]")
             self.route(name, Term(local), self.nodes[name].shape, loop)
-        seeds = {s: self.fresh("seed", self.emitter.var(s)) for s in states}
+        seeds = {s: self.names.fresh("seed", self.emitter.var(s)) for s in states}
         carried = [carries[s] for s in states]
         for line in masked_assignment(list(seeds.values()), carried,
                                       [f"torch.where(keep, {c}, 0.0)" for c in carried]):
@@ -487,11 +483,11 @@ class _Generator:
         for node in step:
             matrix = node.inputs[0] if node.op is Op.MATMUL else None
             if matrix is not None and matrix not in self.packed:
-                self.packed[matrix] = self.fresh(matrix, "packed")
+                self.packed[matrix] = self.names.fresh(matrix, "packed")
                 lines.append(f"    {self.packed[matrix]} = prepack({emitter.ref(matrix, {})}, xs.size(1))")
         # Kept values are copied at each step into (T, batch, n) tensors, while still in cache
         # (a list of steps stacked after the loop costs twice as much here).
-        outputs = [self.fresh("outputs") for _ in graph.outputs]
+        outputs = [self.names.fresh("outputs") for _ in graph.outputs]
         for name, local in list(zip(graph.outputs, outputs)) + list(self.stacked.items()):
             size = size_code(self.nodes[name].shape.dims[0])
             lines.append(f"    {local} = xs.new_empty([xs.size(0), xs.size(1), {size}])")
@@ -521,8 +517,8 @@ class _Generator:
 
     def expression(self, node: Node, rename: Dict[str, str], biased: Optional[Dict[str, str]] = None,
                    packed: bool = False) -> str:
-        """A node's forward code; matrix products (by ``packed`` matrices, with ``biased`` sums) and
-        tanh through the helpers."""
+        """A node's forward code; matrix products (by ``packed`` matrices, with ``biased`` sums)
+        through the helpers."""
         args = [self.emitter.ref(name, rename) for name in node.inputs]
         product = next((i for i in node.inputs if (biased or {}).get(i) == node.name), None)
         if product is not None:
@@ -531,8 +527,6 @@ class _Generator:
             return f"linear({vector}, {matrix}, {bias})"
         if node.op is Op.MATMUL:
             return f"linear({args[1]}, {self.packed[node.inputs[0]] if packed else args[0]})"
-        if node.op is Op.TANH:
-            return f"tanh_via_sigmoid({args[0]})"
         return EMITTERS[node.op](node, args)
 
 

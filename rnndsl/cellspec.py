@@ -8,6 +8,7 @@ Python (``backend="eager"``) or TorchScript (``backend="script"``).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import itertools
 import linecache
@@ -26,12 +27,13 @@ from torch import Tensor
 
 from . import backward, kernels
 from . import syntax_tree as st
-from .check import check_file
+from .check import check_file, hyper_value_problem
 from .codegen import generate, validate_source
-from .errors import CellError, CellWarning, Span, one_line
-from .ir import Graph
+from .errors import CellError, CellWarning, Span, one_line, source_lines
+from .ir import MAX_DIMENSION, Graph, Op
 from .lower import lower
 from .native_match import match_native
+from .ops import PROBABILITY_OPS
 from .parallel import NotLinear, find_linear_recurrences, generate_parallel
 from .passes import run_passes
 from .resources import stock_cell_names, stock_cells_dir
@@ -43,7 +45,8 @@ SCANS = ("auto", "parallel", "sequential")
 # Not a pass, but switched off the same way: build(..., disable=("derived_backward",)) trains
 # scripted cells through autograd of the compiled loop instead (rnndsl/backward.py).
 DERIVED_BACKWARD = "derived_backward"
-MAX_DIMENSION = 2**31 - 1  # beyond, torch.empty overflows (and no memory could hold the tensor)
+# All the parameters of one cell: 2**36 float32 numbers are 256 GiB, more than any accelerator holds.
+MAX_ELEMENTS = 2**36
 _compile_lock = threading.RLock()  # TorchScript compilation and our caches are shared state
 _counter = itertools.count()
 
@@ -73,7 +76,14 @@ class CellModule(torch.nn.Module):
         self._inits: Dict[str, Optional[float]] = {d.name: d.default for d in graph.params}
         for decl in graph.params:
             shape = tuple(dim.evaluate(sizes) for dim in decl.shape.dims)
-            self.register_parameter(decl.name, torch.nn.Parameter(torch.empty(shape)))
+            try:
+                parameter = torch.nn.Parameter(torch.empty(shape))
+            except RuntimeError as exc:  # the allocator's own words, but naming the cell and the size
+                dtype = torch.get_default_dtype()
+                need = math.prod(shape) * torch.finfo(dtype).bits // 8
+                raise MemoryError(f"cell {graph.name}: parameter {decl.name} of shape {list(shape)} needs "
+                                  f"{need:,} bytes in {dtype}, which cannot be allocated ({exc})") from None
+            self.register_parameter(decl.name, parameter)
         self.reset_parameters()
 
     @torch.jit.ignore
@@ -85,6 +95,9 @@ class CellModule(torch.nn.Module):
                 init = self._inits.get(name)
                 if init is None:
                     parameter.uniform_(-bound, bound)
+                elif parameter.is_floating_point() and abs(init) > torch.finfo(parameter.dtype).max:
+                    raise ValueError(f"cell {self.cell_name}: parameter {name} is declared `= {init:g}`, beyond "
+                                     f"the largest {parameter.dtype} ({torch.finfo(parameter.dtype).max:g})")
                 else:
                     parameter.fill_(init)
 
@@ -141,6 +154,12 @@ class _Recipe:
     hidden_size: int
     backend: str
     options: Tuple[Tuple[str, object], ...]
+    hypers: Tuple[str, ...]  # the cell's hyper-parameters, which may be set on the cell after build
+
+    def of(self, cell: torch.nn.Module) -> "_Recipe":
+        """This recipe, with the hyper-parameters ``cell`` holds now."""
+        options = dict(self.options, **{name: getattr(cell, name) for name in self.hypers})
+        return dataclasses.replace(self, options=tuple(sorted(options.items())))
 
 
 def _unpickled_spec(recipe: _Recipe) -> "CellSpec":
@@ -201,9 +220,11 @@ class ScriptedCell(torch.jit.RecursiveScriptModule):
     scan_mode = "sequential"  # "parallel" on the classes that carry a forward_parallel
 
     def __reduce__(self):
-        # A TorchScript module does not pickle: it is compiled again from its source on loading.
+        # A TorchScript module does not pickle: it is compiled again from its source on loading,
+        # with the hyper-parameters it holds now (`cell.beta = 0.25` after build sets the compiled
+        # module's attribute, which the forward reads).
         parameters = dict(self.named_parameters(recurse=False, remove_duplicate=False))
-        return _rebuilt_scripted_cell, (self._recipe, parameters, self.training)
+        return _rebuilt_scripted_cell, (self._recipe.of(self), parameters, self.training)
 
     def __deepcopy__(self, memo):
         # RecursiveScriptModule's own copies are bare RecursiveScriptModules: without this class, a
@@ -286,6 +307,13 @@ class CellSpec:
         return {d.name: (int(d.default) if d.default is not None else None) for d in self.graph.sizes}
 
     @functools.cached_property
+    def _probability_hypers(self) -> frozenset:
+        """The hyper-parameters that are the probability of a dropout or zoneout."""
+        nodes = self.graph.node_map()
+        return frozenset(n.inputs[-1] for n in self.graph.nodes
+                         if n.op in PROBABILITY_OPS and nodes[n.inputs[-1]].op is Op.HYPER)
+
+    @functools.cached_property
     def _native_match(self) -> Tuple[Optional[str], str, Dict[str, str]]:
         return match_native(self)  # fingerprints the whole IR: once per spec
 
@@ -325,6 +353,9 @@ class CellSpec:
         hypers = self.hypers
         for key, value in hyper.items():
             if key in hypers:
+                problem = hyper_value_problem(value, key in self._probability_hypers)
+                if problem:
+                    raise ValueError(f"cell {self.name}: hyper-parameter {key} {problem}")
                 hypers[key] = float(value)
             elif key in self.sizes and key not in sizes:
                 if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -348,6 +379,11 @@ class CellSpec:
                     raise ValueError(f"cell {self.name}: {decl.name} would have size {dim} = "
                                      f"{dim.evaluate(sizes)} with {sizes}; sizes run from 1 to "
                                      f"{MAX_DIMENSION:,}")
+        elements = sum(math.prod(dim.evaluate(sizes) for dim in decl.shape.dims) for decl in self.graph.params)
+        if elements > MAX_ELEMENTS:
+            raise ValueError(f"cell {self.name}: with {sizes} its parameters would hold {elements:,} numbers, "
+                             f"{elements * torch.finfo(torch.get_default_dtype()).bits // 8:,} bytes in "
+                             f"{torch.get_default_dtype()}; a cell may have at most {MAX_ELEMENTS:,} numbers")
         return sizes, hypers
 
     def parallel_plan(self, disable: Passes = (),
@@ -378,7 +414,7 @@ class CellSpec:
         cls, parallel = self._generated_class(disable, bool(fixed_dropout_mask), scan)
         options = dict(disable=disable, fixed_dropout_mask=bool(fixed_dropout_mask), scan=scan, **hyper)
         recipe = _Recipe(self.source, self.path, self.name, input_size, hidden_size, backend,
-                         tuple(sorted(options.items())))
+                         tuple(sorted(options.items())), tuple(hypers))
         if backend == "eager":
             cell = _eager_class(cls, parallel)(self, sizes, hypers, cls.generated_source)
         else:
@@ -504,20 +540,20 @@ def _parallel_plan(graph: Graph, disable: Tuple[str, ...], source: str,
         where = ""
         span = reason.node.span if reason.node is not None else None
         if span is not None:
-            lines = source.splitlines()
+            lines = source_lines(source)
             quoted = lines[span.line - 1].strip() if 0 < span.line <= len(lines) else ""
             where = f" (at {one_line(span.file)}:{span.line}: `{one_line(quoted)}`)"
         return None, f"the recurrence is not linear in the state: {reason}{where}"
 
 
-def _read(path: Path) -> str:
+def _read(path: Path) -> bytes:
     try:
         with path.open("rb") as handle:
             # Bounded, so that a huge file cannot fill memory; decode refuses what is too long.
             data = handle.read(MAX_FILE_BYTES + 1)
     except OSError as exc:  # a permission denied, or the file gone since _regular_file_status
         raise CellError(f"cannot read {path}: {exc.strerror or exc}", None) from None
-    return decode(data, str(path))
+    return data
 
 
 _SPECIAL_FILES = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
@@ -593,16 +629,19 @@ def load_source(source: str, path: str = "<string>") -> Dict[str, CellSpec]:
 
 
 @functools.lru_cache(maxsize=64)
-def _load_file(path: str, mtime_ns: int, size: int) -> Dict[str, CellSpec]:
-    return load_source(_read(Path(path)), path)
+def _load_file(path: str, data: bytes) -> Dict[str, CellSpec]:
+    return load_source(decode(data, path), path)
 
 
 def load_cells(name_or_path: Union[str, os.PathLike]) -> Dict[str, CellSpec]:
     """Every cell in a ``.cell`` file (or the stock file of that name), by name."""
     path = _resolve(name_or_path)
-    status = _regular_file_status(path)
+    _regular_file_status(path)
+    # Cached on the content, not on the file's mtime and size: a rewrite of the same size within
+    # the mtime's resolution (or with the mtime kept) must load the new equations.
+    data = _read(path)
     with _compile_lock:
-        return dict(_load_file(str(path), status.st_mtime_ns, status.st_size))
+        return dict(_load_file(str(path), data))
 
 
 def load_cell(name_or_path: Union[str, os.PathLike], cell: Optional[str] = None) -> CellSpec:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import keyword
 import math
-from typing import Dict, Iterator, List, Set
+import numbers
+from typing import Dict, Iterator, List, Optional, Set
 
 import torch
 
 from . import syntax_tree as st
 from .errors import CellError, Span, did_you_mean, warn
+from .ir import MAX_DIMENSION
 from .ops import FUNCTIONS
 
 BUILTIN_SIZES = ("input", "hidden")
@@ -56,6 +58,10 @@ def _check_name(name: str, span: Span, what: str) -> None:
     if keyword.iskeyword(name) or name.startswith("__"):
         raise CellError(f"`{name}` cannot name {_article(what)}: it is reserved in Python", span,
                         hint=_another_name(name))
+    if "__" in name:
+        # Generated code holds no `__` at all, so that no name in it can reach Python's dunders.
+        raise CellError(f"`{name}` cannot name {_article(what)}: names holding `__` are kept for "
+                        "Python's special names", span, hint=_another_name(name))
 
 
 def _article(noun: str) -> str:
@@ -63,7 +69,8 @@ def _article(noun: str) -> str:
 
 
 def _another_name(name: str) -> str:
-    return f"call it `{name.strip('_') or 'value'}_` or another name"
+    stem = "_".join(part for part in name.split("_") if part) or "value"
+    return f"call it `{stem}_` or another name"
 
 
 def _declarations(cell: st.Cell) -> Iterator[tuple]:
@@ -106,8 +113,9 @@ def _check_declarations(cell: st.Cell) -> None:
         _check_number(decl.default, decl.span)
     sizes = set(BUILTIN_SIZES) | {decl.name for decl in cell.sizes}
     for decl in cell.sizes:
-        if decl.default < 1:
-            raise CellError(f"size `{decl.name}` must be at least 1, got {decl.default}", decl.span)
+        if not 1 <= decl.default <= MAX_DIMENSION:
+            raise CellError(f"size `{decl.name}` must be from 1 to {MAX_DIMENSION:,}, got {decl.default}",
+                            decl.span)
     for size in [cell.input.size] + [d.size for d in cell.states] + [s for p in cell.params for s in p.shape]:
         _check_size(size, sizes)
 
@@ -115,6 +123,18 @@ def _check_declarations(cell: st.Cell) -> None:
 def _check_number(value: float, span: Span) -> None:
     if not math.isfinite(value):
         raise CellError("number is too large: it would be infinity (the largest is about 1.8e308)", span)
+
+
+def hyper_value_problem(value: object, probability: bool) -> Optional[str]:
+    """What is wrong with a hyper-parameter's value given at build, or None: the checker's rules
+    for defaults (a finite number; a probability of dropout or zoneout lies in [0, 1])."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return f"must be a number, got {value!r}"
+    if not math.isfinite(value):
+        return f"must be a finite number, got {value!r}"
+    if probability and not 0 <= value <= 1:
+        return f"is a probability of dropout or zoneout and must lie between 0 and 1, got {value!r}"
+    return None
 
 
 def _check_size(size: st.SizeExpr, sizes: Set[str]) -> None:
@@ -260,13 +280,9 @@ def _check_expr(expr: st.Expr, scope: _Scope) -> None:
             stack.extend(reversed(node.args))
 
 
-# Functions whose last argument is a probability (torch refuses one outside [0, 1] at run time).
-PROBABILITY_FUNCTIONS = ("dropout", "zoneout")
-
-
 def _check_probability(call: st.Call, scope: _Scope) -> None:
     """A literal probability, or a hyper-parameter's default, must lie in [0, 1]."""
-    if call.function not in PROBABILITY_FUNCTIONS:
+    if not FUNCTIONS[call.function].probability_last:
         return
     p = call.args[-1]
     if isinstance(p, st.Number):

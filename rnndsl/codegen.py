@@ -235,7 +235,7 @@ def _generate_sequence(graph: Graph, emitter: _Emitter, state_type: str, output_
     x = graph.input.name
     hoisted = [n for n in body if n.phase is Phase.PER_INPUT]
     # Inside the loop, a hoisted value (or the input) is read at step t from its whole-sequence tensor.
-    seq_name = {n.name: names.fresh(f"{n.name}_seq") for n in hoisted}
+    seq_name = {n.name: names.fresh(n.name, "seq") for n in hoisted}
     seq_name[x] = "xs"
     step = [n for n in body if n.phase is Phase.PER_STEP]
     needed_in_loop = {name for n in step for name in n.inputs} | set(graph.results())
@@ -257,7 +257,7 @@ def _generate_sequence(graph: Graph, emitter: _Emitter, state_type: str, output_
             emitter.emit(node, "    ", seq_name)
     # Read from the dependencies, not the phases: with hoisting disabled every node is PER_STEP.
     phases = dependency_phases(graph)
-    masks = {n.name: names.fresh(f"{n.name}_mask") for n in step
+    masks = {n.name: names.fresh(n.name, "mask") for n in step
              if fixed_dropout_mask and n.op is Op.DROPOUT and phases[n.name] is Phase.PER_STEP}
     if masks:
         lines.append("    # Recurrent dropout: one mask per sequence, the same at every step.")
@@ -265,13 +265,15 @@ def _generate_sequence(graph: Graph, emitter: _Emitter, state_type: str, output_
         if node.name in masks:
             # The probability is a number: parameters-only, but maybe computed in the loop (no hoisting).
             size, p = size_code(node.shape.dims[0]), emitter.inline(node.inputs[1])
+            # The mask has the value's shape: a parameter vector's has no batch dimension.
+            shape = f"[xs.size(1), {size}]" if node.shape.batched else f"[{size}]"
             lines.append(f"    {masks[node.name]} = torch.nn.functional.dropout("
-                         f"xs.new_ones([xs.size(1), {size}]), {p}, self.training)")
+                         f"xs.new_ones({shape}), {p}, self.training)")
     for name in output_lists:
         lines.append(f"    {name} = torch.jit.annotate(List[Tensor], [])")
     # unbind, not seq[t] in the loop: the backward of one indexing per step would zero-fill a
     # whole (T, batch, n) gradient at every step, O(T^2); unbind's backward is one stack.
-    step_lists = {name: names.fresh(f"{emitter.var(name)}_steps") for name in per_step_reads}
+    step_lists = {name: names.fresh(emitter.var(name), "steps") for name in per_step_reads}
     for name in per_step_reads:
         lines.append(f"    {step_lists[name]} = {seq_name[name]}.unbind(0)")
     lines.append("    for t in range(xs.size(0)):")
@@ -322,6 +324,9 @@ def validate_source(source: str) -> str:
         kind, text = token.type, token.string
         where = f"line {token.start[0]} of the generated code"
         if kind == tokenize.NAME:
+            if previous is not None and previous.type == tokenize.NUMBER and previous.end == token.start:
+                # `1_seq`: Python's tokenizer reads a number then a name; its compiler refuses the line.
+                raise IRError(f"number {previous.string!r} runs into the name {text!r} at {where}")
             if not _IDENTIFIER.fullmatch(text) or "__" in text:
                 raise IRError(f"identifier {text!r} at {where} is not a plain ASCII name")
             if keyword.iskeyword(text) and text not in _KEYWORDS:

@@ -14,7 +14,7 @@ import difflib
 import unicodedata
 import warnings
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Iterable, List, Optional
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,11 +47,18 @@ def one_line(text: object) -> str:
     return printable(text).replace("\n", "?")
 
 
+def source_lines(source: str) -> List[str]:
+    """The lines of a ``.cell`` text as spans count them: split on ``\n`` only (a form feed or
+    U+2028 in a comment ends no line for Lark, though ``str.splitlines`` would split there),
+    without the ``\r`` of Windows line ends."""
+    return [line.removesuffix("\r") for line in source.split("\n")]
+
+
 def _underline(source: Optional[str], span: Span) -> str:
     """The source line of ``span`` with a ``^~~~`` marker under it."""
     if not source:
         return ""
-    lines = source.splitlines()
+    lines = source_lines(source)
     if not 1 <= span.line <= len(lines):
         return ""
     text = lines[span.line - 1]

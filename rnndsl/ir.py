@@ -93,6 +93,12 @@ class Size:
         return self.render()
 
 
+# The largest size of one dimension: beyond, torch.empty overflows (and no memory could hold
+# the tensor). Declared sizes keep their coefficients below it too, so that sums of sizes
+# (a concat of many slices) stay within the int64 TorchScript computes them in.
+MAX_DIMENSION = 2**31 - 1
+
+
 @dataclass(frozen=True, slots=True)
 class Shape:
     """Feature dims, and whether the value carries a leading batch dim."""

@@ -20,7 +20,7 @@ from .linear_scan import linear_recurrence  # noqa: F401 (generated code gets it
 
 # What generated code calls by name: the TorchScript methods (rnndsl/codegen.py, backward.py)
 # and the parallel scan's plain Python (rnndsl/parallel.py). lower.py reserves all these names.
-SCRIPT_HELPERS = ("linear", "outer_sum", "prepack", "tanh_via_sigmoid")
+SCRIPT_HELPERS = ("linear", "outer_sum", "prepack")
 PARALLEL_HELPERS = ("along_steps", "linear_recurrence", "linear_with_grad")
 
 
@@ -91,18 +91,6 @@ def outer_sum(grad: Tensor, vector: Tensor) -> Tensor:
     if columns * count + rows * columns < rows * count:
         return linear(vectors.t(), grads.t()).t().contiguous()
     return linear(grads.t(), vectors.t())
-
-
-def tanh_via_sigmoid(x: Tensor) -> Tensor:
-    """``tanh(x)``; for float32 on CPU as ``2 sigmoid(2x) - 1`` (within 2e-7 of it).
-
-    torch.tanh calls MKL's vector math, which on AMD CPUs takes 2 ns per element here,
-    eight times torch.sigmoid: the two tanh of an LSTM step cost more than the rest of
-    its elementwise work.
-    """
-    if x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled():
-        return torch.sigmoid(x * 2.0).mul_(2.0).sub_(1.0)
-    return torch.tanh(x)
 
 
 _HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional
 from . import syntax_tree as st
 from .check import BUILTIN_SIZES
 from .errors import CellError, Span
-from .ir import Decl, Graph, Node, Op, Shape, Size, attrs, verify
+from .ir import MAX_DIMENSION, Decl, Graph, Node, Op, Shape, Size, attrs, verify
 from .kernels import PARALLEL_HELPERS, SCRIPT_HELPERS
 from .ops import BINARY_OPS, FUNCTIONS, SHAPE_RULES, ShapeError
 
@@ -22,6 +22,21 @@ from .ops import BINARY_OPS, FUNCTIONS, SHAPE_RULES, ShapeError
 RESERVED = (set(keyword.kwlist) | set(dir(builtins)) |
             {"self", "torch", "state", "xs", "mask", "outputs", "t", "keep", "real", "Tensor", "Tuple", "List",
              "Optional"} | set(SCRIPT_HELPERS) | set(PARALLEL_HELPERS))
+
+
+def joined_name(*parts: str) -> str:
+    """``parts`` joined by ``_``: ``joined_name("c", "seq")`` is ``c_seq``.
+
+    The joints never give ``__`` (which generated code refuses as dunder-like: ``lambda_`` and
+    ``seq`` make ``lambda_seq``), and a leading ``_`` stays (``_1`` and ``seq`` make ``_1_seq``,
+    not the number-then-name ``1_seq``). One part is returned as it is.
+    """
+    head, *rest = parts
+    if not rest:
+        return head
+    pieces = [head.rstrip("_")] + [part.strip("_") for part in rest]
+    name = "_".join(piece for piece in pieces if piece)
+    return name if not head.startswith("_") or name.startswith("_") else f"_{name}"
 
 
 class Namespace:
@@ -36,12 +51,15 @@ class Namespace:
         self.taken.add(name)
         return name
 
-    def fresh(self, base: str) -> str:
+    def fresh(self, *parts: str) -> str:
+        """A new identifier named from ``parts`` (see :func:`joined_name`), with a numeric suffix
+        if that is taken."""
+        base = joined_name(*parts)
         candidate = base if base not in self.taken else None
         suffix = self.next_suffix.get(base, 1)
         while candidate is None:
-            if f"{base}_{suffix}" not in self.taken:
-                candidate = f"{base}_{suffix}"
+            if joined_name(base, str(suffix)) not in self.taken:
+                candidate = joined_name(base, str(suffix))
             suffix += 1
         self.next_suffix[base] = suffix
         self.taken.add(candidate)
@@ -49,11 +67,21 @@ class Namespace:
 
 
 def size_of(expr: st.SizeExpr) -> Size:
+    """The size a declaration's shape gives, its numbers at most MAX_DIMENSION."""
+    size = _size_of(expr)
+    numbers = [size.const] + [coeff for _, coeff in size.terms]
+    if any(abs(number) > MAX_DIMENSION for number in numbers):
+        raise CellError(f"size `{size}` is too large: its numbers may be at most {MAX_DIMENSION:,}",
+                        expr.span)
+    return size
+
+
+def _size_of(expr: st.SizeExpr) -> Size:
     if isinstance(expr, st.SizeInt):
         return Size.of(expr.value)
     if isinstance(expr, st.SizeName):
         return Size.of(expr.name)
-    left, right = size_of(expr.left), size_of(expr.right)
+    left, right = _size_of(expr.left), _size_of(expr.right)
     try:
         return {"+": left + right, "-": left - right}[expr.op] if expr.op != "*" else left * right
     except ValueError as exc:
@@ -81,12 +109,14 @@ class _Lowering:
     def leaf(self, name: str, op: Op, shape: Shape, span: Optional[Span], **attributes) -> Node:
         return self.add(Node(self.names.claim(name), op, (), shape, attrs(**attributes), span))
 
-    def make(self, op: Op, inputs: List[Node], span: Span, name: Optional[str] = None, **attributes) -> Node:
+    def make(self, op: Op, inputs: List[Node], span: Span, name: Optional[str] = None,
+             hint: Optional[str] = None, **attributes) -> Node:
+        """A new node; ``hint`` goes with a shape error."""
         probe = Node("_", op, tuple(n.name for n in inputs), Shape(), attrs(**attributes), span)
         try:
             shape = SHAPE_RULES[op](probe, [n.shape for n in inputs])
         except ShapeError as exc:
-            raise CellError(str(exc), span) from None
+            raise CellError(str(exc), span, hint=hint) from None
         final = self.names.fresh(name) if name else self.names.fresh(op.label)
         return self.add(Node(final, op, probe.inputs, shape, probe.attrs, span))
 
@@ -101,7 +131,10 @@ class _Lowering:
             return self.make(Op.NEG, [self.expr(expr.operand)], expr.span, name)
         if isinstance(expr, st.Binary):
             left, right = self.expr(expr.left), self.expr(expr.right)
-            return self.make(BINARY_OPS[expr.op], [left, right], expr.span, name)
+            # `a * U @ h` reads as `(a * U) @ h`: `*`, `/` and `@` bind equally, left to right.
+            hint = (f"`*`, `/` and `@` bind equally, from the left: to multiply by a product, write "
+                    f"`a {expr.op} (U @ v)`") if expr.op in "*/" and right.shape.is_matrix else None
+            return self.make(BINARY_OPS[expr.op], [left, right], expr.span, name, hint)
         function = FUNCTIONS[expr.function]
         args = [self.expr(arg) for arg in expr.args]
         return self.make(function.op, args, expr.span, name)
@@ -121,7 +154,7 @@ class _Lowering:
         self.bind(target, self.expr(assign.value, self.target_name(target)))
 
     def target_name(self, target: st.Target) -> str:
-        return f"{target.name}_next" if target.primed else target.name
+        return joined_name(target.name, "next") if target.primed else target.name
 
     def bind(self, target: st.Target, node: Node) -> None:
         if not target.primed:

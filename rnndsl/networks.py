@@ -63,10 +63,20 @@ def _check_keywords(spec: CellSpec, hyper: dict, function: Callable) -> None:
 
 
 def uniform_weights(module: nn.Module, bound: float = 0.1) -> None:
-    """rnnlib's default weight init: every parameter uniform in ±``bound``."""
+    """rnnlib's default weight init: every parameter uniform in ±``bound``, except those a cell
+    declares with a value (``param g[hidden] = 1.0``: a layer norm's gain), which get it."""
+    declared = {}
+    for submodule in module.modules():
+        inits = getattr(submodule, "_inits", {})  # a cell's declared values (rnndsl.cellspec.CellModule)
+        for name, parameter in submodule.named_parameters(recurse=False):
+            if inits.get(name) is not None:
+                declared[parameter] = inits[name]
     with torch.no_grad():
         for parameter in module.parameters():
-            parameter.uniform_(-bound, bound)
+            if parameter in declared:
+                parameter.fill_(declared[parameter])
+            else:
+                parameter.uniform_(-bound, bound)
 
 
 def _layer(spec, input_size: int, hidden_size: int, backend: str, hyper: dict) -> nn.Module:

@@ -24,6 +24,7 @@ class Function:
     min_args: int
     max_args: Optional[int]  # None: any number
     doc: str
+    probability_last: bool = False  # its last argument is a probability: torch refuses one outside [0, 1]
 
 
 FUNCTIONS: Dict[str, Function] = {
@@ -39,9 +40,13 @@ FUNCTIONS: Dict[str, Function] = {
     "chunk": Function(Op.CHUNK, 2, 2, "chunk(v, n): split v into n equal parts, `a, b = chunk(v, 2)`"),
     "concat": Function(Op.CONCAT, 2, None, "concat(a, b, ...): join vectors"),
     "layernorm": Function(Op.LAYERNORM, 3, 3, "layernorm(v, weight, bias): layer norm over features, eps 1e-5"),
-    "dropout": Function(Op.DROPOUT, 2, 2, "dropout(v, p): zero units with probability p in training"),
-    "zoneout": Function(Op.ZONEOUT, 3, 3, "zoneout(new, old, p): keep old units with probability p in training"),
+    "dropout": Function(Op.DROPOUT, 2, 2, "dropout(v, p): zero units with probability p in training",
+                        probability_last=True),
+    "zoneout": Function(Op.ZONEOUT, 3, 3, "zoneout(new, old, p): keep old units with probability p in training",
+                        probability_last=True),
 }
+# The ops whose last input is a probability.
+PROBABILITY_OPS = frozenset(function.op for function in FUNCTIONS.values() if function.probability_last)
 
 
 def _not_matrix(shape: Shape, what: str) -> None:
@@ -88,7 +93,8 @@ def _matmul(node: Node, shapes: List[Shape]) -> Shape:
     rows, cols = matrix.dims
     if cols != vector.dims[0]:
         raise ShapeError(f"matrix product does not fit: a [{rows}, {cols}] matrix times a "
-                         f"[{vector.dims[0]}] vector (the matrix needs {cols} columns to match)")
+                         f"[{vector.dims[0]}] vector (the matrix needs {vector.dims[0]} columns to match, "
+                         f"it has {cols})")
     return Shape((rows,), vector.batched)
 
 

@@ -97,7 +97,7 @@ def generate_parallel(graph: Graph, updates: List[LinearUpdate]) -> str:
     names = Namespace({n.name for n in graph.nodes} | set(code.local.values()), reserved=frozenset())
     body = _body_nodes(graph)
     # Values with a time axis get a _seq name; parameter-only values keep theirs.
-    seq = {n.name: names.fresh(f"{n.name}_seq") for n in body if phases[n.name] is not Phase.ONCE}
+    seq = {n.name: names.fresh(n.name, "seq") for n in body if phases[n.name] is not Phase.ONCE}
     seq[graph.input.name] = "xs"
     done = {u.next for u in updates}
     states = [code.var(d.name) for d in graph.states]
@@ -110,7 +110,7 @@ def generate_parallel(graph: Graph, updates: List[LinearUpdate]) -> str:
     lines.append("    if mask is not None:")
     lines.append("        real = mask.unsqueeze(2)")
     for update, var in zip(updates, states):
-        full_a, full_b = names.fresh(f"{update.state}_a"), names.fresh(f"{update.state}_b")
+        full_a, full_b = names.fresh(update.state, "a"), names.fresh(update.state, "b")
         # Coefficients shared by all steps (a parameter, a number) are broadcast over them.
         lines.append(f"    {full_a} = along_steps({code.ref(update.a, seq)}, xs.size(0), {var})")
         lines.append(f"    {full_b} = along_steps({code.ref(update.b, seq)}, xs.size(0), {var})")

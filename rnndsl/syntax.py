@@ -14,12 +14,15 @@ from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
 from . import syntax_tree as st
-from .errors import CellError, Span
+from .errors import CellError, Span, source_lines
 from .resources import grammar_path
 
 MAX_FILE_BYTES = 1 << 20   # a cell is a few hundred bytes; larger files are not even read in full
 MAX_NESTING = 100          # like CPython's own limit on nested parentheses
 MAX_TOKENS = 20_000        # Lark lexes, parses and transforms some 10^4 tokens a second; a cell has a few hundred
+# No float needs more digits (the exact decimal of a double has at most 767), and Python converts
+# no longer integer text (its limit is 4,300 digits).
+MAX_NUMBER_LENGTH = 1_000
 
 # The pre-scan's rough tokens: comments (skipped), parentheses, numbers with a signed exponent
 # (`1e-3`), other words and numbers, any other character.
@@ -77,7 +80,7 @@ def _prescan(text: str, path: str) -> CellError | None:
 
     One pass over at most MAX_TOKENS rough tokens bounds the parser's work and
     the depth of parentheses (which do not deepen the parse tree, so _check_depth
-    cannot see them). It also returns the first ``1_000``, ``0x10`` or ``2x``,
+    cannot see them) and the length of numbers. It also returns the first ``1_000``, ``0x10`` or ``2x``,
     which Lark would read as a number followed by a name and report somewhere
     later; the caller reports whichever error comes first in the file.
     """
@@ -105,6 +108,9 @@ def _prescan(text: str, path: str) -> CellError | None:
                             f"{MAX_NESTING} levels)", split)
         elif token == ")":
             depth = max(depth - 1, 0)
+        elif _STARTS_NUMBER.match(token) and len(token) > MAX_NUMBER_LENGTH:
+            raise _error_at(text, path, match, f"number is too long: more than {MAX_NUMBER_LENGTH:,} "
+                            "characters", "write large and small numbers with an exponent, as in 1e30")
         elif bad_number is None and _STARTS_NUMBER.match(token) and not _number_pattern().fullmatch(token):
             bad_number = _error_at(text, path, match, f"malformed number `{token}`", _number_hint(token))
     return bad_number
@@ -175,7 +181,7 @@ def _syntax_error(exc: UnexpectedInput, text: str, path: str) -> CellError:
     column = getattr(exc, "column", 1) or 1
     at_end = isinstance(exc, UnexpectedEOF) or (isinstance(exc, UnexpectedToken) and exc.token.type == "$END")
     if at_end or line < 1:  # point just after the last character of the file
-        lines = text.rstrip().splitlines() or [""]
+        lines = source_lines(text.rstrip())
         line, column = len(lines), len(lines[-1]) + 1
     span = Span(path, line, column, line, column + 1)
     if isinstance(exc, UnexpectedCharacters):
@@ -200,6 +206,10 @@ def _syntax_error(exc: UnexpectedInput, text: str, path: str) -> CellError:
         token = exc.token
         span = _token_span(token, path) if getattr(token, "line", None) else span
         what = f"unexpected `{token}`" if token.type != "$END" else "unexpected end of file"
+        unfinished = _unfinished_line(exc, path)
+        if unfinished:
+            return CellError(f"{unfinished[0]}; expected {', '.join(expected)}", unfinished[1], source=text,
+                             hint=unfinished[2])
     hint = _hint_for(exc)
     listed = ", ".join(expected[:8]) + (", ..." if len(expected) > 8 else "")
     message = f"{what}; expected {listed}" if expected else what
@@ -215,6 +225,25 @@ _CHARACTER_HINTS = {
     "\\": "no line continuation is needed: an equation may span lines",
     ":": "the cell language has no lambdas, slices or type annotations",
 }
+
+
+# A declaration that stops at the end of its line, by its keyword: what it lacks, as an example.
+_UNFINISHED = {"PARAM": "a shape, as in `param {name}[hidden]`", "STATE": "a shape, as in `state {name}[hidden]`",
+               "HYPER": "a default value, as in `hyper {name} = 0.5`", "SIZE": "a value, as in `size {name} = 4`"}
+
+
+def _unfinished_line(exc: UnexpectedToken, path: str) -> "tuple[str, Span, str] | None":
+    """(message, span, hint) when a declaration is a keyword and a name alone on its line, as in
+    `param s` or `hyper beta`: the error belongs after the name, not at the next line's first token."""
+    stack = getattr(getattr(exc, "state", None), "value_stack", None) or []
+    if len(stack) < 2 or not all(isinstance(item, Token) for item in stack[-2:]):
+        return None
+    keyword, name = stack[-2:]
+    if keyword.type not in _UNFINISHED or name.type != "NAME" or exc.token.line <= name.end_line:
+        return None
+    span = Span(path, name.end_line, name.end_column, name.end_line, name.end_column + 1)
+    return (f"the line ends after `{keyword} {name}`", span,
+            f"`{name}` needs {_UNFINISHED[keyword.type].format(name=name)}")
 
 
 def _hint_for(exc: UnexpectedInput) -> str | None:

@@ -1,0 +1,252 @@
+"""Edges of the language and the compiler (issue 11, section 4): names, numbers and sizes at the
+limits, build-time hyper-parameters, error positions, the file cache and the compiled-class store.
+
+Each test failed before its fix; each builds small cells on both backends where it matters.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+
+import pytest
+import torch
+
+import rnndsl
+from rnndsl import CellError
+from rnndsl.cellspec import load_source
+from rnndsl.codegen import validate_source
+from rnndsl.ir import IRError
+
+BACKENDS = ("eager", "script")
+
+
+def cell_source(*lines: str) -> str:
+    """A one-state cell ``c`` with a matrix ``W``, then ``lines``."""
+    return "\n".join(["cell c(x[input]) -> h {", "  state h[hidden]", "  param W[hidden, input]",
+                      *(f"  {line}" for line in lines), "}", ""])
+
+
+def load(source: str) -> rnndsl.CellSpec:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rnndsl.CellWarning)
+        return load_source(source)["c"]
+
+
+@pytest.mark.parametrize("name", ["lambda_", "_", "_1", "x_", "a_b_"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_names_the_checker_accepts_build_and_compute(name, backend):
+    spec = load(cell_source(f"{name} = tanh(W @ x)", f"h' = {name} + h"))
+    cell = spec.build(3, 4, backend)
+    xs, h = torch.randn(5, 2, 3), torch.zeros(2, 4)
+    outputs, (final,) = cell.forward_sequence(xs, (h,))
+    for x in xs:
+        (h,), _ = cell((h,), x)
+    torch.testing.assert_close(final, h)
+    assert "__" not in cell.code
+
+
+def test_trailing_underscore_hypers_params_and_states_build():
+    spec = load(cell_source("hyper beta_ = 0.5", "param g_[hidden] = 1.0", "state s_[hidden]",
+                            "s_' = tanh(W @ x) * g_", "h' = s_' * beta_ + h"))
+    for backend in BACKENDS:
+        spec.build(3, 4, backend)
+
+
+def test_name_holding_double_underscore_is_a_cell_error_at_the_name():
+    with pytest.raises(CellError) as error:
+        load(cell_source("a__b = tanh(W @ x)", "h' = a__b"))
+    assert (error.value.line, error.value.column) == (4, 3)
+    assert "`__`" in error.value.message and "a_b" in error.value.hint
+
+
+def test_keyword_hint_names_a_name_that_builds():
+    with pytest.raises(CellError) as error:
+        load(cell_source("lambda = tanh(W @ x)", "h' = lambda"))
+    suggested = error.value.hint.split("`")[1]
+    load(cell_source(f"{suggested} = tanh(W @ x)", f"h' = {suggested}")).build(3, 4, "script")
+
+
+def test_guard_refuses_a_number_running_into_a_name():
+    with pytest.raises(IRError, match="runs into"):
+        validate_source("y = 1_seq\n")
+    assert validate_source("y = 1.0 + x_1\n")
+
+
+@pytest.mark.parametrize("declaration", ["param V[hidden, {}]", "size k = {}"])
+def test_a_size_literal_of_thousands_of_digits_is_a_cell_error(declaration):
+    with pytest.raises(CellError, match="number is too long") as error:
+        load(cell_source(declaration.format("9" * 5000), "h' = tanh(W @ x)"))
+    assert error.value.line == 4
+
+
+def test_a_constant_init_beyond_float32_is_a_clear_error_at_build():
+    spec = load(cell_source("param V[hidden] = 1e308", "h' = tanh(W @ x) * V"))
+    with pytest.raises(ValueError, match="cell c: parameter V is declared `= 1e\\+308`, beyond the largest"):
+        spec.build(3, 4, "eager")
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # where the number fits, it is the init
+    try:
+        assert spec.build(3, 4, "eager").V[0].item() == 1e308
+    finally:
+        torch.set_default_dtype(saved)
+
+
+@pytest.mark.parametrize("shape, needed", [("2000000000, 2000000000", "16,000,000,000,000,000,048 bytes"),
+                                            ("hidden*100000000, 100000000", "160,000,000,000,000,048 bytes")])
+def test_parameters_no_memory_could_hold_are_refused_with_the_bytes_needed(shape, needed):
+    spec = load(cell_source(f"param V[{shape}]", "h' = tanh(W @ x)"))
+    with pytest.raises(ValueError, match=f"cell c: .*would hold .* numbers, {needed} in torch.float32"):
+        spec.build(3, 4, "eager")
+
+
+def test_an_allocation_that_fails_names_the_cell_and_the_bytes(monkeypatch):
+    spec = load(cell_source("param V[hidden, 1000]", "h' = tanh(W @ x)"))
+
+    def refuse(*shape, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+    monkeypatch.setattr(torch, "empty", refuse)
+    with pytest.raises(MemoryError, match=r"cell c: parameter W of shape \[4, 3\] needs 48 bytes"):
+        spec.build(3, 4, "eager")
+
+
+def test_size_coefficients_beyond_int64_are_a_cell_error_not_a_script_failure():
+    big = "99999999999999999999"
+    with pytest.raises(CellError, match="is too large: its numbers may be at most 2,147,483,647") as error:
+        load(cell_source(f"param U[{big}*hidden - {big}*input + hidden, input]", "h' = tanh(W @ x)"))
+    assert (error.value.line, error.value.column) == (4, 11)
+    # Numbers that cancel are fine: the size is what they leave.
+    spec = load(cell_source(f"param U[hidden + {big}*input - {big}*input, input]", "h' = tanh(U @ x + W @ x)"))
+    spec.build(3, 4, "script")
+
+
+ZONEOUT_CELL = cell_source("hyper p = 0.1", "hyper k = 2.0", "h' = zoneout(tanh(W @ x) * k, h, p)")
+
+
+@pytest.mark.parametrize("hyper, value, words", [
+    ("p", 1.5, "hyper-parameter p is a probability of dropout or zoneout and must lie between 0 and 1"),
+    ("p", -0.25, "between 0 and 1"),
+    ("k", float("inf"), "hyper-parameter k must be a finite number"),
+    ("k", float("nan"), "must be a finite number"),
+    ("k", "2.0", "hyper-parameter k must be a number, got '2.0'"),
+    ("p", "abc", "hyper-parameter p must be a number"),
+    ("k", True, "must be a number, got True"),
+])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hypers_given_at_build_are_checked_as_file_defaults(hyper, value, words, backend):
+    with pytest.raises(ValueError, match="cell c: ") as error:
+        load(ZONEOUT_CELL).build(3, 4, backend, **{hyper: value})
+    assert words in str(error.value)
+
+
+def test_hypers_given_at_build_within_their_range_are_used():
+    cell = load(ZONEOUT_CELL).build(3, 4, "script", p=1, k=3)
+    assert (cell.p, cell.k) == (1.0, 3.0)
+    cell.train()
+    state = (torch.randn(2, 4),)
+    (h,), _ = cell(state, torch.randn(2, 3))
+    torch.testing.assert_close(h, state[0])  # p = 1: zoneout keeps every unit
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_hyper_set_after_build_survives_deepcopy_and_save(backend, tmp_path):
+    spec = load(cell_source("hyper beta = 0.5", "h' = tanh(W @ x) * beta"))
+    cell = spec.build(3, 4, backend)
+    cell.beta = 0.25
+    state, x = (torch.zeros(2, 4),), torch.randn(2, 3)
+    expected = cell(state, x)[1]
+    torch.testing.assert_close(expected, torch.tanh(x @ cell.W.T) * 0.25)
+    torch.save(cell, tmp_path / "cell.pt")
+    for copied in (copy.deepcopy(cell), torch.load(tmp_path / "cell.pt", weights_only=False)):
+        assert copied.beta == 0.25
+        torch.testing.assert_close(copied(state, x)[1], expected)
+
+
+@pytest.mark.parametrize("make", [rnndsl.make_recurrent, rnndsl.make_bidirectional])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_default_network_init_keeps_the_values_a_cell_declares(make, backend):
+    network = make("layernorm_lstm", 3, [4, 5], backend=backend)
+    gains = {name: p for name, p in network.named_parameters() if name.endswith("_weight") and "layernorm" in name}
+    biases = {name: p for name, p in network.named_parameters() if name.endswith("_bias") and "layernorm" in name}
+    assert gains and biases
+    for parameter in gains.values():
+        assert torch.equal(parameter, torch.ones_like(parameter))
+    for parameter in biases.values():
+        assert torch.equal(parameter, torch.zeros_like(parameter))
+    weights = [p for name, p in network.named_parameters() if "weight_ih" in name]
+    assert all(0 < p.abs().max() <= 0.1 for p in weights)
+
+
+def test_matmul_shape_error_names_the_columns_the_vector_needs():
+    with pytest.raises(CellError) as error:
+        load(cell_source("param U[hidden, hidden]", "h' = tanh(U @ x)"))
+    assert "needs input columns to match, it has hidden" in error.value.message
+    assert (error.value.line, error.value.column) == (5, 13)
+
+
+@pytest.mark.parametrize("declaration, column, hint", [
+    ("param s", 10, "`s` needs a shape, as in `param s[hidden]`"),
+    ("hyper beta", 13, "`beta` needs a default value, as in `hyper beta = 0.5`"),
+    ("size k", 9, "`k` needs a value, as in `size k = 4`"),
+])
+def test_a_declaration_cut_short_is_reported_at_its_own_line(declaration, column, hint):
+    with pytest.raises(CellError) as error:
+        load(cell_source(declaration, "h' = tanh(W @ x)"))
+    assert (error.value.line, error.value.column) == (4, column)
+    assert error.value.hint == hint
+
+
+def test_a_matrix_multiplied_by_a_product_suggests_parentheses():
+    with pytest.raises(CellError) as error:
+        load(cell_source("param U[hidden, hidden]", "h' = W @ x * U @ h"))
+    assert "`a * (U @ v)`" in error.value.hint
+    load(cell_source("param U[hidden, hidden]", "h' = W @ x * (U @ h)"))
+
+
+@pytest.mark.parametrize("separator", ["\f", "\v", "\x85", "\u2028", "\r"])
+def test_quoted_line_is_the_error_line_after_odd_line_breaks_in_a_comment(separator):
+    source = cell_source(f"# a comment{separator}with an odd break", "h' = tanhh(W @ x)")
+    with pytest.raises(CellError) as error:
+        load(source)
+    assert error.value.line == 5
+    assert "h' = tanhh(W @ x)" in str(error.value).splitlines()[1]
+
+
+def test_quoted_line_of_a_windows_file_has_no_stray_character():
+    with pytest.raises(CellError) as error:
+        load(cell_source("h' = tanhh(W @ x)").replace("\n", "\r\n"))
+    assert str(error.value).splitlines()[1] == "      h' = tanhh(W @ x)"
+
+
+def test_a_same_size_rewrite_with_the_mtime_kept_loads_the_new_equations(tmp_path):
+    path = tmp_path / "c.cell"
+    path.write_text(cell_source("h' = tanh(W @ x)"))
+    assert "torch.tanh" in rnndsl.load_cell(path).code()
+    stat = path.stat()
+    path.write_text(cell_source("h' = relu(W @ x)"))  # as long as the first
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size
+    assert "torch.relu" in rnndsl.load_cell(path).code()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_fixed_dropout_mask_of_a_parameter_vector_has_its_shape(backend):
+    spec = load(cell_source("param g[hidden] = 1.0", "param b[hidden] = 0.0",
+                            "h' = layernorm(tanh(W @ x) + h, dropout(g, 0.5), b)"))
+    cell = spec.build(3, 64, backend, fixed_dropout_mask=True).train()
+    xs = torch.randn(6, 2, 3, requires_grad=True)
+    outputs, _ = cell.forward_sequence(xs, (torch.zeros(2, 64),))
+    outputs.sum().backward()
+    dropped = outputs == 0
+    assert dropped.any() and not dropped.all()
+    assert (dropped == dropped[0, 0]).all()  # one mask: every step, every example
+
+
+def test_training_forward_keeps_tanh_relatively_accurate_for_tiny_arguments():
+    spec = load(cell_source("h' = 4 * tanh((W @ x + h) / 4)"))  # soft-capped: tanh of small values
+    cell = spec.build(3, 8, "script")
+    xs, h = 1e-6 * torch.randn(7, 2, 3), (torch.zeros(2, 8),)
+    with torch.no_grad():
+        expected, _ = cell.forward_sequence(xs, h)
+    trained, _ = cell.forward_sequence(xs.requires_grad_(True), h)  # the derived backward's saving forward
+    torch.testing.assert_close(trained, expected, rtol=1e-5, atol=0)
