@@ -34,6 +34,7 @@ from .native_match import match_native
 from .parallel import NotLinear, find_linear_recurrences, generate_parallel
 from .passes import run_passes
 from .resources import stock_cell_names, stock_cells_dir
+from .scan import check_not_empty
 from .syntax import MAX_FILE_BYTES, decode, parse
 
 BACKENDS = ("script", "eager")
@@ -103,6 +104,8 @@ def check_call(cell: torch.nn.Module, state, x: Tensor, sequence: bool) -> None:
     if not isinstance(x, Tensor) or x.dim() != (3 if sequence else 2) or x.size(-1) != cell.input_size:
         got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"cell {name}: expected input of shape {shape.format(cell.input_size)}, got {got}")
+    if sequence:
+        check_not_empty(x, f"cell {name}")
     names, sizes = cell.state_names, cell.state_sizes
     if not isinstance(state, (tuple, list)) or len(state) != len(sizes) or \
             not all(isinstance(s, Tensor) for s in state):
@@ -193,6 +196,9 @@ class ScriptedCell(torch.jit.RecursiveScriptModule):
     """
 
     scan_mode = "sequential"  # "parallel" on the classes that carry a forward_parallel
+    # The generated class, whose methods run as Python under torch.export and torch.compile:
+    # TorchScript's interpreter would make every symbolic size (a dynamic batch) a constant.
+    _python_methods: type
 
     def __reduce__(self):
         # A TorchScript module does not pickle: it is compiled again from its source on loading.
@@ -225,12 +231,16 @@ class ScriptedCell(torch.jit.RecursiveScriptModule):
 
     def forward(self, state, x):
         check_call(self, state, x, sequence=False)
+        if torch.compiler.is_compiling():
+            return self._python_methods.forward(self, state, x)
         return self.scripted_method("forward")(state, x)
 
     def forward_sequence(self, xs, state, mask=None):
         check_call(self, state, xs, sequence=True)
         if self.scan_mode == "parallel":
             return self.forward_parallel(xs, state, mask)
+        if torch.compiler.is_compiling():
+            return self._python_methods.forward_sequence(self, xs, state, mask)
         if backward.uses_derived_backward(self, xs, state):
             return backward.derived_forward_sequence(self, xs, state, mask)
         return self.scripted_method("forward_sequence")(xs, state, mask)
@@ -393,7 +403,9 @@ def _script(module: CellModule, parallel: Optional[str]) -> "ScriptedCell":
             # the next build: forget the class so that build makes a fresh one.
             _module_class.cache_clear()
             raise
-    return ScriptedCell.adopt(scripted, _scripted_class(parallel))
+    cell = ScriptedCell.adopt(scripted, _scripted_class(parallel))
+    cell._python_methods = type(module)
+    return cell
 
 
 @functools.lru_cache(maxsize=128)
