@@ -648,7 +648,7 @@ def eager_forward_sequence(cell, xs: Tensor, state: Sequence[Tensor], mask: Opti
     names = [name for name, _ in cell.named_parameters(recurse=False, remove_duplicate=False)]
     parameters = _parameters(cell) if parameters is None else parameters
     bound = _BoundCell(cell, dict(zip(names, parameters)), cell.training if training is None else training)
-    return cell._python_class.forward_sequence(bound, xs, tuple(state), mask)
+    return cell._python_methods.forward_sequence(bound, xs, tuple(state), mask)
 
 
 def uses_derived_backward(cell, xs: Tensor, state: Sequence[Tensor]) -> bool:

@@ -37,7 +37,7 @@ from .ops import PROBABILITY_OPS
 from .parallel import NotLinear, find_linear_recurrences, generate_parallel
 from .passes import run_passes
 from .resources import stock_cell_names, stock_cells_dir
-from .scan import check_mask
+from .scan import check_mask, check_not_empty
 from .syntax import MAX_FILE_BYTES, decode, parse
 
 BACKENDS = ("script", "eager")
@@ -121,6 +121,8 @@ def check_call(cell: torch.nn.Module, state, x: Tensor, sequence: bool, mask: Op
         hint = "; cells take the state first: cell(state, x), as rnnlib's gModule" if swapped else ""
         raise ValueError(f"cell {name}: expected input of shape {shape.format(cell.input_size)}, got {got}"
                          + hint)
+    if sequence:
+        check_not_empty(x, f"cell {name}")
     check_mask(mask, x)
     names, sizes = cell.state_names, cell.state_sizes
     if not isinstance(state, (tuple, list)) or len(state) != len(sizes) or \
@@ -218,6 +220,9 @@ class ScriptedCell(torch.jit.RecursiveScriptModule):
     """
 
     scan_mode = "sequential"  # "parallel" on the classes that carry a forward_parallel
+    # The generated class, whose methods run as Python under torch.export and torch.compile:
+    # TorchScript's interpreter would make every symbolic size (a dynamic batch) a constant.
+    _python_methods: type
 
     def __reduce__(self):
         # A TorchScript module does not pickle: it is compiled again from its source on loading,
@@ -252,6 +257,8 @@ class ScriptedCell(torch.jit.RecursiveScriptModule):
 
     def forward(self, state, x):
         check_call(self, state, x, sequence=False)
+        if torch.compiler.is_compiling():
+            return self._python_methods.forward(self, state, x)
         return self.scripted_method("forward")(state, x)
 
     def forward_sequence(self, xs, state, mask=None):
@@ -262,6 +269,8 @@ class ScriptedCell(torch.jit.RecursiveScriptModule):
             # torch.func's transforms follow plain Python, not TorchScript nor a Function without
             # a vmap rule: run the same generated loop as Python.
             return backward.eager_forward_sequence(self, xs, state, mask)
+        if torch.compiler.is_compiling():
+            return self._python_methods.forward_sequence(self, xs, state, mask)
         if backward.uses_derived_backward(self, xs, state):
             return backward.derived_forward_sequence(self, xs, state, mask)
         return self.scripted_method("forward_sequence")(xs, state, mask)
@@ -419,7 +428,6 @@ class CellSpec:
             cell = _eager_class(cls, parallel)(self, sizes, hypers, cls.generated_source)
         else:
             cell = _script(cls(self, sizes, hypers, cls.generated_source), parallel)
-            cell._python_class = cls  # its Python methods serve torch.func and higher derivatives
         cell._recipe = recipe  # what pickling needs to make the cell again
         return cell
 
@@ -450,7 +458,9 @@ def _script(module: CellModule, parallel: Optional[str]) -> "ScriptedCell":
             # the next build: forget the class so that build makes a fresh one.
             _module_class.cache_clear()
             raise
-    return ScriptedCell.adopt(scripted, _scripted_class(parallel))
+    cell = ScriptedCell.adopt(scripted, _scripted_class(parallel))
+    cell._python_methods = type(module)
+    return cell
 
 
 @functools.lru_cache(maxsize=128)

@@ -19,6 +19,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from .cellspec import check_call
 from .containers import Bidirectional, RecurrentTable, cell_sizes
+from .scan import check_not_empty
 
 BACKENDS = ("script", "eager", "native", "auto")
 PARAMETER_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
@@ -61,6 +62,7 @@ def run_native(mode: str, xs: Tensor, state: Tuple[Tensor, ...], weights: List[T
     on a prefix of each sequence (as ``lengths`` give): the sequences are then
     packed, so each final state is taken at its sequence's last step.
     """
+    check_not_empty(xs, "run_native")
     kernel, _ = NATIVE_MODES[mode]
     hx = [s.unsqueeze(0) for s in state] if mode == "LSTM" else state[0].unsqueeze(0)
     if mask is None:

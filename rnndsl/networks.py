@@ -26,6 +26,7 @@ from .containers import (Bidirectional, RecurrentNetwork, RecurrentTable, Sequen
                          lengths_mask, repack, setup_recurrent)
 from .errors import did_you_mean
 from .native import NATIVE_MODES, PARAMETER_NAMES, NativeLayer, native_names, resolve_backend
+from .scan import check_not_empty
 
 
 def _load_spec(cell) -> CellSpec:
@@ -169,6 +170,8 @@ def make_bidirectional(cell, input_size: int, hids: Sequence[int], *, share_weig
 # Loaded with load_stock_cell: the drop-ins promise torch's numbers, so a file named `gru` in the
 # working directory must not stand in for the packaged cell.
 _STOCK_CELLS = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}
+# torch.nn.LSTM(proj_size=...)'s cell: h is projected by weight_hr to proj_size units.
+_PROJECTED_LSTM = "lstm_proj"
 
 
 class _CompiledRNNBase:
@@ -178,42 +181,52 @@ class _CompiledRNNBase:
     the cells it builds for each layer and direction are kept out of the module
     tree and run on those parameters through ``torch.func.functional_call``,
     so ``.to()``, ``load_state_dict`` and ``functional_call`` on the module
-    itself all reach them. ``bias=False`` runs the cells with zero biases.
+    itself all reach them. ``bias=False`` runs the cells with zero biases;
+    ``proj_size > 0`` runs the stock ``lstm_proj`` cell, ``weight_hr`` included.
+
+    Under ``torch.jit.trace`` (so ``torch.onnx.export(..., dynamo=False)``) the
+    module runs torch's fused kernel on the same parameters, whatever the
+    backend: it computes the same function, a trace cannot hold
+    ``functional_call``, and the trace then holds one LSTM/GRU/RNN op valid for
+    any sequence length (ONNX's own), not a loop unrolled at the traced one.
     """
 
     def __init__(self, *args, backend: str = "script", **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        spec = load_stock_cell(_STOCK_CELLS[self.mode])
-        self.backend = resolve_backend(backend, spec)
-        if self.proj_size and self.backend != "native":
-            raise ValueError(f"proj_size > 0 needs backend='native': the stock {spec.name} cell "
-                             f"has no projection (got backend={backend!r})")
-        self._build_engine(spec)
+        # torch's fused kernels take projections too: the native backend runs any proj_size.
+        self.backend = resolve_backend(backend, load_stock_cell(_STOCK_CELLS[self.mode]))
+        self._build_engine()
 
-    def _build_engine(self, spec=None) -> None:
+    def _build_engine(self) -> None:
         """Build the cells (none for the native backend) and how their
         parameters map onto this module's."""
         self.__dict__["_engine"] = None
         if self.backend == "native":
             return
-        spec = spec or load_stock_cell(_STOCK_CELLS[self.mode])
+        spec = load_stock_cell(_PROJECTED_LSTM if self.proj_size else _STOCK_CELLS[self.mode])
+        sizes = {"proj": self.proj_size} if self.proj_size else {}
+        names = PARAMETER_NAMES + (("weight_hr",) if self.proj_size else ())
         directions = 2 if self.bidirectional else 1
         layers, bindings = [], {}
-        for depth in range(self.num_layers):
-            size = self.input_size if depth == 0 else self.hidden_size * directions
-            tables = []
-            for direction in range(directions):
-                cell = spec.build(size, self.hidden_size, backend=self.backend)
-                prefix = f"layers.{depth}." + ("" if directions == 1 else ("fwd.", "rev.")[direction])
-                suffix = f"_l{depth}" + ("_reverse" if direction else "")
-                for name in PARAMETER_NAMES:
-                    bindings[f"{prefix}cell.{name}"] = name + suffix
-                    if hasattr(self, name + suffix):
-                        # Share storage now so the cells' own copies are freed;
-                        # functional_call rebinds on every call regardless.
-                        setattr(cell, name, getattr(self, name + suffix))
-                tables.append(RecurrentTable(cell))
-            layers.append(tables[0] if directions == 1 else Bidirectional(*tables))
+        # Building initializes the cells' own parameters, replaced by this module's: leave the
+        # global random stream where torch.nn's constructor leaves it, so that swapping the class
+        # into a seeded model does not change the init of its other layers.
+        with torch.random.fork_rng(devices=[]):
+            for depth in range(self.num_layers):
+                size = self.input_size if depth == 0 else (self.proj_size or self.hidden_size) * directions
+                tables = []
+                for direction in range(directions):
+                    cell = spec.build(size, self.hidden_size, backend=self.backend, **sizes)
+                    prefix = f"layers.{depth}." + ("" if directions == 1 else ("fwd.", "rev.")[direction])
+                    suffix = f"_l{depth}" + ("_reverse" if direction else "")
+                    for name in names:
+                        bindings[f"{prefix}cell.{name}"] = name + suffix
+                        if hasattr(self, name + suffix):
+                            # Share storage now so the cells' own copies are freed;
+                            # functional_call rebinds on every call regardless.
+                            setattr(cell, name, getattr(self, name + suffix))
+                    tables.append(RecurrentTable(cell))
+                layers.append(tables[0] if directions == 1 else Bidirectional(*tables))
         self.__dict__["_engine"] = SequenceTable(layers, dropout=self.dropout)
         self.__dict__["_bindings"] = bindings
 
@@ -237,18 +250,24 @@ class _CompiledRNNBase:
                 for inner, outer in self._bindings.items()}
 
     def forward(self, input, hx=None):
-        if self.backend == "native":
+        if torch.jit.is_tracing():
             return super().forward(input, hx)
         lstm = self.mode == "LSTM"
         packed = isinstance(input, PackedSequence)
+        if not packed:
+            if input.dim() not in (2, 3):
+                raise ValueError(f"{type(self).__name__}: Expected input to be 2D or 3D, "
+                                 f"got {input.dim()}D instead")
+            # Checked before choosing the kernel, so every backend raises the same error.
+            check_not_empty(input.transpose(0, 1) if self.batch_first and input.dim() == 3 else input,
+                            type(self).__name__)
+        if self.backend == "native":
+            return super().forward(input, hx)
         if packed:
             self.check_input(input.data, input.batch_sizes)
             checked, batch_sizes, batched = input.data, input.batch_sizes, True
             xs, lengths = pad_packed_sequence(input)
         else:
-            if input.dim() not in (2, 3):
-                raise ValueError(f"{type(self).__name__}: Expected input to be 2D or 3D, "
-                                 f"got {input.dim()}D instead")
             batched = input.dim() == 3
             if not batched:
                 input = input.unsqueeze(0 if self.batch_first else 1)
@@ -259,6 +278,7 @@ class _CompiledRNNBase:
         state = self._layer_states(hx)
         mask = None if lengths is None else lengths_mask(lengths, xs.size(0), xs.size(1), xs.device)
         self._engine.train(self.training)
+        self._engine.dropout = self.dropout  # as torch, which reads it at each call
         args = (state, xs) if mask is None else (state, xs, mask)
         finals, outputs = torch.func.functional_call(self._engine, self._parameters_for_engine(xs), args)
         directions = [d for layer in finals for d in (layer if self.bidirectional else (layer,))]
@@ -278,8 +298,8 @@ class _CompiledRNNBase:
         lstm = self.mode == "LSTM"
         directions = 2 if self.bidirectional else 1
         if hx is None:
-            zeros = xs.new_zeros(self.num_layers * directions, xs.size(1), self.hidden_size)
-            return (zeros, zeros) if lstm else (zeros,)
+            h_0 = xs.new_zeros(self.num_layers * directions, xs.size(1), self.proj_size or self.hidden_size)
+            return (h_0, xs.new_zeros(h_0.shape[:2] + (self.hidden_size,))) if lstm else (h_0,)
         hx = (hx,) if isinstance(hx, Tensor) else tuple(hx)
         if len(hx) != (2 if lstm else 1) or not all(isinstance(h, Tensor) for h in hx):
             raise ValueError(f"{type(self).__name__}: hx must be "

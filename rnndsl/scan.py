@@ -16,6 +16,9 @@ it when present and falls back to a Python loop otherwise.
 ``mask`` is an optional ``(T, batch)`` bool tensor, True at real steps: at a
 padded step the state is carried over unchanged and the output is zero, so each
 sequence's final state is the one at its own last real step.
+
+A sequence has at least one step: an empty one raises :class:`EmptySequenceError`
+wherever it enters (``scan``, a cell's ``forward_sequence``, the networks).
 """
 from __future__ import annotations
 
@@ -27,6 +30,21 @@ from torch import Tensor
 State = Tuple[Tensor, ...]
 
 
+class EmptySequenceError(RuntimeError, ValueError):
+    """A sequence of zero steps. A RuntimeError, as torch.nn.LSTM raises for one, and a
+    ValueError, as rnndsl raises for every input that does not fit."""
+
+
+def check_not_empty(xs: Tensor, where: str) -> None:
+    """Raise :class:`EmptySequenceError` when the (T, ...) sequence ``xs`` has no step.
+
+    The message starts as torch.nn's does, so code matching torch's error matches ours.
+    """
+    if xs.size(0) == 0:
+        raise EmptySequenceError(f"Expected sequence length to be larger than 0 in RNN "
+                                 f"({where} got a sequence of shape {tuple(xs.shape)})")
+
+
 def scan(cell: torch.nn.Module, xs: Tensor, state: State,
          mask: Optional[Tensor] = None) -> Tuple[Tensor, State]:
     """Run ``cell`` over ``xs`` (T, batch, input) from ``state``.
@@ -35,8 +53,7 @@ def scan(cell: torch.nn.Module, xs: Tensor, state: State,
     """
     if xs.dim() != 3:
         raise ValueError(f"scan expects a (T, batch, input) sequence, got shape {tuple(xs.shape)}")
-    if xs.size(0) == 0:
-        raise ValueError("scan needs a sequence of at least one step, got T = 0")
+    check_not_empty(xs, "scan")
     check_mask(mask, xs)
     state = tuple(state)
     forward_sequence = getattr(cell, "forward_sequence", None)

@@ -5,6 +5,7 @@ networks through the weight conversion) or against plain loops over
 ``torch.nn`` cells, one sequence at a time (make_recurrent).
 """
 import copy
+import io
 import pickle
 
 import pytest
@@ -150,9 +151,100 @@ def test_drop_in_errors_name_expected_and_received():
         lstm(torch.randn(5, 3, 10), torch.zeros(1, 3, 20))
     with pytest.raises(ValueError, match="Expected input to be 2D or 3D, got 4D"):
         GRU(10, 20)(torch.randn(5, 3, 1, 10))
-    with pytest.raises(ValueError, match="proj_size > 0 needs backend='native'"):
-        LSTM(10, 20, proj_size=5)
-    assert isinstance(LSTM(10, 20, proj_size=5, backend="auto"), nn.LSTM)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_drop_in_projections_match_torch(backend, bidirectional, bias):
+    torch.manual_seed(0)
+    reference, ours = pair("LSTM", backend, input_size=3, hidden_size=5, proj_size=2, num_layers=2,
+                           bias=bias, bidirectional=bidirectional, batch_first=True)
+    assert [(n, p.shape) for n, p in ours.named_parameters()] == \
+        [(n, p.shape) for n, p in reference.named_parameters()]
+    directions = 2 if bidirectional else 1
+    x = randn(4, 3, 3, requires_grad=True)
+    hx = (randn(2 * directions, 4, 2, requires_grad=True), randn(2 * directions, 4, 5, requires_grad=True))
+    for args in [(), (hx,)]:
+        expected, got = flat(reference(x, *args)), flat(ours(x, *args))
+        torch.testing.assert_close(got, expected, **TOL)
+        weights = [randn(*t.shape) for t in expected]
+        wrt = [x, *(hx if args else ())]
+        grads = torch.autograd.grad(sum((t * w).sum() for t, w in zip(expected, weights)),
+                                    wrt + list(reference.parameters()))
+        grads_ours = torch.autograd.grad(sum((t * w).sum() for t, w in zip(got, weights)),
+                                         wrt + list(ours.parameters()))
+        torch.testing.assert_close(grads_ours, grads, **TOL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_set_after_construction_takes_effect(backend):
+    torch.manual_seed(0)
+    reference, ours = pair("GRU", backend, input_size=3, hidden_size=4, num_layers=2)
+    x = randn(5, 2, 3)
+    reference.dropout = ours.dropout = 1.0  # drops every input of the second layer: deterministic
+    torch.testing.assert_close(flat(ours(x)), flat(reference(x)), **TOL)
+    reference.dropout = ours.dropout = 0.0
+    torch.testing.assert_close(flat(ours(x)), flat(reference(x)), **TOL)
+
+
+def test_empty_sequences_raise_what_torch_raises_everywhere():
+    with pytest.raises(RuntimeError) as expected:
+        nn.LSTM(3, 4)(torch.randn(0, 2, 3))
+    message = str(expected.value)
+    for backend in BACKENDS:
+        for batch_first, x in [(False, torch.randn(0, 2, 3)), (True, torch.randn(2, 0, 3)),
+                               (False, torch.randn(0, 3))]:
+            with pytest.raises(rnndsl.EmptySequenceError, match=message):
+                LSTM(3, 4, batch_first=batch_first, backend=backend)(x)
+        with pytest.raises(rnndsl.EmptySequenceError, match=message):
+            make_recurrent("gru", 3, [4], backend=backend)(torch.randn(0, 2, 3))
+    for backend in ("script", "eager"):
+        for scan in ("sequential", "parallel"):
+            cell = rnndsl.load_cell("mingru").build(3, 4, backend=backend, scan=scan)
+            with pytest.raises(rnndsl.EmptySequenceError, match=message):
+                cell.forward_sequence(torch.randn(0, 2, 3), (torch.zeros(2, 4),))
+            with pytest.raises(rnndsl.EmptySequenceError, match=message):
+                rnndsl.scan(cell, torch.randn(0, 2, 3), (torch.zeros(2, 4),))
+    # rnndsl promises a ValueError for inputs that do not fit, torch a RuntimeError: both hold.
+    assert issubclass(rnndsl.EmptySequenceError, ValueError)
+
+
+@pytest.mark.parametrize("mode", sorted(DROP_INS))
+def test_construction_draws_what_torch_draws(mode):
+    """Swapping the class into a seeded model leaves the init of its other layers as it was."""
+    ours_cls, torch_cls, extra = DROP_INS[mode]
+    draws = []
+    for cls in (torch_cls, ours_cls):
+        torch.manual_seed(3)
+        cls(3, 4, num_layers=2, bidirectional=True, **extra)
+        draws.append(torch.rand(5))
+    torch.testing.assert_close(draws[1], draws[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_drop_ins_trace_and_export_to_onnx(backend):
+    torch.manual_seed(0)
+    ours = LSTM(3, 4, num_layers=2, proj_size=2, bidirectional=True, backend=backend)
+    traced = torch.jit.trace(ours, torch.randn(5, 2, 3))
+    x = torch.randn(7, 3, 3)  # the trace holds torch's fused op: any length and batch
+    torch.testing.assert_close(flat(traced(x)), flat(ours(x)))
+    onnx = pytest.importorskip("onnx")
+    buffer = io.BytesIO()
+    torch.onnx.export(GRU(3, 4, backend=backend), (torch.randn(5, 2, 3),), buffer, dynamo=False)
+    model = onnx.load_from_string(buffer.getvalue())
+    onnx.checker.check_model(model)
+    assert "GRU" in {node.op_type for node in model.graph.node}
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_drop_ins_export_with_a_dynamic_batch(mode):
+    torch.manual_seed(0)
+    reference, ours = pair(mode, "script", input_size=3, hidden_size=4, num_layers=2, bidirectional=True)
+    batch = torch.export.Dim("batch")
+    exported = torch.export.export(ours, (randn(5, 2, 3),), dynamic_shapes=({1: batch},)).module()
+    x = randn(5, 7, 3)  # the time loop is unrolled: the length stays the traced one
+    torch.testing.assert_close(flat(exported(x)), flat(reference(x)), **TOL)
 
 
 PEEPHOLE = """
