@@ -460,7 +460,14 @@ def _script(module: CellModule, parallel: Optional[str]) -> "ScriptedCell":
             raise
     cell = ScriptedCell.adopt(scripted, _scripted_class(parallel))
     cell._python_methods = type(module)
+    _scripted_classes.setdefault(type(module)._methods_text, type(module))
     return cell
+
+
+# Classes TorchScript has compiled, by the text of their methods. TorchScript keeps every class it
+# compiles for the life of the process (no API frees one), so a cell built again after its class
+# left _module_class's cache must reuse that class, not have TorchScript compile and keep a copy.
+_scripted_classes: Dict[str, type] = {}
 
 
 @functools.lru_cache(maxsize=128)
@@ -486,6 +493,8 @@ def _module_class(graph: Graph, disable: Tuple[str, ...], origin: str, fixed_dro
         source = _source(graph, disable, origin, fixed_dropout_mask)
         derived = DERIVED_BACKWARD not in disable
         text = source + ("\n\n" + _backward_source(graph, disable) if derived else "")
+        if text in _scripted_classes:
+            return _scripted_classes[text]
         filename = f"<rnndsl {graph.name} #{next(_counter)}>"
         # Registered like torch.fx does, so tracebacks and torch.jit.script can read the source.
         linecache.cache[filename] = (len(text), None, text.splitlines(True), filename)
@@ -497,6 +506,7 @@ def _module_class(graph: Graph, disable: Tuple[str, ...], origin: str, fixed_dro
             "forward": namespace["forward"],
             "forward_sequence": torch.jit.export(namespace["forward_sequence"]),
             "generated_source": source,
+            "_methods_text": text,
         }
         if derived:
             for name in ("forward_sequence_saving", "backward_sequence"):

@@ -231,3 +231,16 @@ def test_caches_stay_bounded_over_300_distinct_cells(tmp_path):
     registered = sum(1 for name in linecache.cache if name.startswith("<rnndsl c"))
     assert alive <= bound, alive
     assert registered <= 2 * bound, registered  # generated sources leave linecache with their classes
+
+
+def test_a_scripted_cell_built_again_after_its_class_left_the_cache_reuses_it():
+    """TorchScript keeps every class it compiles: a cell built again after its class left
+    _module_class's bounded cache must reuse the compiled class, or each round over more cells
+    than the cache holds would compile (and keep) a new copy of every one (~35 MB a round over
+    160 cells before)."""
+    spec = rnndsl.load_source(_cell_source(7001))["c7001"]
+    first = spec.build(2, 3, backend="script")
+    cellspec._module_class.cache_clear()
+    second = spec.build(2, 3, backend="script")
+    assert second._python_methods is first._python_methods
+    assert second._c._type() == first._c._type()  # one TorchScript class, compiled once
