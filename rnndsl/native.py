@@ -65,13 +65,16 @@ def run_native(mode: str, xs: Tensor, state: Tuple[Tensor, ...], weights: List[T
     check_not_empty(xs, "run_native")
     kernel, _ = NATIVE_MODES[mode]
     hx = [s.unsqueeze(0) for s in state] if mode == "LSTM" else state[0].unsqueeze(0)
+    # The kernel's `train` flag: cuDNN keeps what its backward needs only in training mode (and
+    # refuses the backward otherwise); dropout is 0 here, so the flag changes no number.
+    train = torch.is_grad_enabled()
     if mask is None:
-        outputs, *final = kernel(xs, hx, weights, True, 1, 0.0, False, False, False)
+        outputs, *final = kernel(xs, hx, weights, True, 1, 0.0, train, False, False)
         return outputs, tuple(f.squeeze(0) for f in final)
     packed = pack_padded_sequence(xs, mask.sum(0).cpu(), enforce_sorted=False)
     sort = packed.sorted_indices
     hx = [h.index_select(1, sort) for h in hx] if mode == "LSTM" else hx.index_select(1, sort)
-    data, *final = kernel(packed.data, packed.batch_sizes, hx, weights, True, 1, 0.0, False, False)
+    data, *final = kernel(packed.data, packed.batch_sizes, hx, weights, True, 1, 0.0, train, False)
     outputs, _ = pad_packed_sequence(
         PackedSequence(data, packed.batch_sizes, sort, packed.unsorted_indices),
         total_length=xs.size(0))

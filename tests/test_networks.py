@@ -512,3 +512,27 @@ def test_make_recurrent_takes_packed_sequences():
     assert isinstance(out, nn.utils.rnn.PackedSequence) and torch.equal(out.batch_sizes, packed.batch_sizes)
     torch.testing.assert_close(nn.utils.rnn.pad_packed_sequence(out, batch_first=True)[0], ys, **TOL)
     torch.testing.assert_close(finals, expected, **TOL)
+
+
+@pytest.mark.parametrize("lengths", [None, [3, 2]])
+def test_native_kernel_runs_in_training_mode_when_autograd_records(monkeypatch, lengths):
+    """cuDNN saves what its backward needs only when called with train=True, and refuses the
+    backward of an inference-mode call ("cudnn RNN backward can only be called in training
+    mode", seen on an H200): the native backend must ask for training mode whenever autograd
+    records, and for inference mode under no_grad."""
+    seen = []
+    kernel = rnndsl.native.NATIVE_MODES["LSTM"][0]
+
+    def spy(*args):
+        packed = isinstance(args[1], torch.Tensor)  # (data, batch_sizes, hx, ...) against (input, hx, ...)
+        seen.append(args[-2] if packed else args[-3])  # the `train` flag
+        return kernel(*args)
+
+    monkeypatch.setitem(rnndsl.native.NATIVE_MODES, "LSTM", (spy, 4))
+    net = make_recurrent("lstm", 3, [4], backend="native", save_hidden=False)
+    x = torch.randn(3, 2, 3)
+    lengths = None if lengths is None else torch.tensor(lengths)
+    net(x, lengths=lengths)[0].sum().backward()
+    with torch.no_grad():
+        net(x, lengths=lengths)
+    assert seen == [True, False]
