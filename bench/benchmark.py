@@ -614,6 +614,7 @@ def write_plot(path: Path, rows: Sequence[dict], title: str) -> Optional[str]:
         axis.set(xscale="log", yscale="log", xlabel="hidden size", title=label)
         axis.set_xticks(sorted({r["hidden"] for r in rows if r["section"] == "time"}))
         axis.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        axis.get_xaxis().set_minor_formatter(matplotlib.ticker.NullFormatter())  # log axes label 3x10^2...
         axis.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("ms per batch (median)")
     axes[1].legend(fontsize="small")
