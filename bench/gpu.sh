@@ -9,7 +9,7 @@
 #
 # Stops itself after 400 + 120 s; the CSV and plot are rewritten after every section,
 # so a run cut short keeps what it measured. Extra arguments go to the
-# benchmark (e.g. --no-compile, --variants ...). PYTHON picks the interpreter;
+# benchmark (e.g. --variants ...). PYTHON picks the interpreter;
 # by default the first of .venv/bin/python, python3, python whose torch sees a GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,8 +32,10 @@ if [[ -z "$python" ]]; then
     exit 1
 fi
 
+# --no-compile: torch.compile of the unrolled Python loop alone took 213 s to start on an H200
+# (2026-12-04), more than all other variants together.
 timeout --signal=INT --kill-after=20 400 \
-    "$python" -m bench.benchmark --device cuda --memory-hidden 1024 --repeats 10 \
+    "$python" -m bench.benchmark --device cuda --memory-hidden 1024 --repeats 10 --no-compile \
         --csv "$out/benchmark-cuda.csv" --plot "$out/benchmark-cuda.png" "$@" \
     2>&1 | tee "$out/benchmark-cuda.txt" || true
 timeout --signal=INT --kill-after=10 120 \

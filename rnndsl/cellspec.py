@@ -231,6 +231,16 @@ class ScriptedCell(torch.jit.RecursiveScriptModule):
         parameters = dict(self.named_parameters(recurse=False, remove_duplicate=False))
         return _rebuilt_scripted_cell, (self._recipe.of(self), parameters, self.training)
 
+    def __delattr__(self, name: str) -> None:
+        # torch.nn.utils.parametrize (weight_norm, spectral_norm, ...) starts by deleting the
+        # parameter, which TorchScript refuses with a message that names neither cause nor fix.
+        if name in dict(self.named_parameters(recurse=False)):
+            raise RuntimeError(f"cell {self.cell_name}: a scripted cell cannot remove or parametrize its "
+                               f"parameter {name!r} (TorchScript fixes a module's parameters); build the "
+                               "cell with backend='eager', or parametrize the parameters of an rnndsl.LSTM/"
+                               "GRU/RNN drop-in, which are plain ones")
+        super().__delattr__(name)
+
     def __deepcopy__(self, memo):
         # RecursiveScriptModule's own copies are bare RecursiveScriptModules: without this class, a
         # copy would lose the argument checks, the derived backward and the parallel scan.

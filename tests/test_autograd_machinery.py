@@ -239,3 +239,12 @@ def test_every_stock_cell_has_higher_and_batched_derivatives_on_script(name):
     inputs = (x, *state, *[p.detach().clone().requires_grad_() for p in cell.parameters()])
     assert torch.autograd.gradcheck(run, inputs, check_batched_grad=True)
     assert torch.autograd.gradgradcheck(run, inputs)
+
+
+def test_parametrizing_a_scripted_cell_names_the_cause_and_the_fix():
+    cell = rnndsl.load_cell("lstm").build(3, 4, backend="script")
+    with pytest.raises(RuntimeError, match=r"cell lstm: a scripted cell cannot .* backend='eager'"):
+        parametrizations.weight_norm(cell, "weight_hh")
+    eager = rnndsl.load_cell("lstm").build(3, 4, backend="eager")
+    parametrizations.weight_norm(eager, "weight_hh")  # the eager backend takes it
+    eager.forward_sequence(torch.randn(2, 1, 3), (torch.zeros(1, 4), torch.zeros(1, 4)))[0].sum().backward()
