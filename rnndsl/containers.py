@@ -150,7 +150,9 @@ class SequenceTable(nn.Module):
     wrap the table in a :class:`RecurrentTable` to unroll depth-first).
     ``dropout`` applies to every module's input but the first, as in
     ``torch.nn.LSTM``. With ``return_all=True`` the output is the tuple of
-    every module's outputs instead of the last one's.
+    every module's outputs instead of the last one's. A module whose cell has
+    several outputs (``-> y, z``) feeds its first to the next module; the last
+    module's outputs are returned, all of them.
     """
 
     def __init__(self, modules: Sequence[nn.Module], dropout: float = 0.0,
@@ -191,12 +193,19 @@ class SequenceTable(nn.Module):
                              f"got {len(state)}")
         finals, outputs = [], []
         for depth, (layer, layer_state) in enumerate(zip(self.layers, state)):
-            if depth > 0 and self.dropout > 0:
-                x = nn.functional.dropout(x, self.dropout, self.training)
+            if depth > 0:
+                x = first_output(x)
+                if self.dropout > 0:
+                    x = nn.functional.dropout(x, self.dropout, self.training)
             layer_state, x = layer(layer_state, x) if mask is None else layer(layer_state, x, mask)
             finals.append(layer_state)
             outputs.append(x)
         return tuple(finals), tuple(outputs) if self.return_all else x
+
+
+def first_output(outputs: Union[Tensor, Tuple[Tensor, ...]]) -> Tensor:
+    """What the next layer reads of a layer's outputs: the first, for a cell with several."""
+    return outputs[0] if isinstance(outputs, tuple) else outputs
 
 
 class Bidirectional(nn.Module):
@@ -244,7 +253,11 @@ class Bidirectional(nn.Module):
         lengths = None if mask is None else mask.sum(0)
         forward_final, forward_out = self.fwd(forward_state, xs, mask)
         reverse_final, reverse_out = self.reverse_layer(reverse_state, reverse_padded(xs, lengths), mask)
-        outputs = torch.cat([forward_out, reverse_padded(reverse_out, lengths)], dim=-1)
+        if isinstance(forward_out, tuple):  # a cell with several outputs: each joined on its own
+            outputs = tuple(torch.cat([f, reverse_padded(r, lengths)], dim=-1)
+                            for f, r in zip(forward_out, reverse_out))
+        else:
+            outputs = torch.cat([forward_out, reverse_padded(reverse_out, lengths)], dim=-1)
         return (forward_final, reverse_final), outputs
 
 

@@ -245,3 +245,36 @@ def test_network_pickles_with_its_saved_state():
     copy = pickle.loads(pickle.dumps(net))
     x = randn(2, 2, 3)
     torch.testing.assert_close(copy(x)[0], net(x)[0])
+
+
+TWO_OUTPUTS = """cell two(x[input]) -> y, z {
+    state h[hidden]
+    param W[hidden, input], U[hidden, hidden], b[hidden]
+    h' = tanh(W @ x + U @ h + b)
+    y = h'
+    z = sigmoid(h') * 2.0
+}
+"""
+
+
+@pytest.mark.parametrize("backend", ["script", "eager"])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_cells_with_two_outputs_stack_feeding_the_first_to_the_next_layer(backend, bidirectional, tmp_path):
+    path = tmp_path / "two.cell"
+    path.write_text(TWO_OUTPUTS)
+    make = rnndsl.make_bidirectional if bidirectional else rnndsl.make_recurrent
+    torch.manual_seed(0)
+    net = make(path, 3, [4, 5], backend=backend, dropout=0.0, batch_first=True).double()
+    x = torch.randn(2, 6, 3, dtype=torch.float64)
+    (y, z), _ = net(x, lengths=torch.tensor([6, 4]))
+    directions = 2 if bidirectional else 1
+    assert y.shape == z.shape == (2, 6, 5 * directions)
+    # The same layers by hand: layer 2 reads layer 1's first output.
+    first, second = net.network.layers
+    xs = x.transpose(0, 1)
+    mask = rnndsl.containers.lengths_mask(torch.tensor([6, 4]), 6, 2, x.device)
+    zero = rnndsl.containers.ZeroState(net.network.state_sizes)(2, dtype=x.dtype, device=x.device)
+    _, (y1, _) = first(zero[0], xs, mask)
+    _, (y2, z2) = second(zero[1], y1, mask)
+    torch.testing.assert_close(y, y2.transpose(0, 1))
+    torch.testing.assert_close(z, z2.transpose(0, 1))
