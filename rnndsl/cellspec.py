@@ -25,7 +25,7 @@ from typing import Dict, Iterable, List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from . import backward, kernels
+from . import backward, derived, kernels
 from . import syntax_tree as st
 from .check import check_file, hyper_value_problem
 from .codegen import generate, validate_source
@@ -278,11 +278,11 @@ class ScriptedCell(torch.jit.RecursiveScriptModule):
         if torch._C._are_functorch_transforms_active():
             # torch.func's transforms follow plain Python, not TorchScript nor a Function without
             # a vmap rule: run the same generated loop as Python.
-            return backward.eager_forward_sequence(self, xs, state, mask)
+            return derived.eager_forward_sequence(self, xs, state, mask)
         if torch.compiler.is_compiling():
             return self._python_methods.forward_sequence(self, xs, state, mask)
-        if backward.uses_derived_backward(self, xs, state):
-            return backward.derived_forward_sequence(self, xs, state, mask)
+        if derived.uses_derived_backward(self, xs, state):
+            return derived.derived_forward_sequence(self, xs, state, mask)
         return self.scripted_method("forward_sequence")(xs, state, mask)
 
     @property

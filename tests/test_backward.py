@@ -21,7 +21,7 @@ from hypothesis import strategies as hs
 
 import rnndsl
 from rnndsl import cli
-from rnndsl.backward import DerivedSequence
+from rnndsl.derived import DerivedSequence
 from rnndsl.derivatives import DERIVATIVES
 from rnndsl.ir import Op, OpKind
 from strategies import well_formed_cells
