@@ -2,7 +2,7 @@
 
 The check for issue 5's goal on the default ("script") backend: rnndsl's cells
 train through the backward derived from their equations (rnndsl/backward.py);
-``--disable derived_backward`` builds make them train through autograd of the
+``derived_backward=False`` builds make them train through autograd of the
 compiled loop instead. Also timed: a plain Python loop of an LSTM cell (the
 naive baseline of bench/benchmark.py). Seq 20, batch 64, input size = hidden.
 
@@ -33,10 +33,11 @@ from bench.benchmark import LoopLSTM, OutputsOnly
 class CellStack(nn.Module):
     """rnndsl cells stacked in layers, each scanned over the sequence from a zero state."""
 
-    def __init__(self, hidden: int, layers: int, disable: Sequence[str]) -> None:
+    def __init__(self, hidden: int, layers: int, derived_backward: bool) -> None:
         super().__init__()
         spec = rnndsl.load_cell("lstm")
-        self.cells = nn.ModuleList(spec.build(hidden, hidden, disable=disable) for _ in range(layers))
+        self.cells = nn.ModuleList(spec.build(hidden, hidden, derived_backward=derived_backward)
+                                   for _ in range(layers))
 
     def forward(self, xs: Tensor) -> Tensor:
         for cell in self.cells:
@@ -50,8 +51,8 @@ def variants(hidden: int, layers: int) -> Dict[str, nn.Module]:
     found = {
         "torch.nn.LSTM": OutputsOnly(reference),
         "python loop": LoopLSTM(reference),
-        "rnndsl derived backward": CellStack(hidden, layers, ()),
-        "rnndsl autograd of the loop": CellStack(hidden, layers, ("derived_backward",)),
+        "rnndsl derived backward": CellStack(hidden, layers, derived_backward=True),
+        "rnndsl autograd of the loop": CellStack(hidden, layers, derived_backward=False),
     }
     # All on torch.nn.LSTM's weights, so they compute the same function.
     for name in ("rnndsl derived backward", "rnndsl autograd of the loop"):

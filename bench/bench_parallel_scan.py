@@ -52,7 +52,7 @@ def main() -> None:
     spec = rnndsl.load_cell("mingru")
     cells = {
         # the plain loop: TorchScript, autograd through every step
-        "plain loop": spec.build(args.hidden, args.hidden, scan="sequential", disable=("derived_backward",)),
+        "plain loop": spec.build(args.hidden, args.hidden, scan="sequential", derived_backward=False),
         # rnndsl's default for cells that are not linear: the loop with its derived backward
         "sequential": spec.build(args.hidden, args.hidden, scan="sequential"),
         "parallel": spec.build(args.hidden, args.hidden, scan="parallel"),

@@ -6,6 +6,7 @@ shape is computed by the op's shape rule. Everything here raises a
 """
 from __future__ import annotations
 
+import dataclasses
 import keyword
 import math
 import numbers
@@ -17,6 +18,7 @@ from . import syntax_tree as st
 from .errors import CellError, Span, did_you_mean, warn
 from .ir import MAX_DIMENSION
 from .ops import FUNCTIONS
+from .options import BUILD_POSITIONAL, BuildOptions
 
 BUILTIN_SIZES = ("input", "hidden")
 KEYWORDS = {"cell", "state", "param", "size", "hyper"}
@@ -30,8 +32,8 @@ MODULE_ATTRIBUTES = set(dir(torch.nn.Module)) | set(vars(torch.nn.Module())) | \
      "scan_mode", "parallel_source"}
 
 # Sizes and hyper-parameters are set as keyword arguments of CellSpec.build(input_size, hidden_size,
-# backend, *, disable, fixed_dropout_mask, scan, **hyper): they cannot share a name with its own arguments.
-BUILD_ARGUMENTS = {"self", "input_size", "hidden_size", "backend", "disable", "fixed_dropout_mask", "scan"}
+# backend, *, <the build options>, **hyper): they cannot share a name with its own arguments.
+BUILD_ARGUMENTS = frozenset(BUILD_POSITIONAL) | {field.name for field in dataclasses.fields(BuildOptions)}
 
 
 def check_file(file: st.File) -> st.File:

@@ -11,33 +11,47 @@ network's weights to and from ``torch.nn.LSTM``'s names (``weight_ih_l0``, ...).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from .cellspec import check_call
+from .cells import check_call
 from .containers import Bidirectional, RecurrentTable, cell_sizes
+from .options import CELL_BACKENDS
 from .scan import check_not_empty
 
-BACKENDS = ("script", "eager", "native", "auto")
+# What networks build with: a cell backend, torch's fused kernels, or the kernels where they apply.
+NETWORK_BACKENDS = CELL_BACKENDS + ("native", "auto")
 PARAMETER_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 
-# mode -> (kernel, gates per hidden unit)
-NATIVE_MODES = {
-    "LSTM": (torch.lstm, 4),
-    "GRU": (torch.gru, 3),
-    "RNN_TANH": (torch.rnn_tanh, 1),
-    "RNN_RELU": (torch.rnn_relu, 1),
+
+@dataclass(frozen=True)
+class NativeMode:
+    """One of torch's fused recurrent computations (``torch.nn.RNNBase.mode``)."""
+
+    stock_cell: str  # the packaged cell that computes it: cells match it to run natively
+    gates: int  # gate blocks per hidden unit in torch's weights and biases
+    kernel: Callable[..., Tuple[Tensor, ...]]
+
+
+# The one table of native modes: the recognizer (through CellSpec.native_mode), the native
+# backend and the torch.nn drop-ins (rnndsl/networks.py) all read it.
+NATIVE_MODES: Dict[str, NativeMode] = {
+    "LSTM": NativeMode("lstm", 4, torch.lstm),
+    "GRU": NativeMode("gru", 3, torch.gru),
+    "RNN_TANH": NativeMode("rnn_tanh", 1, torch.rnn_tanh),
+    "RNN_RELU": NativeMode("rnn_relu", 1, torch.rnn_relu),
 }
 
 
 def resolve_backend(backend: str, spec) -> str:
     """The backend that will run ``spec``'s cells: ``"auto"`` becomes
     ``"native"`` where the cell allows it and ``"script"`` elsewhere."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(map(repr, BACKENDS))}")
+    if backend not in NETWORK_BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(map(repr, NETWORK_BACKENDS))}")
     if backend == "auto":
         return "script" if spec.native_mode is None else "native"
     if backend == "native" and spec.native_mode is None:
@@ -63,7 +77,7 @@ def run_native(mode: str, xs: Tensor, state: Tuple[Tensor, ...], weights: List[T
     packed, so each final state is taken at its sequence's last step.
     """
     check_not_empty(xs, "run_native")
-    kernel, _ = NATIVE_MODES[mode]
+    kernel = NATIVE_MODES[mode].kernel
     hx = [s.unsqueeze(0) for s in state] if mode == "LSTM" else state[0].unsqueeze(0)
     # The kernel's `train` flag: cuDNN keeps what its backward needs only in training mode (and
     # refuses the backward otherwise); dropout is 0 here, so the flag changes no number.

@@ -5,16 +5,24 @@ GPU) when its equations are those of a stock cell up to names and the order of
 sums and products: ``W_hh @ h + W_ih @ x + b`` matches ``W_ih @ x + W_hh @ h + b``.
 Each node is fingerprinted bottom-up; sums and products are flattened and their
 terms sorted, so the fingerprint ignores how the user ordered them.
+
+The stock graphs to match come from the caller (``CellSpec.native_mode`` passes
+those of rnndsl.native.NATIVE_MODES): this module knows the IR, not where cells live.
 """
 from __future__ import annotations
 
-import functools
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 from .ir import Graph, Node, Op
 
-NATIVE_CELLS = {"lstm": "LSTM", "gru": "GRU", "rnn_tanh": "RNN_TANH", "rnn_relu": "RNN_RELU"}
-_COMMUTATIVE = (Op.ADD, Op.MUL)
+# The passes to leave off in the graphs compared: hoisting moves values out of the step in ways
+# that depend on the order of sums, which the fingerprints ignore.
+MATCH_DISABLE = ("hoist",)
+
+
+def _commutative(op: Op) -> bool:
+    """Whether the order of ``op``'s operands does not matter (sums and products)."""
+    return op in (Op.ADD, Op.MUL)
 
 
 def _fingerprints(graph: Graph) -> Dict[str, tuple]:
@@ -32,7 +40,7 @@ def _fingerprints(graph: Graph) -> Dict[str, tuple]:
             prints[node.name] = ("const", float(node.attr("value")))
         elif node.op is Op.HYPER:
             prints[node.name] = ("hyper", float(graph_hyper_default(graph, node.name)))
-        elif node.op in _COMMUTATIVE:
+        elif _commutative(node.op):
             terms = _flatten(node, nodes)
             prints[node.name] = (node.op.label, tuple(sorted(repr(prints[t]) for t in terms)))
         else:
@@ -74,7 +82,7 @@ def _pair_params(user: Graph, stock: Graph) -> Optional[Dict[str, str]]:
             if pairs.setdefault(u, s) != s:
                 return None
             continue
-        if un.op in _COMMUTATIVE:
+        if _commutative(un.op):
             u_in = sorted(_flatten(un, user_nodes), key=lambda n: repr(user_prints[n]))
             s_in = sorted(_flatten(sn, stock_nodes), key=lambda n: repr(stock_prints[n]))
         else:
@@ -86,27 +94,23 @@ def _pair_params(user: Graph, stock: Graph) -> Optional[Dict[str, str]]:
     return pairs
 
 
-@functools.lru_cache(maxsize=1)
-def _stock_graphs() -> Dict[str, Graph]:
-    from .cellspec import load_cell
-    return {name: load_cell(name).optimized(disable=("hoist",)) for name in NATIVE_CELLS}
+def match_native(graph: Graph, stock: Mapping[str, Graph]) -> Tuple[Optional[str], str, Dict[str, str]]:
+    """``(mode, why_not, parameter names)`` for a cell's ``graph``: the mode of ``stock`` (mode ->
+    the graph of the stock cell that computes it) whose cell computes the same, or None.
 
-
-def match_native(spec) -> Tuple[Optional[str], str, Dict[str, str]]:
-    """``(mode, why_not, parameter names)``: mode is None when torch has no fused kernel for the cell.
-
-    The parameter names map the cell's parameters to torch's (``weight_ih``, ...).
+    Both are taken after the passes, with those of :data:`MATCH_DISABLE` off. The parameter
+    names map the cell's parameters to torch's (``weight_ih``, ...).
     """
-    graph = spec.optimized(disable=("hoist",))
     signature = _signature(graph)
-    for name, stock in _stock_graphs().items():
-        if _signature(stock) == signature:
-            pairs = _pair_params(graph, stock)
+    for mode, stock_graph in stock.items():
+        if _signature(stock_graph) == signature:
+            pairs = _pair_params(graph, stock_graph)
             if pairs is not None:
-                return NATIVE_CELLS[name], "", pairs
-    same_states = [n for n, g in _stock_graphs().items() if len(g.states) == len(graph.states)]
+                return mode, "", pairs
+    same_states = [g.name for g in stock.values() if len(g.states) == len(graph.states)]
     closest = f"; the closest, {same_states[0]}, has the same number of states but other equations" \
         if same_states else ""
-    return None, (f"cell {spec.name} does not compute torch's LSTM, GRU, RNN-tanh or RNN-ReLU "
-                  f"(its equations and parameters must match cells/{{lstm,gru,rnn_tanh,rnn_relu}}.cell up to "
+    files = ",".join(g.name for g in stock.values())
+    return None, (f"cell {graph.name} does not compute torch's LSTM, GRU, RNN-tanh or RNN-ReLU "
+                  f"(its equations and parameters must match cells/{{{files}}}.cell up to "
                   f"names and the order of sums and products{closest})"), {}

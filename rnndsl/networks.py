@@ -68,7 +68,7 @@ def uniform_weights(module: nn.Module, bound: float = 0.1) -> None:
     declares with a value (``param g[hidden] = 1.0``: a layer norm's gain), which get it."""
     declared = {}
     for submodule in module.modules():
-        inits = getattr(submodule, "_inits", {})  # a cell's declared values (rnndsl.cellspec.CellModule)
+        inits = getattr(submodule, "_inits", {})  # a cell's declared values (rnndsl.cells.CellModule)
         for name, parameter in submodule.named_parameters(recurse=False):
             if inits.get(name) is not None:
                 declared[parameter] = inits[name]
@@ -167,9 +167,8 @@ def make_bidirectional(cell, input_size: int, hids: Sequence[int], *, share_weig
                  function=make_bidirectional)
 
 
-# Loaded with load_stock_cell: the drop-ins promise torch's numbers, so a file named `gru` in the
-# working directory must not stand in for the packaged cell.
-_STOCK_CELLS = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}
+# The drop-ins load their mode's stock cell (rnndsl.native.NATIVE_MODES) with load_stock_cell: they
+# promise torch's numbers, so a file named `gru` in the working directory must not stand in for it.
 # torch.nn.LSTM(proj_size=...)'s cell: h is projected by weight_hr to proj_size units.
 _PROJECTED_LSTM = "lstm_proj"
 
@@ -194,7 +193,7 @@ class _CompiledRNNBase:
     def __init__(self, *args, backend: str = "script", **kwargs) -> None:
         super().__init__(*args, **kwargs)
         # torch's fused kernels take projections too: the native backend runs any proj_size.
-        self.backend = resolve_backend(backend, load_stock_cell(_STOCK_CELLS[self.mode]))
+        self.backend = resolve_backend(backend, load_stock_cell(NATIVE_MODES[self.mode].stock_cell))
         self._build_engine()
 
     def _build_engine(self) -> None:
@@ -203,7 +202,7 @@ class _CompiledRNNBase:
         self.__dict__["_engine"] = None
         if self.backend == "native":
             return
-        spec = load_stock_cell(_PROJECTED_LSTM if self.proj_size else _STOCK_CELLS[self.mode])
+        spec = load_stock_cell(_PROJECTED_LSTM if self.proj_size else NATIVE_MODES[self.mode].stock_cell)
         sizes = {"proj": self.proj_size} if self.proj_size else {}
         names = PARAMETER_NAMES + (("weight_hr",) if self.proj_size else ())
         directions = 2 if self.bidirectional else 1
@@ -244,7 +243,7 @@ class _CompiledRNNBase:
         return f"{super().extra_repr()}, backend={self.backend!r}"
 
     def _parameters_for_engine(self, like: Tensor) -> Dict[str, Tensor]:
-        gates = NATIVE_MODES[self.mode][1]
+        gates = NATIVE_MODES[self.mode].gates
         zeros = None if self.bias else like.new_zeros(gates * self.hidden_size)
         return {inner: getattr(self, outer) if self.bias or "weight" in outer else zeros
                 for inner, outer in self._bindings.items()}

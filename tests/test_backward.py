@@ -21,7 +21,7 @@ from hypothesis import strategies as hs
 
 import rnndsl
 from rnndsl import cli
-from rnndsl.backward import DerivedSequence
+from rnndsl.derived import DerivedSequence
 from rnndsl.derivatives import DERIVATIVES
 from rnndsl.ir import Op, OpKind
 from strategies import well_formed_cells
@@ -86,7 +86,7 @@ def test_gradcheck_of_the_derived_function(name, masked):
        steps=hs.integers(1, 6), batch=hs.integers(1, 4), masked=hs.booleans(), seed=hs.integers(0, 1000))
 def test_derived_backward_equals_autograd_of_the_loop(name, input_size, hidden, steps, batch, masked, seed):
     derived = build(name, input_size, hidden).double()
-    loop = build(name, input_size, hidden, disable=("derived_backward",)).double()
+    loop = build(name, input_size, hidden, derived_backward=False).double()
     loop.load_state_dict(derived.state_dict())
     xs, state, mask = inputs(derived, steps, batch, seed=seed)
     mask = mask if masked else None
@@ -109,7 +109,7 @@ def test_random_cells_derive_the_same_gradients(drawn, input_size, hidden, steps
         derived = spec.build(input_size, hidden, scan="sequential").double().eval()
     except ValueError:  # sizes this cell cannot take (e.g. its input must be as large as a state)
         return
-    loop = spec.build(input_size, hidden, disable=("derived_backward",), scan="sequential").double().eval()
+    loop = spec.build(input_size, hidden, derived_backward=False, scan="sequential").double().eval()
     loop.load_state_dict(derived.state_dict())
     xs, state, mask = inputs(derived, steps, batch=2)
     got, expected = run(derived, xs, state, mask if masked else None), run(loop, xs, state, mask if masked else None)
@@ -121,7 +121,7 @@ def test_random_cells_derive_the_same_gradients(drawn, input_size, hidden, steps
 def test_float32_on_onednn_matches_autograd_of_the_loop(name):
     """Sizes large enough that the products go to oneDNN (and the recurrent weight is prepacked)."""
     derived = build(name, 96, 128)
-    loop = build(name, 96, 128, disable=("derived_backward",))
+    loop = build(name, 96, 128, derived_backward=False)
     loop.load_state_dict(derived.state_dict())
     xs, state, mask = inputs(derived, steps=5, batch=64, dtype=torch.float32)
     for masked in (None, mask):
@@ -133,7 +133,7 @@ def test_float32_on_onednn_matches_autograd_of_the_loop(name):
 
 def test_gradients_reach_everything_from_the_final_state_or_the_outputs_alone():
     derived = build("lstm", 3, 4).double()
-    loop = build("lstm", 3, 4, disable=("derived_backward",)).double()
+    loop = build("lstm", 3, 4, derived_backward=False).double()
     loop.load_state_dict(derived.state_dict())
     xs, state, _ = inputs(derived, steps=4, batch=3)
     for pick in (lambda out, final: final[1].sum(), lambda out, final: out.sum()):
@@ -211,7 +211,7 @@ def test_random_ops_train_through_autograd_and_evaluate_through_the_derived_back
         warnings.simplefilter("ignore")
         spec = rnndsl.load_source(RANDOM_CELL)["noisy"]
     cell = spec.build(3, 4).double()
-    loop = spec.build(3, 4, disable=("derived_backward",)).double().eval()
+    loop = spec.build(3, 4, derived_backward=False).double().eval()
     loop.load_state_dict(cell.state_dict())
     xs, state, _ = inputs(cell, steps=3, batch=2)
     assert type(run(cell.train(), xs, state, None)[2]).__name__ != "DerivedSequenceBackward"
@@ -242,7 +242,7 @@ def test_every_op_with_and_without_the_passes(disable):
     """Parameter vectors in the loop, a state passed through, two outputs, layer norm, concat."""
     spec = rnndsl.load_source(MANY_OPS_CELL)["many"]
     derived = spec.build(3, 4, disable=disable).double()
-    loop = spec.build(3, 4, disable=disable + ("derived_backward",)).double()
+    loop = spec.build(3, 4, disable=disable, derived_backward=False).double()
     derived.load_state_dict(loop.state_dict())
     xs, state, mask = inputs(derived, steps=3, batch=2)
     for masked in (None, mask):
@@ -253,7 +253,7 @@ def test_every_op_with_and_without_the_passes(disable):
 
 
 def test_the_switch_leaves_the_derived_methods_out():
-    cell = build("rnn_tanh", 3, 4, disable=("derived_backward",))
+    cell = build("rnn_tanh", 3, 4, derived_backward=False)
     assert not cell._c._has_method("backward_sequence")
     assert build("rnn_tanh", 3, 4)._c._has_method("backward_sequence")
 
@@ -287,7 +287,7 @@ def test_a_number_computed_from_hypers_is_recomputed_not_saved():
         "cell t(x[input]) -> h {\n    state h[hidden]\n    hyper decay = 0.9\n    param w[hidden, input]\n"
         "    h' = (decay * 0.5) * h + w @ x\n}\n")["t"]
     derived = spec.build(3, 4, scan="sequential", decay=0.7).double()
-    loop = spec.build(3, 4, scan="sequential", decay=0.7, disable=("derived_backward",)).double()
+    loop = spec.build(3, 4, scan="sequential", decay=0.7, derived_backward=False).double()
     loop.load_state_dict(derived.state_dict())
     xs, state, mask = inputs(derived, steps=6, batch=2)
     got, expected = run(derived, xs, state, mask), run(loop, xs, state, mask)
@@ -304,7 +304,7 @@ def test_numbers_built_on_numbers_are_computed_once_each():
                               "\n    h' = a39 * h + w @ x\n}\n")["t"]
     assert len(spec.backward_code()) < 10_000
     derived = spec.build(3, 4, scan="sequential").double()  # k = 1: the coefficient stays 1
-    loop = spec.build(3, 4, scan="sequential", disable=("derived_backward",)).double()
+    loop = spec.build(3, 4, scan="sequential", derived_backward=False).double()
     loop.load_state_dict(derived.state_dict())
     xs, state, mask = inputs(derived, steps=3, batch=2)
     got, expected = run(derived, xs, state, mask), run(loop, xs, state, mask)

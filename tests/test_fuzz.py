@@ -24,7 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import rnndsl
-from rnndsl import CellError, cellspec
+from rnndsl import CellError, cellspec, compile
 from rnndsl.codegen import validate_source
 from strategies import DrawnCell, linear_cells, mutated_cells, token_soup, well_formed_cells
 from test_hostile import hang_guard
@@ -214,7 +214,7 @@ def test_building_the_same_cell_from_threads_is_safe(backend, tmp_path):
 
 
 def test_caches_stay_bounded_over_300_distinct_cells(tmp_path):
-    caches = [cellspec._optimized, cellspec._source, cellspec._module_class, cellspec._eager_class,
+    caches = [compile._optimized, compile._source, compile._module_class, compile._eager_class,
               cellspec._load_file]
     classes = []
     for index in range(300):
@@ -240,7 +240,7 @@ def test_a_scripted_cell_built_again_after_its_class_left_the_cache_reuses_it():
     160 cells before)."""
     spec = rnndsl.load_source(_cell_source(7001))["c7001"]
     first = spec.build(2, 3, backend="script")
-    cellspec._module_class.cache_clear()
+    compile._module_class.cache_clear()
     second = spec.build(2, 3, backend="script")
     assert second._python_methods is first._python_methods
     assert second._c._type() == first._c._type()  # one TorchScript class, compiled once

@@ -425,12 +425,12 @@ def test_the_final_guard_stands_behind_a_doctored_graph():
 
 def test_nothing_reaches_exec_without_the_final_guard(monkeypatch):
     """Whatever a code generator returns (the forward's or the derived backward's), build validates it."""
-    from rnndsl import cellspec
-    monkeypatch.setattr(cellspec, "generate", lambda *args, **kwargs: "import os\nos.system('true')\n")
+    from rnndsl import compile
+    monkeypatch.setattr(compile, "generate", lambda *args, **kwargs: "import os\nos.system('true')\n")
     spec = rnndsl.load_source(HEADER + "    h' = tanh(w @ x) * 0.123456789\n}\n", "guard.cell")["c"]
     with pytest.raises(IRError, match="never generated"):
         spec.build(2, 3, backend="eager")
-    cellspec._source.cache_clear()  # drop the doctored source
+    compile._source.cache_clear()  # drop the doctored source
 
 
 def test_a_file_name_with_a_newline_stays_in_its_comment():

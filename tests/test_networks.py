@@ -5,6 +5,7 @@ networks through the weight conversion) or against plain loops over
 ``torch.nn`` cells, one sequence at a time (make_recurrent).
 """
 import copy
+import dataclasses
 import io
 import pickle
 
@@ -521,14 +522,15 @@ def test_native_kernel_runs_in_training_mode_when_autograd_records(monkeypatch, 
     mode", seen on an H200): the native backend must ask for training mode whenever autograd
     records, and for inference mode under no_grad."""
     seen = []
-    kernel = rnndsl.native.NATIVE_MODES["LSTM"][0]
+    kernel = rnndsl.native.NATIVE_MODES["LSTM"].kernel
 
     def spy(*args):
         packed = isinstance(args[1], torch.Tensor)  # (data, batch_sizes, hx, ...) against (input, hx, ...)
         seen.append(args[-2] if packed else args[-3])  # the `train` flag
         return kernel(*args)
 
-    monkeypatch.setitem(rnndsl.native.NATIVE_MODES, "LSTM", (spy, 4))
+    monkeypatch.setitem(rnndsl.native.NATIVE_MODES, "LSTM", dataclasses.replace(rnndsl.native.NATIVE_MODES["LSTM"],
+                                                                          kernel=spy))
     net = make_recurrent("lstm", 3, [4], backend="native", save_hidden=False)
     x = torch.randn(3, 2, 3)
     lengths = None if lengths is None else torch.tensor(lengths)

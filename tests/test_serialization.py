@@ -54,7 +54,7 @@ def test_torch_save_of_a_network_loads_an_equal_network(name, backend):
 
 def test_a_cell_keeps_its_hypers_passes_mode_and_scan():
     spec = rnndsl.load_source(HYPER_CELL, "biased.cell")["biased"]
-    cell = spec.build(3, 4, forget_bias=-2.0, disable=("derived_backward",)).double().eval()
+    cell = spec.build(3, 4, forget_bias=-2.0, derived_backward=False).double().eval()
     copy_ = pickle.loads(pickle.dumps(cell))
     assert copy_.forget_bias == -2.0 and not copy_.training
     assert not copy_._c._has_method("backward_sequence")

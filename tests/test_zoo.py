@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as hs
 
 import rnndsl
-from rnndsl.cellspec import BACKENDS
+from rnndsl.options import CELL_BACKENDS as BACKENDS
 from rnndsl.scan import python_scan
 from references import REFERENCES, reference_scan
 

@@ -1,0 +1,221 @@
+"""The cached pipeline from IR to module classes: passes, code generation, exec, TorchScript.
+
+Owns the state that builds share: one lock, the caches (bounded, cleared together by
+:func:`clear_caches`), the registry of classes TorchScript has compiled, and the
+registration of generated source with ``linecache`` (so that tracebacks and
+``torch.jit.script`` can read it, as torch.fx does). Every function takes the build
+choices as one :class:`~rnndsl.options.BuildOptions`. The facade (rnndsl/cellspec.py)
+calls it; the classes it makes derive from those of rnndsl/cells.py.
+
+A new target (another generated method, another way to run a cell) adds its cached
+source and its exec here.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+import linecache
+import os
+import threading
+import warnings
+import weakref
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import backward, kernels
+from .cells import CellModule, EagerCell, ScriptedCell
+from .codegen import generate, validate_source
+from .errors import one_line, source_lines
+from .ir import Graph
+from .options import BuildOptions
+from .parallel import NotLinear, find_linear_recurrences, generate_parallel
+from .passes import run_passes
+
+compile_lock = threading.RLock()  # TorchScript compilation and the caches are shared state
+_counter = itertools.count()
+_caches: List[Callable] = []
+
+
+def cached(maxsize: int) -> Callable[[Callable], Callable]:
+    """``functools.lru_cache(maxsize)``, one of the caches that :func:`clear_caches` clears."""
+    def decorate(function: Callable) -> Callable:
+        cache = functools.lru_cache(maxsize=maxsize)(function)
+        _caches.append(cache)
+        return cache
+    return decorate
+
+
+def clear_caches() -> None:
+    """Forget every cached graph, source, class and loaded file; later builds make them again.
+
+    The registry of classes TorchScript has compiled stays: TorchScript keeps them anyway.
+    """
+    with compile_lock:
+        for cache in _caches:
+            cache.cache_clear()
+
+
+def generated_class(graph: Graph, options: BuildOptions, origin: str,
+                    cell_source: str) -> Tuple[type, Optional[str]]:
+    """The module class with the generated methods, and the parallel scan's source (None when
+    the cell runs a time loop). ``origin`` names the file in the generated source's comment;
+    ``cell_source`` is the ``.cell`` text, quoted when the scan cannot be parallel."""
+    parallel, why_not = (parallel_plan(graph, options, cell_source) if options.scan != "sequential"
+                         else (None, ""))
+    if options.scan == "parallel" and parallel is None:
+        raise ValueError(f"cell {graph.name} cannot run as a parallel scan: {why_not}")
+    return _module_class(graph, options, origin), parallel
+
+
+def eager_class(generated: type, parallel_source: Optional[str]) -> type:
+    """The eager cell class over a generated class (with ``forward_parallel`` when given its source)."""
+    return _eager_class(generated, parallel_source)
+
+
+def optimized(graph: Graph, options: BuildOptions) -> Graph:
+    """The IR after the passes that ``options`` leaves on."""
+    return _optimized(graph, options.disable)
+
+
+def step_source(graph: Graph, options: BuildOptions, origin: str) -> str:
+    """The source of ``forward`` and ``forward_sequence`` (rnndsl/codegen.py)."""
+    return _source(graph, options.disable, origin, options.fixed_dropout_mask)
+
+
+def backward_source(graph: Graph, options: BuildOptions) -> str:
+    """The source of the derived backward's methods (rnndsl/backward.py)."""
+    return _backward_source(graph, options.disable)
+
+
+def parallel_plan(graph: Graph, options: BuildOptions, cell_source: str) -> Tuple[Optional[str], str]:
+    """``(source of forward_parallel, "")`` when the recurrence is linear in the state, else
+    ``(None, why not)`` quoting the equation of ``cell_source`` that is not (rnndsl/parallel.py)."""
+    return _parallel_plan(graph, options.disable, options.fixed_dropout_mask, cell_source)
+
+
+def script(module: CellModule, parallel: Optional[str]) -> ScriptedCell:
+    """``module`` compiled by TorchScript, as a ScriptedCell (with ``forward_parallel`` when given its source)."""
+    with compile_lock, warnings.catch_warnings():
+        # torch 2.13 deprecates torch.jit.script; the user did not call it, rnndsl did, and
+        # rnndsl's own pickling and deepcopy must work under -W error.
+        warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=DeprecationWarning)
+        try:
+            scripted = torch.jit.script(module)
+        except Exception:
+            # TorchScript keeps the methods it compiled before failing, and would refuse to
+            # compile this class again ("Can't redefine method"), hiding the real error on
+            # the next build: forget the class so that build makes a fresh one.
+            clear_caches()
+            raise
+    cell = ScriptedCell.adopt(scripted, _scripted_class(parallel))
+    cell._python_methods = type(module)
+    _scripted_classes.setdefault(type(module)._methods_text, type(module))
+    return cell
+
+
+# Classes TorchScript has compiled, by the text of their methods. TorchScript keeps every class it
+# compiles for the life of the process (no API frees one), so a cell built again after its class
+# left _module_class's cache must reuse that class, not have TorchScript compile and keep a copy.
+_scripted_classes: Dict[str, type] = {}
+
+
+@cached(maxsize=128)
+def _optimized(graph: Graph, disable: Tuple[str, ...]) -> Graph:
+    return run_passes(graph, disable)
+
+
+@cached(maxsize=128)
+def _backward_source(graph: Graph, disable: Tuple[str, ...]) -> str:
+    return backward.generate(_optimized(graph, disable))
+
+
+@cached(maxsize=128)
+def _source(graph: Graph, disable: Tuple[str, ...], origin: str, fixed_dropout_mask: bool = False) -> str:
+    return generate(_optimized(graph, disable), f"{os.path.basename(origin)} (cell {graph.name})",
+                    fixed_dropout_mask)
+
+
+@cached(maxsize=128)
+def _module_class(graph: Graph, options: BuildOptions, origin: str) -> type:
+    """A CellModule subclass with the generated methods; cached, so TorchScript compiles it once."""
+    with compile_lock:
+        source = _source(graph, options.disable, origin, options.fixed_dropout_mask)
+        derived = options.derived_backward
+        text = source + ("\n\n" + _backward_source(graph, options.disable) if derived else "")
+        if text in _scripted_classes:
+            return _scripted_classes[text]
+        namespace, filename = _run(text, graph.name, {
+            "torch": torch, "Tensor": Tensor, "Tuple": Tuple, "List": List, "Optional": Optional,
+            **kernels.helpers(kernels.SCRIPT_HELPERS)})
+        methods = {
+            "forward": namespace["forward"],
+            "forward_sequence": torch.jit.export(namespace["forward_sequence"]),
+            "generated_source": source,
+            "_methods_text": text,
+        }
+        if derived:
+            for name in ("forward_sequence_saving", "backward_sequence"):
+                methods[name] = torch.jit.export(namespace[name])
+        cls = type(f"{graph.name}_cell", (CellModule,), methods)
+        # The source lives as long as the class (the caches here are bounded; TorchScript's own
+        # store keeps every class it compiled).
+        weakref.finalize(cls, linecache.cache.pop, filename, None)
+        return cls
+
+
+def _parallel_methods(parallel_source: Optional[str]) -> dict:
+    """Class attributes for a cell that runs as a parallel scan (none when it does not)."""
+    if parallel_source is None:
+        return {}
+    namespace, _ = _run(parallel_source, "parallel",
+                        {"torch": torch, **kernels.helpers(kernels.PARALLEL_HELPERS)})
+    return {"forward_parallel": namespace["forward_parallel"], "scan_mode": "parallel",
+            "parallel_source": parallel_source}
+
+
+@cached(maxsize=128)
+def _eager_class(generated: type, parallel_source: Optional[str] = None) -> type:
+    return type(generated.__name__, (EagerCell, generated), _parallel_methods(parallel_source))
+
+
+@cached(maxsize=128)
+def _scripted_class(parallel_source: Optional[str]) -> type:
+    if parallel_source is None:
+        return ScriptedCell
+    return type("ScriptedParallelCell", (ScriptedCell,), _parallel_methods(parallel_source))
+
+
+@cached(maxsize=128)
+def _parallel_plan(graph: Graph, disable: Tuple[str, ...], fixed_dropout_mask: bool,
+                   source: str) -> Tuple[Optional[str], str]:
+    try:
+        try:
+            optimized = _optimized(graph, disable)
+            updates = find_linear_recurrences(optimized, fixed_dropout_mask)
+        except NotLinear:
+            # join_slices may have joined the sums `a * s + b` of several states into slices of one
+            # add, hiding their linear form (it joins the bias adds that the GEMM then fuses, too,
+            # so it is tried first).
+            optimized = _optimized(graph, tuple(sorted(set(disable) | {"join_slices"})))
+            updates = find_linear_recurrences(optimized, fixed_dropout_mask)
+        return generate_parallel(optimized, updates), ""
+    except NotLinear as reason:
+        where = ""
+        span = reason.node.span if reason.node is not None else None
+        if span is not None:
+            lines = source_lines(source)
+            quoted = lines[span.line - 1].strip() if 0 < span.line <= len(lines) else ""
+            where = f" (at {one_line(span.file)}:{span.line}: `{one_line(quoted)}`)"
+        return None, f"the recurrence is not linear in the state: {reason}{where}"
+
+
+def _run(source: str, label: str, namespace: dict) -> Tuple[dict, str]:
+    """Execute generated ``source`` in ``namespace``; the namespace and the file name it runs as."""
+    filename = f"<rnndsl {label} #{next(_counter)}>"
+    # Registered like torch.fx does, so tracebacks and torch.jit.script can read the source.
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    # The source comes only from the IR; validate_source is the last guard before exec.
+    exec(compile(validate_source(source), filename, "exec"), namespace)
+    return namespace, filename

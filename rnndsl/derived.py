@@ -1,0 +1,149 @@
+"""The derived backward at run time: the autograd Function around a scripted cell's
+generated ``forward_sequence_saving`` and ``backward_sequence`` (their source comes from
+rnndsl/backward.py), and the rule for when ``ScriptedCell.forward_sequence`` uses it.
+
+Add here what a scripted cell does at run time with the derived backward (when it runs,
+how its gradients reach autograd, the fallback to autograd of the loop run as Python).
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+
+class DerivedSequence(torch.autograd.Function):
+    """A whole sequence through a cell, with the backward derived from its equations.
+
+    ``apply(cell, xs, mask, state_count, *state, *parameters)`` returns the outputs then the
+    final state, flat; the cell is a scripted rnndsl cell with the generated methods. Both
+    methods get the parameter tensors of ``apply`` itself, never the module's attributes, so the
+    backward differentiates exactly what the forward computed with (tied, parametrized or
+    functional_call'd weights), and autograd's version counters catch in-place edits between.
+
+    Where the derived backward cannot serve, a gradient that must itself be differentiable
+    (``create_graph=True``) or a batched one (``torch.func``, ``gradcheck``'s batched check),
+    the backward recomputes the forward with autograd instead (:func:`_recomputed_gradients`).
+    """
+
+    @staticmethod
+    def forward(ctx, cell, xs: Tensor, mask: Optional[Tensor], state_count: int, *tensors: Tensor):
+        state, parameters = tuple(tensors[:state_count]), list(tensors[state_count:])
+        outputs, final, saved = cell.scripted_method("forward_sequence_saving")(xs, state, mask, parameters)
+        ctx.cell, ctx.counts, ctx.training = cell, (len(outputs), len(tensors), state_count), cell.training
+        ctx.save_for_backward(xs, mask, *tensors, *saved)
+        return (*outputs, *final)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):
+        xs, mask, *rest = ctx.saved_tensors
+        output_count, tensor_count, state_count = ctx.counts
+        tensors, saved = rest[:tensor_count], rest[tensor_count:]
+        if torch.is_grad_enabled() or _batched(grads):
+            return (None, *_recomputed_gradients(ctx, xs, mask, tensors, grads))
+        need_input_grad = bool(ctx.needs_input_grad[1])
+        grad_xs, grad_state, grad_params = ctx.cell.scripted_method("backward_sequence")(
+            xs, mask, list(tensors[state_count:]), saved, [g.contiguous() for g in grads[:output_count]],
+            [g.contiguous() for g in grads[output_count:]], need_input_grad)
+        # One tensor may be the gradient of two parameters (bias_ih and bias_hh of a sum):
+        # autograd may keep it as both .grad, so each gets its own.
+        seen, distinct = set(), []
+        for grad in grad_params:
+            distinct.append(grad.clone() if id(grad) in seen else grad)
+            seen.add(id(grad))
+        return (None, grad_xs if need_input_grad else None, None, None, *grad_state, *distinct)
+
+
+def _batched(grads: Sequence[Tensor]) -> bool:
+    """Whether the backward runs under a vmap (torch.func's, or the one behind
+    ``autograd.grad(is_grads_batched=True)``), whose batched tensors the scripted backward's
+    in-place and ``out=`` ops cannot take."""
+    return torch._C._are_functorch_transforms_active() or any(
+        torch._C._functorch.is_legacy_batchedtensor(g) for g in grads)
+
+
+def _recomputed_gradients(ctx, xs: Tensor, mask: Optional[Tensor], tensors: Sequence[Tensor],
+                          grads: Sequence[Tensor]) -> Tuple[Optional[Tensor], ...]:
+    """DerivedSequence's gradients for ``(xs, mask, state_count, *tensors)`` by autograd through
+    the generated loop run again as plain Python on the saved inputs.
+
+    The saved inputs keep their own history, so with ``create_graph`` the gradients are
+    differentiable in everything they depend on; under torch.func's vmap the grads come batched
+    and the plain ops batch them.
+    """
+    _, tensor_count, state_count = ctx.counts
+    needs = ctx.needs_input_grad
+    create_graph = torch.is_grad_enabled()
+    with torch.enable_grad():
+        # A view per argument: its gradient is that argument's share alone, even where one tensor
+        # fills two (tied weights; networks' shared zero biases), and it keeps the graph back to
+        # the tensor for the next derivative.
+        arguments = [t.view_as(t) if need else t for t, need in zip((xs, *tensors), (needs[1], *needs[4:]))]
+        inner_xs, inner = arguments[0], arguments[1:]
+        outputs, final = eager_forward_sequence(ctx.cell, inner_xs, inner[:state_count], mask,
+                                                inner[state_count:], ctx.training)
+        results = (*(outputs if isinstance(outputs, tuple) else (outputs,)), *final)
+        wanted = [i for i, need in enumerate((needs[1], *needs[4:])) if need]
+        found = torch.autograd.grad(results, [arguments[i] for i in wanted], grads,
+                                    create_graph=create_graph, allow_unused=True, materialize_grads=True)
+    gradients: List[Optional[Tensor]] = [None] * (1 + tensor_count)
+    for index, grad in zip(wanted, found):
+        gradients[index] = grad
+    return (gradients[0], None, None, *gradients[1:])
+
+
+class _BoundCell:
+    """A cell as its generated methods see it (``self.weight``, ``self.hidden``, ``self.training``),
+    with its parameters bound to given tensors: the Python twin of a scripted method then runs on
+    exactly those tensors, which torch.func and higher derivatives can follow."""
+
+    def __init__(self, cell, parameters: Dict[str, Tensor], training: bool):
+        self.__dict__.update(_cell=cell, _parameters=parameters, training=training)
+
+    def __getattr__(self, name: str):
+        parameters = self.__dict__["_parameters"]
+        return parameters[name] if name in parameters else getattr(self.__dict__["_cell"], name)
+
+
+def eager_forward_sequence(cell, xs: Tensor, state: Sequence[Tensor], mask: Optional[Tensor],
+                           parameters: Optional[Sequence[Tensor]] = None, training: Optional[bool] = None):
+    """A scripted cell's ``forward_sequence`` run as plain Python, on ``parameters`` (default: the
+    cell's own now) in declaration order: (outputs, final state)."""
+    names = [name for name, _ in cell.named_parameters(recurse=False, remove_duplicate=False)]
+    parameters = _parameters(cell) if parameters is None else parameters
+    bound = _BoundCell(cell, dict(zip(names, parameters)), cell.training if training is None else training)
+    return cell._python_methods.forward_sequence(bound, xs, tuple(state), mask)
+
+
+def uses_derived_backward(cell, xs: Tensor, state: Sequence[Tensor]) -> bool:
+    """Whether ``forward_sequence`` should run through :class:`DerivedSequence`.
+
+    Only when autograd records and something needs a gradient, the cell was built with the
+    derived backward, and it is not training with random ops (their noise is not saved).
+    """
+    if not torch.is_grad_enabled() or torch.jit.is_tracing():
+        return False
+    if not cell._c._has_method("backward_sequence"):
+        return False
+    if cell.training and not cell.derived_backward_trains:
+        return False
+    return (xs.requires_grad or any(s.requires_grad for s in state)
+            or any(p.requires_grad for p in _parameters(cell)))
+
+
+def _parameters(cell) -> List[Tensor]:
+    """Every parameter in declaration order, the order of backward_sequence's gradients.
+
+    Duplicates stay: torch.func.functional_call may bind one tensor to two parameters
+    (networks with ``bias=False`` bind one zero vector to both biases).
+    """
+    return [p for _, p in cell.named_parameters(recurse=False, remove_duplicate=False)]
+
+
+def derived_forward_sequence(cell, xs: Tensor, state: Sequence[Tensor], mask: Optional[Tensor]):
+    """``forward_sequence`` through :class:`DerivedSequence`: (outputs, final state)."""
+    state = tuple(state)
+    results = DerivedSequence.apply(cell, xs, mask, len(state), *state, *_parameters(cell))
+    outputs = results[:len(results) - len(state)]
+    return (outputs[0] if len(outputs) == 1 else tuple(outputs)), tuple(results[len(outputs):])
