@@ -45,7 +45,7 @@ from .codegen import (EMITTERS, _Emitter, biased_products, masked_assignment, si
                       state_update, validate_source)
 from .derivatives import DERIVATIVES, Outer, Placed, Product, Term
 from .ir import Graph, Node, Op, OpKind, Phase, Shape, Size, tiling_order
-from .lower import Namespace
+from .names import Namespace
 
 # Where values live --------------------------------------------------------------------------
 

@@ -32,6 +32,7 @@ from .codegen import generate, validate_source
 from .errors import CellError, CellWarning, Span, one_line, source_lines
 from .ir import MAX_DIMENSION, Graph, Op
 from .lower import lower
+from .names import PARALLEL_GLOBALS, SCRIPT_GLOBALS
 from .native_match import match_native
 from .ops import PROBABILITY_OPS
 from .parallel import NotLinear, find_linear_recurrences, generate_parallel
@@ -508,8 +509,7 @@ def _module_class(graph: Graph, disable: Tuple[str, ...], origin: str, fixed_dro
         filename = f"<rnndsl {graph.name} #{next(_counter)}>"
         # Registered like torch.fx does, so tracebacks and torch.jit.script can read the source.
         linecache.cache[filename] = (len(text), None, text.splitlines(True), filename)
-        namespace = {"torch": torch, "Tensor": Tensor, "Tuple": Tuple, "List": List, "Optional": Optional,
-                     **kernels.helpers(kernels.SCRIPT_HELPERS)}
+        namespace = kernels.resolve_globals(SCRIPT_GLOBALS)
         # The source comes only from the IR; validate_source is the last guard before exec.
         exec(compile(validate_source(text), filename, "exec"), namespace)
         methods = {
@@ -534,7 +534,7 @@ def _parallel_methods(parallel_source: Optional[str]) -> dict:
         return {}
     filename = f"<rnndsl parallel #{next(_counter)}>"
     linecache.cache[filename] = (len(parallel_source), None, parallel_source.splitlines(True), filename)
-    namespace = {"torch": torch, **kernels.helpers(kernels.PARALLEL_HELPERS)}
+    namespace = kernels.resolve_globals(PARALLEL_GLOBALS)
     exec(compile(validate_source(parallel_source), filename, "exec"), namespace)  # generated from the IR
     return {"forward_parallel": namespace["forward_parallel"], "scan_mode": "parallel",
             "parallel_source": parallel_source}

@@ -26,7 +26,7 @@ import tokenize
 from typing import Callable, Collection, Dict, List, Optional, Sequence
 
 from .ir import Graph, IRError, Node, Op, OpKind, Phase
-from .lower import RESERVED, Namespace
+from .names import RESERVED, Namespace
 from .passes.dependency import dependency_phases
 
 Emitter = Callable[[Node, List[str]], str]

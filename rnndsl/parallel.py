@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Set, Tuple
 
 from .codegen import _body_nodes, _Emitter, _tuple, biased_products, size_code, validate_source
 from .ir import Graph, Node, Op, OpKind, Phase, Size, tiling_order
-from .lower import Namespace
+from .names import Namespace
 from .passes.dependency import dependency_phases
 
 

@@ -14,7 +14,7 @@ from dataclasses import replace
 from typing import Dict, List, Set, Tuple
 
 from ..ir import Graph, Node, Op
-from ..lower import Namespace
+from ..names import Namespace
 from ..ops import SHAPE_RULES
 from .dependency import dependency_phases
 
