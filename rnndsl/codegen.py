@@ -25,9 +25,10 @@ import re
 import tokenize
 from typing import Callable, Collection, Dict, List, Optional, Sequence
 
+from .dependency import Dependence, dependencies
 from .ir import Graph, IRError, Node, Op, OpKind, Phase
+from .ops import operand_orders
 from .names import RESERVED, Namespace
-from .passes.dependency import dependency_phases
 
 Emitter = Callable[[Node, List[str]], str]
 
@@ -161,7 +162,7 @@ def biased_products(graph: Graph, whole_sequence: Sequence[Node], once: Collecti
     for node in whole_sequence:
         if node.op is not Op.ADD:
             continue
-        for product, bias in (node.inputs, node.inputs[::-1]):
+        for product, bias in operand_orders(node):
             if (nodes[product].op is Op.MATMUL and product in candidates and users[product] == (node.name,)
                     and product not in results and product not in kept and bias in once
                     and nodes[bias].shape.dims == node.shape.dims):
@@ -256,9 +257,9 @@ def _generate_sequence(graph: Graph, emitter: _Emitter, state_type: str, output_
         for node in hoisted:
             emitter.emit(node, "    ", seq_name)
     # Read from the dependencies, not the phases: with hoisting disabled every node is PER_STEP.
-    phases = dependency_phases(graph)
+    found = dependencies(graph)
     masks = {n.name: names.fresh(n.name, "mask") for n in step
-             if fixed_dropout_mask and n.op is Op.DROPOUT and phases[n.name] is Phase.PER_STEP}
+             if fixed_dropout_mask and n.op is Op.DROPOUT and found[n.name] is Dependence.STATE}
     if masks:
         lines.append("    # Recurrent dropout: one mask per sequence, the same at every step.")
     for node in step:

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Set, Tuple
 
 from .codegen import _body_nodes, _Emitter, _tuple, biased_products, size_code, validate_source
-from .ir import Graph, Node, Op, OpKind, Phase, Size, tiling_order
+from .dependency import Dependence, dependencies
+from .ir import Graph, Node, Op, OpKind, Size, tiling_order
+from .ops import operand_orders
 from .names import Namespace
-from .passes.dependency import dependency_phases
 
 
 @dataclass(frozen=True)
@@ -44,12 +45,12 @@ class NotLinear(Exception):
 def _update_of(state: str, node: Node, nodes: Dict[str, Node], free: Dict[str, bool]) -> Tuple[str, str]:
     """``(a, b)`` if ``node`` is ``a * state + b`` (in any order), else NotLinear."""
     if node.op is Op.ADD:
-        for scaled, offset in (node.inputs, node.inputs[::-1]):
+        for scaled, offset in operand_orders(node):
             term = nodes[scaled]
-            if free[offset] and term.op is Op.MUL and state in term.inputs:
-                coefficient = term.inputs[1] if term.inputs[0] == state else term.inputs[0]
-                if free[coefficient] and coefficient != state:
-                    return coefficient, offset
+            if free[offset] and term.op is Op.MUL:
+                for coefficient, factor in operand_orders(term):
+                    if factor == state and coefficient != state and free[coefficient]:
+                        return coefficient, offset
     raise NotLinear(f"the next value of `{state}` is not of the form a * {state} + b "
                     "with a and b independent of every state", node)
 
@@ -62,8 +63,7 @@ def find_linear_recurrences(graph: Graph, fixed_dropout_mask: bool = False) -> L
     or the value drawn for is parameter-only (the loop draws its mask anew at each step).
     """
     nodes = graph.node_map()
-    phases = dependency_phases(graph)
-    free = {name: phase is not Phase.PER_STEP for name, phase in phases.items()}
+    free = {name: dependence is not Dependence.STATE for name, dependence in dependencies(graph).items()}
     updates = []
     for decl, next_name in zip(graph.states, graph.next_states):
         a, b = _update_of(decl.name, nodes[next_name], nodes, free)
@@ -93,11 +93,11 @@ def find_linear_recurrences(graph: Graph, fixed_dropout_mask: bool = False) -> L
 def generate_parallel(graph: Graph, updates: List[LinearUpdate]) -> str:
     """Python source of ``forward_parallel(self, xs, state, mask=None)``."""
     code = _WholeSequenceCode(graph)
-    nodes, phases, lines = code.nodes, code.phases, code.lines
+    nodes, found, lines = code.nodes, code.dependencies, code.lines
     names = Namespace({n.name for n in graph.nodes} | set(code.local.values()), reserved=frozenset())
     body = _body_nodes(graph)
     # Values with a time axis get a _seq name; parameter-only values keep theirs.
-    seq = {n.name: names.fresh(n.name, "seq") for n in body if phases[n.name] is not Phase.ONCE}
+    seq = {n.name: names.fresh(n.name, "seq") for n in body if found[n.name] is not Dependence.PARAMETERS}
     seq[graph.input.name] = "xs"
     done = {u.next for u in updates}
     states = [code.var(d.name) for d in graph.states]
@@ -105,8 +105,8 @@ def generate_parallel(graph: Graph, updates: List[LinearUpdate]) -> str:
     lines.extend(f"    {name} = state[{i}]" for i, name in enumerate(states))
     lines.append("    # Every value free of the states, for all steps at once.")
     for node in body:
-        if phases[node.name] is not Phase.PER_STEP:
-            code.emit_whole(node, seq if phases[node.name] is Phase.PER_INPUT else {})
+        if found[node.name] is not Dependence.STATE:
+            code.emit_whole(node, seq if found[node.name] is Dependence.INPUT else {})
     lines.append("    if mask is not None:")
     lines.append("        real = mask.unsqueeze(2)")
     for update, var in zip(updates, states):
@@ -121,7 +121,7 @@ def generate_parallel(graph: Graph, updates: List[LinearUpdate]) -> str:
     lines.append("    # What the outputs need from the new states, for all steps at once.")
     needed = code.with_whole_splits(_needed_for_outputs(graph, nodes, done))
     for node in body:
-        if phases[node.name] is Phase.PER_STEP and node.name not in done and node.name in needed:
+        if found[node.name] is Dependence.STATE and node.name not in done and node.name in needed:
             code.emit_whole(node, seq)
     outputs = [code.ref(name, seq) for name in graph.outputs]
     zeroed = [f"{o} * real.to(xs.dtype)" for o in outputs]
@@ -142,10 +142,10 @@ class _WholeSequenceCode(_Emitter):
 
     def __init__(self, graph: Graph):
         super().__init__(graph)
-        self.phases = dependency_phases(graph)
-        once = {n.name for n in graph.nodes if self.phases.get(n.name) is Phase.ONCE or n.op is Op.PARAM}
+        self.dependencies = dependencies(graph)
+        once = {n.name for n in graph.nodes if self.dependencies[n.name] is Dependence.PARAMETERS}
         body = _body_nodes(graph)
-        per_input = [n for n in body if self.phases[n.name] is Phase.PER_INPUT]
+        per_input = [n for n in body if self.dependencies[n.name] is Dependence.INPUT]
         self.biased = biased_products(graph, per_input, once)  # product -> the sum adding its bias
         self.splits = tiling_slices(graph)  # value -> its pieces
         self.pieces = {piece for pieces in self.splits.values() for piece, _ in pieces}
