@@ -28,14 +28,14 @@ from torch import Tensor
 from . import backward, kernels
 from . import syntax_tree as st
 from .check import check_file, hyper_value_problem
-from .codegen import generate, validate_source
+from .codegen import (NotLinear, find_linear_recurrences, generate_backward, generate_parallel, generate_step,
+                      supports_training, validate_source)
 from .errors import CellError, CellWarning, Span, one_line, source_lines
 from .ir import MAX_DIMENSION, Graph, Op
 from .lower import lower
 from .names import PARALLEL_GLOBALS, SCRIPT_GLOBALS
 from .native_match import match_native
 from .ops import PROBABILITY_OPS
-from .parallel import NotLinear, find_linear_recurrences, generate_parallel
 from .passes import run_passes
 from .resources import stock_cell_names, stock_cells_dir
 from .scan import check_mask, check_not_empty
@@ -73,7 +73,7 @@ class CellModule(torch.nn.Module):
         output = graph.node_map()[graph.outputs[0]]
         self.output_size = output.shape.dims[0].evaluate(sizes)
         self.source = source
-        self.derived_backward_trains = backward.supports_training(graph)
+        self.derived_backward_trains = supports_training(graph)
         self._inits: Dict[str, Optional[float]] = {d.name: d.default for d in graph.params}
         for decl in graph.params:
             shape = tuple(dim.evaluate(sizes) for dim in decl.shape.dims)
@@ -488,13 +488,13 @@ def _optimized(graph: Graph, disable: Tuple[str, ...]) -> Graph:
 
 @functools.lru_cache(maxsize=128)
 def _backward_source(graph: Graph, disable: Tuple[str, ...]) -> str:
-    return backward.generate(_optimized(graph, disable))
+    return generate_backward(_optimized(graph, disable)).source
 
 
 @functools.lru_cache(maxsize=128)
 def _source(graph: Graph, disable: Tuple[str, ...], origin: str, fixed_dropout_mask: bool = False) -> str:
-    return generate(_optimized(graph, disable), f"{os.path.basename(origin)} (cell {graph.name})",
-                    fixed_dropout_mask)
+    return generate_step(_optimized(graph, disable), f"{os.path.basename(origin)} (cell {graph.name})",
+                         fixed_dropout_mask).source
 
 
 @functools.lru_cache(maxsize=128)
@@ -565,7 +565,7 @@ def _parallel_plan(graph: Graph, disable: Tuple[str, ...], source: str,
             # so it is tried first).
             optimized = _optimized(graph, tuple(sorted(set(disable) | {"join_slices"})))
             updates = find_linear_recurrences(optimized, fixed_dropout_mask)
-        return generate_parallel(optimized, updates), ""
+        return generate_parallel(optimized, updates).source, ""
     except NotLinear as reason:
         where = ""
         span = reason.node.span if reason.node is not None else None

@@ -10,7 +10,8 @@ The counterpart of rnnlib's nngraph gModule. Its grammar::
 
 Nodes are frozen and slotted; passes build new graphs (rnndsl/passes/).
 Per-op knowledge lives in tables, one per concern: shape rules (rnndsl/ops.py),
-code emitters (rnndsl/codegen.py) and derivatives (rnndsl/derivatives.py).
+code emitters (rnndsl/codegen/base.py) and derivatives (rnndsl/codegen/derivatives.py);
+the IR's invariants are checked by rnndsl/spec.py.
 """
 from __future__ import annotations
 

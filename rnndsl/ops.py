@@ -1,8 +1,10 @@
 """Per-op tables of the language: the functions a cell may call, and each op's shape rule.
 
 Adding an op means one entry here (and one in the code emitters of
-rnndsl/codegen.py, and one in the derivative rules of rnndsl/derivatives.py);
-tests/test_ops_tables.py checks that every op has an entry in every table.
+rnndsl/codegen/base.py, and one in the derivative rules of rnndsl/codegen/derivatives.py);
+tests/test_ops_tables.py checks that every op has an entry in every table. Algebraic facts
+live here too, read by whoever needs them: ``COMMUTATIVE_OPS`` (with ``operand_orders``) and
+``Function.probability_last`` (``PROBABILITY_OPS``).
 """
 from __future__ import annotations
 

@@ -10,18 +10,23 @@ at once too.
 
 ``find_linear_recurrences`` decides; ``generate_parallel`` writes the
 ``forward_parallel`` method (plain Python: autograd Functions cannot be called
-from TorchScript).
+from TorchScript). Its dialect of the emitters sends matrix products to
+``linear_with_grad`` (rnndsl/kernels.py), the bias added in the same GEMM.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Set, Tuple
 
-from .codegen import _body_nodes, _Emitter, _tuple, biased_products, size_code, validate_source
-from .dependency import Dependence, dependencies
-from .ir import Graph, Node, Op, OpKind, Size, tiling_order
-from .ops import operand_orders
-from .names import Namespace
+from ..dependency import Dependence, dependencies
+from ..ir import Graph, Node, Op, OpKind, Size, tiling_order
+from ..names import PARALLEL_GLOBALS, Namespace
+from ..ops import operand_orders
+from .base import (EMITTERS, NodeEmitter, PythonCode, biased_products, body_nodes, gemm, one_or_tuple,
+                   size_code, tuple_code, validate_source)
+
+# Products go through oneDNN's GEMM where it is faster, under autograd (this code runs as Python).
+PARALLEL_EMITTERS = {**EMITTERS, Op.MATMUL: gemm("linear_with_grad")}
 
 
 @dataclass(frozen=True)
@@ -90,12 +95,12 @@ def find_linear_recurrences(graph: Graph, fixed_dropout_mask: bool = False) -> L
     return updates
 
 
-def generate_parallel(graph: Graph, updates: List[LinearUpdate]) -> str:
-    """Python source of ``forward_parallel(self, xs, state, mask=None)``."""
+def generate_parallel(graph: Graph, updates: List[LinearUpdate]) -> PythonCode:
+    """``forward_parallel(self, xs, state, mask=None)``, plain Python."""
     code = _WholeSequenceCode(graph)
     nodes, found, lines = code.nodes, code.dependencies, code.lines
     names = Namespace({n.name for n in graph.nodes} | set(code.local.values()), reserved=frozenset())
-    body = _body_nodes(graph)
+    body = body_nodes(graph)
     # Values with a time axis get a _seq name; parameter-only values keep theirs.
     seq = {n.name: names.fresh(n.name, "seq") for n in body if found[n.name] is not Dependence.PARAMETERS}
     seq[graph.input.name] = "xs"
@@ -127,12 +132,12 @@ def generate_parallel(graph: Graph, updates: List[LinearUpdate]) -> str:
     zeroed = [f"{o} * real.to(xs.dtype)" for o in outputs]
     finals = [f"{seq[u.next]}[-1]" for u in updates]
     lines.append("    if mask is not None:")
-    lines.append(f"        return {zeroed[0] if len(zeroed) == 1 else _tuple(zeroed)}, {_tuple(finals)}")
-    lines.append(f"    return {outputs[0] if len(outputs) == 1 else _tuple(outputs)}, {_tuple(finals)}")
-    return validate_source("\n".join(lines) + "\n")
+    lines.append(f"        return {one_or_tuple(zeroed)}, {tuple_code(finals)}")
+    lines.append(f"    return {one_or_tuple(outputs)}, {tuple_code(finals)}")
+    return PythonCode(validate_source("\n".join(lines) + "\n"), PARALLEL_GLOBALS)
 
 
-class _WholeSequenceCode(_Emitter):
+class _WholeSequenceCode(NodeEmitter):
     """Emits nodes as code over whole sequences, run under autograd as plain Python.
 
     So it can use what TorchScript's derivatives get wrong or lack: one ``split`` for
@@ -141,10 +146,10 @@ class _WholeSequenceCode(_Emitter):
     """
 
     def __init__(self, graph: Graph):
-        super().__init__(graph)
+        super().__init__(graph, PARALLEL_EMITTERS)
         self.dependencies = dependencies(graph)
         once = {n.name for n in graph.nodes if self.dependencies[n.name] is Dependence.PARAMETERS}
-        body = _body_nodes(graph)
+        body = body_nodes(graph)
         per_input = [n for n in body if self.dependencies[n.name] is Dependence.INPUT]
         self.biased = biased_products(graph, per_input, once)  # product -> the sum adding its bias
         self.splits = tiling_slices(graph)  # value -> its pieces
@@ -161,24 +166,15 @@ class _WholeSequenceCode(_Emitter):
         return wanted | extra
 
     def emit_whole(self, node: Node, rename: Dict[str, str]) -> None:
-        if node.name in self.biased:  # computed with the sum that adds its bias
-            return
-        target = rename.get(node.name, node.name)
-        product = next((i for i in node.inputs if self.biased.get(i) == node.name), None)
-        if product is not None:
-            matrix, vector = (self.ref(name, rename) for name in self.nodes[product].inputs)
-            bias = next(self.ref(i, rename) for i in node.inputs if i != product)
-            self.lines.append(f"    {target} = linear_with_grad({vector}, {matrix}, {bias})")
-        elif node.op is Op.MATMUL:
-            matrix, vector = (self.ref(name, rename) for name in node.inputs)
-            self.lines.append(f"    {target} = linear_with_grad({vector}, {matrix})")
-        elif node.name in self.split_at:
+        """``node``'s line over whole sequences, unless another line makes it: a product with the sum
+        that adds its bias, a piece with its split."""
+        if node.name in self.split_at:
             value = self.split_at[node.name]
             pieces = self.splits[value]
             targets = ", ".join(rename.get(piece, piece) for piece, _ in pieces)
             sizes = ", ".join(size_code(length) for _, length in pieces)
             self.lines.append(f"    {targets} = {self.ref(value, rename)}.split([{sizes}], -1)")
-        elif node.name not in self.pieces:  # (other pieces come with the split)
+        elif node.name not in self.biased and node.name not in self.pieces:
             self.emit(node, "    ", rename)
 
 
