@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from . import derived
-from .backward import supports_training
+from .codegen import supports_training
 from .errors import CellWarning
 from .options import BuildOptions
 from .scan import check_mask, check_not_empty

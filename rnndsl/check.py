@@ -7,12 +7,11 @@ shape is computed by the op's shape rule. Everything here raises a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import keyword
 import math
 import numbers
 from typing import Dict, Iterator, List, Optional, Set
-
-import torch
 
 from . import syntax_tree as st
 from .errors import CellError, Span, did_you_mean, warn
@@ -22,14 +21,30 @@ from .options import BUILD_POSITIONAL, BuildOptions
 
 BUILTIN_SIZES = ("input", "hidden")
 KEYWORDS = {"cell", "state", "param", "size", "hyper"}
-# Parameters, sizes and hyper-parameters become module attributes: keep clear of those of
-# nn.Module (class and instance), of scripted modules, and of the cells rnndsl builds.
-MODULE_ATTRIBUTES = set(dir(torch.nn.Module)) | set(vars(torch.nn.Module())) | \
-    set(dir(torch.jit.RecursiveScriptModule)) | \
-    {"input_size", "hidden_size", "output_size", "state_sizes", "state_names", "source", "code",
-     "cell_name", "forward_sequence", "reset_parameters", "generated_source", "adopt", "scripted_method",
-     "backward_sequence", "derived_backward_trains", "forward_sequence_saving", "forward_parallel",
-     "scan_mode", "parallel_source"}
+
+
+@functools.lru_cache(maxsize=None)
+def _module_attributes() -> frozenset:
+    """MODULE_ATTRIBUTES: names parameters, sizes and hyper-parameters must keep clear of, since
+    they become module attributes: those of nn.Module (class and instance), of scripted modules,
+    and of the cells rnndsl builds."""
+    import torch  # function-level: the front end imports no torch until a cell is checked
+    return frozenset(set(dir(torch.nn.Module)) | set(vars(torch.nn.Module())) |
+                     set(dir(torch.jit.RecursiveScriptModule)) | _CELL_ATTRIBUTES)
+
+
+def __getattr__(name: str) -> object:
+    # PEP 562: `check.MODULE_ATTRIBUTES` is computed (with torch) on first use, not at import.
+    if name == "MODULE_ATTRIBUTES":
+        return _module_attributes()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# The attributes of the cells rnndsl builds.
+_CELL_ATTRIBUTES = {"input_size", "hidden_size", "output_size", "state_sizes", "state_names", "source", "code",
+                    "cell_name", "forward_sequence", "reset_parameters", "generated_source", "adopt",
+                    "scripted_method", "backward_sequence", "derived_backward_trains", "forward_sequence_saving",
+                    "forward_parallel", "scan_mode", "parallel_source"}
 
 # Sizes and hyper-parameters are set as keyword arguments of CellSpec.build(input_size, hidden_size,
 # backend, *, <the build options>, **hyper): they cannot share a name with its own arguments.
@@ -95,7 +110,7 @@ def _check_declarations(cell: st.Cell) -> None:
             if name in BUILTIN_SIZES:
                 raise CellError(f"`{name}` is the built-in size variable and cannot name {_article(what)}", span)
             raise CellError(f"`{name}` is declared twice (already {_article(declared[name])})", span)
-        if what in ("parameter", "size", "hyper-parameter") and name in MODULE_ATTRIBUTES:
+        if what in ("parameter", "size", "hyper-parameter") and name in _module_attributes():
             raise CellError(f"`{name}` cannot name {_article(what)}: it clashes with the attribute `{name}` "
                             "every cell module has", span, hint=_another_name(name))
         if what in ("size", "hyper-parameter") and name in BUILD_ARGUMENTS:

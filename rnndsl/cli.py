@@ -62,7 +62,7 @@ def _show(path: str, stage: str, cell: Optional[str], disable: List[str], raw: b
             print(spec.code(disable))
         elif stage == "backward":  # the derived backward's two methods (rnndsl/backward.py)
             print(spec.backward_code(disable))
-        elif stage == "parallel":  # forward_parallel, for cells linear in their state (rnndsl/parallel.py)
+        elif stage == "parallel":  # forward_parallel, for cells linear in their state (rnndsl/codegen/parallel.py)
             source, why_not = spec.parallel_plan(disable)
             if source is None:
                 # A cell that is not linear in its state is an answer, not a failure: printed in

@@ -24,13 +24,13 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import backward, kernels
+from . import kernels
 from .cells import CellModule, EagerCell, ScriptedCell
-from .codegen import generate, validate_source
+from .codegen import (NotLinear, PythonCode, find_linear_recurrences, generate_backward, generate_parallel,
+                      generate_step, validate_source)
 from .errors import one_line, source_lines
 from .ir import Graph
 from .options import BuildOptions
-from .parallel import NotLinear, find_linear_recurrences, generate_parallel
 from .passes import run_passes
 
 compile_lock = threading.RLock()  # TorchScript compilation and the caches are shared state
@@ -58,20 +58,20 @@ def clear_caches() -> None:
 
 
 def generated_class(graph: Graph, options: BuildOptions, origin: str,
-                    cell_source: str) -> Tuple[type, Optional[str]]:
-    """The module class with the generated methods, and the parallel scan's source (None when
+                    cell_source: str) -> Tuple[type, Optional[PythonCode]]:
+    """The module class with the generated methods, and the parallel scan's code (None when
     the cell runs a time loop). ``origin`` names the file in the generated source's comment;
     ``cell_source`` is the ``.cell`` text, quoted when the scan cannot be parallel."""
-    parallel, why_not = (parallel_plan(graph, options, cell_source) if options.scan != "sequential"
-                         else (None, ""))
+    parallel, why_not = (_parallel_plan(graph, options.disable, options.fixed_dropout_mask, cell_source)
+                         if options.scan != "sequential" else (None, ""))
     if options.scan == "parallel" and parallel is None:
         raise ValueError(f"cell {graph.name} cannot run as a parallel scan: {why_not}")
     return _module_class(graph, options, origin), parallel
 
 
-def eager_class(generated: type, parallel_source: Optional[str]) -> type:
-    """The eager cell class over a generated class (with ``forward_parallel`` when given its source)."""
-    return _eager_class(generated, parallel_source)
+def eager_class(generated: type, parallel: Optional[PythonCode]) -> type:
+    """The eager cell class over a generated class (with ``forward_parallel`` when given its code)."""
+    return _eager_class(generated, parallel)
 
 
 def optimized(graph: Graph, options: BuildOptions) -> Graph:
@@ -80,23 +80,24 @@ def optimized(graph: Graph, options: BuildOptions) -> Graph:
 
 
 def step_source(graph: Graph, options: BuildOptions, origin: str) -> str:
-    """The source of ``forward`` and ``forward_sequence`` (rnndsl/codegen.py)."""
-    return _source(graph, options.disable, origin, options.fixed_dropout_mask)
+    """The source of ``forward`` and ``forward_sequence`` (rnndsl/codegen/step.py)."""
+    return _source(graph, options.disable, origin, options.fixed_dropout_mask).source
 
 
 def backward_source(graph: Graph, options: BuildOptions) -> str:
-    """The source of the derived backward's methods (rnndsl/backward.py)."""
-    return _backward_source(graph, options.disable)
+    """The source of the derived backward's methods (rnndsl/codegen/backward.py)."""
+    return _backward_source(graph, options.disable).source
 
 
 def parallel_plan(graph: Graph, options: BuildOptions, cell_source: str) -> Tuple[Optional[str], str]:
     """``(source of forward_parallel, "")`` when the recurrence is linear in the state, else
-    ``(None, why not)`` quoting the equation of ``cell_source`` that is not (rnndsl/parallel.py)."""
-    return _parallel_plan(graph, options.disable, options.fixed_dropout_mask, cell_source)
+    ``(None, why not)`` quoting the equation of ``cell_source`` that is not (rnndsl/codegen/parallel.py)."""
+    code, why_not = _parallel_plan(graph, options.disable, options.fixed_dropout_mask, cell_source)
+    return (None if code is None else code.source), why_not
 
 
-def script(module: CellModule, parallel: Optional[str]) -> ScriptedCell:
-    """``module`` compiled by TorchScript, as a ScriptedCell (with ``forward_parallel`` when given its source)."""
+def script(module: CellModule, parallel: Optional[PythonCode]) -> ScriptedCell:
+    """``module`` compiled by TorchScript, as a ScriptedCell (with ``forward_parallel`` when given its code)."""
     with compile_lock, warnings.catch_warnings():
         # torch 2.13 deprecates torch.jit.script; the user did not call it, rnndsl did, and
         # rnndsl's own pickling and deepcopy must work under -W error.
@@ -127,33 +128,31 @@ def _optimized(graph: Graph, disable: Tuple[str, ...]) -> Graph:
 
 
 @cached(maxsize=128)
-def _backward_source(graph: Graph, disable: Tuple[str, ...]) -> str:
-    return backward.generate(_optimized(graph, disable))
+def _backward_source(graph: Graph, disable: Tuple[str, ...]) -> PythonCode:
+    return generate_backward(_optimized(graph, disable))
 
 
 @cached(maxsize=128)
-def _source(graph: Graph, disable: Tuple[str, ...], origin: str, fixed_dropout_mask: bool = False) -> str:
-    return generate(_optimized(graph, disable), f"{os.path.basename(origin)} (cell {graph.name})",
-                    fixed_dropout_mask)
+def _source(graph: Graph, disable: Tuple[str, ...], origin: str, fixed_dropout_mask: bool = False) -> PythonCode:
+    return generate_step(_optimized(graph, disable), f"{os.path.basename(origin)} (cell {graph.name})",
+                         fixed_dropout_mask)
 
 
 @cached(maxsize=128)
 def _module_class(graph: Graph, options: BuildOptions, origin: str) -> type:
     """A CellModule subclass with the generated methods; cached, so TorchScript compiles it once."""
     with compile_lock:
-        source = _source(graph, options.disable, origin, options.fixed_dropout_mask)
+        step = _source(graph, options.disable, origin, options.fixed_dropout_mask)
         derived = options.derived_backward
-        text = source + ("\n\n" + _backward_source(graph, options.disable) if derived else "")
-        if text in _scripted_classes:
-            return _scripted_classes[text]
-        namespace, filename = _run(text, graph.name, {
-            "torch": torch, "Tensor": Tensor, "Tuple": Tuple, "List": List, "Optional": Optional,
-            **kernels.helpers(kernels.SCRIPT_HELPERS)})
+        code = _joined(step, _backward_source(graph, options.disable)) if derived else step
+        if code.source in _scripted_classes:
+            return _scripted_classes[code.source]
+        namespace, filename = _run(code, graph.name)
         methods = {
             "forward": namespace["forward"],
             "forward_sequence": torch.jit.export(namespace["forward_sequence"]),
-            "generated_source": source,
-            "_methods_text": text,
+            "generated_source": step.source,
+            "_methods_text": code.source,
         }
         if derived:
             for name in ("forward_sequence_saving", "backward_sequence"):
@@ -165,31 +164,35 @@ def _module_class(graph: Graph, options: BuildOptions, origin: str) -> type:
         return cls
 
 
-def _parallel_methods(parallel_source: Optional[str]) -> dict:
+def _joined(first: PythonCode, second: PythonCode) -> PythonCode:
+    """Two generated sources as one module's: the text of both, the globals either reads."""
+    return PythonCode(first.source + "\n\n" + second.source, tuple(dict.fromkeys(first.globals + second.globals)))
+
+
+def _parallel_methods(parallel: Optional[PythonCode]) -> dict:
     """Class attributes for a cell that runs as a parallel scan (none when it does not)."""
-    if parallel_source is None:
+    if parallel is None:
         return {}
-    namespace, _ = _run(parallel_source, "parallel",
-                        {"torch": torch, **kernels.helpers(kernels.PARALLEL_HELPERS)})
+    namespace, _ = _run(parallel, "parallel")
     return {"forward_parallel": namespace["forward_parallel"], "scan_mode": "parallel",
-            "parallel_source": parallel_source}
+            "parallel_source": parallel.source}
 
 
 @cached(maxsize=128)
-def _eager_class(generated: type, parallel_source: Optional[str] = None) -> type:
-    return type(generated.__name__, (EagerCell, generated), _parallel_methods(parallel_source))
+def _eager_class(generated: type, parallel: Optional[PythonCode] = None) -> type:
+    return type(generated.__name__, (EagerCell, generated), _parallel_methods(parallel))
 
 
 @cached(maxsize=128)
-def _scripted_class(parallel_source: Optional[str]) -> type:
-    if parallel_source is None:
+def _scripted_class(parallel: Optional[PythonCode]) -> type:
+    if parallel is None:
         return ScriptedCell
-    return type("ScriptedParallelCell", (ScriptedCell,), _parallel_methods(parallel_source))
+    return type("ScriptedParallelCell", (ScriptedCell,), _parallel_methods(parallel))
 
 
 @cached(maxsize=128)
 def _parallel_plan(graph: Graph, disable: Tuple[str, ...], fixed_dropout_mask: bool,
-                   source: str) -> Tuple[Optional[str], str]:
+                   source: str) -> Tuple[Optional[PythonCode], str]:
     try:
         try:
             optimized = _optimized(graph, disable)
@@ -211,11 +214,13 @@ def _parallel_plan(graph: Graph, disable: Tuple[str, ...], fixed_dropout_mask: b
         return None, f"the recurrence is not linear in the state: {reason}{where}"
 
 
-def _run(source: str, label: str, namespace: dict) -> Tuple[dict, str]:
-    """Execute generated ``source`` in ``namespace``; the namespace and the file name it runs as."""
+def _run(code: PythonCode, label: str) -> Tuple[dict, str]:
+    """Execute generated ``code`` with the globals it names bound; its namespace and the file name
+    it runs as."""
     filename = f"<rnndsl {label} #{next(_counter)}>"
     # Registered like torch.fx does, so tracebacks and torch.jit.script can read the source.
-    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    linecache.cache[filename] = (len(code.source), None, code.source.splitlines(True), filename)
+    namespace = kernels.resolve_globals(code.globals)
     # The source comes only from the IR; validate_source is the last guard before exec.
-    exec(compile(validate_source(source), filename, "exec"), namespace)
+    exec(compile(validate_source(code.source), filename, "exec"), namespace)
     return namespace, filename

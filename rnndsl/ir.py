@@ -10,7 +10,8 @@ The counterpart of rnnlib's nngraph gModule. Its grammar::
 
 Nodes are frozen and slotted; passes build new graphs (rnndsl/passes/).
 Per-op knowledge lives in tables, one per concern: shape rules (rnndsl/ops.py),
-code emitters (rnndsl/codegen.py) and derivatives (rnndsl/derivatives.py).
+code emitters (rnndsl/codegen/base.py) and derivatives (rnndsl/codegen/derivatives.py);
+the IR's invariants are checked by rnndsl/spec.py.
 """
 from __future__ import annotations
 
@@ -271,41 +272,6 @@ class Graph:
 
 class IRError(Exception):
     """A broken IR invariant: a bug in rnndsl, never in the user's cell."""
-
-
-def verify(graph: Graph) -> Graph:
-    """Check the IR's invariants; return the graph unchanged."""
-    from .ops import SHAPE_RULES  # the shape table depends on this module
-
-    seen: Dict[str, Node] = {}
-    for node in graph.nodes:
-        if node.name in seen:
-            raise IRError(f"{graph.name}: node name {node.name!r} defined twice")
-        if not node.name.isidentifier():
-            raise IRError(f"{graph.name}: node name {node.name!r} is not an identifier")
-        for name in node.inputs:
-            if name not in seen:
-                raise IRError(f"{graph.name}: {node.name} uses {name!r} before it is defined")
-        inputs = [seen[name] for name in node.inputs]
-        if node.op.kind is not OpKind.LEAF:
-            expected = SHAPE_RULES[node.op](node, [n.shape for n in inputs])
-            if expected != node.shape:
-                raise IRError(f"{graph.name}: {node.name} has shape {node.shape}, its rule gives {expected}")
-            if any(n.phase > node.phase for n in inputs):
-                raise IRError(f"{graph.name}: {node.name} is hoisted above an input of a later phase")
-        seen[node.name] = node
-    if len(graph.next_states) != len(graph.states):
-        raise IRError(f"{graph.name}: {len(graph.states)} states but {len(graph.next_states)} next states")
-    for decl, name in zip(graph.states, graph.next_states):
-        if name not in seen:
-            raise IRError(f"{graph.name}: next value of state {decl.name} is undefined")
-        if seen[name].shape != decl.shape:
-            raise IRError(f"{graph.name}: next value of {decl.name} has shape {seen[name].shape}, "
-                          f"the state {decl.shape}")
-    for name in graph.outputs:
-        if name not in seen or not seen[name].shape.batched:
-            raise IRError(f"{graph.name}: output {name!r} is not a batched node")
-    return graph
 
 
 def _format_value(value: object) -> str:

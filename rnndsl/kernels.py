@@ -10,23 +10,22 @@ under autograd (the parallel scan's ``forward_parallel``).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .linear_scan import linear_recurrence  # noqa: F401 (generated code gets it through helpers())
-
-# What generated code calls by name: the TorchScript methods (rnndsl/codegen.py, backward.py)
-# and the parallel scan's plain Python (rnndsl/parallel.py). lower.py reserves all these names.
-SCRIPT_HELPERS = ("linear", "outer_sum", "prepack")
-PARALLEL_HELPERS = ("along_steps", "linear_recurrence", "linear_with_grad")
+from .linear_scan import linear_recurrence  # noqa: F401 (generated code gets it through resolve_globals())
+from .names import PARALLEL_HELPERS, SCRIPT_HELPERS
 
 
-def helpers(names: Iterable[str]) -> Dict[str, Any]:
-    """The namespace generated code runs in: each helper by its name."""
-    return {name: globals()[name] for name in names}
+def resolve_globals(names: Iterable[str]) -> Dict[str, Any]:
+    """The namespace generated code runs in: each of ``names`` (the globals a generator returns
+    with its source, from rnndsl/names.py) bound to its object."""
+    known = {"torch": torch, "Tensor": Tensor, "Tuple": Tuple, "List": List, "Optional": Optional,
+             **{name: globals()[name] for name in SCRIPT_HELPERS + PARALLEL_HELPERS}}
+    return {name: known[name] for name in names}
 
 
 def _onednn_fits(rows: int, weight: Tensor) -> bool:

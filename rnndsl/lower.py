@@ -7,64 +7,15 @@ causes them.
 """
 from __future__ import annotations
 
-import builtins
-import keyword
 from typing import Dict, List, Optional
 
 from . import syntax_tree as st
 from .check import BUILTIN_SIZES
 from .errors import CellError, Span
-from .ir import MAX_DIMENSION, Decl, Graph, Node, Op, Shape, Size, attrs, verify
-from .kernels import PARALLEL_HELPERS, SCRIPT_HELPERS
+from .ir import MAX_DIMENSION, Decl, Graph, Node, Op, Shape, Size, attrs
+from .names import Namespace, joined_name
 from .ops import BINARY_OPS, FUNCTIONS, SHAPE_RULES, ShapeError
-
-# Names the generated code uses for itself; user names that collide get a suffix.
-RESERVED = (set(keyword.kwlist) | set(dir(builtins)) |
-            {"self", "torch", "state", "xs", "mask", "outputs", "t", "keep", "real", "Tensor", "Tuple", "List",
-             "Optional"} | set(SCRIPT_HELPERS) | set(PARALLEL_HELPERS))
-
-
-def joined_name(*parts: str) -> str:
-    """``parts`` joined by ``_``: ``joined_name("c", "seq")`` is ``c_seq``.
-
-    The joints never give ``__`` (which generated code refuses as dunder-like: ``lambda_`` and
-    ``seq`` make ``lambda_seq``), and a leading ``_`` stays (``_1`` and ``seq`` make ``_1_seq``,
-    not the number-then-name ``1_seq``). One part is returned as it is.
-    """
-    head, *rest = parts
-    if not rest:
-        return head
-    pieces = [head.rstrip("_")] + [part.strip("_") for part in rest]
-    name = "_".join(piece for piece in pieces if piece)
-    return name if not head.startswith("_") or name.startswith("_") else f"_{name}"
-
-
-class Namespace:
-    """Hands out identifiers that never collide with each other or with RESERVED."""
-
-    def __init__(self, taken: set, reserved: frozenset = frozenset(RESERVED)):
-        self.taken = set(taken) | reserved
-        self.next_suffix: Dict[str, int] = {}  # suffixes below are taken: keeps a cell of n values O(n)
-
-    def claim(self, name: str) -> str:
-        """Take exactly ``name`` (declared names must keep theirs)."""
-        self.taken.add(name)
-        return name
-
-    def fresh(self, *parts: str) -> str:
-        """A new identifier named from ``parts`` (see :func:`joined_name`), with a numeric suffix
-        if that is taken."""
-        base = joined_name(*parts)
-        candidate = base if base not in self.taken else None
-        suffix = self.next_suffix.get(base, 1)
-        while candidate is None:
-            if joined_name(base, str(suffix)) not in self.taken:
-                candidate = joined_name(base, str(suffix))
-            suffix += 1
-        self.next_suffix[base] = suffix
-        self.taken.add(candidate)
-        return candidate
-
+from .spec import verify
 
 def size_of(expr: st.SizeExpr) -> Size:
     """The size a declaration's shape gives, its numbers at most MAX_DIMENSION."""

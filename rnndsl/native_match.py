@@ -14,15 +14,11 @@ from __future__ import annotations
 from typing import Dict, List, Mapping, Optional, Tuple
 
 from .ir import Graph, Node, Op
+from .ops import COMMUTATIVE_OPS
 
 # The passes to leave off in the graphs compared: hoisting moves values out of the step in ways
 # that depend on the order of sums, which the fingerprints ignore.
 MATCH_DISABLE = ("hoist",)
-
-
-def _commutative(op: Op) -> bool:
-    """Whether the order of ``op``'s operands does not matter (sums and products)."""
-    return op in (Op.ADD, Op.MUL)
 
 
 def _fingerprints(graph: Graph) -> Dict[str, tuple]:
@@ -40,7 +36,7 @@ def _fingerprints(graph: Graph) -> Dict[str, tuple]:
             prints[node.name] = ("const", float(node.attr("value")))
         elif node.op is Op.HYPER:
             prints[node.name] = ("hyper", float(graph_hyper_default(graph, node.name)))
-        elif _commutative(node.op):
+        elif node.op in COMMUTATIVE_OPS:
             terms = _flatten(node, nodes)
             prints[node.name] = (node.op.label, tuple(sorted(repr(prints[t]) for t in terms)))
         else:
@@ -82,7 +78,7 @@ def _pair_params(user: Graph, stock: Graph) -> Optional[Dict[str, str]]:
             if pairs.setdefault(u, s) != s:
                 return None
             continue
-        if _commutative(un.op):
+        if un.op in COMMUTATIVE_OPS:
             u_in = sorted(_flatten(un, user_nodes), key=lambda n: repr(user_prints[n]))
             s_in = sorted(_flatten(sn, stock_nodes), key=lambda n: repr(stock_prints[n]))
         else:

@@ -1,13 +1,15 @@
 """Per-op tables of the language: the functions a cell may call, and each op's shape rule.
 
 Adding an op means one entry here (and one in the code emitters of
-rnndsl/codegen.py, and one in the derivative rules of rnndsl/derivatives.py);
-tests/test_ops_tables.py checks that every op has an entry in every table.
+rnndsl/codegen/base.py, and one in the derivative rules of rnndsl/codegen/derivatives.py);
+tests/test_ops_tables.py checks that every op has an entry in every table. Algebraic facts
+live here too, read by whoever needs them: ``COMMUTATIVE_OPS`` (with ``operand_orders``) and
+``Function.probability_last`` (``PROBABILITY_OPS``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, FrozenSet, Iterator, List, Optional, Tuple
 
 from .ir import Node, Op, Shape, Size
 
@@ -46,7 +48,7 @@ FUNCTIONS: Dict[str, Function] = {
                         probability_last=True),
 }
 # The ops whose last input is a probability.
-PROBABILITY_OPS = frozenset(function.op for function in FUNCTIONS.values() if function.probability_last)
+PROBABILITY_OPS: FrozenSet[Op] = frozenset(function.op for function in FUNCTIONS.values() if function.probability_last)
 
 
 def _not_matrix(shape: Shape, what: str) -> None:
@@ -194,5 +196,17 @@ SHAPE_RULES: Dict[Op, ShapeRule] = {
     Op.DROPOUT: _probability_last,
     Op.ZONEOUT: _probability_last,
 }
+
+# Ops whose two operands may be swapped: ``a + b`` is ``b + a``.
+COMMUTATIVE_OPS: FrozenSet[Op] = frozenset({Op.ADD, Op.MUL})
+
+
+def operand_orders(node: Node) -> Iterator[Tuple[str, ...]]:
+    """The orders in which a pattern may read ``node``'s inputs: as written, and swapped when
+    its op is commutative."""
+    yield node.inputs
+    if node.op in COMMUTATIVE_OPS:
+        yield node.inputs[::-1]
+
 
 BINARY_OPS = {"+": Op.ADD, "-": Op.SUB, "*": Op.MUL, "/": Op.DIV, "@": Op.MATMUL}

@@ -1,4 +1,4 @@
-"""The backward derived from the equations (rnndsl/derivatives.py, rnndsl/backward.py).
+"""The backward derived from the equations (rnndsl/codegen/derivatives.py, rnndsl/codegen/backward.py, rnndsl/backward.py).
 
 - every op has a derivative rule;
 - ``torch.autograd.gradcheck`` of the derived ``torch.autograd.Function`` for
@@ -21,8 +21,8 @@ from hypothesis import strategies as hs
 
 import rnndsl
 from rnndsl import cli
+from rnndsl.codegen.derivatives import DERIVATIVES
 from rnndsl.derived import DerivedSequence
-from rnndsl.derivatives import DERIVATIVES
 from rnndsl.ir import Op, OpKind
 from strategies import well_formed_cells
 

@@ -29,7 +29,8 @@ import rnndsl
 from rnndsl import CellError, CellWarning
 from rnndsl.check import BUILD_ARGUMENTS, MODULE_ATTRIBUTES
 from rnndsl.cli import main
-from rnndsl.codegen import generate, validate_source
+from rnndsl.codegen import PythonCode, validate_source
+from rnndsl.codegen import generate_step as generate
 from rnndsl.errors import printable
 from rnndsl.ir import IRError, Op
 
@@ -426,7 +427,8 @@ def test_the_final_guard_stands_behind_a_doctored_graph():
 def test_nothing_reaches_exec_without_the_final_guard(monkeypatch):
     """Whatever a code generator returns (the forward's or the derived backward's), build validates it."""
     from rnndsl import compile
-    monkeypatch.setattr(compile, "generate", lambda *args, **kwargs: "import os\nos.system('true')\n")
+    monkeypatch.setattr(compile, "generate_step",
+                        lambda *args, **kwargs: PythonCode("import os\nos.system('true')\n", ()))
     spec = rnndsl.load_source(HEADER + "    h' = tanh(w @ x) * 0.123456789\n}\n", "guard.cell")["c"]
     with pytest.raises(IRError, match="never generated"):
         spec.build(2, 3, backend="eager")

@@ -1,8 +1,8 @@
 """Per-op knowledge lives in one table per concern: every op must have an entry in each."""
 from __future__ import annotations
 
-from rnndsl.codegen import EMITTERS
-from rnndsl.derivatives import DERIVATIVES
+from rnndsl.codegen.base import EMITTERS
+from rnndsl.codegen.derivatives import DERIVATIVES
 from rnndsl.ir import Op, OpKind
 from rnndsl.ops import FUNCTIONS, SHAPE_RULES
 

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import rnndsl
-from rnndsl.parallel import NotLinear, find_linear_recurrences
+from rnndsl.codegen import NotLinear, find_linear_recurrences
 
 LINEAR = ["mingru", "minlstm", "qrnn"]
 NOT_LINEAR = {"lstm": "h' = sigmoid(o) * tanh(c')", "gru": "h' = (1 - z) * n + z * h", "indrnn": "h' = relu("}

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import rnndsl
-from rnndsl.ir import Op, Phase, verify
+from rnndsl.ir import Op, Phase
+from rnndsl.spec import verify
 from rnndsl.passes import PASS_NAMES, eliminate_common_subexpressions, eliminate_dead_code, \
     hoist_invariants, merge_matmuls, reassociate_sums
 

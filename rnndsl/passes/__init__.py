@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, List, Tuple
 
-from ..ir import Graph, verify
+from ..ir import Graph
+from ..spec import verify
 from .dead_code import eliminate_dead_code
 from .dedupe import eliminate_common_subexpressions
 from .hoist import hoist_invariants

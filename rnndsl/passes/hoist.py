@@ -13,10 +13,15 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..ir import Graph
-from .dependency import dependency_phases
+from ..dependency import Dependence, dependencies
+from ..ir import Graph, Phase
+
+# The earliest phase a value can run in, by what it varies with.
+_EARLIEST_PHASE = {Dependence.PARAMETERS: Phase.ONCE, Dependence.INPUT: Phase.PER_INPUT,
+                   Dependence.STATE: Phase.PER_STEP}
 
 
 def hoist_invariants(graph: Graph) -> Graph:
-    phases = dependency_phases(graph)
-    return graph.with_nodes((replace(node, phase=phases[node.name]) for node in graph.nodes), "hoist")
+    found = dependencies(graph)
+    return graph.with_nodes((replace(node, phase=_EARLIEST_PHASE[found[node.name]]) for node in graph.nodes),
+                            "hoist")

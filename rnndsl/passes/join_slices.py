@@ -21,7 +21,7 @@ from dataclasses import replace
 from typing import Dict, List, Optional, Tuple
 
 from ..ir import Graph, Node, Op, Shape, attrs, tiling_order
-from ..lower import Namespace
+from ..names import Namespace
 from ..ops import SHAPE_RULES
 
 def _slice_operand(add: Node, nodes: Dict[str, Node]) -> Optional[Tuple[int, Node, str]]:

@@ -15,7 +15,7 @@ from collections import defaultdict
 from typing import Dict, List
 
 from ..ir import Graph, Node, Op, Shape, Size, attrs
-from ..lower import Namespace
+from ..names import Namespace
 
 
 def merge_matmuls(graph: Graph) -> Graph:

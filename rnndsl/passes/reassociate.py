@@ -13,16 +13,16 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Dict, List, Set, Tuple
 
+from ..dependency import dependencies
 from ..ir import Graph, Node, Op
-from ..lower import Namespace
+from ..names import Namespace
 from ..ops import SHAPE_RULES
-from .dependency import dependency_phases
 
 
 def reassociate_sums(graph: Graph) -> Graph:
     nodes, users = graph.node_map(), graph.users()
     results = set(graph.results())
-    phases = dependency_phases(graph)
+    found = dependencies(graph)
     absorbed: Set[str] = set()
     rebuilt: Dict[str, List[Node]] = {}
     names = Namespace({n.name for n in graph.nodes})
@@ -45,7 +45,7 @@ def reassociate_sums(graph: Graph) -> Graph:
         if node.op is not Op.ADD or node.name in absorbed:
             continue
         terms, inner = flatten(node.name)
-        ordered = sorted(terms, key=lambda name: phases[name])  # stable: keeps source order within a phase
+        ordered = sorted(terms, key=found.__getitem__)  # stable: keeps source order among equals
         if ordered == terms:
             continue
         absorbed.update(inner)

@@ -1,20 +1,17 @@
-"""Codegen: IR graph -> readable Python source for a cell module, valid TorchScript.
+"""The shared base of code generation: what every target (rnndsl/codegen/step.py,
+backward.py, parallel.py) writes alike.
 
-Two methods are generated:
+- ``EMITTERS``: one code emitter per IR op, the per-op table of this stage. A target's
+  dialect is a dict merge, ``{**EMITTERS, Op.MATMUL: gemm("linear")}``.
+- :class:`NodeEmitter`: a node as one line of code, its operands referred to as leaves
+  (``self.weight``, ``0.5``), locals, or renamed whole-sequence values.
+- Lines of the time loop (:func:`masked_assignment`, :func:`state_update`), tuples,
+  and :func:`biased_products`, the products whose GEMM can add their bias itself.
+- :class:`PythonCode`: what a generator returns, its source and the globals it reads.
+- :func:`validate_source`: the last guard on every generated source.
 
-``forward(self, state, x)``
-    one step, the cell calling convention ``(state, x) -> (new_state, output)``;
-``forward_sequence(self, xs, state, mask)``
-    the whole time loop. Nodes the hoisting pass marked ``ONCE`` run before
-    the loop; ``PER_INPUT`` nodes run before it too, on the whole
-    ``(T, batch, ...)`` input at once (their names get a ``_seq`` suffix, and
-    the loop reads step ``t`` from them); ``PER_STEP`` nodes run in the loop.
-    With ``fixed_dropout_mask``, each ``dropout`` of a value that depends on
-    a state draws its mask once, before the loop, and every step reuses it
-    (recurrent dropout, Gal & Ghahramani 2016); ``forward`` always draws anew.
-
-Sizes and hyper-parameters are module constants (``self.hidden``), so one
-source serves every size. Each op's code comes from the EMITTERS table.
+Nothing here imports torch: generated code names what it needs, and the runtime binds
+those names (rnndsl/kernels.py, ``resolve_globals``).
 """
 from __future__ import annotations
 
@@ -23,13 +20,23 @@ import keyword
 import math
 import re
 import tokenize
-from typing import Callable, Collection, Dict, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Collection, Dict, List, Optional, Sequence, Tuple
 
-from .ir import Graph, IRError, Node, Op, OpKind, Phase
-from .lower import RESERVED, Namespace
-from .passes.dependency import dependency_phases
+from ..ir import Graph, IRError, Node, Op, OpKind
+from ..names import RESERVED, Namespace
+from ..ops import operand_orders
 
 Emitter = Callable[[Node, List[str]], str]
+
+
+@dataclass(frozen=True)
+class PythonCode:
+    """A generator's result, as torch.fx's ``PythonCode``: the source, and the names of the globals
+    it reads (from rnndsl/names.py's registry), which the runtime binds before running it."""
+
+    source: str
+    globals: Tuple[str, ...]
 
 
 def size_code(value) -> str:
@@ -43,6 +50,12 @@ def _call(function: str) -> Emitter:
 
 def _infix(symbol: str) -> Emitter:
     return lambda node, args: f"{args[0]} {symbol} {args[1]}"
+
+
+def gemm(function: str) -> Emitter:
+    """``W @ v`` as ``function(v, W)``; given a third operand, ``function(v, W, bias)`` adds the
+    bias in the same GEMM (see :meth:`NodeEmitter.expression`)."""
+    return lambda node, args: f"{function}({', '.join([args[1], args[0]] + args[2:])})"
 
 
 def _chunk(node: Node, args: List[str]) -> str:
@@ -80,7 +93,7 @@ EMITTERS: Dict[Op, Emitter] = {
     Op.SQRT: _call("torch.sqrt"),
     Op.SILU: _call("torch.nn.functional.silu"),
     # W @ v with v of shape (..., n): one GEMM for any number of leading dims.
-    Op.MATMUL: lambda node, args: f"torch.nn.functional.linear({args[1]}, {args[0]})",
+    Op.MATMUL: gemm("torch.nn.functional.linear"),
     Op.CHUNK: _chunk,
     Op.SLICE: lambda node, args: f"{args[0]}.narrow(-1, {size_code(node.attr('start'))}, {size_code(node.attr('length'))})",
     Op.CONCAT: _concat,
@@ -103,9 +116,17 @@ def leaf_reference(node: Node) -> Optional[str]:
     return None
 
 
-class _Emitter:
-    def __init__(self, graph: Graph):
+class NodeEmitter:
+    """Writes nodes as lines of one method, in a dialect of the emitters.
+
+    ``biased`` maps a matrix product to the sum that adds its bias (see
+    :func:`biased_products`): the sum's line is then the product's GEMM with the bias.
+    """
+
+    def __init__(self, graph: Graph, emitters: Dict[Op, Emitter] = EMITTERS):
         self.graph = graph
+        self.emitters = emitters
+        self.biased: Dict[str, str] = {}
         self.nodes = graph.node_map()
         self.lines: List[str] = []
         # Lowering keeps body values clear of RESERVED, but the input and the states keep their
@@ -133,18 +154,27 @@ class _Emitter:
                                  for d in self.graph.params}
 
     def ref(self, name: str, rename: Dict[str, str]) -> str:
+        """How code refers to value ``name``: a leaf, its ``rename`` (whole-sequence values), or its local."""
         node = self.nodes[name]
         return self.leaf(node) or rename.get(name, self.var(name))
 
     def inline(self, name: str) -> str:
         """A value as one expression of leaves, for code that runs before the nodes that compute it."""
         node = self.nodes[name]
-        return self.leaf(node) or f"({EMITTERS[node.op](node, [self.inline(i) for i in node.inputs])})"
+        return self.leaf(node) or f"({self.emitters[node.op](node, [self.inline(i) for i in node.inputs])})"
+
+    def expression(self, node: Node, rename: Dict[str, str]) -> str:
+        """``node``'s code; a sum that adds the bias of a ``biased`` product is that product's GEMM."""
+        product = next((i for i in node.inputs if self.biased.get(i) == node.name), None)
+        if product is not None:
+            matrix, vector = (self.ref(name, rename) for name in self.nodes[product].inputs)
+            bias = next(self.ref(i, rename) for i in node.inputs if i != product)
+            return self.emitters[Op.MATMUL](self.nodes[product], [matrix, vector, bias])
+        return self.emitters[node.op](node, [self.ref(name, rename) for name in node.inputs])
 
     def emit(self, node: Node, indent: str, rename: Dict[str, str]) -> None:
-        args = [self.ref(name, rename) for name in node.inputs]
-        target = rename.get(node.name, node.name)
-        self.lines.append(f"{indent}{target} = {EMITTERS[node.op](node, args)}")
+        """Append ``node``'s line, assigning its value (or its ``rename``)."""
+        self.lines.append(f"{indent}{rename.get(node.name, node.name)} = {self.expression(node, rename)}")
 
 
 def biased_products(graph: Graph, whole_sequence: Sequence[Node], once: Collection[str],
@@ -161,7 +191,7 @@ def biased_products(graph: Graph, whole_sequence: Sequence[Node], once: Collecti
     for node in whole_sequence:
         if node.op is not Op.ADD:
             continue
-        for product, bias in (node.inputs, node.inputs[::-1]):
+        for product, bias in operand_orders(node):
             if (nodes[product].op is Op.MATMUL and product in candidates and users[product] == (node.name,)
                     and product not in results and product not in kept and bias in once
                     and nodes[bias].shape.dims == node.shape.dims):
@@ -186,115 +216,24 @@ def state_update(states: Sequence[str], nexts: Sequence[str]) -> List[str]:
     return ["        " + line for line in masked_assignment(states, nexts, kept)]
 
 
-def _tuple_type(count: int) -> str:
+def tuple_type(count: int) -> str:
+    """The TorchScript type of a tuple of ``count`` tensors."""
     return f"Tuple[{', '.join(['Tensor'] * count)}]"
 
 
-def _tuple(items: Sequence[str]) -> str:
+def tuple_code(items: Sequence[str]) -> str:
+    """A tuple expression of ``items``, one item included: ``(h,)``."""
     return f"({items[0]},)" if len(items) == 1 else f"({', '.join(items)})"
 
 
-def _body_nodes(graph: Graph) -> List[Node]:
+def one_or_tuple(items: Sequence[str]) -> str:
+    """One item as itself, several as a tuple: how a cell returns its outputs."""
+    return items[0] if len(items) == 1 else tuple_code(items)
+
+
+def body_nodes(graph: Graph) -> List[Node]:
+    """The graph's nodes that compute something (not leaves), in order."""
     return [n for n in graph.nodes if n.op.kind is not OpKind.LEAF]
-
-
-def generate(graph: Graph, origin: str = "", fixed_dropout_mask: bool = False) -> str:
-    """The Python/TorchScript source of the cell's methods, checked by :func:`validate_source`."""
-    emitter = _Emitter(graph)
-    states = [emitter.var(d.name) for d in graph.states]
-    state_type = _tuple_type(len(states))
-    output_type = "Tensor" if len(graph.outputs) == 1 else _tuple_type(len(graph.outputs))
-    lines = emitter.lines
-    if origin:
-        # A file name may hold a newline, which would end the comment and start code.
-        printable = "".join(char if char.isprintable() else "?" for char in origin)
-        lines.append(f"# Generated by rnndsl from {printable}. Edit the .cell file, not this code.")
-
-    # One step.
-    lines.append(f"def forward(self, state: {state_type}, {emitter.var(graph.input.name)}: Tensor) "
-                 f"-> Tuple[{state_type}, {output_type}]:")
-    lines.extend(f"    {name} = state[{i}]" for i, name in enumerate(states))
-    for node in _body_nodes(graph):
-        emitter.emit(node, "    ", {})
-    outputs = [emitter.ref(name, {}) for name in graph.outputs]
-    output = outputs[0] if len(outputs) == 1 else _tuple(outputs)
-    lines.append(f"    return {_tuple([emitter.ref(n, {}) for n in graph.next_states])}, {output}")
-    lines.append("")
-    lines.append("")
-    _generate_sequence(graph, emitter, state_type, output_type, fixed_dropout_mask)
-    return validate_source("\n".join(lines) + "\n")
-
-
-def _generate_sequence(graph: Graph, emitter: _Emitter, state_type: str, output_type: str,
-                       fixed_dropout_mask: bool) -> None:
-    lines = emitter.lines
-    states = [emitter.var(d.name) for d in graph.states]
-    body = _body_nodes(graph)
-    # Lowering and the emitter kept user names clear of RESERVED, so this code may use those names itself.
-    names = Namespace({n.name for n in graph.nodes} | set(emitter.local.values()), reserved=frozenset())
-    x = graph.input.name
-    hoisted = [n for n in body if n.phase is Phase.PER_INPUT]
-    # Inside the loop, a hoisted value (or the input) is read at step t from its whole-sequence tensor.
-    seq_name = {n.name: names.fresh(n.name, "seq") for n in hoisted}
-    seq_name[x] = "xs"
-    step = [n for n in body if n.phase is Phase.PER_STEP]
-    needed_in_loop = {name for n in step for name in n.inputs} | set(graph.results())
-    per_step_reads = [name for name in [x] + [n.name for n in hoisted] if name in needed_in_loop]
-    output_lists = [names.fresh(f"outputs_{i}" if len(graph.outputs) > 1 else "outputs")
-                    for i in range(len(graph.outputs))]
-
-    lines.append(f"def forward_sequence(self, xs: Tensor, state: {state_type}, "
-                 f"mask: Optional[Tensor] = None) -> Tuple[{output_type}, {state_type}]:")
-    lines.extend(f"    {name} = state[{i}]" for i, name in enumerate(states))
-    once = [n for n in body if n.phase is Phase.ONCE]
-    if once:
-        lines.append("    # Once per sequence: these depend only on parameters.")
-        for node in once:
-            emitter.emit(node, "    ", {})
-    if hoisted:
-        lines.append("    # For all steps at once: these depend on the input but on no state.")
-        for node in hoisted:
-            emitter.emit(node, "    ", seq_name)
-    # Read from the dependencies, not the phases: with hoisting disabled every node is PER_STEP.
-    phases = dependency_phases(graph)
-    masks = {n.name: names.fresh(n.name, "mask") for n in step
-             if fixed_dropout_mask and n.op is Op.DROPOUT and phases[n.name] is Phase.PER_STEP}
-    if masks:
-        lines.append("    # Recurrent dropout: one mask per sequence, the same at every step.")
-    for node in step:
-        if node.name in masks:
-            # The probability is a number: parameters-only, but maybe computed in the loop (no hoisting).
-            size, p = size_code(node.shape.dims[0]), emitter.inline(node.inputs[1])
-            # The mask has the value's shape: a parameter vector's has no batch dimension.
-            shape = f"[xs.size(1), {size}]" if node.shape.batched else f"[{size}]"
-            lines.append(f"    {masks[node.name]} = torch.nn.functional.dropout("
-                         f"xs.new_ones({shape}), {p}, self.training)")
-    for name in output_lists:
-        lines.append(f"    {name} = torch.jit.annotate(List[Tensor], [])")
-    # unbind, not seq[t] in the loop: the backward of one indexing per step would zero-fill a
-    # whole (T, batch, n) gradient at every step, O(T^2); unbind's backward is one stack.
-    step_lists = {name: names.fresh(emitter.var(name), "steps") for name in per_step_reads}
-    for name in per_step_reads:
-        lines.append(f"    {step_lists[name]} = {seq_name[name]}.unbind(0)")
-    lines.append("    for t in range(xs.size(0)):")
-    for name in per_step_reads:
-        lines.append(f"        {emitter.var(name)} = {step_lists[name]}[t]")
-    for node in step:
-        if node.name in masks:
-            lines.append(f"        {node.name} = {emitter.ref(node.inputs[0], {})} * {masks[node.name]}")
-        else:
-            emitter.emit(node, "        ", {})
-    for name, output in zip(output_lists, graph.outputs):
-        lines.append(f"        {name}.append({emitter.ref(output, {})})")
-    lines.extend(state_update(states, [emitter.ref(n, {}) for n in graph.next_states]))
-    stacked = [f"torch.stack({name})" for name in output_lists]
-    lines.append("    if mask is not None:")
-    lines.append("        real = mask.unsqueeze(2)")
-    stacked_masked = [f"{s} * real.to(xs.dtype)" for s in stacked]
-    result = stacked_masked[0] if len(stacked) == 1 else _tuple(stacked_masked)
-    lines.append(f"        return {result}, {_tuple(states)}")
-    result = stacked[0] if len(stacked) == 1 else _tuple(stacked)
-    lines.append(f"    return {result}, {_tuple(states)}")
 
 
 # The final guard: whatever a bug upstream let through, generated code stays within this vocabulary.

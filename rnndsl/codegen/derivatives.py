@@ -4,7 +4,7 @@ A rule reads the node's output gradient and returns, for each input, its
 gradient contribution as code (or None where the input gets none). Rules ask
 the :class:`Rule` context for the forward values they need (``r.value(i)``,
 ``r.output()``), and that is all the backward saves: the sequence-level
-generator (rnndsl/backward.py) runs every rule once to learn what to save,
+generator (rnndsl/codegen/backward.py) runs every rule once to learn what to save,
 then emits the saving forward and the backward around them.
 
 Contributions come in four forms, so the generator can sum them cheaply and
@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Protocol, Sequence, Union
 
-from .ir import Node, Op, Shape, Size
+from ..ir import Node, Op, Shape, Size
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,11 @@
 """The backward of a whole sequence, derived from the cell's equations.
 
-From the optimized IR this module generates two more TorchScript methods of
-the cell (next to ``forward`` and ``forward_sequence``, rnndsl/codegen.py):
+From the optimized IR this target generates two more TorchScript methods of
+the cell (next to ``forward`` and ``forward_sequence``, rnndsl/codegen/step.py):
 
 ``forward_sequence_saving(xs, state, mask) -> (outputs, final state, saved)``
     the same loop as ``forward_sequence``, keeping over time only the values
-    the derivative rules (rnndsl/derivatives.py) read;
+    the derivative rules (rnndsl/codegen/derivatives.py) read;
 ``backward_sequence(xs, mask, saved, grad_outputs, grad_state, need_input_grad)
 -> (grad_xs, grad_state0, grad_params)``
     walks time backwards: per step, the elementwise rules and one GEMM per
@@ -22,8 +22,8 @@ only on the input lives on the whole sequence (per-step contributions go into
 a buffer); unbatched values depend only on parameters and get the sum over
 all steps and examples.
 
-This module only generates source; the ``torch.autograd.Function`` around the
-two methods, and the rule for when it runs, live at run time in rnndsl/derived.py.
+The ``torch.autograd.Function`` around the two methods, ``DerivedSequence``,
+is runtime and lives in rnndsl/backward.py.
 
 Matrix products in these methods go through the helpers of rnndsl/kernels.py
 (``linear``, ``outer_sum``, ``prepack``), which pick oneDNN's GEMM where it is
@@ -36,11 +36,14 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .codegen import (EMITTERS, _Emitter, biased_products, masked_assignment, size_code,
-                      state_update, validate_source)
+from ..ir import Graph, Node, Op, OpKind, Phase, Shape, Size, tiling_order
+from ..names import SCRIPT_GLOBALS, Namespace
+from .base import (EMITTERS, NodeEmitter, PythonCode, biased_products, gemm, masked_assignment, size_code,
+                   state_update, tuple_type, validate_source)
 from .derivatives import DERIVATIVES, Outer, Placed, Product, Term
-from .ir import Graph, Node, Op, OpKind, Phase, Shape, Size, tiling_order
-from .lower import Namespace
+
+# Products go through the helpers of rnndsl/kernels.py, which pick oneDNN's GEMM where it is faster.
+BACKWARD_EMITTERS = {**EMITTERS, Op.MATMUL: gemm("linear")}
 
 # Where values live --------------------------------------------------------------------------
 
@@ -153,7 +156,7 @@ class _Generator:
     def __init__(self, graph: Graph):
         self.graph = graph
         self.nodes = graph.node_map()
-        self.emitter = _Emitter(graph)
+        self.emitter = NodeEmitter(graph, BACKWARD_EMITTERS)
         self.names = Namespace({n.name for n in graph.nodes} | set(self.emitter.local.values()))
         # Both methods take the parameters as a list, so the backward uses exactly the tensors the
         # forward used (autograd's inputs), whatever the module holds by then.
@@ -391,7 +394,8 @@ class _Generator:
                  ") -> Tuple[Tensor, List[Tensor], List[Tensor]]:"]
         lines += self.parameter_lines()
         lines += [f"    {local} = {fixed['saved']}[{i}]" for i, local in enumerate(self.saved_locals())]
-        lines += [f"    {node.name} = {self.expression(node, {})}" for node in graph.nodes if node.name in self.numbers]
+        lines += [f"    {node.name} = {self.emitter.expression(node, {})}" for node in graph.nodes
+                  if node.name in self.numbers]
         lines += [f"    {local} = {fixed['grad_outputs']}[{i}]" for i, local in enumerate(grad_outputs)]
         lines.append("    if mask is not None:")
         lines += [f"        {local} = torch.where(mask.unsqueeze(2), {local}, 0.0)" for local in grad_outputs]
@@ -462,18 +466,18 @@ class _Generator:
         """``forward_sequence_saving``: forward_sequence's loop, keeping what the backward reads."""
         graph, emitter = self.graph, self.emitter
         states = [emitter.var(d.name) for d in graph.states]
-        lines = [f"def forward_sequence_saving(self, xs: Tensor, state: {_tuple_type(len(states))}, "
+        lines = [f"def forward_sequence_saving(self, xs: Tensor, state: {tuple_type(len(states))}, "
                  f"mask: Optional[Tensor], {self.parameter_list}: List[Tensor]"
                  ") -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:"]
         lines += self.parameter_lines()
         lines += [f"    {local} = state[{i}]" for i, local in enumerate(states)]
         for node in self.body[Level.ONCE]:
-            lines.append(f"    {node.name} = {self.expression(node, {})}")
-        biased = self.biased_products()
+            lines.append(f"    {node.name} = {self.emitter.expression(node, {})}")
+        biased = self.emitter.biased = self.biased_products()
         for node in self.body[Level.SEQ]:
             if node.name in biased:  # computed with the sum below
                 continue
-            lines.append(f"    {self.seq_names[node.name]} = {self.expression(node, self.seq_names, biased)}")
+            lines.append(f"    {self.seq_names[node.name]} = {self.emitter.expression(node, self.seq_names)}")
         step = self.body[Level.LOOP]
         for node in step:
             matrix = node.inputs[0] if node.op is Op.MATMUL else None
@@ -493,7 +497,7 @@ class _Generator:
         lines += [f"        {self.stacked[d.name]}[t].copy_({emitter.var(d.name)})"
                   for d in graph.states if d.name in self.stacked]
         for node in step:
-            lines.append(f"        {node.name} = {self.expression(node, {}, packed=True)}")
+            lines.append(f"        {node.name} = {self.step_expression(node)}")
             if node.name in self.stacked:
                 lines.append(f"        {self.stacked[node.name]}[t].copy_({node.name})")
         for local, name in zip(outputs, graph.outputs):
@@ -505,38 +509,26 @@ class _Generator:
         return "\n".join(lines) + "\n"
 
     def biased_products(self) -> Dict[str, str]:
-        """Whole-sequence products whose GEMM adds their bias (see codegen.biased_products); not
+        """Whole-sequence products whose GEMM adds their bias (see base.biased_products); not
         those the backward reads, which must exist on their own."""
         once = {n.name for n in self.graph.nodes if level_of(n) is Level.ONCE}
         return biased_products(self.graph, self.body[Level.SEQ], once, kept=self.whole)
 
-    def expression(self, node: Node, rename: Dict[str, str], biased: Optional[Dict[str, str]] = None,
-                   packed: bool = False) -> str:
-        """A node's forward code; matrix products (by ``packed`` matrices, with ``biased`` sums)
-        through the helpers."""
-        args = [self.emitter.ref(name, rename) for name in node.inputs]
-        product = next((i for i in node.inputs if (biased or {}).get(i) == node.name), None)
-        if product is not None:
-            matrix, vector = (self.emitter.ref(name, rename) for name in self.nodes[product].inputs)
-            bias = next(self.emitter.ref(i, rename) for i in node.inputs if i != product)
-            return f"linear({vector}, {matrix}, {bias})"
+    def step_expression(self, node: Node) -> str:
+        """A loop node's forward code; a matrix product by its matrix packed before the loop."""
         if node.op is Op.MATMUL:
-            return f"linear({args[1]}, {self.packed[node.inputs[0]] if packed else args[0]})"
-        return EMITTERS[node.op](node, args)
+            matrix, vector = node.inputs
+            return BACKWARD_EMITTERS[Op.MATMUL](node, [self.packed[matrix], self.emitter.ref(vector, {})])
+        return self.emitter.expression(node, {})
 
 
-def _tuple_type(count: int) -> str:
-    return f"Tuple[{', '.join(['Tensor'] * count)}]"
-
-
-def generate(graph: Graph) -> str:
-    """The source of ``forward_sequence_saving`` and ``backward_sequence`` for an optimized graph."""
+def generate_backward(graph: Graph) -> PythonCode:
+    """``forward_sequence_saving`` and ``backward_sequence`` for an optimized graph."""
     generator = _Generator(graph)
     backward = generator.backward()  # first: it records what the forward must save
-    return validate_source(generator.forward() + "\n\n" + backward)
+    return PythonCode(validate_source(generator.forward() + "\n\n" + backward), SCRIPT_GLOBALS)
 
 
 def supports_training(graph: Graph) -> bool:
     """Whether the derived backward holds in training mode too (no op that draws noise per step)."""
     return all(DERIVATIVES[n.op].in_training for n in graph.nodes if n.op.kind is not OpKind.LEAF)
-

@@ -10,17 +10,23 @@ at once too.
 
 ``find_linear_recurrences`` decides; ``generate_parallel`` writes the
 ``forward_parallel`` method (plain Python: autograd Functions cannot be called
-from TorchScript).
+from TorchScript). Its dialect of the emitters sends matrix products to
+``linear_with_grad`` (rnndsl/kernels.py), the bias added in the same GEMM.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Set, Tuple
 
-from .codegen import _body_nodes, _Emitter, _tuple, biased_products, size_code, validate_source
-from .ir import Graph, Node, Op, OpKind, Phase, Size, tiling_order
-from .lower import Namespace
-from .passes.dependency import dependency_phases
+from ..dependency import Dependence, dependencies
+from ..ir import Graph, Node, Op, OpKind, Size, tiling_order
+from ..names import PARALLEL_GLOBALS, Namespace
+from ..ops import operand_orders
+from .base import (EMITTERS, NodeEmitter, PythonCode, biased_products, body_nodes, gemm, one_or_tuple,
+                   size_code, tuple_code, validate_source)
+
+# Products go through oneDNN's GEMM where it is faster, under autograd (this code runs as Python).
+PARALLEL_EMITTERS = {**EMITTERS, Op.MATMUL: gemm("linear_with_grad")}
 
 
 @dataclass(frozen=True)
@@ -44,12 +50,12 @@ class NotLinear(Exception):
 def _update_of(state: str, node: Node, nodes: Dict[str, Node], free: Dict[str, bool]) -> Tuple[str, str]:
     """``(a, b)`` if ``node`` is ``a * state + b`` (in any order), else NotLinear."""
     if node.op is Op.ADD:
-        for scaled, offset in (node.inputs, node.inputs[::-1]):
+        for scaled, offset in operand_orders(node):
             term = nodes[scaled]
-            if free[offset] and term.op is Op.MUL and state in term.inputs:
-                coefficient = term.inputs[1] if term.inputs[0] == state else term.inputs[0]
-                if free[coefficient] and coefficient != state:
-                    return coefficient, offset
+            if free[offset] and term.op is Op.MUL:
+                for coefficient, factor in operand_orders(term):
+                    if factor == state and coefficient != state and free[coefficient]:
+                        return coefficient, offset
     raise NotLinear(f"the next value of `{state}` is not of the form a * {state} + b "
                     "with a and b independent of every state", node)
 
@@ -62,8 +68,7 @@ def find_linear_recurrences(graph: Graph, fixed_dropout_mask: bool = False) -> L
     or the value drawn for is parameter-only (the loop draws its mask anew at each step).
     """
     nodes = graph.node_map()
-    phases = dependency_phases(graph)
-    free = {name: phase is not Phase.PER_STEP for name, phase in phases.items()}
+    free = {name: dependence is not Dependence.STATE for name, dependence in dependencies(graph).items()}
     updates = []
     for decl, next_name in zip(graph.states, graph.next_states):
         a, b = _update_of(decl.name, nodes[next_name], nodes, free)
@@ -90,14 +95,14 @@ def find_linear_recurrences(graph: Graph, fixed_dropout_mask: bool = False) -> L
     return updates
 
 
-def generate_parallel(graph: Graph, updates: List[LinearUpdate]) -> str:
-    """Python source of ``forward_parallel(self, xs, state, mask=None)``."""
+def generate_parallel(graph: Graph, updates: List[LinearUpdate]) -> PythonCode:
+    """``forward_parallel(self, xs, state, mask=None)``, plain Python."""
     code = _WholeSequenceCode(graph)
-    nodes, phases, lines = code.nodes, code.phases, code.lines
+    nodes, found, lines = code.nodes, code.dependencies, code.lines
     names = Namespace({n.name for n in graph.nodes} | set(code.local.values()), reserved=frozenset())
-    body = _body_nodes(graph)
+    body = body_nodes(graph)
     # Values with a time axis get a _seq name; parameter-only values keep theirs.
-    seq = {n.name: names.fresh(n.name, "seq") for n in body if phases[n.name] is not Phase.ONCE}
+    seq = {n.name: names.fresh(n.name, "seq") for n in body if found[n.name] is not Dependence.PARAMETERS}
     seq[graph.input.name] = "xs"
     done = {u.next for u in updates}
     states = [code.var(d.name) for d in graph.states]
@@ -105,8 +110,8 @@ def generate_parallel(graph: Graph, updates: List[LinearUpdate]) -> str:
     lines.extend(f"    {name} = state[{i}]" for i, name in enumerate(states))
     lines.append("    # Every value free of the states, for all steps at once.")
     for node in body:
-        if phases[node.name] is not Phase.PER_STEP:
-            code.emit_whole(node, seq if phases[node.name] is Phase.PER_INPUT else {})
+        if found[node.name] is not Dependence.STATE:
+            code.emit_whole(node, seq if found[node.name] is Dependence.INPUT else {})
     lines.append("    if mask is not None:")
     lines.append("        real = mask.unsqueeze(2)")
     for update, var in zip(updates, states):
@@ -121,18 +126,18 @@ def generate_parallel(graph: Graph, updates: List[LinearUpdate]) -> str:
     lines.append("    # What the outputs need from the new states, for all steps at once.")
     needed = code.with_whole_splits(_needed_for_outputs(graph, nodes, done))
     for node in body:
-        if phases[node.name] is Phase.PER_STEP and node.name not in done and node.name in needed:
+        if found[node.name] is Dependence.STATE and node.name not in done and node.name in needed:
             code.emit_whole(node, seq)
     outputs = [code.ref(name, seq) for name in graph.outputs]
     zeroed = [f"{o} * real.to(xs.dtype)" for o in outputs]
     finals = [f"{seq[u.next]}[-1]" for u in updates]
     lines.append("    if mask is not None:")
-    lines.append(f"        return {zeroed[0] if len(zeroed) == 1 else _tuple(zeroed)}, {_tuple(finals)}")
-    lines.append(f"    return {outputs[0] if len(outputs) == 1 else _tuple(outputs)}, {_tuple(finals)}")
-    return validate_source("\n".join(lines) + "\n")
+    lines.append(f"        return {one_or_tuple(zeroed)}, {tuple_code(finals)}")
+    lines.append(f"    return {one_or_tuple(outputs)}, {tuple_code(finals)}")
+    return PythonCode(validate_source("\n".join(lines) + "\n"), PARALLEL_GLOBALS)
 
 
-class _WholeSequenceCode(_Emitter):
+class _WholeSequenceCode(NodeEmitter):
     """Emits nodes as code over whole sequences, run under autograd as plain Python.
 
     So it can use what TorchScript's derivatives get wrong or lack: one ``split`` for
@@ -141,11 +146,11 @@ class _WholeSequenceCode(_Emitter):
     """
 
     def __init__(self, graph: Graph):
-        super().__init__(graph)
-        self.phases = dependency_phases(graph)
-        once = {n.name for n in graph.nodes if self.phases.get(n.name) is Phase.ONCE or n.op is Op.PARAM}
-        body = _body_nodes(graph)
-        per_input = [n for n in body if self.phases[n.name] is Phase.PER_INPUT]
+        super().__init__(graph, PARALLEL_EMITTERS)
+        self.dependencies = dependencies(graph)
+        once = {n.name for n in graph.nodes if self.dependencies[n.name] is Dependence.PARAMETERS}
+        body = body_nodes(graph)
+        per_input = [n for n in body if self.dependencies[n.name] is Dependence.INPUT]
         self.biased = biased_products(graph, per_input, once)  # product -> the sum adding its bias
         self.splits = tiling_slices(graph)  # value -> its pieces
         self.pieces = {piece for pieces in self.splits.values() for piece, _ in pieces}
@@ -161,24 +166,15 @@ class _WholeSequenceCode(_Emitter):
         return wanted | extra
 
     def emit_whole(self, node: Node, rename: Dict[str, str]) -> None:
-        if node.name in self.biased:  # computed with the sum that adds its bias
-            return
-        target = rename.get(node.name, node.name)
-        product = next((i for i in node.inputs if self.biased.get(i) == node.name), None)
-        if product is not None:
-            matrix, vector = (self.ref(name, rename) for name in self.nodes[product].inputs)
-            bias = next(self.ref(i, rename) for i in node.inputs if i != product)
-            self.lines.append(f"    {target} = linear_with_grad({vector}, {matrix}, {bias})")
-        elif node.op is Op.MATMUL:
-            matrix, vector = (self.ref(name, rename) for name in node.inputs)
-            self.lines.append(f"    {target} = linear_with_grad({vector}, {matrix})")
-        elif node.name in self.split_at:
+        """``node``'s line over whole sequences, unless another line makes it: a product with the sum
+        that adds its bias, a piece with its split."""
+        if node.name in self.split_at:
             value = self.split_at[node.name]
             pieces = self.splits[value]
             targets = ", ".join(rename.get(piece, piece) for piece, _ in pieces)
             sizes = ", ".join(size_code(length) for _, length in pieces)
             self.lines.append(f"    {targets} = {self.ref(value, rename)}.split([{sizes}], -1)")
-        elif node.name not in self.pieces:  # (other pieces come with the split)
+        elif node.name not in self.biased and node.name not in self.pieces:
             self.emit(node, "    ", rename)
 
 

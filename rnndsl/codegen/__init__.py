@@ -1,0 +1,23 @@
+"""Code generation: optimized IR graph -> Python/TorchScript source, one module per target.
+
+- ``base``: the shared, public base every target writes with (the per-op ``EMITTERS``
+  table, :class:`~rnndsl.codegen.base.NodeEmitter`, loop and tuple helpers,
+  ``PythonCode``, ``validate_source``);
+- ``step``: ``generate_step``, the cell's ``forward`` and its time loop ``forward_sequence``;
+- ``backward`` (with its per-op rules in ``derivatives``): ``generate_backward``, the derived
+  backward's ``forward_sequence_saving`` and ``backward_sequence``;
+- ``parallel``: ``generate_parallel``, ``forward_parallel`` for recurrences linear in the state.
+
+Each entry point returns a :class:`~rnndsl.codegen.base.PythonCode`: the source and the
+names of the globals it reads (rnndsl/names.py), which the runtime binds with
+``rnndsl.kernels.resolve_globals`` before exec. A new target is one more sibling module
+built on ``base``; a target's dialect is a dict merge of ``EMITTERS``; siblings never import
+each other's private names. Nothing here imports torch.
+"""
+from .backward import generate_backward, supports_training
+from .base import PythonCode, validate_source
+from .parallel import NotLinear, find_linear_recurrences, generate_parallel
+from .step import generate_step
+
+__all__ = ["PythonCode", "validate_source", "generate_step", "generate_backward", "supports_training",
+           "generate_parallel", "find_linear_recurrences", "NotLinear"]
