@@ -22,7 +22,6 @@ import weakref
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
-from torch import Tensor
 
 from . import kernels
 from .cells import CellModule, EagerCell, ScriptedCell

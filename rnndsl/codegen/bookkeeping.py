@@ -1,0 +1,294 @@
+"""The derived backward's bookkeeping (rnndsl/codegen/backward.py), behind two small objects.
+
+:class:`ForwardReads` records what the backward reads of the forward (values stacked over
+time, whole-sequence values, parameter-only values, numbers to compute again), so that the
+saving forward keeps exactly those. :class:`GradientSums` holds where gradients accumulate:
+contributions pending per value, those a loop step makes to values outside the loop, and the
+``(T, ...)`` buffers that carry them out of it.
+
+Where a value lives decides how its gradient is kept (:class:`Level`): a batched value that
+depends on a state lives in the loop (one gradient per step); one that depends only on the
+input lives on the whole sequence (per-step contributions go into a buffer); unbatched values
+depend only on parameters and get the sum over all steps and examples.
+"""
+from __future__ import annotations
+
+import enum
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Set, Tuple
+
+from ..ir import Graph, Node, Op, Phase, Shape, Size, tiling_order
+from ..names import Namespace
+from .base import NodeEmitter, size_code
+from .derivatives import Placed, Product, Term
+
+
+class Level(enum.Enum):
+    """Where a value lives in the sequence methods, and so how many leading dims it has there."""
+
+    LOOP = "loop"      # per step, in the time loop: (batch, n)
+    SEQ = "seq"        # the whole sequence at once: (T, batch, n)
+    ONCE = "once"      # parameters only, unbatched: (n,), (m, n) or a number
+
+
+LEAD = {Level.LOOP: 1, Level.SEQ: 2, Level.ONCE: 0}  # leading dims of a batched value
+
+
+def level_of(node: Node) -> Level:
+    """Unbatched values depend only on parameters (the input and states are batched)."""
+    if not node.shape.batched:
+        return Level.ONCE
+    if node.op is Op.INPUT or node.phase is Phase.PER_INPUT:
+        return Level.SEQ
+    return Level.LOOP
+
+
+def atom(expr: str) -> str:
+    """``expr``, parenthesized unless it can take ``.method()`` or stand in a product as it is."""
+    depth = 0
+    for char in expr:
+        depth += char in "(["
+        depth -= char in ")]"
+        if char == " " and depth == 0:  # generated operators have spaces around them
+            return f"({expr})"
+    return f"({expr})" if expr.startswith("-") else expr
+
+
+def _reduce(expr: str, shape: Shape, lead: int, target: Shape) -> str:
+    """Sum a gradient of IR shape ``shape`` with ``lead`` leading dims down to ``target``'s shape.
+
+    Differentiable values are never numbers (parameters have dims), so only leading dims go.
+    """
+    if target.batched or lead == 0:
+        return expr
+    dims = "0" if lead == 1 else f"[{', '.join(str(d) for d in range(lead))}]"
+    return f"{atom(expr)}.sum({dims})"
+
+
+@dataclass(frozen=True)
+class OuterOf:
+    """An ``Outer`` contribution with its vector named (the rule gave an input index)."""
+
+    grad: str
+    vector: str
+
+
+@dataclass(frozen=True)
+class Item:
+    """A pending contribution, its IR shape, and the leading dims its code has beyond that shape."""
+
+    contribution: object  # Term, Product, Placed or OuterOf
+    shape: Shape
+    lead: int
+
+
+@dataclass
+class Block:
+    """The lines of one stretch of code at one level."""
+
+    level: Level
+    indent: str
+    lines: List[str] = field(default_factory=list)
+
+    def emit(self, line: str) -> None:
+        self.lines.append(self.indent + line)
+
+
+class ForwardReads:
+    """What the backward reads of the forward, by value name -> local name."""
+
+    def __init__(self, graph: Graph, emitter: NodeEmitter, names: Namespace, whole_sequence: Sequence[Node]):
+        self.graph, self.nodes, self.emitter, self.names = graph, graph.node_map(), emitter, names
+        self.seq_names = {n.name: names.fresh(n.name, "seq") for n in whole_sequence}
+        self.seq_names[graph.input.name] = "xs"
+        self.stacked: Dict[str, str] = {}  # loop values, stacked over time
+        self.whole: Dict[str, str] = {}    # whole-sequence values
+        self.once: Dict[str, str] = {}     # parameter-only values
+        self.numbers: Set[str] = set()     # numbers the backward computes again
+        self.loads: Dict[str, str] = {}    # read in the loop at step t: value -> local
+        # Matrices of the loop's products, transposed and packed once for oneDNN: value -> (local, matrix).
+        self.packed_transposed: Dict[str, Tuple[str, str]] = {}
+
+    def value(self, name: str, level: Level) -> str:
+        """Forward value ``name`` as code at ``level`` sees it; records that the backward reads it."""
+        node = self.nodes[name]
+        leaf = self.emitter.leaf(node)
+        if leaf is not None:
+            return leaf
+        home = level_of(node)
+        if home is Level.ONCE:
+            if not node.shape.dims:  # a number (hypers and constants): recomputed, as saved values are tensors
+                self._recompute_number(name)
+                return name
+            self.once[name] = name
+            return name
+        if level is Level.LOOP:
+            self.loads[name] = self.emitter.var(name)
+            self.sequence(name)
+            return self.loads[name]
+        return self.sequence(name)
+
+    def _recompute_number(self, name: str) -> None:
+        """Have ``backward_sequence`` compute number ``name`` again, with the numbers it is made of."""
+        stack = [name]
+        while stack:
+            current = stack.pop()
+            if current not in self.numbers and self.emitter.leaf(self.nodes[current]) is None:
+                self.numbers.add(current)
+                stack.extend(self.nodes[current].inputs)
+
+    def sequence(self, name: str) -> str:
+        """All steps of a batched value: its stack over time, or its whole-sequence tensor."""
+        if level_of(self.nodes[name]) is Level.LOOP:
+            if name not in self.stacked:
+                self.stacked[name] = self.names.fresh(self.emitter.var(name), "steps")
+            return self.stacked[name]
+        if name != self.graph.input.name:
+            self.whole[name] = self.seq_names[name]
+        return self.seq_names[name]
+
+    def times_matrix(self, grad: str, matrix: str, level: Level) -> str:
+        """Code for ``grad @ matrix``; in the loop with the matrix transposed and packed once."""
+        if level is Level.LOOP:
+            if matrix not in self.packed_transposed:
+                self.packed_transposed[matrix] = (self.names.fresh(matrix, "t", "packed"), self.value(matrix, level))
+            return f"linear({grad}, {self.packed_transposed[matrix][0]})"
+        return f"linear({grad}, {self.value(matrix, level)}.t())"
+
+    def saved_locals(self) -> List[str]:
+        """What the saving forward returns for the backward, in the order the backward unpacks it."""
+        return list(self.stacked.values()) + list(self.whole.values()) + list(self.once.values())
+
+
+class GradientSums:
+    """Where gradients accumulate, and the code that sums them."""
+
+    def __init__(self, graph: Graph, names: Namespace, reads: ForwardReads):
+        self.nodes, self.names, self.reads = graph.node_map(), names, reads
+        self.pending: Dict[str, List[Item]] = defaultdict(list)
+        self.crossing: Dict[str, List[Item]] = defaultdict(list)  # from the loop to other levels
+        self.buffers: Dict[str, Tuple[str, Shape]] = {}  # per-step gradient -> its (T, ...) buffer
+        # Gradients joined from slices with torch.cat: local -> (block, line, its parts with their ranges).
+        self.joins: Dict[str, Tuple[Block, int, List[Tuple[str, Size, Size]]]] = {}
+        self.views: Dict[str, Tuple[str, Size, Size]] = {}  # buffers that are slices of another buffer
+
+    def route(self, target: str, item: object, shape: Shape, block: Block) -> None:
+        """File a contribution made at ``block``'s level where ``target``'s gradient is summed."""
+        if block.level is Level.LOOP and level_of(self.nodes[target]) is not Level.LOOP:
+            self.crossing[target].append(Item(item, shape, LEAD[Level.LOOP] if shape.batched else 0))
+            return
+        if isinstance(item, OuterOf):  # outside the loop: one GEMM right away
+            vector = self.reads.value(item.vector, block.level)
+            item, shape = Term(f"outer_sum({item.grad}, {vector})"), self.nodes[target].shape
+        self.pending[target].append(Item(item, shape, LEAD[block.level] if shape.batched else 0))
+
+    def total(self, name: str, block: Block, parts: Tuple[str, ...] = ("grad",)) -> Optional[str]:
+        """The sum of what reached ``name`` so far, as code (None when nothing did)."""
+        return self.combine(self.pending.pop(name, []), self.nodes[name].shape, block, parts)
+
+    def assign(self, expr: str, parts: Tuple[str, ...], block: Block) -> str:
+        """``expr`` as a local: itself when it is one, else a new local named from ``parts``."""
+        if expr.isidentifier():
+            return expr
+        local = self.names.fresh(*parts)
+        block.emit(f"{local} = {expr}")
+        return local
+
+    def combine(self, items: Sequence[Item], target: Shape, block: Block,
+                parts: Tuple[str, ...] = ("grad",)) -> Optional[str]:
+        """The sum of ``items`` in ``target``'s shape, as code (lines it needs go to ``block``, locals
+        named from ``parts``)."""
+        groups: Dict[Tuple[Shape, int], List[object]] = defaultdict(list)
+        for item in items:
+            groups[item.shape, item.lead].append(item.contribution)
+        sums = []
+        for (shape, lead), group in groups.items():
+            places = [c for c in group if isinstance(c, Placed)]
+            total = self._place(places, shape, block, parts) if places else None
+            for term in (c for c in group if isinstance(c, Term)):
+                total = term.expr if total is None else f"{total} + {atom(term.expr)}"
+            for product in (c for c in group if isinstance(c, Product)):
+                total = (f"{atom(product.left)} * {atom(product.right)}" if total is None else
+                         f"torch.addcmul({total}, {product.left}, {product.right})")
+            sums.append(_reduce(total, shape, lead, target))
+        return " + ".join(sums[:1] + [atom(s) for s in sums[1:]]) if sums else None
+
+    def _place(self, places: Sequence[Placed], shape: Shape, block: Block, name: Tuple[str, ...]) -> str:
+        """Gradients of slices of a vector, joined into the gradient of the whole vector."""
+        parts: Dict[Tuple[Size, Size], str] = {}
+        for place in places:
+            key = (place.start, place.length)
+            parts[key] = place.expr if key not in parts else f"{parts[key]} + {atom(place.expr)}"
+        keys, whole = list(parts), shape.dims[0]
+        tiling = tiling_order(keys, whole)
+        if tiling is not None:
+            order = [keys[i] for i in tiling]
+            bases = {self.views.get(parts[key], (None,))[0] for key in order}
+            if len(bases) == 1 and None not in bases and all(
+                    self.views[parts[key]][1:] == key for key in order):
+                return bases.pop()  # the slices of one buffer, all of it in order: the buffer
+            local = self.names.fresh(*name)
+            self.joins[local] = (block, len(block.lines), [(parts[key],) + key for key in order])
+            block.emit(f"{local} = torch.cat([{', '.join(parts[key] for key in order)}], -1)")
+            return local
+        # Gaps or overlaps: start from zeros (rare: a chunk with an unused part).
+        first = atom(next(iter(parts.values())))
+        local = self.names.fresh("placed")
+        block.emit(f"{local} = {first}.new_zeros({first}.size()[:-1] + [{size_code(whole)}])")
+        for (start, length), expr in parts.items():
+            block.emit(f"{local}.narrow(-1, {size_code(start)}, {size_code(length)}).add_({expr})")
+        return local
+
+    def _buffer(self, local: str, shape: Shape) -> str:
+        """The (T, ...) buffer that keeps the per-step gradient ``local`` of every step."""
+        if local not in self.buffers:
+            self.buffers[local] = (self.names.fresh(local, "steps"), shape)
+        return self.buffers[local][0]
+
+    def flush(self, loop: Block) -> List[Tuple[str, Item]]:
+        """End of a step: write what the loop gave to values outside it into buffers.
+
+        Returns the contributions those buffers make after the loop, by target (see :meth:`file`).
+        """
+        after = []
+        for target, items in self.crossing.items():
+            groups: Dict[Tuple[Shape, int], List[Item]] = defaultdict(list)
+            for item in items:
+                outer = item.contribution
+                if isinstance(outer, OuterOf):  # loop values are batched: one GEMM over all steps
+                    term = f"outer_sum({self._buffer(outer.grad, item.shape)}, {self.reads.sequence(outer.vector)})"
+                    after.append((target, Item(Term(term), self.nodes[target].shape, 0)))
+                else:
+                    groups[item.shape, item.lead].append(item)
+            for (shape, lead), group in groups.items():
+                local = self.assign(self.combine(group, shape, loop), ("grad", target, "step"), loop)
+                after.append((target, Item(Term(self._buffer(local, shape)), shape, lead + 1)))
+        for local, (buffer, _) in self.buffers.items():
+            if local in self.joins:  # join the parts straight into the buffer: no copy, no allocation
+                block, index, joined = self.joins[local]
+                block.lines[index] = f"{block.lines[index][:-1]}, out={buffer}[t])"
+                for part, start, length in joined:  # a buffered part is then a slice of this buffer
+                    if part in self.buffers and part not in self.joins:
+                        self.views.setdefault(self.buffers[part][0], (buffer, start, length))
+        for local, (buffer, _) in self.buffers.items():
+            if buffer not in self.views and local not in self.joins:
+                loop.emit(f"{buffer}[t].copy_({local})")
+        self.crossing.clear()
+        return after
+
+    def file(self, contributions: Sequence[Tuple[str, Item]]) -> None:
+        """File contributions already in their final form (the loop's buffers, after the loop)."""
+        for target, item in contributions:
+            self.pending[target].append(item)
+
+    def buffer_lines(self, steps: str, batch: str) -> List[str]:
+        """``backward_sequence``'s lines that make the buffers, before the loop."""
+        lines = []
+        for buffer, shape in self.buffers.values():
+            dims = [steps] + ([batch] if shape.batched else []) + [size_code(d) for d in shape.dims]
+            if buffer not in self.views:
+                lines.append(f"    {buffer} = xs.new_empty([{', '.join(dims)}])")
+        for buffer, (base, start, length) in self.views.items():
+            lines.append(f"    {buffer} = {base}.narrow(-1, {size_code(start)}, {size_code(length)})")
+        return lines
