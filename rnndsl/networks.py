@@ -22,11 +22,11 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from .cellspec import CellSpec, load_cell, load_stock_cell
-from .containers import (Bidirectional, RecurrentNetwork, RecurrentTable, SequenceTable, ZeroState,
-                         lengths_mask, repack, setup_recurrent)
+from .containers import Bidirectional, RecurrentNetwork, RecurrentTable, SequenceTable, ZeroState, setup_recurrent
 from .errors import did_you_mean
 from .native import NATIVE_MODES, PARAMETER_NAMES, NativeLayer, native_names, resolve_backend
 from .scan import check_not_empty
+from .sequences import lengths_mask, repack
 
 
 def _load_spec(cell) -> CellSpec:

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 import rnndsl
-from rnndsl.containers import (Bidirectional, RecurrentTable, SequenceTable, reverse_padded,
-                               setup_recurrent, ZeroState)
+from rnndsl.containers import Bidirectional, RecurrentTable, SequenceTable, ZeroState, setup_recurrent
+from rnndsl.sequences import reverse_padded
 
 TOL = dict(rtol=1e-10, atol=1e-12)
 
@@ -272,7 +272,7 @@ def test_cells_with_two_outputs_stack_feeding_the_first_to_the_next_layer(backen
     # The same layers by hand: layer 2 reads layer 1's first output.
     first, second = net.network.layers
     xs = x.transpose(0, 1)
-    mask = rnndsl.containers.lengths_mask(torch.tensor([6, 4]), 6, 2, x.device)
+    mask = rnndsl.sequences.lengths_mask(torch.tensor([6, 4]), 6, 2, x.device)
     zero = rnndsl.containers.ZeroState(net.network.state_sizes)(2, dtype=x.dtype, device=x.device)
     _, (y1, _) = first(zero[0], xs, mask)
     _, (y2, z2) = second(zero[1], y1, mask)

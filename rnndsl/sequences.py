@@ -1,0 +1,62 @@
+"""Padded sequences: the mask of real steps from lengths, reversal within lengths, repacking.
+
+A padded batch is a ``(T, batch, ...)`` tensor whose sequence ``b`` is real for its
+first ``lengths[b]`` steps; the ``(T, batch)`` bool mask of those steps is what
+:func:`rnndsl.scan.scan` and the cells' ``forward_sequence`` take.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+
+
+def repack(outputs: Tensor, lengths: Tensor, like: PackedSequence) -> PackedSequence:
+    """Pack padded ``outputs`` (T, batch, ...) with the order and batch sizes of ``like``."""
+    if like.sorted_indices is not None:
+        outputs = outputs.index_select(1, like.sorted_indices)
+        lengths = lengths.index_select(0, like.sorted_indices.cpu())
+    data = pack_padded_sequence(outputs, lengths, enforce_sorted=True).data
+    return PackedSequence(data, like.batch_sizes, like.sorted_indices, like.unsorted_indices)
+
+
+def lengths_mask(lengths: Union[Tensor, Sequence[int]], steps: int, batch_size: int,
+                 device: torch.device) -> Optional[Tensor]:
+    """The (T, batch) mask of real steps for sequences of the given lengths;
+    None when every sequence fills all ``steps``, so no masking is needed."""
+    lengths = torch.as_tensor(lengths)
+    if tuple(lengths.shape) != (batch_size,):
+        raise ValueError(f"lengths must have shape ({batch_size},), one per sequence, "
+                         f"got {tuple(lengths.shape)}")
+    if lengths.numel() == 0:  # an empty batch: no sequence to mask
+        return None
+    # A length of 2.5 would otherwise run 3 steps (torch's packing truncates it to 2): neither is
+    # clearly what was meant, so only whole numbers are steps.
+    whole = lengths.dtype != torch.bool and not lengths.is_complex() and \
+        bool((lengths.isfinite() & (lengths == lengths.trunc())).all())
+    if not whole:
+        raise ValueError(f"lengths must be whole numbers of steps, got {lengths.tolist()} ({lengths.dtype})")
+    shortest, longest = int(lengths.min()), int(lengths.max())
+    if shortest < 1 or longest > steps:
+        raise ValueError(f"lengths must lie in [1, {steps}] for a sequence of {steps} steps, "
+                         f"got {lengths.tolist()}")
+    if shortest == steps:
+        return None
+    lengths = lengths.to(device)
+    return torch.arange(steps, device=device).unsqueeze(1) < lengths.unsqueeze(0)
+
+
+def reverse_padded(xs: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
+    """Reverse each sequence of ``xs`` (T, batch, ...) within its own length.
+
+    Padded steps stay where they are, so reversing twice is the identity.
+    """
+    if lengths is None:
+        return xs.flip(0)
+    steps = torch.arange(xs.size(0), device=xs.device).unsqueeze(1)
+    lengths = lengths.to(xs.device).unsqueeze(0)
+    index = torch.where(steps < lengths, lengths - 1 - steps, steps)
+    index = index.reshape(index.shape + (1,) * (xs.dim() - 2)).expand_as(xs)
+    return xs.gather(0, index)
