@@ -110,7 +110,7 @@ def compare_algorithms(args: argparse.Namespace) -> List[dict]:
         with_zero = [t.clone() for t in tensors]
         with_zero[0][steps // 2] = 0.0
         with torch.no_grad():
-            timed = medians({name: lambda f=f: f(*tensors) for name, f in candidates.items()},
+            timed = medians({name: lambda f=f, tensors=tensors: f(*tensors) for name, f in candidates.items()},
                             args.repeats, args.clock)
             for name, f in candidates.items():
                 error = ((f(*tensors).double() - reference).abs().max()

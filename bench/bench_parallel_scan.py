@@ -74,14 +74,14 @@ def main() -> None:
         xs = torch.randn(steps, args.batch, args.hidden, device=device, requires_grad=True)
         state = (torch.zeros(args.batch, args.hidden, device=device),)
 
-        def run(cell):
+        def run(cell, xs=xs, state=state):
             scan = python_scan if cell is cells.get("python loop") else rnndsl.scan
             outputs, _ = scan(cell, xs, state)
             outputs.sum().backward()
 
         grad_gates = torch.randn(steps, args.batch, 2 * args.hidden, device=device)
 
-        def floor():
+        def floor(xs=xs, grad_gates=grad_gates):
             linear_with_grad(xs, weights, biases).backward(grad_gates)
 
         runs = {mode: (lambda cell=cell: run(cell)) for mode, cell in cells.items()}

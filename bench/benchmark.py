@@ -123,7 +123,8 @@ class OutputsOnly(nn.Module):
 
 @dataclass(frozen=True)
 class Variant:
-    """One way to run a recurrent network; ``build(input, hidden, layers, device)`` maps ``(T, B, input)`` to outputs."""
+    """One way to run a recurrent network; ``build(input, hidden, layers, device)`` maps
+    ``(T, B, input)`` to outputs."""
 
     name: str
     family: str  # the torch.nn network it is compared with: a key of REFERENCES

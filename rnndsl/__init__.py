@@ -12,8 +12,8 @@ from .native import load_native_state_dict, native_state_dict
 from .networks import GRU, LSTM, RNN, make_bidirectional, make_recurrent
 from .scan import EmptySequenceError, scan
 
-__all__ = ["Bidirectional", "CellError", "EmptySequenceError", "CellSpec", "CellWarning", "GRU", "LSTM", "RNN", "RecurrentNetwork",
-           "RecurrentTable", "SequenceTable", "Span", "ZeroState", "load_cell", "load_cells",
+__all__ = ["Bidirectional", "CellError", "EmptySequenceError", "CellSpec", "CellWarning", "GRU", "LSTM", "RNN",
+           "RecurrentNetwork", "RecurrentTable", "SequenceTable", "Span", "ZeroState", "load_cell", "load_cells",
            "linear_recurrence", "load_native_state_dict", "load_source", "load_stock_cell",
            "make_bidirectional", "make_recurrent", "native_state_dict", "scan", "sequential_linear_recurrence",
            "setup_recurrent"]

@@ -259,8 +259,9 @@ def linear_cells(draw) -> DrawnCell:
     for name, size in states:  # every coefficient is drawn before any new state joins the pool
         depth = draw(st.integers(0, 2))
         kind = draw(st.sampled_from(["gate", "vector", "parameter", "number"]))
-        a = {"gate": lambda: f"sigmoid({builder.vector(size, depth)})", "vector": lambda: builder.vector(size, 0),
-             "parameter": lambda: builder.param(size), "number": builder.scalar}[kind]()
+        a = {"gate": lambda size=size, depth=depth: f"sigmoid({builder.vector(size, depth)})",
+             "vector": lambda size=size: builder.vector(size, 0),
+             "parameter": lambda size=size: builder.param(size), "number": builder.scalar}[kind]()
         b = builder.vector(size, depth)
         a, b = _operand(a), _operand(b)
         updates.append(draw(st.sampled_from([f"{name}' = {a} * {name} + {b}", f"{name}' = {b} + {name} * {a}"])))

@@ -194,7 +194,7 @@ def test_torch_func_transforms_match_torch(backend):
     for module in (reference, ours):
         params = {k: v.detach() for k, v in module.named_parameters()}
 
-        def loss(p, x):
+        def loss(p, x, module=module):
             return torch.func.functional_call(module, p, (x,))[0].square().sum()
 
         grads = torch.func.grad(loss)(params, x)
@@ -203,8 +203,8 @@ def test_torch_func_transforms_match_torch(backend):
                                        for i in range(x.size(1))])
         else:
             per_example = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 1))(params, x)["weight_ih_l0"]
-        jacobian = torch.func.jacrev(lambda x: torch.func.functional_call(module, params, (x,))[0])(x)
-        vectorized = torch.autograd.functional.jacobian(lambda x: module(x)[0], x, vectorize=True)
+        jacobian = torch.func.jacrev(lambda x, m=module, p=params: torch.func.functional_call(m, p, (x,))[0])(x)
+        vectorized = torch.autograd.functional.jacobian(lambda x, m=module: m(x)[0], x, vectorize=True)
         found.append([grads["weight_hh_l0"], per_example, jacobian, vectorized])
     for a, b in zip(*found):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)

@@ -1,4 +1,5 @@
-"""The backward derived from the equations (rnndsl/codegen/derivatives.py, rnndsl/codegen/backward.py, rnndsl/backward.py).
+"""The backward derived from the equations (rnndsl/codegen/derivatives.py, rnndsl/codegen/backward.py,
+rnndsl/derived.py).
 
 - every op has a derivative rule;
 - ``torch.autograd.gradcheck`` of the derived ``torch.autograd.Function`` for

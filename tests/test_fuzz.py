@@ -194,7 +194,7 @@ def test_building_the_same_cell_from_threads_is_safe(backend, tmp_path):
             start.wait()
             cell = rnndsl.load_cell(path).build(4, 6, backend=backend).double()
             with torch.no_grad():
-                for name, parameter in cell.named_parameters():
+                for parameter in cell.parameters():
                     parameter.copy_(torch.linspace(-0.5, 0.5, parameter.numel()).view_as(parameter))
             outputs, (h,) = cell.forward_sequence(x, h0)
             results[index] = (outputs, h, cell(h0, x[0])[1])

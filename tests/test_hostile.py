@@ -373,7 +373,8 @@ def _names_in(code: str) -> set:
 
 
 def test_generated_code_holds_only_validated_identifiers_and_floats():
-    source = _snippet("cell c(exec[input]) -> print {", "    hyper exit = 0.25", "    state print[hidden], open[hidden]",
+    source = _snippet("cell c(exec[input]) -> print {", "    hyper exit = 0.25",
+                      "    state print[hidden], open[hidden]",
                       "    param w[hidden, input], getattr[hidden, hidden]",
                       "    nan = w @ exec * 1e300 + 1e-300 * .5", "    inf = tanh(nan) * exit",
                       "    print' = inf + getattr @ open", "    open' = -nan / 3.", "}")

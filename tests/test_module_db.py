@@ -96,7 +96,7 @@ def check_gradients(info, backend: str, check: Callable[..., bool], **options) -
         forward = module_input.forward_input
         flat, spec = tree_flatten((forward.args, tuple(module.parameters())))
 
-        def function(*tensors):
+        def function(*tensors, spec=spec, module=module, forward=forward):
             args, _ = tree_unflatten(list(tensors), spec)
             return tuple(tree_flatten(module(*args, **forward.kwargs))[0])
 

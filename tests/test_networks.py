@@ -72,7 +72,8 @@ def test_drop_in_matches_torch(mode, backend, input_size, hidden_size, num_layer
     if kind == "packed":
         lengths = data.draw(st.lists(st.integers(1, steps), min_size=batch, max_size=batch))
         inputs = pack_padded_sequence(x, torch.tensor(lengths), batch_first=batch_first,
-                                      enforce_sorted=data.draw(st.booleans()) and lengths == sorted(lengths, reverse=True))
+                                      enforce_sorted=data.draw(st.booleans())
+                                      and lengths == sorted(lengths, reverse=True))
     hx = ()
     if with_hx:
         shape = (num_layers * (2 if bidirectional else 1),) + ((batch,) if kind != "unbatched" else ()) + (hidden_size,)

@@ -90,7 +90,7 @@ def _compare(name: str, problem: dict, backend: str, sequence: bool) -> None:
     labels = ["output"] + [f"next {n}" for n in cell.state_names]
     labels += ["d input"] + [f"d {n}" for n in cell.state_names] + [f"d {n}" for n in params]
     for label, a, b in zip(labels, got[0] + got[1], want[0] + want[1]):
-        torch.testing.assert_close(a, b, **TOLERANCE, msg=lambda m: f"{name} {backend} {label}: {m}")
+        torch.testing.assert_close(a, b, **TOLERANCE, msg=lambda m, label=label: f"{name} {backend} {label}: {m}")
 
 
 @pytest.mark.parametrize("name", CELLS)

@@ -178,7 +178,8 @@ class _Generator:
                         grad_params: Sequence[str]) -> str:
         """``backward_sequence`` around the swept blocks: unpacking, buffers, the loop, the returns."""
         fixed, reads = self.fixed, self.reads
-        lines = [f"def backward_sequence(self, xs: Tensor, mask: Optional[Tensor], {self.parameter_list}: List[Tensor], "
+        lines = [f"def backward_sequence(self, xs: Tensor, mask: Optional[Tensor], "
+                 f"{self.parameter_list}: List[Tensor], "
                  f"{fixed['saved']}: List[Tensor], {fixed['grad_outputs']}: List[Tensor], "
                  f"{fixed['grad_state']}: List[Tensor], {fixed['need_input_grad']}: bool"
                  ") -> Tuple[Tensor, List[Tensor], List[Tensor]]:"]
@@ -228,7 +229,8 @@ class _Generator:
         for node in self.body[Level.SEQ]:
             if node.name in biased:  # computed with the sum below
                 continue
-            lines.append(f"    {self.reads.seq_names[node.name]} = {self.emitter.expression(node, self.reads.seq_names)}")
+            seq_names = self.reads.seq_names
+            lines.append(f"    {seq_names[node.name]} = {self.emitter.expression(node, seq_names)}")
         step = self.body[Level.LOOP]
         for node in step:
             matrix = node.inputs[0] if node.op is Op.MATMUL else None
@@ -256,7 +258,8 @@ class _Generator:
         lines.extend(state_update(states, [emitter.ref(n, {}) for n in graph.next_states]))
         lines.append("    if mask is not None:")
         lines += [f"        {local} = {local} * mask.unsqueeze(2).to(xs.dtype)" for local in outputs]
-        lines.append(f"    return [{', '.join(outputs)}], [{', '.join(states)}], [{', '.join(self.reads.saved_locals())}]")
+        saved = ", ".join(self.reads.saved_locals())
+        lines.append(f"    return [{', '.join(outputs)}], [{', '.join(states)}], [{saved}]")
         return "\n".join(lines) + "\n"
 
     def biased_products(self) -> Dict[str, str]:

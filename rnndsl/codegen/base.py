@@ -95,7 +95,8 @@ EMITTERS: Dict[Op, Emitter] = {
     # W @ v with v of shape (..., n): one GEMM for any number of leading dims.
     Op.MATMUL: gemm("torch.nn.functional.linear"),
     Op.CHUNK: _chunk,
-    Op.SLICE: lambda node, args: f"{args[0]}.narrow(-1, {size_code(node.attr('start'))}, {size_code(node.attr('length'))})",
+    Op.SLICE: lambda node, args: (f"{args[0]}.narrow(-1, {size_code(node.attr('start'))}, "
+                                  f"{size_code(node.attr('length'))})"),
     Op.CONCAT: _concat,
     Op.LAYERNORM: lambda node, args: (f"torch.nn.functional.layer_norm({args[0]}, [{args[0]}.size(-1)], "
                                       f"{args[1]}, {args[2]}, {node.attr('eps', 1e-5)!r})"),
