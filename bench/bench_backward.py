@@ -1,7 +1,7 @@
 """Forward+backward of a 2-layer LSTM: torch.nn.LSTM vs rnndsl with and without the derived backward.
 
 The check for issue 5's goal on the default ("script") backend: rnndsl's cells
-train through the backward derived from their equations (rnndsl/backward.py);
+train through the backward derived from their equations (rnndsl/codegen/backward.py);
 ``derived_backward=False`` builds make them train through autograd of the
 compiled loop instead. Also timed: a plain Python loop of an LSTM cell (the
 naive baseline of bench/benchmark.py). Seq 20, batch 64, input size = hidden.

@@ -99,7 +99,7 @@ class CellSpec:
         return step_source(self.graph, BuildOptions(disable, fixed_dropout_mask=fixed_dropout_mask), self.path)
 
     def backward_code(self, disable: Passes = ()) -> str:
-        """The generated source of the derived backward (rnndsl/backward.py)."""
+        """The generated source of the derived backward (rnndsl/codegen/backward.py)."""
         return backward_source(self.graph, BuildOptions(disable))
 
     def bind(self, input_size: int, hidden_size: int, **hyper: float) -> Tuple[Dict[str, int], Dict[str, float]]:
@@ -147,7 +147,7 @@ class CellSpec:
     def parallel_plan(self, disable: Passes = (),
                       fixed_dropout_mask: bool = False) -> Tuple[Optional[str], str]:
         """``(source of forward_parallel, "")`` when the recurrence is linear in the state, else
-        ``(None, why not)`` quoting the equation that is not (see rnndsl/parallel.py)."""
+        ``(None, why not)`` quoting the equation that is not (see rnndsl/codegen/parallel.py)."""
         return parallel_plan(self.graph, BuildOptions(disable, fixed_dropout_mask=fixed_dropout_mask), self.source)
 
     def build(self, input_size: int, hidden_size: int, backend: str = "script", *,

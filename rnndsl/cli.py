@@ -60,7 +60,7 @@ def _show(path: str, stage: str, cell: Optional[str], disable: List[str], raw: b
             print(spec.graph if raw else spec.optimized(disable))
         elif stage == "code":
             print(spec.code(disable))
-        elif stage == "backward":  # the derived backward's two methods (rnndsl/backward.py)
+        elif stage == "backward":  # the derived backward's two methods (rnndsl/codegen/backward.py)
             print(spec.backward_code(disable))
         elif stage == "parallel":  # forward_parallel, for cells linear in their state (rnndsl/codegen/parallel.py)
             source, why_not = spec.parallel_plan(disable)

@@ -1,6 +1,6 @@
 """The derived backward at run time: the autograd Function around a scripted cell's
 generated ``forward_sequence_saving`` and ``backward_sequence`` (their source comes from
-rnndsl/backward.py), and the rule for when ``ScriptedCell.forward_sequence`` uses it.
+rnndsl/codegen/backward.py), and the rule for when ``ScriptedCell.forward_sequence`` uses it.
 
 Add here what a scripted cell does at run time with the derived backward (when it runs,
 how its gradients reach autograd, the fallback to autograd of the loop run as Python).

@@ -33,7 +33,7 @@ class BuildOptions:
     linear in their state), ``"sequential"`` as a time loop, ``"auto"`` picks the parallel
     scan where it applies.
     ``derived_backward``: scripted cells train through the backward derived from their
-    equations (rnndsl/backward.py); False trains them through autograd of the compiled loop.
+    equations (rnndsl/codegen/backward.py); False trains them through autograd of the compiled loop.
     """
 
     disable: Tuple[str, ...] = ()
