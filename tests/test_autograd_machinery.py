@@ -88,21 +88,20 @@ def test_parameters_changed_after_construction(backend, mutation):
     assert_same_gradients(reference, ours)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_weights_tied_across_layers(backend):
-    reference, ours = pair(backend, num_layers=3)
-    for module in (reference, ours):
-        module.weight_hh_l1 = module.weight_hh_l0
-        module.weight_hh_l2 = module.weight_hh_l0
-    assert_same_gradients(reference, ours)
+# How the network is made, and which parameter becomes which.
+TIES = {"across layers": (dict(num_layers=3), {"weight_hh_l1": "weight_hh_l0", "weight_hh_l2": "weight_hh_l0"}),
+        "across directions": (dict(bidirectional=True), {"weight_hh_l0_reverse": "weight_hh_l0",
+                                                         "weight_ih_l0_reverse": "weight_ih_l0"})}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_weights_tied_across_directions(backend):
-    reference, ours = pair(backend, bidirectional=True)
+@pytest.mark.parametrize("tie", list(TIES))
+def test_tied_weights(backend, tie):
+    kwargs, ties = TIES[tie]
+    reference, ours = pair(backend, **kwargs)
     for module in (reference, ours):
-        module.weight_hh_l0_reverse = module.weight_hh_l0
-        module.weight_ih_l0_reverse = module.weight_ih_l0
+        for name, shared in ties.items():
+            setattr(module, name, getattr(module, shared))
     assert_same_gradients(reference, ours)
 
 
