@@ -189,7 +189,8 @@ class EagerCell(CellModule):
 
     def forward_sequence(self, xs, state, mask=None):
         check_call(self, state, xs, sequence=True, mask=mask)
-        if self.scan_mode == "parallel":
+        # The parallel scan's autograd Functions have no vmap rule: torch.func runs the loop.
+        if self.scan_mode == "parallel" and not torch._C._are_functorch_transforms_active():
             return self.forward_parallel(xs, state, mask)
         return super().forward_sequence(xs, state, mask)
 
@@ -255,12 +256,12 @@ class ScriptedCell(torch.jit.RecursiveScriptModule):
 
     def forward_sequence(self, xs, state, mask=None):
         check_call(self, state, xs, sequence=True, mask=mask)
-        if self.scan_mode == "parallel":
-            return self.forward_parallel(xs, state, mask)
         if torch._C._are_functorch_transforms_active():
             # torch.func's transforms follow plain Python, not TorchScript nor a Function without
-            # a vmap rule: run the same generated loop as Python.
+            # a vmap rule (the derived backward's, the parallel scan's): run the loop as Python.
             return derived.eager_forward_sequence(self, xs, state, mask)
+        if self.scan_mode == "parallel":
+            return self.forward_parallel(xs, state, mask)
         if torch.compiler.is_compiling():
             return self._python_methods.forward_sequence(self, xs, state, mask)
         if derived.uses_derived_backward(self, xs, state):

@@ -12,6 +12,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from .autograd_modes import plain_backward_needed
+
 
 class DerivedSequence(torch.autograd.Function):
     """A whole sequence through a cell, with the backward derived from its equations.
@@ -40,7 +42,7 @@ class DerivedSequence(torch.autograd.Function):
         xs, mask, *rest = ctx.saved_tensors
         output_count, tensor_count, state_count = ctx.counts
         tensors, saved = rest[:tensor_count], rest[tensor_count:]
-        if torch.is_grad_enabled() or _batched(grads):
+        if plain_backward_needed(grads):
             return (None, *_recomputed_gradients(ctx, xs, mask, tensors, grads))
         need_input_grad = bool(ctx.needs_input_grad[1])
         grad_xs, grad_state, grad_params = ctx.cell.scripted_method("backward_sequence")(
@@ -53,14 +55,6 @@ class DerivedSequence(torch.autograd.Function):
             distinct.append(grad.clone() if id(grad) in seen else grad)
             seen.add(id(grad))
         return (None, grad_xs if need_input_grad else None, None, None, *grad_state, *distinct)
-
-
-def _batched(grads: Sequence[Tensor]) -> bool:
-    """Whether the backward runs under a vmap (torch.func's, or the one behind
-    ``autograd.grad(is_grads_batched=True)``), whose batched tensors the scripted backward's
-    in-place and ``out=`` ops cannot take."""
-    return torch._C._are_functorch_transforms_active() or any(
-        torch._C._functorch.is_legacy_batchedtensor(g) for g in grads)
 
 
 def _recomputed_gradients(ctx, xs: Tensor, mask: Optional[Tensor], tensors: Sequence[Tensor],
@@ -84,9 +78,13 @@ def _recomputed_gradients(ctx, xs: Tensor, mask: Optional[Tensor], tensors: Sequ
         outputs, final = eager_forward_sequence(ctx.cell, inner_xs, inner[:state_count], mask,
                                                 inner[state_count:], ctx.training)
         results = (*(outputs if isinstance(outputs, tuple) else (outputs,)), *final)
+        # A result that depends on nothing differentiated (a state that only doubles itself, from a
+        # start that needs no gradient) contributes nothing, and autograd.grad refuses it.
+        pairs = [(result, grad) for result, grad in zip(results, grads) if result.requires_grad]
         wanted = [i for i, need in enumerate((needs[1], *needs[4:])) if need]
-        found = torch.autograd.grad(results, [arguments[i] for i in wanted], grads,
-                                    create_graph=create_graph, allow_unused=True, materialize_grads=True)
+        found = torch.autograd.grad([r for r, _ in pairs], [arguments[i] for i in wanted], [g for _, g in pairs],
+                                    create_graph=create_graph, allow_unused=True,
+                                    materialize_grads=True) if pairs else [None] * len(wanted)
     gradients: List[Optional[Tensor]] = [None] * (1 + tensor_count)
     for index, grad in zip(wanted, found):
         gradients[index] = grad

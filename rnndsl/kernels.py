@@ -14,8 +14,8 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
+from .autograd_modes import plain_backward_needed
 from .linear_scan import linear_recurrence  # noqa: F401 (generated code gets it through resolve_globals())
 from .names import PARALLEL_HELPERS, SCRIPT_HELPERS
 
@@ -110,11 +110,15 @@ class _LinearFunction(torch.autograd.Function):
         return linear(v, weight, bias)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
         v, weight = ctx.saved_tensors
-        grad = grad.contiguous()
         need_v, need_weight, need_bias = ctx.needs_input_grad
+        if plain_backward_needed([grad]):  # products autograd can differentiate again, and vmap batch
+            flat = grad.reshape(-1, grad.size(-1))
+            return (grad @ weight if need_v else None,
+                    flat.t() @ v.reshape(-1, v.size(-1)) if need_weight else None,
+                    flat.sum(0) if ctx.has_bias and need_bias else None)
+        grad = grad.contiguous()
         grad_v = linear(grad, weight.t()) if need_v else None
         grad_weight = outer_sum(grad, v) if need_weight else None
         grad_bias = grad.reshape(-1, grad.size(-1)).sum(0) if ctx.has_bias and need_bias else None

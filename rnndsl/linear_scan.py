@@ -36,7 +36,8 @@ from typing import Any, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
+
+from .autograd_modes import plain_backward_needed
 
 __all__ = ["linear_recurrence", "sequential_linear_recurrence"]
 
@@ -93,9 +94,10 @@ class _LinearRecurrence(torch.autograd.Function):
         return states
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
         a, s0, states = ctx.saved_tensors
+        if plain_backward_needed([grad]):
+            return _plain_backward(ctx.needs_input_grad, grad, a, s0, states)
         # g_T = grad_T; earlier g_t follow the reverse scan with decay a_{t+1},
         # written straight into g so no shifted copy of a is made.
         g = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
@@ -109,6 +111,19 @@ class _LinearRecurrence(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_s0 = a[0] * g[0]
         return grad_a, g, grad_s0
+
+
+def _plain_backward(needs: Sequence[bool], grad: Tensor, a: Tensor, s0: Optional[Tensor],
+                    states: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
+    """The same gradients from plain ops, one step at a time: what autograd differentiates again
+    (the saved ``a`` and ``states`` carry their own history) and what vmap batches."""
+    decays, grads = a.unbind(0), grad.unbind(0)
+    g = [grads[-1]]
+    for t in range(len(grads) - 2, -1, -1):
+        g.append(decays[t + 1] * g[-1] + grads[t])
+    g = torch.stack(g[::-1])
+    grad_a = torch.cat([(g[0] * s0).unsqueeze(0), g[1:] * states[:-1]]) if needs[0] else None
+    return grad_a, g, (a[0] * g[0] if needs[2] else None)
 
 
 def _scan(a: Tensor, b: Tensor, init: Tensor, reverse: bool,

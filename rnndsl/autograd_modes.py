@@ -1,0 +1,22 @@
+"""When a custom autograd Function's backward must be made of plain, differentiable torch ops.
+
+rnndsl's Functions (the derived backward in rnndsl/derived.py, the parallel scan in
+rnndsl/linear_scan.py, oneDNN's products in rnndsl/kernels.py) have fast backwards built
+from in-place and ``out=`` kernels, which autograd cannot differentiate again and vmap
+cannot batch. Each switches to plain ops when :func:`plain_backward_needed` says so.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+
+def plain_backward_needed(grads: Sequence[Optional[Tensor]]) -> bool:
+    """Whether the backward running now must be differentiable or batchable: under
+    ``create_graph`` (grad mode is on inside the backward), under torch.func's transforms, or
+    under the vmap behind ``autograd.grad(is_grads_batched=True)`` (``gradcheck``'s batched
+    check, ``jacobian(vectorize=True)``), whose gradients come as batched tensors."""
+    return (torch.is_grad_enabled() or torch._C._are_functorch_transforms_active()
+            or any(g is not None and torch._C._functorch.is_legacy_batchedtensor(g) for g in grads))
