@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import types
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
@@ -189,6 +190,8 @@ class EagerCell(CellModule):
 
     def forward_sequence(self, xs, state, mask=None):
         check_call(self, state, xs, sequence=True, mask=mask)
+        if torch.compiler.is_exporting():  # one scan node: the program runs at any length
+            return self.forward_sequence_scan(xs, state, mask)
         # The parallel scan's autograd Functions have no vmap rule: torch.func runs the loop.
         if self.scan_mode == "parallel" and not torch._C._are_functorch_transforms_active():
             return self.forward_parallel(xs, state, mask)
@@ -244,6 +247,13 @@ class ScriptedCell(torch.jit.RecursiveScriptModule):
             del scripted.__dict__[name]
         return scripted
 
+    def _plain_view(self) -> types.SimpleNamespace:
+        """What the generated methods read of the cell, as plain attributes: torch.export must trace
+        the scan's step completely, and it does not trace into a TorchScript module."""
+        constants = {name: getattr(self, name) for name in self._python_methods._constant_names}
+        return types.SimpleNamespace(training=self.training, **constants,
+                                     **dict(self.named_parameters(recurse=False)))
+
     def scripted_method(self, name: str):
         """A compiled method, bypassing the Python one of the same name."""
         return self._c._get_method(name)
@@ -256,6 +266,8 @@ class ScriptedCell(torch.jit.RecursiveScriptModule):
 
     def forward_sequence(self, xs, state, mask=None):
         check_call(self, state, xs, sequence=True, mask=mask)
+        if torch.compiler.is_exporting():  # one scan node: the program runs at any length
+            return self._python_methods.forward_sequence_scan(self._plain_view(), xs, state, mask)
         if torch._C._are_functorch_transforms_active():
             # torch.func's transforms follow plain Python, not TorchScript nor a Function without
             # a vmap rule (the derived backward's, the parallel scan's): run the loop as Python.

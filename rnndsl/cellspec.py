@@ -23,7 +23,7 @@ from . import syntax_tree as st
 from .cells import Recipe
 from .check import check_file, hyper_value_problem
 from .compile import (backward_source, cached, compile_lock, eager_class, generated_class, optimized,
-                      parallel_plan, script, step_source)
+                      parallel_plan, scan_source, script, step_source)
 from .errors import CellError, CellWarning, Span
 from .ir import MAX_DIMENSION, Graph, Op
 from .lower import lower
@@ -101,6 +101,11 @@ class CellSpec:
     def backward_code(self, disable: Passes = ()) -> str:
         """The generated source of the derived backward (rnndsl/codegen/backward.py)."""
         return backward_source(self.graph, BuildOptions(disable))
+
+    def scan_code(self, disable: Passes = ()) -> str:
+        """The generated source of ``forward_sequence_scan``, the time loop as one ``scan`` node that
+        torch.export keeps valid for any sequence length (rnndsl/codegen/scan.py)."""
+        return scan_source(self.graph, BuildOptions(disable))
 
     def bind(self, input_size: int, hidden_size: int, **hyper: float) -> Tuple[Dict[str, int], Dict[str, float]]:
         """Size variables and hyper-parameters for a build, checked."""

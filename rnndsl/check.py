@@ -44,7 +44,7 @@ def __getattr__(name: str) -> object:
 _CELL_ATTRIBUTES = {"input_size", "hidden_size", "output_size", "state_sizes", "state_names", "source", "code",
                     "cell_name", "forward_sequence", "reset_parameters", "generated_source", "adopt",
                     "scripted_method", "backward_sequence", "derived_backward_trains", "forward_sequence_saving",
-                    "forward_parallel", "scan_mode", "parallel_source"}
+                    "forward_parallel", "scan_mode", "parallel_source", "forward_sequence_scan"}
 
 # Sizes and hyper-parameters are set as keyword arguments of CellSpec.build(input_size, hidden_size,
 # backend, *, <the build options>, **hyper): they cannot share a name with its own arguments.

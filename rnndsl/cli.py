@@ -17,7 +17,7 @@ from .errors import CellError, printable
 from .passes import PASS_NAMES
 from .syntax_tree import pretty
 
-STAGES = ("ast", "ir", "code", "backward", "parallel", "dot")
+STAGES = ("ast", "ir", "code", "backward", "parallel", "scan", "dot")
 
 
 def _say(text: object, stream=None) -> None:
@@ -62,6 +62,8 @@ def _show(path: str, stage: str, cell: Optional[str], disable: List[str], raw: b
             print(spec.code(disable))
         elif stage == "backward":  # the derived backward's two methods (rnndsl/codegen/backward.py)
             print(spec.backward_code(disable))
+        elif stage == "scan":  # forward_sequence_scan, what torch.export runs (rnndsl/codegen/scan.py)
+            print(spec.scan_code(disable))
         elif stage == "parallel":  # forward_parallel, for cells linear in their state (rnndsl/codegen/parallel.py)
             source, why_not = spec.parallel_plan(disable)
             if source is None:

@@ -26,7 +26,7 @@ import torch
 from . import kernels
 from .cells import CellModule, EagerCell, ScriptedCell
 from .codegen import (NotLinear, PythonCode, find_linear_recurrences, generate_backward, generate_parallel,
-                      generate_step, validate_source)
+                      generate_scan, generate_step, validate_source)
 from .errors import one_line, source_lines
 from .ir import Graph
 from .options import BuildOptions
@@ -88,6 +88,11 @@ def backward_source(graph: Graph, options: BuildOptions) -> str:
     return _backward_source(graph, options.disable).source
 
 
+def scan_source(graph: Graph, options: BuildOptions) -> str:
+    """The source of ``forward_sequence_scan``, what torch.export runs (rnndsl/codegen/scan.py)."""
+    return _scan_source(graph, options.disable).source
+
+
 def parallel_plan(graph: Graph, options: BuildOptions, cell_source: str) -> Tuple[Optional[str], str]:
     """``(source of forward_parallel, "")`` when the recurrence is linear in the state, else
     ``(None, why not)`` quoting the equation of ``cell_source`` that is not (rnndsl/codegen/parallel.py)."""
@@ -111,14 +116,14 @@ def script(module: CellModule, parallel: Optional[PythonCode]) -> ScriptedCell:
             raise
     cell = ScriptedCell.adopt(scripted, _scripted_class(parallel))
     cell._python_methods = type(module)
-    _scripted_classes.setdefault(type(module)._methods_text, type(module))
+    _scripted_classes.setdefault(type(module)._registry_key, type(module))
     return cell
 
 
-# Classes TorchScript has compiled, by the text of their methods. TorchScript keeps every class it
+# Classes TorchScript has compiled, by their methods' text and the constants they read. TorchScript keeps every class it
 # compiles for the life of the process (no API frees one), so a cell built again after its class
 # left _module_class's cache must reuse that class, not have TorchScript compile and keep a copy.
-_scripted_classes: Dict[str, type] = {}
+_scripted_classes: Dict[Tuple[str, Tuple[str, ...]], type] = {}
 
 
 @cached(maxsize=128)
@@ -132,6 +137,11 @@ def _backward_source(graph: Graph, disable: Tuple[str, ...]) -> PythonCode:
 
 
 @cached(maxsize=128)
+def _scan_source(graph: Graph, disable: Tuple[str, ...]) -> PythonCode:
+    return generate_scan(_optimized(graph, disable))
+
+
+@cached(maxsize=128)
 def _source(graph: Graph, disable: Tuple[str, ...], origin: str, fixed_dropout_mask: bool = False) -> PythonCode:
     return generate_step(_optimized(graph, disable), f"{os.path.basename(origin)} (cell {graph.name})",
                          fixed_dropout_mask)
@@ -142,18 +152,26 @@ def _module_class(graph: Graph, options: BuildOptions, origin: str) -> type:
     """A CellModule subclass with the generated methods; cached, so TorchScript compiles it once."""
     with compile_lock:
         step = _source(graph, options.disable, origin, options.fixed_dropout_mask)
-        derived = options.derived_backward
-        code = _joined(step, _backward_source(graph, options.disable)) if derived else step
-        if code.source in _scripted_classes:
-            return _scripted_classes[code.source]
+        code = _joined(step, _backward_source(graph, options.disable)) if options.derived_backward else step
+        # forward_sequence_scan is plain Python that TorchScript never compiles (no method it
+        # compiles calls it): what torch.export runs.
+        code = _joined(code, _scan_source(graph, options.disable))
+        # The sizes and hyper-parameters the code reads as module attributes (`self.hidden`).
+        constants = tuple(dict.fromkeys(["input", "hidden"] + [d.name for d in graph.sizes]
+                                        + [d.name for d in graph.hypers]))
+        key = (code.source, constants)  # everything the class is made of
+        if key in _scripted_classes:
+            return _scripted_classes[key]
         namespace, filename = _run(code, graph.name)
         methods = {
             "forward": namespace["forward"],
             "forward_sequence": torch.jit.export(namespace["forward_sequence"]),
+            "forward_sequence_scan": namespace["forward_sequence_scan"],
             "generated_source": step.source,
-            "_methods_text": code.source,
+            "_constant_names": constants,
+            "_registry_key": key,
         }
-        if derived:
+        if options.derived_backward:
             for name in ("forward_sequence_saving", "backward_sequence"):
                 methods[name] = torch.jit.export(namespace[name])
         cls = type(f"{graph.name}_cell", (CellModule,), methods)

@@ -17,14 +17,14 @@ from torch import Tensor
 
 from .autograd_modes import plain_backward_needed
 from .linear_scan import linear_recurrence  # noqa: F401 (generated code gets it through resolve_globals())
-from .names import PARALLEL_HELPERS, SCRIPT_HELPERS
+from .names import PARALLEL_HELPERS, SCAN_HELPERS, SCRIPT_HELPERS
 
 
 def resolve_globals(names: Iterable[str]) -> Dict[str, Any]:
     """The namespace generated code runs in: each of ``names`` (the globals a generator returns
     with its source, from rnndsl/names.py) bound to its object."""
     known = {"torch": torch, "Tensor": Tensor, "Tuple": Tuple, "List": List, "Optional": Optional,
-             **{name: globals()[name] for name in SCRIPT_HELPERS + PARALLEL_HELPERS}}
+             **{name: globals()[name] for name in SCRIPT_HELPERS + PARALLEL_HELPERS + SCAN_HELPERS}}
     return {name: known[name] for name in names}
 
 
@@ -144,3 +144,10 @@ def along_steps(value: Union[Tensor, float], steps: int, s0: Tensor) -> Tensor:
     if isinstance(value, Tensor):
         return value if value.shape == shape else value.expand(shape)
     return s0.new_full(shape, value)
+
+
+def time_scan(step, init: List[Tensor], per_step: List[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
+    """torch's ``scan`` higher-order op: ``step(carry, slices) -> (carry, outputs)`` over the first
+    dim of ``per_step``. torch.export keeps it as one loop node valid for any sequence length."""
+    from torch._higher_order_ops.scan import scan  # function-level: a private module, loaded when exporting
+    return scan(step, init, per_step)

@@ -19,18 +19,21 @@ from typing import Dict, Tuple
 # Helpers of rnndsl/kernels.py that generated code calls by name.
 SCRIPT_HELPERS = ("linear", "outer_sum", "prepack")
 PARALLEL_HELPERS = ("along_steps", "linear_recurrence", "linear_with_grad")
+SCAN_HELPERS = ("time_scan",)
 
 # The globals each target's source reads: TorchScript methods (step loop, derived backward) and
 # the parallel scan's plain Python.
 SCRIPT_GLOBALS: Tuple[str, ...] = ("torch", "Tensor", "Tuple", "List", "Optional") + SCRIPT_HELPERS
 PARALLEL_GLOBALS: Tuple[str, ...] = ("torch",) + PARALLEL_HELPERS
+# The scan target's plain Python, which torch.export traces (rnndsl/codegen/scan.py).
+SCAN_GLOBALS: Tuple[str, ...] = ("torch", "Tensor", "Tuple", "List", "Optional") + SCAN_HELPERS
 
 # Locals generated code makes for itself.
 GENERATED_LOCALS = ("self", "state", "xs", "mask", "outputs", "t", "keep", "real")
 
 # Names the generated code uses for itself; user names that collide get a suffix.
 RESERVED = (set(keyword.kwlist) | set(dir(builtins)) | set(GENERATED_LOCALS) | set(SCRIPT_GLOBALS)
-            | set(PARALLEL_GLOBALS))
+            | set(PARALLEL_GLOBALS) | set(SCAN_GLOBALS))
 
 
 def joined_name(*parts: str) -> str:

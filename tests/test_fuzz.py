@@ -244,3 +244,20 @@ def test_a_scripted_cell_built_again_after_its_class_left_the_cache_reuses_it():
     second = spec.build(2, 3, backend="script")
     assert second._python_methods is first._python_methods
     assert second._c._type() == first._c._type()  # one TorchScript class, compiled once
+
+
+def test_cells_alike_in_code_but_not_in_constants_do_not_share_a_class(tmp_path):
+    """The same equations, one file declaring an unused hyper-parameter: the same generated text,
+    but not the same class, whose constants (read under torch.export) differ."""
+    body = "    state h[hidden]\n    param W[hidden, input]\n    h' = tanh(W @ x + h)\n}\n"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "x.cell").write_text("cell x(x[input]) -> h {\n    hyper beta = 0.5\n" + body)
+    (tmp_path / "b" / "x.cell").write_text("cell x(x[input]) -> h {\n" + body)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the unused hyper-parameter
+        first = rnndsl.load_cell(tmp_path / "a" / "x.cell").build(3, 4)
+    second = rnndsl.load_cell(tmp_path / "b" / "x.cell").build(3, 4)
+    assert first._python_methods is not second._python_methods
+    view = second._plain_view()  # reads every constant of its class from the cell
+    assert not hasattr(view, "beta")

@@ -6,7 +6,9 @@
 - ``step``: ``generate_step``, the cell's ``forward`` and its time loop ``forward_sequence``;
 - ``backward`` (with its per-op rules in ``derivatives``): ``generate_backward``, the derived
   backward's ``forward_sequence_saving`` and ``backward_sequence``;
-- ``parallel``: ``generate_parallel``, ``forward_parallel`` for recurrences linear in the state.
+- ``parallel``: ``generate_parallel``, ``forward_parallel`` for recurrences linear in the state;
+- ``scan``: ``generate_scan``, ``forward_sequence_scan``, the time loop as one ``scan`` node,
+  which ``torch.export`` keeps valid for any sequence length.
 
 Each entry point returns a :class:`~rnndsl.codegen.base.PythonCode`: the source and the
 names of the globals it reads (rnndsl/names.py), which the runtime binds with
@@ -17,7 +19,8 @@ each other's private names. Nothing here imports torch.
 from .backward import generate_backward, supports_training
 from .base import PythonCode, validate_source
 from .parallel import NotLinear, find_linear_recurrences, generate_parallel
+from .scan import generate_scan
 from .step import generate_step
 
 __all__ = ["PythonCode", "validate_source", "generate_step", "generate_backward", "supports_training",
-           "generate_parallel", "find_linear_recurrences", "NotLinear"]
+           "generate_parallel", "find_linear_recurrences", "NotLinear", "generate_scan"]

@@ -1,5 +1,5 @@
 """The shared base of code generation: what every target (rnndsl/codegen/step.py,
-backward.py, parallel.py) writes alike.
+backward.py, parallel.py, scan.py) writes alike.
 
 - ``EMITTERS``: one code emitter per IR op, the per-op table of this stage. A target's
   dialect is a dict merge, ``{**EMITTERS, Op.MATMUL: gemm("linear")}``.

@@ -1,0 +1,72 @@
+"""The scan target: IR graph -> ``forward_sequence_scan``, the time loop as one ``scan`` node.
+
+``torch.export`` unrolls a Python loop over time at the traced length, so an exported
+``forward_sequence`` would run at that length only. Written with torch's ``scan``
+higher-order op instead, the loop is one node of the exported program, valid for any
+sequence length (a dynamic ``T``), which ``torch.nn.LSTM`` itself cannot export.
+
+The method computes what ``forward_sequence`` (rnndsl/codegen/step.py) computes, in the
+same order: parameter-only values once, input-only values for all steps at once, then
+``time_scan(one_step, state, per_step)`` where ``one_step(carry, step_inputs)`` takes the
+carried state and this step's slices (the hoisted values and the mask) and returns the
+next state and the outputs. Both are fresh tensors, as scan requires: the state is
+always ``torch.where(keep, new, old)`` and the outputs are multiplied by the mask, which
+is all True when the caller gives none.
+"""
+from __future__ import annotations
+
+from ..ir import Graph, Phase
+from ..names import SCAN_GLOBALS, Namespace
+from .base import NodeEmitter, PythonCode, body_nodes, one_or_tuple, tuple_code, tuple_type, validate_source
+
+
+def generate_scan(graph: Graph) -> PythonCode:
+    """``forward_sequence_scan(self, xs, state, mask=None) -> (outputs, final state)``."""
+    emitter = NodeEmitter(graph)
+    lines = emitter.lines
+    # Lowering and the emitter kept user names clear of RESERVED, so this code may use those names itself.
+    names = Namespace({n.name for n in graph.nodes} | set(emitter.local.values()), reserved=frozenset())
+    states = [emitter.var(d.name) for d in graph.states]
+    body = body_nodes(graph)
+    hoisted = [n for n in body if n.phase is Phase.PER_INPUT]
+    seq_name = {graph.input.name: "xs", **{n.name: names.fresh(n.name, "seq") for n in hoisted}}
+    step = [n for n in body if n.phase is Phase.PER_STEP]
+    needed = {name for n in step for name in n.inputs} | set(graph.results())
+    reads = [name for name in seq_name if name in needed]
+    one_step, carry, step_inputs, keep_seq, final, outputs = (
+        names.fresh(base) for base in ("one_step", "carry", "step_inputs", "keep_seq", "final", "outputs"))
+    output_type = "Tensor" if len(graph.outputs) == 1 else tuple_type(len(graph.outputs))
+
+    lines.append(f"def forward_sequence_scan(self, xs: Tensor, state: {tuple_type(len(states))}, "
+                 f"mask: Optional[Tensor] = None) -> Tuple[{output_type}, {tuple_type(len(states))}]:")
+    lines.extend(f"    {name} = state[{i}]" for i, name in enumerate(states))
+    for comment, nodes, rename in (("Once per sequence: these depend only on parameters.",
+                                    [n for n in body if n.phase is Phase.ONCE], {}),
+                                   ("For all steps at once: these depend on the input but on no state.",
+                                    hoisted, seq_name)):
+        if nodes:
+            lines.append(f"    # {comment}")
+            for node in nodes:
+                emitter.emit(node, "    ", rename)
+    lines.append(f"    {keep_seq} = mask if mask is not None else xs.new_ones([xs.size(0), xs.size(1)]).bool()")
+    lines.append("")
+    lines.append("    # One step: the carried state and this step's slices in; the next state and outputs out.")
+    lines.append(f"    def {one_step}({carry}: List[Tensor], {step_inputs}: List[Tensor]):")
+    lines.extend(f"        {name} = {carry}[{i}]" for i, name in enumerate(states))
+    lines.extend(f"        {emitter.var(name)} = {step_inputs}[{i}]" for i, name in enumerate(reads))
+    lines.append(f"        keep = {step_inputs}[{len(reads)}].unsqueeze(1)")
+    for node in step:
+        emitter.emit(node, "        ", {})
+    kept = [f"torch.where(keep, {emitter.ref(new, {})}, {old})" for new, old in zip(graph.next_states, states)]
+    # The step reads no batched value from outside itself (not even xs.dtype): export would fix the
+    # batch size of a tensor the step closes over.
+    masked = [f"{ref} * keep.to({ref}.dtype)" for ref in (emitter.ref(name, {}) for name in graph.outputs)]
+    lines.append(f"        return [{', '.join(kept)}], [{', '.join(masked)}]")
+    lines.append("")
+    # Contiguous slices (a chunk of a sum is not): export would otherwise fix the batch size when the
+    # next layer's step is traced against the guards of this one's strides.
+    per_step = [f"{seq_name[name]}.contiguous()" for name in reads] + [keep_seq]
+    lines.append(f"    {final}, {outputs} = time_scan({one_step}, [{', '.join(states)}], [{', '.join(per_step)}])")
+    result = one_or_tuple([f"{outputs}[{i}]" for i in range(len(graph.outputs))])
+    lines.append(f"    return {result}, {tuple_code([f'{final}[{i}]' for i in range(len(states))])}")
+    return PythonCode(validate_source("\n".join(lines) + "\n"), SCAN_GLOBALS)
