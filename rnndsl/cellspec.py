@@ -107,11 +107,14 @@ class CellSpec:
         torch.export keeps valid for any sequence length (rnndsl/codegen/scan.py)."""
         return scan_source(self.graph, BuildOptions(disable))
 
+    def _check_size(self, what: str, value: object) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{self.name}: {what} must be a positive integer, got {value!r}")
+
     def bind(self, input_size: int, hidden_size: int, **hyper: float) -> Tuple[Dict[str, int], Dict[str, float]]:
         """Size variables and hyper-parameters for a build, checked."""
         for what, value in (("input_size", input_size), ("hidden_size", hidden_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{self.name}: {what} must be a positive integer, got {value!r}")
+            self._check_size(what, value)
         sizes: Dict[str, int] = {"input": input_size, "hidden": hidden_size}
         hypers = self.hypers
         for key, value in hyper.items():
@@ -121,8 +124,7 @@ class CellSpec:
                     raise ValueError(f"cell {self.name}: hyper-parameter {key} {problem}")
                 hypers[key] = float(value)
             elif key in self.sizes and key not in sizes:
-                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                    raise ValueError(f"{self.name}: size {key} must be a positive integer, got {value!r}")
+                self._check_size(f"size {key}", value)
                 sizes[key] = value
             else:
                 known = sorted(set(hypers) | (set(self.sizes) - {"input", "hidden"}))

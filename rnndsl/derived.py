@@ -27,6 +27,10 @@ class DerivedSequence(torch.autograd.Function):
     Where the derived backward cannot serve, a gradient that must itself be differentiable
     (``create_graph=True``) or a batched one (``torch.func``, ``gradcheck``'s batched check),
     the backward recomputes the forward with autograd instead (:func:`_recomputed_gradients`).
+
+    Hyper-parameters are read from the cell when the backward runs: one reassigned between
+    forward and backward (``cell.beta = 0.25``) would change the gradient, where autograd of the
+    eager loop keeps the forward's value.
     """
 
     @staticmethod
@@ -108,7 +112,7 @@ def eager_forward_sequence(cell, xs: Tensor, state: Sequence[Tensor], mask: Opti
                            parameters: Optional[Sequence[Tensor]] = None, training: Optional[bool] = None):
     """A scripted cell's ``forward_sequence`` run as plain Python, on ``parameters`` (default: the
     cell's own now) in declaration order: (outputs, final state)."""
-    names = [name for name, _ in cell.named_parameters(recurse=False, remove_duplicate=False)]
+    names = [name for name, _ in _named_parameters(cell)]
     parameters = _parameters(cell) if parameters is None else parameters
     bound = _BoundCell(cell, dict(zip(names, parameters)), cell.training if training is None else training)
     return cell._python_methods.forward_sequence(bound, xs, tuple(state), mask)
@@ -136,7 +140,12 @@ def _parameters(cell) -> List[Tensor]:
     Duplicates stay: torch.func.functional_call may bind one tensor to two parameters
     (networks with ``bias=False`` bind one zero vector to both biases).
     """
-    return [p for _, p in cell.named_parameters(recurse=False, remove_duplicate=False)]
+    return [p for _, p in _named_parameters(cell)]
+
+
+def _named_parameters(cell) -> List[Tuple[str, Tensor]]:
+    """The cell's own parameters with their names, in declaration order, duplicates kept."""
+    return list(cell.named_parameters(recurse=False, remove_duplicate=False))
 
 
 def derived_forward_sequence(cell, xs: Tensor, state: Sequence[Tensor], mask: Optional[Tensor]):

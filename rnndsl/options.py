@@ -1,8 +1,9 @@
 """Build options: what ``CellSpec.build`` is told besides sizes and hyper-parameters.
 
 One frozen :class:`BuildOptions`, normalised once when made, is the key of the
-compile caches (rnndsl/compile.py) and part of the recipe a pickled cell is
-rebuilt from (rnndsl/cells.py). A new build choice is a new field here and a
+generated module classes (rnndsl/compile.py; its finer caches key on the fields
+they depend on) and part of the recipe a pickled cell is rebuilt from
+(rnndsl/cells.py). A new build choice is a new field here and a
 keyword of ``CellSpec.build``. This module imports neither torch nor the
 compiler, so that the front end (rnndsl/check.py) can keep the names of sizes
 and hyper-parameters clear of build's arguments.
