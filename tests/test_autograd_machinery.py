@@ -44,9 +44,14 @@ def assert_same_gradients(reference: nn.Module, ours: nn.Module, seed: int = 2) 
         results.append((output, grads))
     (out_a, grads_a), (out_b, grads_b) = results
     torch.testing.assert_close(out_b, out_a, rtol=1e-10, atol=1e-12)
-    assert len(grads_a) == len(grads_b)
-    for a, b in zip(grads_a, grads_b):
-        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+    assert_pairwise_close(grads_a, grads_b)
+
+
+def assert_pairwise_close(reference: list, ours: list) -> None:
+    """torch's results and ours, one by one, in float64's tolerance."""
+    assert len(reference) == len(ours)
+    for want, got in zip(reference, ours):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
 def _reassign(module):
@@ -127,8 +132,7 @@ def test_functional_call_with_other_parameters(backend):
     for module in (reference, ours):
         output, _ = torch.func.functional_call(module, others, (x,))
         grads.append(torch.autograd.grad(output.square().sum(), list(others.values())))
-    for a, b in zip(*grads):
-        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+    assert_pairwise_close(*grads)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -181,8 +185,7 @@ def test_gradient_penalty_matches_torch(backend):
         output, _ = module(x)
         grad_x, = torch.autograd.grad(output.sum(), x, create_graph=True)
         results.append(torch.autograd.grad(grad_x.square().sum(), list(module.parameters())))
-    for a, b in zip(*results):
-        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+    assert_pairwise_close(*results)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -205,8 +208,7 @@ def test_torch_func_transforms_match_torch(backend):
         jacobian = torch.func.jacrev(lambda x, m=module, p=params: torch.func.functional_call(m, p, (x,))[0])(x)
         vectorized = torch.autograd.functional.jacobian(lambda x, m=module: m(x)[0], x, vectorize=True)
         found.append([grads["weight_hh_l0"], per_example, jacobian, vectorized])
-    for a, b in zip(*found):
-        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+    assert_pairwise_close(*found)
 
 
 def test_plain_training_keeps_the_derived_backward():
