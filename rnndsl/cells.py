@@ -268,9 +268,11 @@ class ScriptedCell(torch.jit.RecursiveScriptModule):
         check_call(self, state, xs, sequence=True, mask=mask)
         if torch.compiler.is_exporting():  # one scan node: the program runs at any length
             return self._python_methods.forward_sequence_scan(self._plain_view(), xs, state, mask)
-        if torch._C._are_functorch_transforms_active():
+        if torch._C._are_functorch_transforms_active() or torch.is_autocast_enabled(xs.device.type):
             # torch.func's transforms follow plain Python, not TorchScript nor a Function without
-            # a vmap rule (the derived backward's, the parallel scan's): run the loop as Python.
+            # a vmap rule (the derived backward's, the parallel scan's); autocast's casts are
+            # autograd's to undo, which the derived backward (run outside autocast) does not
+            # know: run the loop as Python.
             return derived.eager_forward_sequence(self, xs, state, mask)
         if self.scan_mode == "parallel":
             return self.forward_parallel(xs, state, mask)
