@@ -268,16 +268,18 @@ class ScriptedCell(torch.jit.RecursiveScriptModule):
         check_call(self, state, xs, sequence=True, mask=mask)
         if torch.compiler.is_exporting():  # one scan node: the program runs at any length
             return self._python_methods.forward_sequence_scan(self._plain_view(), xs, state, mask)
-        if torch._C._are_functorch_transforms_active() or torch.is_autocast_enabled(xs.device.type):
+        if torch._C._are_functorch_transforms_active():
             # torch.func's transforms follow plain Python, not TorchScript nor a Function without
-            # a vmap rule (the derived backward's, the parallel scan's); autocast's casts are
-            # autograd's to undo, which the derived backward (run outside autocast) does not
-            # know: run the loop as Python.
+            # a vmap rule (the derived backward's, the parallel scan's): run the loop as Python.
             return derived.eager_forward_sequence(self, xs, state, mask)
         if self.scan_mode == "parallel":
             return self.forward_parallel(xs, state, mask)
         if torch.compiler.is_compiling():
             return self._python_methods.forward_sequence(self, xs, state, mask)
+        if torch.is_autocast_enabled(xs.device.type):
+            # Autocast's casts are autograd's to undo; the derived backward, run outside autocast
+            # on what the forward saved in mixed dtypes, does not know them.
+            return derived.eager_forward_sequence(self, xs, state, mask)
         if derived.uses_derived_backward(self, xs, state):
             return derived.derived_forward_sequence(self, xs, state, mask)
         return self.scripted_method("forward_sequence")(xs, state, mask)
