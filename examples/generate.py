@@ -9,6 +9,7 @@ back. ``<eos>`` is printed as a line break.
 """
 import argparse
 import sys
+import time
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -66,9 +67,14 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     except KeyError as error:
         sys.exit(f"generate.py: the primer has a word the model does not know: {error}")
     generator = torch.Generator().manual_seed(args.seed)
-    words = primer + sample(model, vocabulary, args.words, args.temperature, primer, generator)
-    text = " ".join(words).replace(f" {EOS} ", "\n").replace(EOS, "\n").strip()
+    start = time.perf_counter()
+    drawn = sample(model, vocabulary, args.words, args.temperature, primer, generator)
+    seconds = time.perf_counter() - start
+    text = " ".join(primer + drawn).replace(f" {EOS} ", "\n").replace(EOS, "\n").strip()
     print(text)
+    # On stderr, so that the text alone goes to stdout: what a user waits on per word.
+    print(f"sampled {len(drawn)} words in {seconds:.2f} s ({len(drawn) / max(seconds, 1e-9):.0f} words/s, "
+          f"backend {model.rnn.backend})", file=sys.stderr)
     return text
 
 

@@ -150,8 +150,12 @@ def test_generate_samples_reproducibly_after_the_primer(word_model):
     argv = ["--checkpoint", word_model["checkpoint"], "--words", "12", "--seed", "3",
             "--primer", "the if", "--temperature", "0.7"]
     first, _ = run_main(generate.main, argv)
-    second, _ = run_main(generate.main, argv)
+    errors = io.StringIO()
+    with contextlib.redirect_stderr(errors):
+        second, printed = run_main(generate.main, argv)
     assert first == second and first.startswith("the if")
+    assert printed.strip() == second  # the text alone on stdout; the rate on stderr
+    assert re.fullmatch(r"sampled 12 words in [0-9.]+ s \([0-9]+ words/s, backend \w+\)\n", errors.getvalue())
     model, vocabulary = word_lm.load_checkpoint(word_model["checkpoint"])
     drawn = generate.sample(model, vocabulary, 12, 0.7, ["the"], torch.Generator().manual_seed(3))
     assert len(drawn) == 12 and set(drawn) <= set(vocabulary.words)
