@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import types
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
@@ -247,13 +246,6 @@ class ScriptedCell(torch.jit.RecursiveScriptModule):
             del scripted.__dict__[name]
         return scripted
 
-    def _plain_view(self) -> types.SimpleNamespace:
-        """What the generated methods read of the cell, as plain attributes: torch.export must trace
-        the scan's step completely, and it does not trace into a TorchScript module."""
-        constants = {name: getattr(self, name) for name in self._python_methods._constant_names}
-        return types.SimpleNamespace(training=self.training, **constants,
-                                     **dict(self.named_parameters(recurse=False)))
-
     def scripted_method(self, name: str):
         """A compiled method, bypassing the Python one of the same name."""
         return self._c._get_method(name)
@@ -267,7 +259,7 @@ class ScriptedCell(torch.jit.RecursiveScriptModule):
     def forward_sequence(self, xs, state, mask=None):
         check_call(self, state, xs, sequence=True, mask=mask)
         if torch.compiler.is_exporting():  # one scan node: the program runs at any length
-            return self._python_methods.forward_sequence_scan(self._plain_view(), xs, state, mask)
+            return self._python_methods.forward_sequence_scan(derived.bound_view(self), xs, state, mask)
         if torch._C._are_functorch_transforms_active():
             # torch.func's transforms follow plain Python, not TorchScript nor a Function without
             # a vmap rule (the derived backward's, the parallel scan's): run the loop as Python.

@@ -7,7 +7,8 @@ how its gradients reach autograd, the fallback to autograd of the loop run as Py
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+import types
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -95,27 +96,27 @@ def _recomputed_gradients(ctx, xs: Tensor, mask: Optional[Tensor], tensors: Sequ
     return (gradients[0], None, None, *gradients[1:])
 
 
-class _BoundCell:
-    """A cell as its generated methods see it (``self.weight``, ``self.hidden``, ``self.training``),
-    with its parameters bound to given tensors: the Python twin of a scripted method then runs on
-    exactly those tensors, which torch.func and higher derivatives can follow."""
+def bound_view(cell, parameters: Optional[Sequence[Tensor]] = None,
+               training: Optional[bool] = None) -> types.SimpleNamespace:
+    """A scripted cell as its generated methods read it (``self.weight``, ``self.hidden``,
+    ``self.training``), as plain attributes, with its parameters bound to ``parameters`` in
+    declaration order (default: the cell's own now).
 
-    def __init__(self, cell, parameters: Dict[str, Tensor], training: bool):
-        self.__dict__.update(_cell=cell, _parameters=parameters, training=training)
-
-    def __getattr__(self, name: str):
-        parameters = self.__dict__["_parameters"]
-        return parameters[name] if name in parameters else getattr(self.__dict__["_cell"], name)
+    The Python twin of a scripted method then runs on exactly those tensors, which torch.func,
+    higher derivatives and torch.export follow (export does not trace into a TorchScript module).
+    """
+    names = [name for name, _ in _named_parameters(cell)]
+    parameters = _parameters(cell) if parameters is None else parameters
+    constants = {name: getattr(cell, name) for name in cell._python_methods._constant_names}
+    return types.SimpleNamespace(training=cell.training if training is None else training, **constants,
+                                 **dict(zip(names, parameters)))
 
 
 def eager_forward_sequence(cell, xs: Tensor, state: Sequence[Tensor], mask: Optional[Tensor],
                            parameters: Optional[Sequence[Tensor]] = None, training: Optional[bool] = None):
-    """A scripted cell's ``forward_sequence`` run as plain Python, on ``parameters`` (default: the
-    cell's own now) in declaration order: (outputs, final state)."""
-    names = [name for name, _ in _named_parameters(cell)]
-    parameters = _parameters(cell) if parameters is None else parameters
-    bound = _BoundCell(cell, dict(zip(names, parameters)), cell.training if training is None else training)
-    return cell._python_methods.forward_sequence(bound, xs, tuple(state), mask)
+    """A scripted cell's ``forward_sequence`` run as plain Python on :func:`bound_view`:
+    (outputs, final state)."""
+    return cell._python_methods.forward_sequence(bound_view(cell, parameters, training), xs, tuple(state), mask)
 
 
 def uses_derived_backward(cell, xs: Tensor, state: Sequence[Tensor]) -> bool:
