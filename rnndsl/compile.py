@@ -68,11 +68,6 @@ def generated_class(graph: Graph, options: BuildOptions, origin: str,
     return _module_class(graph, options, origin), parallel
 
 
-def eager_class(generated: type, parallel: Optional[PythonCode]) -> type:
-    """The eager cell class over a generated class (with ``forward_parallel`` when given its code)."""
-    return _eager_class(generated, parallel)
-
-
 def optimized(graph: Graph, options: BuildOptions) -> Graph:
     """The IR after the passes that ``options`` leaves on."""
     return _optimized(graph, options.disable)
@@ -120,9 +115,10 @@ def script(module: CellModule, parallel: Optional[PythonCode]) -> ScriptedCell:
     return cell
 
 
-# Classes TorchScript has compiled, by their methods' text and the constants they read. TorchScript keeps every class it
-# compiles for the life of the process (no API frees one), so a cell built again after its class
-# left _module_class's cache must reuse that class, not have TorchScript compile and keep a copy.
+# Classes TorchScript has compiled, by their methods' text and the constants they read. TorchScript
+# keeps every class it compiles for the life of the process (no API frees one), so a cell built again
+# after its class left _module_class's cache must reuse that class, not have TorchScript compile and
+# keep a copy.
 _scripted_classes: Dict[Tuple[str, Tuple[str, ...]], type] = {}
 
 
@@ -186,25 +182,28 @@ def _joined(first: PythonCode, second: PythonCode) -> PythonCode:
     return PythonCode(first.source + "\n\n" + second.source, tuple(dict.fromkeys(first.globals + second.globals)))
 
 
-def _parallel_methods(parallel: Optional[PythonCode]) -> dict:
-    """Class attributes for a cell that runs as a parallel scan (none when it does not)."""
+def _class_with_parallel(name: str, bases: Tuple[type, ...], parallel: Optional[PythonCode]) -> type:
+    """A class over ``bases`` that runs as a parallel scan when given its code; that source stays
+    in linecache as long as the class."""
     if parallel is None:
-        return {}
-    namespace, _ = _run(parallel, "parallel")
-    return {"forward_parallel": namespace["forward_parallel"], "scan_mode": "parallel",
-            "parallel_source": parallel.source}
+        return type(name, bases, {})
+    namespace, filename = _run(parallel, "parallel")
+    cls = type(name, bases, {"forward_parallel": namespace["forward_parallel"], "scan_mode": "parallel",
+                             "parallel_source": parallel.source})
+    weakref.finalize(cls, linecache.cache.pop, filename, None)
+    return cls
 
 
 @cached(maxsize=128)
-def _eager_class(generated: type, parallel: Optional[PythonCode] = None) -> type:
-    return type(generated.__name__, (EagerCell, generated), _parallel_methods(parallel))
+def eager_class(generated: type, parallel: Optional[PythonCode] = None) -> type:
+    """The eager cell class over a generated class (with ``forward_parallel`` when given its code)."""
+    return _class_with_parallel(generated.__name__, (EagerCell, generated), parallel)
 
 
 @cached(maxsize=128)
 def _scripted_class(parallel: Optional[PythonCode]) -> type:
-    if parallel is None:
-        return ScriptedCell
-    return type("ScriptedParallelCell", (ScriptedCell,), _parallel_methods(parallel))
+    return ScriptedCell if parallel is None else _class_with_parallel("ScriptedParallelCell", (ScriptedCell,),
+                                                                      parallel)
 
 
 @cached(maxsize=128)

@@ -214,7 +214,7 @@ def test_building_the_same_cell_from_threads_is_safe(backend, tmp_path):
 
 
 def test_caches_stay_bounded_over_300_distinct_cells(tmp_path):
-    caches = [compile._optimized, compile._source, compile._module_class, compile._eager_class,
+    caches = [compile._optimized, compile._source, compile._module_class, compile.eager_class,
               cellspec._load_file]
     classes = []
     for index in range(300):
