@@ -286,7 +286,7 @@ def export(path: Path, model: WordLM, vocabulary: Vocabulary) -> None:
                           model.nhid, backend="script", scan="sequential")
         scripted.load_state_dict(model.state_dict())
         model = scripted
-    model = model.eval()
+    model = rnndsl.torchscript(model.eval())  # the cells as their TorchScript kernels, which tracing keeps
     core = _FlatStateLM(model)
     state_size = sum(_flatten_sizes(core.sizes))
     example = (torch.zeros(3, 2, dtype=torch.long), torch.zeros(2, state_size))

@@ -16,12 +16,12 @@ import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from . import derived
+from . import derived, opaque
 from .codegen import supports_training
 from .errors import CellWarning
 from .options import BuildOptions
@@ -154,128 +154,160 @@ def _unpickled_spec(recipe: Recipe) -> "CellSpec":
         return load_source(recipe.source, recipe.path)[recipe.name]
 
 
-def _empty_eager_cell(recipe: Recipe) -> "EagerCell":
-    """Unpickling an eager cell: its class, made again from the source, without ``__init__``;
-    pickle then restores its ``__dict__`` (parameters, buffers, hooks, flags, as they were)."""
-    eager = _unpickled_spec(recipe).eager_class(recipe.options)
-    return eager.__new__(eager)
-
-
-def _rebuilt_scripted_cell(recipe: Recipe, parameters: Dict[str, Tensor], training: bool) -> "ScriptedCell":
-    """Unpickling a scripted cell: compiled again from its source, then given the saved Parameter
-    objects themselves (values, dtype, device, requires_grad, and identity where they are shared)."""
-    spec = _unpickled_spec(recipe)
-    with torch.random.fork_rng(devices=[]):  # building initializes parameters: leave the RNG as it was
-        cell = spec.build(recipe.input_size, recipe.hidden_size, recipe.backend,
-                          **dataclasses.asdict(recipe.options), **dict(recipe.keywords))
-    for name, parameter in parameters.items():
-        setattr(cell, name, parameter)
-    return cell.train(training)
+def _empty_cell(recipe: Recipe) -> "EagerCell":
+    """Unpickling a cell: its class, made again from the source, without ``__init__``; pickle
+    then restores its ``__dict__`` (parameters, buffers, hooks, flags, as they were). A scripted
+    cell compiles its TorchScript kernel again when it next runs."""
+    cls = _unpickled_spec(recipe).cell_class(recipe.options, recipe.backend)
+    return cls.__new__(cls)
 
 
 class EagerCell(CellModule):
     """The generated methods run as plain Python, after checking their arguments."""
 
     scan_mode = "sequential"  # "parallel" on the classes that carry a forward_parallel
+    _python_methods: type  # the generated class, whose methods are plain Python
 
     def __reduce__(self):
         # The class is made at run time (pickle could not find it by name): rebuilt from the source.
         # __getstate__, not __dict__: torch refuses to pickle what it cannot (parametrized modules).
-        return _empty_eager_cell, (self._recipe,), self.__getstate__()
+        return _empty_cell, (self._recipe,), self.__getstate__()
 
     def forward(self, state, x):
         check_call(self, state, x, sequence=False)
-        return super().forward(state, x)
+        return self._python_methods.forward(self, state, x)
 
     def forward_sequence(self, xs, state, mask=None):
         check_call(self, state, xs, sequence=True, mask=mask)
-        if torch.compiler.is_exporting():  # one scan node: the program runs at any length
+        return self._run_sequence(xs, state, mask)
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        opaque.register(self)
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        opaque.register(self)
+
+    def _run_sequence(self, xs, state, mask):
+        """``forward_sequence`` after the checks: the form that suits the caller."""
+        if torch.compiler.is_exporting():  # one scan node: the program runs at any length, with torch alone
             return self.forward_sequence_scan(xs, state, mask)
+        if torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active():
+            if self.scan_mode == "parallel":
+                return self.forward_parallel(xs, state, mask)
+            # The loop as one opaque op, compiled once whatever the length. (Not the scan form:
+            # Inductor's backward of scan gives wrong gradients for some cells in torch 2.13.)
+            compiled = derived.compiled_forward_sequence(self, xs, state, mask)
+            if compiled is not None:
+                return compiled
         # The parallel scan's autograd Functions have no vmap rule: torch.func runs the loop.
         if self.scan_mode == "parallel" and not torch._C._are_functorch_transforms_active():
             return self.forward_parallel(xs, state, mask)
-        return super().forward_sequence(xs, state, mask)
+        return self._python_methods.forward_sequence(self, xs, state, mask)
 
 
-class ScriptedCell(torch.jit.RecursiveScriptModule):
-    """A scripted cell: checks arguments in Python, then runs the TorchScript methods.
+class ScriptedCell(EagerCell):
+    """A cell whose methods run as TorchScript: a plain module (its parameters, hooks, parametrizations
+    and ``functional_call`` behave as any module's) that runs a TorchScript *kernel*, compiled from the
+    same generated class, bound to the module's current parameters before each call.
 
-    Its ``.code`` is the source rnndsl generated; TorchScript's own re-print
-    of ``forward`` is ``.scripted_method("forward").code``.
+    Where TorchScript cannot follow (torch.compile, torch.export, torch.func, autocast) it runs as an
+    :class:`EagerCell`; when autograd records, ``forward_sequence`` runs through the derived backward
+    (rnndsl/derived.py). Its ``.code`` is the source rnndsl generated; TorchScript's own re-print of
+    ``forward`` is ``.scripted_method("forward").code``; ``torch.jit.save(cell, f)`` saves the kernel,
+    which loads with torch alone.
     """
 
-    scan_mode = "sequential"  # "parallel" on the classes that carry a forward_parallel
-    # The generated class, whose methods run as Python under torch.export and torch.compile:
-    # TorchScript's interpreter would make every symbolic size (a dynamic batch) a constant.
-    _python_methods: type
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        for name in _KERNEL_ATTRIBUTES:  # TorchScript modules do not pickle; compiled again on use
+            state.pop(name, None)
+        return state
 
-    def __reduce__(self):
-        # A TorchScript module does not pickle: it is compiled again from its source on loading,
-        # with the hyper-parameters it holds now (`cell.beta = 0.25` after build sets the compiled
-        # module's attribute, which the forward reads).
-        parameters = dict(self.named_parameters(recurse=False, remove_duplicate=False))
-        return _rebuilt_scripted_cell, (self._recipe.of(self), parameters, self.training)
+    _script_kernel: Callable  # compile.script_kernel, set on each class by the compiler that made it
 
-    def __delattr__(self, name: str) -> None:
-        # torch.nn.utils.parametrize (weight_norm, spectral_norm, ...) starts by deleting the
-        # parameter, which TorchScript refuses with a message that names neither cause nor fix.
-        if name in dict(self.named_parameters(recurse=False)):
-            raise RuntimeError(f"cell {self.cell_name}: a scripted cell cannot remove or parametrize its "
-                               f"parameter {name!r} (TorchScript fixes a module's parameters); build the "
-                               "cell with backend='eager', or parametrize the parameters of an rnndsl.LSTM/"
-                               "GRU/RNN drop-in, which are plain ones")
-        super().__delattr__(name)
-
-    def __deepcopy__(self, memo):
-        # RecursiveScriptModule's own copies are bare RecursiveScriptModules: without this class, a
-        # copy would lose the argument checks, the derived backward and the parallel scan.
-        rebuild, arguments = self.__reduce__()
-        return rebuild(*copy.deepcopy(arguments, memo))
-
-    def __copy__(self):
-        rebuild, arguments = self.__reduce__()  # a shallow copy shares the parameters
-        return rebuild(*arguments)
-
-    @staticmethod
-    def adopt(scripted: torch.jit.RecursiveScriptModule, cls: type) -> "ScriptedCell":
-        """Re-class a freshly scripted cell to ``cls`` (ScriptedCell or a subclass)."""
-        scripted.__class__ = cls
-        # torch.jit.script binds each compiled method in the instance __dict__, which would
-        # shadow the checking methods below; the compiled ones stay reachable via _c.
-        for name in [k for k, v in vars(scripted).items() if isinstance(v, torch._C.ScriptMethod)]:
-            del scripted.__dict__[name]
-        return scripted
+    def kernel(self, parameters: Optional[Sequence[Tensor]] = None) -> torch.jit.RecursiveScriptModule:
+        """The TorchScript module, bound to this cell's hyper-parameters and mode, and to its
+        parameters now (or to ``parameters``, in declaration order)."""
+        if torch.jit.is_tracing():
+            raise RuntimeError(f"cell {self.cell_name}: torch.jit.trace cannot follow a scripted cell's TorchScript "
+                               "kernel, which is not a submodule; trace rnndsl.torchscript(model), where the cells are "
+                               "their kernels, or export with torch.export")
+        kernel = self.__dict__.get("_kernel")
+        if kernel is None:
+            kernel = self._script_kernel(self)
+            self.__dict__["_kernel"] = kernel
+            self.__dict__["_kernel_parameters"] = [None] * len(self._inits)
+            self.__dict__["_kernel_settings"] = ()
+        # The mode and the hyper-parameters set after build (`cell.beta = 0.25`), pushed when they change.
+        settings = (self.training, *(getattr(self, name) for name in self._python_methods._constant_names))
+        if settings != self.__dict__["_kernel_settings"]:
+            kernel.train(self.training)
+            for name in self._python_methods._constant_names:
+                setattr(kernel, name, getattr(self, name))
+            self.__dict__["_kernel_settings"] = settings
+        bound = self.__dict__["_kernel_parameters"]
+        for index, name in enumerate(self._inits):
+            # getattr, not _parameters: parametrizations compute their tensor here, functional_call's
+            # and reassigned ones are found by identity. Rebinding is rare and cheap (a pointer).
+            current = getattr(self, name) if parameters is None else parameters[index]
+            if current is not bound[index]:
+                kernel._c.setattr(name, current)
+                bound[index] = current
+        return kernel
 
     def scripted_method(self, name: str):
-        """A compiled method, bypassing the Python one of the same name."""
-        return self._c._get_method(name)
+        """A compiled method of the kernel."""
+        return self.kernel()._c._get_method(name)
+
+    def save(self, f, _extra_files=None) -> None:
+        """What ``torch.jit.save(cell, path)`` calls: saves the kernel (loads with torch alone)."""
+        self.kernel().save(f, _extra_files=_extra_files or {})
+
+    def save_to_buffer(self, _extra_files=None) -> bytes:
+        """What ``torch.jit.save(cell, buffer)`` calls."""
+        return self.kernel().save_to_buffer(_extra_files=_extra_files or {})
 
     def forward(self, state, x):
+        if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+            return super().forward(state, x)
         check_call(self, state, x, sequence=False)
-        if torch.compiler.is_compiling():
-            return self._python_methods.forward(self, state, x)
-        return self.scripted_method("forward")(state, x)
+        return self.kernel().forward(state, x)
 
-    def forward_sequence(self, xs, state, mask=None):
-        check_call(self, state, xs, sequence=True, mask=mask)
-        if torch.compiler.is_exporting():  # one scan node: the program runs at any length
-            return self._python_methods.forward_sequence_scan(derived.bound_view(self), xs, state, mask)
-        if torch._C._are_functorch_transforms_active():
-            # torch.func's transforms follow plain Python, not TorchScript nor a Function without
-            # a vmap rule (the derived backward's, the parallel scan's): run the loop as Python.
-            return derived.eager_forward_sequence(self, xs, state, mask)
+    def _run_sequence(self, xs, state, mask):
+        if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+            # torch.compile, torch.export and torch.func follow Python, not TorchScript nor a
+            # Function without a vmap rule (the derived backward's, the parallel scan's).
+            return super()._run_sequence(xs, state, mask)
         if self.scan_mode == "parallel":
             return self.forward_parallel(xs, state, mask)
-        if torch.compiler.is_compiling():
-            return self._python_methods.forward_sequence(self, xs, state, mask)
         if torch.is_autocast_enabled(xs.device.type):
             # Autocast's casts are autograd's to undo; the derived backward, run outside autocast
             # on what the forward saved in mixed dtypes, does not know them.
-            return derived.eager_forward_sequence(self, xs, state, mask)
+            return self._python_methods.forward_sequence(self, xs, state, mask)
         if derived.uses_derived_backward(self, xs, state):
             return derived.derived_forward_sequence(self, xs, state, mask)
-        return self.scripted_method("forward_sequence")(xs, state, mask)
+        return self.kernel().forward_sequence(xs, state, mask)
 
     @property
     def code(self) -> str:
         return self.source
+
+
+_KERNEL_ATTRIBUTES = ("_kernel", "_kernel_parameters", "_kernel_settings")
+
+
+def torchscript(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` in which every scripted cell is its TorchScript kernel: what
+    ``torch.jit.trace``, ``torch.jit.script`` and ``torch.jit.save`` take. The kernels run the
+    generated methods on the copy's own parameters, without rnndsl's argument checks or the
+    derived backward (autograd of the TorchScript loop trains them)."""
+    model = copy.deepcopy(model)
+    if isinstance(model, ScriptedCell):
+        return model.kernel()
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, ScriptedCell):
+                setattr(parent, name, child.kernel())
+    return model

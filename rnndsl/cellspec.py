@@ -22,8 +22,8 @@ import torch
 from . import syntax_tree as st
 from .cells import Recipe
 from .check import check_file, hyper_value_problem
-from .compile import (backward_source, cached, compile_lock, eager_class, generated_class, optimized,
-                      parallel_plan, scan_source, script, step_source)
+from .compile import (backward_source, cached, cell_class, compile_lock, generated_class, optimized,
+                      parallel_plan, scan_source, step_source)
 from .errors import CellError, CellWarning, Span
 from .ir import MAX_DIMENSION, Graph, Op
 from .lower import lower
@@ -180,18 +180,16 @@ class CellSpec:
         sizes, hypers = self.bind(input_size, hidden_size, **hyper)
         recipe = Recipe(self.source, self.path, self.name, input_size, hidden_size, backend, options,
                         tuple(sorted(hyper.items())), tuple(hypers))
-        if backend == "eager":
-            cls = self.eager_class(options)
-            cell = cls(self, sizes, hypers, cls.generated_source)
-        else:
-            cls, parallel = generated_class(self.graph, options, self.path, self.source)
-            cell = script(cls(self, sizes, hypers, cls.generated_source), parallel)
+        cls = self.cell_class(options, backend)
+        cell = cls(self, sizes, hypers, cls.generated_source)
         cell._recipe = recipe  # what pickling needs to make the cell again
+        if backend == "script":
+            cell.kernel()  # compiled now, so that a cell TorchScript refuses fails at build
         return cell
 
-    def eager_class(self, options: BuildOptions) -> type:
-        """The class of an eager cell built with ``options`` (unpickling makes an instance of it)."""
-        return eager_class(*generated_class(self.graph, options, self.path, self.source))
+    def cell_class(self, options: BuildOptions, backend: str = "eager") -> type:
+        """The class of a cell built with ``options`` and ``backend`` (unpickling makes an instance of it)."""
+        return cell_class(backend, *generated_class(self.graph, options, self.path, self.source))
 
     def __repr__(self) -> str:
         return f"CellSpec({self.name!r} from {self.path})"

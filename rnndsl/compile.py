@@ -95,24 +95,35 @@ def parallel_plan(graph: Graph, options: BuildOptions, cell_source: str) -> Tupl
     return (None if code is None else code.source), why_not
 
 
-def script(module: CellModule, parallel: Optional[PythonCode]) -> ScriptedCell:
-    """``module`` compiled by TorchScript, as a ScriptedCell (with ``forward_parallel`` when given its code)."""
+def script_kernel(cell: CellModule) -> torch.jit.RecursiveScriptModule:
+    """The TorchScript module a :class:`ScriptedCell` runs: its generated class compiled, holding the
+    cell's parameters (the same tensors), sizes, hyper-parameters and mode."""
+    generated = cell._python_methods
+    shell = generated.__new__(generated)
+    torch.nn.Module.__init__(shell)
+    # The cell's plain attributes, so that every cell of a class has one TorchScript type, compiled once.
+    for name, value in vars(cell).items():
+        if not name.startswith("_") and name != "training":
+            object.__setattr__(shell, name, value)
+    shell.training = cell.training
+    for name in cell._inits:
+        value = getattr(cell, name)  # a parametrized one is computed: the cell binds the real one per call
+        shell.register_parameter(name, value if isinstance(value, torch.nn.Parameter)
+                                 else torch.nn.Parameter(value.detach(), value.requires_grad))
     with compile_lock, warnings.catch_warnings():
         # torch 2.13 deprecates torch.jit.script; the user did not call it, rnndsl did, and
         # rnndsl's own pickling and deepcopy must work under -W error.
         warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=DeprecationWarning)
         try:
-            scripted = torch.jit.script(module)
+            kernel = torch.jit.script(shell)
         except Exception:
             # TorchScript keeps the methods it compiled before failing, and would refuse to
             # compile this class again ("Can't redefine method"), hiding the real error on
             # the next build: forget the class so that build makes a fresh one.
             clear_caches()
             raise
-    cell = ScriptedCell.adopt(scripted, _scripted_class(parallel))
-    cell._python_methods = type(module)
-    _scripted_classes.setdefault(type(module)._registry_key, type(module))
-    return cell
+        _scripted_classes.setdefault(generated._registry_key, generated)
+    return kernel
 
 
 # Classes TorchScript has compiled, by their methods' text and the constants they read. TorchScript
@@ -170,6 +181,7 @@ def _module_class(graph: Graph, options: BuildOptions, origin: str) -> type:
         if options.derived_backward:
             for name in ("forward_sequence_saving", "backward_sequence"):
                 methods[name] = torch.jit.export(namespace[name])
+        methods["_output_count"] = len(graph.outputs)
         cls = type(f"{graph.name}_cell", (CellModule,), methods)
         # The source lives as long as the class (the caches here are bounded; TorchScript's own
         # store keeps every class it compiled).
@@ -185,25 +197,25 @@ def _joined(first: PythonCode, second: PythonCode) -> PythonCode:
 def _class_with_parallel(name: str, bases: Tuple[type, ...], parallel: Optional[PythonCode]) -> type:
     """A class over ``bases`` that runs as a parallel scan when given its code; that source stays
     in linecache as long as the class."""
+    generated = {"_python_methods": bases[-1]}
     if parallel is None:
-        return type(name, bases, {})
+        return type(name, bases, generated)
     namespace, filename = _run(parallel, "parallel")
-    cls = type(name, bases, {"forward_parallel": namespace["forward_parallel"], "scan_mode": "parallel",
+    cls = type(name, bases, {**generated, "forward_parallel": namespace["forward_parallel"], "scan_mode": "parallel",
                              "parallel_source": parallel.source})
     weakref.finalize(cls, linecache.cache.pop, filename, None)
     return cls
 
 
 @cached(maxsize=128)
-def eager_class(generated: type, parallel: Optional[PythonCode] = None) -> type:
-    """The eager cell class over a generated class (with ``forward_parallel`` when given its code)."""
-    return _class_with_parallel(generated.__name__, (EagerCell, generated), parallel)
-
-
-@cached(maxsize=128)
-def _scripted_class(parallel: Optional[PythonCode]) -> type:
-    return ScriptedCell if parallel is None else _class_with_parallel("ScriptedParallelCell", (ScriptedCell,),
-                                                                      parallel)
+def cell_class(backend: str, generated: type, parallel: Optional[PythonCode] = None) -> type:
+    """The class of a cell over a generated class, for ``backend`` "eager" or "script" (with
+    ``forward_parallel`` when given its code)."""
+    if backend == "eager":
+        return _class_with_parallel(generated.__name__, (EagerCell, generated), parallel)
+    cls = _class_with_parallel(generated.__name__, (ScriptedCell, generated), parallel)
+    cls._script_kernel = staticmethod(script_kernel)
+    return cls
 
 
 @cached(maxsize=128)

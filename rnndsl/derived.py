@@ -7,12 +7,13 @@ how its gradients reach autograd, the fallback to autograd of the loop run as Py
 """
 from __future__ import annotations
 
-import types
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
+from . import opaque
+from .twin import eager_forward_sequence, parameters_of
 from .autograd_modes import plain_backward_needed
 
 
@@ -96,62 +97,43 @@ def _recomputed_gradients(ctx, xs: Tensor, mask: Optional[Tensor], tensors: Sequ
     return (gradients[0], None, None, *gradients[1:])
 
 
-def bound_view(cell, parameters: Optional[Sequence[Tensor]] = None,
-               training: Optional[bool] = None) -> types.SimpleNamespace:
-    """A scripted cell as its generated methods read it (``self.weight``, ``self.hidden``,
-    ``self.training``), as plain attributes, with its parameters bound to ``parameters`` in
-    declaration order (default: the cell's own now).
-
-    The Python twin of a scripted method then runs on exactly those tensors, which torch.func,
-    higher derivatives and torch.export follow (export does not trace into a TorchScript module).
-    """
-    names = [name for name, _ in _named_parameters(cell)]
-    parameters = _parameters(cell) if parameters is None else parameters
-    constants = {name: getattr(cell, name) for name in cell._python_methods._constant_names}
-    return types.SimpleNamespace(training=cell.training if training is None else training, **constants,
-                                 **dict(zip(names, parameters)))
-
-
-def eager_forward_sequence(cell, xs: Tensor, state: Sequence[Tensor], mask: Optional[Tensor],
-                           parameters: Optional[Sequence[Tensor]] = None, training: Optional[bool] = None):
-    """A scripted cell's ``forward_sequence`` run as plain Python on :func:`bound_view`:
-    (outputs, final state)."""
-    return cell._python_methods.forward_sequence(bound_view(cell, parameters, training), xs, tuple(state), mask)
-
-
 def uses_derived_backward(cell, xs: Tensor, state: Sequence[Tensor]) -> bool:
     """Whether ``forward_sequence`` should run through :class:`DerivedSequence`.
 
     Only when autograd records and something needs a gradient, the cell was built with the
     derived backward, and it is not training with random ops (their noise is not saved).
     """
-    if not torch.is_grad_enabled() or torch.jit.is_tracing():
+    if torch.jit.is_tracing():
         return False
-    if not cell._c._has_method("backward_sequence"):
-        return False
-    if cell.training and not cell.derived_backward_trains:
-        return False
-    return (xs.requires_grad or any(s.requires_grad for s in state)
-            or any(p.requires_grad for p in _parameters(cell)))
+    return _records(xs, state, cell) and derived_backward_serves(cell)
 
 
-def _parameters(cell) -> List[Tensor]:
-    """Every parameter in declaration order, the order of backward_sequence's gradients.
-
-    Duplicates stay: torch.func.functional_call may bind one tensor to two parameters
-    (networks with ``bias=False`` bind one zero vector to both biases).
-    """
-    return [p for _, p in _named_parameters(cell)]
+def derived_backward_serves(cell) -> bool:
+    """Whether the cell has the derived backward and may train with it: not while training with
+    random ops (their noise is not saved)."""
+    return hasattr(cell._python_methods, "backward_sequence") and not (cell.training
+                                                                       and not cell.derived_backward_trains)
 
 
-def _named_parameters(cell) -> List[Tuple[str, Tensor]]:
-    """The cell's own parameters with their names, in declaration order, duplicates kept."""
-    return list(cell.named_parameters(recurse=False, remove_duplicate=False))
+def _records(xs: Tensor, state: Sequence[Tensor], cell) -> bool:
+    """Whether autograd records this sequence: grad mode on and something needs a gradient."""
+    return torch.is_grad_enabled() and (xs.requires_grad or any(s.requires_grad for s in state)
+                                        or any(p.requires_grad for p in parameters_of(cell)))
 
 
 def derived_forward_sequence(cell, xs: Tensor, state: Sequence[Tensor], mask: Optional[Tensor]):
     """``forward_sequence`` through :class:`DerivedSequence`: (outputs, final state)."""
     state = tuple(state)
-    results = DerivedSequence.apply(cell, xs, mask, len(state), *state, *_parameters(cell))
+    results = DerivedSequence.apply(cell, xs, mask, len(state), *state, *parameters_of(cell))
     outputs = results[:len(results) - len(state)]
     return (outputs[0] if len(outputs) == 1 else tuple(outputs)), tuple(results[len(outputs):])
+
+
+def compiled_forward_sequence(cell, xs: Tensor, state: Sequence[Tensor], mask: Optional[Tensor]):
+    """``forward_sequence`` under torch.compile: the TorchScript loop as one opaque op, trained by
+    the derived backward (rnndsl/opaque.py); None where that cannot serve (autograd records but the
+    cell cannot train with the derived backward), and the caller then takes the scan form."""
+    saving = _records(xs, state, cell)
+    if saving and not derived_backward_serves(cell):
+        return None
+    return opaque.forward_sequence(cell, xs, tuple(state), mask, parameters_of(cell), saving)

@@ -128,6 +128,8 @@ class _LinearFunction(torch.autograd.Function):
 def linear_with_grad(v: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """:func:`linear` under autograd too: large float32 CPU products keep oneDNN's GEMM, forward
     and backward (about twice as fast as MKL's there for a (T*batch, n) sequence)."""
+    if torch.compiler.is_compiling():  # Inductor picks its own GEMM; oneDNN's op has no derivative
+        return _linear_matmul(v, weight, bias)
     if _HAS_ONEDNN and torch.is_grad_enabled() and _onednn_fits(_rows(v), weight):
         return _LinearFunction.apply(v, weight, bias)
     return linear(v, weight, bias)

@@ -32,7 +32,7 @@ dL/da_t = g_t * s_{t-1}, dL/db_t = g_t, dL/ds0 = a_1 * g_1.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -49,6 +49,8 @@ def linear_recurrence(a: Tensor, b: Tensor, s0: Tensor) -> Tensor:
     ``(T, batch, hidden)``. Differentiable (once) in ``a``, ``b`` and ``s0``.
     """
     _check_inputs(a, b, s0)
+    if torch.compiler.is_compiling():  # the chunked scan's in-place writes as one op dynamo need not trace
+        return torch.ops.rnndsl.linear_recurrence(a, b, s0)
     return _LinearRecurrence.apply(a, b, s0)
 
 
@@ -98,19 +100,59 @@ class _LinearRecurrence(torch.autograd.Function):
         a, s0, states = ctx.saved_tensors
         if plain_backward_needed([grad]):
             return _plain_backward(ctx.needs_input_grad, grad, a, s0, states)
-        # g_T = grad_T; earlier g_t follow the reverse scan with decay a_{t+1},
-        # written straight into g so no shifted copy of a is made.
-        g = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
-        g[-1] = grad[-1]
-        _scan(a[1:], grad[:-1], g[-1], reverse=True, out=g[:-1])
-        grad_a = grad_s0 = None
-        if ctx.needs_input_grad[0]:
-            grad_a = torch.empty_like(g)
-            torch.mul(g[1:], states[:-1], out=grad_a[1:])
-            torch.mul(g[0], s0, out=grad_a[0])
-        if ctx.needs_input_grad[2]:
-            grad_s0 = a[0] * g[0]
-        return grad_a, g, grad_s0
+        return _backward(ctx.needs_input_grad, grad, a, s0, states)
+
+
+def _backward(needs: Sequence[bool], grad: Tensor, a: Tensor, s0: Optional[Tensor],
+              states: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
+    """The gradients of ``a``, ``b`` and ``s0`` (those ``needs`` asks for) by the reverse scan."""
+    # g_T = grad_T; earlier g_t follow the reverse scan with decay a_{t+1},
+    # written straight into g so no shifted copy of a is made.
+    g = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
+    g[-1] = grad[-1]
+    _scan(a[1:], grad[:-1], g[-1], reverse=True, out=g[:-1])
+    grad_a = grad_s0 = None
+    if needs[0]:
+        grad_a = torch.empty_like(g)
+        torch.mul(g[1:], states[:-1], out=grad_a[1:])
+        torch.mul(g[0], s0, out=grad_a[0])
+    if needs[2]:
+        grad_s0 = a[0] * g[0]
+    return grad_a, g, grad_s0
+
+
+# Under torch.compile: the same scans as torch.library ops, opaque to dynamo (which cannot trace the
+# in-place `out=` writes), with the reverse scan as the registered backward.
+@torch.library.custom_op("rnndsl::linear_recurrence", mutates_args=())
+def _linear_recurrence_op(a: Tensor, b: Tensor, s0: Tensor) -> Tensor:
+    return _scan(a, b, s0, reverse=False)
+
+
+@_linear_recurrence_op.register_fake
+def _linear_recurrence_shape(a: Tensor, b: Tensor, s0: Tensor) -> Tensor:
+    return a.new_empty(a.shape)
+
+
+@torch.library.custom_op("rnndsl::linear_recurrence_backward", mutates_args=())
+def _linear_recurrence_backward_op(grad: Tensor, a: Tensor, s0: Tensor, states: Tensor) -> List[Tensor]:
+    return list(_backward((True, True, True), grad.contiguous(), a, s0, states))
+
+
+@_linear_recurrence_backward_op.register_fake
+def _linear_recurrence_backward_shapes(grad: Tensor, a: Tensor, s0: Tensor, states: Tensor) -> List[Tensor]:
+    return [a.new_empty(a.shape), a.new_empty(a.shape), s0.new_empty(s0.shape)]
+
+
+def _save_for_op_backward(ctx: Any, inputs: Tuple[Tensor, Tensor, Tensor], output: Tensor) -> None:
+    a, _, s0 = inputs
+    ctx.save_for_backward(a, s0, output)
+
+
+def _op_backward(ctx: Any, grad: Tensor) -> Tuple[Tensor, ...]:
+    return tuple(torch.ops.rnndsl.linear_recurrence_backward(grad, *ctx.saved_tensors))
+
+
+_linear_recurrence_op.register_autograd(_op_backward, setup_context=_save_for_op_backward)
 
 
 def _plain_backward(needs: Sequence[bool], grad: Tensor, a: Tensor, s0: Optional[Tensor],

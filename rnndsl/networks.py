@@ -12,8 +12,11 @@ Two ways in, both built on :mod:`rnndsl.containers`:
 """
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import inspect
 import os
+import sys
 from collections.abc import Iterable
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -173,6 +176,40 @@ def make_bidirectional(cell, input_size: int, hids: Sequence[int], *, share_weig
 _PROJECTED_LSTM = "lstm_proj"
 
 
+def _let_dynamo_trace_drop_ins() -> None:
+    """Set ``torch._dynamo.config.allow_rnn``, now if dynamo is loaded, else as soon as it loads.
+
+    Dynamo refuses every module that is an nn.LSTM/GRU/RNN unless the flag is set, and the
+    drop-ins are (users' isinstance checks must hold). The flag is global: dynamo then traces
+    torch's own nn.LSTM in this process too (correctly, but unrolled; see the README). Loading
+    dynamo just to set it would cost about 2 s, so a one-shot import hook sets it when
+    torch.compile first loads dynamo.
+    """
+    config = sys.modules.get("torch._dynamo.config")
+    if config is not None:
+        config.allow_rnn = True
+    elif not any(isinstance(finder, _SetFlagWhenDynamoLoads) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _SetFlagWhenDynamoLoads())
+
+
+class _SetFlagWhenDynamoLoads(importlib.abc.MetaPathFinder):
+    """An import hook that runs once: after ``torch._dynamo.config`` executes, sets ``allow_rnn``."""
+
+    def find_spec(self, name, path, target=None):
+        if name != "torch._dynamo.config":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        execute = spec.loader.exec_module
+
+        def exec_module(module) -> None:
+            execute(module)
+            module.allow_rnn = True
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
 class _CompiledRNNBase:
     """Runs a ``torch.nn.RNNBase`` subclass's layers with rnndsl's stock cells.
 
@@ -195,6 +232,8 @@ class _CompiledRNNBase:
         # torch's fused kernels take projections too: the native backend runs any proj_size.
         self.backend = resolve_backend(backend, load_stock_cell(NATIVE_MODES[self.mode].stock_cell))
         self._build_engine()
+        if self.backend != "native":
+            _let_dynamo_trace_drop_ins()
 
     def _build_engine(self) -> None:
         """Build the cells (none for the native backend) and how their

@@ -32,6 +32,13 @@ def lengths_mask(lengths: Union[Tensor, Sequence[int]], steps: int, batch_size: 
                          f"got {tuple(lengths.shape)}")
     if lengths.numel() == 0:  # an empty batch: no sequence to mask
         return None
+    if torch.compiler.is_compiling():
+        # The values are unknown while tracing: checked when the graph runs, and the mask always made.
+        if lengths.dtype == torch.bool or lengths.is_complex():
+            raise ValueError(f"lengths must be whole numbers of steps, got {lengths.dtype}")
+        valid = (lengths == lengths.trunc()).all() & (lengths >= 1).all() & (lengths <= steps).all()
+        torch._assert_async(valid, "lengths must be whole numbers of steps in [1, T]")
+        return torch.arange(steps, device=device).unsqueeze(1) < lengths.to(device).unsqueeze(0)
     # A length of 2.5 would otherwise run 3 steps (torch's packing truncates it to 2): neither is
     # clearly what was meant, so only whole numbers are steps.
     whole = lengths.dtype != torch.bool and not lengths.is_complex() and \

@@ -236,10 +236,7 @@ def test_every_stock_cell_has_higher_and_batched_derivatives(name, backend, scan
     def run(x, *tensors):
         state, parameters = tensors[:len(cell.state_sizes)], tensors[len(cell.state_sizes):]
         for key, value in zip(names, parameters):
-            if backend == "script":  # a scripted module takes plain tensors as its parameters
-                setattr(cell, key, value)
-            else:  # nn.Module's setattr takes only Parameters: swap the tensor in, as functional_call does
-                cell._parameters[key] = value
+            cell._parameters[key] = value  # setattr takes only Parameters: swap in, as functional_call does
         outputs, final = cell.forward_sequence(x, state)
         return (outputs, *final)
 
@@ -248,13 +245,28 @@ def test_every_stock_cell_has_higher_and_batched_derivatives(name, backend, scan
     assert torch.autograd.gradgradcheck(run, inputs)
 
 
-def test_parametrizing_a_scripted_cell_names_the_cause_and_the_fix():
-    cell = rnndsl.load_cell("lstm").build(3, 4, backend="script")
-    with pytest.raises(RuntimeError, match=r"cell lstm: a scripted cell cannot .* backend='eager'"):
-        parametrizations.weight_norm(cell, "weight_hh")
-    eager = rnndsl.load_cell("lstm").build(3, 4, backend="eager")
-    parametrizations.weight_norm(eager, "weight_hh")  # the eager backend takes it
-    eager.forward_sequence(torch.randn(2, 1, 3), (torch.zeros(1, 4), torch.zeros(1, 4)))[0].sum().backward()
+@pytest.mark.parametrize("parametrize", [parametrizations.weight_norm, parametrizations.orthogonal])
+def test_a_parametrized_scripted_cell_trains_as_the_eager_one(parametrize):
+    """A scripted cell is a plain module that binds its TorchScript kernel to the parameters as its
+    code reads them: a parametrization's tensor, computed at each call, with its gradient path."""
+    torch.manual_seed(0)
+    cells = [rnndsl.load_cell("lstm").build(3, 4, backend=backend).double() for backend in ("script", "eager")]
+    cells[1].load_state_dict(cells[0].state_dict())
+    xs = torch.randn(5, 2, 3, dtype=torch.float64)
+    state = (torch.zeros(2, 4, dtype=torch.float64), torch.zeros(2, 4, dtype=torch.float64))
+    grads, through = [], []
+    for cell in cells:
+        torch.manual_seed(1)  # orthogonal may draw
+        parametrize(cell, "weight_hh")
+        outputs, (h, c) = cell.forward_sequence(xs, state)
+        (outputs.square().sum() + c.sum()).backward()
+        grads.append([p.grad for p in cell.parameters()])
+        through.append(type(outputs.grad_fn).__name__)
+        single, _ = cell(state, xs[0])  # one step reads the parametrized weight too
+        torch.testing.assert_close(single[0], outputs[0], rtol=1e-12, atol=1e-12)
+    assert through[0] == "DerivedSequenceBackward"
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
 def test_higher_derivatives_when_a_result_depends_on_nothing_differentiated():

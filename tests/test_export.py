@@ -38,7 +38,7 @@ def test_scan_form_computes_what_the_loop_computes(name, backend):
     size = 5 if name == "sru" else 4  # sru reads x[hidden]
     cell = rnndsl.load_cell(name).build(size, 5, backend=backend, scan="sequential").double().eval()
     python = cell._python_methods if backend == "script" else type(cell)
-    view = rnndsl.derived.bound_view(cell) if backend == "script" else cell
+    view = rnndsl.twin.bound_view(cell) if backend == "script" else cell
     xs = torch.randn(6, 3, size, dtype=torch.float64)
     state = tuple(torch.randn(3, n, dtype=torch.float64) for n in cell.state_sizes)
     mask = torch.arange(6).unsqueeze(1) < torch.tensor([6, 2, 4]).unsqueeze(0)

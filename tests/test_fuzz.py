@@ -214,7 +214,7 @@ def test_building_the_same_cell_from_threads_is_safe(backend, tmp_path):
 
 
 def test_caches_stay_bounded_over_300_distinct_cells(tmp_path):
-    caches = [compile._optimized, compile._source, compile._module_class, compile.eager_class,
+    caches = [compile._optimized, compile._source, compile._module_class, compile.cell_class,
               cellspec._load_file]
     classes = []
     for index in range(300):
@@ -243,7 +243,7 @@ def test_a_scripted_cell_built_again_after_its_class_left_the_cache_reuses_it():
     compile._module_class.cache_clear()
     second = spec.build(2, 3, backend="script")
     assert second._python_methods is first._python_methods
-    assert second._c._type() == first._c._type()  # one TorchScript class, compiled once
+    assert second.kernel()._c._type() == first.kernel()._c._type()  # one TorchScript class, compiled once
 
 
 def test_cells_alike_in_code_but_not_in_constants_do_not_share_a_class(tmp_path):
@@ -259,5 +259,5 @@ def test_cells_alike_in_code_but_not_in_constants_do_not_share_a_class(tmp_path)
         first = rnndsl.load_cell(tmp_path / "a" / "x.cell").build(3, 4)
     second = rnndsl.load_cell(tmp_path / "b" / "x.cell").build(3, 4)
     assert first._python_methods is not second._python_methods
-    view = rnndsl.derived.bound_view(second)  # reads every constant of its class from the cell
+    view = rnndsl.twin.bound_view(second)  # reads every constant of its class from the cell
     assert not hasattr(view, "beta")

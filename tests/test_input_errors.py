@@ -169,7 +169,7 @@ def test_one_hidden_size_instead_of_a_list_is_refused():
 def test_a_built_cell_instead_of_a_spec_is_refused():
     cell = rnndsl.load_cell("lstm").build(INPUT, HIDDEN)
     with pytest.raises(TypeError, match=r"cell must be a stock cell name, a path to a .cell file or a CellSpec, "
-                                        r"got ScriptedCell \(a built lstm cell: .* rnndsl.load_cell\('lstm'\)"):
+                                        r"got lstm_cell \(a built lstm cell: .* rnndsl.load_cell\('lstm'\)"):
         make_recurrent(cell, INPUT, [HIDDEN])
 
 
