@@ -1,11 +1,15 @@
-"""Sample text from a word model saved by ``word_lm.py --save``: torch-rnnlib's generate.lua.
+"""Sample text from a word model saved by ``word_lm.py --save`` or ``--export``: torch-rnnlib's generate.lua.
 
 The model reads ``<eos>`` (the start of a sentence) and the primer, then
 draws each next word from its softmax at the given temperature and feeds it
 back. ``<eos>`` is printed as a line break.
 
-    python examples/word_lm.py --save lm.pt
+    python examples/word_lm.py --save lm.pt --export lm.pt2
     python examples/generate.py --checkpoint lm.pt --words 50 --temperature 0.8 --primer "the"
+    python examples/generate.py --program lm.pt2 --words 50     # torch alone: rnndsl is not imported
+
+``--program`` takes what ``word_lm.py --export`` wrote: a torch.export program (``.pt2``) or,
+with ``--torchscript``, a TorchScript model.
 """
 import argparse
 import sys
@@ -18,14 +22,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # word_lm.py, when imported from elsewhere
 
 from data import EOS, HelpFormatter, Vocabulary  # noqa: E402
-from word_lm import WordLM, load_checkpoint  # noqa: E402
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=HelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, required=True,
-                        help="file written by word_lm.py --save")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path, help="file written by word_lm.py --save")
+    source.add_argument("--program", type=Path, help="file written by word_lm.py --export (needs only torch)")
     parser.add_argument("--words", type=int, default=100, help="number of words to sample")
     parser.add_argument("--temperature", type=float, default=1.0,
                         help="softmax temperature: lower is more conservative")
@@ -41,7 +45,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def sample(model: WordLM, vocabulary: Vocabulary, words: int, temperature: float = 1.0,
+def sample(model, vocabulary: Vocabulary, words: int, temperature: float = 1.0,
            primer: Sequence[str] = (), generator: Optional[torch.Generator] = None) -> List[str]:
     """``words`` words drawn one at a time after ``<eos>`` and ``primer``."""
     model.eval()
@@ -58,9 +62,39 @@ def sample(model: WordLM, vocabulary: Vocabulary, words: int, temperature: float
     return drawn
 
 
+class ProgramLM:
+    """A program written by ``word_lm.py --export`` as the model :func:`sample` drives:
+    ``model(tokens)`` carries the state across calls, ``model.rnn.initialize_hidden(batch)`` resets it."""
+
+    def __init__(self, path: Path) -> None:
+        try:  # a torch.export program, with the vocabulary and the state's width as extra files
+            extra = {"vocabulary.txt": "", "state_size.txt": ""}
+            self.forward = torch.export.load(str(path), extra_files=extra).module()
+            self.words, self.state_size = extra["vocabulary.txt"].split("\n"), int(extra["state_size.txt"])
+        except (RuntimeError, ValueError, KeyError):  # not one: a TorchScript model
+            scripted = torch.jit.load(str(path))
+            self.forward, self.words, self.state_size = scripted, list(scripted.vocabulary), scripted.state_size
+        self.rnn, self.state = self, None
+
+    def initialize_hidden(self, batch_size: int) -> None:
+        self.state = torch.zeros(batch_size, self.state_size)
+
+    def eval(self) -> "ProgramLM":
+        return self
+
+    def __call__(self, tokens):
+        log_probs, self.state = self.forward(tokens, self.state)
+        return log_probs
+
+
 def main(argv: Optional[Sequence[str]] = None) -> str:
     args = parse_args(argv)
-    model, vocabulary = load_checkpoint(args.checkpoint, backend=args.backend)
+    if args.program is not None:
+        model = ProgramLM(args.program)
+        vocabulary = Vocabulary(model.words)
+    else:
+        from word_lm import load_checkpoint  # imports rnndsl, which a program does not need
+        model, vocabulary = load_checkpoint(args.checkpoint, backend=args.backend)
     primer = args.primer.split()
     try:
         vocabulary.ids(primer)
@@ -74,7 +108,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     print(text)
     # On stderr, so that the text alone goes to stdout: what a user waits on per word.
     print(f"sampled {len(drawn)} words in {seconds:.2f} s ({len(drawn) / max(seconds, 1e-9):.0f} words/s, "
-          f"backend {model.rnn.backend})", file=sys.stderr)
+          f"{'program ' + str(args.program) if args.program else 'backend ' + model.rnn.backend})", file=sys.stderr)
     return text
 
 

@@ -14,12 +14,14 @@ them, which gives the same loss as rnnlib's one word at a time, faster.
 
     python examples/word_lm.py                         # Python's own docs, offline
     python examples/word_lm.py --data ../shared/data/ptb-small --backend native
-    python examples/word_lm.py --cell my.cell --nhid 400 400 --save lm.pt --export lm.ts
+    python examples/word_lm.py --cell my.cell --nhid 400 400 --save lm.pt --export lm.pt2
 
 ``--save`` writes a checkpoint that embeds the cell's ``.cell`` source (read it
 back with :func:`load_checkpoint`, ``torch.load(..., weights_only=True)``
-underneath); ``--export`` writes a TorchScript program that needs only torch
-(see :class:`ExportedLM`).
+underneath); ``--export`` writes a torch.export program that runs at any length and
+batch with torch alone (:func:`export_program`; ``--torchscript`` writes a TorchScript
+:class:`ExportedLM` instead); ``examples/generate.py --program`` samples from either.
+``--compile`` trains under torch.compile, ``--amp`` under bfloat16 autocast.
 """
 import argparse
 import math
@@ -73,7 +75,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                           help="at most this many batches per epoch and per evaluation (smoke runs)")
     output = parser.add_argument_group("output")
     output.add_argument("--save", type=Path, help="write a checkpoint here (embeds the cell source)")
-    output.add_argument("--export", type=Path, help="write a TorchScript model here (needs only torch)")
+    output.add_argument("--export", type=Path,
+                        help="write the model here as a torch.export program (.pt2) that runs at any length "
+                             "and batch with torch alone; see --torchscript")
+    output.add_argument("--torchscript", action="store_true",
+                        help="--export writes a TorchScript model (torch.jit.load) instead")
+    training.add_argument("--compile", action="store_true", help="train under torch.compile")
+    training.add_argument("--amp", action="store_true",
+                          help="train and evaluate under bfloat16 autocast (the states stay float32)")
     args = parser.parse_args(argv)
     files = (args.train, args.valid, args.test)
     if args.data is not None and any(files):
@@ -135,7 +144,7 @@ class WordLM(nn.Module):
         return self.decoder(outputs)
 
 
-def evaluate(model: WordLM, data: Tensor, bptt: int, max_batches: Optional[int] = None) -> float:
+def evaluate(model: WordLM, data: Tensor, bptt: int, max_batches: Optional[int] = None, amp: bool = False) -> float:
     """Mean cross-entropy per word over ``data`` read as one sequence (batch size 1)."""
     model.eval()
     model.rnn.initialize_hidden(1)
@@ -143,7 +152,8 @@ def evaluate(model: WordLM, data: Tensor, bptt: int, max_batches: Optional[int] 
     total, count = 0.0, 0
     with torch.no_grad():
         for inputs, targets in bptt_batches(source, bptt, max_batches):
-            logits = model(inputs)
+            with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = model(inputs).float()
             total += F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
                                      reduction="sum").item()
             count += targets.numel()
@@ -161,8 +171,9 @@ def train_epoch(model: WordLM, data: Tensor, optimizer: torch.optim.Optimizer,
     loss_sum, batches = 0.0, 0
     start = time.perf_counter()
     for inputs, targets in bptt_batches(data, args.bptt, args.max_batches, full_only=True):
-        logits = model(inputs)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+        with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=args.amp):
+            logits = model(inputs)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         optimizer.zero_grad()
         loss.backward()
         nn.utils.clip_grad_norm_(parameters, args.clip)
@@ -271,6 +282,26 @@ class ExportedLM(nn.Module):
         return self.core(tokens, state)
 
 
+def export_program(path: Path, model: WordLM, vocabulary: Vocabulary) -> None:
+    """Write ``model`` as a torch.export program: ``(tokens (T, B), state (B, S)) -> (log_probs, state)``,
+    T and B dynamic; the vocabulary (one word per line) and S ride along as extra files.
+
+    Every cell exports its loop as one ``scan`` node (any backend, any scan mode), so the program
+    runs at any length; ``torch.export.load`` reads it without rnndsl.
+    """
+    core = _FlatStateLM(model.eval())
+    state_size = sum(_flatten_sizes(core.sizes))
+    example = (torch.zeros(3, 2, dtype=torch.long), torch.zeros(2, state_size))
+    steps, batch = torch.export.Dim("T", min=1, max=1 << 20), torch.export.Dim("batch", min=1, max=1 << 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's notes on specializing the state's width
+        program = torch.export.export(core, example, dynamic_shapes=({0: steps, 1: batch}, {0: batch}))
+    partial = path.with_name("." + path.name)  # torch.export.save wants the .pt2 suffix
+    torch.export.save(program, str(partial), extra_files={"vocabulary.txt": "\n".join(vocabulary.words),
+                                                          "state_size.txt": str(state_size)})
+    partial.replace(path)
+
+
 def export(path: Path, model: WordLM, vocabulary: Vocabulary) -> None:
     """Write ``model`` as a TorchScript :class:`ExportedLM`.
 
@@ -321,12 +352,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
           f"nhid {' '.join(map(str, args.nhid))}, {size} parameters")
     lr = args.lr
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    trained = model
+    if args.compile:
+        model = torch.compile(model)  # the same parameters; the saved and exported model is the plain one
     previous_valid = None
     for epoch in range(1, args.epochs + 1):
         train_loss, batches, train_seconds = train_epoch(model, train, optimizer, args, epoch)
         start = time.perf_counter()
-        valid_loss = evaluate(model, valid, args.bptt, args.max_batches)
-        test_loss = evaluate(model, test, args.bptt, args.max_batches)
+        valid_loss = evaluate(model, valid, args.bptt, args.max_batches, args.amp)
+        test_loss = evaluate(model, test, args.bptt, args.max_batches, args.amp)
         eval_seconds = time.perf_counter() - start
         print(f"| end of epoch {epoch:3d} | lr {lr:8.4f} | {batches} batches, "
               f"{1000 * train_seconds / max(batches, 1):6.1f} ms/batch, train {train_seconds:6.1f} s "
@@ -338,11 +372,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
         previous_valid = valid_loss
     print(f"| end of training | test loss {test_loss:5.2f} | test ppl {math.exp(test_loss):.2f}")
     if args.save is not None:
-        save_checkpoint(args.save, model, vocabulary, args)
+        save_checkpoint(args.save, trained, vocabulary, args)
         print(f"saved checkpoint to {args.save}")
     if args.export is not None:
-        export(args.export, model, vocabulary)
-        print(f"exported TorchScript model to {args.export}")
+        if args.torchscript:
+            export(args.export, trained, vocabulary)
+            print(f"exported TorchScript model to {args.export}")
+        else:
+            export_program(args.export, trained, vocabulary)
+            print(f"exported torch.export program to {args.export}")
     return {"test_loss": test_loss, "valid_loss": valid_loss}
 
 

@@ -152,4 +152,6 @@ def time_scan(step, init: List[Tensor], per_step: List[Tensor]) -> Tuple[List[Te
     """torch's ``scan`` higher-order op: ``step(carry, slices) -> (carry, outputs)`` over the first
     dim of ``per_step``. torch.export keeps it as one loop node valid for any sequence length."""
     from torch._higher_order_ops.scan import scan  # function-level: a private module, loaded when exporting
-    return scan(step, init, per_step)
+    # scan wants the carry's layout to stay as the step returns it: a state sliced from a wider
+    # tensor (a column block of a flat state) comes in strided, and leaves the step contiguous.
+    return scan(step, [t.contiguous() for t in init], per_step)

@@ -61,7 +61,7 @@ def word_model(tmp_path_factory):
     folder = tmp_path_factory.mktemp("word_lm")
     cell = folder / "mgu.cell"
     cell.write_text(MGU_CELL)
-    paths = {"checkpoint": folder / "lm.pt", "export": folder / "lm.ts"}
+    paths = {"checkpoint": folder / "lm.pt", "export": folder / "lm.pt2"}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -97,26 +97,35 @@ def test_checkpoint_loads_with_weights_only_and_without_the_cell_file(word_model
     assert valid_loss == pytest.approx(word_model["result"]["valid_loss"], rel=1e-6)
 
 
-def test_export_runs_with_torch_alone(word_model):
-    """The TorchScript export gives the model's next-word distribution in a process
-    that cannot import rnndsl, from a folder outside the repository."""
+@pytest.mark.parametrize("form", ["pt2", "ts"])
+def test_export_runs_with_torch_alone(word_model, form):
+    """The export (a torch.export program by default, TorchScript with --torchscript) gives the
+    model's next-word distribution in a process that cannot import rnndsl, from a folder outside
+    the repository, at a length and batch it was not traced at."""
     tokens = torch.tensor([[5, 9, 2, 31, 7, 0, 3, 12, 40], [1, 4, 4, 8, 0, 2, 6, 11, 13]]).t()
     torch.save(tokens, word_model["folder"] / "tokens.pt")
+    if form == "ts":
+        model, vocabulary = word_lm.load_checkpoint(word_model["checkpoint"])
+        word_lm.export(word_model["folder"] / "lm.ts", model, vocabulary)
+    load = {"pt2": 'torch.export.load("lm.pt2", extra_files=extra).module()', "ts": 'torch.jit.load("lm.ts")'}[form]
     script = textwrap.dedent("""
         import sys
         sys.modules["rnndsl"] = None  # any import of rnndsl now fails
         import torch
-        model = torch.jit.load("lm.ts")
+        extra = {"vocabulary.txt": "", "state_size.txt": ""}
+        model = LOAD
         tokens = torch.load("tokens.pt")
+        state = torch.zeros(tokens.size(1), int(extra["state_size.txt"] or model.state_size))
         with torch.no_grad():
-            whole, _ = model(tokens)
-            head, state = model(tokens[:4])
+            whole, _ = model(tokens, state)
+            head, state = model(tokens[:4], state)
             tail, _ = model(tokens[4:], state)
         torch.testing.assert_close(torch.cat([head, tail]), whole)
-        assert model.vocabulary[0] and len(model.vocabulary) == whole.size(-1)
+        words = extra["vocabulary.txt"].split("\\n") if extra["vocabulary.txt"] else model.vocabulary
+        assert words[0] and len(words) == whole.size(-1)
         assert not [name for name in sys.modules if name.startswith("rnndsl.")]
         torch.save(whole, "log_probs.pt")
-    """)
+    """).replace("LOAD", load)
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     env["OMP_NUM_THREADS"] = "1"
     subprocess.run([sys.executable, "-I", "-c", script], cwd=word_model["folder"], env=env,
@@ -129,11 +138,21 @@ def test_export_runs_with_torch_alone(word_model):
     torch.testing.assert_close(exported, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_generate_samples_from_an_exported_program(word_model):
+    """generate.py --program: the torch.export file, sampled without rnndsl's model classes, draws
+    what the checkpoint draws with the same seed."""
+    argv = ["--words", "12", "--seed", "5", "--primer", "the"]
+    with contextlib.redirect_stderr(io.StringIO()):
+        from_program, _ = run_main(generate.main, ["--program", word_model["export"]] + argv)
+        from_checkpoint, _ = run_main(generate.main, ["--checkpoint", word_model["checkpoint"]] + argv)
+    assert from_program == from_checkpoint and len(from_program.split()) >= 1
+
+
 def test_a_model_on_the_parallel_scan_exports_as_a_loop(tmp_path):
     """Tracing cannot keep the parallel scan (plain Python): the export rebuilds it as a TorchScript loop."""
     paths = {"checkpoint": tmp_path / "lm.pt", "export": tmp_path / "lm.ts"}
     run_main(word_lm.main, TINY_WORD_LM + ["--cell", "mingru", "--save", paths["checkpoint"],
-                                           "--export", paths["export"]])
+                                           "--export", paths["export"], "--torchscript"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lm.pt", "lm.ts"]  # no partial file left
     model, _ = word_lm.load_checkpoint(paths["checkpoint"])
     assert any(getattr(m, "scan_mode", "") == "parallel" for m in model.modules())

@@ -1,0 +1,110 @@
+"""torch.compile of rnndsl networks: how long the compile takes at two lengths, and how fast the
+compiled network trains against the script backend and torch.nn.LSTM.
+
+    python -m bench.bench_compile                      # compile times, then fwd+bwd at hidden 256 512 1024
+    python -m bench.bench_compile --skip-speed --steps 20 200
+    python -m bench.bench_compile --skip-compile-time --hidden 256 --rounds 11
+
+Compile time is measured in a fresh process per case (the first compile of a process also
+loads dynamo and Inductor, which a second compile in the same process would not pay): the
+time of the first compiled forward+backward minus that of the next ones (median of 3). The cases: a
+2-layer ``rnndsl.LSTM`` (hidden 256, batch 16) on each backend, and, for contrast, the same
+LSTM written as a plain Python loop over time, which dynamo unrolls at the traced length.
+Speed: fwd+bwd of a 1-layer LSTM (T=20, batch 64), all variants interleaved in each round,
+medians; ratios against torch.nn.LSTM.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+
+import torch
+
+import rnndsl
+
+_COMPILE_CASE = r"""
+import time, warnings, torch, rnndsl
+warnings.simplefilter("ignore")
+kind, steps, hidden = {kind!r}, {steps}, {hidden}
+torch.manual_seed(0)
+if kind == "python loop":
+    cells = torch.nn.ModuleList([torch.nn.LSTMCell(hidden, hidden) for _ in range(2)])
+    def model(xs):
+        h = [xs.new_zeros(xs.size(1), hidden) for _ in cells]; c = list(h)
+        outputs = []
+        for x in xs:
+            for i, cell in enumerate(cells):
+                h[i], c[i] = cell(x, (h[i], c[i])); x = h[i]
+            outputs.append(x)
+        return torch.stack(outputs), cells
+else:
+    model = rnndsl.LSTM(hidden, hidden, num_layers=2, backend=kind)
+xs = torch.randn(steps, 16, hidden)
+def run(f):
+    start = time.perf_counter(); f(xs)[0].sum().backward(); return time.perf_counter() - start
+compiled = torch.compile(model)
+first = run(compiled)
+print(first - sorted(run(compiled) for _ in range(3))[1])
+"""
+
+
+def compile_seconds(kind: str, steps: int, hidden: int) -> float:
+    """Seconds the first compiled fwd+bwd takes beyond a later one, in a fresh process."""
+    code = _COMPILE_CASE.format(kind=kind, steps=steps, hidden=hidden)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def speed(hidden: int, rounds: int, steps: int = 20, batch: int = 64) -> dict:
+    """Median fwd+bwd seconds of each variant of a 1-layer LSTM at ``hidden``."""
+    torch.manual_seed(0)
+    reference = torch.nn.LSTM(hidden, hidden)
+    script = rnndsl.LSTM(hidden, hidden)
+    eager = rnndsl.LSTM(hidden, hidden, backend="eager")
+    variants = {"torch.nn.LSTM": reference, "rnndsl script": script,
+                "rnndsl script, compiled": torch.compile(script), "rnndsl eager, compiled": torch.compile(eager)}
+    xs = torch.randn(steps, batch, hidden)
+    times = {name: [] for name in variants}
+    for model in variants.values():  # warm-up, compiles
+        model(xs)[0].sum().backward()
+    for _ in range(rounds):
+        for name, model in variants.items():
+            start = time.perf_counter()
+            model(xs)[0].sum().backward()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, nargs="+", default=[20, 200], help="lengths to compile at")
+    parser.add_argument("--compile-hidden", type=int, default=256)
+    parser.add_argument("--hidden", type=int, nargs="+", default=[256, 512, 1024])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--skip-compile-time", action="store_true")
+    parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--kinds", nargs="+", default=["script", "eager", "python loop"])
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    if not args.skip_compile_time:
+        print(f"compile time, 2-layer LSTM, hidden {args.compile_hidden}, batch 16 "
+              "(first compiled fwd+bwd minus a later one)")
+        for kind in args.kinds:
+            cells = [f"T={steps}: {compile_seconds(kind, steps, args.compile_hidden):6.1f} s" for steps in args.steps]
+            print(f"  {kind:<12} " + "   ".join(cells))
+    if not args.skip_speed:
+        print(f"fwd+bwd, 1 layer, T=20, batch 64, {torch.get_num_threads()} threads, "
+              f"median of {args.rounds} interleaved rounds")
+        for hidden in args.hidden:
+            medians = speed(hidden, args.rounds)
+            base = medians["torch.nn.LSTM"]
+            print(f"  hidden {hidden}: " + ", ".join(f"{name} {value * 1e3:.1f} ms ({value / base:.2f}x)"
+                                                    for name, value in medians.items()))
+
+
+if __name__ == "__main__":
+    main()
