@@ -4,6 +4,7 @@ compiled network trains against the script backend and torch.nn.LSTM.
     python -m bench.bench_compile                      # compile times, then fwd+bwd at hidden 256 512 1024
     python -m bench.bench_compile --skip-speed --steps 20 200
     python -m bench.bench_compile --skip-compile-time --hidden 256 --rounds 11
+    python -m bench.bench_compile --skip-compile-time --device cuda --hidden 256 512 1024 2048 4096
 
 Compile time is measured in a fresh process per case (the first compile of a process also
 loads dynamo and Inductor, which a second compile in the same process would not pay): the
@@ -59,22 +60,31 @@ def compile_seconds(kind: str, steps: int, hidden: int) -> float:
     return float(done.stdout.strip().splitlines()[-1])
 
 
-def speed(hidden: int, rounds: int, steps: int = 20, batch: int = 64) -> dict:
+def speed(hidden: int, rounds: int, device: str, steps: int = 20, batch: int = 64) -> dict:
     """Median fwd+bwd seconds of each variant of a 1-layer LSTM at ``hidden``."""
     torch.manual_seed(0)
-    reference = torch.nn.LSTM(hidden, hidden)
-    script = rnndsl.LSTM(hidden, hidden)
-    eager = rnndsl.LSTM(hidden, hidden, backend="eager")
+    reference = torch.nn.LSTM(hidden, hidden).to(device)
+    script = rnndsl.LSTM(hidden, hidden).to(device)
+    eager = rnndsl.LSTM(hidden, hidden, backend="eager").to(device)
     variants = {"torch.nn.LSTM": reference, "rnndsl script": script,
                 "rnndsl script, compiled": torch.compile(script), "rnndsl eager, compiled": torch.compile(eager)}
-    xs = torch.randn(steps, batch, hidden)
+    if device == "cuda":  # CUDA graphs replay each step's launches without Python or the CPU in the way
+        variants["rnndsl script, compiled reduce-overhead"] = torch.compile(script, mode="reduce-overhead")
+    xs = torch.randn(steps, batch, hidden, device=device)
     times = {name: [] for name in variants}
-    for model in variants.values():  # warm-up, compiles
+
+    def step(model) -> None:
         model(xs)[0].sum().backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    for model in variants.values():  # warm-up, compiles (CUDA graphs record on the third call)
+        for _ in range(3):
+            step(model)
     for _ in range(rounds):
         for name, model in variants.items():
             start = time.perf_counter()
-            model(xs)[0].sum().backward()
+            step(model)
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
 
@@ -85,6 +95,7 @@ def main() -> None:
     parser.add_argument("--compile-hidden", type=int, default=256)
     parser.add_argument("--hidden", type=int, nargs="+", default=[256, 512, 1024])
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip-compile-time", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--kinds", nargs="+", default=["script", "eager", "python loop"])
@@ -97,10 +108,10 @@ def main() -> None:
             cells = [f"T={steps}: {compile_seconds(kind, steps, args.compile_hidden):6.1f} s" for steps in args.steps]
             print(f"  {kind:<12} " + "   ".join(cells))
     if not args.skip_speed:
-        print(f"fwd+bwd, 1 layer, T=20, batch 64, {torch.get_num_threads()} threads, "
+        print(f"fwd+bwd, 1 layer, T=20, batch 64, {args.device}, {torch.get_num_threads()} threads, "
               f"median of {args.rounds} interleaved rounds")
         for hidden in args.hidden:
-            medians = speed(hidden, args.rounds)
+            medians = speed(hidden, args.rounds, args.device)
             base = medians["torch.nn.LSTM"]
             print(f"  hidden {hidden}: " + ", ".join(f"{name} {value * 1e3:.1f} ms ({value / base:.2f}x)"
                                                     for name, value in medians.items()))
