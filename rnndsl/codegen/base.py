@@ -4,7 +4,8 @@ backward.py, parallel.py, scan.py) writes alike.
 - ``EMITTERS``: one code emitter per IR op, the per-op table of this stage. A target's
   dialect is a dict merge, ``{**EMITTERS, Op.MATMUL: gemm("linear")}``.
 - :class:`NodeEmitter`: a node as one line of code, its operands referred to as leaves
-  (``self.weight``, ``0.5``), locals, or renamed whole-sequence values.
+  (``self.weight``, ``0.5``), locals, or renamed whole-sequence values; :func:`atom`
+  parenthesizes an operand.
 - Lines of the time loop (:func:`masked_assignment`, :func:`state_update`), tuples,
   and :func:`biased_products`, the products whose GEMM can add their bias itself.
 - :class:`PythonCode`: what a generator returns, its source and the globals it reads.
@@ -176,6 +177,17 @@ class NodeEmitter:
     def emit(self, node: Node, indent: str, rename: Dict[str, str]) -> None:
         """Append ``node``'s line, assigning its value (or its ``rename``)."""
         self.lines.append(f"{indent}{rename.get(node.name, node.name)} = {self.expression(node, rename)}")
+
+
+def atom(expr: str) -> str:
+    """``expr``, parenthesized unless it can take ``.method()`` or stand in a product as it is."""
+    depth = 0
+    for char in expr:
+        depth += char in "(["
+        depth -= char in ")]"
+        if char == " " and depth == 0:  # generated operators have spaces around them
+            return f"({expr})"
+    return f"({expr})" if expr.startswith("-") else expr
 
 
 def biased_products(graph: Graph, whole_sequence: Sequence[Node], once: Collection[str],
