@@ -19,6 +19,13 @@ the convention is the same at every level, containers nest:
   takes ``forward(x, state=None, lengths=None)``, makes the initial state and
   carries the final state over to the next call (truncated BPTT).
 
+Under ``torch.autocast`` the cells run their matrix products in autocast's
+low-precision dtype and carry their state in the parameters' dtype (float32):
+a state rounded to bfloat16 at every step drifts over long sequences
+(``python -m bench.bench_precision``). A :class:`RecurrentNetwork` then takes
+an input (and a state) in autocast's dtype too, as torch.nn's layers do, and
+returns its outputs and final state in the parameters' dtype.
+
 States may nest (a tuple of per-layer tuples of tensors); containers that
 expose ``input_size``, ``output_size``, ``state_sizes`` and ``state_names``
 mirror that nesting so that initial states and shape checks come for free.
@@ -272,6 +279,22 @@ class ZeroState:
         return tensor
 
 
+def out_of_autocast(tensor: Tensor, carried: torch.dtype) -> Tensor:
+    """``tensor`` in the ``carried`` dtype if autocast is on for its device and ``tensor`` comes in
+    autocast's low-precision dtype; otherwise ``tensor`` itself.
+
+    The cells compute in the dtype they are given, autocast lowering their products: an input
+    in bfloat16 would make a bfloat16 state. Converted, it loses nothing (bfloat16 and float16
+    fit in float32), and the products lower it again.
+    """
+    if not isinstance(tensor, Tensor):  # left for the checks to name
+        return tensor
+    device = tensor.device.type
+    if torch.is_autocast_enabled(device) and tensor.dtype == torch.get_autocast_dtype(device) != carried:
+        return tensor.to(carried)
+    return tensor
+
+
 def _describe(tensor: Tensor) -> str:
     return f"{str(tensor.dtype).replace('torch.', '')} on {tensor.device}"
 
@@ -372,6 +395,10 @@ class RecurrentNetwork(nn.Module):
             layout = "(batch, T, input)" if self.batch_first else "(T, batch, input)"
             raise ValueError(f"expected a {layout} input, got shape {tuple(x.shape)}")
         xs = x.transpose(0, 1) if self.batch_first else x
+        carried = self._factory()["dtype"]
+        xs = out_of_autocast(xs, carried)
+        if state is not None and torch.is_autocast_enabled(xs.device.type):
+            state = map_state(lambda t: out_of_autocast(t, carried), state)
         steps, batch_size = xs.shape[:2]
         input_size = getattr(self.network, "input_size", None)
         if input_size is not None and xs.size(2) != input_size:

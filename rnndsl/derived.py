@@ -132,8 +132,11 @@ def derived_forward_sequence(cell, xs: Tensor, state: Sequence[Tensor], mask: Op
 def compiled_forward_sequence(cell, xs: Tensor, state: Sequence[Tensor], mask: Optional[Tensor]):
     """``forward_sequence`` under torch.compile: the TorchScript loop as one opaque op, trained by
     the derived backward (rnndsl/opaque.py); None where that cannot serve (autograd records but the
-    cell cannot train with the derived backward), and the caller then takes the scan form."""
+    cell cannot train with the derived backward; autocast), and the caller then runs the Python loop,
+    which dynamo unrolls."""
     saving = _records(xs, state, cell)
     if saving and not derived_backward_serves(cell):
         return None
+    if torch.is_autocast_enabled(xs.device.type):
+        return None  # the op's backward would see autocast's mixed dtypes, which autograd alone undoes
     return opaque.forward_sequence(cell, xs, tuple(state), mask, parameters_of(cell), saving)

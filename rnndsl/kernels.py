@@ -127,9 +127,11 @@ class _LinearFunction(torch.autograd.Function):
 
 def linear_with_grad(v: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """:func:`linear` under autograd too: large float32 CPU products keep oneDNN's GEMM, forward
-    and backward (about twice as fast as MKL's there for a (T*batch, n) sequence)."""
-    if torch.compiler.is_compiling():  # Inductor picks its own GEMM; oneDNN's op has no derivative
-        return _linear_matmul(v, weight, bias)
+    and backward (about twice as fast as MKL's there for a (T*batch, n) sequence). Under autocast,
+    torch's own product, which autocast runs in its low-precision dtype (oneDNN's op would run
+    in float32); under torch.compile too, where Inductor picks its own GEMM."""
+    if torch.is_autocast_enabled(v.device.type) or torch.compiler.is_compiling():
+        return torch.nn.functional.linear(v, weight, bias)
     if _HAS_ONEDNN and torch.is_grad_enabled() and _onednn_fits(_rows(v), weight):
         return _LinearFunction.apply(v, weight, bias)
     return linear(v, weight, bias)
@@ -141,9 +143,12 @@ def along_steps(value: Union[Tensor, float], steps: int, s0: Tensor) -> Tensor:
 
     Per-step values already have that shape and pass through; a parameter vector
     or a number, shared by all steps, is broadcast as a view (autograd sums its gradient back).
+    The coefficients take the state's dtype: under autocast, those made from products come in
+    low precision, and the recurrence runs in the dtype the state is carried in (a no-op otherwise).
     """
     shape = (steps,) + tuple(s0.shape)
     if isinstance(value, Tensor):
+        value = value.to(s0.dtype)
         return value if value.shape == shape else value.expand(shape)
     return s0.new_full(shape, value)
 

@@ -25,7 +25,8 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from .cellspec import CellSpec, load_cell, load_stock_cell
-from .containers import Bidirectional, RecurrentNetwork, RecurrentTable, SequenceTable, ZeroState, setup_recurrent
+from .containers import (Bidirectional, RecurrentNetwork, RecurrentTable, SequenceTable, ZeroState, out_of_autocast,
+                         setup_recurrent)
 from .errors import did_you_mean
 from .native import NATIVE_MODES, PARAMETER_NAMES, NativeLayer, native_names, resolve_backend
 from .scan import check_not_empty
@@ -220,6 +221,10 @@ class _CompiledRNNBase:
     itself all reach them. ``bias=False`` runs the cells with zero biases;
     ``proj_size > 0`` runs the stock ``lstm_proj`` cell, ``weight_hr`` included.
 
+    Under ``torch.autocast`` the cells carry the state in the parameters' dtype, as every rnndsl
+    network does; on CPU the results come back in the dtypes torch.nn's own forward gives them
+    (:meth:`_autocast_dtypes`).
+
     Under ``torch.jit.trace`` (so ``torch.onnx.export(..., dynamo=False)``) the
     module runs torch's fused kernel on the same parameters, whatever the
     backend: it computes the same function, a trace cannot hold
@@ -313,6 +318,10 @@ class _CompiledRNNBase:
             checked, batch_sizes, lengths = input, None, None
             xs = input.transpose(0, 1) if self.batch_first else input
         hx = self._prepare_hx(hx, checked, batch_sizes, batched, xs)
+        # Under autocast the layers carry the state in the parameters' dtype, whatever the input's.
+        carried = self.weight_ih_l0.dtype
+        xs, hx = out_of_autocast(xs, carried), tuple(out_of_autocast(h, carried) for h in hx)
+        returned = self._autocast_dtypes(checked, packed)
         state = self._layer_states(hx)
         mask = None if lengths is None else lengths_mask(lengths, xs.size(0), xs.size(1), xs.device)
         self._engine.train(self.training)
@@ -321,6 +330,9 @@ class _CompiledRNNBase:
         finals, outputs = torch.func.functional_call(self._engine, self._parameters_for_engine(xs), args)
         directions = [d for layer in finals for d in (layer if self.bidirectional else (layer,))]
         hidden = tuple(torch.stack([d[k] for d in directions]) for k in range(2 if lstm else 1))
+        if returned is not None:
+            outputs = outputs.to(returned[0])
+            hidden = tuple(h.to(dtype) for h, dtype in zip(hidden, returned[1:]))
         if packed:
             outputs = repack(outputs, lengths, input)
         else:
@@ -330,6 +342,34 @@ class _CompiledRNNBase:
                 outputs = outputs.squeeze(0 if self.batch_first else 1)
                 hidden = tuple(h.squeeze(1) for h in hidden)
         return outputs, (hidden if lstm else hidden[0])
+
+    def _autocast_dtypes(self, xs: Tensor, packed: bool) -> Optional[Tuple[torch.dtype, ...]]:
+        """The dtypes of (output, h[, c]) that torch.nn's own forward returns under CPU autocast,
+        for float32 parameters and an input ``xs`` in float32 or in autocast's dtype (torch 2.13,
+        checked against torch by tests/test_mixed_precision.py); None outside CPU autocast or
+        where it leaves the parameters alone (not float32). On other devices the drop-ins return
+        what every rnndsl network returns, the parameters' dtype: torch's choices there (cuDNN)
+        are not mirrored.
+
+        torch.nn runs everything in autocast's dtype when it runs oneDNN's fused LSTM layer, which
+        autocast lowers whole (a padded batch, no projections, oneDNN enabled), or when the input
+        comes in that dtype (its zero state takes the input's dtype). Otherwise it composes each
+        step from products autocast lowers and elementwise ops that keep float32 where the
+        float32 state enters: an LSTM's c and h (with a projection: c only) and a GRU's h stay
+        float32, an RNN's h = tanh(W x + b + W h + b) does not.
+        """
+        if xs.device.type != "cpu" or not torch.is_autocast_enabled("cpu") or \
+                self.weight_ih_l0.dtype != torch.float32:
+            return None
+        low, full = torch.get_autocast_dtype("cpu"), torch.float32
+        lstm = self.mode == "LSTM"
+        onednn = (lstm and not self.proj_size and not packed
+                  and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
+        if xs.dtype == low or onednn:
+            return (low,) * (3 if lstm else 2)
+        if lstm:
+            return (low, low, full) if self.proj_size else (full, full, full)
+        return (full, full) if self.mode == "GRU" else (low, low)
 
     def _prepare_hx(self, hx, checked: Tensor, batch_sizes, batched: bool, xs: Tensor):
         """Zeros, or the user's ``hx`` checked and made 3-D; a tuple either way."""

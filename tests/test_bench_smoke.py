@@ -1,5 +1,5 @@
-"""Smoke tests of the benchmark harnesses (bench/benchmark.py, bench/bench_parallel_scan.py): they run
-and report, at a tiny size.
+"""Smoke tests of the benchmark harnesses (bench/benchmark.py, bench/bench_parallel_scan.py,
+bench/bench_precision.py): they run and report, at a tiny size.
 
 No timing is asserted; the hand-written baselines are checked to compute an LSTM,
 so the benchmark compares like with like.
@@ -66,3 +66,16 @@ def test_parallel_scan_benchmark_reports_every_column(monkeypatch, capsys):
     header, row = capsys.readouterr().out.splitlines()[-2:]
     assert "GEMM floor" in header and "python loop" in header
     assert row.split()[0] == "8" and len(row.split()) == 10
+
+
+def test_precision_benchmark_reports_every_variant_at_every_step(monkeypatch, capsys):
+    from bench import bench_precision
+
+    monkeypatch.setattr(sys, "argv", ["bench_precision", "--steps", "5", "--hidden", "4", "--batch", "2",
+                                      "--at", "1", "5", "64", "--forget-bias", "3"])
+    bench_precision.main()
+    lines = capsys.readouterr().out.splitlines()
+    assert "autocast max" in lines[1] and "bfloat16 state max" in lines[1]
+    assert [line.split()[0] for line in lines[2:]] == ["1", "5"]  # step 64 lies beyond the 5 steps run
+    float32_error = float(lines[-1].split()[-2])
+    assert float32_error < 1e-4 < float(lines[-1].split()[3])  # bfloat16 state's error stands out

@@ -3,16 +3,18 @@ from __future__ import annotations
 
 from rnndsl.codegen.base import EMITTERS
 from rnndsl.codegen.derivatives import DERIVATIVES
+from rnndsl.codegen.precision import PRECISION
 from rnndsl.ir import Op, OpKind
 from rnndsl.ops import FUNCTIONS, SHAPE_RULES
 
 COMPUTING_OPS = [op for op in Op if op.kind is not OpKind.LEAF]
 
 
-def test_every_op_has_a_shape_rule_an_emitter_and_a_derivative():
+def test_every_op_has_a_shape_rule_an_emitter_a_derivative_and_an_autocast_rule():
     assert set(SHAPE_RULES) == set(COMPUTING_OPS)
     assert set(EMITTERS) == set(COMPUTING_OPS)
     assert set(DERIVATIVES) == set(COMPUTING_OPS)
+    assert set(PRECISION) == set(COMPUTING_OPS)
 
 
 def test_every_function_names_a_computing_op():

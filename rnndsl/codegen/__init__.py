@@ -8,7 +8,10 @@
   backward's ``forward_sequence_saving`` and ``backward_sequence``;
 - ``parallel``: ``generate_parallel``, ``forward_parallel`` for recurrences linear in the state;
 - ``scan``: ``generate_scan``, ``forward_sequence_scan``, the time loop as one ``scan`` node,
-  which ``torch.export`` keeps valid for any sequence length.
+  which ``torch.export`` keeps valid for any sequence length;
+- ``precision`` (not a target): which values ``torch.autocast`` may compute in low precision
+  (its per-op ``PRECISION`` table), and the casts the targets write to keep a state in the
+  dtype it came in.
 
 Each entry point returns a :class:`~rnndsl.codegen.base.PythonCode`: the source and the
 names of the globals it reads (rnndsl/names.py), which the runtime binds with

@@ -35,9 +35,9 @@ from typing import Dict, List, Sequence
 
 from ..ir import Graph, Node, Op, OpKind, Shape, Size
 from ..names import SCRIPT_GLOBALS, Namespace
-from .base import (EMITTERS, NodeEmitter, PythonCode, biased_products, gemm, masked_assignment, size_code,
+from .base import (EMITTERS, NodeEmitter, PythonCode, atom, biased_products, gemm, masked_assignment, size_code,
                    state_update, tuple_type, validate_source)
-from .bookkeeping import Block, ForwardReads, GradientSums, Level, OuterOf, atom, level_of
+from .bookkeeping import Block, ForwardReads, GradientSums, Level, OuterOf, level_of
 from .derivatives import DERIVATIVES, Outer, Placed, Term
 
 # Products go through the helpers of rnndsl/kernels.py, which pick oneDNN's GEMM where it is faster.

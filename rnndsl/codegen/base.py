@@ -4,7 +4,9 @@ backward.py, parallel.py, scan.py) writes alike.
 - ``EMITTERS``: one code emitter per IR op, the per-op table of this stage. A target's
   dialect is a dict merge, ``{**EMITTERS, Op.MATMUL: gemm("linear")}``.
 - :class:`NodeEmitter`: a node as one line of code, its operands referred to as leaves
-  (``self.weight``, ``0.5``), locals, or renamed whole-sequence values.
+  (``self.weight``, ``0.5``), locals, or renamed whole-sequence values, cast to a dtype where
+  a target asks (``casts``, from rnndsl/codegen/precision.py); :func:`atom` parenthesizes an
+  operand.
 - Lines of the time loop (:func:`masked_assignment`, :func:`state_update`), tuples,
   and :func:`biased_products`, the products whose GEMM can add their bias itself.
 - :class:`PythonCode`: what a generator returns, its source and the globals it reads.
@@ -139,6 +141,8 @@ class NodeEmitter:
         # Parameters the method takes as arguments instead of reading them from the module
         # (see bind_parameters): parameter name -> local.
         self.parameter_locals: Dict[str, str] = {}
+        # Values cast to a dtype where they are computed (rnndsl/codegen/precision.py): name -> dtype code.
+        self.casts: Dict[str, str] = {}
 
     def var(self, name: str) -> str:
         """The local variable holding the input or a state."""
@@ -174,8 +178,22 @@ class NodeEmitter:
         return self.emitters[node.op](node, [self.ref(name, rename) for name in node.inputs])
 
     def emit(self, node: Node, indent: str, rename: Dict[str, str]) -> None:
-        """Append ``node``'s line, assigning its value (or its ``rename``)."""
-        self.lines.append(f"{indent}{rename.get(node.name, node.name)} = {self.expression(node, rename)}")
+        """Append ``node``'s line, assigning its value (or its ``rename``), cast where ``casts`` says."""
+        code = self.expression(node, rename)
+        if node.name in self.casts:
+            code = f"{atom(code)}.to({self.casts[node.name]})  # back from autocast's low precision"
+        self.lines.append(f"{indent}{rename.get(node.name, node.name)} = {code}")
+
+
+def atom(expr: str) -> str:
+    """``expr``, parenthesized unless it can take ``.method()`` or stand in a product as it is."""
+    depth = 0
+    for char in expr:
+        depth += char in "(["
+        depth -= char in ")]"
+        if char == " " and depth == 0:  # generated operators have spaces around them
+            return f"({expr})"
+    return f"({expr})" if expr.startswith("-") else expr
 
 
 def biased_products(graph: Graph, whole_sequence: Sequence[Node], once: Collection[str],

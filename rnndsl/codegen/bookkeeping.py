@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 from ..ir import Graph, Node, Op, Phase, Shape, Size, tiling_order
 from ..names import Namespace
-from .base import NodeEmitter, size_code
+from .base import NodeEmitter, atom, size_code
 from .derivatives import Placed, Product, Term
 
 
@@ -42,17 +42,6 @@ def level_of(node: Node) -> Level:
     if node.op is Op.INPUT or node.phase is Phase.PER_INPUT:
         return Level.SEQ
     return Level.LOOP
-
-
-def atom(expr: str) -> str:
-    """``expr``, parenthesized unless it can take ``.method()`` or stand in a product as it is."""
-    depth = 0
-    for char in expr:
-        depth += char in "(["
-        depth -= char in ")]"
-        if char == " " and depth == 0:  # generated operators have spaces around them
-            return f"({expr})"
-    return f"({expr})" if expr.startswith("-") else expr
 
 
 def _reduce(expr: str, shape: Shape, lead: int, target: Shape) -> str:

@@ -24,6 +24,7 @@ from ..names import PARALLEL_GLOBALS, Namespace
 from ..ops import operand_orders
 from .base import (EMITTERS, NodeEmitter, PythonCode, biased_products, body_nodes, gemm, one_or_tuple,
                    size_code, tuple_code, validate_source)
+from .precision import carried_dtype_casts
 
 # Products go through oneDNN's GEMM where it is faster, under autograd (this code runs as Python).
 PARALLEL_EMITTERS = {**EMITTERS, Op.MATMUL: gemm("linear_with_grad")}
@@ -128,7 +129,10 @@ def generate_parallel(graph: Graph, updates: List[LinearUpdate]) -> PythonCode:
     for node in body:
         if found[node.name] is Dependence.STATE and node.name not in done and node.name in needed:
             code.emit_whole(node, seq)
-    outputs = [code.ref(name, seq) for name in graph.outputs]
+    # The scan keeps the states in their own dtype (along_steps casts a and b to it); an output that
+    # autocast may compute in low precision is cast to the input's dtype, as the loop's is.
+    casts = carried_dtype_casts(graph, states, "xs.dtype", lowered=code.biased.values())
+    outputs = [code.ref(name, seq) + (f".to({casts[name]})" if name in casts else "") for name in graph.outputs]
     zeroed = [f"{o} * real.to(xs.dtype)" for o in outputs]
     finals = [f"{seq[u.next]}[-1]" for u in updates]
     lines.append("    if mask is not None:")

@@ -18,6 +18,7 @@ from __future__ import annotations
 from ..ir import Graph, Phase
 from ..names import SCAN_GLOBALS, Namespace
 from .base import NodeEmitter, PythonCode, body_nodes, one_or_tuple, tuple_code, tuple_type, validate_source
+from .precision import carried_dtype_casts
 
 
 def generate_scan(graph: Graph) -> PythonCode:
@@ -27,6 +28,8 @@ def generate_scan(graph: Graph) -> PythonCode:
     # Lowering and the emitter kept user names clear of RESERVED, so this code may use those names itself.
     names = Namespace({n.name for n in graph.nodes} | set(emitter.local.values()), reserved=frozenset())
     states = [emitter.var(d.name) for d in graph.states]
+    # Outputs take the first state's dtype, the input's: the step reads nothing batched from outside.
+    emitter.casts = carried_dtype_casts(graph, states, f"{states[0]}.dtype")
     body = body_nodes(graph)
     hoisted = [n for n in body if n.phase is Phase.PER_INPUT]
     seq_name = {graph.input.name: "xs", **{n.name: names.fresh(n.name, "seq") for n in hoisted}}

@@ -23,6 +23,7 @@ from ..ir import Graph, Node, Op, Phase
 from ..names import SCRIPT_GLOBALS, Namespace
 from .base import (NodeEmitter, PythonCode, body_nodes, one_or_tuple, size_code, state_update, tuple_code,
                    tuple_type, validate_source)
+from .precision import carried_dtype_casts
 
 
 def generate_step(graph: Graph, origin: str = "", fixed_dropout_mask: bool = False) -> PythonCode:
@@ -43,6 +44,8 @@ def generate_step(graph: Graph, origin: str = "", fixed_dropout_mask: bool = Fal
 def _forward(graph: Graph, emitter: NodeEmitter, state_type: str, output_type: str) -> None:
     """One step."""
     lines = emitter.lines
+    emitter.casts = carried_dtype_casts(graph, [emitter.var(d.name) for d in graph.states],
+                                        f"{emitter.var(graph.input.name)}.dtype")
     lines.append(f"def forward(self, state: {state_type}, {emitter.var(graph.input.name)}: Tensor) "
                  f"-> Tuple[{state_type}, {output_type}]:")
     lines.extend(f"    {emitter.var(d.name)} = state[{i}]" for i, d in enumerate(graph.states))
@@ -57,6 +60,7 @@ def _forward_sequence(graph: Graph, emitter: NodeEmitter, state_type: str, outpu
     """The time loop, with what depends on no state before it."""
     lines = emitter.lines
     states = [emitter.var(d.name) for d in graph.states]
+    emitter.casts = carried_dtype_casts(graph, states, "xs.dtype")
     body = body_nodes(graph)
     # Lowering and the emitter kept user names clear of RESERVED, so this code may use those names itself.
     names = Namespace({n.name for n in graph.nodes} | set(emitter.local.values()), reserved=frozenset())
