@@ -131,7 +131,11 @@ class CellSpec:
                 raise TypeError(f"cell {self.name} has no hyper-parameter or size {key!r}"
                                 + (f"; it has {', '.join(known)}" if known else ""))
         for name, default in self.sizes.items():
-            sizes.setdefault(name, default)
+            if default is not None:
+                sizes.setdefault(name, default)
+        for decl in self.ast.sizes:
+            if decl.formula is not None and decl.name not in sizes:
+                sizes[decl.name] = self._computed_size(decl, sizes)
         declared = self.graph.input.shape.dims[0].evaluate(sizes)
         if declared != input_size:
             dim = self.graph.input.shape.dims[0]
@@ -150,6 +154,27 @@ class CellSpec:
                              f"{elements * torch.finfo(torch.get_default_dtype()).bits // 8:,} bytes in "
                              f"{torch.get_default_dtype()}; a cell may have at most {MAX_ELEMENTS:,} numbers")
         return sizes, hypers
+
+    def _computed_size(self, decl: st.SizeDecl, sizes: Dict[str, int]) -> int:
+        """A size whose default is a formula of other sizes (``size key = hidden / heads``), exact."""
+        def value(expr: st.SizeExpr) -> int:
+            if isinstance(expr, st.SizeInt):
+                return expr.value
+            if isinstance(expr, st.SizeName):
+                return sizes[expr.name]
+            left, right = value(expr.left), value(expr.right)
+            if expr.op == "/":
+                if left % right:
+                    raise ValueError(f"cell {self.name}: size {decl.name} defaults to {_formula(decl.formula)} "
+                                     f"= {left} / {right}, which is not whole; pass {decl.name}= or sizes "
+                                     "that divide")
+                return left // right
+            return {"+": left + right, "-": left - right, "*": left * right}[expr.op]
+        result = value(decl.formula)
+        if result < 1:
+            raise ValueError(f"cell {self.name}: size {decl.name} defaults to {_formula(decl.formula)} = {result}; "
+                             "sizes are positive")
+        return result
 
     def parallel_plan(self, disable: Passes = (),
                       fixed_dropout_mask: bool = False) -> Tuple[Optional[str], str]:
@@ -193,6 +218,15 @@ class CellSpec:
 
     def __repr__(self) -> str:
         return f"CellSpec({self.name!r} from {self.path})"
+
+
+def _formula(expr: st.SizeExpr) -> str:
+    """A size formula as written: ``hidden / heads``."""
+    if isinstance(expr, st.SizeInt):
+        return str(expr.value)
+    if isinstance(expr, st.SizeName):
+        return expr.name
+    return f"({_formula(expr.left)} {expr.op} {_formula(expr.right)})"
 
 
 def _read(path: Path) -> bytes:

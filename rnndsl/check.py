@@ -129,11 +129,17 @@ def _check_declarations(cell: st.Cell) -> None:
     for decl in cell.hypers:
         _check_number(decl.default, decl.span)
     sizes = set(BUILTIN_SIZES) | {decl.name for decl in cell.sizes}
+    earlier = set(BUILTIN_SIZES)
     for decl in cell.sizes:
-        if not 1 <= decl.default <= MAX_DIMENSION:
+        if decl.formula is not None:
+            # Computed at build from sizes known by then: the built-in ones and those declared above.
+            _check_size(decl.formula, earlier, division=True)
+        elif not 1 <= decl.default <= MAX_DIMENSION:
             raise CellError(f"size `{decl.name}` must be from 1 to {MAX_DIMENSION:,}, got {decl.default}",
                             decl.span)
-    for size in [cell.input.size] + [d.size for d in cell.states] + [s for p in cell.params for s in p.shape]:
+        earlier.add(decl.name)
+    shapes = [cell.input.shape] + [d.shape for d in cell.states] + [p.shape for p in cell.params]
+    for size in (size for shape in shapes for size in shape):
         _check_size(size, sizes)
 
 
@@ -154,7 +160,9 @@ def hyper_value_problem(value: object, probability: bool) -> Optional[str]:
     return None
 
 
-def _check_size(size: st.SizeExpr, sizes: Set[str]) -> None:
+def _check_size(size: st.SizeExpr, sizes: Set[str], division: bool = False) -> None:
+    """Names known; ``/`` only where ``division`` (a size's default, computed at build: shapes
+    stay polynomials so that they can be checked symbolically)."""
     stack = [size]
     while stack:
         node = stack.pop()
@@ -163,6 +171,9 @@ def _check_size(size: st.SizeExpr, sizes: Set[str]) -> None:
                             hint=did_you_mean(node.name, sizes) or
                             f"sizes are {', '.join(sorted(sizes))}; declare others with `size {node.name} = ...`")
         if isinstance(node, st.SizeBinary):
+            if node.op == "/" and not division:
+                raise CellError("sizes divide only in a size's default, as in `size key = hidden / heads`",
+                                node.span, hint="declare the quotient as a size and use its name here")
             stack.extend((node.left, node.right))
 
 
@@ -294,7 +305,10 @@ def _check_expr(expr: st.Expr, scope: _Scope) -> None:
                                 "`a, b = chunk(v, 2)`", node.span)
             _check_call_arity(node)
             _check_probability(node, scope)
-            stack.extend(reversed(node.args))
+            sizes = FUNCTIONS[node.function].size_args
+            for index in sizes:
+                _check_size_arg(node, node.args[index], scope)
+            stack.extend(reversed([arg for i, arg in enumerate(node.args) if i not in sizes]))
 
 
 def _check_probability(call: st.Call, scope: _Scope) -> None:
@@ -312,6 +326,14 @@ def _check_probability(call: st.Call, scope: _Scope) -> None:
         return
     if not 0 <= value <= 1:
         raise CellError(f"`{call.function}` takes a probability between 0 and 1, got {value:g}", p.span)
+
+
+def _check_size_arg(call: st.Call, arg: st.Expr, scope: _Scope) -> None:
+    """An argument that names a size (``split(q, heads)``) must be a size's name."""
+    if not (isinstance(arg, st.Name) and arg.name in scope.sizes):
+        raise CellError(f"`{call.function}` takes the name of a size here", arg.span,
+                        hint=did_you_mean(arg.name, scope.sizes) if isinstance(arg, st.Name) else
+                        FUNCTIONS[call.function].doc)
 
 
 def _check_name_use(node: st.Name, scope: _Scope) -> None:

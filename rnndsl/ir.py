@@ -16,6 +16,7 @@ the IR's invariants are checked by rnndsl/spec.py.
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field, replace
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
@@ -26,7 +27,12 @@ from .errors import Span
 
 @dataclass(frozen=True, slots=True)
 class Size:
-    """A linear polynomial over size variables: ``sum(coeff * var) + const``."""
+    """A polynomial over size variables: ``sum(coeff * monomial) + const``.
+
+    A term's key names its monomial, the variables it multiplies joined by ``*`` in sorted
+    order (``hidden``, ``heads*key``): vector sizes are linear (``4*hidden + input``), and the
+    flat size of a tensor is the product of its dims (``heads*key*value``).
+    """
 
     terms: Tuple[Tuple[str, int], ...] = ()
     const: int = 0
@@ -58,10 +64,15 @@ class Size:
 
     def __mul__(self, other: "Size | int") -> "Size":
         other = Size.of(other)
-        if self.terms and other.terms:
-            raise ValueError("sizes must stay linear: cannot multiply two size variables")
-        scale, poly = (other.const, self) if not other.terms else (self.const, other)
-        return Size._make({k: v * scale for k, v in poly.terms}, poly.const * scale)
+        left = self.terms + (("", self.const),)
+        right = other.terms + (("", other.const),)
+        coeffs: Dict[str, int] = {}
+        for a, x in left:
+            for b, y in right:
+                key = "*".join(sorted(a.split("*") + b.split("*"))).strip("*")
+                coeffs[key] = coeffs.get(key, 0) + x * y
+        const = coeffs.pop("", 0)
+        return Size._make(coeffs, const)
 
     __rmul__ = __mul__
     __radd__ = __add__
@@ -73,19 +84,34 @@ class Size:
         assert self.divisible_by(n), (self, n)
         return Size(tuple((k, v // n) for k, v in self.terms), self.const // n)
 
+    def over(self, variable: str) -> Optional["Size"]:
+        """``self / variable`` when every term has the factor ``variable`` (``heads*key`` over
+        ``heads`` is ``key``), else None: sizes are symbolic, so a split must divide exactly."""
+        if self.const:
+            return None
+        coeffs = {}
+        for key, coeff in self.terms:
+            factors = key.split("*")
+            if variable not in factors:
+                return None
+            factors.remove(variable)
+            coeffs["*".join(factors)] = coeff
+        const = coeffs.pop("", 0)
+        return Size._make(coeffs, const)
+
     @property
     def variables(self) -> Tuple[str, ...]:
-        return tuple(k for k, _ in self.terms)
+        return tuple(dict.fromkeys(f for k, _ in self.terms for f in k.split("*")))
 
     def evaluate(self, env: Mapping[str, int]) -> int:
-        return sum(coeff * env[name] for name, coeff in self.terms) + self.const
+        return sum(coeff * math.prod(env[f] for f in key.split("*")) for key, coeff in self.terms) + self.const
 
     def render(self, variable=lambda name: name) -> str:
         """``4*hidden + 2``; ``variable`` maps names, e.g. to ``self.hidden`` in code."""
         parts = []
-        for name, coeff in self.terms:
-            text = variable(name) if coeff == 1 else f"{coeff}*{variable(name)}"
-            parts.append(text)
+        for key, coeff in self.terms:
+            monomial = "*".join(variable(f) for f in key.split("*"))
+            parts.append(monomial if coeff == 1 else f"{coeff}*{monomial}")
         if self.const or not parts:
             parts.append(str(self.const))
         return " + ".join(parts).replace("+ -", "- ")
@@ -118,6 +144,13 @@ class Shape:
     @property
     def is_matrix(self) -> bool:
         return len(self.dims) == 2
+
+    @property
+    def is_tensor(self) -> bool:
+        """A per-example value of several dims (``[B, heads, key]``), or a parameter of more than two
+        (``[heads, hidden, hidden]``): what the tensor ops (split, outer, contractions) work on.
+        A two-dim parameter stays a weight matrix, which only stands on the left of ``@``."""
+        return len(self.dims) >= (2 if self.batched else 3)
 
     def __str__(self) -> str:
         inner = ", ".join(str(d) for d in self.dims)
@@ -182,6 +215,14 @@ class Op(enum.Enum):
     CHUNK = ("chunk", OpKind.LAYOUT)     # attrs: parts, index
     SLICE = ("slice", OpKind.LAYOUT)     # attrs: start, length (Sizes)
     CONCAT = ("concat", OpKind.LAYOUT)   # joins vectors, or matrices by rows
+
+    # Tensors with named sizes (matrix-valued states, heads).
+    RESHAPE = ("reshape", OpKind.LAYOUT)      # attrs: count, dims: the last `count` dims become `dims`
+    EXPAND = ("expand", OpKind.LAYOUT)        # attrs: trailing: that many size-1 dims appended
+    TRANSPOSE = ("transpose", OpKind.LAYOUT)  # swaps the last two dims
+    OUTER = ("outer", OpKind.LINEAR)          # [.., m] x [.., n] -> [.., m, n]
+    CONTRACT = ("contract", OpKind.LINEAR)    # `@` of tensors, per leading dims; attrs: form ("mv", "vm", "mm")
+    SUM_OVER = ("sum_over", OpKind.NORMALIZE)  # attrs: dim (negative): the sum over that dim
 
     LAYERNORM = ("layernorm", OpKind.NORMALIZE)  # (x, weight, bias); attrs: eps
     DROPOUT = ("dropout", OpKind.RANDOM)         # (x); attrs: p
@@ -275,6 +316,8 @@ class IRError(Exception):
 
 
 def _format_value(value: object) -> str:
+    if isinstance(value, tuple) and value and all(isinstance(item, Size) for item in value):
+        return f"[{', '.join(str(item) for item in value)}]"  # the dims of a reshape
     return repr(value) if not isinstance(value, Size) else str(value)
 
 

@@ -4,6 +4,13 @@ Each expression becomes one node; a value assigned a name keeps it (``c'``
 becomes ``c_next``), intermediate values are named after their op
 (``sigmoid_1``). Shape mismatches are reported here, at the expression that
 causes them.
+
+A tensor state ``S[heads, key, value]`` is carried flat between steps, a
+``(batch, heads*key*value)`` vector like any other state (so the time loop, masks,
+initial states and networks are the same for every cell): its leaf is the flat
+vector, which a ``reshape`` node (``S_view``) turns into the tensor the equations
+read, and its next value is flattened again (``S_next_flat``). The language's
+left-aligned broadcast becomes explicit ``expand`` nodes (rnndsl/ops.py, ``aligned``).
 """
 from __future__ import annotations
 
@@ -12,9 +19,9 @@ from typing import Dict, List, Optional
 from . import syntax_tree as st
 from .check import BUILTIN_SIZES
 from .errors import CellError, Span
-from .ir import MAX_DIMENSION, Decl, Graph, Node, Op, Shape, Size, attrs
+from .ir import MAX_DIMENSION, Decl, Graph, Node, Op, OpKind, Shape, Size, attrs
 from .names import Namespace, joined_name
-from .ops import BINARY_OPS, FUNCTIONS, SHAPE_RULES, ShapeError
+from .ops import BINARY_OPS, FUNCTIONS, SHAPE_RULES, ShapeError, aligned, contract_form
 from .spec import verify
 
 def size_of(expr: st.SizeExpr) -> Size:
@@ -43,6 +50,19 @@ def _vector(size: st.SizeExpr) -> Shape:
     return Shape((size_of(size),), batched=True)
 
 
+def _declared(decl: st.VarDecl) -> Shape:
+    """A state's shape as the equations see it: a vector, or a tensor."""
+    return Shape(tuple(size_of(s) for s in decl.shape), batched=True)
+
+
+def _carried(decl: st.VarDecl) -> Shape:
+    """A state's shape between steps: flat."""
+    flat = Size.of(1)
+    for dim in _declared(decl).dims:
+        flat = flat * dim
+    return Shape((flat,), batched=True)
+
+
 class _Lowering:
     def __init__(self, cell: st.Cell):
         self.cell = cell
@@ -52,6 +72,7 @@ class _Lowering:
         self.nodes: List[Node] = []
         self.env: Dict[str, Node] = {}     # source name -> node
         self.next: Dict[str, Node] = {}    # state name -> node of its next value
+        self.carried: Dict[str, Node] = {}  # state name -> its next value as carried (flat for a tensor)
 
     def add(self, node: Node) -> Node:
         self.nodes.append(node)
@@ -63,6 +84,8 @@ class _Lowering:
     def make(self, op: Op, inputs: List[Node], span: Span, name: Optional[str] = None,
              hint: Optional[str] = None, **attributes) -> Node:
         """A new node; ``hint`` goes with a shape error."""
+        if op.kind is OpKind.ELEMENTWISE and len(inputs) == 2:
+            inputs = self.broadcast(op, inputs, span)
         probe = Node("_", op, tuple(n.name for n in inputs), Shape(), attrs(**attributes), span)
         try:
             shape = SHAPE_RULES[op](probe, [n.shape for n in inputs])
@@ -70,6 +93,15 @@ class _Lowering:
             raise CellError(str(exc), span, hint=hint) from None
         final = self.names.fresh(name) if name else self.names.fresh(op.label)
         return self.add(Node(final, op, probe.inputs, shape, probe.attrs, span))
+
+    def broadcast(self, op: Op, inputs: List[Node], span: Span) -> List[Node]:
+        """Elementwise operands, the one of fewer dims expanded to the other's rank."""
+        try:
+            counts = aligned(inputs[0].shape, inputs[1].shape, op.label)
+        except ShapeError as exc:
+            raise CellError(str(exc), span) from None
+        return [self.make(Op.EXPAND, [node], span, trailing=count) if count else node
+                for node, count in zip(inputs, counts)]
 
     def expr(self, expr: st.Expr, name: Optional[str] = None) -> Node:
         if isinstance(expr, st.Number):
@@ -85,10 +117,20 @@ class _Lowering:
             # `a * U @ h` reads as `(a * U) @ h`: `*`, `/` and `@` bind equally, left to right.
             hint = (f"`*`, `/` and `@` bind equally, from the left: to multiply by a product, write "
                     f"`a {expr.op} (U @ v)`") if expr.op in "*/" and right.shape.is_matrix else None
+            form = contract_form(left.shape, right.shape) if expr.op == "@" else None
+            if form is not None:  # `@` of per-example tensors, or with a per-head parameter
+                return self.make(Op.CONTRACT, [left, right], expr.span, name, form=form)
             return self.make(BINARY_OPS[expr.op], [left, right], expr.span, name, hint)
         function = FUNCTIONS[expr.function]
-        args = [self.expr(arg) for arg in expr.args]
-        return self.make(function.op, args, expr.span, name)
+        args = [self.expr(arg) for i, arg in enumerate(expr.args) if i not in function.size_args]
+        attributes = {}
+        if function.attributes is not None:
+            sizes = [Size.of(expr.args[i].name) for i in function.size_args]
+            try:
+                attributes = function.attributes([arg.shape for arg in args], sizes)
+            except ShapeError as exc:
+                raise CellError(str(exc), expr.span, hint=function.doc) from None
+        return self.make(function.op, args, expr.span, name, **attributes)
 
     def make_const(self, value: float, span: Span) -> Node:
         return self.add(Node(self.names.fresh("const"), Op.CONST, (), Shape(), attrs(value=value), span))
@@ -112,7 +154,7 @@ class _Lowering:
             self.env[target.name] = node
             return
         decl = next(d for d in self.cell.states if d.name == target.name)
-        expected = _vector(decl.size)
+        expected = _declared(decl)
         if node.shape != expected:
             if node.shape.dims == expected.dims:
                 raise CellError(f"the next value of state `{decl.name}` depends on neither the input nor "
@@ -120,15 +162,23 @@ class _Lowering:
             raise CellError(f"state `{decl.name}` has shape {expected} but its next value has shape "
                             f"{node.shape}", target.span)
         self.next[target.name] = node
+        self.carried[target.name] = node
+        if len(expected.dims) > 1:
+            self.carried[target.name] = self.make(Op.RESHAPE, [node], target.span, joined_name(node.name, "flat"),
+                                                  count=len(expected.dims), dims=_carried(decl).dims)
 
     def run(self) -> Graph:
         cell = self.cell
-        input_decl = Decl(cell.input.name, _vector(cell.input.size), span=cell.input.span)
+        input_decl = Decl(cell.input.name, _vector(cell.input.shape[0]), span=cell.input.span)
         self.env[cell.input.name] = self.leaf(cell.input.name, Op.INPUT, input_decl.shape, cell.input.span)
         states = []
         for decl in cell.states:
-            states.append(Decl(decl.name, _vector(decl.size), span=decl.span))
+            states.append(Decl(decl.name, _carried(decl), span=decl.span))
             self.env[decl.name] = self.leaf(decl.name, Op.STATE, states[-1].shape, decl.span)
+            if len(decl.shape) > 1:
+                self.env[decl.name] = self.make(Op.RESHAPE, [self.env[decl.name]], decl.span,
+                                                joined_name(decl.name, "view"), count=1,
+                                                dims=_declared(decl).dims)
         params = []
         for decl in cell.params:
             shape = Shape(tuple(size_of(s) for s in decl.shape), batched=False)
@@ -152,7 +202,7 @@ class _Lowering:
             tuple(Decl(d.name, default=d.default, span=d.span) for d in cell.sizes)
         graph = Graph(name=cell.name, input=input_decl, states=tuple(states), params=tuple(params),
                       sizes=sizes, hypers=tuple(hypers), nodes=tuple(self.nodes),
-                      next_states=tuple(self.next[d.name].name for d in cell.states),
+                      next_states=tuple(self.carried[d.name].name for d in cell.states),
                       outputs=tuple(outputs))
         return verify(graph)
 

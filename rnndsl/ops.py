@@ -27,6 +27,10 @@ class Function:
     max_args: Optional[int]  # None: any number
     doc: str
     probability_last: bool = False  # its last argument is a probability: torch refuses one outside [0, 1]
+    # Arguments that name a size, not a value (`split(q, heads)`): they become attributes.
+    size_args: Tuple[int, ...] = ()
+    # The node's attributes from its value arguments' shapes and its size arguments (ShapeError if none fit).
+    attributes: Optional[Callable[[List[Shape], List[Size]], Dict[str, object]]] = None
 
 
 FUNCTIONS: Dict[str, Function] = {
@@ -52,7 +56,7 @@ PROBABILITY_OPS: FrozenSet[Op] = frozenset(function.op for function in FUNCTIONS
 
 
 def _not_matrix(shape: Shape, what: str) -> None:
-    if shape.is_matrix:
+    if shape.is_matrix and not shape.batched:
         raise ShapeError(f"{what} needs vectors or numbers, not a matrix; a matrix parameter can "
                          "only stand on the left of `@`")
 
@@ -67,13 +71,25 @@ def _elementwise_unary(node: Node, shapes: List[Shape]) -> Shape:
 
 
 def broadcast(a: Shape, b: Shape, what: str) -> Shape:
-    """Elementwise operands: numbers broadcast to anything, vectors must agree in size."""
+    """Elementwise operands: numbers broadcast to anything, vectors must agree in size.
+
+    Tensors of equal rank agree dim by dim, or where one has size 1: lowering makes the
+    language's left-aligned broadcast (a per-head ``[heads]`` against ``[heads, key, value]``)
+    explicit with an ``expand`` node (see :func:`aligned`).
+    """
     _not_matrix(a, what)
     _not_matrix(b, what)
     if a.is_scalar:
         return b
     if b.is_scalar:
         return a
+    if len(a.dims) > 1 or len(b.dims) > 1:
+        one = Size.of(1)
+        if len(a.dims) != len(b.dims) or any(x != y and one not in (x, y) for x, y in zip(a.dims, b.dims)):
+            raise ShapeError(f"{what} of values of shapes {_dims(a)} and {_dims(b)}, which do not fit: "
+                             "dims are matched from the left, and a value of fewer dims must match the "
+                             "leading dims of the other (a per-head [heads] against [heads, key, value])")
+        return Shape(tuple(y if x == one else x for x, y in zip(a.dims, b.dims)), a.batched or b.batched)
     if a.dims != b.dims:
         raise ShapeError(f"{what} of vectors of different sizes: [{a.dims[0]}] and [{b.dims[0]}]")
     return Shape(a.dims, a.batched or b.batched)
@@ -168,7 +184,136 @@ def _describe(shape: Shape) -> str:
         return "number"
     if shape.is_vector:
         return f"vector [{shape.dims[0]}]"
-    return f"matrix [{shape.dims[0]}, {shape.dims[1]}]"
+    if shape.is_matrix and not shape.batched:
+        return f"matrix [{shape.dims[0]}, {shape.dims[1]}]"
+    return f"{'per-example ' if shape.batched else ''}tensor {_dims(shape)}"
+
+
+def _dims(shape: Shape) -> str:
+    return f"[{', '.join(str(d) for d in shape.dims)}]"
+
+
+# Tensors with named sizes ------------------------------------------------------------------
+#
+# Per-example values may have several feature dims (`[B, heads, key, value]`). The ops below
+# work on the trailing dims and batch over the leading ones, which must agree exactly: the
+# only implicit broadcast is the left-aligned one of elementwise ops (see `aligned`).
+
+def aligned(a: Shape, b: Shape, what: str) -> Tuple[int, int]:
+    """How many size-1 dims to append to each elementwise operand so that their ranks agree:
+    a value of fewer dims broadcasts over the trailing dims of the other when its dims are the
+    other's leading ones (``[heads]`` against ``[heads, key, value]`` reads as ``[heads, 1, 1]``).
+    Numbers and equal ranks need none; any other mismatch is a ShapeError."""
+    if a.is_scalar or b.is_scalar or len(a.dims) == len(b.dims) or not (a.is_tensor or b.is_tensor):
+        return 0, 0
+    short, long = (a, b) if len(a.dims) < len(b.dims) else (b, a)
+    if long.dims[:len(short.dims)] != short.dims:
+        raise ShapeError(f"{what} of values of shapes {_dims(a)} and {_dims(b)}, which do not fit: a value "
+                         f"of fewer dims broadcasts over the trailing dims of the other, so its dims "
+                         f"must be the other's leading ones ({_dims(long)} starts with "
+                         f"[{', '.join(str(d) for d in long.dims[:len(short.dims)])}])")
+    extra = len(long.dims) - len(short.dims)
+    return (extra, 0) if short is a else (0, extra)
+
+
+def _reshape(node: Node, shapes: List[Shape]) -> Shape:
+    (shape,) = shapes
+    count, dims = node.attr("count"), node.attr("dims")
+    if len(shape.dims) < count:
+        raise ShapeError(f"reshape of the last {count} dims of a {_describe(shape)}")
+    if _product(shape.dims[len(shape.dims) - count:]) != _product(dims):
+        raise ShapeError(f"reshape of {_dims(shape)} to {dims} changes the number of elements")
+    return Shape(shape.dims[:len(shape.dims) - count] + tuple(dims), shape.batched)
+
+
+def _product(dims) -> Size:
+    total = Size.of(1)
+    for dim in dims:
+        total = total * dim
+    return total
+
+
+def _split_attributes(shapes: List[Shape], sizes: List[Size]) -> Dict[str, object]:
+    (shape,), (parts,) = shapes, sizes
+    if shape.is_scalar:
+        raise ShapeError("split takes a vector or tensor, not a number")
+    last = shape.dims[-1]
+    part = last.over(parts.variables[0])
+    if part is None or part.const < 0 or not (part.terms or part.const):
+        raise ShapeError(f"cannot split [{last}] into `{parts}` parts: sizes are checked symbolically, "
+                         f"so its size must be a multiple of {parts}, as in [{parts}*key]")
+    return {"count": 1, "dims": (parts, part)}
+
+
+def _join_attributes(shapes: List[Shape], sizes: List[Size]) -> Dict[str, object]:
+    (shape,) = shapes
+    if len(shape.dims) < 2:
+        raise ShapeError(f"join merges the last two dims of a tensor, got a {_describe(shape)}")
+    return {"count": 2, "dims": (shape.dims[-2] * shape.dims[-1],)}
+
+
+def _sum_over_attributes(shapes: List[Shape], sizes: List[Size]) -> Dict[str, object]:
+    (shape,), (size,) = shapes, sizes
+    found = [i for i, dim in enumerate(shape.dims) if dim == size]
+    if len(found) != 1:
+        how = "has no dim" if not found else "has several dims"
+        raise ShapeError(f"sum_over: a value of shape {_dims(shape)} {how} of size `{size}`"
+                         + (": name a size that only one dim has" if found else ""))
+    return {"dim": found[0] - len(shape.dims)}
+
+
+def _expand(node: Node, shapes: List[Shape]) -> Shape:
+    (shape,) = shapes
+    return Shape(shape.dims + (Size.of(1),) * node.attr("trailing"), shape.batched)
+
+
+def _transpose(node: Node, shapes: List[Shape]) -> Shape:
+    (shape,) = shapes
+    if len(shape.dims) < 2:
+        raise ShapeError(f"transpose swaps the last two dims of a tensor, got a {_describe(shape)}")
+    return Shape(shape.dims[:-2] + (shape.dims[-1], shape.dims[-2]), shape.batched)
+
+
+def _outer(node: Node, shapes: List[Shape]) -> Shape:
+    a, b = shapes
+    if a.is_scalar or b.is_scalar or a.dims[:-1] != b.dims[:-1]:
+        raise ShapeError(f"outer takes two vectors, or two tensors of the same leading dims, got shapes "
+                         f"{_dims(a)} and {_dims(b)}")
+    return Shape(a.dims + b.dims[-1:], a.batched or b.batched)
+
+
+def contract_form(a: Shape, b: Shape) -> Optional[str]:
+    """Which product ``a @ b`` is when either side is a tensor (else None: a weight matrix times a
+    vector, MATMUL): by ranks, matrix times vector ("mv"), vector times matrix ("vm"), or
+    matrix times matrix ("mm"), each batched over equal leading dims."""
+    if not (a.is_tensor or b.is_tensor):
+        return None
+    return {0: "mm", 1: "mv", -1: "vm"}.get(len(a.dims) - len(b.dims), "mm")
+
+
+def _contract(node: Node, shapes: List[Shape]) -> Shape:
+    a, b = shapes
+    form, dims = node.attr("form"), None
+    if not (a.is_scalar or b.is_scalar):
+        if form == "mv" and len(a.dims) >= 2 and a.dims[:-2] == b.dims[:-1] and a.dims[-1] == b.dims[-1]:
+            dims = a.dims[:-1]
+        elif form == "vm" and len(b.dims) >= 2 and b.dims[:-2] == a.dims[:-1] and b.dims[-2] == a.dims[-1]:
+            dims = b.dims[:-2] + b.dims[-1:]
+        elif form == "mm" and len(a.dims) == len(b.dims) >= 2 and a.dims[:-2] == b.dims[:-2] \
+                and a.dims[-1] == b.dims[-2]:
+            dims = a.dims[:-1] + b.dims[-1:]
+    if dims is None:
+        raise ShapeError(f"product `@` of shapes {_dims(a)} and {_dims(b)} does not fit: the contracted "
+                         "dims must agree, and the leading dims (one per head) must be the same")
+    return Shape(dims, a.batched or b.batched)
+
+
+def _sum_over(node: Node, shapes: List[Shape]) -> Shape:
+    (shape,) = shapes
+    dim = node.attr("dim")
+    if not -len(shape.dims) <= dim < 0:
+        raise ShapeError(f"sum_over dim {dim} of a {_describe(shape)}")
+    return Shape(shape.dims[:dim] + shape.dims[len(shape.dims) + dim + 1:], shape.batched)
 
 
 ShapeRule = Callable[[Node, List[Shape]], Shape]
@@ -195,7 +340,31 @@ SHAPE_RULES: Dict[Op, ShapeRule] = {
     Op.LAYERNORM: _layernorm,
     Op.DROPOUT: _probability_last,
     Op.ZONEOUT: _probability_last,
+    Op.RESHAPE: _reshape,
+    Op.EXPAND: _expand,
+    Op.TRANSPOSE: _transpose,
+    Op.OUTER: _outer,
+    Op.CONTRACT: _contract,
+    Op.SUM_OVER: _sum_over,
 }
+
+# The functions of tensors with named sizes: kept together (their helpers come above), and
+# joined into FUNCTIONS.
+TENSOR_FUNCTIONS: Dict[str, Function] = {
+    "split": Function(Op.RESHAPE, 2, 2, "split(v, heads): [heads*key] -> [heads, key], the last dim cut into "
+                      "`heads` rows", size_args=(1,), attributes=_split_attributes),
+    "join": Function(Op.RESHAPE, 1, 1, "join(v): [heads, value] -> [heads*value], the last two dims merged",
+                     attributes=_join_attributes),
+    "outer": Function(Op.OUTER, 2, 2, "outer(k, v): [heads, key] x [heads, value] -> [heads, key, value]"),
+    "transpose": Function(Op.TRANSPOSE, 1, 1, "transpose(S): the last two dims swapped"),
+    "sum_over": Function(Op.SUM_OVER, 2, 2, "sum_over(v, key): the sum over the dim of size `key`",
+                         size_args=(1,), attributes=_sum_over_attributes),
+}
+FUNCTIONS.update(TENSOR_FUNCTIONS)
+
+# Ops whose result is a whole dim larger than their operands (``outer(k, v)``): computed for all
+# steps at once they would hold T times that, so the hoisting pass keeps them in the loop.
+EXPANDING_OPS: FrozenSet[Op] = frozenset({Op.OUTER})
 
 # Ops whose two operands may be swapped: ``a + b`` is ``b + a``.
 COMMUTATIVE_OPS: FrozenSet[Op] = frozenset({Op.ADD, Op.MUL})

@@ -294,7 +294,7 @@ class _ToAst(Transformer):
 
     def input_decl(self, meta, children):
         name, size = children
-        return st.VarDecl(str(name), size, self._span(meta))
+        return st.VarDecl(str(name), (size,), self._span(meta))
 
     def output_list(self, meta, names):
         return tuple(st.Output(str(name), self._tok(name)) for name in names)
@@ -305,8 +305,8 @@ class _ToAst(Transformer):
         return list(decls)
 
     def var_decl(self, meta, children):
-        name, size = children
-        return st.VarDecl(str(name), size, self._span(meta))
+        name, *shape = children
+        return st.VarDecl(str(name), tuple(shape), self._span(meta))
 
     def param_decl(self, meta, items):
         return list(items)
@@ -319,7 +319,9 @@ class _ToAst(Transformer):
 
     def size_decl(self, meta, children):
         name, value = children
-        return st.SizeDecl(str(name), int(value), self._span(meta))
+        if isinstance(value, st.SizeInt):
+            return st.SizeDecl(str(name), value.value, self._span(meta))
+        return st.SizeDecl(str(name), None, self._span(meta), formula=value)
 
     def hyper_decl(self, meta, children):
         name, value = children
@@ -356,6 +358,7 @@ class _ToAst(Transformer):
         return build
 
     size_add, size_sub, size_mul = _size_binary("+"), _size_binary("-"), _size_binary("*")
+    size_div = _size_binary("/")
 
     # expressions
 

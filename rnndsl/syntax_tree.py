@@ -7,8 +7,8 @@ Grammar, in short (grammars/cell.lark is the truth)::
 
     file       := cell*
     cell       := "cell" NAME "(" NAME "[" size "]" ")" "->" NAME ("," NAME)* "{" stmt* "}"
-    stmt       := "state" NAME[size], ...     | "param" NAME[size(, size)] (= number)?, ...
-                | "size" NAME = INT            | "hyper" NAME = number
+    stmt       := "state" NAME[size, ...], ... | "param" NAME[size, ...] (= number)?, ...
+                | "size" NAME = size           | "hyper" NAME = number
                 | target, ... = expr           (target: NAME or NAME')
     expr       := expr (+|-|*|/|@) expr | -expr | number | NAME | NAME' | NAME(expr, ...) | (expr)
 """
@@ -36,7 +36,7 @@ class SizeName:
 
 @dataclass(frozen=True, slots=True)
 class SizeBinary:
-    op: str  # "+", "-", "*"
+    op: str  # "+", "-", "*", and "/" in a size's default only
     left: "SizeExpr"
     right: "SizeExpr"
     span: Span
@@ -96,17 +96,18 @@ Expr = Union[Number, Name, Primed, Binary, Neg, Call]
 
 @dataclass(frozen=True, slots=True)
 class VarDecl:
-    """A state or the input: a name and its size."""
+    """A state or the input: a name and its shape, one size for a vector (the input's only one),
+    several for a tensor state ``S[heads, key, value]``."""
 
     name: str
-    size: SizeExpr
+    shape: Tuple[SizeExpr, ...]
     span: Span
 
 
 @dataclass(frozen=True, slots=True)
 class ParamDecl:
     name: str
-    shape: Tuple[SizeExpr, ...]  # (rows,) for a vector, (rows, cols) for a matrix
+    shape: Tuple[SizeExpr, ...]  # (rows,) a vector, (rows, cols) a matrix, more: per-head blocks
     init: Union[float, None]     # a constant initial value, or None for the default
     span: Span
 
@@ -114,8 +115,9 @@ class ParamDecl:
 @dataclass(frozen=True, slots=True)
 class SizeDecl:
     name: str
-    default: int
+    default: Union[int, None]  # None: computed from ``formula`` at build
     span: Span
+    formula: Union[SizeExpr, None] = None  # ``size key = hidden / heads``
 
 
 @dataclass(frozen=True, slots=True)

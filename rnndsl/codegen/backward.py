@@ -241,7 +241,7 @@ class _Generator:
         # (a list of steps stacked after the loop costs twice as much here).
         outputs = [self.names.fresh("outputs") for _ in graph.outputs]
         for name, local in list(zip(graph.outputs, outputs)) + list(self.reads.stacked.items()):
-            size = size_code(self.nodes[name].shape.dims[0])
+            size = ", ".join(size_code(d) for d in self.nodes[name].shape.dims)
             lines.append(f"    {local} = xs.new_empty([xs.size(0), xs.size(1), {size}])")
         needed = [i for n in step for i in n.inputs] + list(graph.results())
         reads = [name for name in self.reads.seq_names if name in needed]

@@ -79,6 +79,22 @@ def _zoneout(node: Node, args: List[str]) -> str:
             f"if self.training else {new}")
 
 
+def reshape_code(value: str, count: int, dims: Sequence) -> str:
+    """``value`` with its last ``count`` dims made ``dims``: an unflatten, a flatten, or a reshape."""
+    sizes = ", ".join(size_code(d) for d in dims)
+    if count == 1:
+        return f"{value}.unflatten(-1, [{sizes}])"
+    if len(dims) == 1:
+        return f"{value}.flatten(-{count})"
+    return f"{value}.reshape({value}.size()[:-{count}] + [{sizes}])"
+
+
+# `@` of tensors, batched over the leading dims: vectors take part as one-row or one-column matrices.
+_CONTRACTIONS = {"mv": "torch.matmul({0}, {1}.unsqueeze(-1)).squeeze(-1)",
+                 "vm": "torch.matmul({0}.unsqueeze(-2), {1}).squeeze(-2)",
+                 "mm": "torch.matmul({0}, {1})"}
+
+
 EMITTERS: Dict[Op, Emitter] = {
     Op.NEG: lambda node, args: f"-{args[0]}",
     Op.ADD: _infix("+"),
@@ -104,6 +120,12 @@ EMITTERS: Dict[Op, Emitter] = {
                                       f"{args[1]}, {args[2]}, {node.attr('eps', 1e-5)!r})"),
     Op.DROPOUT: lambda node, args: f"torch.nn.functional.dropout({args[0]}, {args[1]}, self.training)",
     Op.ZONEOUT: _zoneout,
+    Op.RESHAPE: lambda node, args: reshape_code(args[0], node.attr("count"), node.attr("dims")),
+    Op.EXPAND: lambda node, args: args[0] + ".unsqueeze(-1)" * node.attr("trailing"),
+    Op.TRANSPOSE: lambda node, args: f"{args[0]}.transpose(-1, -2)",
+    Op.OUTER: lambda node, args: f"{args[0]}.unsqueeze(-1) * {args[1]}.unsqueeze(-2)",
+    Op.CONTRACT: lambda node, args: _CONTRACTIONS[node.attr("form")].format(*args),
+    Op.SUM_OVER: lambda node, args: f"{args[0]}.sum({node.attr('dim')})",
 }
 
 

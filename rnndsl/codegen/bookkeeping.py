@@ -47,8 +47,14 @@ def level_of(node: Node) -> Level:
 def _reduce(expr: str, shape: Shape, lead: int, target: Shape) -> str:
     """Sum a gradient of IR shape ``shape`` with ``lead`` leading dims down to ``target``'s shape.
 
-    Differentiable values are never numbers (parameters have dims), so only leading dims go.
+    Differentiable values are never numbers (parameters have dims), so only leading dims go,
+    and the dims a tensor was broadcast over (size 1 in ``target``, see ``expand``).
     """
+    one = Size.of(1)
+    broadcast = [i - len(shape.dims) for i, (dim, kept) in enumerate(zip(shape.dims, target.dims))
+                 if kept == one and dim != one]
+    if broadcast:
+        expr = f"{atom(expr)}.sum([{', '.join(str(i) for i in broadcast)}], True)"
     if target.batched or lead == 0:
         return expr
     dims = "0" if lead == 1 else f"[{', '.join(str(d) for d in range(lead))}]"
@@ -251,6 +257,9 @@ class GradientSums:
                 else:
                     groups[item.shape, item.lead].append(item)
             for (shape, lead), group in groups.items():
+                # Summed over the dims the target was broadcast over (``expand``) here, at each step,
+                # so that the buffer holds the target's dims.
+                shape = Shape(self.nodes[target].shape.dims, shape.batched)
                 local = self.assign(self.combine(group, shape, loop), ("grad", target, "step"), loop)
                 after.append((target, Item(Term(self._buffer(local, shape)), shape, lead + 1)))
         for local, (buffer, _) in self.buffers.items():

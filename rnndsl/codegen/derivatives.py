@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Protocol, Sequence, Union
 
 from ..ir import Node, Op, Shape, Size
+from .base import reshape_code
 
 
 @dataclass(frozen=True)
@@ -213,6 +214,61 @@ def _layernorm(r: Rule) -> Contributions:
             Term(grads[2], r.shape(2)) if r.needs(2) else None]
 
 
+# Tensors with named sizes. A gradient keeps the batchedness of the node's output: flowing into a
+# parameter it is summed over the batch (and time) by the generator.
+
+def _in_shape_of(r: Rule, index: int, expr: str) -> Optional[Contribution]:
+    """``expr`` as input ``index``'s gradient, if it takes one."""
+    return Term(expr, Shape(r.shape(index).dims, r.node.shape.batched)) if r.needs(index) else None
+
+
+def _reshape(r: Rule) -> Contributions:
+    # The inverse reshape: the node's new dims back to the input's last `count` dims.
+    count, dims = r.node.attr("count"), r.shape(0).dims
+    replaced = len(r.node.attr("dims"))
+    return [_in_shape_of(r, 0, reshape_code(r.grad, replaced, dims[len(dims) - count:]))]
+
+
+def _expand(r: Rule) -> Contributions:
+    # The gradient reached this node already summed over the broadcast dims (to size 1).
+    return [_in_shape_of(r, 0, r.grad + ".squeeze(-1)" * r.node.attr("trailing"))]
+
+
+def _transpose(r: Rule) -> Contributions:
+    return [_in_shape_of(r, 0, f"{r.grad}.transpose(-1, -2)")]
+
+
+def _outer(r: Rule) -> Contributions:
+    # d(a ⊗ b): da = g @ b, db = a @ g, per leading dims.
+    return [_in_shape_of(r, 0, f"torch.matmul({r.grad}, {r.value(1)}.unsqueeze(-1)).squeeze(-1)")
+            if r.needs(0) else None,
+            _in_shape_of(r, 1, f"torch.matmul({r.value(0)}.unsqueeze(-2), {r.grad}).squeeze(-2)")
+            if r.needs(1) else None]
+
+
+def _contract(r: Rule) -> Contributions:
+    g, form = r.grad, r.node.attr("form")
+    a = r.value(0) if r.needs(1) else None
+    b = r.value(1) if r.needs(0) else None
+    if form == "mv":    # y = M v: dM = g ⊗ v, dv = g @ M
+        grads = (f"{g}.unsqueeze(-1) * {b}.unsqueeze(-2)", f"torch.matmul({g}.unsqueeze(-2), {a}).squeeze(-2)")
+    elif form == "vm":  # y = v M: dv = M @ g, dM = v ⊗ g
+        grads = (f"torch.matmul({b}, {g}.unsqueeze(-1)).squeeze(-1)", f"{a}.unsqueeze(-1) * {g}.unsqueeze(-2)")
+    else:               # C = A B: dA = g B^T, dB = A^T g
+        grads = (f"torch.matmul({g}, {b}.transpose(-1, -2))", f"torch.matmul({a}.transpose(-1, -2), {g})")
+    return [_in_shape_of(r, index, grads[index]) for index in (0, 1)]
+
+
+def _sum_over(r: Rule) -> Contributions:
+    dim, dims = r.node.attr("dim"), r.shape(0).dims
+    # The gradient spread back over the summed dim: an expand (a view) to the input's size.
+    after = -dim - 1  # dims after the summed one
+    size = f"[{r.size(dims[dim])}]"
+    sizes = (f"{r.grad}.size() + {size}" if after == 0 else
+             f"{r.grad}.size()[:-{after}] + {size} + {r.grad}.size()[-{after}:]")
+    return [_in_shape_of(r, 0, f"{r.grad}.unsqueeze({dim}).expand({sizes})")]
+
+
 def _first_only(r: Rule) -> Contributions:
     """Evaluation-mode dropout and zoneout give their first input unchanged."""
     return [Term(r.grad)] + [None] * (len(r.node.inputs) - 1)
@@ -241,4 +297,10 @@ DERIVATIVES: Dict[Op, Derivative] = {
     # In training these draw fresh noise at every step, which the derived backward does not save.
     Op.DROPOUT: Derivative(_first_only, in_training=False),
     Op.ZONEOUT: Derivative(_first_only, in_training=False),
+    Op.RESHAPE: Derivative(_reshape),
+    Op.EXPAND: Derivative(_expand),
+    Op.TRANSPOSE: Derivative(_transpose),
+    Op.OUTER: Derivative(_outer),
+    Op.CONTRACT: Derivative(_contract),
+    Op.SUM_OVER: Derivative(_sum_over),
 }

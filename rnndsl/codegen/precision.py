@@ -44,6 +44,12 @@ PRECISION: Dict[Op, Precision] = {
     Op.DROPOUT: Precision.FIRST,
     # torch.where(draw, old, new) promotes, but only in training: in eval it is `new` itself.
     Op.ZONEOUT: Precision.FIRST,
+    Op.RESHAPE: Precision.FIRST,
+    Op.EXPAND: Precision.FIRST,
+    Op.TRANSPOSE: Precision.FIRST,
+    Op.OUTER: Precision.PROMOTED,   # an elementwise product
+    Op.CONTRACT: Precision.LOWERED,  # torch.matmul
+    Op.SUM_OVER: Precision.FIRST,
 }
 
 
