@@ -116,7 +116,7 @@ class _Lowering:
             left, right = self.expr(expr.left), self.expr(expr.right)
             # `a * U @ h` reads as `(a * U) @ h`: `*`, `/` and `@` bind equally, left to right.
             hint = (f"`*`, `/` and `@` bind equally, from the left: to multiply by a product, write "
-                    f"`a {expr.op} (U @ v)`") if expr.op in "*/" and right.shape.is_matrix else None
+                    f"`a {expr.op} (U @ v)`") if expr.op in "*/" and right.shape.is_matrix and not right.shape.batched else None
             form = contract_form(left.shape, right.shape) if expr.op == "@" else None
             if form is not None:  # `@` of per-example tensors, or with a per-head parameter
                 return self.make(Op.CONTRACT, [left, right], expr.span, name, form=form)

@@ -77,8 +77,9 @@ def broadcast(a: Shape, b: Shape, what: str) -> Shape:
     language's left-aligned broadcast (a per-head ``[heads]`` against ``[heads, key, value]``)
     explicit with an ``expand`` node (see :func:`aligned`).
     """
-    _not_matrix(a, what)
-    _not_matrix(b, what)
+    if not (a.is_tensor or b.is_tensor):  # beside a tensor, a two-dim parameter is an expanded vector
+        _not_matrix(a, what)
+        _not_matrix(b, what)
     if a.is_scalar:
         return b
     if b.is_scalar:

@@ -107,12 +107,71 @@ def sru(p: Params, state: State, x: Tensor) -> Tuple[State, Tensor]:
     return (c_new,), h
 
 
+# Matrix-valued states: the cells carry them flat, (batch, heads*key*value); the references
+# work per head with einsum, and flatten again. With the cells' default sizes (key = value =
+# head_dim = hidden) the output projection tells the number of heads: weight_o is
+# [hidden, heads*hidden].
+
+def _head_count(p: Params) -> int:
+    rows, columns = p["weight_o"].shape
+    return columns // rows
+
+
+def _heads(v: Tensor, heads: int) -> Tensor:
+    return v.reshape(v.shape[0], heads, -1)
+
+
+def _outer(k: Tensor, v: Tensor) -> Tensor:
+    return torch.einsum("bhk,bhv->bhkv", k, v)
+
+
+def linear_attention(p: Params, state: State, x: Tensor) -> Tuple[State, Tensor]:
+    heads = _head_count(p)
+    phi = lambda v: torch.nn.functional.elu(v) + 1  # noqa: E731
+    q = phi(_heads(_linear(p["weight_q"], x), heads))
+    k = phi(_heads(_linear(p["weight_k"], x), heads))
+    v = _heads(_linear(p["weight_v"], x), heads)
+    S = state[0].reshape(k.shape + v.shape[-1:]) + _outer(k, v)
+    z = state[1].reshape(k.shape) + k
+    o = torch.einsum("bhk,bhkv->bhv", q, S) / (torch.einsum("bhk,bhk->bh", q, z).unsqueeze(-1) + 1e-6)
+    return (S.flatten(1), z.flatten(1)), _linear(p["weight_o"], o.flatten(1))
+
+
+def retnet(p: Params, state: State, x: Tensor) -> Tuple[State, Tensor]:
+    heads = _head_count(p)
+    q, k, v = (_heads(_linear(p[f"weight_{n}"], x), heads) for n in "qkv")
+    gamma = torch.sigmoid(p["decay"])[None, :, None, None]
+    S = gamma * state[0].reshape(k.shape + v.shape[-1:]) + _outer(k, v)
+    o = torch.einsum("bhk,bhkv->bhv", q, S).flatten(1)
+    return (S.flatten(1),), _linear(p["weight_o"], torch.nn.functional.silu(_linear(p["weight_g"], x)) * o)
+
+
+def gla(p: Params, state: State, x: Tensor) -> Tuple[State, Tensor]:
+    heads = _head_count(p)
+    q, k, v = (_heads(_linear(p[f"weight_{n}"], x), heads) for n in "qkv")
+    alpha = torch.sigmoid(_heads(_linear(p["weight_a"], x, p["bias_a"]), heads)) ** (1 / 16)
+    S = alpha.unsqueeze(-1) * state[0].reshape(k.shape + v.shape[-1:]) + _outer(k, v)
+    o = torch.einsum("bhk,bhkv->bhv", q, S).flatten(1)
+    return (S.flatten(1),), _linear(p["weight_o"], torch.nn.functional.silu(_linear(p["weight_r"], x)) * o)
+
+
+def mamba2(p: Params, state: State, x: Tensor) -> Tuple[State, Tensor]:
+    heads = p["A_log"].shape[0]
+    u = _heads(_linear(p["weight_u"], x), heads)
+    B, C = (_heads(_linear(p[f"weight_{n}"], x), heads) for n in "bc")
+    dt = torch.nn.functional.softplus(_linear(p["weight_dt"], x, p["dt_bias"]))  # (batch, heads)
+    decay = torch.exp(dt * -torch.exp(p["A_log"]))
+    S = decay[..., None, None] * state[0].reshape(B.shape + u.shape[-1:]) + _outer(B, dt.unsqueeze(-1) * u)
+    o = torch.einsum("bhn,bhnp->bhp", C, S) + p["D"][:, None] * u
+    gate = torch.nn.functional.silu(_linear(p["weight_z"], x))
+    return (S.flatten(1),), _linear(p["weight_o"], o.flatten(1) * gate)
+
+
 REFERENCES: Dict[str, Reference] = {
     "mingru": mingru, "minlstm": minlstm, "qrnn": qrnn, "indrnn": indrnn, "mgu": mgu,
     "peephole_lstm": peephole_lstm, "layernorm_lstm": layernorm_lstm, "cifg_lstm": cifg_lstm, "sru": sru,
+    "linear_attention": linear_attention, "retnet": retnet, "gla": gla, "mamba2": mamba2,
 }
-
-
 def reference_scan(reference: Reference, params: Params, state: State, xs: Tensor,
                    mask: Optional[Tensor] = None) -> Tuple[Tensor, State]:
     """A reference over a ``(T, batch, input)`` sequence: outputs and final state.
