@@ -21,7 +21,7 @@ from .check import BUILTIN_SIZES
 from .errors import CellError, Span
 from .ir import MAX_DIMENSION, Decl, Graph, Node, Op, OpKind, Shape, Size, attrs
 from .names import Namespace, joined_name
-from .ops import BINARY_OPS, FUNCTIONS, SHAPE_RULES, ShapeError, aligned, contract_form
+from .ops import BINARY_OPS, FUNCTIONS, SHAPE_RULES, ShapeError, aligned, contract_form, op_word
 from .spec import verify
 
 def size_of(expr: st.SizeExpr) -> Size:
@@ -97,7 +97,7 @@ class _Lowering:
     def broadcast(self, op: Op, inputs: List[Node], span: Span) -> List[Node]:
         """Elementwise operands, the one of fewer dims expanded to the other's rank."""
         try:
-            counts = aligned(inputs[0].shape, inputs[1].shape, op.label)
+            counts = aligned(inputs[0].shape, inputs[1].shape, op_word(op))
         except ShapeError as exc:
             raise CellError(str(exc), span) from None
         return [self.make(Op.EXPAND, [node], span, trailing=count) if count else node
@@ -115,8 +115,9 @@ class _Lowering:
         if isinstance(expr, st.Binary):
             left, right = self.expr(expr.left), self.expr(expr.right)
             # `a * U @ h` reads as `(a * U) @ h`: `*`, `/` and `@` bind equally, left to right.
+            weight = right.shape.is_matrix and not right.shape.batched
             hint = (f"`*`, `/` and `@` bind equally, from the left: to multiply by a product, write "
-                    f"`a {expr.op} (U @ v)`") if expr.op in "*/" and right.shape.is_matrix and not right.shape.batched else None
+                    f"`a {expr.op} (U @ v)`") if expr.op in "*/" and weight else None
             form = contract_form(left.shape, right.shape) if expr.op == "@" else None
             if form is not None:  # `@` of per-example tensors, or with a per-head parameter
                 return self.make(Op.CONTRACT, [left, right], expr.span, name, form=form)

@@ -200,6 +200,11 @@ def _dims(shape: Shape) -> str:
 # work on the trailing dims and batch over the leading ones, which must agree exactly: the
 # only implicit broadcast is the left-aligned one of elementwise ops (see `aligned`).
 
+def op_word(op: Op) -> str:
+    """How error messages name an op: "multiplication", else its label."""
+    return _BINARY_WORDS.get(op, op.label)
+
+
 def aligned(a: Shape, b: Shape, what: str) -> Tuple[int, int]:
     """How many size-1 dims to append to each elementwise operand so that their ranks agree:
     a value of fewer dims broadcasts over the trailing dims of the other when its dims are the
