@@ -26,7 +26,7 @@ import torch
 from . import kernels
 from .cells import CellModule, EagerCell, ScriptedCell
 from .codegen import (NotLinear, PythonCode, find_linear_recurrences, generate_backward, generate_parallel,
-                      generate_scan, generate_step, validate_source)
+                      generate_scan, generate_step, linearized, validate_source)
 from .errors import one_line, source_lines
 from .ir import Graph
 from .options import BuildOptions
@@ -223,13 +223,14 @@ def _parallel_plan(graph: Graph, disable: Tuple[str, ...], fixed_dropout_mask: b
                    source: str) -> Tuple[Optional[PythonCode], str]:
     try:
         try:
-            optimized = _optimized(graph, disable)
+            # Linearity from meaning: `h' = x * h + h` is written `(x + 1) * h + 0` first.
+            optimized = linearized(_optimized(graph, disable))
             updates = find_linear_recurrences(optimized, fixed_dropout_mask)
         except NotLinear:
             # join_slices may have joined the sums `a * s + b` of several states into slices of one
             # add, hiding their linear form (it joins the bias adds that the GEMM then fuses, too,
             # so it is tried first).
-            optimized = _optimized(graph, tuple(sorted(set(disable) | {"join_slices"})))
+            optimized = linearized(_optimized(graph, tuple(sorted(set(disable) | {"join_slices"}))))
             updates = find_linear_recurrences(optimized, fixed_dropout_mask)
         return generate_parallel(optimized, updates), ""
     except NotLinear as reason:

@@ -228,3 +228,43 @@ def test_dropout_after_the_scan_draws_for_every_step_unless_one_mask_is_asked_fo
                                 .replace("y = dropout(h', 0.5)", "y = h' * dropout(v, 0.5)"))["dropped"]
     with pytest.raises(ValueError, match="draws a fresh mask for a parameter-only value at each step"):
         shared.build(3, 4, scan="parallel")
+
+
+# Linear in the state by meaning, not by spelling: expanded and collected into a * s + b.
+SPELLED_OTHERWISE = {
+    "a' = a + x": "a' = a + W @ x / k",
+    "a' = a * (x + 1) - k": "a' = a * (W @ x + 1) - k",
+    "h' = x * h + h": "a' = (W @ x) * a + a / k",
+    "a sum of scaled differences": "a' = -(2 * (a - W @ x) / 3) + tanh(W @ x) * (W @ x - a) - a / k",
+}
+
+
+@pytest.mark.parametrize("backend", ["script", "eager"])
+@pytest.mark.parametrize("case", list(SPELLED_OTHERWISE))
+def test_linearity_is_read_from_meaning(case, backend):
+    source = f"""
+cell t(x[input]) -> a {{
+    state a[hidden]
+    param W[hidden, input], k[hidden]
+    {SPELLED_OTHERWISE[case]}
+}}"""
+    spec = rnndsl.load_source(source)["t"]
+    assert spec.parallel_plan()[0] is not None, spec.parallel_plan()[1]
+    sequential = spec.build(3, 4, backend, scan="sequential").double()
+    parallel = spec.build(3, 4, backend, scan="parallel").double()
+    with torch.no_grad():
+        sequential.k.uniform_(1, 2)  # a divisor
+    parallel.load_state_dict(sequential.state_dict())
+    g = torch.Generator().manual_seed(0)
+    xs = torch.randn(11, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    state = (torch.randn(3, 4, dtype=torch.float64, generator=g, requires_grad=True),)
+    mask = torch.arange(11)[:, None] < torch.tensor([11, 4, 7])[None, :]
+    want, got = _run(sequential, xs, state, mask), _run(parallel, xs, state, mask)
+    for a, b in zip(got[:1] + got[1] + got[2], want[:1] + want[1] + want[2], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_a_state_times_itself_stays_a_loop():
+    spec = rnndsl.load_source("cell t(x[input]) -> h {\n state h[input]\n h' = h * h + x\n}")["t"]
+    assert spec.parallel_plan()[0] is None
+    assert "not of the form a * h + b" in spec.parallel_plan()[1]

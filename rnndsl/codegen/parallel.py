@@ -8,6 +8,11 @@ O(log T) depth, forward and backward. Outputs that depend on the states only
 through their next values (QRNN's ``o * c'``) are then computed for all steps
 at once too.
 
+Linearity is read from meaning, not spelling: :func:`linearized` expands each next
+state in its state and collects the terms (``a' = a + x`` is ``1 * a + x``,
+``h' = x * h + h`` is ``(x + 1) * h + 0``, ``a' = a * (x + 1) - k`` is
+``(x + 1) * a + (-k)``), writing the coefficient and the offset as new nodes.
+
 ``find_linear_recurrences`` decides; ``generate_parallel`` writes the
 ``forward_parallel`` method (plain Python: autograd Functions cannot be called
 from TorchScript). Its dialect of the emitters sends matrix products to
@@ -19,9 +24,9 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Set, Tuple
 
 from ..dependency import Dependence, dependencies
-from ..ir import Graph, Node, Op, OpKind, Size, tiling_order
+from ..ir import Graph, Node, Op, OpKind, Shape, Size, attrs, tiling_order
 from ..names import PARALLEL_GLOBALS, Namespace
-from ..ops import operand_orders
+from ..ops import SHAPE_RULES, operand_orders
 from .base import (EMITTERS, NodeEmitter, PythonCode, biased_products, body_nodes, gemm, one_or_tuple,
                    size_code, tuple_code, validate_source)
 from .precision import carried_dtype_casts
@@ -59,6 +64,123 @@ def _update_of(state: str, node: Node, nodes: Dict[str, Node], free: Dict[str, b
                         return coefficient, offset
     raise NotLinear(f"the next value of `{state}` is not of the form a * {state} + b "
                     "with a and b independent of every state", node)
+
+
+_ONE = "1"  # the coefficient 1, made a node only where an op needs it (never a node name)
+
+
+@dataclass(frozen=True)
+class _Affine:
+    """A value as ``a * state + b``, with ``a`` and ``b`` names of state-free nodes; None is zero,
+    ``_ONE`` one."""
+
+    a: Optional[str]
+    b: Optional[str]
+
+
+class _Collector:
+    """Expands values in one state and collects its terms, making the nodes of the coefficients."""
+
+    def __init__(self, graph: Graph, state: str, span, names: Namespace):
+        self.nodes, self.state, self.span, self.names = graph.node_map(), state, span, names
+        self.free = {name: d is not Dependence.STATE for name, d in dependencies(graph).items()}
+        self.made: List[Node] = []
+        self.forms: Dict[str, Optional[_Affine]] = {}
+
+    def make(self, op: Op, inputs: Tuple[str, ...], **attributes) -> str:
+        probe = Node("_", op, inputs, Shape(), attrs(**attributes), self.span)
+        shape = SHAPE_RULES[op](probe, [self.nodes[name].shape for name in inputs]) if inputs else Shape()
+        node = Node(self.names.fresh(op.label), op, inputs, shape, probe.attrs, self.span)
+        self.nodes[node.name] = node
+        self.made.append(node)
+        return node.name
+
+    def node(self, value: str) -> str:
+        """``value`` as a node's name: the coefficient 1 becomes a constant."""
+        return self.make(Op.CONST, (), value=1.0) if value == _ONE else value
+
+    def plus(self, x: Optional[str], y: Optional[str], op: Op = Op.ADD) -> Optional[str]:
+        if y is None:
+            return x
+        if x is None:
+            return y if op is Op.ADD else self.make(Op.NEG, (self.node(y),))
+        return self.make(op, (self.node(x), self.node(y)))
+
+    def times(self, x: Optional[str], factor: str, op: Op = Op.MUL) -> Optional[str]:
+        if x is None:
+            return None
+        if x == _ONE and op is Op.MUL:
+            return factor
+        return self.make(op, (self.node(x), factor))
+
+    def form(self, name: str) -> Optional[_Affine]:
+        """``name`` as ``a * state + b``, or None when it is not linear in the state."""
+        if name not in self.forms:
+            self.forms[name] = self._form(self.nodes[name])
+        return self.forms[name]
+
+    def _form(self, node: Node) -> Optional[_Affine]:
+        if self.free[node.name]:
+            return _Affine(None, node.name)
+        if node.op is Op.STATE:
+            return _Affine(_ONE, None) if node.name == self.state else None
+        parts = [self.form(name) for name in node.inputs]
+        if any(part is None for part in parts) or node.op not in (Op.NEG, Op.ADD, Op.SUB, Op.MUL, Op.DIV):
+            return None
+        if node.op is Op.NEG:
+            (x,) = parts
+            return _Affine(self.plus(None, x.a, Op.SUB), self.plus(None, x.b, Op.SUB))
+        x, y = parts
+        if node.op in (Op.ADD, Op.SUB):
+            return _Affine(self.plus(x.a, y.a, node.op), self.plus(x.b, y.b, node.op))
+        if node.op is Op.DIV:
+            if y.a is not None:
+                return None
+            return _Affine(self.times(x.a, y.b, Op.DIV), self.times(x.b, y.b, Op.DIV))
+        if x.a is not None and y.a is not None:  # state times state
+            return None
+        scaled, factor = (y, x.b) if x.a is None else (x, y.b)
+        if factor is None:
+            return _Affine(None, None)
+        return _Affine(self.times(scaled.a, factor), self.times(scaled.b, factor))
+
+
+def linearized(graph: Graph) -> Graph:
+    """``graph`` with each next state that is linear in its state, but not written ``a * s + b``,
+    rewritten as ``a * s + b`` (the coefficient and offset as new nodes, the next state keeping
+    its name); other next states unchanged.
+
+    Before: ``h_next = add(mul(x, h), h)``
+    After:  ``const = 1.0; add_1 = add(x, const); mul_1 = mul(add_1, h); const_1 = 0.0;
+    h_next = add(mul_1, const_1)``
+    """
+    nodes = graph.node_map()
+    free = {name: dependence is not Dependence.STATE for name, dependence in dependencies(graph).items()}
+    names = Namespace({n.name for n in graph.nodes})
+    rewritten: Dict[str, List[Node]] = {}
+    for decl, next_name in zip(graph.states, graph.next_states):
+        node = nodes[next_name]
+        if node.op.kind is OpKind.LEAF:  # `h' = h`: nothing to rewrite in place
+            continue
+        try:
+            _update_of(decl.name, node, nodes, free)
+            continue  # already in the form: left as written
+        except NotLinear:
+            pass
+        collector = _Collector(graph, decl.name, node.span, names)
+        form = collector.form(next_name)
+        if form is None or form.a is None:
+            continue
+        scaled = collector.make(Op.MUL, (collector.node(form.a), decl.name))
+        offset = form.b if form.b is not None else collector.make(Op.CONST, (), value=0.0)
+        total = Node(next_name, Op.ADD, (scaled, offset), node.shape, (), node.span)
+        rewritten[next_name] = collector.made + [total]
+    if not rewritten:
+        return graph
+    out: List[Node] = []
+    for node in graph.nodes:
+        out.extend(rewritten.get(node.name, [node]))
+    return graph.with_nodes(out, "linearized")
 
 
 def find_linear_recurrences(graph: Graph, fixed_dropout_mask: bool = False) -> List[LinearUpdate]:
