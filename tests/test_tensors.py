@@ -185,3 +185,16 @@ def test_command_line_shows_every_stage_of_a_tensor_cell(stage, tmp_path):
     with redirect_stdout(out):
         assert main(["show", str(path), "--stage", stage]) == 0
     assert "S_view" in out.getvalue()
+
+
+def test_a_general_reshape_and_sum_over_run_as_python_and_torchscript():
+    """The derived backward's code runs as TorchScript (the zoo's tests), and as Python under
+    torch.compile: sizes built with `list(...)` work in both."""
+    from rnndsl.codegen.base import reshape_code
+    namespace = {"torch": torch}
+    code = reshape_code("g", 2, [Size.of(4), Size.of(3)])
+    exec(f"def f(g: torch.Tensor):\n    return {code}\n", namespace)
+    g = torch.randn(2, 3, 4)
+    assert namespace["f"](g).shape == (2, 4, 3)
+    spec = rnndsl.load_cell("linear_attention")
+    assert "list(" in spec.backward_code()

@@ -86,7 +86,7 @@ def reshape_code(value: str, count: int, dims: Sequence) -> str:
         return f"{value}.unflatten(-1, [{sizes}])"
     if len(dims) == 1:
         return f"{value}.flatten(-{count})"
-    return f"{value}.reshape({value}.size()[:-{count}] + [{sizes}])"
+    return f"{value}.reshape(list({value}.size()[:-{count}]) + [{sizes}])"  # list: a torch.Size in Python
 
 
 # `@` of tensors, batched over the leading dims: vectors take part as one-row or one-column matrices.

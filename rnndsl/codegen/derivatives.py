@@ -261,11 +261,12 @@ def _contract(r: Rule) -> Contributions:
 
 def _sum_over(r: Rule) -> Contributions:
     dim, dims = r.node.attr("dim"), r.shape(0).dims
-    # The gradient spread back over the summed dim: an expand (a view) to the input's size.
+    # The gradient spread back over the summed dim: an expand (a view) to the input's size. (`list`:
+    # in Python a size is a torch.Size, which takes no list added to it; in TorchScript a no-op.)
     after = -dim - 1  # dims after the summed one
     size = f"[{r.size(dims[dim])}]"
-    sizes = (f"{r.grad}.size() + {size}" if after == 0 else
-             f"{r.grad}.size()[:-{after}] + {size} + {r.grad}.size()[-{after}:]")
+    sizes = (f"list({r.grad}.size()) + {size}" if after == 0 else
+             f"list({r.grad}.size()[:-{after}]) + {size} + list({r.grad}.size()[-{after}:])")
     return [_in_shape_of(r, 0, f"{r.grad}.unsqueeze({dim}).expand({sizes})")]
 
 
