@@ -167,10 +167,40 @@ def mamba2(p: Params, state: State, x: Tensor) -> Tuple[State, Tensor]:
     return (S.flatten(1),), _linear(p["weight_o"], o.flatten(1) * gate)
 
 
+def _l2_normalized(v: Tensor) -> Tensor:
+    return v / torch.sqrt((v * v).sum(-1, keepdim=True) + 1e-6)
+
+
+def _delta_rule(p: Params, state: State, x: Tensor, alpha: Optional[Tensor]) -> Tuple[State, Tensor]:
+    """S' = alpha (I - beta k k^T) S + beta k v^T, o = q^T S' (DeltaNet: alpha = 1)."""
+    heads = _head_count(p)
+    q, k = (_l2_normalized(_heads(_linear(p[f"weight_{n}"], x), heads)) for n in "qk")
+    v = _heads(_linear(p["weight_v"], x), heads)
+    beta = torch.sigmoid(_linear(p["weight_b"], x))[..., None, None]
+    S = state[0].reshape(k.shape + v.shape[-1:])
+    eye = torch.eye(k.shape[-1], dtype=x.dtype)
+    transition = eye - beta * torch.einsum("bhi,bhj->bhij", k, k)
+    if alpha is not None:
+        transition = alpha[..., None, None] * transition
+    S = transition @ S + beta * _outer(k, v)
+    o = torch.einsum("bhk,bhkv->bhv", q, S).flatten(1)
+    return (S.flatten(1),), _linear(p["weight_o"], torch.nn.functional.silu(_linear(p["weight_g"], x)) * o)
+
+
+def deltanet(p: Params, state: State, x: Tensor) -> Tuple[State, Tensor]:
+    return _delta_rule(p, state, x, None)
+
+
+def gated_deltanet(p: Params, state: State, x: Tensor) -> Tuple[State, Tensor]:
+    dt = torch.nn.functional.softplus(_linear(p["weight_a"], x, p["dt_bias"]))
+    return _delta_rule(p, state, x, torch.exp(-torch.exp(p["A_log"]) * dt))
+
+
 REFERENCES: Dict[str, Reference] = {
     "mingru": mingru, "minlstm": minlstm, "qrnn": qrnn, "indrnn": indrnn, "mgu": mgu,
     "peephole_lstm": peephole_lstm, "layernorm_lstm": layernorm_lstm, "cifg_lstm": cifg_lstm, "sru": sru,
     "linear_attention": linear_attention, "retnet": retnet, "gla": gla, "mamba2": mamba2,
+    "deltanet": deltanet, "gated_deltanet": gated_deltanet,
 }
 def reference_scan(reference: Reference, params: Params, state: State, xs: Tensor,
                    mask: Optional[Tensor] = None) -> Tuple[Tensor, State]:
