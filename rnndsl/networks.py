@@ -216,9 +216,10 @@ class _CompiledRNNBase:
 
     The module keeps torch's parameters (names, shapes, init, ``state_dict``);
     the cells it builds for each layer and direction are kept out of the module
-    tree and run on those parameters through ``torch.func.functional_call``,
-    so ``.to()``, ``load_state_dict`` and ``functional_call`` on the module
-    itself all reach them. ``bias=False`` runs the cells with zero biases;
+    tree and are pointed at those parameters before every call (through
+    ``torch.func.functional_call`` where a compiler or torch.func is tracing), so
+    ``.to()``, ``load_state_dict``, parametrizations and ``functional_call`` on
+    the module itself all reach them. ``bias=False`` runs the cells with zero biases;
     ``proj_size > 0`` runs the stock ``lstm_proj`` cell, ``weight_hr`` included.
 
     Under ``torch.autocast`` the cells carry the state in the parameters' dtype, as every rnndsl
@@ -270,13 +271,17 @@ class _CompiledRNNBase:
                             setattr(cell, name, getattr(self, name + suffix))
                     tables.append(RecurrentTable(cell))
                 layers.append(tables[0] if directions == 1 else Bidirectional(*tables))
-        self.__dict__["_engine"] = SequenceTable(layers, dropout=self.dropout)
+        engine = SequenceTable(layers, dropout=self.dropout)
+        self.__dict__["_engine"] = engine
         self.__dict__["_bindings"] = bindings
+        self.__dict__["_slots"] = [(engine.get_submodule(inner.rpartition(".")[0])._parameters,
+                                    inner.rpartition(".")[2]) for inner in bindings]
 
     def __getstate__(self):
         state = super().__getstate__()
         state.pop("_engine", None)  # TorchScript modules cannot be pickled; rebuilt on load
         state.pop("_bindings", None)
+        state.pop("_slots", None)
         return state
 
     def __setstate__(self, state) -> None:
@@ -324,10 +329,11 @@ class _CompiledRNNBase:
         returned = self._autocast_dtypes(checked, packed)
         state = self._layer_states(hx)
         mask = None if lengths is None else lengths_mask(lengths, xs.size(0), xs.size(1), xs.device)
-        self._engine.train(self.training)
+        if self._engine.training != self.training:
+            self._engine.train(self.training)
         self._engine.dropout = self.dropout  # as torch, which reads it at each call
         args = (state, xs) if mask is None else (state, xs, mask)
-        finals, outputs = torch.func.functional_call(self._engine, self._parameters_for_engine(xs), args)
+        finals, outputs = self._run_engine(args, xs)
         directions = [d for layer in finals for d in (layer if self.bidirectional else (layer,))]
         hidden = tuple(torch.stack([d[k] for d in directions]) for k in range(2 if lstm else 1))
         if returned is not None:
@@ -342,6 +348,17 @@ class _CompiledRNNBase:
                 outputs = outputs.squeeze(0 if self.batch_first else 1)
                 hidden = tuple(h.squeeze(1) for h in hidden)
         return outputs, (hidden if lstm else hidden[0])
+
+    def _run_engine(self, args: tuple, like: Tensor):
+        """The engine's cells on this module's parameters as they are now."""
+        parameters = self._parameters_for_engine(like)
+        if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+            return torch.func.functional_call(self._engine, parameters, args)
+        # Eagerly, point each cell's slot at the tensor: what functional_call does, without its
+        # walk over the module tree (a third of a generation step's time) or the swap back.
+        for (slot, name), tensor in zip(self._slots, parameters.values()):
+            slot[name] = tensor
+        return self._engine(*args)
 
     def _autocast_dtypes(self, xs: Tensor, packed: bool) -> Optional[Tuple[torch.dtype, ...]]:
         """The dtypes of (output, h[, c]) that torch.nn's own forward returns under CPU autocast,
