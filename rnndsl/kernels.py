@@ -165,14 +165,19 @@ def time_scan(step, init: List[Tensor], per_step: List[Tensor],
     fix a dynamic size). The generated step closes over no tensor, so the op can take it as is.
     """
     from torch._higher_order_ops.scan import scan_op  # function-level: a private module, loaded when exporting
-    carried, sliced = len(init), len(per_step)
+    carried, sliced, shared = len(init), len(per_step), len(invariants)
+    # Inductor (AOTInductor) lowers scan to a while loop whose output buffers it sizes from the
+    # op's inputs: a symbolic size (a dynamic batch) must be one of them, as dynamo would lift it.
+    # The step ignores them. (Sizes are plain ints outside export: none then.)
+    symbols = {size.node.expr: size for t in (*init, *per_step) for size in t.shape
+               if isinstance(size, torch.SymInt) and size.node.expr.is_symbol}
 
     def flat_step(*args: Tensor) -> List[Tensor]:  # the op's convention: flat arguments, flat results
         carry, outputs = step(list(args[:carried]), list(args[carried:carried + sliced]),
-                              list(args[carried + sliced:]))
+                              list(args[carried + sliced:carried + sliced + shared]))
         return [*carry, *outputs]
 
     # scan wants the carry's layout to stay as the step returns it: a state sliced from a wider
     # tensor (a column block of a flat state) comes in strided, and leaves the step contiguous.
-    results = scan_op(flat_step, [t.contiguous() for t in init], per_step, tuple(invariants))
+    results = scan_op(flat_step, [t.contiguous() for t in init], per_step, (*invariants, *symbols.values()))
     return list(results[:carried]), list(results[carried:])
