@@ -75,15 +75,17 @@ def _unflatten(leaves: Sequence[Tensor], layout: Any) -> StateTree:
     return tuple(parts)
 
 
-class _FlatStateCell:
+class _FlatStateCell(nn.Module):
     """Shows a cell with a nested state to the scan as one with a flat state,
-    so that masking (which works tensor by tensor) applies to every layer."""
+    so that masking (which works tensor by tensor) applies to every layer. A module, so that
+    the scan finds the cell's parameters (under torch.export it passes them to the step)."""
 
     def __init__(self, cell: Callable, layout: Any) -> None:
+        super().__init__()
         self.cell = cell
         self.layout = layout
 
-    def __call__(self, state: Tuple[Tensor, ...], x: Tensor) -> Tuple[Tuple[Tensor, ...], Tensor]:
+    def forward(self, state: Tuple[Tensor, ...], x: Tensor) -> Tuple[Tuple[Tensor, ...], Tensor]:
         new_state, output = self.cell(_unflatten(state, self.layout), x)
         return tuple(_flatten(new_state)[0]), output
 

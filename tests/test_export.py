@@ -138,6 +138,25 @@ def test_network_exports_with_lengths(bidirectional):
         program.module()(torch.randn(4, 2, 3, dtype=F64), lengths=torch.tensor([4, 5]))
 
 
+@pytest.mark.parametrize("backend", ["script", "eager"])
+def test_deep_cell_exports_as_one_scan(backend):
+    """A SequenceTable of cells run depth-first by one RecurrentTable: no forward_sequence, so the
+    Python loop, which under export is one scan node over both cells (rnndsl/scan.py)."""
+    torch.manual_seed(0)
+    cells = [rnndsl.load_cell(name).build(size, hidden, backend=backend)
+             for name, size, hidden in (("lstm", 3, 5), ("gru", 5, 4))]
+    deep = rnndsl.RecurrentTable(rnndsl.SequenceTable(cells))
+    net = rnndsl.setup_recurrent(deep, save_hidden=False).double().eval()
+    batch = _batch()
+    program = _export(net, (torch.randn(6, 3, 3, dtype=F64),), {"x": {0: _sequence_length(), 1: batch},
+                                                                "lengths": {0: batch}},
+                      kwargs={"lengths": torch.tensor([6, 2, 4])})
+    assert str(program.graph).count("torch.ops.higher_order.scan") == 1
+    for steps, lengths in ((1, [1]), (11, [11, 3, 8, 1])):
+        x, lengths = torch.randn(steps, len(lengths), 3, dtype=F64), torch.tensor(lengths)
+        _assert_same(program.module()(x, lengths=lengths), net(x, lengths=lengths))
+
+
 class _Sequence(nn.Module):
     """A cell's forward_sequence as a module's forward, mask included, for export."""
 
