@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from .scan import scan
-from .sequences import lengths_mask, repack, reverse_padded
+from .sequences import lengths_mask, refuse_packed_under_export, repack, reverse_padded
 
 StateTree = Union[Tensor, Tuple["StateTree", ...]]
 InitFunction = Callable[..., StateTree]
@@ -75,15 +75,17 @@ def _unflatten(leaves: Sequence[Tensor], layout: Any) -> StateTree:
     return tuple(parts)
 
 
-class _FlatStateCell:
+class _FlatStateCell(nn.Module):
     """Shows a cell with a nested state to the scan as one with a flat state,
-    so that masking (which works tensor by tensor) applies to every layer."""
+    so that masking (which works tensor by tensor) applies to every layer. A module, so that
+    the scan finds the cell's parameters (under torch.export it passes them to the step)."""
 
     def __init__(self, cell: Callable, layout: Any) -> None:
+        super().__init__()
         self.cell = cell
         self.layout = layout
 
-    def __call__(self, state: Tuple[Tensor, ...], x: Tensor) -> Tuple[Tuple[Tensor, ...], Tensor]:
+    def forward(self, state: Tuple[Tensor, ...], x: Tensor) -> Tuple[Tuple[Tensor, ...], Tensor]:
         new_state, output = self.cell(_unflatten(state, self.layout), x)
         return tuple(_flatten(new_state)[0]), output
 
@@ -386,6 +388,14 @@ class RecurrentNetwork(nn.Module):
 
     def forward(self, x: Union[Tensor, PackedSequence], state: Optional[StateTree] = None,
                 lengths: Optional[Union[Tensor, Sequence[int]]] = None):
+        exporting = torch.compiler.is_exporting()
+        if exporting and self.save_hidden and state is None:
+            raise ValueError("this network was built with save_hidden=True: each call starts from the final state "
+                             "of the last, a batch-sized tensor kept on the module, which an exported program "
+                             "cannot carry between calls. Build it with save_hidden=False (or set "
+                             "net.save_hidden = False) to start each call from the init functions, or pass the "
+                             "state explicitly: net(x, state)")
+        refuse_packed_under_export(x, type(self).__name__)
         packed = x if isinstance(x, PackedSequence) else None
         if packed is not None:
             if lengths is not None:
@@ -412,7 +422,7 @@ class RecurrentNetwork(nn.Module):
             if sizes is not None:
                 check_state(state, sizes, getattr(self.network, "state_names", None), batch_size, xs)
         final, outputs = self.network(state, xs, mask) if mask is not None else self.network(state, xs)
-        if self.save_hidden:
+        if self.save_hidden and not exporting:  # the traced state is not a tensor to keep
             self._hidden = map_state(Tensor.detach, final)
         if packed is not None:
             return map_state(lambda t: repack(t, lengths, packed), outputs), final

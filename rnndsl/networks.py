@@ -30,7 +30,7 @@ from .containers import (Bidirectional, RecurrentNetwork, RecurrentTable, Sequen
 from .errors import did_you_mean
 from .native import NATIVE_MODES, PARAMETER_NAMES, NativeLayer, native_names, resolve_backend
 from .scan import check_not_empty
-from .sequences import lengths_mask, repack
+from .sequences import lengths_mask, refuse_packed_under_export, repack
 
 
 def _load_spec(cell) -> CellSpec:
@@ -301,6 +301,7 @@ class _CompiledRNNBase:
         if torch.jit.is_tracing():
             return super().forward(input, hx)
         lstm = self.mode == "LSTM"
+        refuse_packed_under_export(input, type(self).__name__)
         packed = isinstance(input, PackedSequence)
         if not packed:
             if input.dim() not in (2, 3):
