@@ -64,6 +64,11 @@ class CellModule(torch.nn.Module):
                 raise MemoryError(f"cell {graph.name}: parameter {decl.name} of shape {list(shape)} needs "
                                   f"{need:,} bytes in {dtype}, which cannot be allocated ({exc})") from None
             self.register_parameter(decl.name, parameter)
+        # Buffers: constants in the state_dict, moved by `.to()`, never trained nor re-initialized.
+        self._buffer_names: Tuple[str, ...] = tuple(d.name for d in graph.buffers)
+        for decl in graph.buffers:
+            shape = tuple(dim.evaluate(sizes) for dim in decl.shape.dims)
+            self.register_buffer(decl.name, torch.full(shape, float(decl.default)))
         self.reset_parameters()
 
     @torch.jit.ignore
@@ -247,6 +252,10 @@ class ScriptedCell(EagerCell):
             for name in self._python_methods._constant_names:
                 setattr(kernel, name, getattr(self, name))
             self.__dict__["_kernel_settings"] = settings
+        for name in self._buffer_names:  # `.to()` replaces a buffer's tensor: bound again by identity
+            current = getattr(self, name)
+            if getattr(kernel, name) is not current:
+                kernel._c.setattr(name, current)
         bound = self.__dict__["_kernel_parameters"]
         for index, name in enumerate(self._inits):
             # getattr, not _parameters: parametrizations compute their tensor here, functional_call's
