@@ -118,6 +118,9 @@ class _Lowering:
         decl = next(d for d in self.cell.states if d.name == target.name)
         expected = _vector(decl.size)
         if node.shape != expected:
+            if node.shape.mask:
+                raise CellError(f"the next value of state `{decl.name}` is a mask (a comparison's result)",
+                                target.span, hint="write `where(m, a, b)` to choose values by it")
             if node.shape.dims == expected.dims:
                 raise CellError(f"the next value of state `{decl.name}` depends on neither the input nor "
                                 "a state, so it would be the same for every example", target.span)

@@ -21,6 +21,7 @@ import rnndsl
 from rnndsl.cellspec import load_source
 from rnndsl.derived import DerivedSequence
 from rnndsl.errors import CellError
+from rnndsl.networks import uniform_weights
 from rnndsl.options import CELL_BACKENDS as BACKENDS
 
 TOLERANCE = dict(rtol=1e-10, atol=1e-12)
@@ -163,3 +164,82 @@ def test_gradcheck_of_the_derived_backward(name: str):
 
     arguments = [xs.requires_grad_(True), h.requires_grad_(True), *cell.parameters()]
     assert torch.autograd.gradcheck(function, arguments)
+
+
+# Errors: each at its line and column (line 4 is `a = W @ x + U @ h`, the lines follow it).
+@pytest.mark.parametrize("line, position, words", [
+    ("h' = max(h)", (5, 8), "`max` takes 2 arguments, got 1"),
+    ("h' = sum(h, a)", (5, 8), "`sum` takes 1 argument, got 2"),
+    ("h' = where(h, a, h)", (5, 8), "where's first argument must be a mask"),
+    ("h' = where(a > h, 1.0, 0.0)", (5, 8), "where of two numbers"),
+    ("h' = a ** h", (5, 8), "the exponent of `**` must be a number"),
+    ("h' = pow(a, x)", (5, 8), "the exponent of `**` must be a number"),
+    ("h' = clamp(a, h, 1.0)", (5, 8), "clamp's lower bound must be a number"),
+    ("h' = (a > h) * h", (5, 8), "multiplication of a mask"),
+    ("h' = tanh(a > 0)", (5, 8), "tanh of a mask"),
+    ("h' = sum(2.0) * a", (5, 8), "sum takes a vector, got a number"),
+    ("h' = a + (1.0 < 2.0)", (5, 13), "a comparison of two numbers"),
+    ("h' = a > h", (5, 3), "the next value of state `h` is a mask"),
+])
+def test_misuse_is_an_error_at_its_position(line, position, words):
+    with pytest.raises(CellError) as error:
+        load(cell_source("a = W @ x + U @ h", line))
+    assert words in error.value.message
+    assert (error.value.line, error.value.column) == position
+
+
+def test_comparisons_do_not_chain_and_bind_below_arithmetic():
+    with pytest.raises(CellError) as error:
+        load(cell_source("a = W @ x + U @ h", "h' = where(0 < a < 1, a, h)"))
+    assert (error.value.line, error.value.column) == (5, 20)
+    graph = load(cell_source("a = W @ x + U @ h", "h' = where(a + 1 > h * 2, -a ** 2, h)")).graph
+    ops = [node.op.label for node in graph.nodes]
+    assert ops.index("neg") > ops.index("pow")  # -a ** 2 is -(a ** 2), as in Python
+
+
+def test_scalar_parameters_and_buffers_in_the_module():
+    source = cell_source("param s, g[] = 2.0", "buffer ones[hidden] = 1.0, table[hidden, input] = 0.5",
+                         "h' = tanh(W @ x + s * (table @ x) + U @ h) * ones + g")
+    cell = load(source).build(3, 4)
+    assert dict(cell.named_parameters())["s"].shape == (1,) and cell.g.item() == 2.0
+    assert {name for name, _ in cell.named_buffers()} == {"ones", "table"}
+    assert "ones" not in dict(cell.named_parameters()) and "ones" in cell.state_dict()
+    uniform_weights(cell)
+    assert torch.equal(cell.ones, torch.ones(4)) and torch.equal(cell.table, torch.full((4, 3), 0.5))
+    double = cell.double()
+    assert double.ones.dtype == torch.float64
+    with torch.no_grad():
+        double.ones.mul_(2.0)  # a buffer changed in place: the kernel reads the same tensor
+    x, h = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
+    eager = load(source).build(3, 4, "eager").double()
+    eager.load_state_dict(double.state_dict())
+    torch.testing.assert_close(double((h,), x)[1], eager((h,), x)[1])
+
+
+def test_a_cell_with_new_constructs_pickles_and_hoists():
+    import pickle
+    spec = load(cell_source("buffer ones[hidden] = 1.0", "param s",
+                            "a = softmax(W @ x) * ones + s", "h' = tanh(a + U @ h) + max(sum(a), 0.0)"))
+    cell = spec.build(3, 4).double()
+    clone = pickle.loads(pickle.dumps(cell))
+    assert torch.equal(clone.ones, cell.ones)
+    x, h = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
+    torch.testing.assert_close(clone((h,), x)[1], cell((h,), x)[1])
+    optimized = rnndsl.compile.optimized(spec.graph, rnndsl.options.BuildOptions())
+    per_input = {node.op.label for node in optimized.nodes if node.phase.name == "PER_INPUT"}
+    assert {"softmax", "sum", "clamp_min"} <= per_input  # input-only work leaves the loop
+
+
+def test_show_prints_every_stage_of_a_cell_with_new_constructs(tmp_path, capsys):
+    from rnndsl import cli
+    path = tmp_path / "f.cell"
+    path.write_text(CELL_WITH_EVERYTHING)
+    for stage in ("ast", "ir", "code", "backward", "scan"):
+        assert cli.main(["show", str(path), "--stage", stage]) == 0
+    out = capsys.readouterr().out
+    assert "buffers ones: [hidden]" in out and "where(" in out and "math.exp(-self.k)" in out
+
+
+CELL_WITH_EVERYTHING = cell_source("param s", "buffer ones[hidden] = 1.0", "hyper k = 0.5",
+                                   "a = W @ x + U @ h",
+                                   "h' = where(a > 0, softmax(a), sigmoid(k) * ones) * s + clamp(h, -1, 1) ** 2")
