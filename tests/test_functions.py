@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable, Dict
+from typing import Dict
 
 import pytest
 import torch
@@ -31,6 +31,11 @@ def cell_source(*lines: str) -> str:
     """A one-state cell with a pre-activation ``a`` that depends on the input and the state."""
     return "\n".join(["cell f(x[input]) -> h {", "  state h[hidden]", "  param W[hidden, input], U[hidden, hidden]",
                       *(f"  {line}" for line in lines), "}", ""])
+
+
+def _number(function, value: float) -> float:
+    """A torch function of a number, in float64."""
+    return function(torch.tensor(value, dtype=torch.float64)).item()
 
 
 def pre(p, h, x):
@@ -76,10 +81,10 @@ CASES: Dict[str, tuple] = {
                lambda p, a, h, x: torch.tanh(a) + 0.5 * h),
     "numbers_folded": (["hyper k = 0.3", "h' = sigmoid(k) * tanh(a) + exp(-k) * h + gelu(k) + max(k, 0.5)"
                         " + clamp(sqrt(k), 0.0, 0.5) + softplus(log(k)) * elu(-k) ** 2"],
-                       lambda p, a, h, x: (torch.sigmoid(torch.tensor(0.3, dtype=torch.float64)).item() * torch.tanh(a)
-                                           + math.exp(-0.3) * h + F.gelu(torch.tensor(0.3, dtype=torch.float64)).item() + 0.5
+                       lambda p, a, h, x: (_number(torch.sigmoid, 0.3) * torch.tanh(a)
+                                           + math.exp(-0.3) * h + _number(F.gelu, 0.3) + 0.5
                                            + min(math.sqrt(0.3), 0.5)
-                                           + F.softplus(torch.tensor(math.log(0.3), dtype=torch.float64)).item() * math.expm1(-0.3) ** 2)),
+                                           + _number(F.softplus, math.log(0.3)) * math.expm1(-0.3) ** 2)),
 }
 
 
