@@ -203,7 +203,9 @@ class EagerCell(CellModule):
                 return self.forward_parallel(xs, state, mask)
             # The loop as one opaque op, compiled once whatever the length. (Not the scan form:
             # Inductor's backward of scan gives wrong gradients for some cells in torch 2.13.)
-            compiled = derived.compiled_forward_sequence(self, xs, state, mask)
+            # Not yet for a cell with buffers: the op takes the parameters as inputs, not the buffers
+            # (its fake run would read real tensors), so dynamo traces the Python loop instead.
+            compiled = None if self._buffer_names else derived.compiled_forward_sequence(self, xs, state, mask)
             if compiled is not None:
                 return compiled
         # The parallel scan's autograd Functions have no vmap rule: torch.func runs the loop.
