@@ -64,6 +64,11 @@ class CellModule(torch.nn.Module):
                 raise MemoryError(f"cell {graph.name}: parameter {decl.name} of shape {list(shape)} needs "
                                   f"{need:,} bytes in {dtype}, which cannot be allocated ({exc})") from None
             self.register_parameter(decl.name, parameter)
+        # Buffers: constants in the state_dict, moved by `.to()`, never trained nor re-initialized.
+        self._buffer_names: Tuple[str, ...] = tuple(d.name for d in graph.buffers)
+        for decl in graph.buffers:
+            shape = tuple(dim.evaluate(sizes) for dim in decl.shape.dims)
+            self.register_buffer(decl.name, torch.full(shape, float(decl.default)))
         self.reset_parameters()
 
     @torch.jit.ignore
@@ -201,7 +206,9 @@ class EagerCell(CellModule):
                 return self.forward_parallel(xs, state, mask)
             # The loop as one opaque op, compiled once whatever the length. (Not the scan form:
             # Inductor's backward of scan gives wrong gradients for some cells in torch 2.13.)
-            compiled = derived.compiled_forward_sequence(self, xs, state, mask)
+            # Not yet for a cell with buffers: the op takes the parameters as inputs, not the buffers
+            # (its fake run would read real tensors), so dynamo traces the Python loop instead.
+            compiled = None if self._buffer_names else derived.compiled_forward_sequence(self, xs, state, mask)
             if compiled is not None:
                 return compiled
         # The parallel scan's autograd Functions have no vmap rule: torch.func runs the loop.
@@ -250,6 +257,10 @@ class ScriptedCell(EagerCell):
             for name in self._python_methods._constant_names:
                 setattr(kernel, name, getattr(self, name))
             self.__dict__["_kernel_settings"] = settings
+        for name in self._buffer_names:  # `.to()` replaces a buffer's tensor: bound again by identity
+            current = getattr(self, name)
+            if getattr(kernel, name) is not current:
+                kernel._c.setattr(name, current)
         bound = self.__dict__["_kernel_parameters"]
         registered = self._parameters
         for index, name in enumerate(self._inits):

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
-from .scan import scan
+from .scan import python_scan, scan
 from .sequences import lengths_mask, refuse_packed_under_export, repack, reverse_padded
 
 StateTree = Union[Tensor, Tuple["StateTree", ...]]
@@ -104,9 +104,10 @@ class RecurrentTable(nn.Module):
     :class:`SequenceTable` of cells (a deep cell with a nested state).
     """
 
-    def __init__(self, cell: nn.Module) -> None:
+    def __init__(self, cell: nn.Module, return_states: bool = False) -> None:
         super().__init__()
         self.cell = cell
+        self.return_states = return_states
 
     @property
     def input_size(self) -> int:
@@ -129,12 +130,27 @@ class RecurrentTable(nn.Module):
 
     def forward(self, state: StateTree, xs: Tensor,
                 mask: Optional[Tensor] = None) -> Tuple[StateTree, Tensor]:
+        if self.return_states:
+            return self._forward_with_states(state, xs, mask)
         leaves, layout = _flatten(state)
         if all(part_layout is None for _, part_layout in layout):
             outputs, final = scan(self.cell, xs, tuple(leaves), mask)
             return final, outputs
         outputs, final = scan(_FlatStateCell(self.cell, layout), xs, tuple(leaves), mask)
         return _unflatten(final, layout), outputs
+
+
+    def _forward_with_states(self, state: StateTree, xs: Tensor, mask: Optional[Tensor]):
+        """``(final_state, (outputs, states))``: ``states`` the state after every step, each
+        ``(T, batch, size)`` (zero at padded steps, as the outputs). A Python loop over steps,
+        since the compiled loop keeps no state but the last."""
+        def cell(state, x):
+            new_state, output = self.cell(state, x)
+            return new_state, torch.cat([first_output(output), *new_state], -1)
+        joined, final = python_scan(cell, xs, tuple(state), mask)
+        sizes = [self.output_size] + list(self.state_sizes)
+        outputs, *states = joined.split(sizes, -1)
+        return final, (outputs, tuple(states))
 
 
 class SequenceTable(nn.Module):
@@ -187,16 +203,20 @@ class SequenceTable(nn.Module):
         if len(state) != len(self.layers):
             raise ValueError(f"state must have one entry per layer ({len(self.layers)}), "
                              f"got {len(state)}")
-        finals, outputs = [], []
+        finals, outputs, steps = [], [], []
         for depth, (layer, layer_state) in enumerate(zip(self.layers, state)):
             if depth > 0:
                 x = first_output(x)
                 if self.dropout > 0:
                     x = nn.functional.dropout(x, self.dropout, self.training)
             layer_state, x = layer(layer_state, x) if mask is None else layer(layer_state, x, mask)
+            if getattr(layer, "return_states", False):  # (outputs, the state after every step)
+                x, layer_steps = x
+                steps.append(layer_steps)
             finals.append(layer_state)
             outputs.append(x)
-        return tuple(finals), tuple(outputs) if self.return_all else x
+        result = tuple(outputs) if self.return_all else x
+        return tuple(finals), (result, tuple(steps)) if steps else result
 
 
 def first_output(outputs: Union[Tensor, Tuple[Tensor, ...]]) -> Tensor:

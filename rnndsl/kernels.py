@@ -10,6 +10,7 @@ under autograd (the parallel scan's ``forward_parallel``).
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
@@ -23,7 +24,7 @@ from .names import PARALLEL_HELPERS, SCAN_HELPERS, SCRIPT_HELPERS
 def resolve_globals(names: Iterable[str]) -> Dict[str, Any]:
     """The namespace generated code runs in: each of ``names`` (the globals a generator returns
     with its source, from rnndsl/names.py) bound to its object."""
-    known = {"torch": torch, "Tensor": Tensor, "Tuple": Tuple, "List": List, "Optional": Optional,
+    known = {"torch": torch, "math": math, "Tensor": Tensor, "Tuple": Tuple, "List": List, "Optional": Optional,
              **{name: globals()[name] for name in SCRIPT_HELPERS + PARALLEL_HELPERS + SCAN_HELPERS}}
     return {name: known[name] for name in names}
 

@@ -18,7 +18,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
-from ..ir import Graph, Node, Op, Phase, Shape, Size, tiling_order
+from ..ir import ONE, Graph, Node, Op, Phase, Shape, Size, tiling_order
 from ..names import Namespace
 from .base import NodeEmitter, atom, size_code
 from .derivatives import Placed, Product, Term
@@ -47,8 +47,11 @@ def level_of(node: Node) -> Level:
 def _reduce(expr: str, shape: Shape, lead: int, target: Shape) -> str:
     """Sum a gradient of IR shape ``shape`` with ``lead`` leading dims down to ``target``'s shape.
 
-    Differentiable values are never numbers (parameters have dims), so only leading dims go.
+    Differentiable values are never numbers (parameters have dims), so leading dims go, and
+    features where a one-unit value (a reduction's result, a scalar parameter) broadcast.
     """
+    if target.dims[:1] == (ONE,) and shape.dims[:1] != (ONE,):
+        expr = f"{atom(expr)}.sum(-1, keepdim=True)"
     if target.batched or lead == 0:
         return expr
     dims = "0" if lead == 1 else f"[{', '.join(str(d) for d in range(lead))}]"
