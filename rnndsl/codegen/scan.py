@@ -41,9 +41,9 @@ def generate_scan(graph: Graph) -> PythonCode:
     step = [n for n in body if n.phase is Phase.PER_STEP]
     needed = {name for n in step for name in n.inputs} | set(graph.results())
     reads = [name for name in seq_name if name in needed]
-    # The tensors every step reads alike: parameters, and values computed once from them.
+    # The tensors every step reads alike: parameters, buffers, and values computed once from them.
     invariants = [n.name for n in graph.nodes if n.name in needed
-                  and (n.op is Op.PARAM or (n in body and n.phase is Phase.ONCE))]
+                  and (n.op in (Op.PARAM, Op.BUFFER) or (n in body and n.phase is Phase.ONCE))]
     one_step, carry, step_inputs, step_invariants, keep_seq, final, outputs = (
         names.fresh(base) for base in ("one_step", "carry", "step_inputs", "invariants", "keep_seq", "final",
                                        "outputs"))
