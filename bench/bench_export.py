@@ -1,54 +1,80 @@
-"""torch.export of a 2-layer rnndsl.LSTM with a dynamic sequence length: export time at two traced
-lengths, the program's size, and the program against the module at a third length.
+"""torch.export and AOTInductor of a 2-layer rnndsl.LSTM with a dynamic length and batch: export
+time, AOTInductor compile time, and no_grad forward time at several lengths of the module, the
+exported program, the AOTInductor package and torch.nn.LSTM (medians).
 
-    python -m bench.bench_export                  # hidden 256, batch 4
-    python -m bench.bench_export --hidden 512 --steps 20 200 --run-steps 1000
+    python -m bench.bench_export                  # hidden 256, batch 4, T = 20 200 1000
+    python -m bench.bench_export --hidden 512 --steps 20 200 --no-aoti
 """
 from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 import warnings
+from pathlib import Path
+from typing import Callable, List
 
 import torch
 
 import rnndsl
 
 
+def median_seconds(run: Callable[..., object], rounds: int, *args: object) -> float:
+    """The median wall time of ``run(*args)`` over ``rounds`` calls."""
+    times: List[float] = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        run(*args)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--steps", type=int, nargs="+", default=[20, 200], help="traced lengths")
-    parser.add_argument("--run-steps", type=int, default=1000, help="length the program then runs at")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, nargs="+", default=[20, 200, 1000], help="lengths the forwards run at")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--no-aoti", action="store_true", help="skip the AOTInductor compile (~20 s)")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
+    reference = torch.nn.LSTM(args.hidden, args.hidden, num_layers=2).eval()
     module = rnndsl.LSTM(args.hidden, args.hidden, num_layers=2).eval()
-    dynamic = ({0: torch.export.Dim("T", min=2, max=1 << 20)},)
-    program = torch.export.export(module, (torch.randn(2, args.batch, args.hidden),), dynamic_shapes=dynamic)
-    for steps in args.steps:  # the first export of a process also pays for warming up; not timed
-        times = []
-        for _ in range(args.rounds):
+    module.load_state_dict(reference.state_dict())
+    example = (torch.randn(20, args.batch, args.hidden),)
+    dynamic = ({0: torch.export.Dim("T", min=1, max=1 << 20), 1: torch.export.Dim("batch", min=1, max=1 << 16)},)
+
+    torch.export.export(module, example, dynamic_shapes=dynamic)  # the first export also warms up; not timed
+    programs = []
+    export_time = median_seconds(lambda: programs.append(torch.export.export(module, example,
+                                                                             dynamic_shapes=dynamic)), args.rounds)
+    program = programs[-1]
+    print(f"torch.export (T and batch dynamic): {export_time:.2f} s (median of {args.rounds}), "
+          f"{str(program.graph).count('higher_order.scan')} scan nodes")
+    runners = {"rnndsl module": module, "exported program": program.module(), "torch.nn.LSTM": reference}
+    if not args.no_aoti:
+        with tempfile.TemporaryDirectory() as folder:
             start = time.perf_counter()
-            program = torch.export.export(module, (torch.randn(steps, args.batch, args.hidden),),
-                                          dynamic_shapes=dynamic)
-            times.append(time.perf_counter() - start)
-        print(f"export traced at T={steps}: {statistics.median(times):.2f} s (median of {args.rounds}), "
-              f"{len(program.graph.nodes)} nodes")
-    x = torch.randn(args.run_steps, args.batch, args.hidden)
+            path = torch._inductor.aoti_compile_and_package(program, package_path=str(Path(folder) / "lstm.pt2"))
+            print(f"AOTInductor compile: {time.perf_counter() - start:.1f} s")
+            runners["AOTInductor"] = torch._inductor.aoti_load_package(path)
+
+    print(f"no_grad forward, batch {args.batch}, hidden {args.hidden}, median of {args.rounds} (ms):")
+    print(f"{'':>18}" + "".join(f"{f'T={steps}':>10}" for steps in args.steps))
     with torch.no_grad():
-        start = time.perf_counter()
-        exported = program.module()(x)[0]
-        program_time = time.perf_counter() - start
-        module(x)
-        start = time.perf_counter()
-        direct = module(x)[0]
-        module_time = time.perf_counter() - start
-    print(f"at T={args.run_steps}: program {program_time:.2f} s, module {module_time:.2f} s, "
-          f"max |difference| {(exported - direct).abs().max().item():.1e}")
+        inputs = {steps: torch.randn(steps, args.batch, args.hidden) for steps in args.steps}
+        want = {steps: reference(x)[0] for steps, x in inputs.items()}
+        for name, run in runners.items():
+            cells = []
+            for steps, x in inputs.items():
+                run(x)  # warm-up
+                cells.append(f"{median_seconds(run, args.rounds, x) * 1e3:>10.1f}")
+                difference = (run(x)[0] - want[steps]).abs().max().item()
+                if difference > 1e-4:
+                    raise AssertionError(f"{name} differs from torch.nn.LSTM at T={steps} by {difference:.1e}")
+            print(f"{name:>18}" + "".join(cells))
 
 
 if __name__ == "__main__":

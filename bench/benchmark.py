@@ -209,6 +209,24 @@ for _label, _cell, _family in (("lstm", "lstm", "lstm"), ("gates", str(GATES_CEL
         register_rnndsl(_label, _cell, _family, _backend)
 
 
+def register_drop_in(family: str, backend: str) -> None:
+    """Add ``rnndsl.LSTM``/``rnndsl.GRU`` (torch.nn's class and parameters, rnndsl's cells) as
+    variant ``rnndsl.LSTM-<backend>``: what a user swapping the class in runs."""
+    label = {"lstm": "LSTM", "gru": "GRU"}[family]
+
+    def build(input_size: int, hidden: int, layers: int, device: torch.device) -> nn.Module:
+        import rnndsl
+        return OutputsOnly(getattr(rnndsl, label)(input_size, hidden, layers, backend=backend)).to(device)
+
+    VARIANTS[f"rnndsl.{label}-{backend}"] = Variant(
+        f"rnndsl.{label}-{backend}", family, build,
+        unavailable=lambda: rnndsl_unavailable(family, "script"), uses_rnndsl=True)
+
+
+for _family in ("lstm", "gru"):
+    register_drop_in(_family, "script")
+
+
 # ----------------------------------------------------------------------------
 # Measuring
 

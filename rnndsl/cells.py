@@ -64,6 +64,11 @@ class CellModule(torch.nn.Module):
                 raise MemoryError(f"cell {graph.name}: parameter {decl.name} of shape {list(shape)} needs "
                                   f"{need:,} bytes in {dtype}, which cannot be allocated ({exc})") from None
             self.register_parameter(decl.name, parameter)
+        # Buffers: constants in the state_dict, moved by `.to()`, never trained nor re-initialized.
+        self._buffer_names: Tuple[str, ...] = tuple(d.name for d in graph.buffers)
+        for decl in graph.buffers:
+            shape = tuple(dim.evaluate(sizes) for dim in decl.shape.dims)
+            self.register_buffer(decl.name, torch.full(shape, float(decl.default)))
         self.reset_parameters()
 
     @torch.jit.ignore
@@ -110,19 +115,22 @@ def check_call(cell: torch.nn.Module, state, x: Tensor, sequence: bool, mask: Op
         got = f"{len(state)} values" if isinstance(state, (tuple, list)) else type(state).__name__
         raise ValueError(f"cell {name}: expected the state as a tuple of {len(sizes)} tensor(s) "
                          f"({', '.join(names)}), got {got}")
-    batch = x.size(-2)
+    batch, dtype, device = x.size(-2), x.dtype, x.device
     for state_name, size, value in zip(names, sizes, state):
-        if tuple(value.shape) != (batch, size):
+        if value.shape != (batch, size):
             raise ValueError(f"cell {name}: expected state {state_name} of shape ({batch}, {size}), "
                              f"got {tuple(value.shape)}")
-        if value.dtype != x.dtype or value.device != x.device:
+        if value.dtype != dtype or value.device != device:
             raise ValueError(f"cell {name}: state {state_name} is {value.dtype} on {value.device}, "
-                             f"but the input is {x.dtype} on {x.device}")
-    for parameter in cell.parameters():
-        if parameter.dtype != x.dtype or parameter.device != x.device:
-            raise ValueError(f"cell {name}: its parameters are {parameter.dtype} on {parameter.device}, "
-                             f"but the input is {x.dtype} on {x.device}; convert one with .to()")
-        break
+                             f"but the input is {dtype} on {device}")
+    # One parameter tells the cell's dtype and device. The dict first: generating parameters()
+    # costs more than the rest of these checks, and this runs before every step of a sampler.
+    parameter = next(iter(cell._parameters.values()), None)
+    if parameter is None:
+        parameter = next(cell.parameters(), None)
+    if parameter is not None and (parameter.dtype != dtype or parameter.device != device):
+        raise ValueError(f"cell {name}: its parameters are {parameter.dtype} on {parameter.device}, "
+                         f"but the input is {dtype} on {device}; convert one with .to()")
 
 
 @dataclass(frozen=True)
@@ -198,7 +206,9 @@ class EagerCell(CellModule):
                 return self.forward_parallel(xs, state, mask)
             # The loop as one opaque op, compiled once whatever the length. (Not the scan form:
             # Inductor's backward of scan gives wrong gradients for some cells in torch 2.13.)
-            compiled = derived.compiled_forward_sequence(self, xs, state, mask)
+            # Not yet for a cell with buffers: the op takes the parameters as inputs, not the buffers
+            # (its fake run would read real tensors), so dynamo traces the Python loop instead.
+            compiled = None if self._buffer_names else derived.compiled_forward_sequence(self, xs, state, mask)
             if compiled is not None:
                 return compiled
         # The parallel scan's autograd Functions have no vmap rule: torch.func runs the loop.
@@ -247,11 +257,22 @@ class ScriptedCell(EagerCell):
             for name in self._python_methods._constant_names:
                 setattr(kernel, name, getattr(self, name))
             self.__dict__["_kernel_settings"] = settings
+        for name in self._buffer_names:  # `.to()` replaces a buffer's tensor: bound again by identity
+            current = getattr(self, name)
+            if getattr(kernel, name) is not current:
+                kernel._c.setattr(name, current)
         bound = self.__dict__["_kernel_parameters"]
+        registered = self._parameters
         for index, name in enumerate(self._inits):
-            # getattr, not _parameters: parametrizations compute their tensor here, functional_call's
-            # and reassigned ones are found by identity. Rebinding is rare and cheap (a pointer).
-            current = getattr(self, name) if parameters is None else parameters[index]
+            # The module's tensor now, found by identity: functional_call's swap into _parameters;
+            # parametrizations and weight_norm remove the name from it and compute the tensor on
+            # getattr. Rebinding is rare and cheap (a pointer).
+            if parameters is not None:
+                current = parameters[index]
+            else:
+                current = registered.get(name)
+                if current is None:
+                    current = getattr(self, name)
             if current is not bound[index]:
                 kernel._c.setattr(name, current)
                 bound[index] = current
@@ -288,6 +309,11 @@ class ScriptedCell(EagerCell):
             return self._python_methods.forward_sequence(self, xs, state, mask)
         if derived.uses_derived_backward(self, xs, state):
             return derived.derived_forward_sequence(self, xs, state, mask)
+        if xs.size(0) == 1 and mask is None and not torch.is_grad_enabled():
+            # A sampler's step: the step method skips the loop's hoisting, unbind and stack,
+            # which at one step cost as much as the step itself.
+            state, output = self.kernel().forward(tuple(state), xs[0])
+            return output.unsqueeze(0), state
         return self.kernel().forward_sequence(xs, state, mask)
 
     @property

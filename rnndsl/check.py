@@ -20,7 +20,7 @@ from .ops import FUNCTIONS
 from .options import BUILD_POSITIONAL, BuildOptions
 
 BUILTIN_SIZES = ("input", "hidden")
-KEYWORDS = {"cell", "state", "param", "size", "hyper"}
+KEYWORDS = {"cell", "state", "param", "buffer", "size", "hyper"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -96,6 +96,8 @@ def _declarations(cell: st.Cell) -> Iterator[tuple]:
         yield decl.name, "state", decl.span
     for decl in cell.params:
         yield decl.name, "parameter", decl.span
+    for decl in cell.buffers:
+        yield decl.name, "buffer", decl.span
     for decl in cell.sizes:
         yield decl.name, "size", decl.span
     for decl in cell.hypers:
@@ -110,20 +112,20 @@ def _check_declarations(cell: st.Cell) -> None:
             if name in BUILTIN_SIZES:
                 raise CellError(f"`{name}` is the built-in size variable and cannot name {_article(what)}", span)
             raise CellError(f"`{name}` is declared twice (already {_article(declared[name])})", span)
-        if what in ("parameter", "size", "hyper-parameter") and name in _module_attributes():
+        if what in ("parameter", "buffer", "size", "hyper-parameter") and name in _module_attributes():
             raise CellError(f"`{name}` cannot name {_article(what)}: it clashes with the attribute `{name}` "
                             "every cell module has", span, hint=_another_name(name))
         if what in ("size", "hyper-parameter") and name in BUILD_ARGUMENTS:
             raise CellError(f"`{name}` cannot name {_article(what)}: it is an argument of CellSpec.build, "
                             f"which could not set this {what}", span, hint=_another_name(name))
-        if what in ("parameter", "size", "hyper-parameter") and name.startswith("_"):
+        if what in ("parameter", "buffer", "size", "hyper-parameter") and name.startswith("_"):
             raise CellError(f"`{name}` cannot name {_article(what)}: names starting with `_` are kept for "
                             "torch.nn.Module's internals", span, hint=_another_name(name))
         declared[name] = what
     if not cell.states:
         raise CellError(f"cell `{cell.name}` declares no state", cell.name_span,
                         hint="add a line such as `state h[hidden]`")
-    for decl in cell.params:
+    for decl in cell.params + cell.buffers:
         if decl.init is not None:
             _check_number(decl.init, decl.span)
     for decl in cell.hypers:
@@ -138,7 +140,7 @@ def _check_declarations(cell: st.Cell) -> None:
             raise CellError(f"size `{decl.name}` must be from 1 to {MAX_DIMENSION:,}, got {decl.default}",
                             decl.span)
         earlier.add(decl.name)
-    shapes = [cell.input.shape] + [d.shape for d in cell.states] + [p.shape for p in cell.params]
+    shapes = [cell.input.shape] + [d.shape for d in cell.states] + [p.shape for p in cell.params + cell.buffers]
     for size in (size for shape in shapes for size in shape):
         _check_size(size, sizes)
 
@@ -185,6 +187,7 @@ class _Scope:
         self.kinds: Dict[str, str] = {cell.input.name: "input"}
         self.kinds.update({d.name: "state" for d in cell.states})
         self.kinds.update({d.name: "parameter" for d in cell.params})
+        self.kinds.update({d.name: "buffer" for d in cell.buffers})
         self.kinds.update({d.name: "hyper-parameter" for d in cell.hypers})
         self.sizes = set(BUILTIN_SIZES) | {d.name for d in cell.sizes}
         self.locals: Dict[str, Span] = {}
@@ -211,9 +214,9 @@ def _check_body(cell: st.Cell) -> None:
                             hint=did_you_mean(output.name, list(scope.locals) + [d.name for d in cell.states])
                             or "outputs name a state (its next value) or a value assigned in the cell")
         scope.used.add(output.name)
-    for decl in cell.params:
+    for decl in cell.params + cell.buffers:
         if decl.name not in scope.used:
-            warn(f"parameter `{decl.name}` is never used", decl.span)
+            warn(f"{'parameter' if decl in cell.params else 'buffer'} `{decl.name}` is never used", decl.span)
     for name, span in scope.locals.items():
         if name not in scope.used:
             warn(f"`{name}` is assigned but never used", span)

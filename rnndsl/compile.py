@@ -110,6 +110,8 @@ def script_kernel(cell: CellModule) -> torch.jit.RecursiveScriptModule:
         value = getattr(cell, name)  # a parametrized one is computed: the cell binds the real one per call
         shell.register_parameter(name, value if isinstance(value, torch.nn.Parameter)
                                  else torch.nn.Parameter(value.detach(), value.requires_grad))
+    for name in cell._buffer_names:
+        shell.register_buffer(name, getattr(cell, name))
     with compile_lock, warnings.catch_warnings():
         # torch 2.13 deprecates torch.jit.script; the user did not call it, rnndsl did, and
         # rnndsl's own pickling and deepcopy must work under -W error.

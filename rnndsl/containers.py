@@ -39,8 +39,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
-from .scan import scan
-from .sequences import lengths_mask, repack, reverse_padded
+from .scan import python_scan, scan
+from .sequences import lengths_mask, refuse_packed_under_export, repack, reverse_padded
 
 StateTree = Union[Tensor, Tuple["StateTree", ...]]
 InitFunction = Callable[..., StateTree]
@@ -75,15 +75,17 @@ def _unflatten(leaves: Sequence[Tensor], layout: Any) -> StateTree:
     return tuple(parts)
 
 
-class _FlatStateCell:
+class _FlatStateCell(nn.Module):
     """Shows a cell with a nested state to the scan as one with a flat state,
-    so that masking (which works tensor by tensor) applies to every layer."""
+    so that masking (which works tensor by tensor) applies to every layer. A module, so that
+    the scan finds the cell's parameters (under torch.export it passes them to the step)."""
 
     def __init__(self, cell: Callable, layout: Any) -> None:
+        super().__init__()
         self.cell = cell
         self.layout = layout
 
-    def __call__(self, state: Tuple[Tensor, ...], x: Tensor) -> Tuple[Tuple[Tensor, ...], Tensor]:
+    def forward(self, state: Tuple[Tensor, ...], x: Tensor) -> Tuple[Tuple[Tensor, ...], Tensor]:
         new_state, output = self.cell(_unflatten(state, self.layout), x)
         return tuple(_flatten(new_state)[0]), output
 
@@ -102,9 +104,10 @@ class RecurrentTable(nn.Module):
     :class:`SequenceTable` of cells (a deep cell with a nested state).
     """
 
-    def __init__(self, cell: nn.Module) -> None:
+    def __init__(self, cell: nn.Module, return_states: bool = False) -> None:
         super().__init__()
         self.cell = cell
+        self.return_states = return_states
 
     @property
     def input_size(self) -> int:
@@ -127,12 +130,27 @@ class RecurrentTable(nn.Module):
 
     def forward(self, state: StateTree, xs: Tensor,
                 mask: Optional[Tensor] = None) -> Tuple[StateTree, Tensor]:
+        if self.return_states:
+            return self._forward_with_states(state, xs, mask)
         leaves, layout = _flatten(state)
         if all(part_layout is None for _, part_layout in layout):
             outputs, final = scan(self.cell, xs, tuple(leaves), mask)
             return final, outputs
         outputs, final = scan(_FlatStateCell(self.cell, layout), xs, tuple(leaves), mask)
         return _unflatten(final, layout), outputs
+
+
+    def _forward_with_states(self, state: StateTree, xs: Tensor, mask: Optional[Tensor]):
+        """``(final_state, (outputs, states))``: ``states`` the state after every step, each
+        ``(T, batch, size)`` (zero at padded steps, as the outputs). A Python loop over steps,
+        since the compiled loop keeps no state but the last."""
+        def cell(state, x):
+            new_state, output = self.cell(state, x)
+            return new_state, torch.cat([first_output(output), *new_state], -1)
+        joined, final = python_scan(cell, xs, tuple(state), mask)
+        sizes = [self.output_size] + list(self.state_sizes)
+        outputs, *states = joined.split(sizes, -1)
+        return final, (outputs, tuple(states))
 
 
 class SequenceTable(nn.Module):
@@ -185,16 +203,20 @@ class SequenceTable(nn.Module):
         if len(state) != len(self.layers):
             raise ValueError(f"state must have one entry per layer ({len(self.layers)}), "
                              f"got {len(state)}")
-        finals, outputs = [], []
+        finals, outputs, steps = [], [], []
         for depth, (layer, layer_state) in enumerate(zip(self.layers, state)):
             if depth > 0:
                 x = first_output(x)
                 if self.dropout > 0:
                     x = nn.functional.dropout(x, self.dropout, self.training)
             layer_state, x = layer(layer_state, x) if mask is None else layer(layer_state, x, mask)
+            if getattr(layer, "return_states", False):  # (outputs, the state after every step)
+                x, layer_steps = x
+                steps.append(layer_steps)
             finals.append(layer_state)
             outputs.append(x)
-        return tuple(finals), tuple(outputs) if self.return_all else x
+        result = tuple(outputs) if self.return_all else x
+        return tuple(finals), (result, tuple(steps)) if steps else result
 
 
 def first_output(outputs: Union[Tensor, Tuple[Tensor, ...]]) -> Tensor:
@@ -386,6 +408,14 @@ class RecurrentNetwork(nn.Module):
 
     def forward(self, x: Union[Tensor, PackedSequence], state: Optional[StateTree] = None,
                 lengths: Optional[Union[Tensor, Sequence[int]]] = None):
+        exporting = torch.compiler.is_exporting()
+        if exporting and self.save_hidden and state is None:
+            raise ValueError("this network was built with save_hidden=True: each call starts from the final state "
+                             "of the last, a batch-sized tensor kept on the module, which an exported program "
+                             "cannot carry between calls. Build it with save_hidden=False (or set "
+                             "net.save_hidden = False) to start each call from the init functions, or pass the "
+                             "state explicitly: net(x, state)")
+        refuse_packed_under_export(x, type(self).__name__)
         packed = x if isinstance(x, PackedSequence) else None
         if packed is not None:
             if lengths is not None:
@@ -412,7 +442,7 @@ class RecurrentNetwork(nn.Module):
             if sizes is not None:
                 check_state(state, sizes, getattr(self.network, "state_names", None), batch_size, xs)
         final, outputs = self.network(state, xs, mask) if mask is not None else self.network(state, xs)
-        if self.save_hidden:
+        if self.save_hidden and not exporting:  # the traced state is not a tensor to keep
             self._hidden = map_state(Tensor.detach, final)
         if packed is not None:
             return map_state(lambda t: repack(t, lengths, packed), outputs), final

@@ -20,7 +20,7 @@ class Dependence(enum.IntEnum):
     STATE = 2       # a state (or a fresh draw at every step): only step by step
 
 
-_LEAF_DEPENDENCES = {Op.PARAM: Dependence.PARAMETERS, Op.HYPER: Dependence.PARAMETERS,
+_LEAF_DEPENDENCES = {Op.PARAM: Dependence.PARAMETERS, Op.BUFFER: Dependence.PARAMETERS, Op.HYPER: Dependence.PARAMETERS,
                      Op.CONST: Dependence.PARAMETERS, Op.INPUT: Dependence.INPUT, Op.STATE: Dependence.STATE}
 
 

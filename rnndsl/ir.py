@@ -2,10 +2,11 @@
 
 The counterpart of rnnlib's nngraph gModule. Its grammar::
 
-    graph   := name, input decl, state decls, param decls, sizes, hypers,
+    graph   := name, input decl, state decls, param decls, buffer decls, sizes, hypers,
                nodes (topologically ordered), next_states (one node per state), outputs
     node    := name = op(inputs...; attrs) : shape      at a phase
-    shape   := [] (scalar) | [n] (vector) | [m, n] (matrix); "batched" vectors carry a batch dim
+    shape   := [] (scalar) | [n] (vector) | [m, n] (matrix); "batched" vectors carry a batch dim;
+               a "mask" (a comparison's result) is read only by `where`
     size    := a linear polynomial of size variables, e.g. 4*hidden + input
 
 Nodes are frozen and slotted; passes build new graphs (rnndsl/passes/).
@@ -132,6 +133,7 @@ class Shape:
 
     dims: Tuple[Size, ...] = ()
     batched: bool = False
+    mask: bool = False  # a comparison's result: true or false per unit, read only by `where`
 
     @property
     def is_scalar(self) -> bool:
@@ -154,10 +156,14 @@ class Shape:
 
     def __str__(self) -> str:
         inner = ", ".join(str(d) for d in self.dims)
-        return f"[B, {inner}]" if self.batched else f"[{inner}]"
+        text = f"[B, {inner}]" if self.batched else f"[{inner}]"
+        return f"mask{text}" if self.mask else text
 
 
 SCALAR = Shape()
+# The size of a reduction's result and of a learnable scalar (`param s`): one unit, which
+# broadcasts against vectors of any size as torch's trailing dim of 1 does.
+ONE = Size.of(1)
 
 
 def tiling_order(pieces: Sequence[Tuple[Size, Size]], whole: Size) -> Optional[List[int]]:
@@ -192,6 +198,7 @@ class Op(enum.Enum):
     INPUT = ("input", OpKind.LEAF)
     STATE = ("state", OpKind.LEAF)
     PARAM = ("param", OpKind.LEAF)
+    BUFFER = ("buffer", OpKind.LEAF)   # a constant tensor, not trained: a registered buffer
     HYPER = ("hyper", OpKind.LEAF)
     CONST = ("const", OpKind.LEAF)
 
@@ -209,6 +216,30 @@ class Op(enum.Enum):
     ABS = ("abs", OpKind.ELEMENTWISE)
     SQRT = ("sqrt", OpKind.ELEMENTWISE)
     SILU = ("silu", OpKind.ELEMENTWISE)
+    GELU = ("gelu", OpKind.ELEMENTWISE)
+    ELU = ("elu", OpKind.ELEMENTWISE)
+    SELU = ("selu", OpKind.ELEMENTWISE)
+    MISH = ("mish", OpKind.ELEMENTWISE)
+    LOGSIGMOID = ("logsigmoid", OpKind.ELEMENTWISE)
+    HARDTANH = ("hardtanh", OpKind.ELEMENTWISE)
+    HARDSIGMOID = ("hardsigmoid", OpKind.ELEMENTWISE)
+    SOFTSIGN = ("softsign", OpKind.ELEMENTWISE)
+    SIN = ("sin", OpKind.ELEMENTWISE)
+    COS = ("cos", OpKind.ELEMENTWISE)
+    LOG1P = ("log1p", OpKind.ELEMENTWISE)
+    EXPM1 = ("expm1", OpKind.ELEMENTWISE)
+    ERF = ("erf", OpKind.ELEMENTWISE)
+    POW = ("pow", OpKind.ELEMENTWISE)            # (base, exponent): the exponent is a number
+    MAXIMUM = ("max", OpKind.ELEMENTWISE)
+    MINIMUM = ("min", OpKind.ELEMENTWISE)
+    CLAMP = ("clamp", OpKind.ELEMENTWISE)        # (v, lo, hi): the bounds are numbers
+    CLAMP_MIN = ("clamp_min", OpKind.ELEMENTWISE)  # max(v, k) of a number k: (v, k)
+    CLAMP_MAX = ("clamp_max", OpKind.ELEMENTWISE)  # min(v, k) of a number k: (v, k)
+    LT = ("lt", OpKind.ELEMENTWISE)              # comparisons give a mask
+    LE = ("le", OpKind.ELEMENTWISE)
+    GT = ("gt", OpKind.ELEMENTWISE)
+    GE = ("ge", OpKind.ELEMENTWISE)
+    WHERE = ("where", OpKind.ELEMENTWISE)        # (mask, a, b)
 
     MATMUL = ("matmul", OpKind.LINEAR)
 
@@ -225,6 +256,10 @@ class Op(enum.Enum):
     SUM_OVER = ("sum_over", OpKind.NORMALIZE)  # attrs: dim (negative): the sum over that dim
 
     LAYERNORM = ("layernorm", OpKind.NORMALIZE)  # (x, weight, bias); attrs: eps
+    SUM = ("sum", OpKind.NORMALIZE)              # over the features, to one unit per example
+    MEAN = ("mean", OpKind.NORMALIZE)
+    LOGSUMEXP = ("logsumexp", OpKind.NORMALIZE)
+    SOFTMAX = ("softmax", OpKind.NORMALIZE)      # over the features, same shape
     DROPOUT = ("dropout", OpKind.RANDOM)         # (x); attrs: p
     ZONEOUT = ("zoneout", OpKind.RANDOM)         # (new, old); attrs: p
 
@@ -289,6 +324,7 @@ class Graph:
     next_states: Tuple[str, ...]
     outputs: Tuple[str, ...]
     passes: Tuple[str, ...] = ()  # the passes that made this graph, in order
+    buffers: Tuple[Decl, ...] = ()  # constant tensors (default: their value), registered buffers
 
     def node_map(self) -> Dict[str, Node]:
         return {node.name: node for node in self.nodes}
@@ -343,6 +379,8 @@ def format_graph(graph: Graph) -> str:
     lines = [f"graph {graph.name}({graph.input.name}: {graph.input.shape}) {{"]
     lines.append(f"  states  {decls(graph.states)}")
     lines.append(f"  params  {decls(graph.params)}")
+    if graph.buffers:
+        lines.append(f"  buffers {decls(graph.buffers)}")
     if graph.sizes:
         lines.append("  sizes   " + ", ".join(f"{d.name}" + (f" = {d.default:g}" if d.default is not None else "")
                                           for d in graph.sizes))

@@ -10,6 +10,7 @@ under autograd (the parallel scan's ``forward_parallel``).
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
@@ -23,7 +24,7 @@ from .names import PARALLEL_HELPERS, SCAN_HELPERS, SCRIPT_HELPERS
 def resolve_globals(names: Iterable[str]) -> Dict[str, Any]:
     """The namespace generated code runs in: each of ``names`` (the globals a generator returns
     with its source, from rnndsl/names.py) bound to its object."""
-    known = {"torch": torch, "Tensor": Tensor, "Tuple": Tuple, "List": List, "Optional": Optional,
+    known = {"torch": torch, "math": math, "Tensor": Tensor, "Tuple": Tuple, "List": List, "Optional": Optional,
              **{name: globals()[name] for name in SCRIPT_HELPERS + PARALLEL_HELPERS + SCAN_HELPERS}}
     return {name: known[name] for name in names}
 
@@ -153,10 +154,31 @@ def along_steps(value: Union[Tensor, float], steps: int, s0: Tensor) -> Tensor:
     return s0.new_full(shape, value)
 
 
-def time_scan(step, init: List[Tensor], per_step: List[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
-    """torch's ``scan`` higher-order op: ``step(carry, slices) -> (carry, outputs)`` over the first
-    dim of ``per_step``. torch.export keeps it as one loop node valid for any sequence length."""
-    from torch._higher_order_ops.scan import scan  # function-level: a private module, loaded when exporting
+def time_scan(step, init: List[Tensor], per_step: List[Tensor],
+              invariants: List[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
+    """torch's ``scan`` op: ``step(carry, slices, invariants) -> (carry, outputs)`` over the first dim
+    of ``per_step``; ``invariants`` are the tensors every step reads alike. torch.export keeps it as
+    one loop node valid for any sequence length.
+
+    The op itself, not ``torch._higher_order_ops.scan.scan``: that wrapper runs dynamo over the
+    step to find the tensors it closes over, which takes most of an export's time, and dynamo's
+    cache then outlives the export (the guards of one trace, checked against a later one, could
+    fix a dynamic size). The generated step closes over no tensor, so the op can take it as is.
+    """
+    from torch._higher_order_ops.scan import scan_op  # function-level: a private module, loaded when exporting
+    carried, sliced, shared = len(init), len(per_step), len(invariants)
+    # Inductor (AOTInductor) lowers scan to a while loop whose output buffers it sizes from the
+    # op's inputs: a symbolic size (a dynamic batch) must be one of them, as dynamo would lift it.
+    # The step ignores them. (Sizes are plain ints outside export: none then.)
+    symbols = {size.node.expr: size for t in (*init, *per_step) for size in t.shape
+               if isinstance(size, torch.SymInt) and size.node.expr.is_symbol}
+
+    def flat_step(*args: Tensor) -> List[Tensor]:  # the op's convention: flat arguments, flat results
+        carry, outputs = step(list(args[:carried]), list(args[carried:carried + sliced]),
+                              list(args[carried + sliced:carried + sliced + shared]))
+        return [*carry, *outputs]
+
     # scan wants the carry's layout to stay as the step returns it: a state sliced from a wider
     # tensor (a column block of a flat state) comes in strided, and leaves the step contiguous.
-    return scan(step, [t.contiguous() for t in init], per_step)
+    results = scan_op(flat_step, [t.contiguous() for t in init], per_step, (*invariants, *symbols.values()))
+    return list(results[:carried]), list(results[carried:])

@@ -14,12 +14,12 @@ left-aligned broadcast becomes explicit ``expand`` nodes (rnndsl/ops.py, ``align
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from . import syntax_tree as st
 from .check import BUILTIN_SIZES
 from .errors import CellError, Span
-from .ir import MAX_DIMENSION, Decl, Graph, Node, Op, OpKind, Shape, Size, attrs
+from .ir import MAX_DIMENSION, ONE, Decl, Graph, Node, Op, OpKind, Shape, Size, attrs
 from .names import Namespace, joined_name
 from .ops import BINARY_OPS, FUNCTIONS, SHAPE_RULES, ShapeError, aligned, contract_form, op_word
 from .spec import verify
@@ -67,7 +67,7 @@ class _Lowering:
     def __init__(self, cell: st.Cell):
         self.cell = cell
         declared = {cell.input.name} | {d.name for d in cell.states} | {d.name for d in cell.params} | \
-                   {d.name for d in cell.hypers} | {d.name for d in cell.sizes}
+                   {d.name for d in cell.buffers} | {d.name for d in cell.hypers} | {d.name for d in cell.sizes}
         self.names = Namespace(declared)
         self.nodes: List[Node] = []
         self.env: Dict[str, Node] = {}     # source name -> node
@@ -124,6 +124,10 @@ class _Lowering:
             return self.make(BINARY_OPS[expr.op], [left, right], expr.span, name, hint)
         function = FUNCTIONS[expr.function]
         args = [self.expr(arg) for i, arg in enumerate(expr.args) if i not in function.size_args]
+        numbers = [arg.shape.is_scalar for arg in args]
+        if function.with_number is not None and any(numbers) and not all(numbers):
+            vector, number = sorted(args, key=lambda arg: arg.shape.is_scalar)
+            return self.make(function.with_number, [vector, number], expr.span, name)
         attributes = {}
         if function.attributes is not None:
             sizes = [Size.of(expr.args[i].name) for i in function.size_args]
@@ -157,6 +161,9 @@ class _Lowering:
         decl = next(d for d in self.cell.states if d.name == target.name)
         expected = _declared(decl)
         if node.shape != expected:
+            if node.shape.mask:
+                raise CellError(f"the next value of state `{decl.name}` is a mask (a comparison's result)",
+                                target.span, hint="write `where(m, a, b)` to choose values by it")
             if node.shape.dims == expected.dims:
                 raise CellError(f"the next value of state `{decl.name}` depends on neither the input nor "
                                 "a state, so it would be the same for every example", target.span)
@@ -180,11 +187,8 @@ class _Lowering:
                 self.env[decl.name] = self.make(Op.RESHAPE, [self.env[decl.name]], decl.span,
                                                 joined_name(decl.name, "view"), count=1,
                                                 dims=_declared(decl).dims)
-        params = []
-        for decl in cell.params:
-            shape = Shape(tuple(size_of(s) for s in decl.shape), batched=False)
-            params.append(Decl(decl.name, shape, decl.init, decl.span))
-            self.env[decl.name] = self.leaf(decl.name, Op.PARAM, shape, decl.span)
+        params = self.tensors(cell.params, Op.PARAM)
+        buffers = self.tensors(cell.buffers, Op.BUFFER)
         hypers = []
         for decl in cell.hypers:
             hypers.append(Decl(decl.name, Shape(), decl.default, decl.span))
@@ -201,11 +205,21 @@ class _Lowering:
             outputs.append(node.name)
         sizes = tuple(Decl(name) for name in BUILTIN_SIZES) + \
             tuple(Decl(d.name, default=d.default, span=d.span) for d in cell.sizes)
-        graph = Graph(name=cell.name, input=input_decl, states=tuple(states), params=tuple(params),
+        graph = Graph(name=cell.name, input=input_decl, states=tuple(states), params=params,
                       sizes=sizes, hypers=tuple(hypers), nodes=tuple(self.nodes),
                       next_states=tuple(self.carried[d.name].name for d in cell.states),
-                      outputs=tuple(outputs))
+                      outputs=tuple(outputs), buffers=buffers)
         return verify(graph)
+
+    def tensors(self, decls, op: Op) -> Tuple[Decl, ...]:
+        """Parameters or buffers: their declarations, and their leaves. `param s` and `param s[]`
+        are one unit, broadcast against vectors."""
+        found = []
+        for decl in decls:
+            shape = Shape(tuple(size_of(s) for s in decl.shape) or (ONE,), batched=False)
+            found.append(Decl(decl.name, shape, decl.init, decl.span))
+            self.env[decl.name] = self.leaf(decl.name, op, shape, decl.span)
+        return tuple(found)
 
 
 def lower(cell: st.Cell) -> Graph:

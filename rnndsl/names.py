@@ -23,10 +23,11 @@ SCAN_HELPERS = ("time_scan",)
 
 # The globals each target's source reads: TorchScript methods (step loop, derived backward) and
 # the parallel scan's plain Python.
-SCRIPT_GLOBALS: Tuple[str, ...] = ("torch", "Tensor", "Tuple", "List", "Optional") + SCRIPT_HELPERS
-PARALLEL_GLOBALS: Tuple[str, ...] = ("torch",) + PARALLEL_HELPERS
+# `math` computes functions of numbers (hyper-parameters, constants) on Python floats.
+SCRIPT_GLOBALS: Tuple[str, ...] = ("torch", "math", "Tensor", "Tuple", "List", "Optional") + SCRIPT_HELPERS
+PARALLEL_GLOBALS: Tuple[str, ...] = ("torch", "math") + PARALLEL_HELPERS
 # The scan target's plain Python, which torch.export traces (rnndsl/codegen/scan.py).
-SCAN_GLOBALS: Tuple[str, ...] = ("torch", "Tensor", "Tuple", "List", "Optional") + SCAN_HELPERS
+SCAN_GLOBALS: Tuple[str, ...] = ("torch", "math", "Tensor", "Tuple", "List", "Optional") + SCAN_HELPERS
 
 # Locals generated code makes for itself.
 GENERATED_LOCALS = ("self", "state", "xs", "mask", "outputs", "t", "keep", "real")

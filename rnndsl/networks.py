@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.util
+import dataclasses
 import inspect
 import os
 import sys
@@ -28,15 +29,19 @@ from .cellspec import CellSpec, load_cell, load_stock_cell
 from .containers import (Bidirectional, RecurrentNetwork, RecurrentTable, SequenceTable, ZeroState, out_of_autocast,
                          setup_recurrent)
 from .errors import did_you_mean
+from .options import BuildOptions
 from .native import NATIVE_MODES, PARAMETER_NAMES, NativeLayer, native_names, resolve_backend
 from .scan import check_not_empty
-from .sequences import lengths_mask, repack
+from .sequences import lengths_mask, refuse_packed_under_export, repack
 
 
-def _load_spec(cell) -> CellSpec:
-    """A CellSpec from a stock name, a path to a ``.cell`` file, or a CellSpec."""
+def _load_spec(cell, cell_name: Optional[str] = None) -> CellSpec:
+    """A CellSpec from a stock name, a path to a ``.cell`` file (``cell_name`` picking one of
+    several cells in it), or a CellSpec."""
     if isinstance(cell, (str, os.PathLike)):
-        return load_cell(os.fspath(cell))
+        return load_cell(os.fspath(cell), cell_name)
+    if isinstance(cell, tuple) and len(cell) == 2 and isinstance(cell[1], str):  # (path, name of a cell in it)
+        return load_cell(os.fspath(cell[0]), cell[1])
     if isinstance(cell, CellSpec):
         return cell
     name = getattr(cell, "cell_name", None)
@@ -84,32 +89,60 @@ def uniform_weights(module: nn.Module, bound: float = 0.1) -> None:
                 parameter.uniform_(-bound, bound)
 
 
-def _layer(spec, input_size: int, hidden_size: int, backend: str, hyper: dict) -> nn.Module:
+def _layer(spec, input_size: int, hidden_size: int, backend: str, hyper: dict,
+           return_states: bool = False) -> nn.Module:
     if backend == "native":
         return NativeLayer(spec.build(input_size, hidden_size, backend="eager", **hyper),
                            spec.native_mode, native_names(spec))
-    return RecurrentTable(spec.build(input_size, hidden_size, backend=backend, **hyper))
+    return RecurrentTable(spec.build(input_size, hidden_size, backend=backend, **hyper), return_states)
+
+
+# Build options are the same for every layer; a tuple there (`disable=("hoist",)`) is one value.
+_BUILD_OPTIONS = frozenset(field.name for field in dataclasses.fields(BuildOptions))
+
+
+def _per_layer(hyper: dict, layers: int) -> List[dict]:
+    """Each layer's keywords: a list or tuple of a hyper-parameter or size gives one value per
+    layer, None keeping that layer's cell default."""
+    split = {key for key, value in hyper.items() if isinstance(value, (list, tuple)) and key not in _BUILD_OPTIONS}
+    for key in split:
+        if len(hyper[key]) != layers:
+            raise ValueError(f"{key} has {len(hyper[key])} values, but the network has {layers} layers "
+                             "(a list gives one value per layer)")
+    return [{key: (value[index] if key in split else value) for key, value in hyper.items()
+             if key not in split or value[index] is not None} for index in range(layers)]
 
 
 def _make(cell, input_size: int, hids: Sequence[int], *, bidirectional: bool,
           share_weights: bool, backend: str, dropout: float, batch_first: bool,
           save_hidden: bool, winitfun: Optional[Callable[[nn.Module], None]],
           hinitfun: Optional[Callable[[Tensor], None]], return_all_layers: bool,
-          hyper: dict, function: Callable) -> RecurrentNetwork:
-    spec = _load_spec(cell)
-    _check_keywords(spec, hyper, function)
-    backend = resolve_backend(backend, spec)
+          hyper: dict, function: Callable, cell_name: Optional[str] = None,
+          return_all_states: bool = False) -> RecurrentNetwork:
     if isinstance(hids, (str, bytes)) or not isinstance(hids, Iterable):
         example = f"; for one layer of {hids}, write [{hids}]" if isinstance(hids, int) else ""
         raise TypeError(f"hids must be a list of hidden sizes, one per layer, got {hids!r}{example}")
     hids = list(hids)
     if not hids or any(not isinstance(h, int) or h < 1 for h in hids):
         raise ValueError(f"hids must be a non-empty list of positive sizes, got {hids}")
+    if isinstance(cell, list):  # one cell per layer
+        if len(cell) != len(hids):
+            raise ValueError(f"{len(cell)} cells for {len(hids)} layers: give one cell per entry of hids")
+        specs = [_load_spec(c, cell_name) for c in cell]
+    else:
+        specs = [_load_spec(cell, cell_name)] * len(hids)
+    keywords = _per_layer(hyper, len(hids))
+    for spec, layer_keywords in zip(specs, keywords):
+        _check_keywords(spec, layer_keywords, function)
+    backends = [resolve_backend(backend, spec) for spec in specs]
+    if return_all_states and "native" in backends:
+        raise ValueError("return_all_states needs the script or eager backend: torch's fused kernels "
+                         "return the final state only")
     layers, size = [], input_size
-    for hidden in hids:
-        layer = _layer(spec, size, hidden, backend, hyper)
+    for spec, hidden, layer_backend, layer_keywords in zip(specs, hids, backends, keywords):
+        layer = _layer(spec, size, hidden, layer_backend, layer_keywords, return_all_states)
         if bidirectional:
-            reverse = None if share_weights else _layer(spec, size, hidden, backend, hyper)
+            reverse = None if share_weights else _layer(spec, size, hidden, layer_backend, layer_keywords)
             layer = Bidirectional(layer, reverse)
         layers.append(layer)
         size = layer.output_size
@@ -117,19 +150,28 @@ def _make(cell, input_size: int, hids: Sequence[int], *, bidirectional: bool,
     network = setup_recurrent(table, [ZeroState(layer.state_sizes, hinitfun) for layer in layers],
                               save_hidden, batch_first=batch_first)
     (winitfun or uniform_weights)(network)
-    network.spec, network.backend = spec, backend
+    # `spec` and `backend`: the network's one cell and backend, or the first layer's; `specs`: each layer's.
+    network.spec, network.backend, network.specs = specs[0], backends[0], specs
     return network
 
 
-def make_recurrent(cell, input_size: int, hids: Sequence[int], *, backend: str = "script",
+def make_recurrent(cell=None, input_size: Optional[int] = None, hids: Optional[Sequence[int]] = None, *,
+                   cells: Optional[list] = None, cell_name: Optional[str] = None, backend: str = "script",
                    dropout: float = 0.0, batch_first: bool = False, save_hidden: bool = True,
                    winitfun: Optional[Callable[[nn.Module], None]] = None,
                    hinitfun: Optional[Callable[[Tensor], None]] = None,
-                   return_all_layers: bool = False, scan: str = "auto", **hyper) -> RecurrentNetwork:
+                   return_all_layers: bool = False, return_all_states: bool = False, scan: str = "auto",
+                   **hyper) -> RecurrentNetwork:
     """A stack of recurrent layers, one per entry of ``hids``: rnnlib's ``makeRecurrent``.
 
-    ``cell`` is a stock name (``"lstm"``), a path to a ``.cell`` file or a
-    ``CellSpec``; ``hyper`` goes to ``CellSpec.build``. The result's
+    ``cell`` is a stock name (``"lstm"``), a path to a ``.cell`` file, a ``(path, cell name)``
+    pair or a ``CellSpec``; ``cells=[...]`` (or a list as ``cell``) gives one per layer, so
+    the cell may change over depth. ``cell_name`` picks the cell of a file that holds
+    several. ``hyper`` goes to ``CellSpec.build``: a list value gives one per layer (None
+    keeping that layer's default), as ``make_recurrent(cells=["janet", "lstm"], ...,
+    beta=[2.0, None])``. With ``return_all_states`` the output is ``(outputs, states)``,
+    ``states`` holding every layer's state after every step, each tensor ``(T, batch, size)``
+    (zero at padded steps, as the outputs; a Python loop over steps computes them). The result's
     ``forward(x, state=None, lengths=None)`` returns the top layer's outputs
     (every layer's, as a tuple, with ``return_all_layers``) and every layer's
     final state; see :class:`~rnndsl.containers.RecurrentNetwork` for the
@@ -142,10 +184,15 @@ def make_recurrent(cell, input_size: int, hids: Sequence[int], *, backend: str =
     is not) or ``"sequential"``. The result also carries ``spec`` and the
     ``backend`` chosen.
     """
-    return _make(cell, input_size, hids, bidirectional=False, share_weights=False,
-                 backend=backend, dropout=dropout, batch_first=batch_first,
+    if (cell is None) == (cells is None):
+        raise TypeError("make_recurrent takes a cell, or cells=[...] with one per layer (not both)")
+    if input_size is None or hids is None:
+        raise TypeError("make_recurrent needs input_size and hids")
+    return _make(cell if cells is None else list(cells), input_size, hids, bidirectional=False,
+                 share_weights=False, backend=backend, dropout=dropout, batch_first=batch_first,
                  save_hidden=save_hidden, winitfun=winitfun, hinitfun=hinitfun,
-                 return_all_layers=return_all_layers, hyper=dict(hyper, scan=scan), function=make_recurrent)
+                 return_all_layers=return_all_layers, hyper=dict(hyper, scan=scan), function=make_recurrent,
+                 cell_name=cell_name, return_all_states=return_all_states)
 
 
 def make_bidirectional(cell, input_size: int, hids: Sequence[int], *, share_weights: bool = False,
@@ -216,9 +263,10 @@ class _CompiledRNNBase:
 
     The module keeps torch's parameters (names, shapes, init, ``state_dict``);
     the cells it builds for each layer and direction are kept out of the module
-    tree and run on those parameters through ``torch.func.functional_call``,
-    so ``.to()``, ``load_state_dict`` and ``functional_call`` on the module
-    itself all reach them. ``bias=False`` runs the cells with zero biases;
+    tree and are pointed at those parameters before every call (through
+    ``torch.func.functional_call`` where a compiler or torch.func is tracing), so
+    ``.to()``, ``load_state_dict``, parametrizations and ``functional_call`` on
+    the module itself all reach them. ``bias=False`` runs the cells with zero biases;
     ``proj_size > 0`` runs the stock ``lstm_proj`` cell, ``weight_hr`` included.
 
     Under ``torch.autocast`` the cells carry the state in the parameters' dtype, as every rnndsl
@@ -270,13 +318,17 @@ class _CompiledRNNBase:
                             setattr(cell, name, getattr(self, name + suffix))
                     tables.append(RecurrentTable(cell))
                 layers.append(tables[0] if directions == 1 else Bidirectional(*tables))
-        self.__dict__["_engine"] = SequenceTable(layers, dropout=self.dropout)
+        engine = SequenceTable(layers, dropout=self.dropout)
+        self.__dict__["_engine"] = engine
         self.__dict__["_bindings"] = bindings
+        self.__dict__["_slots"] = [(engine.get_submodule(inner.rpartition(".")[0])._parameters,
+                                    inner.rpartition(".")[2]) for inner in bindings]
 
     def __getstate__(self):
         state = super().__getstate__()
         state.pop("_engine", None)  # TorchScript modules cannot be pickled; rebuilt on load
         state.pop("_bindings", None)
+        state.pop("_slots", None)
         return state
 
     def __setstate__(self, state) -> None:
@@ -296,6 +348,7 @@ class _CompiledRNNBase:
         if torch.jit.is_tracing():
             return super().forward(input, hx)
         lstm = self.mode == "LSTM"
+        refuse_packed_under_export(input, type(self).__name__)
         packed = isinstance(input, PackedSequence)
         if not packed:
             if input.dim() not in (2, 3):
@@ -324,10 +377,11 @@ class _CompiledRNNBase:
         returned = self._autocast_dtypes(checked, packed)
         state = self._layer_states(hx)
         mask = None if lengths is None else lengths_mask(lengths, xs.size(0), xs.size(1), xs.device)
-        self._engine.train(self.training)
+        if self._engine.training != self.training:
+            self._engine.train(self.training)
         self._engine.dropout = self.dropout  # as torch, which reads it at each call
         args = (state, xs) if mask is None else (state, xs, mask)
-        finals, outputs = torch.func.functional_call(self._engine, self._parameters_for_engine(xs), args)
+        finals, outputs = self._run_engine(args, xs)
         directions = [d for layer in finals for d in (layer if self.bidirectional else (layer,))]
         hidden = tuple(torch.stack([d[k] for d in directions]) for k in range(2 if lstm else 1))
         if returned is not None:
@@ -342,6 +396,17 @@ class _CompiledRNNBase:
                 outputs = outputs.squeeze(0 if self.batch_first else 1)
                 hidden = tuple(h.squeeze(1) for h in hidden)
         return outputs, (hidden if lstm else hidden[0])
+
+    def _run_engine(self, args: tuple, like: Tensor):
+        """The engine's cells on this module's parameters as they are now."""
+        parameters = self._parameters_for_engine(like)
+        if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+            return torch.func.functional_call(self._engine, parameters, args)
+        # Eagerly, point each cell's slot at the tensor: what functional_call does, without its
+        # walk over the module tree (a third of a generation step's time) or the swap back.
+        for (slot, name), tensor in zip(self._slots, parameters.values()):
+            slot[name] = tensor
+        return self._engine(*args)
 
     def _autocast_dtypes(self, xs: Tensor, packed: bool) -> Optional[Tuple[torch.dtype, ...]]:
         """The dtypes of (output, h[, c]) that torch.nn's own forward returns under CPU autocast,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Dict, FrozenSet, Iterator, List, Optional, Tuple
 
-from .ir import Node, Op, Shape, Size
+from .ir import ONE, Node, Op, Shape, Size
 
 
 class ShapeError(Exception):
@@ -31,6 +31,9 @@ class Function:
     size_args: Tuple[int, ...] = ()
     # The node's attributes from its value arguments' shapes and its size arguments (ShapeError if none fit).
     attributes: Optional[Callable[[List[Shape], List[Size]], Dict[str, object]]] = None
+    # The op when one argument is a number and the other a vector: `max(v, 0.0)` is torch's
+    # clamp_min, whose subgradient at a tie passes to v (torch.maximum's splits it in halves).
+    with_number: Optional[Op] = None
 
 
 FUNCTIONS: Dict[str, Function] = {
@@ -43,6 +46,28 @@ FUNCTIONS: Dict[str, Function] = {
     "abs": Function(Op.ABS, 1, 1, "absolute value"),
     "sqrt": Function(Op.SQRT, 1, 1, "square root"),
     "silu": Function(Op.SILU, 1, 1, "x * sigmoid(x)"),
+    "gelu": Function(Op.GELU, 1, 1, "x * Phi(x), Phi the normal CDF (torch's exact gelu)"),
+    "elu": Function(Op.ELU, 1, 1, "x if x > 0 else exp(x) - 1"),
+    "selu": Function(Op.SELU, 1, 1, "scaled elu, torch's constants"),
+    "mish": Function(Op.MISH, 1, 1, "x * tanh(softplus(x))"),
+    "logsigmoid": Function(Op.LOGSIGMOID, 1, 1, "log(sigmoid(x))"),
+    "hardtanh": Function(Op.HARDTANH, 1, 1, "clamp(x, -1, 1)"),
+    "hardsigmoid": Function(Op.HARDSIGMOID, 1, 1, "clamp(x / 6 + 1/2, 0, 1)"),
+    "softsign": Function(Op.SOFTSIGN, 1, 1, "x / (1 + abs(x))"),
+    "sin": Function(Op.SIN, 1, 1, "sine"),
+    "cos": Function(Op.COS, 1, 1, "cosine"),
+    "log1p": Function(Op.LOG1P, 1, 1, "log(1 + x)"),
+    "expm1": Function(Op.EXPM1, 1, 1, "exp(x) - 1"),
+    "erf": Function(Op.ERF, 1, 1, "the error function"),
+    "pow": Function(Op.POW, 2, 2, "pow(a, k): a ** k for a number k"),
+    "max": Function(Op.MAXIMUM, 2, 2, "max(a, b): the larger, unit by unit", with_number=Op.CLAMP_MIN),
+    "min": Function(Op.MINIMUM, 2, 2, "min(a, b): the smaller, unit by unit", with_number=Op.CLAMP_MAX),
+    "clamp": Function(Op.CLAMP, 3, 3, "clamp(v, lo, hi): v limited to [lo, hi], lo and hi numbers"),
+    "where": Function(Op.WHERE, 3, 3, "where(m, a, b): a where the mask m (a comparison) holds, else b"),
+    "sum": Function(Op.SUM, 1, 1, "sum(v): the sum of v's units, one unit per example"),
+    "mean": Function(Op.MEAN, 1, 1, "mean(v): the mean of v's units, one unit per example"),
+    "logsumexp": Function(Op.LOGSUMEXP, 1, 1, "logsumexp(v): log(sum(exp(v))), one unit per example"),
+    "softmax": Function(Op.SOFTMAX, 1, 1, "softmax(v): exp(v) / sum(exp(v)) over v's units"),
     "chunk": Function(Op.CHUNK, 2, 2, "chunk(v, n): split v into n equal parts, `a, b = chunk(v, 2)`"),
     "concat": Function(Op.CONCAT, 2, None, "concat(a, b, ...): join vectors"),
     "layernorm": Function(Op.LAYERNORM, 3, 3, "layernorm(v, weight, bias): layer norm over features, eps 1e-5"),
@@ -61,46 +86,120 @@ def _not_matrix(shape: Shape, what: str) -> None:
                          "only stand on the left of `@`")
 
 
+# Ops that compute on numbers too (constants, hyper-parameters): a cell's `sigmoid(k)` of a
+# hyper-parameter is a number, computed once with Python's floats (rnndsl/codegen/base.py,
+# NUMBER_EMITTERS), not a tensor op.
+NUMBER_OPS: FrozenSet[Op] = frozenset({
+    Op.NEG, Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.SIGMOID, Op.TANH, Op.RELU, Op.EXP, Op.LOG, Op.SOFTPLUS,
+    Op.ABS, Op.SQRT, Op.SILU, Op.GELU, Op.ELU, Op.SELU, Op.MISH, Op.LOGSIGMOID, Op.HARDTANH,
+    Op.HARDSIGMOID, Op.SOFTSIGN, Op.SIN, Op.COS, Op.LOG1P, Op.EXPM1, Op.ERF, Op.POW, Op.MAXIMUM,
+    Op.MINIMUM, Op.CLAMP, Op.CLAMP_MIN, Op.CLAMP_MAX})
+
+# Comparisons: their result is a mask, which only `where` reads.
+COMPARISON_OPS: Dict[str, Op] = {"<": Op.LT, "<=": Op.LE, ">": Op.GT, ">=": Op.GE}
+
+
+def _not_mask(shape: Shape, what: str) -> None:
+    if shape.mask:
+        raise ShapeError(f"{what} of a mask: a comparison's result is read only by `where`; "
+                         "write `where(m, a, b)`, or `where(m, 1.0, 0.0) * v` for a 0/1 factor")
+
+
 def _elementwise_unary(node: Node, shapes: List[Shape]) -> Shape:
     (shape,) = shapes
     _not_matrix(shape, node.op.label)
-    if shape.is_scalar and node.op is not Op.NEG:  # torch's functions take tensors, not numbers
+    _not_mask(shape, node.op.label)
+    if shape.is_scalar and node.op not in NUMBER_OPS:  # torch's functions take tensors, not numbers
         raise ShapeError(f"{node.op.label} takes a vector, not a number; write the number it gives, "
                          "or make the number a parameter vector")
     return shape
 
 
 def broadcast(a: Shape, b: Shape, what: str) -> Shape:
-    """Elementwise operands: numbers broadcast to anything, vectors must agree in size.
+    """Elementwise operands: numbers broadcast to anything, vectors must agree in size, and a
+    vector of one unit (a reduction's result, a scalar parameter) broadcasts to any vector.
 
     Tensors of equal rank agree dim by dim, or where one has size 1: lowering makes the
     language's left-aligned broadcast (a per-head ``[heads]`` against ``[heads, key, value]``)
     explicit with an ``expand`` node (see :func:`aligned`).
     """
-    if not (a.is_tensor or b.is_tensor):  # beside a tensor, a two-dim parameter is an expanded vector
-        _not_matrix(a, what)
-        _not_matrix(b, what)
+    for shape in (a, b):
+        _not_mask(shape, what)
+        if not (a.is_tensor or b.is_tensor):  # beside a tensor, a two-dim parameter is an expanded vector
+            _not_matrix(shape, what)
     if a.is_scalar:
         return b
     if b.is_scalar:
         return a
     if len(a.dims) > 1 or len(b.dims) > 1:
-        one = Size.of(1)
-        if len(a.dims) != len(b.dims) or any(x != y and one not in (x, y) for x, y in zip(a.dims, b.dims)):
+        if len(a.dims) != len(b.dims) or any(x != y and ONE not in (x, y) for x, y in zip(a.dims, b.dims)):
             raise ShapeError(f"{what} of values of shapes {_dims(a)} and {_dims(b)}, which do not fit: "
                              "dims are matched from the left, and a value of fewer dims must match the "
                              "leading dims of the other (a per-head [heads] against [heads, key, value])")
-        return Shape(tuple(y if x == one else x for x, y in zip(a.dims, b.dims)), a.batched or b.batched)
-    if a.dims != b.dims:
+        return Shape(tuple(y if x == ONE else x for x, y in zip(a.dims, b.dims)), a.batched or b.batched)
+    if a.dims != b.dims and ONE not in (a.dims[0], b.dims[0]):
         raise ShapeError(f"{what} of vectors of different sizes: [{a.dims[0]}] and [{b.dims[0]}]")
-    return Shape(a.dims, a.batched or b.batched)
+    return Shape(b.dims if a.dims[0] == ONE else a.dims, a.batched or b.batched)
 
 
 def _elementwise_binary(node: Node, shapes: List[Shape]) -> Shape:
     return broadcast(shapes[0], shapes[1], _BINARY_WORDS[node.op])
 
 
-_BINARY_WORDS = {Op.ADD: "addition", Op.SUB: "subtraction", Op.MUL: "multiplication", Op.DIV: "division"}
+_BINARY_WORDS = {Op.ADD: "addition", Op.SUB: "subtraction", Op.MUL: "multiplication", Op.DIV: "division",
+                 Op.MAXIMUM: "max", Op.MINIMUM: "min"}
+
+
+def _pow(node: Node, shapes: List[Shape]) -> Shape:
+    base, exponent = shapes
+    _not_mask(exponent, "a power")
+    if not exponent.is_scalar:
+        raise ShapeError(f"the exponent of `**` must be a number or a hyper-parameter, got a {_describe(exponent)}")
+    return broadcast(base, exponent, "a power")
+
+
+def _clamp(node: Node, shapes: List[Shape]) -> Shape:
+    value, low, high = shapes
+    for what, bound in (("lower", low), ("upper", high)):
+        if not bound.is_scalar:
+            raise ShapeError(f"clamp's {what} bound must be a number or a hyper-parameter, got a "
+                             f"{_describe(bound)}; for vector bounds write `min(max(v, lo), hi)`")
+    return broadcast(value, low, "clamp")
+
+
+def _clamp_one_side(node: Node, shapes: List[Shape]) -> Shape:
+    value, bound = shapes
+    if not bound.is_scalar:
+        raise ShapeError(f"{node.op.label}'s bound must be a number, got a {_describe(bound)}")
+    return broadcast(value, bound, node.op.label)
+
+
+def _compare(node: Node, shapes: List[Shape]) -> Shape:
+    a, b = shapes
+    result = broadcast(a, b, "a comparison")
+    if result.is_scalar:
+        raise ShapeError("a comparison of two numbers: compare a vector, as in `v > 0`")
+    return Shape(result.dims, result.batched, mask=True)
+
+
+def _where(node: Node, shapes: List[Shape]) -> Shape:
+    mask, a, b = shapes
+    if not mask.mask:
+        raise ShapeError(f"where's first argument must be a mask, a comparison such as `v > 0`; got a "
+                         f"{_describe(mask)}")
+    values = broadcast(a, b, "where")
+    if values.is_scalar:
+        raise ShapeError("where of two numbers would be a tensor of torch's default dtype: give one "
+                         "vector branch, as in `where(m, ones, 0.0)` with `buffer ones[hidden] = 1.0`")
+    return broadcast(Shape(mask.dims, mask.batched), values, "where")
+
+
+def _reduction(node: Node, shapes: List[Shape]) -> Shape:
+    (shape,) = shapes
+    _not_mask(shape, node.op.label)
+    if not shape.is_vector:
+        raise ShapeError(f"{node.op.label} takes a vector, got a {_describe(shape)}")
+    return shape if node.op is Op.SOFTMAX else Shape((ONE,), shape.batched)
 
 
 def _matmul(node: Node, shapes: List[Shape]) -> Shape:
@@ -181,6 +280,8 @@ def _probability_last(node: Node, shapes: List[Shape]) -> Shape:
 
 
 def _describe(shape: Shape) -> str:
+    if shape.mask:
+        return f"mask [{shape.dims[0]}]"
     if shape.is_scalar:
         return "number"
     if shape.is_vector:
@@ -213,7 +314,8 @@ def aligned(a: Shape, b: Shape, what: str) -> Tuple[int, int]:
     if a.is_scalar or b.is_scalar or len(a.dims) == len(b.dims) or not (a.is_tensor or b.is_tensor):
         return 0, 0
     short, long = (a, b) if len(a.dims) < len(b.dims) else (b, a)
-    if long.dims[:len(short.dims)] != short.dims:
+    # A one-unit value (a scalar parameter, a feature reduction's result) broadcasts to all dims.
+    if long.dims[:len(short.dims)] != short.dims and short.dims != (ONE,):
         raise ShapeError(f"{what} of values of shapes {_dims(a)} and {_dims(b)}, which do not fit: a value "
                          f"of fewer dims broadcasts over the trailing dims of the other, so its dims "
                          f"must be the other's leading ones ({_dims(long)} starts with "
@@ -339,6 +441,17 @@ SHAPE_RULES: Dict[Op, ShapeRule] = {
     Op.ABS: _elementwise_unary,
     Op.SQRT: _elementwise_unary,
     Op.SILU: _elementwise_unary,
+    **{op: _elementwise_unary for op in (Op.GELU, Op.ELU, Op.SELU, Op.MISH, Op.LOGSIGMOID, Op.HARDTANH,
+                                        Op.HARDSIGMOID, Op.SOFTSIGN, Op.SIN, Op.COS, Op.LOG1P, Op.EXPM1, Op.ERF)},
+    Op.POW: _pow,
+    Op.MAXIMUM: _elementwise_binary,
+    Op.MINIMUM: _elementwise_binary,
+    Op.CLAMP: _clamp,
+    Op.CLAMP_MIN: _clamp_one_side,
+    Op.CLAMP_MAX: _clamp_one_side,
+    **{op: _compare for op in COMPARISON_OPS.values()},
+    Op.WHERE: _where,
+    **{op: _reduction for op in (Op.SUM, Op.MEAN, Op.LOGSUMEXP, Op.SOFTMAX)},
     Op.MATMUL: _matmul,
     Op.CHUNK: _chunk,
     Op.SLICE: _slice,
@@ -373,7 +486,7 @@ FUNCTIONS.update(TENSOR_FUNCTIONS)
 EXPANDING_OPS: FrozenSet[Op] = frozenset({Op.OUTER})
 
 # Ops whose two operands may be swapped: ``a + b`` is ``b + a``.
-COMMUTATIVE_OPS: FrozenSet[Op] = frozenset({Op.ADD, Op.MUL})
+COMMUTATIVE_OPS: FrozenSet[Op] = frozenset({Op.ADD, Op.MUL, Op.MAXIMUM, Op.MINIMUM})
 
 
 def operand_orders(node: Node) -> Iterator[Tuple[str, ...]]:
@@ -384,4 +497,5 @@ def operand_orders(node: Node) -> Iterator[Tuple[str, ...]]:
         yield node.inputs[::-1]
 
 
-BINARY_OPS = {"+": Op.ADD, "-": Op.SUB, "*": Op.MUL, "/": Op.DIV, "@": Op.MATMUL}
+BINARY_OPS = {"+": Op.ADD, "-": Op.SUB, "*": Op.MUL, "/": Op.DIV, "@": Op.MATMUL, "**": Op.POW,
+              **COMPARISON_OPS}

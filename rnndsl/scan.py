@@ -11,7 +11,9 @@ where ``state`` is a tuple of ``(batch, size)`` tensors, ``x`` is
 A cell may also offer ``forward_sequence(xs, state, mask)`` that runs a whole
 ``(T, batch, input_size)`` sequence itself (cells built by rnndsl do: the loop
 is compiled with the cell, input projections hoisted out of it). ``scan`` uses
-it when present and falls back to a Python loop otherwise.
+it when present and falls back to a Python loop otherwise; under torch.export, that
+loop is one ``scan`` node too (:func:`exported_python_scan`), so a deep cell (a
+``SequenceTable`` of cells) exports for any sequence length.
 
 ``mask`` is an optional ``(T, batch)`` bool tensor, True at real steps: at a
 padded step the state is carried over unchanged and the output is zero, so each
@@ -22,6 +24,7 @@ wherever it enters (``scan``, a cell's ``forward_sequence``, the networks).
 """
 from __future__ import annotations
 
+import itertools
 from typing import Optional, Tuple
 
 import torch
@@ -60,6 +63,8 @@ def scan(cell: torch.nn.Module, xs: Tensor, state: State,
     if forward_sequence is not None:
         outputs, final = forward_sequence(xs, state, mask)
         return outputs, tuple(final)
+    if torch.compiler.is_exporting() and isinstance(cell, torch.nn.Module):
+        return exported_python_scan(cell, xs, state, mask)
     return python_scan(cell, xs, state, mask)
 
 
@@ -100,3 +105,26 @@ def python_scan(cell: torch.nn.Module, xs: Tensor, state: State,
         state = tuple(new_state)
         outputs.append(output)
     return torch.stack(outputs), state
+
+
+def exported_python_scan(cell: torch.nn.Module, xs: Tensor, state: State,
+                         mask: Optional[Tensor] = None) -> Tuple[Tensor, State]:
+    """:func:`python_scan` as one ``scan`` node, for torch.export: the program runs at any length.
+
+    The step closes over no tensor (torch's scan op, called without dynamo, could not lift one):
+    the cell's parameters and buffers come in as the op's inputs and the step runs the cell on
+    them through ``functional_call``.
+    """
+    from .kernels import time_scan  # the scan op's convention, shared with the generated forward_sequence_scan
+    named = dict(itertools.chain(cell.named_parameters(), cell.named_buffers()))
+    keep_seq = mask if mask is not None else xs.new_ones(xs.shape[:2], dtype=torch.bool)
+
+    def one_step(carry, step_inputs, invariants):
+        x, keep = step_inputs[0], step_inputs[1].unsqueeze(1)
+        new_state, output = torch.func.functional_call(cell, dict(zip(named, invariants)), (tuple(carry), x))
+        # Fresh tensors, as scan requires (an output may be a state, or the input itself).
+        return ([torch.where(keep, new, old) for new, old in zip(new_state, carry)],
+                [output * keep.to(output.dtype)])
+
+    final, outputs = time_scan(one_step, list(state), [xs, keep_seq], list(named.values()))
+    return outputs[0], tuple(final)

@@ -22,6 +22,19 @@ def repack(outputs: Tensor, lengths: Tensor, like: PackedSequence) -> PackedSequ
     return PackedSequence(data, like.batch_sizes, like.sorted_indices, like.unsorted_indices)
 
 
+def refuse_packed_under_export(x: object, where: str) -> None:
+    """Refuse a ``PackedSequence`` while torch.export traces ``where``, saying what to do instead.
+
+    Its ``batch_sizes`` are data, not shapes: a program could only fix them at the traced values,
+    and left to itself export fails deep inside ``pad_packed_sequence`` on a tensor without data.
+    """
+    if isinstance(x, PackedSequence) and torch.compiler.is_exporting():
+        raise ValueError(f"{where}: torch.export cannot take a PackedSequence (its batch_sizes are data the "
+                         "program would fix at the traced values); export with the padded (T, batch, input) "
+                         "tensor instead (torch.nn.utils.rnn.pad_packed_sequence), and for sequences of "
+                         "different lengths use an rnndsl network, whose forward takes lengths=")
+
+
 def lengths_mask(lengths: Union[Tensor, Sequence[int]], steps: int, batch_size: int,
                  device: torch.device) -> Optional[Tensor]:
     """The (T, batch) mask of real steps for sequences of the given lengths;

@@ -228,7 +228,7 @@ _CHARACTER_HINTS = {
 
 
 # A declaration that stops at the end of its line, by its keyword: what it lacks, as an example.
-_UNFINISHED = {"PARAM": "a shape, as in `param {name}[hidden]`", "STATE": "a shape, as in `state {name}[hidden]`",
+_UNFINISHED = {"STATE": "a shape, as in `state {name}[hidden]`",
                "HYPER": "a default value, as in `hyper {name} = 0.5`", "SIZE": "a value, as in `size {name} = 4`"}
 
 
@@ -280,7 +280,8 @@ class _ToAst(Transformer):
 
     def cell(self, meta, children):
         name, input_decl, outputs, *statements = children
-        kinds = {kind: [] for kind in (st.VarDecl, st.ParamDecl, st.SizeDecl, st.HyperDecl, st.Assign)}
+        kinds = {kind: [] for kind in (st.VarDecl, st.ParamDecl, st.BufferDecl, st.SizeDecl, st.HyperDecl,
+                                       st.Assign)}
         for statement in statements:
             if isinstance(statement, list):  # state and param declarations list several names
                 for item in statement:
@@ -290,7 +291,8 @@ class _ToAst(Transformer):
         return st.Cell(name=str(name), input=input_decl, outputs=outputs,
                        states=tuple(kinds[st.VarDecl]), params=tuple(kinds[st.ParamDecl]),
                        sizes=tuple(kinds[st.SizeDecl]), hypers=tuple(kinds[st.HyperDecl]),
-                       body=tuple(kinds[st.Assign]), span=self._span(meta), name_span=self._tok(name))
+                       body=tuple(kinds[st.Assign]), span=self._span(meta), name_span=self._tok(name),
+                       buffers=tuple(kinds[st.BufferDecl]))
 
     def input_decl(self, meta, children):
         name, size = children
@@ -316,6 +318,10 @@ class _ToAst(Transformer):
         init = rest.pop() if rest and not _is_size(rest[-1]) else None
         return st.ParamDecl(str(name), tuple(size for size in rest if size is not None), init,
                             self._span(meta))
+
+    def buffer_decl(self, meta, items):
+        return [st.BufferDecl(item.name, item.shape, item.init if item.init is not None else 0.0, item.span)
+                for item in items]
 
     def size_decl(self, meta, children):
         name, value = children
@@ -390,6 +396,8 @@ class _ToAst(Transformer):
         return build
 
     add, sub, mul, div, matmul = _binary("+"), _binary("-"), _binary("*"), _binary("/"), _binary("@")
+    pow = _binary("**")
+    lt, le, gt, ge = _binary("<"), _binary("<="), _binary(">"), _binary(">=")
     del _binary, _size_binary
 
 

@@ -7,10 +7,12 @@ Grammar, in short (grammars/cell.lark is the truth)::
 
     file       := cell*
     cell       := "cell" NAME "(" NAME "[" size "]" ")" "->" NAME ("," NAME)* "{" stmt* "}"
-    stmt       := "state" NAME[size, ...], ... | "param" NAME[size, ...] (= number)?, ...
+    stmt       := "state" NAME[size, ...], ... | "param" NAME([size, ...])? (= number)?, ...
+                | "buffer" NAME[size, ...] (= number)?, ...
                 | "size" NAME = size           | "hyper" NAME = number
                 | target, ... = expr           (target: NAME or NAME')
-    expr       := expr (+|-|*|/|@) expr | -expr | number | NAME | NAME' | NAME(expr, ...) | (expr)
+    expr       := expr (<|<=|>|>=) expr | expr (+|-|*|/|@) expr | -expr | expr ** expr
+                | number | NAME | NAME' | NAME(expr, ...) | (expr)
 """
 from __future__ import annotations
 
@@ -69,7 +71,7 @@ class Primed:
 
 @dataclass(frozen=True, slots=True)
 class Binary:
-    op: str  # "+", "-", "*", "/", "@"
+    op: str  # "+", "-", "*", "/", "@", "**", "<", "<=", ">", ">="
     left: "Expr"
     right: "Expr"
     span: Span
@@ -109,6 +111,16 @@ class ParamDecl:
     name: str
     shape: Tuple[SizeExpr, ...]  # (rows,) a vector, (rows, cols) a matrix, more: per-head blocks
     init: Union[float, None]     # a constant initial value, or None for the default
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class BufferDecl:
+    """A constant tensor, not trained: ``buffer ones[hidden] = 1.0``."""
+
+    name: str
+    shape: Tuple[SizeExpr, ...]
+    init: float  # the value filling it
     span: Span
 
 
@@ -159,6 +171,7 @@ class Cell:
     body: Tuple[Assign, ...]
     span: Span
     name_span: Span
+    buffers: Tuple[BufferDecl, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ def bound_view(cell, parameters: Optional[Sequence[Tensor]] = None,
     ``self.training``), as plain attributes, with its parameters bound to ``parameters`` in
     declaration order (default: the cell's own now), and ``training`` (default: the cell's mode)."""
     parameters = parameters_of(cell) if parameters is None else parameters
-    constants = {name: getattr(cell, name) for name in cell._python_methods._constant_names}
+    constants = {name: getattr(cell, name) for name in cell._python_methods._constant_names + cell._buffer_names}
     return types.SimpleNamespace(training=cell.training if training is None else training, **constants,
                                  **dict(zip(cell._inits, parameters)))
 

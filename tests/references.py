@@ -107,6 +107,30 @@ def sru(p: Params, state: State, x: Tensor) -> Tuple[State, Tensor]:
     return (c_new,), h
 
 
+def janet(p: Params, state: State, x: Tensor) -> Tuple[State, Tensor]:
+    (h,) = state
+    s = _linear(p["weight_f"], x) + _linear(p["recurrent_f"], h) + p["bias_f"]
+    candidate = torch.tanh(_linear(p["weight_c"], x) + _linear(p["recurrent_c"], h) + p["bias_c"])
+    h_new = torch.sigmoid(s) * h + (1 - torch.sigmoid(s - 1.0)) * candidate  # beta = 1
+    return (h_new,), h_new
+
+
+def attention_rnn(p: Params, state: State, x: Tensor) -> Tuple[State, Tensor]:
+    (h,) = state
+    attention = torch.softmax(2.0 * (_linear(p["weight_a"], h) + p["bias_a"]), dim=-1)
+    h_new = torch.tanh(_linear(p["weight_ih"], x) + _linear(p["weight_hh"], p["gain"] * attention * h) + p["bias"])
+    return (h_new,), h_new
+
+
+def lstm_cell_clip(p: Params, state: State, x: Tensor) -> Tuple[State, Tensor]:
+    h, c = state
+    gates = _linear(p["weight_ih"], x, p["bias_ih"]) + _linear(p["weight_hh"], h, p["bias_hh"])
+    i, f, g, o = gates.chunk(4, dim=-1)
+    c_new = torch.clamp(torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g), -3.0, 3.0)  # cell_clip = 3
+    h_new = torch.sigmoid(o) * torch.tanh(c_new)
+    return (h_new, c_new), h_new
+
+
 # Matrix-valued states: the cells carry them flat, (batch, heads*key*value); the references
 # work per head with einsum, and flatten again. With the cells' default sizes (key = value =
 # head_dim = hidden) the output projection tells the number of heads: weight_o is
@@ -199,6 +223,7 @@ def gated_deltanet(p: Params, state: State, x: Tensor) -> Tuple[State, Tensor]:
 REFERENCES: Dict[str, Reference] = {
     "mingru": mingru, "minlstm": minlstm, "qrnn": qrnn, "indrnn": indrnn, "mgu": mgu,
     "peephole_lstm": peephole_lstm, "layernorm_lstm": layernorm_lstm, "cifg_lstm": cifg_lstm, "sru": sru,
+    "janet": janet, "attention_rnn": attention_rnn, "lstm_cell_clip": lstm_cell_clip,
     "linear_attention": linear_attention, "retnet": retnet, "gla": gla, "mamba2": mamba2,
     "deltanet": deltanet, "gated_deltanet": gated_deltanet,
 }

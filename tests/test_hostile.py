@@ -101,7 +101,7 @@ MALFORMED = {
     "semicolon": (body("    h' = w @ x; import os"), "unexpected character `;`", (4, 15)),
     "import statement": (body("    import os\n    h' = w @ x"), "unexpected `os`", (4, 12)),
     "indexing": (body("    h' = x[0]"), "unexpected `[`", (4, 11)),
-    "power": (body("    h' = x ** 2"), "unexpected `*`", (4, 13)),
+    "power": (body("    h' = x *** 2"), "unexpected `*`", (4, 14)),
     "dunder name": (body("    __class__ = w @ x\n    h' = __class__"), "reserved in Python", (4, 5)),
     "Python keyword as name": (body("    lambda = w @ x\n    h' = lambda"), "reserved in Python", (4, 5)),
     "1e999": (body("    h' = w @ x * 1e999"), "would be infinity", (4, 18)),
@@ -232,9 +232,10 @@ BAD_INPUT = {
                                             "    h' = a + b + c", "}"),
                                    4, 15, "cannot split a vector of size 4*hidden into 3 equal parts", None),
     # torch's functions take tensors: these once passed the checker and failed in TorchScript
+    # (a pointwise function of a number is a number: `sigmoid(k)` is computed with Python's floats)
     "function of a number": (_snippet("cell c(x[input]) -> h {", "    hyper k = 1.0", "    state h[hidden]",
-                                      "    h' = sigmoid(k) * h + x", "}"),
-                             4, 10, "sigmoid takes a vector, not a number", None),
+                                      "    h' = softmax(k) * h + x", "}"),
+                             4, 10, "softmax takes a vector, got a number", None),
     "dropout of a number": (_snippet("cell c(x[input]) -> h {", "    hyper k = 1.0", "    state h[hidden]",
                                      "    h' = dropout(k, 0.5) * h + x", "}"),
                             4, 10, "dropout zeroes units of a vector, got a number", None),

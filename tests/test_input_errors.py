@@ -144,7 +144,7 @@ def test_a_file_named_like_a_stock_cell_is_named_and_never_runs_the_drop_ins(tmp
 
 
 def test_load_stock_cell_knows_only_stock_cells():
-    with pytest.raises(CellError, match="no stock cell named 'gru.cell'; stock cells are cifg_lstm, "):
+    with pytest.raises(CellError, match="no stock cell named 'gru.cell'; stock cells are attention_rnn, cifg_lstm, "):
         rnndsl.load_stock_cell("gru.cell")
 
 
@@ -179,7 +179,7 @@ def test_a_misspelt_keyword_names_the_network_and_the_cell_keywords(tmp_path):
     message = str(caught.value)
     assert message.startswith("make_recurrent() got an unexpected keyword argument 'dropuot'; "
                               "did you mean `dropout`?")
-    assert "make_recurrent takes backend, dropout, " in message
+    assert "make_recurrent takes cells, cell_name, backend, dropout, " in message
     assert "the cell's build takes disable, fixed_dropout_mask" in message
     assert "cell lstm: it has no hyper-parameters or sizes" in message
     path = tmp_path / "shifted.cell"

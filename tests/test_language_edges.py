@@ -185,7 +185,6 @@ def test_matmul_shape_error_names_the_columns_the_vector_needs():
 
 
 @pytest.mark.parametrize("declaration, column, hint", [
-    ("param s", 10, "`s` needs a shape, as in `param s[hidden]`"),
     ("hyper beta", 13, "`beta` needs a default value, as in `hyper beta = 0.5`"),
     ("size k", 9, "`k` needs a value, as in `size k = 4`"),
 ])

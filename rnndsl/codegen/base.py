@@ -110,6 +110,34 @@ EMITTERS: Dict[Op, Emitter] = {
     Op.ABS: _call("torch.abs"),
     Op.SQRT: _call("torch.sqrt"),
     Op.SILU: _call("torch.nn.functional.silu"),
+    Op.GELU: _call("torch.nn.functional.gelu"),
+    Op.ELU: _call("torch.nn.functional.elu"),
+    Op.SELU: _call("torch.selu"),
+    Op.MISH: _call("torch.nn.functional.mish"),
+    Op.LOGSIGMOID: _call("torch.nn.functional.logsigmoid"),
+    Op.HARDTANH: _call("torch.nn.functional.hardtanh"),
+    Op.HARDSIGMOID: _call("torch.nn.functional.hardsigmoid"),
+    Op.SOFTSIGN: lambda node, args: f"{atom(args[0])} / (1.0 + torch.abs({args[0]}))",
+    Op.SIN: _call("torch.sin"),
+    Op.COS: _call("torch.cos"),
+    Op.LOG1P: _call("torch.log1p"),
+    Op.EXPM1: _call("torch.expm1"),
+    Op.ERF: _call("torch.erf"),
+    Op.POW: _call("torch.pow"),
+    Op.MAXIMUM: _call("torch.maximum"),
+    Op.MINIMUM: _call("torch.minimum"),
+    Op.CLAMP: _call("torch.clamp"),
+    Op.CLAMP_MIN: _call("torch.clamp_min"),
+    Op.CLAMP_MAX: _call("torch.clamp_max"),
+    Op.LT: _infix("<"),
+    Op.LE: _infix("<="),
+    Op.GT: _infix(">"),
+    Op.GE: _infix(">="),
+    Op.WHERE: _call("torch.where"),
+    Op.SUM: lambda node, args: f"{atom(args[0])}.sum(-1, keepdim=True)",
+    Op.MEAN: lambda node, args: f"{atom(args[0])}.mean(-1, keepdim=True)",
+    Op.LOGSUMEXP: lambda node, args: f"torch.logsumexp({args[0]}, -1, keepdim=True)",
+    Op.SOFTMAX: lambda node, args: f"torch.softmax({args[0]}, -1)",
     # W @ v with v of shape (..., n): one GEMM for any number of leading dims.
     Op.MATMUL: gemm("torch.nn.functional.linear"),
     Op.CHUNK: _chunk,
@@ -129,9 +157,51 @@ EMITTERS: Dict[Op, Emitter] = {
 }
 
 
+def _number_call(template: str) -> Emitter:
+    """A function of numbers on Python floats: ``template`` with ``{0}``, ``{1}``, ... its arguments."""
+    return lambda node, args: template.format(*args)
+
+
+_SOFTPLUS = "({0} if {0} > 20.0 else math.log1p(math.exp({0})))"  # torch's threshold 20
+
+# Functions of numbers (hyper-parameters, constants), computed once on Python floats where the
+# tensor op would refuse a number (rnndsl/ops.py, NUMBER_OPS): `sigmoid(k)` of a hyper-parameter.
+NUMBER_EMITTERS: Dict[Op, Emitter] = {
+    **{op: EMITTERS[op] for op in (Op.NEG, Op.ADD, Op.SUB, Op.MUL, Op.DIV)},
+    Op.SIGMOID: _number_call("1.0 / (1.0 + math.exp(-{0}))"),
+    Op.TANH: _number_call("math.tanh({0})"),
+    Op.RELU: _number_call("max({0}, 0.0)"),
+    Op.EXP: _number_call("math.exp({0})"),
+    Op.LOG: _number_call("math.log({0})"),
+    Op.SOFTPLUS: _number_call(_SOFTPLUS),
+    Op.ABS: _number_call("math.fabs({0})"),
+    Op.SQRT: _number_call("math.sqrt({0})"),
+    Op.SILU: _number_call("{0} / (1.0 + math.exp(-{0}))"),
+    Op.GELU: _number_call("0.5 * {0} * (1.0 + math.erf({0} / 1.4142135623730951))"),
+    Op.ELU: _number_call("({0} if {0} > 0.0 else math.expm1({0}))"),
+    Op.SELU: _number_call("1.0507009873554805 * ({0} if {0} > 0.0 else 1.6732632423543772 * math.expm1({0}))"),
+    Op.MISH: _number_call("{0} * math.tanh(" + _SOFTPLUS + ")"),
+    Op.LOGSIGMOID: _number_call("min({0}, 0.0) - math.log1p(math.exp(-math.fabs({0})))"),
+    Op.HARDTANH: _number_call("min(max({0}, -1.0), 1.0)"),
+    Op.HARDSIGMOID: _number_call("min(max({0} / 6.0 + 0.5, 0.0), 1.0)"),
+    Op.SOFTSIGN: _number_call("{0} / (1.0 + math.fabs({0}))"),
+    Op.SIN: _number_call("math.sin({0})"),
+    Op.COS: _number_call("math.cos({0})"),
+    Op.LOG1P: _number_call("math.log1p({0})"),
+    Op.EXPM1: _number_call("math.expm1({0})"),
+    Op.ERF: _number_call("math.erf({0})"),
+    Op.POW: _number_call("math.pow({0}, {1})"),
+    Op.MAXIMUM: _number_call("max({0}, {1})"),
+    Op.MINIMUM: _number_call("min({0}, {1})"),
+    Op.CLAMP: _number_call("min(max({0}, {1}), {2})"),
+    Op.CLAMP_MIN: _number_call("max({0}, {1})"),
+    Op.CLAMP_MAX: _number_call("min({0}, {1})"),
+}
+
+
 def leaf_reference(node: Node) -> Optional[str]:
-    """How code refers to a leaf: parameters and hypers live on the module, constants inline."""
-    if node.op in (Op.PARAM, Op.HYPER):
+    """How code refers to a leaf: parameters, buffers and hypers live on the module, constants inline."""
+    if node.op in (Op.PARAM, Op.BUFFER, Op.HYPER):
         return f"self.{node.name}"
     if node.op is Op.CONST:
         value = float(node.attr("value"))
@@ -185,10 +255,14 @@ class NodeEmitter:
         node = self.nodes[name]
         return self.leaf(node) or rename.get(name, self.var(name))
 
+    def emitter_of(self, node: Node) -> Emitter:
+        """The emitter of ``node``: a number's on Python floats, else the dialect's."""
+        return NUMBER_EMITTERS[node.op] if node.shape.is_scalar else self.emitters[node.op]
+
     def inline(self, name: str) -> str:
         """A value as one expression of leaves, for code that runs before the nodes that compute it."""
         node = self.nodes[name]
-        return self.leaf(node) or f"({self.emitters[node.op](node, [self.inline(i) for i in node.inputs])})"
+        return self.leaf(node) or f"({self.emitter_of(node)(node, [self.inline(i) for i in node.inputs])})"
 
     def expression(self, node: Node, rename: Dict[str, str]) -> str:
         """``node``'s code; a sum that adds the bias of a ``biased`` product is that product's GEMM."""
@@ -197,7 +271,7 @@ class NodeEmitter:
             matrix, vector = (self.ref(name, rename) for name in self.nodes[product].inputs)
             bias = next(self.ref(i, rename) for i in node.inputs if i != product)
             return self.emitters[Op.MATMUL](self.nodes[product], [matrix, vector, bias])
-        return self.emitters[node.op](node, [self.ref(name, rename) for name in node.inputs])
+        return self.emitter_of(node)(node, [self.ref(name, rename) for name in node.inputs])
 
     def emit(self, node: Node, indent: str, rename: Dict[str, str]) -> None:
         """Append ``node``'s line, assigning its value (or its ``rename``), cast where ``casts`` says."""

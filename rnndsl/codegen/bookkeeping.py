@@ -18,7 +18,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
-from ..ir import Graph, Node, Op, Phase, Shape, Size, tiling_order
+from ..ir import ONE, Graph, Node, Op, Phase, Shape, Size, tiling_order
 from ..names import Namespace
 from .base import NodeEmitter, atom, size_code
 from .derivatives import Placed, Product, Term
@@ -47,12 +47,12 @@ def level_of(node: Node) -> Level:
 def _reduce(expr: str, shape: Shape, lead: int, target: Shape) -> str:
     """Sum a gradient of IR shape ``shape`` with ``lead`` leading dims down to ``target``'s shape.
 
-    Differentiable values are never numbers (parameters have dims), so only leading dims go,
-    and the dims a tensor was broadcast over (size 1 in ``target``, see ``expand``).
+    Differentiable values are never numbers (parameters have dims), so leading dims go, and the
+    dims a value was broadcast over: size 1 in ``target`` (a one-unit value against a vector,
+    a tensor's ``expand``).
     """
-    one = Size.of(1)
     broadcast = [i - len(shape.dims) for i, (dim, kept) in enumerate(zip(shape.dims, target.dims))
-                 if kept == one and dim != one]
+                 if kept == ONE and dim != ONE]
     if broadcast:
         expr = f"{atom(expr)}.sum([{', '.join(str(i) for i in broadcast)}], True)"
     if target.batched or lead == 0:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Protocol, Sequence, Union
 
 from ..ir import Node, Op, Shape, Size
-from .base import reshape_code
+from .base import atom, reshape_code
 
 
 @dataclass(frozen=True)
@@ -170,6 +170,84 @@ def _relu(r: Rule) -> Contributions:
     return [Term(f"torch.ops.aten.threshold_backward({r.grad}, {r.output()}, 0.0)")]
 
 
+def _of_input(template: str) -> Callable[[Rule], Contributions]:
+    """The gradient ``template`` of the output gradient ``{g}`` and the input ``{x}``."""
+    def rule(r: Rule) -> Contributions:
+        return [Term(template.format(g=r.grad, x=r.value(0)))]
+    return rule
+
+
+def _expm1(r: Rule) -> Contributions:
+    return [Term(f"{r.grad} * ({r.output()} + 1.0)")]
+
+
+def _pow(r: Rule) -> Contributions:
+    # torch's pow_backward for a number exponent k: grad * k * a ** (k - 1).
+    base, exponent = r.value(0), r.value(1)
+    return [Term(f"{r.grad} * ({exponent} * torch.pow({base}, {exponent} - 1.0))"), None]
+
+
+def _extremum(larger: str) -> Callable[[Rule], Contributions]:
+    """max (``larger`` ">") and min ("<") of two tensors: torch.maximum's subgradient, which
+    splits the gradient in halves where the two are equal."""
+    def rule(r: Rule) -> Contributions:
+        a, b = r.value(0), r.value(1)
+
+        def share(mine: str, other: str) -> Term:
+            return Term(f"torch.where({mine} {larger} {other}, {r.grad}, "
+                        f"torch.where({mine} == {other}, {r.grad} / 2.0, 0.0))")
+        return [share(a, b) if r.needs(0) else None, share(b, a) if r.needs(1) else None]
+    return rule
+
+
+def _clamp(r: Rule) -> Contributions:
+    # torch.clamp's subgradient: the gradient passes where lo <= v <= hi, bounds included.
+    v, low, high = r.value(0), r.value(1), r.value(2)
+    return [Term(f"torch.where({v} < {low}, 0.0, torch.where({v} > {high}, 0.0, {r.grad}))"), None, None]
+
+
+def _clamp_one_side(keeps: str) -> Callable[[Rule], Contributions]:
+    """clamp_min (``keeps`` ">=") and clamp_max ("<="): the gradient passes where v is kept, ties included."""
+    def rule(r: Rule) -> Contributions:
+        return [Term(f"torch.where({r.value(0)} {keeps} {r.value(1)}, {r.grad}, 0.0)"), None]
+    return rule
+
+
+def _no_gradient(r: Rule) -> Contributions:
+    """A comparison's mask is piecewise constant: no gradient."""
+    return [None] * len(r.node.inputs)
+
+
+def _where(r: Rule) -> Contributions:
+    # `.to(torch.bool)`: a mask kept over time is stored in the input's dtype, as ones and zeros.
+    mask = f"{atom(r.value(0))}.to(torch.bool)"
+    return [None, Term(f"torch.where({mask}, {r.grad}, 0.0)") if r.needs(1) else None,
+            Term(f"torch.where({mask}, 0.0, {r.grad})") if r.needs(2) else None]
+
+
+def _spread(r: Rule, grad: str) -> Term:
+    """A reduction's gradient (one unit per example) spread over the units of its input."""
+    return Term(f"{atom(grad)}.expand({atom(grad)}.size()[:-1] + [{r.size(r.shape(0).dims[0])}])", r.shape(0))
+
+
+def _sum(r: Rule) -> Contributions:
+    return [_spread(r, r.grad)]
+
+
+def _mean(r: Rule) -> Contributions:
+    return [_spread(r, f"{r.grad} / ({r.size(r.shape(0).dims[0])})")]
+
+
+def _logsumexp(r: Rule) -> Contributions:
+    return [Term(f"{r.grad} * torch.exp({r.value(0)} - {r.output()})", r.shape(0))]
+
+
+def _softmax(r: Rule) -> Contributions:
+    # torch's _softmax_backward_data: y * (grad - sum(grad * y)).
+    y = r.output()
+    return [Term(f"{y} * ({r.grad} - ({r.grad} * {y}).sum(-1, keepdim=True))")]
+
+
 def _matmul(r: Rule) -> Contributions:
     # W @ v: dv = grad @ W, one GEMM; dW is left to the generator, which batches it over steps.
     return [Outer(r.grad, 1) if r.needs(0) else None,
@@ -290,6 +368,36 @@ DERIVATIVES: Dict[Op, Derivative] = {
     Op.ABS: Derivative(_abs),
     Op.SQRT: Derivative(_sqrt),
     Op.SILU: Derivative(_unary("torch.ops.aten.silu_backward", of_output=False)),
+    Op.GELU: Derivative(_unary("torch.ops.aten.gelu_backward", of_output=False)),
+    Op.ELU: Derivative(_of_input("torch.ops.aten.elu_backward({g}, 1.0, 1.0, 1.0, False, {x})")),
+    # selu is elu with torch's alpha and scale.
+    Op.SELU: Derivative(_of_input("torch.ops.aten.elu_backward({g}, 1.6732632423543772, 1.0507009873554805, "
+                                  "1.0, False, {x})")),
+    Op.MISH: Derivative(_unary("torch.ops.aten.mish_backward", of_output=False)),
+    Op.LOGSIGMOID: Derivative(_of_input("{g} * torch.sigmoid(-{x})")),
+    Op.HARDTANH: Derivative(_of_input("torch.ops.aten.hardtanh_backward({g}, {x}, -1.0, 1.0)")),
+    Op.HARDSIGMOID: Derivative(_unary("torch.ops.aten.hardsigmoid_backward", of_output=False)),
+    Op.SOFTSIGN: Derivative(_of_input("{g} / torch.square(1.0 + torch.abs({x}))")),
+    Op.SIN: Derivative(_of_input("{g} * torch.cos({x})")),
+    Op.COS: Derivative(_of_input("-{g} * torch.sin({x})")),
+    Op.LOG1P: Derivative(_of_input("{g} / (1.0 + {x})")),
+    Op.EXPM1: Derivative(_expm1),
+    Op.ERF: Derivative(_of_input("{g} * 1.1283791670955126 * torch.exp(-{x} * {x})")),  # 2/sqrt(pi)
+    Op.POW: Derivative(_pow),
+    Op.MAXIMUM: Derivative(_extremum(">")),
+    Op.MINIMUM: Derivative(_extremum("<")),
+    Op.CLAMP: Derivative(_clamp),
+    Op.CLAMP_MIN: Derivative(_clamp_one_side(">=")),
+    Op.CLAMP_MAX: Derivative(_clamp_one_side("<=")),
+    Op.LT: Derivative(_no_gradient),
+    Op.LE: Derivative(_no_gradient),
+    Op.GT: Derivative(_no_gradient),
+    Op.GE: Derivative(_no_gradient),
+    Op.WHERE: Derivative(_where),
+    Op.SUM: Derivative(_sum),
+    Op.MEAN: Derivative(_mean),
+    Op.LOGSUMEXP: Derivative(_logsumexp),
+    Op.SOFTMAX: Derivative(_softmax),
     Op.MATMUL: Derivative(_matmul),
     Op.CHUNK: Derivative(_chunk),
     Op.SLICE: Derivative(_slice),

@@ -41,6 +41,12 @@ PRECISION: Dict[Op, Precision] = {
     Op.SLICE: Precision.FIRST,
     Op.CONCAT: Precision.PROMOTED,  # torch.cat promotes under autocast
     Op.LAYERNORM: Precision.FIRST,
+    # Autocast may compute these in float32 from a low-precision input; counting them low costs
+    # at most a cast that changes nothing, counting them full could leave a state lowered.
+    Op.SUM: Precision.FIRST,
+    Op.MEAN: Precision.FIRST,
+    Op.LOGSUMEXP: Precision.FIRST,
+    Op.SOFTMAX: Precision.FIRST,
     Op.DROPOUT: Precision.FIRST,
     # torch.where(draw, old, new) promotes, but only in training: in eval it is `new` itself.
     Op.ZONEOUT: Precision.FIRST,
@@ -64,8 +70,8 @@ def low_precision_values(graph: Graph, lowered: Collection[str] = ()) -> Set[str
             continue
         rule = PRECISION[node.op]
         # Numbers (constants, hyper-parameters, what is computed from them alone) are Python
-        # floats in the code: they never widen a tensor's dtype.
-        tensors = [name for name in node.inputs if not nodes[name].shape.is_scalar]
+        # floats in the code: they never widen a tensor's dtype; nor does where's mask.
+        tensors = [name for name in node.inputs if not nodes[name].shape.is_scalar and not nodes[name].shape.mask]
         if node.name in lowered or rule is Precision.LOWERED:
             low.add(node.name)
         elif rule is Precision.FIRST and node.inputs[0] in low:

@@ -7,15 +7,20 @@ sequence length (a dynamic ``T``), which ``torch.nn.LSTM`` itself cannot export.
 
 The method computes what ``forward_sequence`` (rnndsl/codegen/step.py) computes, in the
 same order: parameter-only values once, input-only values for all steps at once, then
-``time_scan(one_step, state, per_step)`` where ``one_step(carry, step_inputs)`` takes the
-carried state and this step's slices (the hoisted values and the mask) and returns the
-next state and the outputs. Both are fresh tensors, as scan requires: the state is
-always ``torch.where(keep, new, old)`` and the outputs are multiplied by the mask, which
-is all True when the caller gives none.
+``time_scan(one_step, state, per_step, invariants)`` where ``one_step(carry, step_inputs,
+invariants)`` takes the carried state, this step's slices (the hoisted values and the mask)
+and the values every step reads alike (the parameters and parameter-only values the step
+uses), and returns the next state and the outputs. Both are fresh tensors, as scan requires:
+the state is always ``torch.where(keep, new, old)`` and the outputs are multiplied by the
+mask, which is all True when the caller gives none.
+
+The step reads no tensor from outside itself: everything comes in through its arguments.
+torch's ``scan`` op then traces it as it is, without dynamo (which ``torch.scan`` runs to
+find what a step closes over), and export fixes no size a closed-over tensor would carry.
 """
 from __future__ import annotations
 
-from ..ir import Graph, Phase
+from ..ir import Graph, Op, Phase
 from ..names import SCAN_GLOBALS, Namespace
 from .base import NodeEmitter, PythonCode, body_nodes, one_or_tuple, tuple_code, tuple_type, validate_source
 from .precision import carried_dtype_casts
@@ -36,8 +41,12 @@ def generate_scan(graph: Graph) -> PythonCode:
     step = [n for n in body if n.phase is Phase.PER_STEP]
     needed = {name for n in step for name in n.inputs} | set(graph.results())
     reads = [name for name in seq_name if name in needed]
-    one_step, carry, step_inputs, keep_seq, final, outputs = (
-        names.fresh(base) for base in ("one_step", "carry", "step_inputs", "keep_seq", "final", "outputs"))
+    # The tensors every step reads alike: parameters, buffers, and values computed once from them.
+    invariants = [n.name for n in graph.nodes if n.name in needed
+                  and (n.op in (Op.PARAM, Op.BUFFER) or (n in body and n.phase is Phase.ONCE))]
+    one_step, carry, step_inputs, step_invariants, keep_seq, final, outputs = (
+        names.fresh(base) for base in ("one_step", "carry", "step_inputs", "invariants", "keep_seq", "final",
+                                       "outputs"))
     output_type = "Tensor" if len(graph.outputs) == 1 else tuple_type(len(graph.outputs))
 
     lines.append(f"def forward_sequence_scan(self, xs: Tensor, state: {tuple_type(len(states))}, "
@@ -54,10 +63,17 @@ def generate_scan(graph: Graph) -> PythonCode:
     lines.append(f"    {keep_seq} = mask if mask is not None else xs.new_ones([xs.size(0), xs.size(1)]).bool()")
     lines.append("")
     lines.append("    # One step: the carried state and this step's slices in; the next state and outputs out.")
-    lines.append(f"    def {one_step}({carry}: List[Tensor], {step_inputs}: List[Tensor]):")
+    lines.append(f"    def {one_step}({carry}: List[Tensor], {step_inputs}: List[Tensor], "
+                 f"{step_invariants}: List[Tensor]):")
     lines.extend(f"        {name} = {carry}[{i}]" for i, name in enumerate(states))
     lines.extend(f"        {emitter.var(name)} = {step_inputs}[{i}]" for i, name in enumerate(reads))
     lines.append(f"        keep = {step_inputs}[{len(reads)}].unsqueeze(1)")
+    # Inside the step, the parameters it reads are locals bound from its arguments, not `self.weight`.
+    emitter.bind_parameters(names)
+    emitter.parameter_locals = {name: local for name, local in emitter.parameter_locals.items()
+                                if name in invariants}
+    lines.extend(f"        {emitter.parameter_locals.get(name, name)} = {step_invariants}[{i}]"
+                 for i, name in enumerate(invariants))
     for node in step:
         emitter.emit(node, "        ", {})
     kept = [f"torch.where(keep, {emitter.ref(new, {})}, {old})" for new, old in zip(graph.next_states, states)]
@@ -69,7 +85,10 @@ def generate_scan(graph: Graph) -> PythonCode:
     # Contiguous slices (a chunk of a sum is not): export would otherwise fix the batch size when the
     # next layer's step is traced against the guards of this one's strides.
     per_step = [f"{seq_name[name]}.contiguous()" for name in reads] + [keep_seq]
-    lines.append(f"    {final}, {outputs} = time_scan({one_step}, [{', '.join(states)}], [{', '.join(per_step)}])")
+    emitter.parameter_locals = {}
+    shared = [emitter.ref(name, {}) for name in invariants]
+    lines.append(f"    {final}, {outputs} = time_scan({one_step}, [{', '.join(states)}], [{', '.join(per_step)}], "
+                 f"[{', '.join(shared)}])")
     result = one_or_tuple([f"{outputs}[{i}]" for i in range(len(graph.outputs))])
     lines.append(f"    return {result}, {tuple_code([f'{final}[{i}]' for i in range(len(states))])}")
     return PythonCode(validate_source("\n".join(lines) + "\n"), SCAN_GLOBALS)

@@ -1,0 +1,250 @@
+"""The language's everyday functions, one small cell each, against hand-written PyTorch.
+
+For every function: the cell compiles on both backends; one step and a sequence (through
+``rnndsl.scan``) agree in float64 with a reference written directly in torch, outputs and
+gradients with respect to the input, the state and every parameter; and
+``torch.autograd.gradcheck`` holds for the derived backward. Subgradients (max, min, clamp,
+where) follow torch's conventions, so they equal autograd of the reference. Then the errors:
+each misuse is a CellError at its line and column.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Dict
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rnndsl
+from rnndsl.cellspec import load_source
+from rnndsl.derived import DerivedSequence
+from rnndsl.errors import CellError
+from rnndsl.networks import uniform_weights
+from rnndsl.options import CELL_BACKENDS as BACKENDS
+
+TOLERANCE = dict(rtol=1e-10, atol=1e-12)
+
+
+def cell_source(*lines: str) -> str:
+    """A one-state cell with a pre-activation ``a`` that depends on the input and the state."""
+    return "\n".join(["cell f(x[input]) -> h {", "  state h[hidden]", "  param W[hidden, input], U[hidden, hidden]",
+                      *(f"  {line}" for line in lines), "}", ""])
+
+
+def _number(function, value: float) -> float:
+    """A torch function of a number, in float64."""
+    return function(torch.tensor(value, dtype=torch.float64)).item()
+
+
+def pre(p, h, x):
+    return x @ p["W"].t() + h @ p["U"].t()
+
+
+# name -> (lines of the cell after `a = W @ x + U @ h`, the next h from (params, a, h, x))
+CASES: Dict[str, tuple] = {
+    "gelu": (["h' = gelu(a)"], lambda p, a, h, x: F.gelu(a)),
+    "elu": (["h' = elu(a)"], lambda p, a, h, x: F.elu(a)),
+    "selu": (["h' = selu(a)"], lambda p, a, h, x: torch.selu(a)),
+    "mish": (["h' = mish(a)"], lambda p, a, h, x: F.mish(a)),
+    "logsigmoid": (["h' = logsigmoid(a)"], lambda p, a, h, x: F.logsigmoid(a)),
+    "hardtanh": (["h' = hardtanh(3 * a)"], lambda p, a, h, x: F.hardtanh(3 * a)),
+    "hardsigmoid": (["h' = hardsigmoid(6 * a)"], lambda p, a, h, x: F.hardsigmoid(6 * a)),
+    "softsign": (["h' = softsign(a)"], lambda p, a, h, x: F.softsign(a)),
+    "sin_cos": (["h' = sin(a) * cos(h)"], lambda p, a, h, x: torch.sin(a) * torch.cos(h)),
+    "log1p_expm1": (["h' = log1p(sigmoid(a)) + expm1(tanh(h))"],
+                    lambda p, a, h, x: torch.log1p(torch.sigmoid(a)) + torch.expm1(torch.tanh(h))),
+    "erf": (["h' = erf(a)"], lambda p, a, h, x: torch.erf(a)),
+    "power": (["hyper k = 1.5", "h' = tanh(tanh(a) ** 2 + pow(sigmoid(h), k) - 0.5 * sigmoid(a) ** -1)"],
+              lambda p, a, h, x: torch.tanh(torch.tanh(a) ** 2 + torch.sigmoid(h) ** 1.5
+                                            - 0.5 * torch.sigmoid(a) ** -1)),
+    "max_min": (["h' = max(tanh(a), h) + min(a, U @ h)"],
+                lambda p, a, h, x: torch.maximum(torch.tanh(a), h) + torch.minimum(a, h @ p["U"].t())),
+    "max_min_number": (["h' = max(a, 0.1) - min(-0.2, h)"],
+                       lambda p, a, h, x: torch.clamp(a, min=0.1) - torch.clamp(h, max=-0.2)),
+    "clamp": (["h' = clamp(a, -0.5, 0.25) + clamp(h, -1, 1)"],
+              lambda p, a, h, x: torch.clamp(a, -0.5, 0.25) + torch.clamp(h, -1, 1)),
+    "where": (["h' = where(a > h, tanh(a), h) + where(a <= 0.1, 0.0, a) + where(0.2 >= h, h, 1.0)"
+               " - where(h < a, a, h)"],
+              lambda p, a, h, x: (torch.where(a > h, torch.tanh(a), h) + torch.where(a <= 0.1, 0.0, a)
+                                  + torch.where(0.2 >= h, h, 1.0) - torch.where(h < a, a, h))),
+    "sum_mean": (["h' = tanh(a - mean(a) + 0.1 * sum(h))"],
+                 lambda p, a, h, x: torch.tanh(a - a.mean(-1, keepdim=True) + 0.1 * h.sum(-1, keepdim=True))),
+    "softmax": (["h' = softmax(a) + 0.5 * h"], lambda p, a, h, x: torch.softmax(a, -1) + 0.5 * h),
+    "logsumexp": (["h' = tanh(a - logsumexp(a)) * logsumexp(x)"],
+                  lambda p, a, h, x: torch.tanh(a - torch.logsumexp(a, -1, keepdim=True))
+                  * torch.logsumexp(x, -1, keepdim=True)),
+    "scalar_params": (["param s, g[] = 0.5", "h' = tanh(s * a + g) * mean(h) + s"],
+                      lambda p, a, h, x: torch.tanh(p["s"] * a + p["g"]) * h.mean(-1, keepdim=True) + p["s"]),
+    "buffer": (["buffer ones[hidden] = 1.0, decay = 0.5", "h' = tanh(a) * ones + decay * h"],
+               lambda p, a, h, x: torch.tanh(a) + 0.5 * h),
+    "numbers_folded": (["hyper k = 0.3", "h' = sigmoid(k) * tanh(a) + exp(-k) * h + gelu(k) + max(k, 0.5)"
+                        " + clamp(sqrt(k), 0.0, 0.5) + softplus(log(k)) * elu(-k) ** 2"],
+                       lambda p, a, h, x: (_number(torch.sigmoid, 0.3) * torch.tanh(a)
+                                           + math.exp(-0.3) * h + _number(F.gelu, 0.3) + 0.5
+                                           + min(math.sqrt(0.3), 0.5)
+                                           + _number(F.softplus, math.log(0.3)) * math.expm1(-0.3) ** 2)),
+}
+
+
+def load(source: str):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rnndsl.CellWarning)
+        return load_source(source)["f"]
+
+
+def spec_of(name: str):
+    lines, _ = CASES[name]
+    return load(cell_source("a = W @ x + U @ h", *lines))
+
+
+def reference_step(name: str, params, h, x):
+    return CASES[name][1](params, pre(params, h, x), h, x)
+
+
+def _parameters(cell, seed: int) -> Dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {name: 0.5 * torch.randn(p.shape, generator=generator, dtype=torch.float64)
+            for name, p in cell.named_parameters()}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_function_matches_torch(name: str, backend: str):
+    cell = spec_of(name).build(3, 4, backend, scan="sequential").double()
+    values = _parameters(cell, seed=1)
+    with torch.no_grad():
+        for key, parameter in cell.named_parameters():
+            parameter.copy_(values[key])
+    generator = torch.Generator().manual_seed(2)
+    xs = torch.randn(5, 2, 3, generator=generator, dtype=torch.float64)
+    h0 = torch.randn(2, 4, generator=generator, dtype=torch.float64)
+    mask = torch.rand(5, 2, generator=generator) < 0.7
+
+    def ours(xs, h, params):
+        return rnndsl.scan(cell, xs, (h,), mask)
+
+    def theirs(xs, h, params):
+        outputs = []
+        for t in range(xs.size(0)):
+            new = reference_step(name, params, h, xs[t])
+            h = torch.where(mask[t].unsqueeze(1), new, h)
+            outputs.append(new * mask[t].unsqueeze(1))
+        return torch.stack(outputs), (h,)
+
+    results = []
+    for function, params in ((ours, dict(cell.named_parameters())),
+                             (theirs, {k: v.clone().requires_grad_() for k, v in values.items()})):
+        x, h = xs.clone().requires_grad_(), h0.clone().requires_grad_()
+        outputs, (final,) = function(x, h, params)
+        weights = torch.Generator().manual_seed(3)
+        loss = sum((r * torch.randn(r.shape, generator=weights, dtype=r.dtype)).sum() for r in (outputs, final))
+        grads = torch.autograd.grad(loss, [x, h, *params.values()])
+        results.append([outputs, final, *grads])
+        # One step, as the cell's forward.
+        if function is ours:
+            step = cell((h0,), xs[0])[1]
+        else:
+            step = reference_step(name, params, h0, xs[0])
+        results[-1].append(step)
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, **TOLERANCE)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_gradcheck_of_the_derived_backward(name: str):
+    cell = spec_of(name).build(3, 4, "script", scan="sequential").double().eval()
+    values = _parameters(cell, seed=4)
+    with torch.no_grad():
+        for key, parameter in cell.named_parameters():
+            parameter.copy_(values[key])
+    generator = torch.Generator().manual_seed(5)
+    xs = torch.randn(3, 2, 3, generator=generator, dtype=torch.float64)
+    h = torch.randn(2, 4, generator=generator, dtype=torch.float64)
+    mask = torch.rand(3, 2, generator=generator) < 0.7
+
+    def function(xs, *tensors):
+        return DerivedSequence.apply(cell, xs, mask, 1, *tensors)
+
+    arguments = [xs.requires_grad_(True), h.requires_grad_(True), *cell.parameters()]
+    assert torch.autograd.gradcheck(function, arguments)
+
+
+# Errors: each at its line and column (line 4 is `a = W @ x + U @ h`, the lines follow it).
+@pytest.mark.parametrize("line, position, words", [
+    ("h' = max(h)", (5, 8), "`max` takes 2 arguments, got 1"),
+    ("h' = sum(h, a)", (5, 8), "`sum` takes 1 argument, got 2"),
+    ("h' = where(h, a, h)", (5, 8), "where's first argument must be a mask"),
+    ("h' = where(a > h, 1.0, 0.0)", (5, 8), "where of two numbers"),
+    ("h' = a ** h", (5, 8), "the exponent of `**` must be a number"),
+    ("h' = pow(a, x)", (5, 8), "the exponent of `**` must be a number"),
+    ("h' = clamp(a, h, 1.0)", (5, 8), "clamp's lower bound must be a number"),
+    ("h' = (a > h) * h", (5, 8), "multiplication of a mask"),
+    ("h' = tanh(a > 0)", (5, 8), "tanh of a mask"),
+    ("h' = sum(2.0) * a", (5, 8), "sum takes a vector, got a number"),
+    ("h' = a + (1.0 < 2.0)", (5, 13), "a comparison of two numbers"),
+    ("h' = a > h", (5, 3), "the next value of state `h` is a mask"),
+])
+def test_misuse_is_an_error_at_its_position(line, position, words):
+    with pytest.raises(CellError) as error:
+        load(cell_source("a = W @ x + U @ h", line))
+    assert words in error.value.message
+    assert (error.value.line, error.value.column) == position
+
+
+def test_comparisons_do_not_chain_and_bind_below_arithmetic():
+    with pytest.raises(CellError) as error:
+        load(cell_source("a = W @ x + U @ h", "h' = where(0 < a < 1, a, h)"))
+    assert (error.value.line, error.value.column) == (5, 20)
+    graph = load(cell_source("a = W @ x + U @ h", "h' = where(a + 1 > h * 2, -a ** 2, h)")).graph
+    ops = [node.op.label for node in graph.nodes]
+    assert ops.index("neg") > ops.index("pow")  # -a ** 2 is -(a ** 2), as in Python
+
+
+def test_scalar_parameters_and_buffers_in_the_module():
+    source = cell_source("param s, g[] = 2.0", "buffer ones[hidden] = 1.0, table[hidden, input] = 0.5",
+                         "h' = tanh(W @ x + s * (table @ x) + U @ h) * ones + g")
+    cell = load(source).build(3, 4)
+    assert dict(cell.named_parameters())["s"].shape == (1,) and cell.g.item() == 2.0
+    assert {name for name, _ in cell.named_buffers()} == {"ones", "table"}
+    assert "ones" not in dict(cell.named_parameters()) and "ones" in cell.state_dict()
+    uniform_weights(cell)
+    assert torch.equal(cell.ones, torch.ones(4)) and torch.equal(cell.table, torch.full((4, 3), 0.5))
+    double = cell.double()
+    assert double.ones.dtype == torch.float64
+    with torch.no_grad():
+        double.ones.mul_(2.0)  # a buffer changed in place: the kernel reads the same tensor
+    x, h = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
+    eager = load(source).build(3, 4, "eager").double()
+    eager.load_state_dict(double.state_dict())
+    torch.testing.assert_close(double((h,), x)[1], eager((h,), x)[1])
+
+
+def test_a_cell_with_new_constructs_pickles_and_hoists():
+    import pickle
+    spec = load(cell_source("buffer ones[hidden] = 1.0", "param s",
+                            "a = softmax(W @ x) * ones + s", "h' = tanh(a + U @ h) + max(sum(a), 0.0)"))
+    cell = spec.build(3, 4).double()
+    clone = pickle.loads(pickle.dumps(cell))
+    assert torch.equal(clone.ones, cell.ones)
+    x, h = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
+    torch.testing.assert_close(clone((h,), x)[1], cell((h,), x)[1])
+    optimized = rnndsl.compile.optimized(spec.graph, rnndsl.options.BuildOptions())
+    per_input = {node.op.label for node in optimized.nodes if node.phase.name == "PER_INPUT"}
+    assert {"softmax", "sum", "clamp_min"} <= per_input  # input-only work leaves the loop
+
+
+def test_show_prints_every_stage_of_a_cell_with_new_constructs(tmp_path, capsys):
+    from rnndsl import cli
+    path = tmp_path / "f.cell"
+    path.write_text(CELL_WITH_EVERYTHING)
+    for stage in ("ast", "ir", "code", "backward", "scan"):
+        assert cli.main(["show", str(path), "--stage", stage]) == 0
+    out = capsys.readouterr().out
+    assert "buffers ones: [hidden]" in out and "where(" in out and "math.exp(-self.k)" in out
+
+
+CELL_WITH_EVERYTHING = cell_source("param s", "buffer ones[hidden] = 1.0", "hyper k = 0.5",
+                                   "a = W @ x + U @ h",
+                                   "h' = where(a > 0, softmax(a), sigmoid(k) * ones) * s + clamp(h, -1, 1) ** 2")
