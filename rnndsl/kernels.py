@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .autograd_modes import plain_backward_needed
+from .chunkwise import chunkwise_attention  # noqa: F401 (generated code gets it through resolve_globals())
 from .linear_scan import linear_recurrence  # noqa: F401 (generated code gets it through resolve_globals())
 from .names import PARALLEL_HELPERS, SCAN_HELPERS, SCRIPT_HELPERS
 

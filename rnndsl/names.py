@@ -18,7 +18,7 @@ from typing import Dict, Tuple
 
 # Helpers of rnndsl/kernels.py that generated code calls by name.
 SCRIPT_HELPERS = ("linear", "outer_sum", "prepack")
-PARALLEL_HELPERS = ("along_steps", "linear_recurrence", "linear_with_grad")
+PARALLEL_HELPERS = ("along_steps", "chunkwise_attention", "linear_recurrence", "linear_with_grad")
 SCAN_HELPERS = ("time_scan",)
 
 # The globals each target's source reads: TorchScript methods (step loop, derived backward) and

@@ -198,3 +198,34 @@ def test_a_general_reshape_and_sum_over_run_as_python_and_torchscript():
     assert namespace["f"](g).shape == (2, 4, 3)
     spec = rnndsl.load_cell("linear_attention")
     assert "list(" in spec.backward_code()
+
+
+SCALAR_AGAINST_TENSORS = """
+cell scalar_decay(x[input]) -> y {
+    size heads = 2
+    state S[heads, hidden, hidden]
+    param s, wk[heads*hidden, input], wv[heads*hidden, input], wq[heads*hidden, input]
+    k = split(wk @ x, heads)
+    S' = s * S + outer(k, split(wv @ x, heads))
+    y = sum(join(split(wq @ x, heads) @ S')) * join(k @ S)
+}
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_scalar_parameter_broadcasts_against_tensors_and_gets_its_gradient(backend):
+    """A one-unit value (`param s`, a feature sum) against a tensor: every dim broadcasts, and the
+    derived backward sums the gradient back over all of them."""
+    spec = rnndsl.load_source(SCALAR_AGAINST_TENSORS)["scalar_decay"]
+    derived = spec.build(3, 2, backend, scan="sequential").double()
+    autograd = spec.build(3, 2, backend, scan="sequential", derived_backward=False).double()
+    autograd.load_state_dict(derived.state_dict())
+    xs = torch.randn(4, 2, 3, dtype=torch.float64)
+    state = (torch.randn(2, derived.state_sizes[0], dtype=torch.float64),)
+    grads = []
+    for cell in (derived, autograd):
+        outputs, final = rnndsl.scan(cell, xs, state)
+        grads.append(torch.autograd.grad((outputs ** 2).sum() + final[0].sum(), list(cell.parameters())))
+    assert derived.s.shape == (1,)
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

@@ -21,14 +21,15 @@ from TorchScript). Its dialect of the emitters sends matrix products to
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Dict, List, Optional, Set, Tuple, Union
 
 from ..dependency import Dependence, dependencies
 from ..ir import Graph, Node, Op, OpKind, Shape, Size, attrs, tiling_order
 from ..names import PARALLEL_GLOBALS, Namespace
 from ..ops import SHAPE_RULES, operand_orders
+from .chunkwise import MatrixUpdate, NotLinear, ViewUpdate, log_code, state_view, tensor_update
 from .base import (EMITTERS, NodeEmitter, PythonCode, biased_products, body_nodes, gemm, one_or_tuple,
-                   size_code, tuple_code, validate_source)
+                   reshape_code, size_code, tuple_code, validate_source)
 from .precision import carried_dtype_casts
 
 # Products go through oneDNN's GEMM where it is faster, under autograd (this code runs as Python).
@@ -45,12 +46,7 @@ class LinearUpdate:
     b: str
 
 
-class NotLinear(Exception):
-    """Why a cell's recurrence is not linear in its state; ``node`` is the offending equation."""
-
-    def __init__(self, message: str, node: Optional[Node]):
-        super().__init__(message)
-        self.node = node
+Update = Union[LinearUpdate, MatrixUpdate, ViewUpdate]
 
 
 def _update_of(state: str, node: Node, nodes: Dict[str, Node], free: Dict[str, bool]) -> Tuple[str, str]:
@@ -192,11 +188,17 @@ def find_linear_recurrences(graph: Graph, fixed_dropout_mask: bool = False) -> L
     """
     nodes = graph.node_map()
     free = {name: dependence is not Dependence.STATE for name, dependence in dependencies(graph).items()}
-    updates = []
+    updates: List[Update] = []
     for decl, next_name in zip(graph.states, graph.next_states):
-        a, b = _update_of(decl.name, nodes[next_name], nodes, free)
-        updates.append(LinearUpdate(decl.name, next_name, a, b))
-    available = {name for name, is_free in free.items() if is_free} | {u.next for u in updates}
+        if state_view(graph, decl.name) is not None:  # a tensor state (rnndsl/codegen/chunkwise.py)
+            updates.append(tensor_update(graph, decl.name, next_name, free))
+        else:
+            a, b = _update_of(decl.name, nodes[next_name], nodes, free)
+            updates.append(LinearUpdate(decl.name, next_name, a, b))
+    available = {name for name, is_free in free.items() if is_free} | {u.next for u in updates} | \
+        {u.read if isinstance(u, MatrixUpdate) else u.tensor for u in updates if not isinstance(u, LinearUpdate)}
+    # A matrix state's next value exists only through its read (the chunkwise form makes no state per step).
+    unmade = {name: u.state for u in updates if isinstance(u, MatrixUpdate) for name in (u.tensor, u.next)}
     for output in graph.outputs:
         stack = [output]
         while stack:
@@ -204,6 +206,9 @@ def find_linear_recurrences(graph: Graph, fixed_dropout_mask: bool = False) -> L
             if name in available:
                 continue
             node = nodes[name]
+            if name in unmade:
+                raise NotLinear(f"output `{output}` reads `{unmade[name]}'` other than through `q @ {unmade[name]}'`, "
+                                "and the chunkwise form makes no state per step", nodes[output])
             if node.op is Op.STATE:
                 raise NotLinear(f"output `{output}` depends on a state other than through its next value",
                                 nodes[output])
@@ -218,7 +223,7 @@ def find_linear_recurrences(graph: Graph, fixed_dropout_mask: bool = False) -> L
     return updates
 
 
-def generate_parallel(graph: Graph, updates: List[LinearUpdate]) -> PythonCode:
+def generate_parallel(graph: Graph, updates: List[Update]) -> PythonCode:
     """``forward_parallel(self, xs, state, mask=None)``, plain Python."""
     code = _WholeSequenceCode(graph)
     nodes, found, lines = code.nodes, code.dependencies, code.lines
@@ -227,27 +232,47 @@ def generate_parallel(graph: Graph, updates: List[LinearUpdate]) -> PythonCode:
     # Values with a time axis get a _seq name; parameter-only values keep theirs.
     seq = {n.name: names.fresh(n.name, "seq") for n in body if found[n.name] is not Dependence.PARAMETERS}
     seq[graph.input.name] = "xs"
-    done = {u.next for u in updates}
+    done = {u.next for u in updates} | {u.read if isinstance(u, MatrixUpdate) else u.tensor
+                                        for u in updates if not isinstance(u, LinearUpdate)}
+    # Only the values the scans and the outputs read: not outer(k, v) for all steps, which the
+    # chunkwise form exists to avoid.
+    from_outputs = _needed_for_outputs(graph, nodes, done)
+    wanted = code.with_whole_splits(_upstream(nodes, from_outputs | _operands(updates, nodes), done, code.biased))
     states = [code.var(d.name) for d in graph.states]
     lines.append("def forward_parallel(self, xs, state, mask=None):")
     lines.extend(f"    {name} = state[{i}]" for i, name in enumerate(states))
     lines.append("    # Every value free of the states, for all steps at once.")
     for node in body:
-        if found[node.name] is not Dependence.STATE:
+        if found[node.name] is not Dependence.STATE and node.name in wanted:
             code.emit_whole(node, seq if found[node.name] is Dependence.INPUT else {})
     lines.append("    if mask is not None:")
     lines.append("        real = mask.unsqueeze(2)")
+    finals = []
     for update, var in zip(updates, states):
+        if isinstance(update, MatrixUpdate):
+            finals.append(_emit_chunkwise(update, var, code, seq, names))
+            continue
         full_a, full_b = names.fresh(update.state, "a"), names.fresh(update.state, "b")
+        like = var
+        if isinstance(update, ViewUpdate):  # a and b broadcast to the state's tensor, then flattened
+            like = names.fresh(update.state, "start")
+            lines.append(f"    {like} = {reshape_code(var, 1, nodes[update.view].shape.dims)}")
+        a = "1.0" if isinstance(update, ViewUpdate) and update.a is None else code.ref(update.a, seq)
         # Coefficients shared by all steps (a parameter, a number) are broadcast over them.
-        lines.append(f"    {full_a} = along_steps({code.ref(update.a, seq)}, xs.size(0), {var})")
-        lines.append(f"    {full_b} = along_steps({code.ref(update.b, seq)}, xs.size(0), {var})")
+        lines.append(f"    {full_a} = along_steps({a}, xs.size(0), {like})")
+        lines.append(f"    {full_b} = along_steps({code.ref(update.b, seq)}, xs.size(0), {like})")
+        if isinstance(update, ViewUpdate):
+            lines.append(f"    {full_a}, {full_b} = {full_a}.flatten(2), {full_b}.flatten(2)")
         lines.append("    if mask is not None:  # padded steps keep the state: a = 1, b = 0")
         lines.append(f"        {full_a} = torch.where(real, {full_a}, 1.0)")
         lines.append(f"        {full_b} = torch.where(real, {full_b}, 0.0)")
         lines.append(f"    {seq[update.next]} = linear_recurrence({full_a}, {full_b}, {var})")
+        if isinstance(update, ViewUpdate):
+            dims = nodes[update.tensor].shape.dims
+            lines.append(f"    {seq[update.tensor]} = {reshape_code(seq[update.next], 1, dims)}")
+        finals.append(f"{seq[update.next]}[-1]")
     lines.append("    # What the outputs need from the new states, for all steps at once.")
-    needed = code.with_whole_splits(_needed_for_outputs(graph, nodes, done))
+    needed = code.with_whole_splits(from_outputs)
     for node in body:
         if found[node.name] is Dependence.STATE and node.name not in done and node.name in needed:
             code.emit_whole(node, seq)
@@ -256,11 +281,56 @@ def generate_parallel(graph: Graph, updates: List[LinearUpdate]) -> PythonCode:
     casts = carried_dtype_casts(graph, states, "xs.dtype", lowered=code.biased.values())
     outputs = [code.ref(name, seq) + (f".to({casts[name]})" if name in casts else "") for name in graph.outputs]
     zeroed = [f"{o} * real.to(xs.dtype)" for o in outputs]
-    finals = [f"{seq[u.next]}[-1]" for u in updates]
     lines.append("    if mask is not None:")
     lines.append(f"        return {one_or_tuple(zeroed)}, {tuple_code(finals)}")
     lines.append(f"    return {one_or_tuple(outputs)}, {tuple_code(finals)}")
     return PythonCode(validate_source("\n".join(lines) + "\n"), PARALLEL_GLOBALS)
+
+
+def _emit_chunkwise(update: MatrixUpdate, var: str, code: "_WholeSequenceCode", seq: Dict[str, str],
+                    names: Namespace) -> str:
+    """The call of the chunkwise form (rnndsl/chunkwise.py) for ``update``; the final state's code."""
+    view = code.nodes[update.tensor].shape.dims
+    start, final = names.fresh(update.state, "start"), names.fresh(update.state, "final")
+    ref = lambda name: code.ref(name, seq)  # noqa: E731
+    log_decay = "None" if update.decay is None else log_code(code.nodes[update.decay], ref)
+    code.lines.append(f"    {start} = {reshape_code(var, 1, view)}")
+    code.lines.append(f"    # {update.state}' = decay * {update.state} + outer({update.key}, {update.value}), "
+                      f"read by {update.query} @ {update.state}': chunk by chunk")
+    code.lines.append(f"    {seq[update.read]}, {final} = chunkwise_attention({ref(update.query)}, {ref(update.key)}, "
+                      f"{ref(update.value)}, {log_decay}, {start}, xs.size(0), mask, "
+                      f"per_key={update.per_key})")
+    return f"{final}.flatten(1)"
+
+
+def _operands(updates: List[Update], nodes: Dict[str, Node]) -> Set[str]:
+    """The values the scans read."""
+    found = set()
+    for update in updates:
+        if isinstance(update, MatrixUpdate):
+            found |= {update.key, update.value, update.query}
+            if update.decay is not None:
+                decay = nodes[update.decay]
+                found |= set(decay.inputs) if decay.op in (Op.EXP, Op.SIGMOID) else {decay.name}
+        else:
+            found |= {name for name in (update.a, update.b) if name is not None}
+    return found
+
+
+def _upstream(nodes: Dict[str, Node], roots: Set[str], made: Set[str], biased: Dict[str, str]) -> Set[str]:
+    """``roots`` and every value they are computed from, short of the values the scans make; a
+    product's bias-adding sum with it (one line makes both)."""
+    found, stack = set(), list(roots)
+    while stack:
+        name = stack.pop()
+        if name in found or name not in nodes:
+            continue
+        found.add(name)
+        if name not in made:
+            stack.extend(nodes[name].inputs)
+        if name in biased:
+            stack.append(biased[name])
+    return found
 
 
 class _WholeSequenceCode(NodeEmitter):

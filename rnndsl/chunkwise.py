@@ -1,0 +1,111 @@
+"""The chunkwise form of a recurrence linear in a matrix state (linear attention, RetNet, GLA,
+Mamba-2's SSD), which the compiler emits for cells of that class (rnndsl/codegen/chunkwise.py).
+
+Per head, with ``a_t`` a decay per head (a number) or per key dim (a vector)::
+
+    S_t = diag(a_t) S_{t-1} + k_t v_t^T        o_t = S_t^T q_t
+
+The sequence is cut into chunks of C steps. Within a chunk, with ``G_t`` the cumulative
+log-decay since the chunk's start (``G_t - G_s = log a_{s+1} + ... + log a_t``)::
+
+    o_t = (q_t * exp(G_t))^T S_start  +  sum_{s <= t} (q_t * exp(G_t - G_s)) . k_s  v_s
+
+and across chunks ``S_end = exp(G_C) * S_start + sum_s (k_s * exp(G_C - G_s)) v_s^T``, a linear
+recurrence over T/C chunk states (run by rnndsl.linear_scan's parallel scan). No state is made per
+step: only one per chunk. Every exponent is a difference ``G_t - G_s`` with ``s <= t``, so at most
+zero: the form is stable at any length and any decay (log-space, no division by a cumulative
+product). A decay per key dim needs the ``(C, C, key)`` tensor of those differences, so its chunks
+are shorter (16 steps) than a per-head decay's (64).
+
+Plain torch ops: autograd derives the backward.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .linear_scan import linear_recurrence
+
+# Steps per chunk: a per-key decay materializes (C, C, key) per chunk, a per-head one (C, C).
+CHUNK_PER_HEAD = 64
+CHUNK_PER_KEY = 16
+
+
+def chunkwise_attention(q: Tensor, k: Tensor, v: Tensor, log_decay: Optional[Tensor], state: Tensor,
+                        steps: int, mask: Optional[Tensor] = None, per_key: bool = False,
+                        chunk: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+    """``(o, final state)`` of the recurrence above over ``steps`` steps.
+
+    ``q``, ``k``: ``(T, batch, heads, key)``; ``v``: ``(T, batch, heads, value)``; values shared by
+    all steps (a parameter) may omit the leading dims, and broadcast. ``log_decay``: None (no
+    decay), or broadcastable to ``(T, batch, heads)`` (``per_key=False``) or ``(T, batch, heads,
+    key)``. ``state``: ``(batch, heads, key, value)``. ``mask``: ``(T, batch)``, False where a step
+    is padding (the state is kept there; its output is whatever, the caller zeroes it).
+    Returns ``o``: ``(T, batch, heads, value)`` and the state after the last step.
+    """
+    batch, heads, keys, values = state.shape
+    dtype = state.dtype
+    q = torch.broadcast_to(q.to(dtype), (steps, batch, heads, keys))
+    k = torch.broadcast_to(k.to(dtype), (steps, batch, heads, keys))
+    v = torch.broadcast_to(v.to(dtype), (steps, batch, heads, values))
+    decay_shape = (steps, batch, heads, keys) if per_key else (steps, batch, heads)
+    g = (torch.zeros(decay_shape, dtype=dtype, device=state.device) if log_decay is None
+         else torch.broadcast_to(log_decay.to(dtype), decay_shape))
+    if mask is not None:  # a padded step keeps the state: decay 1 (log 0), nothing added
+        g = torch.where(mask.view(mask.shape + (1,) * (g.dim() - 2)), g, 0.0)
+        k = k * mask[:, :, None, None].to(dtype)
+    size = max(1, min(chunk or (CHUNK_PER_KEY if per_key else CHUNK_PER_HEAD), steps))
+    count = -(-steps // size)
+    pad = count * size - steps
+    if pad:  # padded like masked steps: the state passes through them unchanged
+        q, k, v, g = (torch.nn.functional.pad(t, (0, 0) * (t.dim() - 1) + (0, pad)) for t in (q, k, v, g))
+    # (T, batch, heads, ...) -> (batch, heads, chunks, C, ...)
+    q, k, v = (t.permute(1, 2, 0, 3).reshape(batch, heads, count, size, -1) for t in (q, k, v))
+    if per_key:
+        g = g.permute(1, 2, 0, 3).reshape(batch, heads, count, size, keys)
+    else:
+        g = g.permute(1, 2, 0).reshape(batch, heads, count, size, 1)
+    cumulative = g.cumsum(3)  # G_t, (batch, heads, chunks, C, key or 1)
+    last = cumulative[:, :, :, -1:]  # G_C
+    causal = torch.ones(size, size, dtype=torch.bool, device=state.device).tril()
+    # exp(G_t - G_s) for s <= t, zero above the diagonal (filled before exp: no overflow there).
+    difference = cumulative.unsqueeze(4) - cumulative.unsqueeze(3)  # (..., t, s, key or 1)
+    within = torch.exp(difference.masked_fill(~causal[:, :, None], float("-inf")))
+    if per_key:
+        scores = (q.unsqueeze(4) * k.unsqueeze(3) * within).sum(-1)
+    else:
+        scores = (q @ k.transpose(-1, -2)) * within.squeeze(-1)
+    inside = scores @ v  # (batch, heads, chunks, C, value)
+    # The chunk states: S_end = exp(G_C) S_start + sum_s (k_s exp(G_C - G_s)) v_s^T.
+    added = (k * torch.exp(last - cumulative)).transpose(-1, -2) @ v  # (batch, heads, chunks, key, value)
+    carried = torch.exp(last).squeeze(3).unsqueeze(-1).expand(batch, heads, count, keys, values)
+    ends = linear_recurrence(carried.permute(2, 0, 1, 3, 4).reshape(count, batch, -1),
+                             added.permute(2, 0, 1, 3, 4).reshape(count, batch, -1),
+                             state.reshape(batch, -1))  # (chunks, batch, heads*key*value)
+    starts = torch.cat([state.reshape(1, batch, -1), ends[:-1]])
+    starts = starts.reshape(count, batch, heads, keys, values).permute(1, 2, 0, 3, 4)
+    across = (q * torch.exp(cumulative)) @ starts  # (batch, heads, chunks, C, value)
+    o = (inside + across).reshape(batch, heads, count * size, values)[:, :, :steps]
+    return o.permute(2, 0, 1, 3), ends[-1].reshape(batch, heads, keys, values)
+
+
+def sequential_attention(q: Tensor, k: Tensor, v: Tensor, log_decay: Optional[Tensor], state: Tensor,
+                         steps: int, mask: Optional[Tensor] = None,
+                         per_key: bool = False) -> Tuple[Tensor, Tensor]:
+    """The reference: the recurrence one step at a time (the arguments of :func:`chunkwise_attention`)."""
+    batch, heads, keys, values = state.shape
+    q = torch.broadcast_to(q, (steps, batch, heads, keys))
+    k = torch.broadcast_to(k, (steps, batch, heads, keys))
+    v = torch.broadcast_to(v, (steps, batch, heads, values))
+    decay_shape = (steps, batch, heads, keys) if per_key else (steps, batch, heads)
+    a = (torch.ones(decay_shape, dtype=state.dtype) if log_decay is None
+         else torch.exp(torch.broadcast_to(log_decay, decay_shape)))
+    outputs = []
+    for t in range(steps):
+        decay = a[t].unsqueeze(-1) if per_key else a[t][..., None, None]
+        updated = decay * state + k[t].unsqueeze(-1) * v[t].unsqueeze(-2)
+        state = updated if mask is None else torch.where(mask[t][:, None, None, None], updated, state)
+        outputs.append((q[t].unsqueeze(-1) * state).sum(-2))
+    return torch.stack(outputs), state

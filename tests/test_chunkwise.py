@@ -1,0 +1,151 @@
+"""The chunkwise form of matrix-state recurrences (rnndsl/chunkwise.py and the compiler's use of it,
+rnndsl/codegen/chunkwise.py): equal to the step loop, values and gradients, with masks, over many
+chunks, and stable over long sequences."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import rnndsl
+from rnndsl.chunkwise import chunkwise_attention, sequential_attention
+
+CHUNKWISE_CELLS = ["linear_attention", "retnet", "gla", "mamba2"]
+
+
+def _problem(steps, batch, heads, keys, values, per_key, generator, low=-3.0, masked=False):
+    def draw(*shape):
+        return torch.randn(*shape, dtype=torch.float64, generator=generator).requires_grad_()
+    q, k, v = draw(steps, batch, heads, keys), draw(steps, batch, heads, keys), draw(steps, batch, heads, values)
+    shape = (steps, batch, heads, keys) if per_key else (steps, batch, heads)
+    log_decay = (low * torch.rand(*shape, dtype=torch.float64, generator=generator)).requires_grad_()
+    state = draw(batch, heads, keys, values)
+    mask = None
+    if masked:
+        lengths = torch.randint(1, steps + 1, (batch,), generator=generator)
+        mask = torch.arange(steps)[:, None] < lengths[None, :]
+    return q, k, v, log_decay, state, mask
+
+
+def _results_and_grads(function, inputs, mask, steps, per_key, chunk=None):
+    q, k, v, log_decay, state, _ = inputs
+    kwargs = {} if chunk is None else dict(chunk=chunk)
+    o, final = function(q, k, v, log_decay, state, steps, mask, per_key, **kwargs)
+    if mask is not None:
+        o = o * mask[:, :, None, None]
+    weights = torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o)
+    grads = torch.autograd.grad((o * weights).sum() + (final * final).sum(), [q, k, v, log_decay, state])
+    return [o, final, *grads]
+
+
+@settings(max_examples=25, deadline=None)
+@given(steps=st.integers(1, 40), chunk=st.integers(1, 9), per_key=st.booleans(), masked=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_chunkwise_equals_the_step_loop(steps, chunk, per_key, masked, seed):
+    g = torch.Generator().manual_seed(seed)
+    inputs = _problem(steps, 2, 2, 3, 4, per_key, g, masked=masked)
+    mask = inputs[-1]
+    got = _results_and_grads(chunkwise_attention, inputs, mask, steps, per_key, chunk)
+    want = _results_and_grads(sequential_attention, inputs, mask, steps, per_key)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("per_key", [False, True])
+@pytest.mark.parametrize("low", [-0.001, -5.0])  # decays near 1 and near 0.007
+def test_long_sequences_stay_finite_and_exact(per_key, low):
+    g = torch.Generator().manual_seed(0)
+    steps = 2048
+    inputs = _problem(steps, 1, 1, 2, 2, per_key, g, low=low)
+    with torch.no_grad():
+        o, final = chunkwise_attention(*inputs[:5], steps, None, per_key)
+        o_loop, final_loop = sequential_attention(*inputs[:5], steps, None, per_key)
+    assert torch.isfinite(o).all() and torch.isfinite(final).all()
+    torch.testing.assert_close(o, o_loop, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(final, final_loop, rtol=1e-9, atol=1e-9)
+
+
+def test_float32_at_8192_steps_with_extreme_decays():
+    """log-space decays: no overflow where a cumulative product of decays e^-20 would underflow and
+    its inverse overflow; float32 agrees with the float64 loop."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(8192, 1, 2, 4, generator=g) for _ in range(3))
+    log_decay = torch.where(torch.rand(8192, 1, 2, 4, generator=g) < 0.5, -20.0, -1e-3)
+    o, final = chunkwise_attention(q, k, v, log_decay, torch.zeros(1, 2, 4, 4), 8192, None, True)
+    assert torch.isfinite(o).all() and torch.isfinite(final).all()
+    with torch.no_grad():
+        want, want_final = sequential_attention(*(t.double() for t in (q, k, v, log_decay)),
+                                                torch.zeros(1, 2, 4, 4, dtype=torch.float64), 8192, None, True)
+    torch.testing.assert_close(o.double(), want, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(final.double(), want_final, rtol=1e-4, atol=1e-3)
+
+
+def _pair(name, backend, input_size, hidden):
+    spec = rnndsl.load_cell(name)
+    sequential = spec.build(input_size, hidden, backend=backend, scan="sequential").double()
+    parallel = spec.build(input_size, hidden, backend=backend, scan="parallel").double()
+    parallel.load_state_dict(sequential.state_dict())
+    return sequential, parallel
+
+
+@pytest.mark.parametrize("backend", ["script", "eager"])
+@pytest.mark.parametrize("name", CHUNKWISE_CELLS)
+@settings(max_examples=4, deadline=None)
+@given(steps=st.sampled_from([1, 5, 17, 70, 130]), batch=st.integers(1, 3), masked=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_stock_cells_chunkwise_equal_their_loop(name, backend, steps, batch, masked, seed):
+    sequential, parallel = _pair(name, backend, 3, 4)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in parallel.parameters():
+            p.copy_(0.5 * torch.randn(p.shape, dtype=torch.float64, generator=g))
+    sequential.load_state_dict(parallel.state_dict())
+    xs = torch.randn(steps, batch, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    state = tuple((0.3 * torch.randn(batch, size, dtype=torch.float64, generator=g)).requires_grad_()
+                  for size in sequential.state_sizes)
+    mask = None
+    if masked:
+        lengths = torch.randint(1, steps + 1, (batch,), generator=g)
+        mask = torch.arange(steps)[:, None] < lengths[None, :]
+    results = []
+    for cell in (sequential, parallel):
+        outputs, final = rnndsl.scan(cell, xs, state, mask)
+        loss = (outputs * torch.linspace(-1, 1, outputs.numel(), dtype=outputs.dtype).view_as(outputs)).sum()
+        loss = loss + sum((s * s).sum() for s in final)
+        results.append([outputs, *final, *torch.autograd.grad(loss, [xs, *state, *cell.parameters()])])
+    for a, b in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", CHUNKWISE_CELLS)
+def test_the_chunkwise_form_makes_no_state_per_step(name):
+    source = rnndsl.load_cell(name).parallel_plan()[0]
+    assert "chunkwise_attention(" in source
+    assert "outer_seq" not in source and ".unsqueeze(-2)" not in source.split("chunkwise_attention(")[0]
+
+
+def test_the_auto_scan_picks_the_chunkwise_form_and_the_delta_rule_keeps_the_loop():
+    assert rnndsl.load_cell("gla").build(3, 4).scan_mode == "parallel"
+    assert rnndsl.load_cell("deltanet").build(3, 4).scan_mode == "sequential"
+    with pytest.raises(ValueError, match=r"deltanet cannot run as a parallel scan.*deltanet.cell:\d+: `S' = "):
+        rnndsl.load_cell("deltanet").build(3, 4, scan="parallel")
+
+
+DECAY_PER_VALUE = """
+cell per_value(x[input]) -> y {
+    size heads = 1
+    state S[heads, hidden, hidden]
+    param wq[heads*hidden, input], wk[heads*hidden, input], wv[heads*hidden, input], wa[heads*hidden, input]
+    q = split(wq @ x, heads)
+    S' = transpose(sigmoid(split(wa @ x, heads)) * transpose(S)) + outer(split(wk @ x, heads), split(wv @ x, heads))
+    y = join(q @ S')
+}
+"""
+
+
+def test_a_decay_outside_the_class_is_refused_by_name():
+    spec = rnndsl.load_source(DECAY_PER_VALUE)["per_value"]
+    assert spec.build(3, 4).scan_mode == "sequential"
+    with pytest.raises(ValueError, match="not of the form a \\* S \\+ b"):
+        spec.build(3, 4, scan="parallel")
