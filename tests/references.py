@@ -211,6 +211,39 @@ def _delta_rule(p: Params, state: State, x: Tensor, alpha: Optional[Tensor]) -> 
     return (S.flatten(1),), _linear(p["weight_o"], torch.nn.functional.silu(_linear(p["weight_g"], x)) * o)
 
 
+def mlstm(p: Params, state: State, x: Tensor) -> Tuple[State, Tensor]:
+    heads = p["weight_i"].shape[0]
+    q, k, v = (_heads(_linear(p[f"weight_{n}"], x), heads) for n in "qkv")
+    C = state[0].reshape(k.shape + v.shape[-1:])
+    n, m = state[1].reshape(k.shape), state[2]
+    log_f = torch.nn.functional.logsigmoid(_linear(p["weight_f"], x, p["bias_f"]))
+    i_tilde = _linear(p["weight_i"], x, p["bias_i"])
+    m_new = torch.maximum(log_f + m, i_tilde)
+    i, f = torch.exp(i_tilde - m_new), torch.exp(log_f + m - m_new)
+    C = f[..., None, None] * C + torch.einsum("bhk,bhv->bhkv", i[..., None] * k, v)
+    n = f[..., None] * n + i[..., None] * k
+    denominator = torch.maximum(torch.einsum("bhk,bhk->bh", q, n).abs(), torch.exp(-m_new))
+    h = torch.einsum("bhk,bhkv->bhv", q, C) / denominator[..., None]
+    y = _linear(p["weight_out"], torch.sigmoid(_linear(p["weight_o"], x)) * h.flatten(1))
+    return (C.flatten(1), n.flatten(1), m_new), y
+
+
+def slstm(p: Params, state: State, x: Tensor) -> Tuple[State, Tensor]:
+    h, c, n, m = state
+    heads = p["R_z"].shape[0]
+
+    def gate(name: str) -> Tensor:  # W x + R h (block-diagonal, per head) + b
+        recurrent = torch.einsum("hij,bhj->bhi", p[f"R_{name}"], _heads(h, heads)).flatten(1)
+        return _linear(p[f"weight_{name}"], x) + recurrent + p[f"bias_{name}"]
+    z, o, i_tilde = torch.tanh(gate("z")), torch.sigmoid(gate("o")), gate("i")
+    log_f = torch.nn.functional.logsigmoid(gate("f"))
+    m_new = torch.maximum(log_f + m, i_tilde)
+    i, f = torch.exp(i_tilde - m_new), torch.exp(log_f + m - m_new)
+    c_new, n_new = f * c + i * z, f * n + i
+    h_new = o * c_new / n_new
+    return (h_new, c_new, n_new, m_new), h_new
+
+
 def deltanet(p: Params, state: State, x: Tensor) -> Tuple[State, Tensor]:
     return _delta_rule(p, state, x, None)
 
@@ -225,7 +258,7 @@ REFERENCES: Dict[str, Reference] = {
     "peephole_lstm": peephole_lstm, "layernorm_lstm": layernorm_lstm, "cifg_lstm": cifg_lstm, "sru": sru,
     "janet": janet, "attention_rnn": attention_rnn, "lstm_cell_clip": lstm_cell_clip,
     "linear_attention": linear_attention, "retnet": retnet, "gla": gla, "mamba2": mamba2,
-    "deltanet": deltanet, "gated_deltanet": gated_deltanet,
+    "deltanet": deltanet, "gated_deltanet": gated_deltanet, "mlstm": mlstm, "slstm": slstm,
 }
 def reference_scan(reference: Reference, params: Params, state: State, xs: Tensor,
                    mask: Optional[Tensor] = None) -> Tuple[Tensor, State]:

@@ -129,7 +129,8 @@ def test_projections_are_hoisted_as_one_gemm_and_outer_products_stay_in_the_loop
     assert outer.phase is Phase.PER_STEP  # for all steps at once it would hold T*B*heads*key*value
 
 
-@pytest.mark.parametrize("name", ["linear_attention", "retnet", "gla", "mamba2"])
+@pytest.mark.parametrize("name", ["linear_attention", "retnet", "gla", "mamba2", "deltanet", "gated_deltanet",
+                                  "mlstm", "slstm"])
 def test_stock_tensor_cells_build_in_networks_from_two_sizes(name):
     torch.manual_seed(0)
     outputs, _ = rnndsl.make_recurrent(name, 5, [6, 6])(torch.randn(4, 3, 5))
