@@ -206,9 +206,7 @@ class EagerCell(CellModule):
                 return self.forward_parallel(xs, state, mask)
             # The loop as one opaque op, compiled once whatever the length. (Not the scan form:
             # Inductor's backward of scan gives wrong gradients for some cells in torch 2.13.)
-            # Not yet for a cell with buffers: the op takes the parameters as inputs, not the buffers
-            # (its fake run would read real tensors), so dynamo traces the Python loop instead.
-            compiled = None if self._buffer_names else derived.compiled_forward_sequence(self, xs, state, mask)
+            compiled = derived.compiled_forward_sequence(self, xs, state, mask)
             if compiled is not None:
                 return compiled
         # The parallel scan's autograd Functions have no vmap rule: torch.func runs the loop.
@@ -237,9 +235,10 @@ class ScriptedCell(EagerCell):
 
     _script_kernel: Callable  # compile.script_kernel, set on each class by the compiler that made it
 
-    def kernel(self, parameters: Optional[Sequence[Tensor]] = None) -> torch.jit.RecursiveScriptModule:
+    def kernel(self, parameters: Optional[Sequence[Tensor]] = None,
+               buffers: Optional[Sequence[Tensor]] = None) -> torch.jit.RecursiveScriptModule:
         """The TorchScript module, bound to this cell's hyper-parameters and mode, and to its
-        parameters now (or to ``parameters``, in declaration order)."""
+        parameters and buffers now (or to ``parameters`` and ``buffers``, in declaration order)."""
         if torch.jit.is_tracing():
             raise RuntimeError(f"cell {self.cell_name}: torch.jit.trace cannot follow a scripted cell's TorchScript "
                                "kernel, which is not a submodule; trace rnndsl.torchscript(model), where the cells are "
@@ -257,8 +256,8 @@ class ScriptedCell(EagerCell):
             for name in self._python_methods._constant_names:
                 setattr(kernel, name, getattr(self, name))
             self.__dict__["_kernel_settings"] = settings
-        for name in self._buffer_names:  # `.to()` replaces a buffer's tensor: bound again by identity
-            current = getattr(self, name)
+        for index, name in enumerate(self._buffer_names):  # `.to()` replaces a buffer's tensor: bound again by identity
+            current = getattr(self, name) if buffers is None else buffers[index]
             if getattr(kernel, name) is not current:
                 kernel._c.setattr(name, current)
         bound = self.__dict__["_kernel_parameters"]

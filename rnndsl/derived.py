@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from . import opaque
-from .twin import eager_forward_sequence, parameters_of
+from .twin import buffers_of, eager_forward_sequence, parameters_of
 from .autograd_modes import plain_backward_needed
 
 
@@ -139,4 +139,4 @@ def compiled_forward_sequence(cell, xs: Tensor, state: Sequence[Tensor], mask: O
         return None
     if torch.is_autocast_enabled(xs.device.type):
         return None  # the op's backward would see autocast's mixed dtypes, which autograd alone undoes
-    return opaque.forward_sequence(cell, xs, tuple(state), mask, parameters_of(cell), saving)
+    return opaque.forward_sequence(cell, xs, tuple(state), mask, parameters_of(cell), buffers_of(cell), saving)

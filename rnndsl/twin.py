@@ -14,15 +14,17 @@ from typing import List, Optional, Sequence, Tuple
 from torch import Tensor
 
 
-def bound_view(cell, parameters: Optional[Sequence[Tensor]] = None,
-               training: Optional[bool] = None) -> types.SimpleNamespace:
+def bound_view(cell, parameters: Optional[Sequence[Tensor]] = None, training: Optional[bool] = None,
+               buffers: Optional[Sequence[Tensor]] = None) -> types.SimpleNamespace:
     """A cell as its generated methods read it (``self.weight``, ``self.hidden``,
-    ``self.training``), as plain attributes, with its parameters bound to ``parameters`` in
-    declaration order (default: the cell's own now), and ``training`` (default: the cell's mode)."""
+    ``self.training``), as plain attributes, with its parameters bound to ``parameters`` and its
+    buffers to ``buffers``, in declaration order (default: the cell's own now), and ``training``
+    (default: the cell's mode)."""
     parameters = parameters_of(cell) if parameters is None else parameters
-    constants = {name: getattr(cell, name) for name in cell._python_methods._constant_names + cell._buffer_names}
+    buffers = buffers_of(cell) if buffers is None else buffers
+    constants = {name: getattr(cell, name) for name in cell._python_methods._constant_names}
     return types.SimpleNamespace(training=cell.training if training is None else training, **constants,
-                                 **dict(zip(cell._inits, parameters)))
+                                 **dict(zip(cell._buffer_names, buffers)), **dict(zip(cell._inits, parameters)))
 
 
 def eager_forward_sequence(cell, xs: Tensor, state: Sequence[Tensor], mask: Optional[Tensor],
@@ -44,3 +46,8 @@ def named_parameters_of(cell) -> List[Tuple[str, Tensor]]:
     """The cell's parameters with their names, in declaration order, duplicates kept, as the cell's
     code reads them (a parametrized one computed)."""
     return [(name, getattr(cell, name)) for name in cell._inits]
+
+
+def buffers_of(cell) -> List[Tensor]:
+    """Every buffer in declaration order, as the cell's code reads them."""
+    return [getattr(cell, name) for name in cell._buffer_names]

@@ -118,6 +118,33 @@ def test_random_cells_derive_the_same_gradients(drawn, input_size, hidden, steps
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("literal", [False, True], ids=["hyper", "literal"])
+@pytest.mark.parametrize("k", [0.0, 1.0, 2.0, 3.0, -1.0, -2.0, 0.5, 2.5])
+def test_the_derivative_of_a_power_is_torchs(k, literal):
+    """d(a ** k)/da as torch's pow backward: zero for k == 0 everywhere, even at a == 0 (where
+    k * a ** (k - 1) is 0 * inf), else k * a ** (k - 1). Whole-number k >= 0 meets bases exactly
+    zero (an input of zeros, a state of zeros); the others, where a ** k is not finite or not
+    real at zero or below, meet bases in (0, 1)."""
+    exponent = repr(k) if literal else "k"
+    zero_bases = k >= 0 and k.is_integer()
+    a, b = ("w @ x", "h") if zero_bases else ("sigmoid(w @ x)", "sigmoid(h)")
+    spec = rnndsl.load_source("cell t(x[input]) -> h {\n    state h[hidden]\n    hyper k = 1.0\n"
+                              "    param w[hidden, input]\n"
+                              f"    h' = tanh(({a}) ** {exponent} + pow({b}, {exponent}))\n}}\n")["t"]
+    derived = spec.build(3, 4, scan="sequential", k=k).double()
+    loop = spec.build(3, 4, scan="sequential", k=k, derived_backward=False).double()
+    loop.load_state_dict(derived.state_dict())
+    xs, state, mask = inputs(derived, steps=3, batch=2)
+    if zero_bases:
+        xs[0, 0], xs[2, 1] = 0.0, 0.0
+        state[0][0, :2] = 0.0
+    for masked in (None, mask):
+        got, expected = run(derived, xs, state, masked), run(loop, xs, state, masked)
+        assert type(got[2]).__name__ == "DerivedSequenceBackward"
+        for a, b in zip(got[0] + got[1], expected[0] + expected[1], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("name", ["lstm", "gru", "layernorm_lstm"])
 def test_float32_on_onednn_matches_autograd_of_the_loop(name):
     """Sizes large enough that the products go to oneDNN (and the recurrent weight is prepacked)."""

@@ -66,28 +66,49 @@ def test_every_stock_cell_network_compiles_whole_and_matches_eager(name, backend
     _compare(net, _network, (xs, torch.tensor([5, 2, 4])))
 
 
-def _graph_sizes(model, run, lengths) -> list:
-    """The number of nodes in the graph dynamo makes, for each sequence length."""
-    sizes = []
+def _graphs(model, run, lengths) -> list:
+    """The graphs dynamo makes, for each sequence length."""
+    graphs = []
     for steps in lengths:
         torch._dynamo.reset()
-        sizes.append([])
+        graphs.append([])
 
-        def backend(graph_module, example_inputs, found=sizes[-1]):
-            found.append(len(graph_module.graph.nodes))
+        def backend(graph_module, example_inputs, found=graphs[-1]):
+            found.append(graph_module.graph)
             return graph_module.forward
 
         torch.compile(run, backend=backend, fullgraph=True, dynamic=False)(model, torch.randn(steps, 2, 3))
-    return sizes
+    return graphs
+
+
+def _calls_the_op(graph) -> bool:
+    """Whether a dynamo graph calls ``rnndsl::sequence`` (as the op, or its one overload)."""
+    op = torch.ops.rnndsl.sequence
+    return any(node.target in (op, op.default) for node in graph.nodes)
+
+
+@pytest.mark.parametrize("name", ["lstm", "attention_rnn"])
+@pytest.mark.parametrize("backend", ["script", "eager"])
+def test_the_recurrence_is_one_op_whatever_the_length(name, backend):
+    """Compiled at T=3 and at T=60 (no dynamic shapes), the graphs are the same size and call the
+    op: the loop is not unrolled, for a cell with buffers (attention_rnn) too."""
+    net = rnndsl.make_recurrent(name, 3, [4, 4], backend=backend, save_hidden=False)
+    short, long = _graphs(net, lambda m, x: m(x)[0], (3, 60))
+    assert [len(g.nodes) for g in short] == [len(g.nodes) for g in long] and len(short) == 1
+    assert _calls_the_op(short[0])
 
 
 @pytest.mark.parametrize("backend", ["script", "eager"])
-def test_the_recurrence_is_one_op_whatever_the_length(backend):
-    """Compiled at T=3 and at T=60 (no dynamic shapes), the graphs are the same size: the loop is
-    not unrolled."""
-    net = rnndsl.make_recurrent("lstm", 3, [4, 4], backend=backend, save_hidden=False)
-    short, long = _graph_sizes(net, lambda m, x: m(x)[0], (3, 60))
-    assert short == long and len(short) == 1
+def test_a_cell_with_buffers_compiles_to_the_op_and_matches_eager(backend):
+    """The buffer reaches the op as an input, without a gradient: the value it holds now (not its
+    default) drives the compiled sequence, forward and backward, as it drives eager."""
+    torch.manual_seed(0)
+    net = rnndsl.make_recurrent("attention_rnn", 3, [4, 4], backend=backend, save_hidden=False).double()
+    for cell in (layer.cell for layer in net.network.layers):
+        cell.sharpness.fill_(0.75)
+    _compare(net, _network, (torch.randn(5, 3, 3, dtype=F64), torch.tensor([5, 2, 4])))
+    (graph,), = _graphs(net.float(), lambda m, x: m(x)[0], (4,))
+    assert _calls_the_op(graph)
 
 
 @pytest.mark.parametrize("name", ["mingru", "qrnn"])

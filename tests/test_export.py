@@ -49,24 +49,11 @@ def _assert_same(got, want, **tolerance) -> None:
         torch.testing.assert_close(g, w, **(tolerance or TOL))
 
 
-# Known gap (found merging the export and language branches): the scan form of a cell with a
-# buffer (attention_rnn) or a clamp bound (lstm_cell_clip) hands scan a real tensor its fake mode refuses.
-_SCAN_FORM_GAPS = {"attention_rnn", "lstm_cell_clip"}
-
-
-def _scan_cells():
-    return [pytest.param(n, marks=pytest.mark.xfail(reason="scan form of buffers/clamp bounds: known gap"))
-            if n in _SCAN_FORM_GAPS else n for n in stock_cell_names()]
-
-
-@pytest.mark.parametrize("name", _scan_cells())
-@pytest.mark.parametrize("backend", ["script", "eager"])
-def test_scan_form_computes_what_the_loop_computes(name, backend):
-    """The scan target against forward_sequence, every stock cell, with and without a mask (eager
-    scan: no export needed to check the generated code)."""
+def _assert_scan_form_computes_what_the_loop_computes(spec: rnndsl.CellSpec, size: int, backend: str) -> None:
+    """The scan target against forward_sequence, with and without a mask (eager scan: no export
+    needed to check the generated code)."""
     torch.manual_seed(0)
-    size = 5 if name == "sru" else 4  # sru reads x[hidden]
-    cell = rnndsl.load_cell(name).build(size, 5, backend=backend, scan="sequential").double().eval()
+    cell = spec.build(size, 5, backend=backend, scan="sequential").double().eval()
     python = cell._python_methods if backend == "script" else type(cell)
     view = rnndsl.twin.bound_view(cell) if backend == "script" else cell
     xs = torch.randn(6, 3, size, dtype=F64)
@@ -76,6 +63,33 @@ def test_scan_form_computes_what_the_loop_computes(name, backend):
         want_outputs, want_state = cell.forward_sequence(xs, state, m)
         got_outputs, got_state = python.forward_sequence_scan(view, xs, state, m)
         _assert_same((got_outputs, got_state), (want_outputs, want_state))
+
+
+@pytest.mark.parametrize("name", stock_cell_names())
+@pytest.mark.parametrize("backend", ["script", "eager"])
+def test_scan_form_computes_what_the_loop_computes(name, backend):
+    """Every stock cell (attention_rnn reads a buffer, lstm_cell_clip a number computed once)."""
+    _assert_scan_form_computes_what_the_loop_computes(rnndsl.load_cell(name), 5 if name == "sru" else 4, backend)
+
+
+@pytest.mark.parametrize("backend", ["script", "eager"])
+def test_scan_step_takes_buffers_as_inputs_and_numbers_from_the_method(backend):
+    """Buffers named as the step's own locals (`keep`) or `self` come in as the scan op's inputs,
+    under fresh names: a buffer the step closed over would reach the op as a real tensor among
+    its fake ones. Numbers computed once from hyper-parameters (`-sigmoid(k)`) are Python floats,
+    which the op refuses as inputs: the step reads them from the method around it."""
+    spec = rnndsl.load_source(textwrap.dedent("""
+        cell edge(x[input]) -> h {
+            state h[hidden]
+            param W[hidden, input], U[hidden, hidden]
+            buffer keep[hidden] = 0.5, self[] = 2.0
+            hyper k = 3.0
+            h' = clamp(tanh(W @ x + U @ (keep * h) * self), -sigmoid(k), k * 0.5)
+        }
+        """))["edge"]
+    step = spec.scan_code().split("def one_step")[1].split("time_scan")[0]
+    assert "self." not in step, step
+    _assert_scan_form_computes_what_the_loop_computes(spec, 3, backend)
 
 
 def test_export_runs_no_dynamo():
@@ -88,7 +102,7 @@ def test_export_runs_no_dynamo():
     assert not counters["stats"]["unique_graphs"], dict(counters["stats"])
 
 
-@pytest.mark.parametrize("name", _scan_cells())
+@pytest.mark.parametrize("name", stock_cell_names())
 @pytest.mark.parametrize("backend", ["script", "eager"])
 def test_every_stock_cell_exports_with_a_dynamic_length_and_batch(name, backend):
     """Two layers, each one scan node; the program at other lengths and batches equals the module."""

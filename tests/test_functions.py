@@ -103,24 +103,27 @@ def reference_step(name: str, params, h, x):
     return CASES[name][1](params, pre(params, h, x), h, x)
 
 
-def _parameters(cell, seed: int) -> Dict[str, torch.Tensor]:
+def _drawn_cell(name: str, backend: str, steps: int, seed: int):
+    """Case ``name`` built with parameters drawn from ``seed``, and a (steps, 2, 3) sequence, a
+    (2, 4) state and a mask drawn from ``seed + 1``: ``(cell, parameter values, xs, h, mask)``."""
+    cell = spec_of(name).build(3, 4, backend, scan="sequential").double()
     generator = torch.Generator().manual_seed(seed)
-    return {name: 0.5 * torch.randn(p.shape, generator=generator, dtype=torch.float64)
-            for name, p in cell.named_parameters()}
+    values = {key: 0.5 * torch.randn(p.shape, generator=generator, dtype=torch.float64)
+              for key, p in cell.named_parameters()}
+    with torch.no_grad():
+        for key, parameter in cell.named_parameters():
+            parameter.copy_(values[key])
+    generator = torch.Generator().manual_seed(seed + 1)
+    xs = torch.randn(steps, 2, 3, generator=generator, dtype=torch.float64)
+    h = torch.randn(2, 4, generator=generator, dtype=torch.float64)
+    mask = torch.rand(steps, 2, generator=generator) < 0.7
+    return cell, values, xs, h, mask
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_function_matches_torch(name: str, backend: str):
-    cell = spec_of(name).build(3, 4, backend, scan="sequential").double()
-    values = _parameters(cell, seed=1)
-    with torch.no_grad():
-        for key, parameter in cell.named_parameters():
-            parameter.copy_(values[key])
-    generator = torch.Generator().manual_seed(2)
-    xs = torch.randn(5, 2, 3, generator=generator, dtype=torch.float64)
-    h0 = torch.randn(2, 4, generator=generator, dtype=torch.float64)
-    mask = torch.rand(5, 2, generator=generator) < 0.7
+    cell, values, xs, h0, mask = _drawn_cell(name, backend, steps=5, seed=1)
 
     def ours(xs, h, params):
         return rnndsl.scan(cell, xs, (h,), mask)
@@ -154,15 +157,8 @@ def test_function_matches_torch(name: str, backend: str):
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_gradcheck_of_the_derived_backward(name: str):
-    cell = spec_of(name).build(3, 4, "script", scan="sequential").double().eval()
-    values = _parameters(cell, seed=4)
-    with torch.no_grad():
-        for key, parameter in cell.named_parameters():
-            parameter.copy_(values[key])
-    generator = torch.Generator().manual_seed(5)
-    xs = torch.randn(3, 2, 3, generator=generator, dtype=torch.float64)
-    h = torch.randn(2, 4, generator=generator, dtype=torch.float64)
-    mask = torch.rand(3, 2, generator=generator) < 0.7
+    cell, _, xs, h, mask = _drawn_cell(name, "script", steps=3, seed=4)
+    cell.eval()
 
     def function(xs, *tensors):
         return DerivedSequence.apply(cell, xs, mask, 1, *tensors)

@@ -23,7 +23,7 @@ import math
 import re
 import tokenize
 from dataclasses import dataclass
-from typing import Callable, Collection, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Collection, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ..ir import Graph, IRError, Node, Op, OpKind
 from ..names import RESERVED, Namespace
@@ -244,11 +244,12 @@ class NodeEmitter:
         """How this method refers to a leaf: a parameter bound to a local, else leaf_reference."""
         return self.parameter_locals.get(node.name) or leaf_reference(node)
 
-    def bind_parameters(self, names: Namespace) -> None:
-        """Make parameters locals of the method (bound from its parameter list), named as declared
-        unless that would shadow what generated code uses."""
-        self.parameter_locals = {d.name: (names.fresh(d.name) if d.name in RESERVED else d.name)
-                                 for d in self.graph.params}
+    def bind_parameters(self, names: Namespace, leaves: Optional[Iterable[str]] = None) -> None:
+        """Make parameters (or the named ``leaves``: parameters and buffers) locals of the method,
+        bound from its parameter list, named as declared unless that would shadow what generated
+        code uses."""
+        leaves = [d.name for d in self.graph.params] if leaves is None else leaves
+        self.parameter_locals = {name: (names.fresh(name) if name in RESERVED else name) for name in leaves}
 
     def ref(self, name: str, rename: Dict[str, str]) -> str:
         """How code refers to value ``name``: a leaf, its ``rename`` (whole-sequence values), or its local."""

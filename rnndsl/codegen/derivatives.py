@@ -182,9 +182,16 @@ def _expm1(r: Rule) -> Contributions:
 
 
 def _pow(r: Rule) -> Contributions:
-    # torch's pow_backward for a number exponent k: grad * k * a ** (k - 1).
+    # torch's pow_backward for a number exponent k: zero where k == 0, else grad * k * a ** (k - 1).
+    # k == 0 is its own case: at a == 0, k * a ** (k - 1) would be 0 * inf, NaN.
     base, exponent = r.value(0), r.value(1)
-    return [Term(f"{r.grad} * ({exponent} * torch.pow({base}, {exponent} - 1.0))"), None]
+    try:
+        k = float(exponent)  # a literal exponent (`a ** 2`): the case is decided here
+    except ValueError:  # a hyper-parameter or a number computed from them: decided when it runs
+        return [Term(f"({r.grad} * ({exponent} * torch.pow({base}, {exponent} - 1.0)) if {exponent} != 0.0 "
+                     f"else torch.zeros_like({r.grad}))"), None]
+    return [Term(f"{r.grad} * ({k!r} * torch.pow({base}, {k - 1.0!r}))" if k != 0.0
+                 else f"torch.zeros_like({r.grad})"), None]
 
 
 def _extremum(larger: str) -> Callable[[Rule], Contributions]:

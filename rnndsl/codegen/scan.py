@@ -9,9 +9,10 @@ The method computes what ``forward_sequence`` (rnndsl/codegen/step.py) computes,
 same order: parameter-only values once, input-only values for all steps at once, then
 ``time_scan(one_step, state, per_step, invariants)`` where ``one_step(carry, step_inputs,
 invariants)`` takes the carried state, this step's slices (the hoisted values and the mask)
-and the values every step reads alike (the parameters and parameter-only values the step
-uses), and returns the next state and the outputs. Both are fresh tensors, as scan requires:
-the state is always ``torch.where(keep, new, old)`` and the outputs are multiplied by the
+and the tensors every step reads alike (the parameters, buffers and parameter-only values
+the step uses; a number computed once, a Python float, it reads from the enclosing method),
+and returns the next state and the outputs. Both are fresh tensors, as scan requires: the
+state is always ``torch.where(keep, new, old)`` and the outputs are multiplied by the
 mask, which is all True when the caller gives none.
 
 The step reads no tensor from outside itself: everything comes in through its arguments.
@@ -41,9 +42,13 @@ def generate_scan(graph: Graph) -> PythonCode:
     step = [n for n in body if n.phase is Phase.PER_STEP]
     needed = {name for n in step for name in n.inputs} | set(graph.results())
     reads = [name for name in seq_name if name in needed]
+    by_name = graph.node_map()
     # The tensors every step reads alike: parameters, buffers, and values computed once from them.
+    # A number computed once (`-cell_clip`) is a Python float, not a tensor: the step reads it
+    # from the enclosing method, as it reads hyper-parameters from `self`.
     invariants = [n.name for n in graph.nodes if n.name in needed
-                  and (n.op in (Op.PARAM, Op.BUFFER) or (n in body and n.phase is Phase.ONCE))]
+                  and (n.op in (Op.PARAM, Op.BUFFER)
+                       or (n in body and n.phase is Phase.ONCE and not n.shape.is_scalar))]
     one_step, carry, step_inputs, step_invariants, keep_seq, final, outputs = (
         names.fresh(base) for base in ("one_step", "carry", "step_inputs", "invariants", "keep_seq", "final",
                                        "outputs"))
@@ -68,10 +73,9 @@ def generate_scan(graph: Graph) -> PythonCode:
     lines.extend(f"        {name} = {carry}[{i}]" for i, name in enumerate(states))
     lines.extend(f"        {emitter.var(name)} = {step_inputs}[{i}]" for i, name in enumerate(reads))
     lines.append(f"        keep = {step_inputs}[{len(reads)}].unsqueeze(1)")
-    # Inside the step, the parameters it reads are locals bound from its arguments, not `self.weight`.
-    emitter.bind_parameters(names)
-    emitter.parameter_locals = {name: local for name, local in emitter.parameter_locals.items()
-                                if name in invariants}
+    # Inside the step, the parameters and buffers it reads are locals bound from its arguments, not
+    # `self.weight`: a tensor the step closes over reaches the scan op real, not fake.
+    emitter.bind_parameters(names, [name for name in invariants if by_name[name].op in (Op.PARAM, Op.BUFFER)])
     lines.extend(f"        {emitter.parameter_locals.get(name, name)} = {step_invariants}[{i}]"
                  for i, name in enumerate(invariants))
     for node in step:
