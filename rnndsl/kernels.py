@@ -52,12 +52,15 @@ def _rows(v: Tensor) -> int:
 
 
 def _linear_onednn(v: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """``v @ weight.t() + bias`` over the last dim of ``v`` (any leading dims); ``weight`` may be prepacked."""
+    """``v @ weight.t() + bias`` over the last dim of ``v`` (any leading dims); ``weight`` may be prepacked.
+    ``bias`` is a vector, or a whole addend the size of the result."""
     if weight.is_mkldnn or _uses_onednn(_rows(v), weight):
-        if bias is not None:
-            bias = bias.contiguous()
-        flat = torch.ops.mkldnn._linear_pointwise(v.reshape(-1, v.size(-1)), weight, bias, "none", [], "")
-        return flat.reshape(list(v.size())[:-1] + [flat.size(-1)])
+        vector = bias if bias is not None and bias.dim() == 1 else None  # oneDNN adds a vector only
+        if vector is not None:
+            vector = vector.contiguous()
+        flat = torch.ops.mkldnn._linear_pointwise(v.reshape(-1, v.size(-1)), weight, vector, "none", [], "")
+        product = flat.reshape(list(v.size())[:-1] + [flat.size(-1)])
+        return product + bias if bias is not None and vector is None else product
     return _linear_matmul(v, weight, bias)
 
 
@@ -73,7 +76,12 @@ def _prepack_onednn(weight: Tensor, rows: int) -> Tensor:
 
 
 def _linear_matmul(v: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """``v @ weight.t() + bias`` over the last dim of ``v``, any leading dims."""
+    """``v @ weight.t() + bias`` over the last dim of ``v``, any leading dims; ``bias`` is a vector
+    or a whole addend the size of the result."""
+    if bias is not None and (v.dim() == 2 or (bias.dim() == 1 and v.is_contiguous())):
+        # The GEMM adds it: one pass less over the result (leading dims flattened, as F.linear does).
+        flat = torch.addmm(bias, v.reshape(-1, v.size(-1)), weight.t())
+        return flat.reshape(list(v.size())[:-1] + [flat.size(-1)])
     product = torch.matmul(v, weight.t())
     return product if bias is None else product + bias
 
