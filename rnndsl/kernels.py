@@ -1,10 +1,11 @@
 """The few helpers generated code calls by name, besides torch's own.
 
 Matrix products go through :func:`linear` and :func:`outer_sum`, which use
-oneDNN's GEMM for large float32 products on CPU (torch's matmul calls MKL,
-which on AMD CPUs runs at about half the speed torch.nn.LSTM's oneDNN kernels
-get). oneDNN's op has no derivative, so :func:`linear` picks it only where
-autograd does not record (the derived backward's methods run that way);
+oneDNN's GEMM for large float32 products on CPUs where torch's own matmul (MKL's
+sgemm) is slow: on AMD CPUs it runs at about half the speed torch.nn.LSTM's
+oneDNN kernels get. On Intel CPUs MKL is as fast or faster (:func:`_onednn_beats_mkl`),
+and they use torch's matmul. oneDNN's op has no derivative, so :func:`linear` picks it
+only where autograd does not record (the derived backward's methods run that way);
 :func:`linear_with_grad` wraps it in an autograd Function for code that runs
 under autograd (the parallel scan's ``forward_parallel``).
 """
@@ -52,12 +53,15 @@ def _rows(v: Tensor) -> int:
 
 
 def _linear_onednn(v: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """``v @ weight.t() + bias`` over the last dim of ``v`` (any leading dims); ``weight`` may be prepacked."""
+    """``v @ weight.t() + bias`` over the last dim of ``v`` (any leading dims); ``weight`` may be prepacked.
+    ``bias`` is a vector, or a whole addend the size of the result."""
     if weight.is_mkldnn or _uses_onednn(_rows(v), weight):
-        if bias is not None:
-            bias = bias.contiguous()
-        flat = torch.ops.mkldnn._linear_pointwise(v.reshape(-1, v.size(-1)), weight, bias, "none", [], "")
-        return flat.reshape(list(v.size())[:-1] + [flat.size(-1)])
+        vector = bias if bias is not None and bias.dim() == 1 else None  # oneDNN adds a vector only
+        if vector is not None:
+            vector = vector.contiguous()
+        flat = torch.ops.mkldnn._linear_pointwise(v.reshape(-1, v.size(-1)), weight, vector, "none", [], "")
+        product = flat.reshape(list(v.size())[:-1] + [flat.size(-1)])
+        return product + bias if bias is not None and vector is None else product
     return _linear_matmul(v, weight, bias)
 
 
@@ -73,7 +77,12 @@ def _prepack_onednn(weight: Tensor, rows: int) -> Tensor:
 
 
 def _linear_matmul(v: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """``v @ weight.t() + bias`` over the last dim of ``v``, any leading dims."""
+    """``v @ weight.t() + bias`` over the last dim of ``v``, any leading dims; ``bias`` is a vector
+    or a whole addend the size of the result."""
+    if bias is not None and (v.dim() == 2 or (bias.dim() == 1 and v.is_contiguous())):
+        # The GEMM adds it: one pass less over the result (leading dims flattened, as F.linear does).
+        flat = torch.addmm(bias, v.reshape(-1, v.size(-1)), weight.t())
+        return flat.reshape(list(v.size())[:-1] + [flat.size(-1)])
     product = torch.matmul(v, weight.t())
     return product if bias is None else product + bias
 
@@ -83,20 +92,53 @@ def _prepack_none(weight: Tensor, rows: int) -> Tensor:
     return weight
 
 
-def outer_sum(grad: Tensor, vector: Tensor) -> Tensor:
+def _outer_sum_onednn(grad: Tensor, vector: Tensor) -> Tensor:
     """``sum_k grad[k] ⊗ vector[k]`` over all leading dims: the gradient of W in ``W @ v``, one GEMM."""
     grads, vectors = grad.reshape(-1, grad.size(-1)), vector.reshape(-1, vector.size(-1))
     count, rows, columns = grads.size(0), grads.size(1), vectors.size(1)
     # oneDNN copies a transposed left operand to make it contiguous: transpose the side that
     # moves less memory (for an LSTM's (4h, h) weight, the vectors and the result).
     if columns * count + rows * columns < rows * count:
-        return linear(vectors.t(), grads.t()).t().contiguous()
-    return linear(grads.t(), vectors.t())
+        return _linear_onednn(vectors.t(), grads.t()).t().contiguous()
+    return _linear_onednn(grads.t(), vectors.t())
 
 
-_HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-linear = _linear_onednn if _HAS_ONEDNN else _linear_matmul
-prepack = _prepack_onednn if _HAS_ONEDNN else _prepack_none
+def _outer_sum_matmul(grad: Tensor, vector: Tensor) -> Tensor:
+    """:func:`_outer_sum_onednn` by torch's matmul, which reads the transposed operand in place."""
+    return torch.mm(grad.reshape(-1, grad.size(-1)).t(), vector.reshape(-1, vector.size(-1)))
+
+
+def _cpu_vendor() -> str:
+    """The CPU's vendor as Linux names it (``GenuineIntel``, ``AuthenticAMD``); empty where unknown."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("vendor_id"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def _onednn_beats_mkl() -> bool:
+    """Whether large float32 products should go to oneDNN rather than torch's matmul (MKL's sgemm).
+
+    Measured at one thread for an LSTM's products (batch 20 to 64, hidden 200 to 1024): on AMD
+    EPYC, MKL ran at about half oneDNN's speed. On an Intel Xeon, MKL was as fast for a step's
+    product and faster for the backward's ones with a transposed weight (53 against 72 us at
+    batch 20, hidden 200), and oneDNN's weight reorder (0.2 to 0.35 ms per sequence) was then
+    pure cost: the derived backward's forward and backward together ran 20% faster with MKL.
+    Where the vendor is unknown (no /proc/cpuinfo), oneDNN, as before this was measured.
+    """
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    return not torch.backends.mkl.is_available() or _cpu_vendor() != "GenuineIntel"
+
+
+_USE_ONEDNN = _onednn_beats_mkl()
+linear = _linear_onednn if _USE_ONEDNN else _linear_matmul
+prepack = _prepack_onednn if _USE_ONEDNN else _prepack_none
+outer_sum = _outer_sum_onednn if _USE_ONEDNN else _outer_sum_matmul
 
 
 
@@ -134,7 +176,7 @@ def linear_with_grad(v: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -
     in float32); under torch.compile too, where Inductor picks its own GEMM."""
     if torch.is_autocast_enabled(v.device.type) or torch.compiler.is_compiling():
         return torch.nn.functional.linear(v, weight, bias)
-    if _HAS_ONEDNN and torch.is_grad_enabled() and _onednn_fits(_rows(v), weight):
+    if _USE_ONEDNN and torch.is_grad_enabled() and _onednn_fits(_rows(v), weight):
         return _LinearFunction.apply(v, weight, bias)
     return linear(v, weight, bias)
 

@@ -31,7 +31,7 @@ faster.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from ..ir import Graph, Node, Op, OpKind, Shape, Size
 from ..names import SCRIPT_GLOBALS, Namespace
@@ -42,6 +42,16 @@ from .derivatives import DERIVATIVES, Outer, Placed, Term
 
 # Products go through the helpers of rnndsl/kernels.py, which pick oneDNN's GEMM where it is faster.
 BACKWARD_EMITTERS = {**EMITTERS, Op.MATMUL: gemm("linear")}
+
+# Elementwise ops by the torch function that can write its result into a given tensor (``out=``):
+# the saving forward computes a value it keeps straight into its row of the (T, ...) buffer,
+# instead of computing it and copying it there (the same kernel, so the same numbers).
+WRITES_INTO: Dict[Op, str] = {
+    Op.ADD: "torch.add", Op.SUB: "torch.sub", Op.MUL: "torch.mul", Op.DIV: "torch.div",
+    Op.SIGMOID: "torch.sigmoid", Op.TANH: "torch.tanh", Op.EXP: "torch.exp", Op.LOG: "torch.log",
+    Op.ABS: "torch.abs", Op.SQRT: "torch.sqrt", Op.SIN: "torch.sin", Op.COS: "torch.cos",
+    Op.LOG1P: "torch.log1p", Op.EXPM1: "torch.expm1", Op.ERF: "torch.erf",
+}
 
 
 class _RuleContext:
@@ -250,9 +260,13 @@ class _Generator:
         lines += [f"        {self.reads.stacked[d.name]}[t].copy_({emitter.var(d.name)})"
                   for d in graph.states if d.name in self.reads.stacked]
         for node in step:
-            lines.append(f"        {node.name} = {self.step_expression(node)}")
-            if node.name in self.reads.stacked:
-                lines.append(f"        {self.reads.stacked[node.name]}[t].copy_({node.name})")
+            if node.name in biased:  # computed with the sum below
+                continue
+            buffer = self.reads.stacked.get(node.name)
+            written = buffer is not None and self.written_into(node, f"{buffer}[t]")
+            lines.append(f"        {node.name} = {written or self.step_expression(node)}")
+            if buffer is not None and not written:
+                lines.append(f"        {buffer}[t].copy_({node.name})")
         for local, name in zip(outputs, graph.outputs):
             lines.append(f"        {local}[t].copy_({emitter.ref(name, {})})")
         lines.extend(state_update(states, [emitter.ref(n, {}) for n in graph.next_states]))
@@ -263,17 +277,35 @@ class _Generator:
         return "\n".join(lines) + "\n"
 
     def biased_products(self) -> Dict[str, str]:
-        """Whole-sequence products whose GEMM adds their bias (see base.biased_products); not
-        those the backward reads, which must exist on their own."""
+        """Products whose GEMM adds their bias (see base.biased_products): over the whole sequence
+        a parameter-only one, in the loop any tensor (``W @ h + partial``); not products the
+        backward reads, which must exist on their own."""
         once = {n.name for n in self.graph.nodes if level_of(n) is Level.ONCE}
-        return biased_products(self.graph, self.body[Level.SEQ], once, kept=self.reads.whole)
+        tensors = {n.name for n in self.graph.nodes if not n.shape.is_scalar}
+        return {**biased_products(self.graph, self.body[Level.SEQ], once, kept=self.reads.whole),
+                **biased_products(self.graph, self.body[Level.LOOP], tensors, kept=self.reads.stacked)}
+
+    def written_into(self, node: Node, target: str) -> Optional[str]:
+        """A loop node's forward code writing its value into ``target``, where its op can and
+        its operands are all tensors (``torch.mul(2.0, x)`` has no out= form); else None, as for
+        a sum that a product's GEMM computes (``step_expression``)."""
+        function = WRITES_INTO.get(node.op)
+        if function is None or any(self.nodes[i].shape.is_scalar or i in self.emitter.biased for i in node.inputs):
+            return None
+        return f"{function}({', '.join(self.emitter.ref(i, {}) for i in node.inputs)}, out={target})"
 
     def step_expression(self, node: Node) -> str:
-        """A loop node's forward code; a matrix product by its matrix packed before the loop."""
+        """A loop node's forward code; a matrix product by its matrix packed before the loop, and
+        a sum that adds to a ``biased`` product as that product's GEMM."""
         if node.op is Op.MATMUL:
-            matrix, vector = node.inputs
-            return BACKWARD_EMITTERS[Op.MATMUL](node, [self.packed[matrix], self.emitter.ref(vector, {})])
-        return self.emitter.expression(node, {})
+            product, addend = node, []
+        else:
+            biased = next((i for i in node.inputs if self.emitter.biased.get(i) == node.name), None)
+            if biased is None:
+                return self.emitter.expression(node, {})
+            product, addend = self.nodes[biased], [self.emitter.ref(i, {}) for i in node.inputs if i != biased]
+        matrix, vector = product.inputs
+        return BACKWARD_EMITTERS[Op.MATMUL](product, [self.packed[matrix], self.emitter.ref(vector, {})] + addend)
 
 
 def generate_backward(graph: Graph) -> PythonCode:

@@ -293,23 +293,25 @@ def atom(expr: str) -> str:
     return f"({expr})" if expr.startswith("-") else expr
 
 
-def biased_products(graph: Graph, whole_sequence: Sequence[Node], once: Collection[str],
+def biased_products(graph: Graph, among: Sequence[Node], addends: Collection[str],
                     kept: Collection[str] = ()) -> Dict[str, str]:
-    """Products ``W @ x`` among ``whole_sequence`` whose one use is ``+ b``, by the sum's name.
+    """Products ``W @ x`` ``among`` these nodes whose one use is ``+ b``, by the sum's name.
 
-    ``b`` must be a parameters-only value (in ``once``) the size of the sum, and the product
-    must not be ``kept`` on its own. Code for the sum can then be one GEMM that adds the bias
-    itself: one pass less over a (T, batch, rows) tensor.
+    ``b`` must be one of ``addends`` (for a whole-sequence product, parameters-only values: its
+    GEMM adds a vector; for a step's, any tensor the size of the sum) with the sum's features,
+    and the product must not be ``kept`` on its own. Code for the sum can then be one GEMM that
+    adds ``b`` itself: one pass less over the result.
     """
     nodes, users, results = graph.node_map(), graph.users(), set(graph.results())
-    candidates = {n.name for n in whole_sequence}
+    candidates = {n.name for n in among}
     found = {}
-    for node in whole_sequence:
+    for node in among:
         if node.op is not Op.ADD:
             continue
         for product, bias in operand_orders(node):
             if (nodes[product].op is Op.MATMUL and product in candidates and users[product] == (node.name,)
-                    and product not in results and product not in kept and bias in once
+                    and bias != product
+                    and product not in results and product not in kept and bias in addends
                     and nodes[bias].shape.dims == node.shape.dims):
                 found[product] = node.name
                 break
