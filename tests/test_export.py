@@ -53,7 +53,8 @@ def _assert_scan_form_computes_what_the_loop_computes(spec: rnndsl.CellSpec, siz
     """The scan target against forward_sequence, with and without a mask (eager scan: no export
     needed to check the generated code)."""
     torch.manual_seed(0)
-    cell = spec.build(size, 5, backend=backend, scan="sequential").double().eval()
+    hyper = {"heads": 5} if spec.name == "slstm" else {}  # its head_dim = hidden / heads must be whole
+    cell = spec.build(size, 5, backend=backend, scan="sequential", **hyper).double().eval()
     python = cell._python_methods if backend == "script" else type(cell)
     view = rnndsl.twin.bound_view(cell) if backend == "script" else cell
     xs = torch.randn(6, 3, size, dtype=F64)
@@ -107,7 +108,7 @@ def test_export_runs_no_dynamo():
 def test_every_stock_cell_exports_with_a_dynamic_length_and_batch(name, backend):
     """Two layers, each one scan node; the program at other lengths and batches equals the module."""
     torch.manual_seed(0)
-    hyper = {"proj": 3} if name == "lstm_proj" else {}
+    hyper = {"proj": 3} if name == "lstm_proj" else {"heads": 5} if name == "slstm" else {}
     net = rnndsl.make_recurrent(name, 5, [5, 5], backend=backend, save_hidden=False, **hyper).double().eval()
     program = _export(net, (torch.randn(6, 3, 5, dtype=F64),), ({0: _sequence_length(), 1: _batch()},))
     assert str(program.graph).count("torch.ops.higher_order.scan") == 2  # not the traced length unrolled
