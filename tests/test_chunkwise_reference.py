@@ -121,3 +121,14 @@ def test_long_sequences_stay_finite_and_close(form, decays):
 def test_sub_chunks_must_divide_chunks():
     with pytest.raises(ValueError, match="does not divide"):
         gla_chunkwise(*_gla_inputs(4, 1, 1, 2, 2, 0.5, 0.9, seed=0), chunk_size=16, sub_chunk_size=6)
+
+
+def test_benchmark_reports_time_and_memory_of_each_variant(monkeypatch, capsys):
+    from bench import bench_chunkwise
+
+    monkeypatch.setattr(sys, "argv", ["bench_chunkwise", "--lengths", "8", "--rounds", "1", "--batch", "1",
+                                      "--heads", "1", "--dim", "4", "--variants", "gla step", "ssd chunkwise"])
+    bench_chunkwise.main()
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("     8 ")]
+    assert [row[1:3] for row in rows] == [["gla", "step"], ["ssd", "chunkwise"]]
+    assert all(float(row[3]) > 0 and row[4] != "nan" for row in rows)
