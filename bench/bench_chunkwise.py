@@ -5,13 +5,14 @@ Batch 4, 4 heads, key = value = 64 (SSD: dstate = head_dim = 64), float32, CPU, 
 in [0.9, 0.999]; the loss is the sum of the outputs and of the final state. Times are medians
 of interleaved rounds (every variant once per round), after two warm-up runs each.
 
-Peak memory is measured in a fresh subprocess per variant and length: it builds the inputs,
-runs the variant once at a length of one chunk (to load MKL, einsum paths, allocator pools),
-reads its resident set size, runs fwd+bwd once at the full length, and reports the peak RSS
-(getrusage's ru_maxrss) above that baseline. That is what the operating system had to give
-the process for the tensors autograd keeps and the temporaries, allocator slack included;
-tracemalloc would miss torch's C++ allocations, and an in-process peak would be hidden by the
-largest earlier run.
+Peak memory is measured in a fresh subprocess per variant and length: it runs the variant
+once at a length of 64 (to load MKL, allocator pools), builds the inputs, resets the kernel's
+peak-RSS mark (writing 5 to /proc/self/clear_refs), runs fwd+bwd once, and reports the peak
+(VmHWM in /proc/self/status) above the RSS at the reset. That is what the operating system
+had to give the process for the tensors autograd keeps and the temporaries, allocator slack
+included. tracemalloc would miss torch's C++ allocations; an in-process peak would be hidden
+by the largest earlier run; and getrusage's ru_maxrss is no good in a subprocess: Linux keeps
+the parent's peak across fork and exec, so every row read as the bench's own size.
 
 Each variant is one row of VARIANTS: a name, the model it computes (rows of one model are
 compared with that model's step loop) and a function from the length to a fwd+bwd closure.
@@ -27,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -147,19 +146,22 @@ def _median_ms(runs: Dict[str, Run], rounds: int) -> Dict[str, float]:
     return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
 
 
-def _resident_mb() -> float:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith(field + ":"))
+    return int(line.split()[1]) / 1024  # kB
 
 
 def measure_peak_mb(name: str, steps: int, shape: Shape) -> float:
     """In this (fresh) process: peak RSS of one fwd+bwd above the RSS after the inputs and a warm-up."""
     variant = VARIANTS[name]
-    variant.prepare(shape.ssd_chunk_size, shape)()
+    variant.prepare(64, shape)()
     run = variant.prepare(steps, shape)
-    baseline = _resident_mb()
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # the peak mark starts again from the RSS now (Linux 4.0 and later)
+    baseline = _status_mb("VmRSS")
     run()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline  # ru_maxrss is in KiB on Linux
+    return _status_mb("VmHWM") - baseline
 
 
 def _peak_mb_in_subprocess(name: str, steps: int, args: argparse.Namespace) -> Optional[float]:
