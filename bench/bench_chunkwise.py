@@ -16,13 +16,16 @@ the parent's peak across fork and exec, so every row read as the bench's own siz
 
 Each variant is one row of VARIANTS: a name, the model it computes (rows of one model are
 compared with that model's step loop) and a function from the length to a fwd+bwd closure.
-rnndsl's compiled GLA cell (``make_recurrent("gla", ...)``, scan "sequential" and "parallel")
-joins when the rnndsl imported can build it (``--rnndsl-from`` a checkout with matrix states);
-it also runs the cell's projections (q, k, v, alpha, gate, output: six 64x256 GEMMs a step), so
-it does more work than the hand-written rows, which start from q, k, v and log alpha.
+Three kinds of row:
+- the hand-written step loop and chunkwise form (bench/chunkwise_reference.py);
+- "rnndsl chunkwise gla|ssd": rnndsl.chunkwise.chunkwise_attention, the function rnndsl's
+  generated code calls, on the same inputs: like for like with the hand-written chunkwise rows;
+- "gla|mamba2 cell sequential|parallel": rnndsl's compiled stock cell in a network
+  (``make_recurrent("gla", dim, [dim], heads=4, key=dim, value=dim)``), which also runs the
+  cell's pre-norm and projections (six GEMMs of all steps), compared with the same cell's
+  step loop (``scan="sequential"``, its derived backward).
 
     python -m bench.bench_chunkwise [--lengths 256 1024] [--rounds 5] [--no-memory] [--plot PNG]
-    python -m bench.bench_chunkwise --rnndsl-from ../wt-matrix   # adds the rnndsl rows
 """
 from __future__ import annotations
 
@@ -89,7 +92,8 @@ def _ssd(function: Callable) -> Callable[[int, Shape], Run]:
     def prepare(steps: int, shape: Shape) -> Run:
         g = torch.Generator().manual_seed(0)
         size = (steps, shape.batch, shape.heads, shape.dim)
-        x, B, C = _leaf(*size, generator=g), _leaf(*size, generator=g), _leaf(*size, generator=g, scale=shape.dim ** -0.5)
+        x, B = _leaf(*size, generator=g), _leaf(*size, generator=g)
+        C = _leaf(*size, generator=g, scale=shape.dim ** -0.5)
         log_a, D = _log_decays(*size[:3], generator=g), _leaf(shape.heads, generator=g)
 
         def run() -> None:
@@ -101,14 +105,34 @@ def _ssd(function: Callable) -> Callable[[int, Shape], Run]:
     return prepare
 
 
-def _rnndsl_gla(scan: str) -> Callable[[int, Shape], Run]:
-    """rnndsl's compiled cells/gla.cell over time, input = hidden = dim, heads from the shape."""
+def _rnndsl_core(per_key: bool) -> Callable:
+    """rnndsl.chunkwise.chunkwise_attention, the function rnndsl's generated code calls, on the
+    hand-written rows' inputs: like for like with them (no projections)."""
+    def gla(q, k, v, log_alpha, shape):
+        from rnndsl.chunkwise import chunkwise_attention
+        steps, batch, heads, dim = q.shape
+        return chunkwise_attention(q, k, v, log_alpha, q.new_zeros(batch, heads, dim, v.shape[-1]), steps,
+                                   per_key=True)
+
+    def ssd(x, log_a, B, C, D, shape):  # y = S^T C + D x with S' = a S + B x^T
+        from rnndsl.chunkwise import chunkwise_attention
+        steps, batch, heads, dim = x.shape
+        y, state = chunkwise_attention(C, B, x, log_a, x.new_zeros(batch, heads, B.shape[-1], dim), steps)
+        return y + D[:, None] * x, state
+
+    return gla if per_key else ssd
+
+
+def _rnndsl_cell(name: str, scan: str) -> Callable[[int, Shape], Run]:
+    """rnndsl's compiled stock cell over time, input = hidden = dim, key = value (head_dim, dstate)
+    = dim, heads from the shape: the cell runs its projections too."""
 
     def prepare(steps: int, shape: Shape) -> Run:
         import rnndsl
 
         torch.manual_seed(0)
-        network = rnndsl.make_recurrent("gla", shape.dim, [shape.dim], scan=scan, heads=shape.heads)
+        sizes = dict(key=shape.dim, value=shape.dim) if name == "gla" else dict(head_dim=shape.dim, dstate=shape.dim)
+        network = rnndsl.make_recurrent(name, shape.dim, [shape.dim], scan=scan, heads=shape.heads, **sizes)
         xs = torch.randn(steps, shape.batch, shape.dim, requires_grad=True)
 
         def run() -> None:
@@ -127,10 +151,16 @@ VARIANTS: Dict[str, Variant] = {v.name: v for v in [
     Variant("ssd step", "ssd", _ssd(lambda x, a, B, C, D, shape: ssd_step(x, a, B, C, D))),
     Variant("ssd chunkwise", "ssd", _ssd(lambda x, a, B, C, D, shape: ssd_chunkwise(
         x, a, B, C, D, chunk_size=shape.ssd_chunk_size))),
-    Variant("rnndsl gla sequential", "gla", _rnndsl_gla("sequential")),
-    Variant("rnndsl gla parallel", "gla", _rnndsl_gla("parallel")),
+    Variant("rnndsl chunkwise gla", "gla", _gla(_rnndsl_core(per_key=True))),
+    Variant("rnndsl chunkwise ssd", "ssd", _ssd(_rnndsl_core(per_key=False))),
+    Variant("gla cell sequential", "gla cell", _rnndsl_cell("gla", "sequential")),
+    Variant("gla cell parallel", "gla cell", _rnndsl_cell("gla", "parallel")),
+    Variant("mamba2 cell sequential", "mamba2 cell", _rnndsl_cell("mamba2", "sequential")),
+    Variant("mamba2 cell parallel", "mamba2 cell", _rnndsl_cell("mamba2", "parallel")),
 ]}
-BASELINES = {"gla": "gla step", "ssd": "ssd step"}
+# Each row is compared with its model's step loop: the hand-written one, or the cell's own loop.
+BASELINES = {"gla": "gla step", "ssd": "ssd step", "gla cell": "gla cell sequential",
+             "mamba2 cell": "mamba2 cell sequential"}
 
 
 def _median_ms(runs: Dict[str, Run], rounds: int) -> Dict[str, float]:
@@ -257,8 +287,8 @@ def main() -> None:
             peak = _peak_mb_in_subprocess(name, steps, args) if args.memory else None
             baseline = ms.get(BASELINES[variant.model])
             speedup = f"{baseline / ms[name]:>12.2f}x" if baseline else f"{'':>13}"
-            print(f"{steps:>6} {name:<24} {ms[name]:>10.1f} {peak if peak is not None else float('nan'):>9.0f} {speedup}",
-                  flush=True)
+            peak_text = f"{peak if peak is not None else float('nan'):>9.0f}"
+            print(f"{steps:>6} {name:<24} {ms[name]:>10.1f} {peak_text} {speedup}", flush=True)
             rows.append({"T": steps, "variant": name, "ms": ms[name], "peak_mb": peak})
     if args.plot:
         write_plot(args.plot, rows, f"GLA and SSD fwd+bwd, batch {shape.batch}, {shape.heads} heads, dim {shape.dim}, "

@@ -14,8 +14,12 @@ and across chunks ``S_end = exp(G_C) * S_start + sum_s (k_s * exp(G_C - G_s)) v_
 recurrence over T/C chunk states (run by rnndsl.linear_scan's parallel scan). No state is made per
 step: only one per chunk. Every exponent is a difference ``G_t - G_s`` with ``s <= t``, so at most
 zero: the form is stable at any length and any decay (log-space, no division by a cumulative
-product). A decay per key dim needs the ``(C, C, key)`` tensor of those differences, so its chunks
-are shorter (16 steps) than a per-head decay's (64).
+product). A decay per head makes the ``(C, C)`` matrix of those exponentials. A decay per key dim
+would need a ``(C, C, key)`` tensor; instead each chunk is cut again into sub-chunks (GLA's
+secondary chunking, Yang et al. 2024): pairs of steps in one sub-chunk use that tensor, only
+``(c, c, key)``, and pairs across sub-chunks factor the decay through the sub-chunks' bounds,
+``exp(G_t - G_s) = exp(G_t - G_start(i)) exp(G_start(i) - G_end(j)) exp(G_end(j) - G_s)``, every
+factor again at most 1, into matrix products.
 
 Plain torch ops: autograd derives the backward.
 """
@@ -28,9 +32,11 @@ from torch import Tensor
 
 from .linear_scan import linear_recurrence
 
-# Steps per chunk: a per-key decay materializes (C, C, key) per chunk, a per-head one (C, C).
+# Steps per chunk, and per sub-chunk for a decay per key dim: the fastest in a sweep on CPU
+# (bench/bench_chunkwise.py).
 CHUNK_PER_HEAD = 64
-CHUNK_PER_KEY = 16
+CHUNK_PER_KEY = 32
+SUB_CHUNK = 8
 
 
 def chunkwise_attention(q: Tensor, k: Tensor, v: Tensor, log_decay: Optional[Tensor], state: Tensor,
@@ -57,6 +63,9 @@ def chunkwise_attention(q: Tensor, k: Tensor, v: Tensor, log_decay: Optional[Ten
         g = torch.where(mask.view(mask.shape + (1,) * (g.dim() - 2)), g, 0.0)
         k = k * mask[:, :, None, None].to(dtype)
     size = max(1, min(chunk or (CHUNK_PER_KEY if per_key else CHUNK_PER_HEAD), steps))
+    sub = min(SUB_CHUNK, size)
+    if per_key:
+        size = -(-size // sub) * sub  # whole sub-chunks
     count = -(-steps // size)
     pad = count * size - steps
     if pad:  # padded like masked steps: the state passes through them unchanged
@@ -69,15 +78,11 @@ def chunkwise_attention(q: Tensor, k: Tensor, v: Tensor, log_decay: Optional[Ten
         g = g.permute(1, 2, 0).reshape(batch, heads, count, size, 1)
     cumulative = g.cumsum(3)  # G_t, (batch, heads, chunks, C, key or 1)
     last = cumulative[:, :, :, -1:]  # G_C
-    causal = torch.ones(size, size, dtype=torch.bool, device=state.device).tril()
-    # exp(G_t - G_s) for s <= t, zero above the diagonal (filled before exp: no overflow there).
-    difference = cumulative.unsqueeze(4) - cumulative.unsqueeze(3)  # (..., t, s, key or 1)
-    within = torch.exp(difference.masked_fill(~causal[:, :, None], float("-inf")))
     if per_key:
-        scores = (q.unsqueeze(4) * k.unsqueeze(3) * within).sum(-1)
+        inside = _inside_per_key(q, k, v, cumulative, sub)
     else:
-        scores = (q @ k.transpose(-1, -2)) * within.squeeze(-1)
-    inside = scores @ v  # (batch, heads, chunks, C, value)
+        scores = (q @ k.transpose(-1, -2)) * _causal_decays(cumulative).squeeze(-1)
+        inside = scores @ v  # (batch, heads, chunks, C, value)
     # The chunk states: S_end = exp(G_C) S_start + sum_s (k_s exp(G_C - G_s)) v_s^T.
     added = (k * torch.exp(last - cumulative)).transpose(-1, -2) @ v  # (batch, heads, chunks, key, value)
     carried = torch.exp(last).squeeze(3).unsqueeze(-1).expand(batch, heads, count, keys, values)
@@ -89,6 +94,36 @@ def chunkwise_attention(q: Tensor, k: Tensor, v: Tensor, log_decay: Optional[Ten
     across = (q * torch.exp(cumulative)) @ starts  # (batch, heads, chunks, C, value)
     o = (inside + across).reshape(batch, heads, count * size, values)[:, :, :steps]
     return o.permute(2, 0, 1, 3), ends[-1].reshape(batch, heads, keys, values)
+
+
+def _causal_decays(cumulative: Tensor) -> Tensor:
+    """``exp(G_t - G_s)`` for ``s <= t``, zero above the diagonal (filled before exp: no overflow
+    there); ``cumulative``: ``(..., C, d)`` gives ``(..., C, C, d)``."""
+    size = cumulative.shape[-2]
+    causal = torch.ones(size, size, dtype=torch.bool, device=cumulative.device).tril()
+    difference = cumulative.unsqueeze(-2) - cumulative.unsqueeze(-3)  # (..., t, s, d)
+    return torch.exp(difference.masked_fill(~causal[:, :, None], float("-inf")))
+
+
+def _inside_per_key(q: Tensor, k: Tensor, v: Tensor, cumulative: Tensor, sub: int) -> Tensor:
+    """``sum_{s <= t in the chunk} (q_t * exp(G_t - G_s)) . k_s  v_s`` for a decay per key dim, by
+    sub-chunks of ``sub`` steps; ``q``, ``k``, ``cumulative``: ``(..., C, key)``, ``v``: ``(..., C, value)``."""
+    *lead, size, keys = q.shape
+    count = size // sub
+    q, k, cumulative = (t.reshape(*lead, count, sub, keys) for t in (q, k, cumulative))
+    v = v.reshape(*lead, count, sub, v.shape[-1])
+    # Pairs in one sub-chunk: the (sub, sub, key) decays.
+    same = (q.unsqueeze(-2) * k.unsqueeze(-3) * _causal_decays(cumulative)).sum(-1) @ v
+    # Pairs across sub-chunks i > j, through G at the end of j and G just before i starts.
+    ends = cumulative[..., -1, :]  # (..., sub-chunks, key)
+    starts = torch.cat([torch.zeros_like(ends[..., :1, :]), ends[..., :-1, :]], -2)
+    q_scaled = q * torch.exp(cumulative - starts.unsqueeze(-2))  # (..., i, sub, key)
+    k_scaled = k * torch.exp(ends.unsqueeze(-2) - cumulative)  # (..., j, sub, key)
+    earlier = torch.ones(count, count, dtype=torch.bool, device=q.device).tril(-1)
+    between = torch.exp((starts.unsqueeze(-2) - ends.unsqueeze(-3)).masked_fill(~earlier[:, :, None], float("-inf")))
+    scores = (q_scaled.unsqueeze(-3) * between.unsqueeze(-2)) @ k_scaled.unsqueeze(-4).transpose(-1, -2)
+    across = (scores @ v.unsqueeze(-4)).sum(-3)  # (..., i, sub, value)
+    return (same + across).reshape(*lead, size, -1)
 
 
 def sequential_attention(q: Tensor, k: Tensor, v: Tensor, log_decay: Optional[Tensor], state: Tensor,
