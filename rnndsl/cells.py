@@ -45,7 +45,10 @@ class CellModule(torch.nn.Module):
         for name, value in hypers.items():
             setattr(self, name, value)
         self.cell_name = graph.name
-        self.input_size = sizes["input"]
+        # What the cell reads per example: the input's features, all of them for a spatial input
+        # `x[input, height, width]`, which comes flat. (build's input_size is its first dim.)
+        self.input_size = graph.input.shape.dims[0].evaluate(sizes)
+        self._input_dims = tuple((str(dim), dim.evaluate(sizes)) for dim in spec.input_dims)
         self.hidden_size = sizes["hidden"]
         self.state_names: List[str] = [d.name for d in graph.states]
         self.state_sizes: List[int] = [d.shape.dims[0].evaluate(sizes) for d in graph.states]
@@ -104,7 +107,13 @@ def check_call(cell: torch.nn.Module, state, x: Tensor, sequence: bool, mask: Op
         got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         swapped = isinstance(state, Tensor) and isinstance(x, (tuple, list))
         hint = "; cells take the state first: cell(state, x), as rnnlib's gModule" if swapped else ""
-        raise ValueError(f"cell {name}: expected input of shape {shape.format(cell.input_size)}, got {got}"
+        flat, dims = "", getattr(cell, "_input_dims", ())
+        if len(dims) > 1:  # a spatial input, taken flat
+            leading = 2 if sequence else 1
+            flat = f" (its [{', '.join(f'{dim}={value}' for dim, value in dims)}] flattened)"
+            if isinstance(x, Tensor) and tuple(x.shape[leading:]) == tuple(value for _, value in dims):
+                hint = f"; flatten it with x.flatten({leading})" + hint
+        raise ValueError(f"cell {name}: expected input of shape {shape.format(cell.input_size)}{flat}, got {got}"
                          + hint)
     if sequence:
         check_not_empty(x, f"cell {name}")

@@ -25,8 +25,8 @@ from .check import check_file, hyper_value_problem
 from .compile import (backward_source, cached, cell_class, compile_lock, generated_class, optimized,
                       parallel_plan, scan_source, step_source)
 from .errors import CellError, CellWarning, Span
-from .ir import MAX_DIMENSION, Graph, Op
-from .lower import lower
+from .ir import MAX_DIMENSION, Graph, Op, Size
+from .lower import lower, size_of
 from .native import NATIVE_MODES
 from .native_match import MATCH_DISABLE, match_native
 from .ops import PROBABILITY_OPS
@@ -62,6 +62,12 @@ class CellSpec:
     @property
     def sizes(self) -> Dict[str, Optional[int]]:
         return {d.name: (int(d.default) if d.default is not None else None) for d in self.graph.sizes}
+
+    @functools.cached_property
+    def input_dims(self) -> Tuple[Size, ...]:
+        """The input's dims as declared: one for a vector, ``(input, height, width)`` for a spatial
+        input, which cells take flat, ``(T, batch, input*height*width)``."""
+        return tuple(size_of(size) for size in self.ast.input.shape)
 
     @functools.cached_property
     def _probability_hypers(self) -> frozenset:
@@ -136,24 +142,59 @@ class CellSpec:
         for decl in self.ast.sizes:
             if decl.formula is not None and decl.name not in sizes:
                 sizes[decl.name] = self._computed_size(decl, sizes)
-        declared = self.graph.input.shape.dims[0].evaluate(sizes)
+        # input_size is the size of the input's first dim: its features, or a spatial input's channels.
+        dim = self.input_dims[0]
+        declared = dim.evaluate(sizes)
         if declared != input_size:
-            dim = self.graph.input.shape.dims[0]
             wanted = dim.render(lambda name: f"{name}_size" if name in ("input", "hidden") else name)
-            raise ValueError(f"cell {self.name} declares its input as `{self.graph.input.name}[{dim}]`, so "
-                             f"input_size must be {wanted} = {declared}; got input_size={input_size}")
+            shape = ", ".join(str(d) for d in self.input_dims)
+            which = "" if len(self.input_dims) == 1 else ", the size of its first dim,"
+            raise ValueError(f"cell {self.name} declares its input as `{self.graph.input.name}[{shape}]`, so "
+                             f"input_size{which} must be {wanted} = {declared}; got input_size={input_size}")
         for decl in self.graph.params + self.graph.states:
             for dim in decl.shape.dims:
                 if not 1 <= dim.evaluate(sizes) <= MAX_DIMENSION:
                     raise ValueError(f"cell {self.name}: {decl.name} would have size {dim} = "
                                      f"{dim.evaluate(sizes)} with {sizes}; sizes run from 1 to "
                                      f"{MAX_DIMENSION:,}")
+        self._check_kernels(sizes)
         elements = sum(math.prod(dim.evaluate(sizes) for dim in decl.shape.dims) for decl in self.graph.params)
         if elements > MAX_ELEMENTS:
             raise ValueError(f"cell {self.name}: with {sizes} its parameters would hold {elements:,} numbers, "
                              f"{elements * torch.finfo(torch.get_default_dtype()).bits // 8:,} bytes in "
                              f"{torch.get_default_dtype()}; a cell may have at most {MAX_ELEMENTS:,} numbers")
         return sizes, hypers
+
+    def input_size_reading(self, features: int, hidden_size: int, **hyper: float) -> int:
+        """The ``input_size`` with which this cell reads ``features`` numbers per example (what the
+        layer below outputs): ``features`` for a vector input; for a spatial input
+        ``x[input, height, width]``, the channels, ``features / (height*width)`` at these sizes."""
+        if len(self.input_dims) == 1:
+            return features
+        try:
+            sizes, _ = self.bind(1, hidden_size, **hyper)  # the sizes of the other dims; input_size set below
+        except ValueError:  # a first dim other than `input`: build names what it must be
+            return features
+        image = math.prod(dim.evaluate(sizes) for dim in self.input_dims[1:])
+        if features % image:
+            shape = ", ".join(f"{dim}={dim.evaluate(sizes)}" for dim in self.input_dims[1:])
+            raise ValueError(f"cell {self.name} reads images [{shape}] of {image} numbers per channel, "
+                             f"which {features} numbers per example are not a whole number of")
+        return features // image
+
+    def _check_kernels(self, sizes: Dict[str, int]) -> None:
+        """A convolution keeps height and width by padding half its kernel on each side: its kernel's
+        sizes must be odd. The checker refuses an even number; a named size is known only here."""
+        nodes = self.graph.node_map()
+        for node in self.graph.nodes:
+            if node.op is Op.CONV:
+                kernel = nodes[node.inputs[0]].shape.dims
+                values = [dim.evaluate(sizes) for dim in kernel]
+                if any(value % 2 == 0 for value in values[2:]):
+                    named = ", ".join(f"{name}={sizes[name]}" for dim in kernel[2:] for name in dim.variables)
+                    raise ValueError(f"cell {self.name}: conv's kernel `{node.inputs[0]}` would have shape "
+                                     f"{values}{f' with {named}' if named else ''}, but conv keeps height and "
+                                     "width by padding half the kernel on each side: its sizes must be odd")
 
     def _computed_size(self, decl: st.SizeDecl, sizes: Dict[str, int]) -> int:
         """A size whose default is a formula of other sizes (``size key = hidden / heads``), exact."""

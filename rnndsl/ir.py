@@ -254,6 +254,9 @@ class Op(enum.Enum):
     OUTER = ("outer", OpKind.LINEAR)          # [.., m] x [.., n] -> [.., m, n]
     CONTRACT = ("contract", OpKind.LINEAR)    # `@` of tensors, per leading dims; attrs: form ("mv", "vm", "mm")
     SUM_OVER = ("sum_over", OpKind.NORMALIZE)  # attrs: dim (negative): the sum over that dim
+    # Spatial values: (kernel [out, in, kh, kw], v [in, height, width]) -> [out, height, width],
+    # a 2-d convolution with "same" padding (odd kernels).
+    CONV = ("conv", OpKind.LINEAR)
 
     LAYERNORM = ("layernorm", OpKind.NORMALIZE)  # (x, weight, bias); attrs: eps
     SUM = ("sum", OpKind.NORMALIZE)              # over the features, to one unit per example

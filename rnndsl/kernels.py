@@ -1,6 +1,7 @@
 """The few helpers generated code calls by name, besides torch's own.
 
-Matrix products go through :func:`linear` and :func:`outer_sum`, which use
+Convolutions go through :func:`conv_same` and its two gradients, for values of any
+leading dims. Matrix products go through :func:`linear` and :func:`outer_sum`, which use
 oneDNN's GEMM for large float32 products on CPUs where torch's own matmul (MKL's
 sgemm) is slow: on AMD CPUs it runs at about half the speed torch.nn.LSTM's
 oneDNN kernels get. On Intel CPUs MKL is as fast or faster (:func:`_onednn_beats_mkl`),
@@ -20,14 +21,14 @@ from torch import Tensor
 from .autograd_modes import plain_backward_needed
 from .chunkwise import chunkwise_attention  # noqa: F401 (generated code gets it through resolve_globals())
 from .linear_scan import linear_recurrence  # noqa: F401 (generated code gets it through resolve_globals())
-from .names import PARALLEL_HELPERS, SCAN_HELPERS, SCRIPT_HELPERS
+from .names import EMITTED_HELPERS, PARALLEL_HELPERS, SCAN_HELPERS, SCRIPT_HELPERS
 
 
 def resolve_globals(names: Iterable[str]) -> Dict[str, Any]:
     """The namespace generated code runs in: each of ``names`` (the globals a generator returns
     with its source, from rnndsl/names.py) bound to its object."""
     known = {"torch": torch, "math": math, "Tensor": Tensor, "Tuple": Tuple, "List": List, "Optional": Optional,
-             **{name: globals()[name] for name in SCRIPT_HELPERS + PARALLEL_HELPERS + SCAN_HELPERS}}
+             **{name: globals()[name] for name in EMITTED_HELPERS + SCRIPT_HELPERS + PARALLEL_HELPERS + SCAN_HELPERS}}
     return {name: known[name] for name in names}
 
 
@@ -101,6 +102,39 @@ def _outer_sum_onednn(grad: Tensor, vector: Tensor) -> Tensor:
     if columns * count + rows * columns < rows * count:
         return _linear_onednn(vectors.t(), grads.t()).t().contiguous()
     return _linear_onednn(grads.t(), vectors.t())
+
+
+def _images(v: Tensor) -> Tensor:
+    """``v`` (..., channels, height, width) as one batch of images, every leading dim flattened."""
+    return v.reshape([-1] + list(v.size()[-3:]))
+
+
+def _unflattened(images: Tensor, like: Tensor) -> Tensor:
+    """A batch of images back under the leading dims of ``like``."""
+    return images.reshape(list(like.size()[:-3]) + list(images.size()[-3:]))
+
+
+def conv_same(weight: Tensor, v: Tensor) -> Tensor:
+    """``conv(K, v)`` of the cell language: ``v`` (..., in, height, width), any leading dims (a step's
+    batch, or all steps at once), convolved by ``weight`` (out, in, kh, kw), zero-padded by half the
+    (odd) kernel on each side so that height and width stay."""
+    padding = [weight.size(2) // 2, weight.size(3) // 2]
+    return _unflattened(torch.nn.functional.conv2d(_images(v), weight, None, [1, 1], padding), v)
+
+
+def conv_same_input_grad(grad: Tensor, weight: Tensor) -> Tensor:
+    """The gradient of ``v`` in :func:`conv_same`: the transposed convolution of ``grad``."""
+    padding = [weight.size(2) // 2, weight.size(3) // 2]
+    return _unflattened(torch.nn.functional.conv_transpose2d(_images(grad), weight, None, [1, 1], padding), grad)
+
+
+def conv_same_weight_grad(grad: Tensor, v: Tensor, weight: Tensor) -> Tensor:
+    """The gradient of ``weight`` in :func:`conv_same`, summed over all leading dims: one call over
+    every image of the sequence, as :func:`outer_sum` is one GEMM."""
+    padding = [weight.size(2) // 2, weight.size(3) // 2]
+    grads = torch.ops.aten.convolution_backward(_images(grad), _images(v), weight, None, [1, 1], padding, [1, 1],
+                                                False, [0, 0], 1, [False, True, False])
+    return grads[1]
 
 
 def _outer_sum_matmul(grad: Tensor, vector: Tensor) -> Tensor:

@@ -9,7 +9,9 @@ A tensor state ``S[heads, key, value]`` is carried flat between steps, a
 ``(batch, heads*key*value)`` vector like any other state (so the time loop, masks,
 initial states and networks are the same for every cell): its leaf is the flat
 vector, which a ``reshape`` node (``S_view``) turns into the tensor the equations
-read, and its next value is flattened again (``S_next_flat``). The language's
+read, and its next value is flattened again (``S_next_flat``). A tensor input
+``x[input, height, width]`` is carried flat likewise, ``(T, batch, input*height*width)``,
+and read through ``x_view``; a tensor state named as an output is output flat. The language's
 left-aligned broadcast becomes explicit ``expand`` nodes (rnndsl/ops.py, ``aligned``).
 """
 from __future__ import annotations
@@ -46,17 +48,13 @@ def _size_of(expr: st.SizeExpr) -> Size:
         raise CellError(str(exc), expr.span) from None
 
 
-def _vector(size: st.SizeExpr) -> Shape:
-    return Shape((size_of(size),), batched=True)
-
-
 def _declared(decl: st.VarDecl) -> Shape:
     """A state's shape as the equations see it: a vector, or a tensor."""
     return Shape(tuple(size_of(s) for s in decl.shape), batched=True)
 
 
 def _carried(decl: st.VarDecl) -> Shape:
-    """A state's shape between steps: flat."""
+    """A state's shape between steps, and the input's: flat."""
     flat = Size.of(1)
     for dim in _declared(decl).dims:
         flat = flat * dim
@@ -177,16 +175,12 @@ class _Lowering:
 
     def run(self) -> Graph:
         cell = self.cell
-        input_decl = Decl(cell.input.name, _vector(cell.input.shape[0]), span=cell.input.span)
-        self.env[cell.input.name] = self.leaf(cell.input.name, Op.INPUT, input_decl.shape, cell.input.span)
+        input_decl = Decl(cell.input.name, _carried(cell.input), span=cell.input.span)
+        self.carried_leaf(cell.input, Op.INPUT)
         states = []
         for decl in cell.states:
             states.append(Decl(decl.name, _carried(decl), span=decl.span))
-            self.env[decl.name] = self.leaf(decl.name, Op.STATE, states[-1].shape, decl.span)
-            if len(decl.shape) > 1:
-                self.env[decl.name] = self.make(Op.RESHAPE, [self.env[decl.name]], decl.span,
-                                                joined_name(decl.name, "view"), count=1,
-                                                dims=_declared(decl).dims)
+            self.carried_leaf(decl, Op.STATE)
         params = self.tensors(cell.params, Op.PARAM)
         buffers = self.tensors(cell.buffers, Op.BUFFER)
         hypers = []
@@ -198,7 +192,8 @@ class _Lowering:
         outputs = []
         for output in cell.outputs:
             is_state = any(d.name == output.name for d in cell.states)
-            node = self.next[output.name] if is_state else self.env[output.name]
+            # A tensor state is output as it is carried, flat: `-> h` of `state h[hidden, height, width]`.
+            node = self.carried[output.name] if is_state else self.env[output.name]
             if not (node.shape.batched and node.shape.is_vector):
                 raise CellError(f"output `{output.name}` must be a per-example vector, got shape {node.shape}",
                                 output.span)
@@ -210,6 +205,13 @@ class _Lowering:
                       next_states=tuple(self.carried[d.name].name for d in cell.states),
                       outputs=tuple(outputs), buffers=buffers)
         return verify(graph)
+
+    def carried_leaf(self, decl: st.VarDecl, op: Op) -> None:
+        """The leaf of the input or a state, carried flat; a tensor's equations read it through a view."""
+        self.env[decl.name] = self.leaf(decl.name, op, _carried(decl), decl.span)
+        if len(decl.shape) > 1:
+            self.env[decl.name] = self.make(Op.RESHAPE, [self.env[decl.name]], decl.span,
+                                            joined_name(decl.name, "view"), count=1, dims=_declared(decl).dims)
 
     def tensors(self, decls, op: Op) -> Tuple[Decl, ...]:
         """Parameters or buffers: their declarations, and their leaves. `param s` and `param s[]`

@@ -16,18 +16,22 @@ import builtins
 import keyword
 from typing import Dict, Tuple
 
-# Helpers of rnndsl/kernels.py that generated code calls by name.
-SCRIPT_HELPERS = ("linear", "outer_sum", "prepack")
+# Helpers of rnndsl/kernels.py that generated code calls by name: those the shared emitters
+# (rnndsl/codegen/base.py) call, which every target's code may hold, then each target's own.
+EMITTED_HELPERS = ("conv_same",)
+SCRIPT_HELPERS = ("linear", "outer_sum", "prepack", "conv_same_input_grad", "conv_same_weight_grad")
 PARALLEL_HELPERS = ("along_steps", "chunkwise_attention", "linear_recurrence", "linear_with_grad")
 SCAN_HELPERS = ("time_scan",)
 
 # The globals each target's source reads: TorchScript methods (step loop, derived backward) and
 # the parallel scan's plain Python.
 # `math` computes functions of numbers (hyper-parameters, constants) on Python floats.
-SCRIPT_GLOBALS: Tuple[str, ...] = ("torch", "math", "Tensor", "Tuple", "List", "Optional") + SCRIPT_HELPERS
-PARALLEL_GLOBALS: Tuple[str, ...] = ("torch", "math") + PARALLEL_HELPERS
+SCRIPT_GLOBALS: Tuple[str, ...] = ("torch", "math", "Tensor", "Tuple", "List", "Optional") + EMITTED_HELPERS + \
+    SCRIPT_HELPERS
+PARALLEL_GLOBALS: Tuple[str, ...] = ("torch", "math") + EMITTED_HELPERS + PARALLEL_HELPERS
 # The scan target's plain Python, which torch.export traces (rnndsl/codegen/scan.py).
-SCAN_GLOBALS: Tuple[str, ...] = ("torch", "math", "Tensor", "Tuple", "List", "Optional") + SCAN_HELPERS
+SCAN_GLOBALS: Tuple[str, ...] = ("torch", "math", "Tensor", "Tuple", "List", "Optional") + EMITTED_HELPERS + \
+    SCAN_HELPERS
 
 # Locals generated code makes for itself.
 GENERATED_LOCALS = ("self", "state", "xs", "mask", "outputs", "t", "keep", "real")

@@ -140,6 +140,9 @@ def _make(cell, input_size: int, hids: Sequence[int], *, bidirectional: bool,
                          "return the final state only")
     layers, size = [], input_size
     for spec, hidden, layer_backend, layer_keywords in zip(specs, hids, backends, keywords):
+        if layers:  # the layer below gives `size` numbers per example: a spatial cell reads them as channels
+            sizes = {key: value for key, value in layer_keywords.items() if key not in _BUILD_OPTIONS}
+            size = spec.input_size_reading(size, hidden, **sizes)
         layer = _layer(spec, size, hidden, layer_backend, layer_keywords, return_all_states)
         if bidirectional:
             reverse = None if share_weights else _layer(spec, size, hidden, layer_backend, layer_keywords)

@@ -217,13 +217,16 @@ def _matmul(node: Node, shapes: List[Shape]) -> Shape:
 
 
 def _chunk(node: Node, shapes: List[Shape]) -> Shape:
+    """A vector, or a tensor along its first dim (the channels of a spatial value, as the
+    language's broadcasting aligns dims from the left)."""
     (shape,) = shapes
     parts = node.attr("parts")
-    if not shape.is_vector:
-        raise ShapeError(f"chunk splits a vector, got a {_describe(shape)}")
+    if not (shape.is_vector or shape.is_tensor) or shape.mask:
+        raise ShapeError(f"chunk splits a vector, or a tensor along its first dim, got a {_describe(shape)}")
     if not shape.dims[0].divisible_by(parts):
-        raise ShapeError(f"chunk cannot split a vector of size {shape.dims[0]} into {parts} equal parts")
-    return Shape((shape.dims[0] // parts,), shape.batched)
+        what = "a vector" if shape.is_vector else f"the first dim of a {_describe(shape)}"
+        raise ShapeError(f"chunk cannot split {what} of size {shape.dims[0]} into {parts} equal parts")
+    return Shape((shape.dims[0] // parts,) + shape.dims[1:], shape.batched)
 
 
 def _slice(node: Node, shapes: List[Shape]) -> Shape:
@@ -411,8 +414,10 @@ def _contract(node: Node, shapes: List[Shape]) -> Shape:
                 and a.dims[-1] == b.dims[-2]:
             dims = a.dims[:-1] + b.dims[-1:]
     if dims is None:
+        hint = ("; for a convolution by a kernel, write `conv(K, v)`"
+                if len(a.dims) == 4 and not a.batched and len(b.dims) == 3 and b.batched else "")
         raise ShapeError(f"product `@` of shapes {_dims(a)} and {_dims(b)} does not fit: the contracted "
-                         "dims must agree, and the leading dims (one per head) must be the same")
+                         "dims must agree, and the leading dims (one per head) must be the same" + hint)
     return Shape(dims, a.batched or b.batched)
 
 
@@ -422,6 +427,26 @@ def _sum_over(node: Node, shapes: List[Shape]) -> Shape:
     if not -len(shape.dims) <= dim < 0:
         raise ShapeError(f"sum_over dim {dim} of a {_describe(shape)}")
     return Shape(shape.dims[:dim] + shape.dims[len(shape.dims) + dim + 1:], shape.batched)
+
+
+def _conv(node: Node, shapes: List[Shape]) -> Shape:
+    kernel, value = shapes
+    if kernel.batched or kernel.mask or len(kernel.dims) != 4:
+        raise ShapeError(f"conv's first argument must be a kernel parameter [out, in, kernel, kernel], got a "
+                         f"{_describe(kernel)}")
+    if not value.batched or value.mask or len(value.dims) != 3:
+        raise ShapeError(f"conv's second argument must be a per-example spatial value [in, height, width], "
+                         f"got a {_describe(value)}")
+    out, channels, *window = kernel.dims
+    if channels != value.dims[0]:
+        raise ShapeError(f"conv does not fit: a kernel of shape {_dims(kernel)} reads [{channels}] channels, "
+                         f"but the value of shape {_dims(value)} has [{value.dims[0]}]")
+    for size in window:
+        # A named size is checked when the cell is built (rnndsl/cellspec.py), its value known then.
+        if not size.terms and size.const % 2 == 0:
+            raise ShapeError(f"conv keeps height and width (zero padding of half the kernel on each side), "
+                             f"so its kernel's sizes must be odd, got {_dims(kernel)}")
+    return Shape((out,) + value.dims[1:], batched=True)
 
 
 ShapeRule = Callable[[Node, List[Shape]], Shape]
@@ -465,6 +490,7 @@ SHAPE_RULES: Dict[Op, ShapeRule] = {
     Op.OUTER: _outer,
     Op.CONTRACT: _contract,
     Op.SUM_OVER: _sum_over,
+    Op.CONV: _conv,
 }
 
 # The functions of tensors with named sizes: kept together (their helpers come above), and
@@ -478,6 +504,8 @@ TENSOR_FUNCTIONS: Dict[str, Function] = {
     "transpose": Function(Op.TRANSPOSE, 1, 1, "transpose(S): the last two dims swapped"),
     "sum_over": Function(Op.SUM_OVER, 2, 2, "sum_over(v, key): the sum over the dim of size `key`",
                          size_args=(1,), attributes=_sum_over_attributes),
+    "conv": Function(Op.CONV, 2, 2, "conv(K, v): [in, height, width] -> [out, height, width], a 2-d convolution "
+                     "by the kernel K[out, in, k, k] (k odd), zero-padded to keep height and width"),
 }
 FUNCTIONS.update(TENSOR_FUNCTIONS)
 

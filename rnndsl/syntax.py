@@ -295,8 +295,8 @@ class _ToAst(Transformer):
                        buffers=tuple(kinds[st.BufferDecl]))
 
     def input_decl(self, meta, children):
-        name, size = children
-        return st.VarDecl(str(name), (size,), self._span(meta))
+        name, *shape = children
+        return st.VarDecl(str(name), tuple(shape), self._span(meta))
 
     def output_list(self, meta, names):
         return tuple(st.Output(str(name), self._tok(name)) for name in names)

@@ -6,7 +6,7 @@ from. The parser only builds these; checks happen afterwards (rnndsl/check.py).
 Grammar, in short (grammars/cell.lark is the truth)::
 
     file       := cell*
-    cell       := "cell" NAME "(" NAME "[" size "]" ")" "->" NAME ("," NAME)* "{" stmt* "}"
+    cell       := "cell" NAME "(" NAME "[" size, ... "]" ")" "->" NAME ("," NAME)* "{" stmt* "}"
     stmt       := "state" NAME[size, ...], ... | "param" NAME([size, ...])? (= number)?, ...
                 | "buffer" NAME[size, ...] (= number)?, ...
                 | "size" NAME = size           | "hyper" NAME = number
@@ -98,8 +98,8 @@ Expr = Union[Number, Name, Primed, Binary, Neg, Call]
 
 @dataclass(frozen=True, slots=True)
 class VarDecl:
-    """A state or the input: a name and its shape, one size for a vector (the input's only one),
-    several for a tensor state ``S[heads, key, value]``."""
+    """A state or the input: a name and its shape, one size for a vector, several for a tensor
+    (a state ``S[heads, key, value]``, a spatial input ``x[input, height, width]``)."""
 
     name: str
     shape: Tuple[SizeExpr, ...]

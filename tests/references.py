@@ -277,6 +277,50 @@ REFERENCES: Dict[str, Reference] = {
     "linear_attention": linear_attention, "retnet": retnet, "gla": gla, "mamba2": mamba2,
     "deltanet": deltanet, "gated_deltanet": gated_deltanet, "mlstm": mlstm, "slstm": slstm,
 }
+# Spatial cells: states and inputs are images (batch, channels, height, width), carried flat.
+
+def _conv(weight: Tensor, image: Tensor) -> Tensor:
+    """A 2-d convolution keeping height and width (odd kernels), as torch.nn.Conv2d(padding=k // 2)."""
+    return torch.nn.functional.conv2d(image, weight, padding=(weight.shape[2] // 2, weight.shape[3] // 2))
+
+
+def _image(v: Tensor, height: int, width: int) -> Tensor:
+    return v.reshape(v.shape[0], -1, height, width)
+
+
+def convlstm(p: Params, state: State, x: Tensor, height: int, width: int) -> Tuple[State, Tensor]:
+    """Shi et al. 2015, eqs. (3), gate by gate: the stacked kernels cut into i, f, c, o."""
+    h, c = (_image(v, height, width) for v in state)
+    x = _image(x, height, width)
+    w_x, w_h, bias = (t.chunk(4, 0) for t in (p["weight_x"], p["weight_h"], p["bias"]))
+
+    def gate(k: int) -> Tensor:
+        return _conv(w_x[k], x) + _conv(w_h[k], h) + bias[k][:, None, None]
+    i = torch.sigmoid(gate(0) + p["peephole_i"] * c)
+    f = torch.sigmoid(gate(1) + p["peephole_f"] * c)
+    c_new = f * c + i * torch.tanh(gate(2))
+    o = torch.sigmoid(gate(3) + p["peephole_o"] * c_new)
+    h_new = (o * torch.tanh(c_new)).flatten(1)
+    return (h_new, c_new.flatten(1)), h_new
+
+
+def convgru(p: Params, state: State, x: Tensor, height: int, width: int) -> Tuple[State, Tensor]:
+    """Ballas et al. 2016, section 3, with biases."""
+    h, x = _image(state[0], height, width), _image(x, height, width)
+    w_z, w_r, w = p["weight_x"].chunk(3, 0)
+    b_z, b_r, b = (v[:, None, None] for v in p["bias"].chunk(3, 0))
+    u_z, u_r = p["weight_zr"].chunk(2, 0)
+    z = torch.sigmoid(_conv(w_z, x) + _conv(u_z, h) + b_z)
+    r = torch.sigmoid(_conv(w_r, x) + _conv(u_r, h) + b_r)
+    candidate = torch.tanh(_conv(w, x) + _conv(p["weight_h"], r * h) + b)
+    h_new = ((1 - z) * h + z * candidate).flatten(1)
+    return (h_new,), h_new
+
+
+# By name: the spatial cells' references, which take the height and width too (tests/test_conv.py).
+SPATIAL_REFERENCES = {"convlstm": convlstm, "convgru": convgru}
+
+
 def reference_scan(reference: Reference, params: Params, state: State, xs: Tensor,
                    mask: Optional[Tensor] = None) -> Tuple[Tensor, State]:
     """A reference over a ``(T, batch, input)`` sequence: outputs and final state.

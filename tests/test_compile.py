@@ -62,7 +62,7 @@ def test_every_stock_cell_network_compiles_whole_and_matches_eager(name, backend
     net = rnndsl.make_recurrent(name, _size(name), [4, 4], backend=backend, save_hidden=False).double()
     if not all(getattr(m, "derived_backward_trains", True) for m in net.modules()):
         net.eval()  # cells with dropout draw noise in training, which compiled and eager would draw apart
-    xs = torch.randn(5, 3, _size(name), dtype=F64)
+    xs = torch.randn(5, 3, net.network.input_size, dtype=F64)  # a spatial cell's input: its images, flat
     _compare(net, _network, (xs, torch.tensor([5, 2, 4])))
 
 

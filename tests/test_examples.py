@@ -23,6 +23,7 @@ sys.path.insert(0, str(EXAMPLES))
 import char_lm  # noqa: E402
 import classify  # noqa: E402
 import generate  # noqa: E402
+import moving_blobs  # noqa: E402
 import word_lm  # noqa: E402
 
 # Minimal gated unit: not one of torch's cells, so only the embedded source can rebuild it.
@@ -233,3 +234,30 @@ def test_classify_pools_over_real_positions_only(pool):
     alone = model(*classify.pad_batch([short], vocabulary, labels)[:2])
     padded = model(*classify.pad_batch([short, long], vocabulary, labels)[:2])
     torch.testing.assert_close(padded[:1], alone)
+
+
+TINY_BLOBS = ["--size", "8", "--frames", "4", "--hidden", "2", "2", "--kernel", "3", "--steps", "3",
+              "--batch-size", "2", "--threads", "1"]
+
+
+def test_moving_blobs_stay_on_the_canvas_and_move():
+    frames = moving_blobs.moving_blobs(3, 40, 16, 2, torch.Generator().manual_seed(0))
+    assert frames.shape == (40, 3, 16, 16) and frames.min() >= 0 and frames.max() <= 1
+    assert (frames.flatten(2).amax(-1) > 0.5).all()  # a blob is seen in every frame, bounces included
+    assert not torch.equal(frames[0], frames[1])
+
+
+def test_moving_blobs_trains_a_convlstm_and_draws_its_predictions(tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "blobs.png"
+    (before, after), output = run_main(moving_blobs.main, TINY_BLOBS + ["--png", png])
+    assert math.isfinite(before) and math.isfinite(after)
+    assert "copying the last frame" in output and f"wrote {png}" in output
+    assert png.read_bytes().startswith(b"\x89PNG")
+
+
+def test_moving_blobs_without_matplotlib_skips_the_picture(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    png = tmp_path / "blobs.png"
+    _, output = run_main(moving_blobs.main, TINY_BLOBS + ["--steps", "1", "--backend", "eager", "--png", png])
+    assert "matplotlib is not installed: no picture" in output and not png.exists()

@@ -57,7 +57,7 @@ def _assert_scan_form_computes_what_the_loop_computes(spec: rnndsl.CellSpec, siz
     cell = spec.build(size, 5, backend=backend, scan="sequential", **hyper).double().eval()
     python = cell._python_methods if backend == "script" else type(cell)
     view = rnndsl.twin.bound_view(cell) if backend == "script" else cell
-    xs = torch.randn(6, 3, size, dtype=F64)
+    xs = torch.randn(6, 3, cell.input_size, dtype=F64)  # a spatial cell's input: its channels' images, flat
     state = tuple(torch.randn(3, n, dtype=F64) for n in cell.state_sizes)
     mask = torch.arange(6).unsqueeze(1) < torch.tensor([6, 2, 4]).unsqueeze(0)
     for m in (None, mask):
@@ -110,10 +110,11 @@ def test_every_stock_cell_exports_with_a_dynamic_length_and_batch(name, backend)
     torch.manual_seed(0)
     hyper = {"proj": 3} if name == "lstm_proj" else {"heads": 5} if name == "slstm" else {}
     net = rnndsl.make_recurrent(name, 5, [5, 5], backend=backend, save_hidden=False, **hyper).double().eval()
-    program = _export(net, (torch.randn(6, 3, 5, dtype=F64),), ({0: _sequence_length(), 1: _batch()},))
+    features = net.network.input_size  # a spatial cell's input: its channels' images, flat
+    program = _export(net, (torch.randn(6, 3, features, dtype=F64),), ({0: _sequence_length(), 1: _batch()},))
     assert str(program.graph).count("torch.ops.higher_order.scan") == 2  # not the traced length unrolled
     for steps, batch in ((1, 1), (11, 4)):
-        x = torch.randn(steps, batch, 5, dtype=F64)
+        x = torch.randn(steps, batch, features, dtype=F64)
         _assert_same(program.module()(x), net(x))
 
 

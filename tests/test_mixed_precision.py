@@ -81,7 +81,8 @@ def test_every_cell_trains_under_bfloat16_autocast_carrying_a_float32_state(name
     torch.manual_seed(0)
     # Two layers: the second reads the first one's outputs, as autocast leaves them.
     net = rnndsl.make_recurrent(name, size, [6, 6], backend=backend, scan=scan, save_hidden=False)
-    x = torch.randn(5, 3, size, generator=torch.Generator().manual_seed(1))
+    # A spatial cell's input: its channels' images, flat.
+    x = torch.randn(5, 3, net.network.input_size, generator=torch.Generator().manual_seed(1))
     lengths = [5, 3, 1]
     expected, expected_grads = _train(net, x, lengths, low=False)
     got, grads = _train(net, x, lengths, low=True)

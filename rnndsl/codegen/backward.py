@@ -124,7 +124,7 @@ class _Generator:
             if item is None or target.name not in self.differentiable:
                 continue
             if isinstance(item, Outer):
-                item, shape = OuterOf(item.grad, node.inputs[item.vector]), node.shape
+                item, shape = OuterOf(item.grad, node.inputs[item.vector], item.call), node.shape
             elif isinstance(item, Term):
                 shape = item.shape or node.shape
             elif isinstance(item, Placed):

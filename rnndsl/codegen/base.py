@@ -64,8 +64,9 @@ def _chunk(node: Node, args: List[str]) -> str:
     # `narrow`, not `Tensor.chunk`: TorchScript's derivative of chunk breaks from the second call on
     # (once the profiling executor specializes) when a part gets no gradient, e.g. an LSTM whose
     # loss reads only c, and its `chunk(...)[i]` can give silently wrong gradients.
+    # A vector's features, or a tensor's first dim (a spatial value's channels).
     size = node.shape.dims[0]
-    return f"{args[0]}.narrow(-1, {size_code(size * node.attr('index'))}, {size_code(size)})"
+    return f"{args[0]}.narrow({-len(node.shape.dims)}, {size_code(size * node.attr('index'))}, {size_code(size)})"
 
 
 def _concat(node: Node, args: List[str]) -> str:
@@ -154,6 +155,7 @@ EMITTERS: Dict[Op, Emitter] = {
     Op.OUTER: lambda node, args: f"{args[0]}.unsqueeze(-1) * {args[1]}.unsqueeze(-2)",
     Op.CONTRACT: lambda node, args: _CONTRACTIONS[node.attr("form")].format(*args),
     Op.SUM_OVER: lambda node, args: f"{args[0]}.sum({node.attr('dim')})",
+    Op.CONV: _call("conv_same"),  # rnndsl/kernels.py: torch's conv2d over any leading dims
 }
 
 

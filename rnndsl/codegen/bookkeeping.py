@@ -67,6 +67,10 @@ class OuterOf:
 
     grad: str
     vector: str
+    call: str  # code of {grad} and {vector}
+
+    def code(self, grad: str, vector: str) -> str:
+        return self.call.format(grad=grad, vector=vector)
 
 
 @dataclass(frozen=True)
@@ -175,7 +179,7 @@ class GradientSums:
             return
         if isinstance(item, OuterOf):  # outside the loop: one GEMM right away
             vector = self.reads.value(item.vector, block.level)
-            item, shape = Term(f"outer_sum({item.grad}, {vector})"), self.nodes[target].shape
+            item, shape = Term(item.code(item.grad, vector)), self.nodes[target].shape
         self.pending[target].append(Item(item, shape, LEAD[block.level] if shape.batched else 0))
 
     def total(self, name: str, block: Block, parts: Tuple[str, ...] = ("grad",)) -> Optional[str]:
@@ -210,7 +214,8 @@ class GradientSums:
         return " + ".join(sums[:1] + [atom(s) for s in sums[1:]]) if sums else None
 
     def _place(self, places: Sequence[Placed], shape: Shape, block: Block, name: Tuple[str, ...]) -> str:
-        """Gradients of slices of a vector, joined into the gradient of the whole vector."""
+        """Gradients of slices of a vector (of a tensor's first dim), joined into the gradient of the whole."""
+        dim = -len(shape.dims)
         parts: Dict[Tuple[Size, Size], str] = {}
         for place in places:
             key = (place.start, place.length)
@@ -225,14 +230,15 @@ class GradientSums:
                 return bases.pop()  # the slices of one buffer, all of it in order: the buffer
             local = self.names.fresh(*name)
             self.joins[local] = (block, len(block.lines), [(parts[key],) + key for key in order])
-            block.emit(f"{local} = torch.cat([{', '.join(parts[key] for key in order)}], -1)")
+            block.emit(f"{local} = torch.cat([{', '.join(parts[key] for key in order)}], {dim})")
             return local
         # Gaps or overlaps: start from zeros (rare: a chunk with an unused part).
         first = atom(next(iter(parts.values())))
         local = self.names.fresh("placed")
-        block.emit(f"{local} = {first}.new_zeros({first}.size()[:-1] + [{size_code(whole)}])")
+        after = f" + list({first}.size()[{dim + 1}:])" if dim < -1 else ""
+        block.emit(f"{local} = {first}.new_zeros(list({first}.size()[:{dim}]) + [{size_code(whole)}]{after})")
         for (start, length), expr in parts.items():
-            block.emit(f"{local}.narrow(-1, {size_code(start)}, {size_code(length)}).add_({expr})")
+            block.emit(f"{local}.narrow({dim}, {size_code(start)}, {size_code(length)}).add_({expr})")
         return local
 
     def _buffer(self, local: str, shape: Shape) -> str:
@@ -252,7 +258,7 @@ class GradientSums:
             for item in items:
                 outer = item.contribution
                 if isinstance(outer, OuterOf):  # loop values are batched: one GEMM over all steps
-                    term = f"outer_sum({self._buffer(outer.grad, item.shape)}, {self.reads.sequence(outer.vector)})"
+                    term = outer.code(self._buffer(outer.grad, item.shape), self.reads.sequence(outer.vector))
                     after.append((target, Item(Term(term), self.nodes[target].shape, 0)))
                 else:
                     groups[item.shape, item.lead].append(item)
@@ -287,6 +293,8 @@ class GradientSums:
             dims = [steps] + ([batch] if shape.batched else []) + [size_code(d) for d in shape.dims]
             if buffer not in self.views:
                 lines.append(f"    {buffer} = xs.new_empty([{', '.join(dims)}])")
+        shapes = dict(self.buffers.values())
         for buffer, (base, start, length) in self.views.items():
-            lines.append(f"    {buffer} = {base}.narrow(-1, {size_code(start)}, {size_code(length)})")
+            dim = -len(shapes[buffer].dims)
+            lines.append(f"    {buffer} = {base}.narrow({dim}, {size_code(start)}, {size_code(length)})")
         return lines

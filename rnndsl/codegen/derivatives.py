@@ -16,9 +16,10 @@ handle broadcasting in one place:
 - :class:`Product`: ``a * b``; several add up with ``torch.addcmul``.
 - :class:`Placed`: the gradient of a slice, placed into the input's range;
   the slices of one vector join with one ``torch.cat``.
-- :class:`Outer`: the gradient of the matrix in ``W @ v``, the sum over the
-  batch (and over time, in the loop) of ``grad ⊗ v``: the generator buffers
-  ``grad`` across steps and computes all of them with one GEMM.
+- :class:`Outer`: the gradient of the matrix in ``W @ v`` (or of the kernel in
+  ``conv(K, v)``), the sum over the batch (and over time, in the loop) of
+  ``grad ⊗ v``: the generator buffers ``grad`` across steps and computes all of
+  them with one GEMM (one convolution).
 
 Random ops differentiate as in evaluation mode (where they are the identity);
 in training their noise is drawn inside the loop and not saved, so a cell that
@@ -60,10 +61,16 @@ class Placed:
 
 @dataclass(frozen=True)
 class Outer:
-    """The gradient of ``W`` in ``W @ v``: sum over examples of ``grad ⊗ v``, where v is input ``vector``."""
+    """The gradient of ``W`` in ``W @ v``: sum over examples of ``grad ⊗ v``, where v is input ``vector``.
+
+    ``call`` is that sum as code of ``{grad}`` and ``{vector}``, each with any leading dims (one
+    step's batch, or all steps at once): ``outer_sum`` for a matrix product, one GEMM, or a
+    convolution's kernel gradient.
+    """
 
     grad: str
     vector: int
+    call: str = "outer_sum({grad}, {vector})"
 
 
 Contribution = Union[Term, Product, Placed, Outer]
@@ -355,6 +362,14 @@ def _sum_over(r: Rule) -> Contributions:
     return [_in_shape_of(r, 0, f"{r.grad}.unsqueeze({dim}).expand({sizes})")]
 
 
+def _conv(r: Rule) -> Contributions:
+    # y = conv(K, v): dv is the transposed convolution of the gradient by K; dK, summed over the
+    # examples, is left to the generator, which batches it over steps as a matrix product's.
+    kernel = r.value(0)
+    return [Outer(r.grad, 1, f"conv_same_weight_grad({{grad}}, {{vector}}, {kernel})") if r.needs(0) else None,
+            _in_shape_of(r, 1, f"conv_same_input_grad({r.grad}, {kernel})")]
+
+
 def _first_only(r: Rule) -> Contributions:
     """Evaluation-mode dropout and zoneout give their first input unchanged."""
     return [Term(r.grad)] + [None] * (len(r.node.inputs) - 1)
@@ -419,4 +434,5 @@ DERIVATIVES: Dict[Op, Derivative] = {
     Op.OUTER: Derivative(_outer),
     Op.CONTRACT: Derivative(_contract),
     Op.SUM_OVER: Derivative(_sum_over),
+    Op.CONV: Derivative(_conv),
 }

@@ -1,0 +1,211 @@
+"""Spatial cells: inputs and states over [channels, height, width], and ``conv(K, v)``.
+
+The stock cells convlstm and convgru against hand-written references (tests/references.py,
+``SPATIAL_REFERENCES``): outputs, next states and the gradients of the input, the state and
+every parameter, in float64, on both backends (the script backend trains through the derived
+backward), for one step, over masked sequences and in a network given lengths. They live here,
+not in tests/test_zoo.py, because their input is an image of drawn height and width, not a
+vector. Then the language: positioned errors, the hoisted input convolution, the shapes a cell
+refuses at run time, pickling and the command line.
+"""
+from __future__ import annotations
+
+import functools
+import io
+import pickle
+from contextlib import redirect_stdout
+from typing import Dict, List, Sequence
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as hs
+
+import rnndsl
+from rnndsl.cli import main
+from rnndsl.ir import Op, Phase
+from references import SPATIAL_REFERENCES, reference_scan
+
+BACKENDS = ["script", "eager"]
+TOLERANCE = dict(rtol=1e-10, atol=1e-12)
+
+
+@functools.lru_cache(maxsize=None)
+def built(name: str, channels: int, hidden: int, height: int, width: int, kernel: int, backend: str):
+    return rnndsl.load_cell(name).build(channels, hidden, backend, height=height, width=width,
+                                        kernel_size=kernel).double()
+
+
+@hs.composite
+def problems(draw) -> dict:
+    return dict(channels=draw(hs.integers(1, 3)), hidden=draw(hs.integers(1, 3)), height=draw(hs.integers(1, 5)),
+                width=draw(hs.integers(1, 5)), kernel=draw(hs.sampled_from([1, 3, 5])), batch=draw(hs.integers(1, 3)),
+                steps=draw(hs.integers(1, 4)), masked=draw(hs.booleans()), seed=draw(hs.integers(0, 2 ** 31 - 1)))
+
+
+def _gradients(results: Sequence[torch.Tensor], wrt: Sequence[torch.Tensor], seed: int) -> List[torch.Tensor]:
+    """Gradients of a random linear function of ``results``, the same for both sides of a comparison."""
+    generator = torch.Generator().manual_seed(seed)
+    loss = sum((r * torch.randn(r.shape, generator=generator, dtype=r.dtype)).sum() for r in results)
+    return list(torch.autograd.grad(loss, wrt))
+
+
+def _set_random_parameters(cell: torch.nn.Module, generator: torch.Generator) -> Dict[str, torch.Tensor]:
+    params = {name: 0.5 * torch.randn(p.shape, generator=generator, dtype=torch.float64)
+              for name, p in cell.named_parameters()}
+    with torch.no_grad():
+        for name, parameter in cell.named_parameters():
+            parameter.copy_(params[name])
+    return params
+
+
+def _compare(name: str, problem: dict, backend: str, sequence: bool) -> None:
+    p = problem
+    cell = built(name, p["channels"], p["hidden"], p["height"], p["width"], p["kernel"], backend)
+    generator = torch.Generator().manual_seed(p["seed"])
+    params = _set_random_parameters(cell, generator)
+    leading = (p["steps"], p["batch"]) if sequence else (p["batch"],)
+    assert cell.input_size == p["channels"] * p["height"] * p["width"]
+    x = torch.randn(*leading, cell.input_size, generator=generator, dtype=torch.float64)
+    state = tuple(torch.randn(p["batch"], size, generator=generator, dtype=torch.float64) for size in cell.state_sizes)
+    mask = torch.rand(leading, generator=generator) < 0.7 if sequence and p["masked"] else None
+    reference = functools.partial(SPATIAL_REFERENCES[name], height=p["height"], width=p["width"])
+
+    def run(function, parameters: Dict[str, torch.Tensor]):
+        xs, s = x.clone().requires_grad_(), tuple(v.clone().requires_grad_() for v in state)
+        output, final = function(xs, s, mask) if sequence else function(s, xs)[::-1]
+        results = [output, *final]
+        return results + _gradients(results, [xs, *s, *parameters.values()], p["seed"])
+
+    ref_params = {k: v.clone().requires_grad_() for k, v in params.items()}
+    if sequence:
+        got = run(lambda xs, s, m: rnndsl.scan(cell, xs, s, m), dict(cell.named_parameters()))
+        want = run(lambda xs, s, m: reference_scan(reference, ref_params, s, xs, m), ref_params)
+    else:
+        got = run(cell, dict(cell.named_parameters()))
+        want = run(lambda s, xs: reference(ref_params, s, xs), ref_params)
+    labels = ["output"] + [f"next {n}" for n in cell.state_names] + ["d input"]
+    labels += [f"d {n}" for n in cell.state_names] + [f"d {n}" for n in params]
+    for label, a, b in zip(labels, got, want, strict=True):
+        torch.testing.assert_close(a, b, **TOLERANCE, msg=lambda m, label=label: f"{name} {backend} {label}: {m}")
+
+
+@pytest.mark.parametrize("name", sorted(SPATIAL_REFERENCES))
+@settings(max_examples=6, deadline=None)
+@given(problem=problems())
+def test_spatial_cell_matches_reference(name: str, problem: dict) -> None:
+    for backend in BACKENDS:
+        _compare(name, problem, backend, sequence=False)
+        _compare(name, problem, backend, sequence=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", sorted(SPATIAL_REFERENCES))
+def test_a_network_of_a_spatial_cell_takes_lengths(name: str, backend: str) -> None:
+    """Padded sequences of different lengths: the outputs past a length are zero and the final
+    state is the one at each sequence's end, as the reference run under the lengths' mask."""
+    net = rnndsl.make_recurrent(name, 2, [3], backend=backend, height=4, width=3).double()
+    (cell,) = [m for m in net.modules() if hasattr(m, "state_sizes") and hasattr(m, "cell_name")]
+    params = _set_random_parameters(cell, torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(1)
+    xs = torch.randn(5, 3, 2 * 4 * 3, generator=generator, dtype=torch.float64)
+    lengths = torch.tensor([5, 2, 4])
+    output, state = net(xs, lengths=lengths)
+    mask = torch.arange(5)[:, None] < lengths[None, :]
+    zeros = tuple(torch.zeros(3, size, dtype=torch.float64) for size in cell.state_sizes)
+    reference = functools.partial(SPATIAL_REFERENCES[name], height=4, width=3)
+    want_output, want_final = reference_scan(reference, params, zeros, xs, mask)
+    torch.testing.assert_close(output, want_output, **TOLERANCE)
+    torch.testing.assert_close(state[0], want_final, **TOLERANCE)
+
+
+# The language ---------------------------------------------------------------------------
+
+def _error(source: str) -> rnndsl.CellError:
+    with pytest.raises(rnndsl.CellError) as caught:
+        rnndsl.load_source(source, "bad.cell")
+    return caught.value
+
+
+def _cell(body: str, kernel: str = "3") -> str:
+    return f"""cell c(x[input, height, width]) -> h {{
+    size height = 4
+    size width = 5
+    state h[hidden, height, width]
+    param K[hidden, input, {kernel}, {kernel}], U[hidden, hidden, 3, 3]
+{body}
+}}
+"""
+
+
+def test_a_kernel_of_the_wrong_channels_is_an_error_at_the_conv():
+    error = _error(_cell("    h' = tanh(conv(K, x) + conv(K, h) + conv(U, h))"))
+    assert (error.line, error.column) == (6, 28)
+    assert "[hidden, input, 3, 3] reads [input] channels" in error.message
+    assert "[hidden, height, width] has [hidden]" in error.message
+
+
+@pytest.mark.parametrize("body, words", [
+    ("    h' = tanh(conv(U, h) + conv(x, K))", "first argument must be a kernel parameter"),
+    ("    h' = tanh(conv(U, h) + conv(K, K))", "second argument must be a per-example spatial value"),
+    ("    h' = tanh(K @ x + conv(U, h))", "write `conv(K, v)`"),
+    ("    h' = tanh(conv(U, h) + conv(K, x) + conv(U, h) @ h)", "does not fit"),
+])
+def test_conv_of_the_wrong_shapes_says_what_it_takes(body, words):
+    error = _error(_cell(body))
+    assert error.line == 6 and words in error.message
+
+
+def test_an_even_kernel_is_refused_by_the_checker_or_at_build():
+    error = _error(_cell("    h' = tanh(conv(K, x) + conv(U, h))", kernel="2"))
+    assert (error.line, error.column) == (6, 15) and "must be odd" in error.message
+    spec = rnndsl.load_cell("convlstm")
+    with pytest.raises(ValueError, match=r"conv's kernel `weight_x` would have shape \[12, 1, 4, 4\] with "
+                                         r"kernel_size=4, .*must be odd"):
+        spec.build(1, 3, kernel_size=4)
+
+
+def test_input_size_is_the_channels_and_the_input_comes_flat():
+    cell = rnndsl.load_cell("convgru").build(2, 3, height=4, width=5)
+    assert (cell.input_size, cell.state_sizes, cell.output_size) == (40, [60], 60)
+    with pytest.raises(ValueError, match=r"expected input of shape \(T, batch, 40\) \(its \[input=2, height=4, "
+                                         r"width=5\] flattened\), got \(6, 3, 2, 4, 5\); flatten it with "
+                                         r"x.flatten\(2\)"):
+        cell.forward_sequence(torch.randn(6, 3, 2, 4, 5), (torch.zeros(3, 60),))
+    with pytest.raises(ValueError, match=r"expected input of shape \(batch, 40\) .*, got \(3, 39\)$"):
+        cell((torch.zeros(3, 60),), torch.randn(3, 39))
+    source = _cell("    h' = tanh(conv(K, x) + conv(U, h))").replace("input", "2*hidden")
+    spec = rnndsl.load_source(source)["c"]
+    with pytest.raises(ValueError, match=r"`x\[2\*hidden, height, width\]`, so input_size, the size of its first "
+                                         r"dim, must be 2\*hidden_size = 6; got input_size=2"):
+        spec.build(2, 3)
+
+
+def test_the_input_convolution_runs_for_all_steps_at_once():
+    graph = rnndsl.load_cell("convlstm").optimized()
+    phases = {node.inputs[1]: node.phase for node in graph.nodes if node.op is Op.CONV}
+    assert phases == {"x_view": Phase.PER_INPUT, "h_view": Phase.PER_STEP}
+    code = rnndsl.load_cell("convlstm").code()
+    assert "conv_seq = conv_same(self.weight_x, x_view_seq)" in code
+    # The kernels' gradients: one convolution over every step's images each, after the loop.
+    backward = rnndsl.load_cell("convlstm").backward_code()
+    loop = backward[backward.index("for t in range(steps"):]
+    assert loop.count("conv_same_weight_grad(") == 2
+    assert all(line.startswith("    grad_") for line in loop.splitlines() if "conv_same_weight_grad(" in line)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_spatial_cell_pickles(backend):
+    cell = rnndsl.load_cell("convlstm").build(1, 2, backend, height=3, width=4)
+    again = pickle.loads(pickle.dumps(cell))
+    xs, state = torch.randn(3, 2, 12), tuple(torch.randn(2, 24) for _ in range(2))
+    for a, b in zip(rnndsl.scan(cell, xs, state), rnndsl.scan(again, xs, state)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("stage", ["ast", "ir", "code", "backward", "scan", "dot"])
+def test_command_line_shows_every_stage_of_a_spatial_cell(stage):
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert main(["show", str(rnndsl.load_cell("convgru").path), "--stage", stage]) == 0
+    assert "conv" in out.getvalue()
