@@ -86,8 +86,9 @@ def chunkwise_attention(q: Tensor, k: Tensor, v: Tensor, log_decay: Optional[Ten
     # The chunk states: S_end = exp(G_C) S_start + sum_s (k_s exp(G_C - G_s)) v_s^T.
     added = (k * torch.exp(last - cumulative)).transpose(-1, -2) @ v  # (batch, heads, chunks, key, value)
     carried = torch.exp(last).squeeze(3).unsqueeze(-1).expand(batch, heads, count, keys, values)
-    ends = linear_recurrence(carried.permute(2, 0, 1, 3, 4).reshape(count, batch, -1),
-                             added.permute(2, 0, 1, 3, 4).reshape(count, batch, -1),
+    # The chunk states in the state's dtype (under autocast the products come in low precision).
+    ends = linear_recurrence(carried.to(dtype).permute(2, 0, 1, 3, 4).reshape(count, batch, -1),
+                             added.to(dtype).permute(2, 0, 1, 3, 4).reshape(count, batch, -1),
                              state.reshape(batch, -1))  # (chunks, batch, heads*key*value)
     starts = torch.cat([state.reshape(1, batch, -1), ends[:-1]])
     starts = starts.reshape(count, batch, heads, keys, values).permute(1, 2, 0, 3, 4)
