@@ -294,6 +294,9 @@ def test_every_stock_cell_trains_under_cpu_autocast(name, backend):
     """bfloat16 autocast on CPU: forward and backward run, and the gradients are those of the same
     autocast forward on the eager backend (the script backend once mixed bfloat16 and float32 in
     its derived backward, e.g. for layernorm_lstm)."""
+    if name in ("convlstm", "convgru"):
+        pytest.skip("a spatial cell reads images carried flat, not a (T, batch, 5) input; "
+                    "its autocast run is in tests/test_mixed_precision.py")
     size = 8 if name == "sru" else 5  # sru reads x[hidden]
     grads = []
     for build_backend in (backend, "eager"):
