@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 import rnndsl
 from rnndsl.chunkwise import chunkwise_attention, sequential_attention
+from test_parallel_scan import sequential_and_parallel
 
 CHUNKWISE_CELLS = ["linear_attention", "retnet", "gla", "mamba2"]
 
@@ -81,21 +82,13 @@ def test_float32_at_8192_steps_with_extreme_decays():
     torch.testing.assert_close(final.double(), want_final, rtol=1e-4, atol=1e-3)
 
 
-def _pair(name, backend, input_size, hidden):
-    spec = rnndsl.load_cell(name)
-    sequential = spec.build(input_size, hidden, backend=backend, scan="sequential").double()
-    parallel = spec.build(input_size, hidden, backend=backend, scan="parallel").double()
-    parallel.load_state_dict(sequential.state_dict())
-    return sequential, parallel
-
-
 @pytest.mark.parametrize("backend", ["script", "eager"])
 @pytest.mark.parametrize("name", CHUNKWISE_CELLS)
 @settings(max_examples=4, deadline=None)
 @given(steps=st.sampled_from([1, 5, 17, 70, 130]), batch=st.integers(1, 3), masked=st.booleans(),
        seed=st.integers(0, 2**16))
 def test_stock_cells_chunkwise_equal_their_loop(name, backend, steps, batch, masked, seed):
-    sequential, parallel = _pair(name, backend, 3, 4)
+    sequential, parallel = sequential_and_parallel(name, backend, 3, 4)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in parallel.parameters():

@@ -15,7 +15,8 @@ LINEAR = ["mingru", "minlstm", "qrnn"]
 NOT_LINEAR = {"lstm": "h' = sigmoid(o) * tanh(c')", "gru": "h' = (1 - z) * n + z * h", "indrnn": "h' = relu("}
 
 
-def _pair(name, backend, input_size, hidden):
+def sequential_and_parallel(name, backend, input_size, hidden):
+    """The stock cell ``name`` built both ways, with the same parameters (float64)."""
     spec = rnndsl.load_cell(name)
     sequential = spec.build(input_size, hidden, backend=backend, scan="sequential").double()
     parallel = spec.build(input_size, hidden, backend=backend, scan="parallel").double()
@@ -38,7 +39,7 @@ def _run(cell, xs, state, mask):
 @given(steps=st.integers(1, 70), batch=st.integers(1, 4), hidden=st.integers(1, 9), masked=st.booleans(),
        seed=st.integers(0, 2**16))
 def test_parallel_equals_sequential(name, backend, steps, batch, hidden, masked, seed):
-    sequential, parallel = _pair(name, backend, 3, hidden)
+    sequential, parallel = sequential_and_parallel(name, backend, 3, hidden)
     g = torch.Generator().manual_seed(seed)
     xs = torch.randn(steps, batch, 3, dtype=torch.float64, generator=g, requires_grad=True)
     state = tuple(torch.randn(batch, hidden, dtype=torch.float64, generator=g, requires_grad=True)
@@ -152,7 +153,7 @@ def test_float32_on_onednn_matches_the_loop(name):
 
 
 def test_long_sequences_are_exact_and_finite():
-    sequential, parallel = _pair("mingru", "script", 4, 8)
+    sequential, parallel = sequential_and_parallel("mingru", "script", 4, 8)
     xs = torch.randn(512, 2, 4, dtype=torch.float64)
     state = (torch.randn(2, 8, dtype=torch.float64),)
     with torch.no_grad():
