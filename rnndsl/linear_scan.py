@@ -58,7 +58,8 @@ def use_cpu_kernel(enabled: bool = True) -> bool:
 
     The first call compiles rnndsl/csrc/linear_scan.cpp with torch's C++ extension builder (a C++
     compiler and ninja; about 20 seconds, cached on disk after that). If the build fails, a warning
-    says why and the chunked scan stays. Results are the chunked scan's to rounding.
+    says why and the chunked scan stays. It adds in the order of the step-by-step loop, so its results
+    are that loop's (the chunked scan's to rounding).
     """
     global _built, _kernel
     if enabled and _built is None:
