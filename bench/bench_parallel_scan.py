@@ -10,7 +10,10 @@ the input projection of all steps (one GEMM with its bias) and its backward
 it, so "sequential / floor" bounds the speed-up any parallel scan can reach
 over the sequential loop on this machine.
 
-    python -m bench.bench_parallel_scan [--threads N] [--lengths 64 256 1024 4096] [--device cuda]
+"parallel, C++ scan" (--cpu-kernel) is the same parallel cell with the scan switched to
+rnndsl/csrc/linear_scan.cpp (rnndsl.linear_scan.use_cpu_kernel) for its runs only.
+
+    python -m bench.bench_parallel_scan [--threads N] [--lengths 64 256 1024 4096] [--device cuda] [--cpu-kernel]
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import torch
 
 import rnndsl
 from rnndsl.kernels import linear_with_grad
+from rnndsl.linear_scan import use_cpu_kernel
 from rnndsl.scan import python_scan
 
 
@@ -46,7 +50,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--python-loop", action="store_true",
                         help="also time a Python loop calling the (eager) cell once per step (slow)")
+    parser.add_argument("--cpu-kernel", action="store_true",
+                        help="also time the parallel cell with the C++ scan (built on first use)")
     args = parser.parse_args()
+    if args.cpu_kernel and not use_cpu_kernel():
+        parser.error("the C++ linear scan did not build")
+    use_cpu_kernel(False)
     if args.threads:
         torch.set_num_threads(args.threads)
     spec = rnndsl.load_cell("mingru")
@@ -66,6 +75,7 @@ def main() -> None:
     where = f"{torch.get_num_threads()} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
     print(f"minGRU fwd+bwd, batch {args.batch}, hidden {args.hidden}, {where}; ms, medians of interleaved runs")
     extra = f" {'python loop':>12} {'vs python':>10}" if args.python_loop else ""
+    extra += f" {'C++ scan':>9} {'vs sequential':>14}" if args.cpu_kernel else ""
     print(f"{'T':>6} {'plain loop':>11} {'sequential':>11} {'parallel':>9} {'vs plain':>9} {'vs sequential':>14}"
           f" {'GEMM floor':>11} {'sequential / floor':>19}" + extra)
     weights = torch.cat([cells["sequential"].weight_z, cells["sequential"].weight_h]).detach().requires_grad_()
@@ -86,6 +96,14 @@ def main() -> None:
 
         runs = {mode: (lambda cell=cell: run(cell)) for mode, cell in cells.items()}
         runs["floor"] = floor
+        if args.cpu_kernel:
+            def with_kernel(cell=cells["parallel"]):
+                use_cpu_kernel()
+                try:
+                    run(cell)
+                finally:
+                    use_cpu_kernel(False)
+            runs["C++ scan"] = with_kernel
         for function in runs.values():
             function()
             function()
@@ -96,6 +114,8 @@ def main() -> None:
         ms = {mode: statistics.median(times) * 1e3 for mode, times in medians.items()}
         plain, sequential, parallel = ms["plain loop"], ms["sequential"], ms["parallel"]
         extra = f" {ms['python loop']:>12.2f} {ms['python loop'] / parallel:>9.1f}x" if args.python_loop else ""
+        if args.cpu_kernel:
+            extra += f" {ms['C++ scan']:>9.2f} {sequential / ms['C++ scan']:>13.1f}x"
         print(f"{steps:>6} {plain:>11.2f} {sequential:>11.2f} {parallel:>9.2f} {plain / parallel:>8.1f}x "
               f"{sequential / parallel:>13.1f}x {ms['floor']:>11.2f} {sequential / ms['floor']:>18.1f}x" + extra)
 

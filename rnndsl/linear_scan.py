@@ -28,10 +28,16 @@ NaN at a = 0.
 The backward pass is the same scan run in reverse time: with g_t = dL/ds_t
 accumulated through the recurrence, g_t = dL/ds_t + a_{t+1} * g_{t+1}, and then
 dL/da_t = g_t * s_{t-1}, dL/db_t = g_t, dL/ds0 = a_1 * g_1.
+
+On CPU, :func:`use_cpu_kernel` swaps both for a small C++ loop (rnndsl/csrc/linear_scan.cpp),
+compiled on first use: one pass over memory each way where the chunked scan makes five or six,
+the gradient of ``a`` in the same pass as the reverse scan.
 """
 from __future__ import annotations
 
 import math
+import warnings
+from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
@@ -39,7 +45,38 @@ from torch import Tensor
 
 from .autograd_modes import plain_backward_needed
 
-__all__ = ["linear_recurrence", "sequential_linear_recurrence"]
+__all__ = ["linear_recurrence", "sequential_linear_recurrence", "use_cpu_kernel"]
+
+_KERNEL_SOURCE = Path(__file__).resolve().parent / "csrc" / "linear_scan.cpp"
+_built: Optional[Any] = None  # the compiled extension, once built
+_kernel: Optional[Any] = None  # the same while use_cpu_kernel() is on
+
+
+def use_cpu_kernel(enabled: bool = True) -> bool:
+    """Run the scan on CPU (float32, float64) as one C++ loop over time instead of the chunked scan;
+    returns whether it is on.
+
+    The first call compiles rnndsl/csrc/linear_scan.cpp with torch's C++ extension builder (a C++
+    compiler and ninja; about 20 seconds, cached on disk after that). If the build fails, a warning
+    says why and the chunked scan stays. It adds in the order of the step-by-step loop, so its results
+    are that loop's (the chunked scan's to rounding).
+    """
+    global _built, _kernel
+    if enabled and _built is None:
+        try:
+            from torch.utils import cpp_extension  # function-level: only this opt-in needs the builder
+            # No fused multiply-add, so every machine rounds as the step-by-step loop does.
+            _built = cpp_extension.load("rnndsl_linear_scan", [str(_KERNEL_SOURCE)],
+                                        extra_cflags=["-O3", "-ffp-contract=off"])
+        except Exception as error:  # noqa: BLE001 (any build failure leaves the chunked scan in place)
+            warnings.warn(f"rnndsl: the C++ linear scan did not build, the chunked scan stays: {error}",
+                          RuntimeWarning, stacklevel=2)
+    _kernel = _built if enabled else None
+    return _kernel is not None
+
+
+def _kernel_runs(a: Tensor) -> bool:
+    return _kernel is not None and a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64)
 
 
 def linear_recurrence(a: Tensor, b: Tensor, s0: Tensor) -> Tensor:
@@ -87,7 +124,7 @@ class _LinearRecurrence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, a: Tensor, b: Tensor, s0: Tensor) -> Tensor:
-        states = _scan(a, b, s0, reverse=False)
+        states = _states(a, b, s0)
         # The states (and s0) only serve dL/da; a serves every gradient.
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward(a, s0, states)
@@ -103,9 +140,19 @@ class _LinearRecurrence(torch.autograd.Function):
         return _backward(ctx.needs_input_grad, grad, a, s0, states)
 
 
+def _states(a: Tensor, b: Tensor, s0: Tensor) -> Tensor:
+    """The forward scan on plain tensors, by the C++ loop where it runs."""
+    if _kernel_runs(a):
+        return _kernel.forward(a.contiguous(), b.contiguous(), s0.contiguous())
+    return _scan(a, b, s0, reverse=False)
+
+
 def _backward(needs: Sequence[bool], grad: Tensor, a: Tensor, s0: Optional[Tensor],
               states: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
     """The gradients of ``a``, ``b`` and ``s0`` (those ``needs`` asks for) by the reverse scan."""
+    if states is not None and _kernel_runs(a):
+        grads = _kernel.backward(grad.contiguous(), a.contiguous(), s0.contiguous(), states)
+        return tuple(value if need else None for value, need in zip(grads, needs))
     # g_T = grad_T; earlier g_t follow the reverse scan with decay a_{t+1},
     # written straight into g so no shifted copy of a is made.
     g = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
@@ -125,7 +172,7 @@ def _backward(needs: Sequence[bool], grad: Tensor, a: Tensor, s0: Optional[Tenso
 # in-place `out=` writes), with the reverse scan as the registered backward.
 @torch.library.custom_op("rnndsl::linear_recurrence", mutates_args=())
 def _linear_recurrence_op(a: Tensor, b: Tensor, s0: Tensor) -> Tensor:
-    return _scan(a, b, s0, reverse=False)
+    return _states(a, b, s0)
 
 
 @_linear_recurrence_op.register_fake

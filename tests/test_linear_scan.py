@@ -9,7 +9,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
 
-from rnndsl.linear_scan import linear_recurrence, sequential_linear_recurrence
+import rnndsl
+from rnndsl.linear_scan import linear_recurrence, sequential_linear_recurrence, use_cpu_kernel
 
 FAST = settings(max_examples=40, deadline=None)
 
@@ -181,3 +182,57 @@ def test_mismatched_shapes_name_expected_and_received(recurrence, a_shape, b_sha
 def test_mismatched_dtypes_are_named():
     with pytest.raises(ValueError, match="torch.float32, torch.float64, torch.float32"):
         linear_recurrence(torch.zeros(4, 2, 3), torch.zeros(4, 2, 3, dtype=torch.float64), torch.zeros(2, 3))
+
+
+@pytest.fixture
+def cpu_kernel():
+    """The C++ scan switched on for one test (built on first use), off again after."""
+    if not use_cpu_kernel():
+        pytest.skip("the C++ linear scan did not build here")
+    yield
+    use_cpu_kernel(False)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 17, 300])
+def test_cpu_kernel_matches_the_loop(cpu_kernel, steps):
+    g = torch.Generator().manual_seed(steps)
+    a = torch.randn(steps, 3, 5, dtype=torch.float64, generator=g)
+    a[a.abs() < 0.3] = 0.0  # zeros, negatives and values above one alike
+    b, weights = (torch.randn(steps, 3, 5, dtype=torch.float64, generator=g) for _ in range(2))
+    s0 = torch.randn(3, 5, dtype=torch.float64, generator=g)
+    assert_matches(linear_recurrence(a, b, s0), sequential_linear_recurrence(a, b, s0))
+    for requires in [(True, True, True), (False, True, True), (True, False, False)]:
+        _, got_grads = gradients(linear_recurrence, a, b, s0, weights, requires)
+        _, want_grads = gradients(sequential_linear_recurrence, a, b, s0, weights, requires)
+        for got, want in zip(got_grads, want_grads, strict=True):
+            assert (got is None) == (want is None)
+            if got is not None:
+                assert_matches(got, want)
+
+
+def test_cpu_kernel_takes_broadcast_and_strided_inputs(cpu_kernel):
+    a = torch.rand(5, dtype=torch.float64).expand(40, 2, 5)  # a coefficient shared by all steps
+    b = torch.randn(2, 40, 5, dtype=torch.float64).transpose(0, 1)
+    s0 = torch.randn(5, 2, dtype=torch.float64).t()
+    assert_matches(linear_recurrence(a, b, s0), sequential_linear_recurrence(a, b, s0))
+    grad = torch.ones(()).to(torch.float64).expand(40, 2, 5)  # what sum() hands back
+    _, got_grads = gradients(linear_recurrence, a, b, s0, grad)
+    _, want_grads = gradients(sequential_linear_recurrence, a, b, s0, grad)
+    for got, want in zip(got_grads, want_grads, strict=True):
+        assert_matches(got, want)
+
+
+def test_cpu_kernel_runs_the_parallel_cells(cpu_kernel):
+    spec = rnndsl.load_cell("minlstm")
+    sequential = spec.build(3, 4, scan="sequential").double()
+    parallel = spec.build(3, 4, scan="parallel").double()
+    parallel.load_state_dict(sequential.state_dict())
+    xs = torch.randn(50, 2, 3, dtype=torch.float64, requires_grad=True)
+    state = (torch.randn(2, 4, dtype=torch.float64, requires_grad=True),)
+    results = []
+    for cell in (sequential, parallel):
+        outputs, final = rnndsl.scan(cell, xs, state)
+        loss = (outputs * torch.linspace(-1, 1, outputs.numel(), dtype=torch.float64).view_as(outputs)).sum()
+        results.append([outputs, *torch.autograd.grad(loss + final[0].square().sum(), [xs, *state])])
+    for got, want in zip(results[1], results[0]):
+        assert_matches(got, want)
