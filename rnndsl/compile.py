@@ -223,6 +223,9 @@ def cell_class(backend: str, generated: type, parallel: Optional[PythonCode] = N
 @cached(maxsize=128)
 def _parallel_plan(graph: Graph, disable: Tuple[str, ...], fixed_dropout_mask: bool,
                    source: str) -> Tuple[Optional[PythonCode], str]:
+    if graph.extra_inputs:
+        return None, (f"it has several inputs ({', '.join(d.name for d in graph.inputs)}), which the "
+                      "parallel scan does not take yet")
     try:
         try:
             # Linearity from meaning: `h' = x * h + h` is written `(x + 1) * h + 0` first.
