@@ -7,7 +7,7 @@ how its gradients reach autograd, the fallback to autograd of the loop run as Py
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -20,7 +20,8 @@ from .autograd_modes import plain_backward_needed
 class DerivedSequence(torch.autograd.Function):
     """A whole sequence through a cell, with the backward derived from its equations.
 
-    ``apply(cell, xs, mask, (state_count, input_count), *state, *parameters, *inputs)`` returns the
+    ``apply(cell, xs, mask, (state_count, input_count), *state, *parameters, *inputs)`` (for a cell of
+    one input, ``apply(cell, xs, mask, state_count, *state, *parameters)``) returns the
     outputs then the final state, flat; ``inputs`` are the cell's inputs besides ``xs``, in
     declaration order; the cell is a scripted rnndsl cell with the generated methods. Both
     methods get the parameter tensors of ``apply`` itself, never the module's attributes, so the
@@ -37,8 +38,8 @@ class DerivedSequence(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, cell, xs: Tensor, mask: Optional[Tensor], counts: Tuple[int, int], *tensors: Tensor):
-        state_count, input_count = counts
+    def forward(ctx, cell, xs: Tensor, mask: Optional[Tensor], counts: Union[int, Tuple[int, int]], *tensors: Tensor):
+        state_count, input_count = counts if isinstance(counts, tuple) else (counts, 0)  # one input: the state's count
         state, parameters = tuple(tensors[:state_count]), list(tensors[state_count:len(tensors) - input_count])
         inputs = [list(tensors[len(tensors) - input_count:])] if input_count else []
         outputs, final, saved = cell.scripted_method("forward_sequence_saving")(xs, state, mask, parameters, *inputs)

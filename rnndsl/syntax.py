@@ -252,6 +252,8 @@ def _hint_for(exc: UnexpectedInput) -> str | None:
         return None
     if str(token) == "[":
         return "brackets give shapes in declarations only; to split a vector use `a, b = chunk(v, 2)`"
+    if str(token) == "step" and "SEQUENCE" in getattr(exc, "expected", ()):
+        return "an input is read at every step unless marked `per sequence`: drop `per step`"
     if token.type == "PRIMED":
         return "next-state names like `h'` go on the left of `=` or after the state's update"
     return None
