@@ -18,7 +18,15 @@ import torch
 import rnndsl
 from rnndsl import CellError, load_source
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True)
+def float64():
+    """Every tensor and parameter here in float64, restored afterwards for the other test files."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
 
 SOURCE = """\
 cell conditioned(x[input], enc[context] per sequence, y[extra]) -> out, h {
@@ -296,3 +304,15 @@ def test_the_example_cell_hoists_its_conditioning():
         graph = rnndsl.load_cell(str(example)).optimized()
     once = str(graph).split("# once per sequence, per example")[1].split("#")[0]
     assert "matmul(weight_ch, enc)" in once
+
+
+def test_torch_compile_runs_the_loop_unrolled_and_agrees():
+    net = rnndsl.make_recurrent(rnndsl.load_source(SOURCE, "c.cell")["conditioned"], INPUT, [HIDDEN],
+                                context=CONTEXT, extra=EXTRA, save_hidden=False)
+    xs, ys, enc, _, _ = inputs()
+    (expected, _), _ = net(xs, enc=enc, y=ys)
+    expected_grad, = torch.autograd.grad(expected.sum(), enc)
+    (got, _), _ = torch.compile(net)(xs, enc=enc, y=ys)
+    grad, = torch.autograd.grad(got.sum(), enc)
+    torch.testing.assert_close(got, expected, atol=1e-10, rtol=0)
+    torch.testing.assert_close(grad, expected_grad, atol=1e-10, rtol=0)
