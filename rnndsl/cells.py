@@ -50,6 +50,9 @@ class CellModule(torch.nn.Module):
         self.input_size = graph.input.shape.dims[0].evaluate(sizes)
         self._input_dims = tuple((str(dim), dim.evaluate(sizes)) for dim in spec.input_dims)
         self.hidden_size = sizes["hidden"]
+        # The inputs besides the first, in declaration order: name -> (flat size, read once per sequence).
+        self.extra_inputs: Dict[str, Tuple[int, bool]] = {
+            d.name: (d.shape.dims[0].evaluate(sizes), d.name in graph.per_sequence) for d in graph.extra_inputs}
         self.state_names: List[str] = [d.name for d in graph.states]
         self.state_sizes: List[int] = [d.shape.dims[0].evaluate(sizes) for d in graph.states]
         output = graph.node_map()[graph.outputs[0]]
@@ -95,8 +98,10 @@ class CellModule(torch.nn.Module):
         return self.source
 
 
-def check_call(cell: torch.nn.Module, state, x: Tensor, sequence: bool, mask: Optional[Tensor] = None) -> None:
-    """Refuse inputs that do not fit, naming what was expected and what was received.
+def check_call(cell: torch.nn.Module, state, x: Tensor, sequence: bool, mask: Optional[Tensor] = None,
+               inputs: Optional[Dict[str, Tensor]] = None) -> Tuple[Tensor, ...]:
+    """Refuse inputs that do not fit, naming what was expected and what was received; return the
+    other ``inputs`` (keyword arguments, by the names of the cell file) in declaration order.
 
     Runs in Python before the generated code, so errors are plain ValueErrors
     rather than TorchScript tracebacks.
@@ -140,6 +145,46 @@ def check_call(cell: torch.nn.Module, state, x: Tensor, sequence: bool, mask: Op
     if parameter is not None and (parameter.dtype != dtype or parameter.device != device):
         raise ValueError(f"cell {name}: its parameters are {parameter.dtype} on {parameter.device}, "
                          f"but the input is {dtype} on {device}; convert one with .to()")
+    return check_inputs(cell, inputs or {}, x, sequence)
+
+
+def describe_inputs(cell: torch.nn.Module) -> str:
+    """The inputs a cell takes besides the first, for messages: ``enc (batch, 16) once per sequence``."""
+    return ", ".join(f"{name} {'(batch, ' if once else '(T, batch, '}{size}) "
+                     f"{'once per sequence' if once else 'at every step'}"
+                     for name, (size, once) in getattr(cell, "extra_inputs", {}).items())
+
+
+def check_inputs(cell: torch.nn.Module, inputs: Dict[str, Tensor], x: Tensor, sequence: bool) -> Tuple[Tensor, ...]:
+    """The cell's inputs besides ``x``, given by name, checked against ``x`` and returned in declaration order."""
+    name, declared = cell.cell_name, getattr(cell, "extra_inputs", {})
+    unknown = [key for key in inputs if key not in declared]
+    if unknown:
+        takes = f"its other inputs are {describe_inputs(cell)}" if declared else "it takes one input"
+        raise ValueError(f"cell {name} has no input named {', '.join(map(repr, unknown))}: {takes}")
+    leading = (tuple(x.shape[:2]) if sequence else tuple(x.shape[:1]))
+    found = []
+    for key, (size, once) in declared.items():
+        lead = leading[-1:] if once else leading
+        expected = lead + (size,)
+        value = inputs.get(key)
+        where = "once per sequence" if once else "at every step"
+        if value is None:
+            call = f"cell.forward_sequence(xs, state, mask, {key}=...)" if sequence else f"cell(state, x, {key}=...)"
+            raise ValueError(f"cell {name}: missing input {key}, a tensor of shape {expected} read {where}; "
+                             f"pass it by name: {call}")
+        if not isinstance(value, Tensor) or tuple(value.shape) != expected:
+            got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            hint = ""
+            if once and isinstance(value, Tensor) and sequence and tuple(value.shape) == leading + (size,):
+                hint = f"; {key} is declared `per sequence`: one (batch, {size}) value for the whole sequence"
+            raise ValueError(f"cell {name}: expected input {key} of shape {expected} (read {where}), got {got}"
+                             + hint)
+        if value.dtype != x.dtype or value.device != x.device:
+            raise ValueError(f"cell {name}: input {key} is {value.dtype} on {value.device}, but the input is "
+                             f"{x.dtype} on {x.device}")
+        found.append(value)
+    return tuple(found)
 
 
 @dataclass(frozen=True)
@@ -190,13 +235,16 @@ class EagerCell(CellModule):
         # __getstate__, not __dict__: torch refuses to pickle what it cannot (parametrized modules).
         return _empty_cell, (self._recipe,), self.__getstate__()
 
-    def forward(self, state, x):
-        check_call(self, state, x, sequence=False)
-        return self._python_methods.forward(self, state, x)
+    def forward(self, state, x, **inputs):
+        extras = check_call(self, state, x, sequence=False, inputs=inputs)
+        return self._python_methods.forward(self, state, x, *extras)
 
-    def forward_sequence(self, xs, state, mask=None):
-        check_call(self, state, xs, sequence=True, mask=mask)
-        return self._run_sequence(xs, state, mask)
+    def forward_sequence(self, xs, state, mask=None, **inputs):
+        """The whole ``(T, batch, ...)`` sequence ``xs`` from ``state``: (outputs, final state). A cell
+        with several inputs takes the others by name: one read at every step as ``(T, batch, n)``, one
+        read once per sequence as ``(batch, n)``."""
+        extras = check_call(self, state, xs, sequence=True, mask=mask, inputs=inputs)
+        return self._run_sequence(xs, state, mask, extras)
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -206,8 +254,10 @@ class EagerCell(CellModule):
         super().__setstate__(state)
         opaque.register(self)
 
-    def _run_sequence(self, xs, state, mask):
+    def _run_sequence(self, xs, state, mask, extras=()):
         """``forward_sequence`` after the checks: the form that suits the caller."""
+        if extras:
+            return self._run_sequence_of_several_inputs(xs, state, mask, extras)
         if torch.compiler.is_exporting():  # one scan node: the program runs at any length, with torch alone
             return self.forward_sequence_scan(xs, state, mask)
         if torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active():
@@ -222,6 +272,14 @@ class EagerCell(CellModule):
         if self.scan_mode == "parallel" and not torch._C._are_functorch_transforms_active():
             return self.forward_parallel(xs, state, mask)
         return self._python_methods.forward_sequence(self, xs, state, mask)
+
+    def _run_sequence_of_several_inputs(self, xs, state, mask, extras):
+        """A cell with several inputs runs its generated loop (eagerly, or unrolled by torch.compile):
+        neither the parallel scan, nor the export form, nor the compile path's op takes other inputs yet."""
+        if torch.compiler.is_exporting():
+            raise NotImplementedError(f"cell {self.cell_name} has several inputs, which torch.export does not "
+                                      "support yet (the scan form takes one); export a cell with one input")
+        return self._python_methods.forward_sequence(self, xs, state, mask, *extras)
 
 
 class ScriptedCell(EagerCell):
@@ -298,17 +356,23 @@ class ScriptedCell(EagerCell):
         """What ``torch.jit.save(cell, buffer)`` calls."""
         return self.kernel().save_to_buffer(_extra_files=_extra_files or {})
 
-    def forward(self, state, x):
+    def forward(self, state, x, **inputs):
         if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
-            return super().forward(state, x)
-        check_call(self, state, x, sequence=False)
-        return self.kernel().forward(state, x)
+            return super().forward(state, x, **inputs)
+        extras = check_call(self, state, x, sequence=False, inputs=inputs)
+        return self.kernel().forward(state, x, *extras)
 
-    def _run_sequence(self, xs, state, mask):
+    def _run_sequence(self, xs, state, mask, extras=()):
         if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
             # torch.compile, torch.export and torch.func follow Python, not TorchScript nor a
             # Function without a vmap rule (the derived backward's, the parallel scan's).
-            return super()._run_sequence(xs, state, mask)
+            return super()._run_sequence(xs, state, mask, extras)
+        if extras:
+            if torch.is_autocast_enabled(xs.device.type):
+                return self._python_methods.forward_sequence(self, xs, state, mask, *extras)
+            if derived.uses_derived_backward(self, xs, state, extras):
+                return derived.derived_forward_sequence(self, xs, state, mask, extras)
+            return self.kernel().forward_sequence(xs, state, mask, *extras)
         if self.scan_mode == "parallel":
             return self.forward_parallel(xs, state, mask)
         if torch.is_autocast_enabled(xs.device.type):

@@ -21,7 +21,7 @@ import torch
 
 from . import syntax_tree as st
 from .cells import Recipe
-from .check import check_file, hyper_value_problem
+from .check import check_file, hyper_value_problem, input_sizes
 from .compile import (backward_source, cached, cell_class, compile_lock, generated_class, optimized,
                       parallel_plan, scan_source, step_source)
 from .errors import CellError, CellWarning, Span
@@ -139,6 +139,12 @@ class CellSpec:
         for name, default in self.sizes.items():
             if default is not None:
                 sizes.setdefault(name, default)
+        for name in input_sizes(self.ast):
+            if name not in sizes:
+                decl = next(d for d in self.ast.inputs if any(name in size_of(s).variables for s in d.shape))
+                shape = ", ".join(str(size_of(s)) for s in decl.shape)
+                raise TypeError(f"cell {self.name} reads `{decl.name}[{shape}]`: give the size {name} at build, "
+                                f"as in build(input_size, hidden_size, {name}=16)")
         for decl in self.ast.sizes:
             if decl.formula is not None and decl.name not in sizes:
                 sizes[decl.name] = self._computed_size(decl, sizes)

@@ -11,7 +11,7 @@ import functools
 import keyword
 import math
 import numbers
-from typing import Dict, Iterator, List, Optional, Set
+from typing import Dict, Iterator, List, Optional, Set, Tuple
 
 from . import syntax_tree as st
 from .errors import CellError, Span, did_you_mean, warn
@@ -44,7 +44,7 @@ def __getattr__(name: str) -> object:
 _CELL_ATTRIBUTES = {"input_size", "hidden_size", "output_size", "state_sizes", "state_names", "source", "code",
                     "cell_name", "forward_sequence", "reset_parameters", "generated_source", "kernel",
                     "scripted_method", "backward_sequence", "derived_backward_trains", "forward_sequence_saving",
-                    "forward_parallel", "scan_mode", "parallel_source", "forward_sequence_scan"}
+                    "forward_parallel", "scan_mode", "parallel_source", "forward_sequence_scan", "extra_inputs"}
 
 # Sizes and hyper-parameters are set as keyword arguments of CellSpec.build(input_size, hidden_size,
 # backend, *, <the build options>, **hyper): they cannot share a name with its own arguments.
@@ -90,8 +90,17 @@ def _another_name(name: str) -> str:
     return f"call it `{stem}_` or another name"
 
 
+def input_sizes(cell: st.Cell) -> Tuple[str, ...]:
+    """The sizes the extra inputs introduce: names in their shapes that no ``size`` declares
+    (``enc[context] per sequence`` makes ``context`` a size, set at build like ``input``)."""
+    declared = set(BUILTIN_SIZES) | {d.name for d in cell.sizes}
+    found = [name for decl in cell.inputs[1:] for name in _size_names(decl.shape) if name not in declared]
+    return tuple(dict.fromkeys(found))
+
+
 def _declarations(cell: st.Cell) -> Iterator[tuple]:
-    yield cell.input.name, "input", cell.input.span
+    for decl in cell.inputs:
+        yield decl.name, "input", decl.span
     for decl in cell.states:
         yield decl.name, "state", decl.span
     for decl in cell.params:
@@ -122,6 +131,21 @@ def _check_declarations(cell: st.Cell) -> None:
             raise CellError(f"`{name}` cannot name {_article(what)}: names starting with `_` are kept for "
                             "torch.nn.Module's internals", span, hint=_another_name(name))
         declared[name] = what
+    if cell.input.per_sequence:
+        raise CellError(f"the first input, `{cell.input.name}`, is read at every step and cannot be "
+                        "`per sequence`", cell.input.span,
+                        hint=f"put `{cell.input.name}` after an input read at every step, as in "
+                        f"`cell {cell.name}(x[input], {cell.input.name}[...] per sequence)`")
+    for name in input_sizes(cell):
+        span = next(d.span for d in cell.inputs[1:] if name in _size_names(d.shape))
+        _check_name(name, span, "size")
+        if name in declared:
+            raise CellError(f"`{name}` names a size in this input's shape, but it is already "
+                            f"{_article(declared[name])}", span)
+        if name in _module_attributes() or name in BUILD_ARGUMENTS or name.startswith("_"):
+            raise CellError(f"`{name}` cannot name a size: it is an argument of CellSpec.build or an "
+                            "attribute every cell module has", span, hint=_another_name(name))
+        declared[name] = "size"
     if not cell.states:
         raise CellError(f"cell `{cell.name}` declares no state", cell.name_span,
                         hint="add a line such as `state h[hidden]`")
@@ -130,8 +154,8 @@ def _check_declarations(cell: st.Cell) -> None:
             _check_number(decl.init, decl.span)
     for decl in cell.hypers:
         _check_number(decl.default, decl.span)
-    sizes = set(BUILTIN_SIZES) | {decl.name for decl in cell.sizes}
-    earlier = set(BUILTIN_SIZES)
+    sizes = set(BUILTIN_SIZES) | {decl.name for decl in cell.sizes} | set(input_sizes(cell))
+    earlier = set(BUILTIN_SIZES) | set(input_sizes(cell))
     for decl in cell.sizes:
         if decl.formula is not None:
             # Computed at build from sizes known by then: the built-in ones and those declared above.
@@ -140,9 +164,21 @@ def _check_declarations(cell: st.Cell) -> None:
             raise CellError(f"size `{decl.name}` must be from 1 to {MAX_DIMENSION:,}, got {decl.default}",
                             decl.span)
         earlier.add(decl.name)
-    shapes = [cell.input.shape] + [d.shape for d in cell.states] + [p.shape for p in cell.params + cell.buffers]
+    shapes = [d.shape for d in cell.inputs + cell.states] + [p.shape for p in cell.params + cell.buffers]
     for size in (size for shape in shapes for size in shape):
         _check_size(size, sizes)
+
+
+def _size_names(shape: Tuple[st.SizeExpr, ...]) -> List[str]:
+    """The size names in a shape, in the order they are written."""
+    names, stack = [], list(reversed(shape))
+    while stack:
+        node = stack.pop()
+        if isinstance(node, st.SizeBinary):
+            stack.extend((node.right, node.left))
+        elif isinstance(node, st.SizeName) and node.name not in names:
+            names.append(node.name)
+    return names
 
 
 def _check_number(value: float, span: Span) -> None:
@@ -184,12 +220,12 @@ class _Scope:
 
     def __init__(self, cell: st.Cell):
         self.cell = cell
-        self.kinds: Dict[str, str] = {cell.input.name: "input"}
+        self.kinds: Dict[str, str] = {d.name: "input" for d in cell.inputs}
         self.kinds.update({d.name: "state" for d in cell.states})
         self.kinds.update({d.name: "parameter" for d in cell.params})
         self.kinds.update({d.name: "buffer" for d in cell.buffers})
         self.kinds.update({d.name: "hyper-parameter" for d in cell.hypers})
-        self.sizes = set(BUILTIN_SIZES) | {d.name for d in cell.sizes}
+        self.sizes = set(BUILTIN_SIZES) | {d.name for d in cell.sizes} | set(input_sizes(cell))
         self.locals: Dict[str, Span] = {}
         self.updated: Dict[str, Span] = {}
         self.used: Set[str] = set()
@@ -214,6 +250,9 @@ def _check_body(cell: st.Cell) -> None:
                             hint=did_you_mean(output.name, list(scope.locals) + [d.name for d in cell.states])
                             or "outputs name a state (its next value) or a value assigned in the cell")
         scope.used.add(output.name)
+    for decl in cell.inputs[1:]:
+        if decl.name not in scope.used:
+            warn(f"input `{decl.name}` is never used", decl.span)
     for decl in cell.params + cell.buffers:
         if decl.name not in scope.used:
             warn(f"{'parameter' if decl in cell.params else 'buffer'} `{decl.name}` is never used", decl.span)

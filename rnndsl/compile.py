@@ -84,7 +84,11 @@ def backward_source(graph: Graph, options: BuildOptions) -> str:
 
 
 def scan_source(graph: Graph, options: BuildOptions) -> str:
-    """The source of ``forward_sequence_scan``, what torch.export runs (rnndsl/codegen/scan.py)."""
+    """The source of ``forward_sequence_scan``, what torch.export runs (rnndsl/codegen/scan.py); for a
+    cell with several inputs, which that form does not take yet, a comment saying so."""
+    if graph.extra_inputs:
+        return (f"# cell {graph.name} has several inputs ({', '.join(d.name for d in graph.inputs)}), which "
+                "the scan form (torch.export) does not take yet\n")
     return _scan_source(graph, options.disable).source
 
 
@@ -163,8 +167,9 @@ def _module_class(graph: Graph, options: BuildOptions, origin: str) -> type:
         step = _source(graph, options.disable, origin, options.fixed_dropout_mask)
         code = _joined(step, _backward_source(graph, options.disable)) if options.derived_backward else step
         # forward_sequence_scan is plain Python that TorchScript never compiles (no method it
-        # compiles calls it): what torch.export runs.
-        code = _joined(code, _scan_source(graph, options.disable))
+        # compiles calls it): what torch.export runs. It takes one input (export refuses others).
+        if not graph.extra_inputs:
+            code = _joined(code, _scan_source(graph, options.disable))
         # The sizes and hyper-parameters the code reads as module attributes (`self.hidden`).
         constants = tuple(dict.fromkeys(["input", "hidden"] + [d.name for d in graph.sizes]
                                         + [d.name for d in graph.hypers]))
@@ -175,7 +180,7 @@ def _module_class(graph: Graph, options: BuildOptions, origin: str) -> type:
         methods = {
             "forward": namespace["forward"],
             "forward_sequence": torch.jit.export(namespace["forward_sequence"]),
-            "forward_sequence_scan": namespace["forward_sequence_scan"],
+            "forward_sequence_scan": namespace.get("forward_sequence_scan"),
             "generated_source": step.source,
             "_constant_names": constants,
             "_registry_key": key,
@@ -223,6 +228,9 @@ def cell_class(backend: str, generated: type, parallel: Optional[PythonCode] = N
 @cached(maxsize=128)
 def _parallel_plan(graph: Graph, disable: Tuple[str, ...], fixed_dropout_mask: bool,
                    source: str) -> Tuple[Optional[PythonCode], str]:
+    if graph.extra_inputs:
+        return None, (f"it has several inputs ({', '.join(d.name for d in graph.inputs)}), which the "
+                      "parallel scan does not take yet")
     try:
         try:
             # Linearity from meaning: `h' = x * h + h` is written `(x + 1) * h + 0` first.

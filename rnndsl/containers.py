@@ -6,7 +6,9 @@ whole sequence::
     module(state, xs, mask=None) -> (final_state, outputs)
 
 with ``xs`` a ``(T, batch, input)`` sequence and ``mask`` an optional
-``(T, batch)`` bool tensor, True at real steps (see :mod:`rnndsl.scan`). Because
+``(T, batch)`` bool tensor, True at real steps (see :mod:`rnndsl.scan`). A cell with
+several inputs takes the others by name, ``module(state, xs, mask, enc=...)``; every
+container passes each to the layers whose cells declare it (``extra_inputs``). Because
 the convention is the same at every level, containers nest:
 
 - :class:`RecurrentTable` runs one cell over time (a scan);
@@ -33,13 +35,13 @@ mirror that nesting so that initial states and shape checks come for free.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
-from .scan import python_scan, scan
+from .scan import per_step_inputs, python_scan, scan
 from .sequences import lengths_mask, refuse_packed_under_export, repack, reverse_padded
 
 StateTree = Union[Tensor, Tuple["StateTree", ...]]
@@ -85,9 +87,43 @@ class _FlatStateCell(nn.Module):
         self.cell = cell
         self.layout = layout
 
-    def forward(self, state: Tuple[Tensor, ...], x: Tensor) -> Tuple[Tuple[Tensor, ...], Tensor]:
-        new_state, output = self.cell(_unflatten(state, self.layout), x)
+    @property
+    def extra_inputs(self) -> Dict[str, Tuple[int, bool]]:
+        return extra_inputs_of(self.cell)
+
+    def forward(self, state: Tuple[Tensor, ...], x: Tensor, **inputs: Tensor) -> Tuple[Tuple[Tensor, ...], Tensor]:
+        new_state, output = self.cell(_unflatten(state, self.layout), x, **inputs)
         return tuple(_flatten(new_state)[0]), output
+
+
+def extra_inputs_of(*modules: nn.Module) -> Dict[str, Tuple[int, bool]]:
+    """The inputs besides the first that these modules' cells declare: name -> (size, read once per sequence)."""
+    found: Dict[str, Tuple[int, bool]] = {}
+    for module in modules:
+        for name, declared in getattr(module, "extra_inputs", {}).items():
+            found.setdefault(name, declared)
+    return found
+
+
+def inputs_for(module: nn.Module, inputs: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """Of ``inputs``, those ``module``'s cells declare."""
+    declared = getattr(module, "extra_inputs", {})
+    return {name: value for name, value in inputs.items() if name in declared}
+
+
+def check_input_names(module: nn.Module, inputs: Dict[str, Tensor], where: str) -> None:
+    """Refuse inputs that no cell of ``module`` declares, naming those it does."""
+    declared = extra_inputs_of(module)
+    unknown = [name for name in inputs if name not in declared]
+    if unknown:
+        takes = (f"its cells' other inputs are {', '.join(declared)}" if declared
+                 else "its cells take one input each")
+        raise ValueError(f"{where} has no input named {', '.join(map(repr, unknown))}: {takes}")
+    for name, (size, once) in declared.items():
+        if name not in inputs:
+            shape, when = ("(batch, ", "once per sequence") if once else ("(T, batch, ", "at every step")
+            raise ValueError(f"{where}: missing input {name}, a {shape}{size}) tensor its cells read {when}; "
+                             f"pass it by name, as in net(x, {name}=...)")
 
 
 def cell_sizes(cell: nn.Module) -> str:
@@ -125,29 +161,33 @@ class RecurrentTable(nn.Module):
     def state_names(self):
         return self.cell.state_names
 
+    @property
+    def extra_inputs(self) -> Dict[str, Tuple[int, bool]]:
+        return extra_inputs_of(self.cell)
+
     def extra_repr(self) -> str:
         return cell_sizes(self.cell)
 
     def forward(self, state: StateTree, xs: Tensor,
-                mask: Optional[Tensor] = None) -> Tuple[StateTree, Tensor]:
+                mask: Optional[Tensor] = None, **inputs: Tensor) -> Tuple[StateTree, Tensor]:
         if self.return_states:
-            return self._forward_with_states(state, xs, mask)
+            return self._forward_with_states(state, xs, mask, inputs)
         leaves, layout = _flatten(state)
         if all(part_layout is None for _, part_layout in layout):
-            outputs, final = scan(self.cell, xs, tuple(leaves), mask)
+            outputs, final = scan(self.cell, xs, tuple(leaves), mask, **inputs)
             return final, outputs
-        outputs, final = scan(_FlatStateCell(self.cell, layout), xs, tuple(leaves), mask)
+        outputs, final = scan(_FlatStateCell(self.cell, layout), xs, tuple(leaves), mask, **inputs)
         return _unflatten(final, layout), outputs
 
 
-    def _forward_with_states(self, state: StateTree, xs: Tensor, mask: Optional[Tensor]):
+    def _forward_with_states(self, state: StateTree, xs: Tensor, mask: Optional[Tensor], inputs: Dict[str, Tensor]):
         """``(final_state, (outputs, states))``: ``states`` the state after every step, each
         ``(T, batch, size)`` (zero at padded steps, as the outputs). A Python loop over steps,
         since the compiled loop keeps no state but the last."""
-        def cell(state, x):
-            new_state, output = self.cell(state, x)
+        def cell(state, x, **step_inputs):
+            new_state, output = self.cell(state, x, **step_inputs)
             return new_state, torch.cat([first_output(output), *new_state], -1)
-        joined, final = python_scan(cell, xs, tuple(state), mask)
+        joined, final = python_scan(cell, xs, tuple(state), mask, inputs, per_step_inputs(self.cell))
         sizes = [self.output_size] + list(self.state_sizes)
         outputs, *states = joined.split(sizes, -1)
         return final, (outputs, tuple(states))
@@ -164,7 +204,8 @@ class SequenceTable(nn.Module):
     ``torch.nn.LSTM``. With ``return_all=True`` the output is the tuple of
     every module's outputs instead of the last one's. A module whose cell has
     several outputs (``-> y, z``) feeds its first to the next module; the last
-    module's outputs are returned, all of them.
+    module's outputs are returned, all of them. Inputs given by name (``enc=``) go to
+    every module whose cells declare them.
     """
 
     def __init__(self, modules: Sequence[nn.Module], dropout: float = 0.0,
@@ -194,22 +235,28 @@ class SequenceTable(nn.Module):
     def state_names(self):
         return tuple(layer.state_names for layer in self.layers)
 
+    @property
+    def extra_inputs(self) -> Dict[str, Tuple[int, bool]]:
+        return extra_inputs_of(*self.layers)
+
     def extra_repr(self) -> str:
         return ", ".join([f"dropout={self.dropout}"] * bool(self.dropout)
                          + ["return_all=True"] * self.return_all)
 
     def forward(self, state: Sequence[StateTree], x: Tensor,
-                mask: Optional[Tensor] = None):
+                mask: Optional[Tensor] = None, **inputs: Tensor):
         if len(state) != len(self.layers):
             raise ValueError(f"state must have one entry per layer ({len(self.layers)}), "
                              f"got {len(state)}")
+        check_input_names(self, inputs, "SequenceTable")
         finals, outputs, steps = [], [], []
         for depth, (layer, layer_state) in enumerate(zip(self.layers, state)):
             if depth > 0:
                 x = first_output(x)
                 if self.dropout > 0:
                     x = nn.functional.dropout(x, self.dropout, self.training)
-            layer_state, x = layer(layer_state, x) if mask is None else layer(layer_state, x, mask)
+            given = inputs_for(layer, inputs)
+            layer_state, x = layer(layer_state, x, **given) if mask is None else layer(layer_state, x, mask, **given)
             if getattr(layer, "return_states", False):  # (outputs, the state after every step)
                 x, layer_steps = x
                 steps.append(layer_steps)
@@ -263,12 +310,21 @@ class Bidirectional(nn.Module):
     def state_names(self):
         return (self.fwd.state_names, self.reverse_layer.state_names)
 
+    @property
+    def extra_inputs(self) -> Dict[str, Tuple[int, bool]]:
+        return extra_inputs_of(self.fwd, self.reverse_layer)
+
     def forward(self, state: Tuple[StateTree, StateTree], xs: Tensor,
-                mask: Optional[Tensor] = None) -> Tuple[Tuple[StateTree, StateTree], Tensor]:
+                mask: Optional[Tensor] = None, **inputs: Tensor) -> Tuple[Tuple[StateTree, StateTree], Tensor]:
         forward_state, reverse_state = state
         lengths = None if mask is None else mask.sum(0)
-        forward_final, forward_out = self.fwd(forward_state, xs, mask)
-        reverse_final, reverse_out = self.reverse_layer(reverse_state, reverse_padded(xs, lengths), mask)
+        forward_final, forward_out = self.fwd(forward_state, xs, mask, **inputs_for(self.fwd, inputs))
+        # The reverse layer reads the inputs of every step backwards too; per-sequence ones as they are.
+        per_step = per_step_inputs(self.reverse_layer)
+        reversed_inputs = {name: reverse_padded(value, lengths) if name in per_step else value
+                           for name, value in inputs_for(self.reverse_layer, inputs).items()}
+        reverse_final, reverse_out = self.reverse_layer(reverse_state, reverse_padded(xs, lengths), mask,
+                                                        **reversed_inputs)
         if isinstance(forward_out, tuple):  # a cell with several outputs: each joined on its own
             outputs = tuple(torch.cat([f, reverse_padded(r, lengths)], dim=-1)
                             for f, r in zip(forward_out, reverse_out))
@@ -406,8 +462,14 @@ class RecurrentNetwork(nn.Module):
             return map_state(lambda t: t.to(dtype=like.dtype, device=like.device), saved)
         return self.initialize_hidden(batch_size, dtype=like.dtype, device=like.device)
 
+    @property
+    def extra_inputs(self) -> Dict[str, Tuple[int, bool]]:
+        """The inputs besides ``x`` that the network's cells declare: name -> (size, read once per
+        sequence); give them by name, ``net(x, enc=...)``."""
+        return extra_inputs_of(self.network)
+
     def forward(self, x: Union[Tensor, PackedSequence], state: Optional[StateTree] = None,
-                lengths: Optional[Union[Tensor, Sequence[int]]] = None):
+                lengths: Optional[Union[Tensor, Sequence[int]]] = None, **inputs: Tensor):
         exporting = torch.compiler.is_exporting()
         if exporting and self.save_hidden and state is None:
             raise ValueError("this network was built with save_hidden=True: each call starts from the final state "
@@ -416,7 +478,10 @@ class RecurrentNetwork(nn.Module):
                              "net.save_hidden = False) to start each call from the init functions, or pass the "
                              "state explicitly: net(x, state)")
         refuse_packed_under_export(x, type(self).__name__)
+        check_input_names(self.network, inputs, type(self).__name__)
         packed = x if isinstance(x, PackedSequence) else None
+        if packed is not None and inputs:
+            raise ValueError("a PackedSequence cannot come with other inputs: pass the padded batch and lengths=")
         if packed is not None:
             if lengths is not None:
                 raise ValueError("a PackedSequence carries its own lengths; do not pass lengths=")
@@ -441,7 +506,12 @@ class RecurrentNetwork(nn.Module):
             sizes = getattr(self.network, "state_sizes", None)
             if sizes is not None:
                 check_state(state, sizes, getattr(self.network, "state_names", None), batch_size, xs)
-        final, outputs = self.network(state, xs, mask) if mask is not None else self.network(state, xs)
+        per_step = per_step_inputs(self.network)
+        inputs = {name: out_of_autocast(value.transpose(0, 1) if self.batch_first and name in per_step
+                                        and isinstance(value, Tensor) else value, carried)
+                  for name, value in inputs.items()}
+        final, outputs = (self.network(state, xs, mask, **inputs) if mask is not None
+                          else self.network(state, xs, **inputs))
         if self.save_hidden and not exporting:  # the traced state is not a tensor to keep
             self._hidden = map_state(Tensor.detach, final)
         if packed is not None:

@@ -1,4 +1,5 @@
-"""Dependency analysis: what each value varies with (parameters only, the input, or a state).
+"""Dependency analysis: what each value varies with (parameters only, per-sequence inputs, the
+inputs read at every step, or a state).
 
 An analysis, not a schedule: the hoisting pass (rnndsl/passes/hoist.py) turns it into
 the phase each node runs in, and the code generators read it where the schedule may
@@ -16,12 +17,14 @@ class Dependence(enum.IntEnum):
     """What a value varies with, from least to most."""
 
     PARAMETERS = 0  # parameters, hyper-parameters and constants only: the same at every step
-    INPUT = 1       # the input but no state: every step can be computed before the loop
-    STATE = 2       # a state (or a fresh draw at every step): only step by step
+    SEQUENCE = 1    # per-sequence inputs too: the same at every step, but per example
+    INPUT = 2       # an input read at every step but no state: every step can be computed before the loop
+    STATE = 3       # a state (or a fresh draw at every step): only step by step
 
 
 _LEAF_DEPENDENCES = {Op.PARAM: Dependence.PARAMETERS, Op.BUFFER: Dependence.PARAMETERS, Op.HYPER: Dependence.PARAMETERS,
-                     Op.CONST: Dependence.PARAMETERS, Op.INPUT: Dependence.INPUT, Op.STATE: Dependence.STATE}
+                     Op.CONST: Dependence.PARAMETERS, Op.SEQUENCE_INPUT: Dependence.SEQUENCE,
+                     Op.INPUT: Dependence.INPUT, Op.STATE: Dependence.STATE}
 
 
 def dependencies(graph: Graph) -> Dict[str, Dependence]:

@@ -7,7 +7,7 @@ how its gradients reach autograd, the fallback to autograd of the loop run as Py
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -20,8 +20,10 @@ from .autograd_modes import plain_backward_needed
 class DerivedSequence(torch.autograd.Function):
     """A whole sequence through a cell, with the backward derived from its equations.
 
-    ``apply(cell, xs, mask, state_count, *state, *parameters)`` returns the outputs then the
-    final state, flat; the cell is a scripted rnndsl cell with the generated methods. Both
+    ``apply(cell, xs, mask, (state_count, input_count), *state, *parameters, *inputs)`` (for a cell of
+    one input, ``apply(cell, xs, mask, state_count, *state, *parameters)``) returns the
+    outputs then the final state, flat; ``inputs`` are the cell's inputs besides ``xs``, in
+    declaration order; the cell is a scripted rnndsl cell with the generated methods. Both
     methods get the parameter tensors of ``apply`` itself, never the module's attributes, so the
     backward differentiates exactly what the forward computed with (tied, parametrized or
     functional_call'd weights), and autograd's version counters catch in-place edits between.
@@ -36,24 +38,30 @@ class DerivedSequence(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, cell, xs: Tensor, mask: Optional[Tensor], state_count: int, *tensors: Tensor):
-        state, parameters = tuple(tensors[:state_count]), list(tensors[state_count:])
-        outputs, final, saved = cell.scripted_method("forward_sequence_saving")(xs, state, mask, parameters)
-        ctx.cell, ctx.counts, ctx.training = cell, (len(outputs), len(tensors), state_count), cell.training
+    def forward(ctx, cell, xs: Tensor, mask: Optional[Tensor], counts: Union[int, Tuple[int, int]], *tensors: Tensor):
+        state_count, input_count = counts if isinstance(counts, tuple) else (counts, 0)  # one input: the state's count
+        state, parameters = tuple(tensors[:state_count]), list(tensors[state_count:len(tensors) - input_count])
+        inputs = [list(tensors[len(tensors) - input_count:])] if input_count else []
+        outputs, final, saved = cell.scripted_method("forward_sequence_saving")(xs, state, mask, parameters, *inputs)
+        ctx.cell, ctx.training = cell, cell.training
+        ctx.counts = (len(outputs), len(tensors), state_count, input_count)
         ctx.save_for_backward(xs, mask, *tensors, *saved)
         return (*outputs, *final)
 
     @staticmethod
     def backward(ctx, *grads: Tensor):
         xs, mask, *rest = ctx.saved_tensors
-        output_count, tensor_count, state_count = ctx.counts
+        output_count, tensor_count, state_count, input_count = ctx.counts
         tensors, saved = rest[:tensor_count], rest[tensor_count:]
         if plain_backward_needed(grads):
             return (None, *_recomputed_gradients(ctx, xs, mask, tensors, grads))
         need_input_grad = bool(ctx.needs_input_grad[1])
+        inputs = [list(tensors[tensor_count - input_count:])] if input_count else []
+        # grad_params ends with the other inputs' gradients, as tensors ends with them.
         grad_xs, grad_state, grad_params = ctx.cell.scripted_method("backward_sequence")(
-            xs, mask, list(tensors[state_count:]), saved, [g.contiguous() for g in grads[:output_count]],
-            [g.contiguous() for g in grads[output_count:]], need_input_grad)
+            xs, mask, list(tensors[state_count:tensor_count - input_count]), saved,
+            [g.contiguous() for g in grads[:output_count]], [g.contiguous() for g in grads[output_count:]],
+            need_input_grad, *inputs)
         # One tensor may be the gradient of two parameters (bias_ih and bias_hh of a sum):
         # autograd may keep it as both .grad, so each gets its own.
         seen, distinct = set(), []
@@ -72,7 +80,7 @@ def _recomputed_gradients(ctx, xs: Tensor, mask: Optional[Tensor], tensors: Sequ
     differentiable in everything they depend on; under torch.func's vmap the grads come batched
     and the plain ops batch them.
     """
-    _, tensor_count, state_count = ctx.counts
+    _, tensor_count, state_count, input_count = ctx.counts
     needs = ctx.needs_input_grad
     create_graph = torch.is_grad_enabled()
     with torch.enable_grad():
@@ -81,8 +89,9 @@ def _recomputed_gradients(ctx, xs: Tensor, mask: Optional[Tensor], tensors: Sequ
         # the tensor for the next derivative.
         arguments = [t.view_as(t) if need else t for t, need in zip((xs, *tensors), (needs[1], *needs[4:]))]
         inner_xs, inner = arguments[0], arguments[1:]
+        parameters, inputs = inner[state_count:tensor_count - input_count], inner[tensor_count - input_count:]
         outputs, final = eager_forward_sequence(ctx.cell, inner_xs, inner[:state_count], mask,
-                                                inner[state_count:], ctx.training)
+                                                parameters, ctx.training, inputs)
         results = (*(outputs if isinstance(outputs, tuple) else (outputs,)), *final)
         # A result that depends on nothing differentiated (a state that only doubles itself, from a
         # start that needs no gradient) contributes nothing, and autograd.grad refuses it.
@@ -97,7 +106,7 @@ def _recomputed_gradients(ctx, xs: Tensor, mask: Optional[Tensor], tensors: Sequ
     return (gradients[0], None, None, *gradients[1:])
 
 
-def uses_derived_backward(cell, xs: Tensor, state: Sequence[Tensor]) -> bool:
+def uses_derived_backward(cell, xs: Tensor, state: Sequence[Tensor], inputs: Sequence[Tensor] = ()) -> bool:
     """Whether ``forward_sequence`` should run through :class:`DerivedSequence`.
 
     Only when autograd records and something needs a gradient, the cell was built with the
@@ -105,7 +114,7 @@ def uses_derived_backward(cell, xs: Tensor, state: Sequence[Tensor]) -> bool:
     """
     if torch.jit.is_tracing():
         return False
-    return _records(xs, state, cell) and derived_backward_serves(cell)
+    return _records(xs, (*state, *inputs), cell) and derived_backward_serves(cell)
 
 
 def derived_backward_serves(cell) -> bool:
@@ -121,10 +130,12 @@ def _records(xs: Tensor, state: Sequence[Tensor], cell) -> bool:
                                         or any(p.requires_grad for p in parameters_of(cell)))
 
 
-def derived_forward_sequence(cell, xs: Tensor, state: Sequence[Tensor], mask: Optional[Tensor]):
+def derived_forward_sequence(cell, xs: Tensor, state: Sequence[Tensor], mask: Optional[Tensor],
+                             inputs: Sequence[Tensor] = ()):
     """``forward_sequence`` through :class:`DerivedSequence`: (outputs, final state)."""
     state = tuple(state)
-    results = DerivedSequence.apply(cell, xs, mask, len(state), *state, *parameters_of(cell))
+    results = DerivedSequence.apply(cell, xs, mask, (len(state), len(inputs)), *state, *parameters_of(cell),
+                                    *inputs)
     outputs = results[:len(results) - len(state)]
     return (outputs[0] if len(outputs) == 1 else tuple(outputs)), tuple(results[len(outputs):])
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 from .ir import Graph, Op, Phase
 
 _LEAF_STYLE = {Op.INPUT: "shape=box, style=filled, fillcolor=lightblue",
+               Op.SEQUENCE_INPUT: "shape=box, style=filled, fillcolor=lightcyan",
                Op.STATE: "shape=box, style=filled, fillcolor=khaki",
                Op.PARAM: "shape=note, style=filled, fillcolor=grey90",
                Op.HYPER: "shape=note", Op.CONST: "shape=plaintext"}
-_PHASE_COLOR = {Phase.ONCE: "grey60", Phase.PER_INPUT: "steelblue", Phase.PER_STEP: "black"}
+_PHASE_COLOR = {Phase.ONCE: "grey60", Phase.PER_SEQUENCE: "cadetblue", Phase.PER_INPUT: "steelblue",
+                Phase.PER_STEP: "black"}
 
 
 def _quote(text: str) -> str:

@@ -2,7 +2,7 @@
 
 The counterpart of rnnlib's nngraph gModule. Its grammar::
 
-    graph   := name, input decl, state decls, param decls, buffer decls, sizes, hypers,
+    graph   := name, input decl, extra input decls, state decls, param decls, buffer decls, sizes, hypers,
                nodes (topologically ordered), next_states (one node per state), outputs
     node    := name = op(inputs...; attrs) : shape      at a phase
     shape   := [] (scalar) | [n] (vector) | [m, n] (matrix); "batched" vectors carry a batch dim;
@@ -195,7 +195,8 @@ class OpKind(enum.Enum):
 class Op(enum.Enum):
     """The closed set of IR operations, grouped by kind."""
 
-    INPUT = ("input", OpKind.LEAF)
+    INPUT = ("input", OpKind.LEAF)             # read at every step: (T, batch, n) over a sequence
+    SEQUENCE_INPUT = ("sequence_input", OpKind.LEAF)  # `per sequence`: (batch, n), the same at every step
     STATE = ("state", OpKind.LEAF)
     PARAM = ("param", OpKind.LEAF)
     BUFFER = ("buffer", OpKind.LEAF)   # a constant tensor, not trained: a registered buffer
@@ -274,9 +275,10 @@ class Op(enum.Enum):
 class Phase(enum.IntEnum):
     """When a node runs in the sequence loop (set by the hoisting pass)."""
 
-    ONCE = 0        # depends only on parameters: once per sequence
-    PER_INPUT = 1   # depends on the input but no state: all steps in one batched op
-    PER_STEP = 2    # depends on a state: inside the time loop
+    ONCE = 0          # depends only on parameters: once per sequence
+    PER_SEQUENCE = 1  # on per-sequence inputs too: once per sequence, per example (batched)
+    PER_INPUT = 2     # depends on an input read at every step but no state: all steps in one batched op
+    PER_STEP = 3      # depends on a state: inside the time loop
 
 
 # Nodes and graphs ------------------------------------------------------------
@@ -328,6 +330,19 @@ class Graph:
     outputs: Tuple[str, ...]
     passes: Tuple[str, ...] = ()  # the passes that made this graph, in order
     buffers: Tuple[Decl, ...] = ()  # constant tensors (default: their value), registered buffers
+    # Inputs besides the first, in declaration order (read at every step, or once per sequence:
+    # those named in `per_sequence`); each is a leaf, flat like the first.
+    extra_inputs: Tuple[Decl, ...] = ()
+    per_sequence: Tuple[str, ...] = ()
+
+    @property
+    def inputs(self) -> Tuple[Decl, ...]:
+        """Every input, the first (read at every step) first."""
+        return (self.input,) + self.extra_inputs
+
+    def inputs_read_per_step(self) -> Tuple[str, ...]:
+        """The names of the inputs read at every step (not ``per sequence``), the first first."""
+        return tuple(d.name for d in self.inputs if d.name not in self.per_sequence)
 
     def node_map(self) -> Dict[str, Node]:
         return {node.name: node for node in self.nodes}
@@ -370,6 +385,7 @@ def format_node(node: Node) -> str:
 
 
 _PHASE_TITLES = {Phase.ONCE: "once per sequence (parameters only)",
+                 Phase.PER_SEQUENCE: "once per sequence, per example (per-sequence inputs)",
                  Phase.PER_INPUT: "for all steps at once (input only)",
                  Phase.PER_STEP: "every step"}
 
@@ -379,7 +395,9 @@ def format_graph(graph: Graph) -> str:
     def decls(items: Iterable[Decl]) -> str:
         return ", ".join(f"{d.name}: {d.shape}" for d in items) or "-"
 
-    lines = [f"graph {graph.name}({graph.input.name}: {graph.input.shape}) {{"]
+    inputs = ", ".join(f"{d.name}: {d.shape}" + (" per sequence" if d.name in graph.per_sequence else "")
+                       for d in graph.inputs)
+    lines = [f"graph {graph.name}({inputs}) {{"]
     lines.append(f"  states  {decls(graph.states)}")
     lines.append(f"  params  {decls(graph.params)}")
     if graph.buffers:

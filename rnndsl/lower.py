@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Tuple
 
 from . import syntax_tree as st
-from .check import BUILTIN_SIZES
+from .check import BUILTIN_SIZES, input_sizes
 from .errors import CellError, Span
 from .ir import MAX_DIMENSION, ONE, Decl, Graph, Node, Op, OpKind, Shape, Size, attrs
 from .names import Namespace, joined_name
@@ -48,13 +48,13 @@ def _size_of(expr: st.SizeExpr) -> Size:
         raise CellError(str(exc), expr.span) from None
 
 
-def _declared(decl: st.VarDecl) -> Shape:
-    """A state's shape as the equations see it: a vector, or a tensor."""
+def _declared(decl) -> Shape:
+    """A state's or an input's shape as the equations see it: a vector, or a tensor."""
     return Shape(tuple(size_of(s) for s in decl.shape), batched=True)
 
 
-def _carried(decl: st.VarDecl) -> Shape:
-    """A state's shape between steps, and the input's: flat."""
+def _carried(decl) -> Shape:
+    """A state's shape between steps, and an input's: flat."""
     flat = Size.of(1)
     for dim in _declared(decl).dims:
         flat = flat * dim
@@ -64,7 +64,7 @@ def _carried(decl: st.VarDecl) -> Shape:
 class _Lowering:
     def __init__(self, cell: st.Cell):
         self.cell = cell
-        declared = {cell.input.name} | {d.name for d in cell.states} | {d.name for d in cell.params} | \
+        declared = {d.name for d in cell.inputs} | {d.name for d in cell.states} | {d.name for d in cell.params} | \
                    {d.name for d in cell.buffers} | {d.name for d in cell.hypers} | {d.name for d in cell.sizes}
         self.names = Namespace(declared)
         self.nodes: List[Node] = []
@@ -175,8 +175,10 @@ class _Lowering:
 
     def run(self) -> Graph:
         cell = self.cell
-        input_decl = Decl(cell.input.name, _carried(cell.input), span=cell.input.span)
-        self.carried_leaf(cell.input, Op.INPUT)
+        inputs = []
+        for decl in cell.inputs:
+            inputs.append(Decl(decl.name, _carried(decl), span=decl.span))
+            self.carried_leaf(decl, Op.SEQUENCE_INPUT if decl.per_sequence else Op.INPUT)
         states = []
         for decl in cell.states:
             states.append(Decl(decl.name, _carried(decl), span=decl.span))
@@ -198,16 +200,18 @@ class _Lowering:
                 raise CellError(f"output `{output.name}` must be a per-example vector, got shape {node.shape}",
                                 output.span)
             outputs.append(node.name)
-        sizes = tuple(Decl(name) for name in BUILTIN_SIZES) + \
+        sizes = tuple(Decl(name) for name in BUILTIN_SIZES + input_sizes(cell)) + \
             tuple(Decl(d.name, default=d.default, span=d.span) for d in cell.sizes)
-        graph = Graph(name=cell.name, input=input_decl, states=tuple(states), params=params,
+        graph = Graph(name=cell.name, input=inputs[0], extra_inputs=tuple(inputs[1:]),
+                      per_sequence=tuple(d.name for d in cell.inputs if d.per_sequence), states=tuple(states),
+                      params=params,
                       sizes=sizes, hypers=tuple(hypers), nodes=tuple(self.nodes),
                       next_states=tuple(self.carried[d.name].name for d in cell.states),
                       outputs=tuple(outputs), buffers=buffers)
         return verify(graph)
 
-    def carried_leaf(self, decl: st.VarDecl, op: Op) -> None:
-        """The leaf of the input or a state, carried flat; a tensor's equations read it through a view."""
+    def carried_leaf(self, decl, op: Op) -> None:
+        """The leaf of an input or a state, carried flat; a tensor's equations read it through a view."""
         self.env[decl.name] = self.leaf(decl.name, op, _carried(decl), decl.span)
         if len(decl.shape) > 1:
             self.env[decl.name] = self.make(Op.RESHAPE, [self.env[decl.name]], decl.span,

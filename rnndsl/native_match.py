@@ -97,6 +97,9 @@ def match_native(graph: Graph, stock: Mapping[str, Graph]) -> Tuple[Optional[str
     Both are taken after the passes, with those of :data:`MATCH_DISABLE` off. The parameter
     names map the cell's parameters to torch's (``weight_ih``, ...).
     """
+    if graph.extra_inputs:
+        return None, (f"cell {graph.name} has several inputs ({', '.join(d.name for d in graph.inputs)}); "
+                      "torch's fused kernels take one"), {}
     signature = _signature(graph)
     for mode, stock_graph in stock.items():
         if _signature(stock_graph) == signature:

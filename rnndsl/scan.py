@@ -8,6 +8,10 @@ cell calling convention (rnnlib's gModule convention, in PyTorch idiom)::
 where ``state`` is a tuple of ``(batch, size)`` tensors, ``x`` is
 ``(batch, input_size)`` and ``output`` is ``(batch, output_size)``.
 
+A cell with several inputs takes the others by name, ``cell(state, x, enc=...)``, and
+declares them in ``extra_inputs`` (name -> (size, read once per sequence)): the scan
+gives it each one read at every step a step at a time, and the others whole.
+
 A cell may also offer ``forward_sequence(xs, state, mask)`` that runs a whole
 ``(T, batch, input_size)`` sequence itself (cells built by rnndsl do: the loop
 is compiled with the cell, input projections hoisted out of it). ``scan`` uses
@@ -25,7 +29,7 @@ wherever it enters (``scan``, a cell's ``forward_sequence``, the networks).
 from __future__ import annotations
 
 import itertools
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -49,8 +53,10 @@ def check_not_empty(xs: Tensor, where: str) -> None:
 
 
 def scan(cell: torch.nn.Module, xs: Tensor, state: State,
-         mask: Optional[Tensor] = None) -> Tuple[Tensor, State]:
-    """Run ``cell`` over ``xs`` (T, batch, input) from ``state``.
+         mask: Optional[Tensor] = None, **inputs: Tensor) -> Tuple[Tensor, State]:
+    """Run ``cell`` over ``xs`` (T, batch, input) from ``state``; a cell with several inputs takes
+    the others by name (``enc=``): ``(T, batch, n)`` where read at every step, ``(batch, n)`` where
+    read once per sequence.
 
     Returns the outputs ``(T, batch, output_size)`` and the final state.
     """
@@ -61,11 +67,18 @@ def scan(cell: torch.nn.Module, xs: Tensor, state: State,
     state = tuple(state)
     forward_sequence = getattr(cell, "forward_sequence", None)
     if forward_sequence is not None:
-        outputs, final = forward_sequence(xs, state, mask)
+        outputs, final = forward_sequence(xs, state, mask, **inputs)
         return outputs, tuple(final)
     if torch.compiler.is_exporting() and isinstance(cell, torch.nn.Module):
+        if inputs:
+            raise NotImplementedError("torch.export of a cell with several inputs is not supported yet")
         return exported_python_scan(cell, xs, state, mask)
-    return python_scan(cell, xs, state, mask)
+    return python_scan(cell, xs, state, mask, inputs)
+
+
+def per_step_inputs(cell: object) -> Tuple[str, ...]:
+    """The names of the inputs besides the first that ``cell`` reads at every step (its ``extra_inputs``)."""
+    return tuple(name for name, (_, once) in getattr(cell, "extra_inputs", {}).items() if not once)
 
 
 def check_mask(mask: Optional[Tensor], xs: Tensor) -> None:
@@ -90,14 +103,21 @@ def check_mask(mask: Optional[Tensor], xs: Tensor) -> None:
         raise ValueError(f"mask is on {mask.device} but the input is on {xs.device}")
 
 
-def python_scan(cell: torch.nn.Module, xs: Tensor, state: State,
-                mask: Optional[Tensor] = None) -> Tuple[Tensor, State]:
-    """The reference loop: one call of ``cell`` per step."""
+def python_scan(cell: torch.nn.Module, xs: Tensor, state: State, mask: Optional[Tensor] = None,
+                inputs: Optional[Dict[str, Tensor]] = None,
+                per_step: Optional[Tuple[str, ...]] = None) -> Tuple[Tensor, State]:
+    """The reference loop: one call of ``cell`` per step. ``inputs`` are the cell's others, by
+    name; those named in ``per_step`` (default: :func:`per_step_inputs` of the cell) are
+    ``(T, batch, n)`` and given a step at a time."""
+    inputs = inputs or {}
+    per_step = per_step_inputs(cell) if per_step is None else per_step
+    steps = {name: value.unbind(0) for name, value in inputs.items() if name in per_step}
     outputs = []
     # unbind, not xs[t]: indexing at every step makes the backward zero-fill a whole
     # (T, batch, input) gradient per step, O(T^2).
     for t, x in enumerate(xs.unbind(0)):
-        new_state, output = cell(state, x)
+        step_inputs = {name: steps[name][t] if name in steps else value for name, value in inputs.items()}
+        new_state, output = cell(state, x, **step_inputs)
         if mask is not None:
             keep = mask[t].unsqueeze(1)
             new_state = tuple(torch.where(keep, new, old) for new, old in zip(new_state, state))

@@ -252,6 +252,8 @@ def _hint_for(exc: UnexpectedInput) -> str | None:
         return None
     if str(token) == "[":
         return "brackets give shapes in declarations only; to split a vector use `a, b = chunk(v, 2)`"
+    if str(token) == "step" and "SEQUENCE" in getattr(exc, "expected", ()):
+        return "an input is read at every step unless marked `per sequence`: drop `per step`"
     if token.type == "PRIMED":
         return "next-state names like `h'` go on the left of `=` or after the state's update"
     return None
@@ -279,7 +281,9 @@ class _ToAst(Transformer):
         return list(cells)
 
     def cell(self, meta, children):
-        name, input_decl, outputs, *statements = children
+        name, *rest = children
+        count = next(i for i, child in enumerate(rest) if not isinstance(child, st.InputDecl))
+        inputs, outputs, statements = tuple(rest[:count]), rest[count], rest[count + 1:]
         kinds = {kind: [] for kind in (st.VarDecl, st.ParamDecl, st.BufferDecl, st.SizeDecl, st.HyperDecl,
                                        st.Assign)}
         for statement in statements:
@@ -288,15 +292,18 @@ class _ToAst(Transformer):
                     kinds[type(item)].append(item)
             else:
                 kinds[type(statement)].append(statement)
-        return st.Cell(name=str(name), input=input_decl, outputs=outputs,
+        return st.Cell(name=str(name), inputs=inputs, outputs=outputs,
                        states=tuple(kinds[st.VarDecl]), params=tuple(kinds[st.ParamDecl]),
                        sizes=tuple(kinds[st.SizeDecl]), hypers=tuple(kinds[st.HyperDecl]),
                        body=tuple(kinds[st.Assign]), span=self._span(meta), name_span=self._tok(name),
                        buffers=tuple(kinds[st.BufferDecl]))
 
     def input_decl(self, meta, children):
-        name, *shape = children
-        return st.VarDecl(str(name), tuple(shape), self._span(meta))
+        name, *shape, per_sequence = children
+        return st.InputDecl(str(name), tuple(shape), per_sequence is not None, self._span(meta))
+
+    def per_sequence(self, meta, children):
+        return True
 
     def output_list(self, meta, names):
         return tuple(st.Output(str(name), self._tok(name)) for name in names)

@@ -6,7 +6,8 @@ from. The parser only builds these; checks happen afterwards (rnndsl/check.py).
 Grammar, in short (grammars/cell.lark is the truth)::
 
     file       := cell*
-    cell       := "cell" NAME "(" NAME "[" size, ... "]" ")" "->" NAME ("," NAME)* "{" stmt* "}"
+    cell       := "cell" NAME "(" input, ... ")" "->" NAME ("," NAME)* "{" stmt* "}"
+    input      := NAME "[" size, ... "]" ("per" "sequence")?
     stmt       := "state" NAME[size, ...], ... | "param" NAME([size, ...])? (= number)?, ...
                 | "buffer" NAME[size, ...] (= number)?, ...
                 | "size" NAME = size           | "hyper" NAME = number
@@ -107,6 +108,17 @@ class VarDecl:
 
 
 @dataclass(frozen=True, slots=True)
+class InputDecl:
+    """An input of the cell: read at every step (``x[input]``, a ``(T, batch, n)`` sequence), or
+    once for the whole sequence (``enc[context] per sequence``, a ``(batch, n)`` value)."""
+
+    name: str
+    shape: Tuple[SizeExpr, ...]
+    per_sequence: bool
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
 class ParamDecl:
     name: str
     shape: Tuple[SizeExpr, ...]  # (rows,) a vector, (rows, cols) a matrix, more: per-head blocks
@@ -162,7 +174,7 @@ class Output:
 @dataclass(frozen=True, slots=True)
 class Cell:
     name: str
-    input: VarDecl
+    inputs: Tuple[InputDecl, ...]  # the first is read at every step: what a layer below feeds
     outputs: Tuple[Output, ...]
     states: Tuple[VarDecl, ...]
     params: Tuple[ParamDecl, ...]
@@ -172,6 +184,11 @@ class Cell:
     span: Span
     name_span: Span
     buffers: Tuple[BufferDecl, ...] = ()
+
+    @property
+    def input(self) -> InputDecl:
+        """The first input, read at every step (``x``)."""
+        return self.inputs[0]
 
 
 @dataclass(frozen=True, slots=True)

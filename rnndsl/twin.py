@@ -28,9 +28,12 @@ def bound_view(cell, parameters: Optional[Sequence[Tensor]] = None, training: Op
 
 
 def eager_forward_sequence(cell, xs: Tensor, state: Sequence[Tensor], mask: Optional[Tensor],
-                           parameters: Optional[Sequence[Tensor]] = None, training: Optional[bool] = None):
-    """A cell's ``forward_sequence`` run as plain Python on :func:`bound_view`: (outputs, final state)."""
-    return cell._python_methods.forward_sequence(bound_view(cell, parameters, training), xs, tuple(state), mask)
+                           parameters: Optional[Sequence[Tensor]] = None, training: Optional[bool] = None,
+                           inputs: Sequence[Tensor] = ()):
+    """A cell's ``forward_sequence`` run as plain Python on :func:`bound_view`: (outputs, final state);
+    ``inputs`` are its other inputs, in declaration order."""
+    return cell._python_methods.forward_sequence(bound_view(cell, parameters, training), xs, tuple(state), mask,
+                                                 *inputs)
 
 
 def parameters_of(cell) -> List[Tensor]:

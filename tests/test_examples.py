@@ -22,6 +22,7 @@ sys.path.insert(0, str(EXAMPLES))
 
 import char_lm  # noqa: E402
 import classify  # noqa: E402
+import conditional_lm  # noqa: E402
 import generate  # noqa: E402
 import moving_blobs  # noqa: E402
 import word_lm  # noqa: E402
@@ -261,3 +262,11 @@ def test_moving_blobs_without_matplotlib_skips_the_picture(tmp_path, monkeypatch
     png = tmp_path / "blobs.png"
     _, output = run_main(moving_blobs.main, TINY_BLOBS + ["--steps", "1", "--backend", "eager", "--png", png])
     assert "matplotlib is not installed: no picture" in output and not png.exists()
+
+
+def test_conditional_lm_trains_a_few_steps():
+    result, printed = run_main(conditional_lm.main, ["--topics", "2", "--nhid", "8", "--emsize", "4",
+                                                     "--context", "3", "--bptt", "6", "--batch-size", "4",
+                                                     "--steps", "3"])
+    assert "held-out bits/char" in printed
+    assert math.isfinite(result["own_topic"]) and math.isfinite(result["other_topic"])

@@ -14,7 +14,10 @@ the cell (next to ``forward`` and ``forward_sequence``, rnndsl/codegen/step.py):
     after the loop each weight gradient is ONE GEMM over all steps
     (``grad_W = G.reshape(T*B, -1).t() @ V.reshape(T*B, -1)``); the hoisted
     (input-only) part runs backwards on whole-sequence tensors, then the
-    parameter-only part.
+    parameter-only part. A cell with several inputs takes the others as one more
+    argument of both methods, a list in declaration order, and ``grad_params`` ends
+    with their gradients; what depends on a per-sequence input and no step runs
+    backwards between the whole-sequence part and the parameter-only one.
 
 The sweep reads like autodidax's ``backward_pass``: for each node in reverse,
 apply its derivative rule (rnndsl/codegen/derivatives.py) to its gradient and
@@ -35,8 +38,8 @@ from typing import Dict, List, Optional, Sequence
 
 from ..ir import Graph, Node, Op, OpKind, Shape, Size
 from ..names import SCRIPT_GLOBALS, Namespace
-from .base import (EMITTERS, NodeEmitter, PythonCode, atom, biased_products, gemm, masked_assignment, size_code,
-                   state_update, tuple_type, validate_source)
+from .base import (EMITTERS, NodeEmitter, PythonCode, atom, biased_products, gemm, masked_assignment, over_steps,
+                   size_code, state_update, tuple_type, validate_source)
 from .bookkeeping import Block, ForwardReads, GradientSums, Level, OuterOf, level_of
 from .derivatives import DERIVATIVES, Outer, Placed, Term
 
@@ -97,10 +100,11 @@ class _Generator:
         # Both methods take the parameters as a list, so the backward uses exactly the tensors the
         # forward used (autograd's inputs), whatever the module holds by then.
         self.parameter_list = self.names.fresh("params")
+        self.input_list = self.names.fresh("inputs") if graph.extra_inputs else None  # the other inputs
         self.emitter.bind_parameters(self.names)
         self.differentiable = set()
         for node in graph.nodes:
-            if node.op in (Op.PARAM, Op.STATE, Op.INPUT) or (
+            if node.op in (Op.PARAM, Op.STATE, Op.INPUT, Op.SEQUENCE_INPUT) or (
                     node.op.kind is not OpKind.LEAF and any(i in self.differentiable for i in node.inputs)):
                 self.differentiable.add(node.name)
         body = [n for n in graph.nodes if n.op.kind is not OpKind.LEAF]
@@ -151,13 +155,27 @@ class _Generator:
         input_grad = Block(Level.SEQ, " " * 8)
         grad_xs = self.sums.total(self.graph.input.name, input_grad)
         input_grad.emit(f"{self.fixed['grad_xs']} = {grad_xs or 'torch.zeros_like(xs)'}")
+        # The other inputs: those read at every step get what the whole-sequence part gave them;
+        # then what depends on per-sequence inputs runs backwards, and they get theirs.
+        per_step = Block(Level.SEQ, " " * 4)
+        grad_inputs = {decl.name: self.input_grad(decl.name, per_step) for decl in self.graph.extra_inputs
+                       if decl.name not in self.graph.per_sequence}
+        sequence = self.sweep(Level.SEQUENCE, " " * 4)
+        grad_inputs.update({name: self.input_grad(name, sequence) for name in self.graph.per_sequence})
         once = self.sweep(Level.ONCE, " " * 4)
         grad_params = []
         for decl in self.graph.params:
             total = self.sums.total(decl.name, once)
             grad_params.append(self.sums.assign(total or f"torch.zeros_like({self.emitter.ref(decl.name, {})})",
                                                 ("grad", decl.name), once))
-        return self.backward_method(loop, seq, input_grad, once, grad_params)
+        grad_params += [grad_inputs[decl.name] for decl in self.graph.extra_inputs]
+        return self.backward_method(loop, seq, input_grad, [per_step, sequence, once], grad_params)
+
+    def input_grad(self, name: str, block: Block) -> str:
+        """The gradient of extra input ``name``, summed in ``block``, as a local."""
+        argument = self.reads.arguments[name]
+        return self.sums.assign(self.sums.total(name, block) or f"torch.zeros_like({argument})",
+                                ("grad", self.emitter.var(name)), block)
 
     def sweep_loop(self) -> Block:
         """One step of the loop backwards: from the step's output gradients and the gradients the
@@ -184,14 +202,15 @@ class _Generator:
         self.sums.file(after_loop)
         return loop
 
-    def backward_method(self, loop: Block, seq: Block, input_grad: Block, once: Block,
+    def backward_method(self, loop: Block, seq: Block, input_grad: Block, after: Sequence[Block],
                         grad_params: Sequence[str]) -> str:
-        """``backward_sequence`` around the swept blocks: unpacking, buffers, the loop, the returns."""
+        """``backward_sequence`` around the swept blocks (``after`` the input's gradient: the other
+        inputs', the per-sequence part, the parameter-only part): unpacking, buffers, the loop, the returns."""
         fixed, reads = self.fixed, self.reads
         lines = [f"def backward_sequence(self, xs: Tensor, mask: Optional[Tensor], "
                  f"{self.parameter_list}: List[Tensor], "
                  f"{fixed['saved']}: List[Tensor], {fixed['grad_outputs']}: List[Tensor], "
-                 f"{fixed['grad_state']}: List[Tensor], {fixed['need_input_grad']}: bool"
+                 f"{fixed['grad_state']}: List[Tensor], {fixed['need_input_grad']}: bool{self.input_argument()}"
                  ") -> Tuple[Tensor, List[Tensor], List[Tensor]]:"]
         lines += self.parameter_lines()
         lines += [f"    {local} = {fixed['saved']}[{i}]" for i, local in enumerate(reads.saved_locals())]
@@ -212,15 +231,23 @@ class _Generator:
         lines += input_grad.lines
         lines.append("    else:")
         lines.append(f"        {fixed['grad_xs']} = xs.new_empty([0])")
-        lines += once.lines
+        for block in after:
+            lines += block.lines
         carried = ", ".join(self.carries.values())
         lines.append(f"    return {fixed['grad_xs']}, [{carried}], [{', '.join(grad_params)}]")
         return "\n".join(lines) + "\n"
 
     def parameter_lines(self) -> List[str]:
-        """A method's first lines: its parameters, in declaration order, from its parameter list."""
+        """A method's first lines: its parameters, in declaration order, from its parameter list,
+        and its other inputs from theirs."""
         return [f"    {self.emitter.ref(decl.name, {})} = {self.parameter_list}[{i}]"
-                for i, decl in enumerate(self.graph.params)]
+                for i, decl in enumerate(self.graph.params)] + \
+            [f"    {self.reads.arguments[decl.name]} = {self.input_list}[{i}]"
+             for i, decl in enumerate(self.graph.extra_inputs)]
+
+    def input_argument(self) -> str:
+        """The argument holding the other inputs, where the cell has several."""
+        return f", {self.input_list}: List[Tensor]" if self.input_list else ""
 
     # The saving forward --------------------------------------------------------------------
 
@@ -229,18 +256,19 @@ class _Generator:
         graph, emitter = self.graph, self.emitter
         states = [emitter.var(d.name) for d in graph.states]
         lines = [f"def forward_sequence_saving(self, xs: Tensor, state: {tuple_type(len(states))}, "
-                 f"mask: Optional[Tensor], {self.parameter_list}: List[Tensor]"
+                 f"mask: Optional[Tensor], {self.parameter_list}: List[Tensor]{self.input_argument()}"
                  ") -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:"]
         lines += self.parameter_lines()
         lines += [f"    {local} = state[{i}]" for i, local in enumerate(states)]
-        for node in self.body[Level.ONCE]:
+        for node in self.body[Level.ONCE] + self.body[Level.SEQUENCE]:
             lines.append(f"    {node.name} = {self.emitter.expression(node, {})}")
         biased = self.emitter.biased = self.biased_products()
         for node in self.body[Level.SEQ]:
             if node.name in biased:  # computed with the sum below
                 continue
             seq_names = self.reads.seq_names
-            lines.append(f"    {seq_names[node.name]} = {self.emitter.expression(node, seq_names)}")
+            rename = {**seq_names, **over_steps(graph, node, "xs.size(0)")}
+            lines.append(f"    {seq_names[node.name]} = {self.emitter.expression(node, rename)}")
         step = self.body[Level.LOOP]
         for node in step:
             matrix = node.inputs[0] if node.op is Op.MATMUL else None

@@ -25,7 +25,7 @@ import tokenize
 from dataclasses import dataclass
 from typing import Callable, Collection, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from ..ir import Graph, IRError, Node, Op, OpKind
+from ..ir import Graph, IRError, Node, Op, OpKind, Phase
 from ..names import RESERVED, Namespace
 from ..ops import operand_orders
 
@@ -226,12 +226,12 @@ class NodeEmitter:
         self.biased: Dict[str, str] = {}
         self.nodes = graph.node_map()
         self.lines: List[str] = []
-        # Lowering keeps body values clear of RESERVED, but the input and the states keep their
+        # Lowering keeps body values clear of RESERVED, but the inputs and the states keep their
         # declared names in the IR; here those that would shadow what the code needs (`torch`,
         # `self`, `range`, `t`, `xs`, ...) become fresh locals.
         self.names = Namespace({n.name for n in graph.nodes})
         self.local = {n.name: self.names.fresh(n.name) for n in graph.nodes
-                      if n.op in (Op.INPUT, Op.STATE) and n.name in RESERVED}
+                      if n.op in (Op.INPUT, Op.SEQUENCE_INPUT, Op.STATE) and n.name in RESERVED}
         # Parameters the method takes as arguments instead of reading them from the module
         # (see bind_parameters): parameter name -> local.
         self.parameter_locals: Dict[str, str] = {}
@@ -239,7 +239,7 @@ class NodeEmitter:
         self.casts: Dict[str, str] = {}
 
     def var(self, name: str) -> str:
-        """The local variable holding the input or a state."""
+        """The local variable holding an input or a state."""
         return self.local.get(name, name)
 
     def leaf(self, node: Node) -> Optional[str]:
@@ -349,6 +349,28 @@ def tuple_code(items: Sequence[str]) -> str:
 def one_or_tuple(items: Sequence[str]) -> str:
     """One item as itself, several as a tuple: how a cell returns its outputs."""
     return items[0] if len(items) == 1 else tuple_code(items)
+
+
+def per_sequence(node: Node) -> bool:
+    """Whether ``node`` is the same at every step but per example: a per-sequence input, or what
+    the hoisting pass computes from one once per sequence."""
+    return node.op is Op.SEQUENCE_INPUT or node.phase is Phase.PER_SEQUENCE
+
+
+def over_steps(graph: Graph, node: Node, steps: str) -> Dict[str, str]:
+    """Renames for a whole-sequence ``node`` (``(T, batch, ...)``): a concat's per-sequence operands
+    (``(batch, ...)``) expanded over the ``steps`` (a view, no copy); every other op broadcasts them."""
+    if node.op is not Op.CONCAT:
+        return {}
+    nodes = graph.node_map()
+    return {name: f"{name}.expand([{steps}] + list({name}.size()))" for name in node.inputs
+            if per_sequence(nodes[name])}
+
+
+def extra_input_parameters(graph: Graph, emitter: "NodeEmitter", seq_name: Dict[str, str]) -> str:
+    """The extra inputs as a method's parameters, in declaration order: ``, y_seq: Tensor, enc: Tensor``
+    (a per-step input by its whole-sequence name in ``seq_name``, a per-sequence one by its local)."""
+    return "".join(f", {seq_name.get(d.name) or emitter.var(d.name)}: Tensor" for d in graph.extra_inputs)
 
 
 def body_nodes(graph: Graph) -> List[Node]:

@@ -8,8 +8,10 @@ contributions pending per value, those a loop step makes to values outside the l
 
 Where a value lives decides how its gradient is kept (:class:`Level`): a batched value that
 depends on a state lives in the loop (one gradient per step); one that depends only on the
-input lives on the whole sequence (per-step contributions go into a buffer); unbatched values
-depend only on parameters and get the sum over all steps and examples.
+input lives on the whole sequence (per-step contributions go into a buffer); one that depends
+on a per-sequence input and on no step lives once per sequence, per example (what the steps
+give it is summed over them); unbatched values depend only on parameters and get the sum over
+all steps and examples.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 from ..ir import ONE, Graph, Node, Op, Phase, Shape, Size, tiling_order
 from ..names import Namespace
-from .base import NodeEmitter, atom, size_code
+from .base import NodeEmitter, atom, per_sequence, size_code
 from .derivatives import Placed, Product, Term
 
 
@@ -29,35 +31,40 @@ class Level(enum.Enum):
 
     LOOP = "loop"      # per step, in the time loop: (batch, n)
     SEQ = "seq"        # the whole sequence at once: (T, batch, n)
+    SEQUENCE = "sequence"  # once per sequence, per example (per-sequence inputs): (batch, n)
     ONCE = "once"      # parameters only, unbatched: (n,), (m, n) or a number
 
 
-LEAD = {Level.LOOP: 1, Level.SEQ: 2, Level.ONCE: 0}  # leading dims of a batched value
+LEAD = {Level.LOOP: 1, Level.SEQ: 2, Level.SEQUENCE: 1, Level.ONCE: 0}  # leading dims of a batched value
 
 
 def level_of(node: Node) -> Level:
-    """Unbatched values depend only on parameters (the input and states are batched)."""
+    """Unbatched values depend only on parameters (the inputs and states are batched)."""
     if not node.shape.batched:
         return Level.ONCE
+    if per_sequence(node):
+        return Level.SEQUENCE
     if node.op is Op.INPUT or node.phase is Phase.PER_INPUT:
         return Level.SEQ
     return Level.LOOP
 
 
-def _reduce(expr: str, shape: Shape, lead: int, target: Shape) -> str:
-    """Sum a gradient of IR shape ``shape`` with ``lead`` leading dims down to ``target``'s shape.
+def _reduce(expr: str, shape: Shape, lead: int, target: Shape, target_lead: int) -> str:
+    """Sum a gradient of IR shape ``shape`` with ``lead`` leading dims down to ``target``'s shape,
+    which has ``target_lead`` leading dims where it is summed.
 
-    Differentiable values are never numbers (parameters have dims), so leading dims go, and the
-    dims a value was broadcast over: size 1 in ``target`` (a one-unit value against a vector,
-    a tensor's ``expand``).
+    Differentiable values are never numbers (parameters have dims), so leading dims go (all of
+    them for an unbatched target; for a per-sequence one, the steps), and the dims a value was
+    broadcast over: size 1 in ``target`` (a one-unit value against a vector, a tensor's ``expand``).
     """
     broadcast = [i - len(shape.dims) for i, (dim, kept) in enumerate(zip(shape.dims, target.dims))
                  if kept == ONE and dim != ONE]
     if broadcast:
         expr = f"{atom(expr)}.sum([{', '.join(str(i) for i in broadcast)}], True)"
-    if target.batched or lead == 0:
+    summed = lead - (target_lead if target.batched else 0)
+    if summed <= 0:
         return expr
-    dims = "0" if lead == 1 else f"[{', '.join(str(d) for d in range(lead))}]"
+    dims = "0" if summed == 1 else f"[{', '.join(str(d) for d in range(summed))}]"
     return f"{atom(expr)}.sum({dims})"
 
 
@@ -100,7 +107,13 @@ class ForwardReads:
     def __init__(self, graph: Graph, emitter: NodeEmitter, names: Namespace, whole_sequence: Sequence[Node]):
         self.graph, self.nodes, self.emitter, self.names = graph, graph.node_map(), emitter, names
         self.seq_names = {n.name: names.fresh(n.name, "seq") for n in whole_sequence}
-        self.seq_names[graph.input.name] = "xs"
+        # The inputs read at every step are arguments of both methods: `xs`, and the others by
+        # their whole-sequence names.
+        self.arguments = {graph.input.name: "xs"}
+        for decl in graph.extra_inputs:
+            self.arguments[decl.name] = (emitter.var(decl.name) if decl.name in graph.per_sequence
+                                         else names.fresh(emitter.var(decl.name), "seq"))
+        self.seq_names.update({name: self.arguments[name] for name in graph.inputs_read_per_step()})
         self.stacked: Dict[str, str] = {}  # loop values, stacked over time
         self.whole: Dict[str, str] = {}    # whole-sequence values
         self.once: Dict[str, str] = {}     # parameter-only values
@@ -116,6 +129,11 @@ class ForwardReads:
         if leaf is not None:
             return leaf
         home = level_of(node)
+        if node.op is Op.SEQUENCE_INPUT:  # an argument
+            return self.arguments[name]
+        if home is Level.SEQUENCE:  # (batch, n), which broadcasts against a step's or all steps' values
+            self.once[name] = name
+            return name
         if home is Level.ONCE:
             if not node.shape.dims:  # a number (hypers and constants): recomputed, as saved values are tensors
                 self._recompute_number(name)
@@ -138,12 +156,17 @@ class ForwardReads:
                 stack.extend(self.nodes[current].inputs)
 
     def sequence(self, name: str) -> str:
-        """All steps of a batched value: its stack over time, or its whole-sequence tensor."""
-        if level_of(self.nodes[name]) is Level.LOOP:
+        """All steps of a batched value: its stack over time, or its whole-sequence tensor (a
+        per-sequence value expanded over the steps, a view)."""
+        home = level_of(self.nodes[name])
+        if home is Level.LOOP:
             if name not in self.stacked:
                 self.stacked[name] = self.names.fresh(self.emitter.var(name), "steps")
             return self.stacked[name]
-        if name != self.graph.input.name:
+        if home is Level.SEQUENCE:
+            local = self.value(name, Level.SEQUENCE)
+            return f"{local}.expand([xs.size(0)] + list({local}.size()))"
+        if name not in self.arguments:
             self.whole[name] = self.seq_names[name]
         return self.seq_names[name]
 
@@ -210,7 +233,7 @@ class GradientSums:
             for product in (c for c in group if isinstance(c, Product)):
                 total = (f"{atom(product.left)} * {atom(product.right)}" if total is None else
                          f"torch.addcmul({total}, {product.left}, {product.right})")
-            sums.append(_reduce(total, shape, lead, target))
+            sums.append(_reduce(total, shape, lead, target, LEAD[block.level]))
         return " + ".join(sums[:1] + [atom(s) for s in sums[1:]]) if sums else None
 
     def _place(self, places: Sequence[Placed], shape: Shape, block: Block, name: Tuple[str, ...]) -> str:

@@ -2,9 +2,12 @@
 
 ``forward(self, state, x)``
     one step, the cell calling convention ``(state, x) -> (new_state, output)``;
+    a cell with several inputs takes the others after ``x``, in declaration order;
 ``forward_sequence(self, xs, state, mask)``
-    the whole time loop. Nodes the hoisting pass marked ``ONCE`` run before
-    the loop; ``PER_INPUT`` nodes run before it too, on the whole
+    the whole time loop (the other inputs after ``mask``: a per-step one as its
+    ``(T, batch, ...)`` sequence, a per-sequence one as ``(batch, ...)``). Nodes
+    the hoisting pass marked ``ONCE`` run before the loop, and ``PER_SEQUENCE``
+    ones (of per-sequence inputs, per example); ``PER_INPUT`` nodes run before it too, on the whole
     ``(T, batch, ...)`` input at once (their names get a ``_seq`` suffix, and
     the loop reads step ``t`` from them); ``PER_STEP`` nodes run in the loop.
     With ``fixed_dropout_mask``, each ``dropout`` of a value that depends on
@@ -21,8 +24,8 @@ from typing import Dict, List
 from ..dependency import Dependence, dependencies
 from ..ir import Graph, Node, Op, Phase
 from ..names import SCRIPT_GLOBALS, Namespace
-from .base import (NodeEmitter, PythonCode, body_nodes, one_or_tuple, size_code, state_update, tuple_code,
-                   tuple_type, validate_source)
+from .base import (NodeEmitter, PythonCode, body_nodes, extra_input_parameters, one_or_tuple, over_steps, size_code,
+                   state_update, tuple_code, tuple_type, validate_source)
 from .precision import carried_dtype_casts
 
 
@@ -46,8 +49,8 @@ def _forward(graph: Graph, emitter: NodeEmitter, state_type: str, output_type: s
     lines = emitter.lines
     emitter.casts = carried_dtype_casts(graph, [emitter.var(d.name) for d in graph.states],
                                         f"{emitter.var(graph.input.name)}.dtype")
-    lines.append(f"def forward(self, state: {state_type}, {emitter.var(graph.input.name)}: Tensor) "
-                 f"-> Tuple[{state_type}, {output_type}]:")
+    lines.append(f"def forward(self, state: {state_type}, {emitter.var(graph.input.name)}: Tensor"
+                 f"{extra_input_parameters(graph, emitter, {})}) -> Tuple[{state_type}, {output_type}]:")
     lines.extend(f"    {emitter.var(d.name)} = state[{i}]" for i, d in enumerate(graph.states))
     for node in body_nodes(graph):
         emitter.emit(node, "    ", {})
@@ -65,24 +68,35 @@ def _forward_sequence(graph: Graph, emitter: NodeEmitter, state_type: str, outpu
     # Lowering and the emitter kept user names clear of RESERVED, so this code may use those names itself.
     names = Namespace({n.name for n in graph.nodes} | set(emitter.local.values()), reserved=frozenset())
     hoisted = [n for n in body if n.phase is Phase.PER_INPUT]
-    # Inside the loop, a hoisted value (or the input) is read at step t from its whole-sequence tensor.
-    seq_name = {graph.input.name: "xs", **{n.name: names.fresh(n.name, "seq") for n in hoisted}}
+    # Inside the loop, a hoisted value (or an input read at every step) is read at step t from its
+    # whole-sequence tensor.
+    per_step_inputs = [d.name for d in graph.extra_inputs if d.name not in graph.per_sequence]
+    seq_name = {graph.input.name: "xs", **{name: names.fresh(emitter.var(name), "seq") for name in per_step_inputs},
+                **{n.name: names.fresh(n.name, "seq") for n in hoisted}}
     step = [n for n in body if n.phase is Phase.PER_STEP]
     output_lists = [names.fresh(f"outputs_{i}" if len(graph.outputs) > 1 else "outputs")
                     for i in range(len(graph.outputs))]
 
+    # The other inputs follow the mask, which then has no default (they have none).
+    mask_default = "" if graph.extra_inputs else " = None"
     lines.append(f"def forward_sequence(self, xs: Tensor, state: {state_type}, "
-                 f"mask: Optional[Tensor] = None) -> Tuple[{output_type}, {state_type}]:")
+                 f"mask: Optional[Tensor]{mask_default}{extra_input_parameters(graph, emitter, seq_name)}) "
+                 f"-> Tuple[{output_type}, {state_type}]:")
     lines.extend(f"    {name} = state[{i}]" for i, name in enumerate(states))
     once = [n for n in body if n.phase is Phase.ONCE]
     if once:
         lines.append("    # Once per sequence: these depend only on parameters.")
         for node in once:
             emitter.emit(node, "    ", {})
+    per_sequence = [n for n in body if n.phase is Phase.PER_SEQUENCE]
+    if per_sequence:
+        lines.append("    # Once per sequence, per example: these depend on per-sequence inputs, not on steps.")
+        for node in per_sequence:
+            emitter.emit(node, "    ", {})
     if hoisted:
         lines.append("    # For all steps at once: these depend on the input but on no state.")
         for node in hoisted:
-            emitter.emit(node, "    ", seq_name)
+            emitter.emit(node, "    ", {**seq_name, **over_steps(graph, node, "xs.size(0)")})
     masks = _recurrent_dropout_masks(graph, emitter, names, step) if fixed_dropout_mask else {}
     for name in output_lists:
         lines.append(f"    {name} = torch.jit.annotate(List[Tensor], [])")

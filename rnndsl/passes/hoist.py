@@ -7,7 +7,9 @@ Before (every node runs at every step)::
 
 After: ``bias`` runs once per sequence (parameters only); ``matmul`` and the
 sum with ``bias`` run once for all steps as one ``(T*batch) x input`` GEMM
-(input only); only ``matmul_1`` and ``gates`` stay in the loop.
+(input only); only ``matmul_1`` and ``gates`` stay in the loop. What reads a
+per-sequence input (``enc[context] per sequence``) and no other input or state,
+``W_c @ enc``, runs once per sequence too, as one ``batch x context`` GEMM.
 
 An op that makes a whole dim more than it reads (``outer(k, v)``, rnndsl/ops.py's
 ``EXPANDING_OPS``) stays in the loop even when it reads only the input: for all steps at
@@ -25,8 +27,8 @@ from ..ir import Graph, Phase
 from ..ops import EXPANDING_OPS
 
 # The earliest phase a value can run in, by what it varies with.
-_EARLIEST_PHASE = {Dependence.PARAMETERS: Phase.ONCE, Dependence.INPUT: Phase.PER_INPUT,
-                   Dependence.STATE: Phase.PER_STEP}
+_EARLIEST_PHASE = {Dependence.PARAMETERS: Phase.ONCE, Dependence.SEQUENCE: Phase.PER_SEQUENCE,
+                   Dependence.INPUT: Phase.PER_INPUT, Dependence.STATE: Phase.PER_STEP}
 
 
 def hoist_invariants(graph: Graph) -> Graph:
