@@ -149,7 +149,13 @@ def _outer(k: Tensor, v: Tensor) -> Tensor:
     return torch.einsum("bhk,bhv->bhkv", k, v)
 
 
+def _prenorm(p: Params, x: Tensor) -> Tensor:
+    """The block's pre-norm that the matrix-state cells apply to their input."""
+    return torch.nn.functional.layer_norm(x, x.shape[-1:], p["norm_weight"], p["norm_bias"], eps=1e-5)
+
+
 def linear_attention(p: Params, state: State, x: Tensor) -> Tuple[State, Tensor]:
+    x = _prenorm(p, x)
     heads = _head_count(p)
     phi = lambda v: torch.nn.functional.elu(v) + 1  # noqa: E731
     q = phi(_heads(_linear(p["weight_q"], x), heads))
@@ -162,6 +168,7 @@ def linear_attention(p: Params, state: State, x: Tensor) -> Tuple[State, Tensor]
 
 
 def retnet(p: Params, state: State, x: Tensor) -> Tuple[State, Tensor]:
+    x = _prenorm(p, x)
     heads = _head_count(p)
     q, k, v = (_heads(_linear(p[f"weight_{n}"], x), heads) for n in "qkv")
     gamma = torch.sigmoid(p["decay"])[None, :, None, None]
@@ -171,6 +178,7 @@ def retnet(p: Params, state: State, x: Tensor) -> Tuple[State, Tensor]:
 
 
 def gla(p: Params, state: State, x: Tensor) -> Tuple[State, Tensor]:
+    x = _prenorm(p, x)
     heads = _head_count(p)
     q, k, v = (_heads(_linear(p[f"weight_{n}"], x), heads) for n in "qkv")
     alpha = torch.sigmoid(_heads(_linear(p["weight_a"], x, p["bias_a"]), heads)) ** (1 / 16)
@@ -180,6 +188,7 @@ def gla(p: Params, state: State, x: Tensor) -> Tuple[State, Tensor]:
 
 
 def mamba2(p: Params, state: State, x: Tensor) -> Tuple[State, Tensor]:
+    x = _prenorm(p, x)
     heads = p["A_log"].shape[0]
     u = _heads(_linear(p["weight_u"], x), heads)
     B, C = (_heads(_linear(p[f"weight_{n}"], x), heads) for n in "bc")
@@ -212,6 +221,7 @@ def _delta_rule(p: Params, state: State, x: Tensor, alpha: Optional[Tensor]) -> 
 
 
 def mlstm(p: Params, state: State, x: Tensor) -> Tuple[State, Tensor]:
+    x = _prenorm(p, x)
     heads = p["weight_i"].shape[0]
     q, k, v = (_heads(_linear(p[f"weight_{n}"], x), heads) for n in "qkv")
     C = state[0].reshape(k.shape + v.shape[-1:])
@@ -245,10 +255,12 @@ def slstm(p: Params, state: State, x: Tensor) -> Tuple[State, Tensor]:
 
 
 def deltanet(p: Params, state: State, x: Tensor) -> Tuple[State, Tensor]:
+    x = _prenorm(p, x)
     return _delta_rule(p, state, x, None)
 
 
 def gated_deltanet(p: Params, state: State, x: Tensor) -> Tuple[State, Tensor]:
+    x = _prenorm(p, x)
     dt = torch.nn.functional.softplus(_linear(p["weight_a"], x, p["dt_bias"]))
     return _delta_rule(p, state, x, torch.exp(-torch.exp(p["A_log"]) * dt))
 
