@@ -154,6 +154,11 @@ def _prenorm(p: Params, x: Tensor) -> Tensor:
     return torch.nn.functional.layer_norm(x, x.shape[-1:], p["norm_weight"], p["norm_bias"], eps=1e-5)
 
 
+def _normed(p: Params, v: Tensor) -> Tensor:
+    """The norm of the heads' output (one layer norm over all heads) in the matrix-state cells."""
+    return torch.nn.functional.layer_norm(v, v.shape[-1:], p["o_norm_weight"], p["o_norm_bias"], eps=1e-5)
+
+
 def linear_attention(p: Params, state: State, x: Tensor) -> Tuple[State, Tensor]:
     x = _prenorm(p, x)
     heads = _head_count(p)
@@ -173,7 +178,7 @@ def retnet(p: Params, state: State, x: Tensor) -> Tuple[State, Tensor]:
     q, k, v = (_heads(_linear(p[f"weight_{n}"], x), heads) for n in "qkv")
     gamma = torch.sigmoid(p["decay"])[None, :, None, None]
     S = gamma * state[0].reshape(k.shape + v.shape[-1:]) + _outer(k, v)
-    o = torch.einsum("bhk,bhkv->bhv", q, S).flatten(1)
+    o = _normed(p, torch.einsum("bhk,bhkv->bhv", q, S).flatten(1))
     return (S.flatten(1),), _linear(p["weight_o"], torch.nn.functional.silu(_linear(p["weight_g"], x)) * o)
 
 
@@ -183,7 +188,7 @@ def gla(p: Params, state: State, x: Tensor) -> Tuple[State, Tensor]:
     q, k, v = (_heads(_linear(p[f"weight_{n}"], x), heads) for n in "qkv")
     alpha = torch.sigmoid(_heads(_linear(p["weight_a"], x, p["bias_a"]), heads)) ** (1 / 16)
     S = alpha.unsqueeze(-1) * state[0].reshape(k.shape + v.shape[-1:]) + _outer(k, v)
-    o = torch.einsum("bhk,bhkv->bhv", q, S).flatten(1)
+    o = _normed(p, torch.einsum("bhk,bhkv->bhv", q, S).flatten(1))
     return (S.flatten(1),), _linear(p["weight_o"], torch.nn.functional.silu(_linear(p["weight_r"], x)) * o)
 
 
@@ -197,7 +202,7 @@ def mamba2(p: Params, state: State, x: Tensor) -> Tuple[State, Tensor]:
     S = decay[..., None, None] * state[0].reshape(B.shape + u.shape[-1:]) + _outer(B, dt.unsqueeze(-1) * u)
     o = torch.einsum("bhn,bhnp->bhp", C, S) + p["D"][:, None] * u
     gate = torch.nn.functional.silu(_linear(p["weight_z"], x))
-    return (S.flatten(1),), _linear(p["weight_o"], o.flatten(1) * gate)
+    return (S.flatten(1),), _linear(p["weight_o"], _normed(p, o.flatten(1) * gate))
 
 
 def _l2_normalized(v: Tensor) -> Tensor:
@@ -216,7 +221,7 @@ def _delta_rule(p: Params, state: State, x: Tensor, alpha: Optional[Tensor]) -> 
     if alpha is not None:
         transition = alpha[..., None, None] * transition
     S = transition @ S + beta * _outer(k, v)
-    o = torch.einsum("bhk,bhkv->bhv", q, S).flatten(1)
+    o = _normed(p, torch.einsum("bhk,bhkv->bhv", q, S).flatten(1))
     return (S.flatten(1),), _linear(p["weight_o"], torch.nn.functional.silu(_linear(p["weight_g"], x)) * o)
 
 
@@ -234,7 +239,7 @@ def mlstm(p: Params, state: State, x: Tensor) -> Tuple[State, Tensor]:
     n = f[..., None] * n + i[..., None] * k
     denominator = torch.maximum(torch.einsum("bhk,bhk->bh", q, n).abs(), torch.exp(-m_new))
     h = torch.einsum("bhk,bhkv->bhv", q, C) / denominator[..., None]
-    y = _linear(p["weight_out"], torch.sigmoid(_linear(p["weight_o"], x)) * h.flatten(1))
+    y = _linear(p["weight_out"], torch.sigmoid(_linear(p["weight_o"], x)) * _normed(p, h.flatten(1)))
     return (C.flatten(1), n.flatten(1), m_new), y
 
 
