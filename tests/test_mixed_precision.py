@@ -36,6 +36,10 @@ LOW = torch.bfloat16
 # compared as tensors, their largest error against their largest element. Measured: at most 2.5% under
 # autocast (layernorm_lstm's gradients), 4.4% for a whole model in bfloat16, its state included.
 AUTOCAST_SCALE, LOW_MODEL_SCALE = 5e-2, 1e-1
+# The matrix-state cells normalize their input and their heads' output: two layer norms over a few
+# features (4 and 12 here) amplify bfloat16's rounding. Their hand-written references (tests/references.py)
+# under the same autocast land up to 9.5% from float32 (gla's norm_bias gradient), rnndsl up to 8%.
+NORMED_MATRIX_CELLS = {"gla", "deltanet", "gated_deltanet", "mlstm", "retnet", "mamba2", "linear_attention"}
 
 
 def assert_close_in_scale(got: torch.Tensor, want: torch.Tensor, relative: float = AUTOCAST_SCALE) -> None:
@@ -89,8 +93,9 @@ def test_every_cell_trains_under_bfloat16_autocast_carrying_a_float32_state(name
     for value in got + grads:
         assert value.dtype == torch.float32
         assert torch.isfinite(value).all()
+    relative = LOW_MODEL_SCALE if name in NORMED_MATRIX_CELLS else AUTOCAST_SCALE
     for a, b in zip(got + grads, expected + expected_grads, strict=True):
-        assert_close_in_scale(a, b)
+        assert_close_in_scale(a, b, relative)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
