@@ -255,6 +255,7 @@ class Op(enum.Enum):
     OUTER = ("outer", OpKind.LINEAR)          # [.., m] x [.., n] -> [.., m, n]
     CONTRACT = ("contract", OpKind.LINEAR)    # `@` of tensors, per leading dims; attrs: form ("mv", "vm", "mm")
     SUM_OVER = ("sum_over", OpKind.NORMALIZE)  # attrs: dim (negative): the sum over that dim
+    MAX_OVER = ("max_over", OpKind.NORMALIZE)  # attrs: dim (negative): the largest element along that dim
     # Spatial values: (kernel [out, in, kh, kw], v [in, height, width]) -> [out, height, width],
     # a 2-d convolution with "same" padding (odd kernels).
     CONV = ("conv", OpKind.LINEAR)

@@ -363,14 +363,17 @@ def _join_attributes(shapes: List[Shape], sizes: List[Size]) -> Dict[str, object
     return {"count": 2, "dims": (shape.dims[-2] * shape.dims[-1],)}
 
 
-def _sum_over_attributes(shapes: List[Shape], sizes: List[Size]) -> Dict[str, object]:
-    (shape,), (size,) = shapes, sizes
-    found = [i for i, dim in enumerate(shape.dims) if dim == size]
-    if len(found) != 1:
-        how = "has no dim" if not found else "has several dims"
-        raise ShapeError(f"sum_over: a value of shape {_dims(shape)} {how} of size `{size}`"
-                         + (": name a size that only one dim has" if found else ""))
-    return {"dim": found[0] - len(shape.dims)}
+def _reduce_over_attributes(function: str) -> Callable[[List[Shape], List[Size]], Dict[str, object]]:
+    """The dim that ``sum_over(v, key)`` or ``max_over(v, key)`` reduces: the one dim of size ``key``."""
+    def attributes(shapes: List[Shape], sizes: List[Size]) -> Dict[str, object]:
+        (shape,), (size,) = shapes, sizes
+        found = [i for i, dim in enumerate(shape.dims) if dim == size]
+        if len(found) != 1:
+            how = "has no dim" if not found else "has several dims"
+            raise ShapeError(f"{function}: a value of shape {_dims(shape)} {how} of size `{size}`"
+                             + (": name a size that only one dim has" if found else ""))
+        return {"dim": found[0] - len(shape.dims)}
+    return attributes
 
 
 def _expand(node: Node, shapes: List[Shape]) -> Shape:
@@ -421,11 +424,11 @@ def _contract(node: Node, shapes: List[Shape]) -> Shape:
     return Shape(dims, a.batched or b.batched)
 
 
-def _sum_over(node: Node, shapes: List[Shape]) -> Shape:
+def _reduce_over(node: Node, shapes: List[Shape]) -> Shape:
     (shape,) = shapes
     dim = node.attr("dim")
     if not -len(shape.dims) <= dim < 0:
-        raise ShapeError(f"sum_over dim {dim} of a {_describe(shape)}")
+        raise ShapeError(f"{node.op.value[0]} dim {dim} of a {_describe(shape)}")
     return Shape(shape.dims[:dim] + shape.dims[len(shape.dims) + dim + 1:], shape.batched)
 
 
@@ -489,7 +492,8 @@ SHAPE_RULES: Dict[Op, ShapeRule] = {
     Op.TRANSPOSE: _transpose,
     Op.OUTER: _outer,
     Op.CONTRACT: _contract,
-    Op.SUM_OVER: _sum_over,
+    Op.SUM_OVER: _reduce_over,
+    Op.MAX_OVER: _reduce_over,
     Op.CONV: _conv,
 }
 
@@ -503,7 +507,9 @@ TENSOR_FUNCTIONS: Dict[str, Function] = {
     "outer": Function(Op.OUTER, 2, 2, "outer(k, v): [heads, key] x [heads, value] -> [heads, key, value]"),
     "transpose": Function(Op.TRANSPOSE, 1, 1, "transpose(S): the last two dims swapped"),
     "sum_over": Function(Op.SUM_OVER, 2, 2, "sum_over(v, key): the sum over the dim of size `key`",
-                         size_args=(1,), attributes=_sum_over_attributes),
+                         size_args=(1,), attributes=_reduce_over_attributes("sum_over")),
+    "max_over": Function(Op.MAX_OVER, 2, 2, "max_over(v, key): the largest element along the dim of size `key`",
+                         size_args=(1,), attributes=_reduce_over_attributes("max_over")),
     "conv": Function(Op.CONV, 2, 2, "conv(K, v): [in, height, width] -> [out, height, width], a 2-d convolution "
                      "by the kernel K[out, in, k, k] (k odd), zero-padded to keep height and width"),
 }

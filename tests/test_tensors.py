@@ -33,7 +33,8 @@ cell heads(x[input]) -> y {
     r = tanh(R @ g + q)
     S' = sigmoid(decay) * S + outer(k, r) + transpose(S) @ mix
     n = sum_over(q * (r @ S'), key)
-    y = join((q @ S') / (1 + abs(n)))
+    m = max_over(q * r, key)
+    y = join((q @ S') / (1 + abs(n) + abs(m)))
     h' = tanh(y)
 }
 """
@@ -79,7 +80,7 @@ def test_a_tensor_state_is_carried_flat_and_viewed_as_declared():
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("masked", [False, True])
 def test_gradcheck_of_every_tensor_op(backend, masked):
-    """split, join, outer, transpose, sum_over, `@` as matrix-vector, vector-matrix and
+    """split, join, outer, transpose, sum_over, max_over, `@` as matrix-vector, vector-matrix and
     matrix-matrix (with a per-head parameter too), and the broadcast of [heads] over
     [heads, key, key]: through the derived backward on the script backend."""
     torch.manual_seed(0)
@@ -152,6 +153,7 @@ def test_size_formula_must_divide_at_build():
     ("    S' = S * join(k) + outer(k, k)\n    y = join(k)", 7, 10,
      ["multiplication of values of shapes [heads, key, key] and [heads*key]"]),
     ("    S' = S + outer(k, k)\n    y = join(sum_over(S', key))", 8, 14, ["several dims of size `key`"]),
+    ("    S' = S + outer(k, k)\n    y = join(max_over(S', input))", 8, 14, ["max_over", "no dim of size `input`"]),
     ("    S' = S + outer(k, k) @ join(k)\n    y = join(k)", 7, 14, ["product `@` of shapes"]),
     ("    S' = S + k * S\n    y = join(split(k, 2))", 8, 23, ["takes the name of a size"]),
 ])
@@ -199,6 +201,41 @@ def test_a_general_reshape_and_sum_over_run_as_python_and_torchscript():
     assert namespace["f"](g).shape == (2, 4, 3)
     spec = rnndsl.load_cell("linear_attention")
     assert "list(" in spec.backward_code()
+
+
+TIED_MAXIMA = """
+cell tied(x[input]) -> y {
+    size heads = 2
+    state h[heads*hidden]
+    param weight[heads*hidden, input], bias[heads*hidden]
+    m = max_over(split(relu(weight @ x + bias) + h, heads), hidden)
+    h' = tanh(h + join(m * split(weight @ x, heads)))
+    y = h'
+}
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_max_over_splits_the_gradient_between_tied_maxima_as_torch_amax(backend):
+    """relu's zeros tie for the maximum: the derived backward gives each tied element an equal share,
+    as autograd through torch.amax does."""
+    spec = rnndsl.load_source(TIED_MAXIMA)["tied"]
+    derived = spec.build(3, 3, backend, scan="sequential").double()
+    autograd = spec.build(3, 3, backend, scan="sequential", derived_backward=False).double()
+    with torch.no_grad():
+        derived.bias.fill_(-10.0)  # relu(.) is 0 everywhere
+    autograd.load_state_dict(derived.state_dict())
+    xs = torch.randn(4, 2, 3, dtype=torch.float64)
+    # relu(.) + h is 0.5 in every unit at the first step: all tie for the maximum.
+    state = (torch.full((2, derived.state_sizes[0]), 0.5, dtype=torch.float64, requires_grad=True),)
+    grads = []
+    for cell in (derived, autograd):
+        outputs, final = rnndsl.scan(cell, xs, state)
+        grads.append(torch.autograd.grad((outputs ** 2).sum(), [state[0], *cell.parameters()]))
+    assert grads[0][0].abs().min() > 0
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert "amax" in spec.code()
 
 
 SCALAR_AGAINST_TENSORS = """

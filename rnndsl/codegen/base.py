@@ -155,6 +155,7 @@ EMITTERS: Dict[Op, Emitter] = {
     Op.OUTER: lambda node, args: f"{args[0]}.unsqueeze(-1) * {args[1]}.unsqueeze(-2)",
     Op.CONTRACT: lambda node, args: _CONTRACTIONS[node.attr("form")].format(*args),
     Op.SUM_OVER: lambda node, args: f"{args[0]}.sum({node.attr('dim')})",
+    Op.MAX_OVER: lambda node, args: f"{args[0]}.amax({node.attr('dim')})",
     Op.CONV: _call("conv_same"),  # rnndsl/kernels.py: torch's conv2d over any leading dims
 }
 

@@ -362,6 +362,14 @@ def _sum_over(r: Rule) -> Contributions:
     return [_in_shape_of(r, 0, f"{r.grad}.unsqueeze({dim}).expand({sizes})")]
 
 
+def _max_over(r: Rule) -> Contributions:
+    # torch.amax's subgradient: the gradient split evenly between the elements equal to the maximum.
+    dim = r.node.attr("dim")
+    at_max = r.fresh("at_max")
+    r.emit(f"{at_max} = ({r.value(0)} == {r.output()}.unsqueeze({dim})).to({r.grad}.dtype)")
+    return [_in_shape_of(r, 0, f"{at_max} * ({r.grad} / {at_max}.sum({dim})).unsqueeze({dim})")]
+
+
 def _conv(r: Rule) -> Contributions:
     # y = conv(K, v): dv is the transposed convolution of the gradient by K; dK, summed over the
     # examples, is left to the generator, which batches it over steps as a matrix product's.
@@ -434,5 +442,6 @@ DERIVATIVES: Dict[Op, Derivative] = {
     Op.OUTER: Derivative(_outer),
     Op.CONTRACT: Derivative(_contract),
     Op.SUM_OVER: Derivative(_sum_over),
+    Op.MAX_OVER: Derivative(_max_over),
     Op.CONV: Derivative(_conv),
 }

@@ -56,6 +56,7 @@ PRECISION: Dict[Op, Precision] = {
     Op.OUTER: Precision.PROMOTED,   # an elementwise product
     Op.CONTRACT: Precision.LOWERED,  # torch.matmul
     Op.SUM_OVER: Precision.FIRST,
+    Op.MAX_OVER: Precision.FIRST,
     Op.CONV: Precision.LOWERED,      # conv2d
 }
 
