@@ -7,7 +7,7 @@ parameter names of the .cell file to tensors, ``state`` is a tuple of
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -337,3 +337,54 @@ def reference_scan(reference: Reference, params: Params, state: State, xs: Tenso
         state = new_state
         outputs.append(output)
     return torch.stack(outputs), state
+
+
+def random_parameters(cell: torch.nn.Module, generator: torch.Generator) -> Params:
+    """Draws a value for every parameter of ``cell`` (layer-norm weights too, so that their gradients
+    matter), sets the cell's parameters to them and returns them."""
+    params = {name: 0.5 * torch.randn(p.shape, generator=generator, dtype=torch.float64)
+              for name, p in cell.named_parameters()}
+    with torch.no_grad():
+        for name, parameter in cell.named_parameters():
+            parameter.copy_(params[name])
+    return params
+
+
+def _gradients(results: Sequence[Tensor], wrt: Sequence[Tensor], seed: int) -> List[Tensor]:
+    """Gradients of a random linear function of ``results``, the same for both sides of a comparison."""
+    generator = torch.Generator().manual_seed(seed)
+    loss = sum((r * torch.randn(r.shape, generator=generator, dtype=r.dtype)).sum() for r in results)
+    return list(torch.autograd.grad(loss, wrt))
+
+
+def compare_with_reference(cell: torch.nn.Module, reference: Reference, *, batch: int, steps: int, masked: bool,
+                           seed: int, sequence: bool, tolerance: Dict[str, float], label: str) -> None:
+    """A float64 cell against its reference, on parameters, input and state drawn from ``seed``:
+    outputs, next states and the gradients of the input, the state and every parameter, for one
+    step (``cell(state, x)``) or over a sequence (``rnndsl.scan``, masked if ``masked``)."""
+    import rnndsl  # the references themselves never use the compiler
+
+    generator = torch.Generator().manual_seed(seed)
+    params = random_parameters(cell, generator)
+    leading = (steps, batch) if sequence else (batch,)
+    x = torch.randn(*leading, cell.input_size, generator=generator, dtype=torch.float64)
+    state = tuple(torch.randn(batch, size, generator=generator, dtype=torch.float64) for size in cell.state_sizes)
+    mask = torch.rand(leading, generator=generator) < 0.7 if sequence and masked else None
+
+    def run(function, parameters: Params) -> List[Tensor]:
+        xs, s = x.clone().requires_grad_(), tuple(v.clone().requires_grad_() for v in state)
+        output, final = function(xs, s, mask) if sequence else function(s, xs)[::-1]
+        results = [output, *final]
+        return results + _gradients(results, [xs, *s, *parameters.values()], seed)
+
+    ref_params = {k: v.clone().requires_grad_() for k, v in params.items()}
+    if sequence:
+        got = run(lambda xs, s, m: rnndsl.scan(cell, xs, s, m), dict(cell.named_parameters()))
+        want = run(lambda xs, s, m: reference_scan(reference, ref_params, s, xs, m), ref_params)
+    else:
+        got = run(cell, dict(cell.named_parameters()))
+        want = run(lambda s, xs: reference(ref_params, s, xs), ref_params)
+    labels = ["output"] + [f"next {n}" for n in cell.state_names] + ["d input"]
+    labels += [f"d {n}" for n in cell.state_names] + [f"d {n}" for n in params]
+    for name, a, b in zip(labels, got, want, strict=True):
+        torch.testing.assert_close(a, b, **tolerance, msg=lambda m, name=name: f"{label} {name}: {m}")

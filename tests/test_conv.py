@@ -14,7 +14,6 @@ import functools
 import io
 import pickle
 from contextlib import redirect_stdout
-from typing import Dict, List, Sequence
 
 import pytest
 import torch
@@ -24,7 +23,7 @@ from hypothesis import strategies as hs
 import rnndsl
 from rnndsl.cli import main
 from rnndsl.ir import Op, Phase
-from references import SPATIAL_REFERENCES, reference_scan
+from references import SPATIAL_REFERENCES, compare_with_reference, random_parameters, reference_scan
 
 BACKENDS = ["script", "eager"]
 TOLERANCE = dict(rtol=1e-10, atol=1e-12)
@@ -43,51 +42,13 @@ def problems(draw) -> dict:
                 steps=draw(hs.integers(1, 4)), masked=draw(hs.booleans()), seed=draw(hs.integers(0, 2 ** 31 - 1)))
 
 
-def _gradients(results: Sequence[torch.Tensor], wrt: Sequence[torch.Tensor], seed: int) -> List[torch.Tensor]:
-    """Gradients of a random linear function of ``results``, the same for both sides of a comparison."""
-    generator = torch.Generator().manual_seed(seed)
-    loss = sum((r * torch.randn(r.shape, generator=generator, dtype=r.dtype)).sum() for r in results)
-    return list(torch.autograd.grad(loss, wrt))
-
-
-def _set_random_parameters(cell: torch.nn.Module, generator: torch.Generator) -> Dict[str, torch.Tensor]:
-    params = {name: 0.5 * torch.randn(p.shape, generator=generator, dtype=torch.float64)
-              for name, p in cell.named_parameters()}
-    with torch.no_grad():
-        for name, parameter in cell.named_parameters():
-            parameter.copy_(params[name])
-    return params
-
-
 def _compare(name: str, problem: dict, backend: str, sequence: bool) -> None:
     p = problem
     cell = built(name, p["channels"], p["hidden"], p["height"], p["width"], p["kernel"], backend)
-    generator = torch.Generator().manual_seed(p["seed"])
-    params = _set_random_parameters(cell, generator)
-    leading = (p["steps"], p["batch"]) if sequence else (p["batch"],)
     assert cell.input_size == p["channels"] * p["height"] * p["width"]
-    x = torch.randn(*leading, cell.input_size, generator=generator, dtype=torch.float64)
-    state = tuple(torch.randn(p["batch"], size, generator=generator, dtype=torch.float64) for size in cell.state_sizes)
-    mask = torch.rand(leading, generator=generator) < 0.7 if sequence and p["masked"] else None
     reference = functools.partial(SPATIAL_REFERENCES[name], height=p["height"], width=p["width"])
-
-    def run(function, parameters: Dict[str, torch.Tensor]):
-        xs, s = x.clone().requires_grad_(), tuple(v.clone().requires_grad_() for v in state)
-        output, final = function(xs, s, mask) if sequence else function(s, xs)[::-1]
-        results = [output, *final]
-        return results + _gradients(results, [xs, *s, *parameters.values()], p["seed"])
-
-    ref_params = {k: v.clone().requires_grad_() for k, v in params.items()}
-    if sequence:
-        got = run(lambda xs, s, m: rnndsl.scan(cell, xs, s, m), dict(cell.named_parameters()))
-        want = run(lambda xs, s, m: reference_scan(reference, ref_params, s, xs, m), ref_params)
-    else:
-        got = run(cell, dict(cell.named_parameters()))
-        want = run(lambda s, xs: reference(ref_params, s, xs), ref_params)
-    labels = ["output"] + [f"next {n}" for n in cell.state_names] + ["d input"]
-    labels += [f"d {n}" for n in cell.state_names] + [f"d {n}" for n in params]
-    for label, a, b in zip(labels, got, want, strict=True):
-        torch.testing.assert_close(a, b, **TOLERANCE, msg=lambda m, label=label: f"{name} {backend} {label}: {m}")
+    compare_with_reference(cell, reference, batch=p["batch"], steps=p["steps"], masked=p["masked"], seed=p["seed"],
+                           sequence=sequence, tolerance=TOLERANCE, label=f"{name} {backend}")
 
 
 @pytest.mark.parametrize("name", sorted(SPATIAL_REFERENCES))
@@ -106,7 +67,7 @@ def test_a_network_of_a_spatial_cell_takes_lengths(name: str, backend: str) -> N
     state is the one at each sequence's end, as the reference run under the lengths' mask."""
     net = rnndsl.make_recurrent(name, 2, [3], backend=backend, height=4, width=3).double()
     (cell,) = [m for m in net.modules() if hasattr(m, "state_sizes") and hasattr(m, "cell_name")]
-    params = _set_random_parameters(cell, torch.Generator().manual_seed(0))
+    params = random_parameters(cell, torch.Generator().manual_seed(0))
     generator = torch.Generator().manual_seed(1)
     xs = torch.randn(5, 3, 2 * 4 * 3, generator=generator, dtype=torch.float64)
     lengths = torch.tensor([5, 2, 4])

@@ -8,7 +8,7 @@ a sequence through ``rnndsl.scan``.
 from __future__ import annotations
 
 import functools
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, Tuple
 
 import pytest
 import torch
@@ -18,7 +18,7 @@ from hypothesis import strategies as hs
 import rnndsl
 from rnndsl.options import CELL_BACKENDS as BACKENDS
 from rnndsl.scan import python_scan
-from references import REFERENCES, reference_scan
+from references import REFERENCES, compare_with_reference
 
 CELLS = sorted(REFERENCES)
 TOLERANCE = dict(rtol=1e-10, atol=1e-12)
@@ -41,57 +41,11 @@ def problems(draw, name: str) -> dict:
                 seed=draw(hs.integers(0, 2 ** 31 - 1)))
 
 
-def _random_params(cell: torch.nn.Module, generator: torch.Generator) -> Dict[str, torch.Tensor]:
-    """Random values for every parameter (layer-norm weights included, so their gradients matter)."""
-    return {name: 0.5 * torch.randn(p.shape, generator=generator, dtype=torch.float64)
-            for name, p in cell.named_parameters()}
-
-
-def _gradients(results: Sequence[torch.Tensor], wrt: Sequence[torch.Tensor],
-               generator: torch.Generator) -> List[torch.Tensor]:
-    """Gradients of a random linear function of ``results``, identical for both sides of a comparison."""
-    loss = sum((r * torch.randn(r.shape, generator=generator, dtype=r.dtype)).sum() for r in results)
-    return list(torch.autograd.grad(loss, wrt))
-
-
 def _compare(name: str, problem: dict, backend: str, sequence: bool) -> None:
-    generator = torch.Generator().manual_seed(problem["seed"])
     cell = built(name, problem["input_size"], problem["hidden"], backend)
-    params = _random_params(cell, generator)
-    with torch.no_grad():
-        for key, parameter in cell.named_parameters():
-            parameter.copy_(params[key])
-    leading = (problem["steps"], problem["batch"]) if sequence else (problem["batch"],)
-    x = torch.randn(*leading, problem["input_size"], generator=generator, dtype=torch.float64)
-    state = tuple(torch.randn(problem["batch"], size, generator=generator, dtype=torch.float64)
-                  for size in cell.state_sizes)
-    mask = None
-    if sequence and problem["masked"]:
-        mask = torch.rand(leading, generator=generator) < 0.7
-
-    def run(function, parameters):
-        xs = x.clone().requires_grad_()
-        s = tuple(v.clone().requires_grad_() for v in state)
-        if sequence:
-            output, final = function(xs, s, mask)
-        else:
-            final, output = function(s, xs)
-        results = [output, *final]
-        grads = _gradients(results, [xs, *s, *parameters.values()], torch.Generator().manual_seed(problem["seed"]))
-        return results, grads
-
-    reference = REFERENCES[name]
-    ref_params = {k: v.clone().requires_grad_() for k, v in params.items()}
-    if sequence:
-        got = run(lambda xs, s, m: rnndsl.scan(cell, xs, s, m), dict(cell.named_parameters()))
-        want = run(lambda xs, s, m: reference_scan(reference, ref_params, s, xs, m), ref_params)
-    else:
-        got = run(cell, dict(cell.named_parameters()))
-        want = run(lambda s, xs: reference(ref_params, s, xs), ref_params)
-    labels = ["output"] + [f"next {n}" for n in cell.state_names]
-    labels += ["d input"] + [f"d {n}" for n in cell.state_names] + [f"d {n}" for n in params]
-    for label, a, b in zip(labels, got[0] + got[1], want[0] + want[1]):
-        torch.testing.assert_close(a, b, **TOLERANCE, msg=lambda m, label=label: f"{name} {backend} {label}: {m}")
+    compare_with_reference(cell, REFERENCES[name], batch=problem["batch"], steps=problem["steps"],
+                           masked=problem["masked"], seed=problem["seed"], sequence=sequence,
+                           tolerance=TOLERANCE, label=f"{name} {backend}")
 
 
 @pytest.mark.parametrize("name", CELLS)
