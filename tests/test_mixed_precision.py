@@ -76,9 +76,13 @@ def _train(net: nn.Module, x: torch.Tensor, lengths, low: bool) -> Tuple[List[to
     else:
         output, state = net(xs, lengths=lengths)
     results = [output, *leaves(state)]
-    # A loss of every result, so that every state's gradient flows back.
-    sum(((r.float() - 0.1) ** 2).sum() for r in results).backward()
+    _loss(results).backward()
     return results, [xs.grad] + [p.grad for p in net.parameters()]
+
+
+def _loss(results: List[torch.Tensor]) -> torch.Tensor:
+    """A loss of every result, so that every state's gradient flows back."""
+    return sum(((r.float() - 0.1) ** 2).sum() for r in results)
 
 
 def _train_reference(name: str, net: nn.Module, x: torch.Tensor, lengths,
@@ -93,7 +97,7 @@ def _train_reference(name: str, net: nn.Module, x: torch.Tensor, lengths,
             inputs, final = reference_scan(REFERENCES[name], dict(layer.cell.named_parameters()), state, inputs, mask)
             finals += list(final)
     results = [r.float() for r in (inputs, *finals)]
-    grads = torch.autograd.grad(sum(((r - 0.1) ** 2).sum() for r in results), [xs, *parameters])
+    grads = torch.autograd.grad(_loss(results), [xs, *parameters])
     return results, list(grads)
 
 
