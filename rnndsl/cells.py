@@ -37,6 +37,8 @@ class CellModule(torch.nn.Module):
     Subclasses get ``forward`` and ``forward_sequence`` from generated source.
     """
 
+    _fused_step: Optional[Tuple[Callable[..., object], Tuple[str, ...]]] = None  # also for cells pickled without it
+
     def __init__(self, spec: "CellSpec", sizes: Dict[str, int], hypers: Dict[str, float], source: str):
         super().__init__()
         graph = spec.graph
@@ -59,6 +61,9 @@ class CellModule(torch.nn.Module):
         self.output_size = output.shape.dims[0].evaluate(sizes)
         self.source = source
         self.derived_backward_trains = supports_training(graph)
+        # torch's one-step kernel where one computes this cell (CellSpec.fused_step): what a
+        # sampler's step runs (see EagerCell._fused_step).
+        self._fused_step = spec.fused_step
         self._inits: Dict[str, Optional[float]] = {d.name: d.default for d in graph.params}
         for decl in graph.params:
             shape = tuple(dim.evaluate(sizes) for dim in decl.shape.dims)
@@ -106,6 +111,8 @@ def check_call(cell: torch.nn.Module, state, x: Tensor, sequence: bool, mask: Op
     Runs in Python before the generated code, so errors are plain ValueErrors
     rather than TorchScript tracebacks.
     """
+    if mask is None and not inputs and not cell.extra_inputs and _call_fits(cell, state, x, sequence):
+        return ()
     name = cell.cell_name
     shape = "(T, batch, {})" if sequence else "(batch, {})"
     if not isinstance(x, Tensor) or x.dim() != (3 if sequence else 2) or x.size(-1) != cell.input_size:
@@ -146,6 +153,37 @@ def check_call(cell: torch.nn.Module, state, x: Tensor, sequence: bool, mask: Op
         raise ValueError(f"cell {name}: its parameters are {parameter.dtype} on {parameter.device}, "
                          f"but the input is {dtype} on {device}; convert one with .to()")
     return check_inputs(cell, inputs or {}, x, sequence)
+
+
+def _call_fits(cell: torch.nn.Module, state, x, sequence: bool) -> bool:
+    """True when a call with one input and no mask passes every check of :func:`check_call`.
+
+    A sampler calls the cell once a word, and at batch 1 and hidden 200 the step itself
+    takes 30 us: this asks only the questions whose answers are all yes, in about a third
+    of the time the checks that explain a failure take (which run whenever this says no).
+    """
+    if not isinstance(x, Tensor) or not isinstance(state, tuple):
+        return False
+    shape = x.shape
+    if len(shape) != (3 if sequence else 2) or shape[-1] != cell.input_size or shape[0] == 0:
+        return False
+    sizes = cell.state_sizes
+    if len(state) != len(sizes):
+        return False
+    batch, dtype, device = shape[-2], x.dtype, x.device
+    for value, size in zip(state, sizes):
+        if not isinstance(value, Tensor) or value.shape != (batch, size) or value.dtype != dtype \
+                or value.device != device:
+            return False
+    parameter = next(iter(cell._parameters.values()), None)
+    return parameter is not None and parameter.dtype == dtype and parameter.device == device
+
+
+def current_parameter(cell: torch.nn.Module, name: str) -> Tensor:
+    """The tensor a cell's parameter ``name`` is now: the registered one, the one ``functional_call``
+    swapped into ``_parameters``, or the one a parametrization (``weight_norm``) computes on getattr."""
+    value = cell._parameters.get(name)
+    return getattr(cell, name) if value is None else value
 
 
 def describe_inputs(cell: torch.nn.Module) -> str:
@@ -237,7 +275,29 @@ class EagerCell(CellModule):
 
     def forward(self, state, x, **inputs):
         extras = check_call(self, state, x, sequence=False, inputs=inputs)
+        fused = self._fused_step_of(state, x)
+        if fused is not None:
+            return fused
         return self._python_methods.forward(self, state, x, *extras)
+
+    def _fused_step_of(self, state, x):
+        """The step by torch's one-step kernel (torch.lstm_cell, ...) where one computes this cell
+        and nothing follows the Python: no autograd (whose double backward and derived backward the
+        generated code serves), no torch.compile, torch.func, tracing or autocast, on the CPU in
+        float32 or float64. None elsewhere. At batch 1, the generated step's dozen ops cost more
+        than their arithmetic (issue 16: 1.3x torch.nn.LSTMCell at hidden 200)."""
+        fused = self._fused_step
+        if fused is None or torch.is_grad_enabled() or not x.is_cpu or x.dtype not in _FUSED_DTYPES \
+                or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() \
+                or torch.jit.is_tracing() or torch.is_autocast_enabled("cpu"):
+            return None
+        step, names = fused
+        weights = [current_parameter(self, name) for name in names]
+        if len(state) == 2:  # LSTM: (h, c)
+            h, c = step(x, state, *weights)
+            return (h, c), h
+        h = step(x, state[0], *weights)
+        return (h,), h
 
     def forward_sequence(self, xs, state, mask=None, **inputs):
         """The whole ``(T, batch, ...)`` sequence ``xs`` from ``state``: (outputs, final state). A cell
@@ -328,17 +388,11 @@ class ScriptedCell(EagerCell):
             if getattr(kernel, name) is not current:
                 kernel._c.setattr(name, current)
         bound = self.__dict__["_kernel_parameters"]
-        registered = self._parameters
         for index, name in enumerate(self._inits):
             # The module's tensor now, found by identity: functional_call's swap into _parameters;
             # parametrizations and weight_norm remove the name from it and compute the tensor on
             # getattr. Rebinding is rare and cheap (a pointer).
-            if parameters is not None:
-                current = parameters[index]
-            else:
-                current = registered.get(name)
-                if current is None:
-                    current = getattr(self, name)
+            current = current_parameter(self, name) if parameters is None else parameters[index]
             if current is not bound[index]:
                 kernel._c.setattr(name, current)
                 bound[index] = current
@@ -360,6 +414,9 @@ class ScriptedCell(EagerCell):
         if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
             return super().forward(state, x, **inputs)
         extras = check_call(self, state, x, sequence=False, inputs=inputs)
+        fused = self._fused_step_of(state, x)
+        if fused is not None:
+            return fused
         return self.kernel().forward(state, x, *extras)
 
     def _run_sequence(self, xs, state, mask, extras=()):
@@ -384,7 +441,8 @@ class ScriptedCell(EagerCell):
         if xs.size(0) == 1 and mask is None and not torch.is_grad_enabled():
             # A sampler's step: the step method skips the loop's hoisting, unbind and stack,
             # which at one step cost as much as the step itself.
-            state, output = self.kernel().forward(tuple(state), xs[0])
+            fused = self._fused_step_of(tuple(state), xs[0])
+            state, output = self.kernel().forward(tuple(state), xs[0]) if fused is None else fused
             return output.unsqueeze(0), state
         return self.kernel().forward_sequence(xs, state, mask)
 
@@ -393,6 +451,7 @@ class ScriptedCell(EagerCell):
         return self.source
 
 
+_FUSED_DTYPES = (torch.float32, torch.float64)
 _KERNEL_ATTRIBUTES = ("_kernel", "_kernel_parameters", "_kernel_settings")
 
 

@@ -34,16 +34,17 @@ class NativeMode:
 
     stock_cell: str  # the packaged cell that computes it: cells match it to run natively
     gates: int  # gate blocks per hidden unit in torch's weights and biases
-    kernel: Callable[..., Tuple[Tensor, ...]]
+    kernel: Callable[..., Tuple[Tensor, ...]]  # a whole sequence: torch.lstm, ...
+    step: Callable[..., object]  # one step, what torch.nn.LSTMCell runs: torch.lstm_cell, ...
 
 
 # The one table of native modes: the recognizer (through CellSpec.native_mode), the native
 # backend and the torch.nn drop-ins (rnndsl/networks.py) all read it.
 NATIVE_MODES: Dict[str, NativeMode] = {
-    "LSTM": NativeMode("lstm", 4, torch.lstm),
-    "GRU": NativeMode("gru", 3, torch.gru),
-    "RNN_TANH": NativeMode("rnn_tanh", 1, torch.rnn_tanh),
-    "RNN_RELU": NativeMode("rnn_relu", 1, torch.rnn_relu),
+    "LSTM": NativeMode("lstm", 4, torch.lstm, torch.lstm_cell),
+    "GRU": NativeMode("gru", 3, torch.gru, torch.gru_cell),
+    "RNN_TANH": NativeMode("rnn_tanh", 1, torch.rnn_tanh, torch.rnn_tanh_cell),
+    "RNN_RELU": NativeMode("rnn_relu", 1, torch.rnn_relu, torch.rnn_relu_cell),
 }
 
 

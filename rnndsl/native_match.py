@@ -4,13 +4,18 @@ A cell qualifies for the ``"native"`` backend (torch.nn.LSTM/GRU/RNN, cuDNN on
 GPU) when its equations are those of a stock cell up to names and the order of
 sums and products: ``W_hh @ h + W_ih @ x + b`` matches ``W_ih @ x + W_hh @ h + b``.
 Each node is fingerprinted bottom-up; sums and products are flattened and their
-terms sorted, so the fingerprint ignores how the user ordered them.
+terms sorted, so the fingerprint ignores how the user ordered them. A fingerprint is a
+digest of its node's op and its inputs' digests: nesting whole sub-fingerprints would
+grow exponentially on a deep graph whose values are read twice (``h' = f(f(x))`` with
+each ``f`` reading its argument twice).
 
 The stock graphs to match come from the caller (``CellSpec.native_mode`` passes
 those of rnndsl.native.NATIVE_MODES): this module knows the IR, not where cells live.
 """
 from __future__ import annotations
 
+import hashlib
+from collections import Counter
 from typing import Dict, List, Mapping, Optional, Tuple
 
 from .ir import Graph, Node, Op
@@ -21,26 +26,34 @@ from .ops import COMMUTATIVE_OPS
 MATCH_DISABLE = ("hoist",)
 
 
-def _fingerprints(graph: Graph) -> Dict[str, tuple]:
+def _digest(fingerprint: tuple) -> str:
+    return hashlib.sha1(repr(fingerprint).encode()).hexdigest()
+
+
+def _fingerprints(graph: Graph) -> Dict[str, str]:
     nodes = graph.node_map()
     state_index = {d.name: i for i, d in enumerate(graph.states)}
-    prints: Dict[str, tuple] = {}
+    prints: Dict[str, str] = {}
+    terms: Dict[str, Counter] = {}
     for node in graph.nodes:
         if node.op is Op.PARAM:
-            prints[node.name] = ("param", str(node.shape))
+            fingerprint: tuple = ("param", str(node.shape))
         elif node.op is Op.STATE:
-            prints[node.name] = ("state", state_index[node.name])
+            fingerprint = ("state", state_index[node.name])
         elif node.op is Op.INPUT:
-            prints[node.name] = ("input",)
+            fingerprint = ("input",)
         elif node.op is Op.CONST:
-            prints[node.name] = ("const", float(node.attr("value")))
+            fingerprint = ("const", float(node.attr("value")))
         elif node.op is Op.HYPER:
-            prints[node.name] = ("hyper", float(graph_hyper_default(graph, node.name)))
+            fingerprint = ("hyper", float(graph_hyper_default(graph, node.name)))
         elif node.op in COMMUTATIVE_OPS:
-            terms = _flatten(node, nodes)
-            prints[node.name] = (node.op.label, tuple(sorted(repr(prints[t]) for t in terms)))
+            counts = Counter()
+            for term, count in _terms(node, nodes, terms).items():
+                counts[prints[term]] += count
+            fingerprint = (node.op.label, tuple(sorted(counts.items())))
         else:
-            prints[node.name] = (node.op.label, node.attrs, tuple(repr(prints[i]) for i in node.inputs))
+            fingerprint = (node.op.label, node.attrs, tuple(prints[i] for i in node.inputs))
+        prints[node.name] = _digest(fingerprint)
     return prints
 
 
@@ -48,16 +61,24 @@ def graph_hyper_default(graph: Graph, name: str) -> float:
     return next(d.default for d in graph.hypers if d.name == name)
 
 
+def _terms(node: Node, nodes: Dict[str, Node], known: Dict[str, Counter]) -> Counter:
+    """The terms of a chain of one commutative op, with their counts: ``(a + b) + a`` -> a: 2, b: 1.
+    Counts, not a list: ``y = x + x; z = y + y; ...`` has 2**depth terms. ``known`` memoizes by node."""
+    if node.name not in known:
+        counts: Counter = Counter()
+        for name in node.inputs:
+            if nodes[name].op is node.op:
+                counts.update(_terms(nodes[name], nodes, known))
+            else:
+                counts[name] += 1
+        known[node.name] = counts
+    return known[node.name]
+
+
 def _flatten(node: Node, nodes: Dict[str, Node]) -> List[str]:
-    """The terms of a chain of one commutative op: ``(a + b) + c`` -> a, b, c."""
-    terms, stack = [], list(node.inputs)
-    while stack:
-        name = stack.pop()
-        if nodes[name].op is node.op:
-            stack.extend(nodes[name].inputs)
-        else:
-            terms.append(name)
-    return terms
+    """The terms of a chain of one commutative op: ``(a + b) + c`` -> a, b, c (for the small graphs
+    whose fingerprints matched a stock cell's)."""
+    return list(_terms(node, nodes, {}).elements())
 
 
 def _signature(graph: Graph) -> tuple:
@@ -79,8 +100,8 @@ def _pair_params(user: Graph, stock: Graph) -> Optional[Dict[str, str]]:
                 return None
             continue
         if un.op in COMMUTATIVE_OPS:
-            u_in = sorted(_flatten(un, user_nodes), key=lambda n: repr(user_prints[n]))
-            s_in = sorted(_flatten(sn, stock_nodes), key=lambda n: repr(stock_prints[n]))
+            u_in = sorted(_flatten(un, user_nodes), key=user_prints.__getitem__)
+            s_in = sorted(_flatten(sn, stock_nodes), key=stock_prints.__getitem__)
         else:
             u_in, s_in = list(un.inputs), list(sn.inputs)
         stack.extend(zip(u_in, s_in))
