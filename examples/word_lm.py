@@ -152,12 +152,16 @@ def evaluate(model: WordLM, data: Tensor, bptt: int, max_batches: Optional[int] 
     total, count = 0.0, 0
     with torch.no_grad():
         for inputs, targets in bptt_batches(source, bptt, max_batches):
-            with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = model(inputs).float()
-            total += F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
-                                     reduction="sum").item()
+            total += window_loss_sum(model, inputs, targets, amp)
             count += targets.numel()
     return total / count
+
+
+def window_loss_sum(model: WordLM, inputs: Tensor, targets: Tensor, amp: bool = False) -> float:
+    """The summed cross-entropy of one evaluation window (call under ``torch.no_grad``)."""
+    with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=amp):
+        logits = model(inputs).float()
+    return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction="sum").item()
 
 
 def train_epoch(model: WordLM, data: Tensor, optimizer: torch.optim.Optimizer,
@@ -171,19 +175,25 @@ def train_epoch(model: WordLM, data: Tensor, optimizer: torch.optim.Optimizer,
     loss_sum, batches = 0.0, 0
     start = time.perf_counter()
     for inputs, targets in bptt_batches(data, args.bptt, args.max_batches, full_only=True):
-        with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=args.amp):
-            logits = model(inputs)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
-        optimizer.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_(parameters, args.clip)
-        optimizer.step()
-        loss_sum += loss.item()
+        loss_sum += train_step(model, inputs, targets, optimizer, parameters, args.clip, args.amp)
         batches += 1
         mean = loss_sum / batches
         progress.update(loss=mean, ppl=math.exp(mean))
     progress.close()
     return loss_sum / max(batches, 1), batches, time.perf_counter() - start
+
+
+def train_step(model: WordLM, inputs: Tensor, targets: Tensor, optimizer: torch.optim.Optimizer,
+               parameters: List[Tensor], clip: float, amp: bool = False) -> float:
+    """One SGD step on one window: forward, mean cross-entropy, backward, clipping; the loss."""
+    with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=amp):
+        logits = model(inputs)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+    optimizer.zero_grad()
+    loss.backward()
+    nn.utils.clip_grad_norm_(parameters, clip)
+    optimizer.step()
+    return loss.item()
 
 
 # ----------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from .scan import check_mask, check_not_empty
 
 if TYPE_CHECKING:
     from .cellspec import CellSpec
+    from .native import NativeMode
 
 
 class CellModule(torch.nn.Module):
@@ -37,7 +38,7 @@ class CellModule(torch.nn.Module):
     Subclasses get ``forward`` and ``forward_sequence`` from generated source.
     """
 
-    _fused_step: Optional[Tuple[Callable[..., object], Tuple[str, ...]]] = None  # also for cells pickled without it
+    _fused_kernels: Optional[Tuple["NativeMode", Tuple[str, ...]]] = None  # also for cells pickled without them
 
     def __init__(self, spec: "CellSpec", sizes: Dict[str, int], hypers: Dict[str, float], source: str):
         super().__init__()
@@ -61,9 +62,9 @@ class CellModule(torch.nn.Module):
         self.output_size = output.shape.dims[0].evaluate(sizes)
         self.source = source
         self.derived_backward_trains = supports_training(graph)
-        # torch's one-step kernel where one computes this cell (CellSpec.fused_step): what a
-        # sampler's step runs (see EagerCell._fused_step).
-        self._fused_step = spec.fused_step
+        # torch's kernels where they compute this cell (CellSpec.fused_kernels): what inference
+        # runs (see EagerCell._fused_kernels_for).
+        self._fused_kernels = spec.fused_kernels
         self._inits: Dict[str, Optional[float]] = {d.name: d.default for d in graph.params}
         for decl in graph.params:
             shape = tuple(dim.evaluate(sizes) for dim in decl.shape.dims)
@@ -275,29 +276,39 @@ class EagerCell(CellModule):
 
     def forward(self, state, x, **inputs):
         extras = check_call(self, state, x, sequence=False, inputs=inputs)
-        fused = self._fused_step_of(state, x)
+        fused = self._fused_kernels_for(x)
         if fused is not None:
-            return fused
+            native, weights = fused
+            return native.run_step(x, tuple(state), weights)
         return self._python_methods.forward(self, state, x, *extras)
 
-    def _fused_step_of(self, state, x):
-        """The step by torch's one-step kernel (torch.lstm_cell, ...) where one computes this cell
-        and nothing follows the Python: no autograd (whose double backward and derived backward the
-        generated code serves), no torch.compile, torch.func, tracing or autocast, on the CPU in
-        float32 or float64. None elsewhere. At batch 1, the generated step's dozen ops cost more
-        than their arithmetic (issue 16: 1.3x torch.nn.LSTMCell at hidden 200)."""
-        fused = self._fused_step
+    def _fused_kernels_for(self, x):
+        """torch's kernels for this cell (torch.lstm_cell and torch.lstm, ...) and the weights they
+        take, where they compute this cell and nothing follows the Python: no autograd (whose double
+        backward and derived backward the generated code serves), no torch.compile, torch.func,
+        tracing or autocast, on the CPU in float32 or float64. None elsewhere. Inference at small
+        batches is where the generated step's dozen ops cost more than their arithmetic (issue 16:
+        a step 1.3x torch.nn.LSTMCell at hidden 200, word_lm's batch-1 evaluation 1.18x torch.lstm)."""
+        fused = self._fused_kernels
         if fused is None or torch.is_grad_enabled() or not x.is_cpu or x.dtype not in _FUSED_DTYPES \
-                or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() \
-                or torch.jit.is_tracing() or torch.is_autocast_enabled("cpu"):
+                or torch.compiler.is_compiling() or torch.compiler.is_exporting() \
+                or torch._C._are_functorch_transforms_active() or torch.jit.is_tracing() \
+                or torch.is_autocast_enabled("cpu"):
             return None
-        step, names = fused
-        weights = [current_parameter(self, name) for name in names]
-        if len(state) == 2:  # LSTM: (h, c)
-            h, c = step(x, state, *weights)
-            return (h, c), h
-        h = step(x, state[0], *weights)
-        return (h,), h
+        native, names = fused
+        return native, [current_parameter(self, name) for name in names]
+
+    def _fused_sequence(self, xs, state, mask):
+        """``forward_sequence`` by torch's kernels where :meth:`_fused_kernels_for` allows, else None:
+        the one-step kernel at one step, the sequence kernel (one call for all steps) at more."""
+        fused = None if mask is not None else self._fused_kernels_for(xs)
+        if fused is None:
+            return None
+        native, weights = fused
+        if xs.size(0) == 1:
+            state, output = native.run_step(xs[0], tuple(state), weights)
+            return output.unsqueeze(0), state
+        return native.run_sequence(xs, tuple(state), weights, train=False)
 
     def forward_sequence(self, xs, state, mask=None, **inputs):
         """The whole ``(T, batch, ...)`` sequence ``xs`` from ``state``: (outputs, final state). A cell
@@ -318,6 +329,9 @@ class EagerCell(CellModule):
         """``forward_sequence`` after the checks: the form that suits the caller."""
         if extras:
             return self._run_sequence_of_several_inputs(xs, state, mask, extras)
+        fused = self._fused_sequence(xs, state, mask)
+        if fused is not None:
+            return fused
         if torch.compiler.is_exporting():  # one scan node: the program runs at any length, with torch alone
             return self.forward_sequence_scan(xs, state, mask)
         if torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active():
@@ -414,9 +428,10 @@ class ScriptedCell(EagerCell):
         if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
             return super().forward(state, x, **inputs)
         extras = check_call(self, state, x, sequence=False, inputs=inputs)
-        fused = self._fused_step_of(state, x)
+        fused = self._fused_kernels_for(x)
         if fused is not None:
-            return fused
+            native, weights = fused
+            return native.run_step(x, tuple(state), weights)
         return self.kernel().forward(state, x, *extras)
 
     def _run_sequence(self, xs, state, mask, extras=()):
@@ -438,11 +453,13 @@ class ScriptedCell(EagerCell):
             return self._python_methods.forward_sequence(self, xs, state, mask)
         if derived.uses_derived_backward(self, xs, state):
             return derived.derived_forward_sequence(self, xs, state, mask)
+        fused = self._fused_sequence(xs, state, mask)
+        if fused is not None:
+            return fused
         if xs.size(0) == 1 and mask is None and not torch.is_grad_enabled():
             # A sampler's step: the step method skips the loop's hoisting, unbind and stack,
             # which at one step cost as much as the step itself.
-            fused = self._fused_step_of(tuple(state), xs[0])
-            state, output = self.kernel().forward(tuple(state), xs[0]) if fused is None else fused
+            state, output = self.kernel().forward(tuple(state), xs[0])
             return output.unsqueeze(0), state
         return self.kernel().forward_sequence(xs, state, mask)
 

@@ -1,12 +1,13 @@
-"""The fused step: a cell that torch's one-step kernels compute runs through them (torch.lstm_cell,
-...) when nothing needs the generated code (no autograd, torch.compile, torch.func, tracing or
-autocast; the CPU, float32 or float64), and computes what the generated code computes.
+"""The fused kernels: a cell that torch's kernels compute runs through them (torch.lstm_cell for a
+step, torch.lstm for a sequence, ...) when nothing needs the generated code (no autograd, torch.compile,
+torch.func, tracing or autocast; the CPU, float32 or float64), and computes what the generated code computes.
 
 Also the fast path of the argument checks, which must say yes only where the full checks pass,
 and the native recognizer on graphs whose naive fingerprints grow exponentially.
 """
 from __future__ import annotations
 
+import dataclasses
 import pickle
 
 import pytest
@@ -40,16 +41,21 @@ cell permuted(x[input]) -> h {
 
 
 class Spy:
-    """Wraps a cell's fused step to count the calls that take it."""
+    """Wraps a cell's fused kernels to count the calls that take them: ``calls`` one-step calls
+    (torch.lstm_cell, ...), ``sequences`` whole-sequence calls (torch.lstm, ...)."""
 
     def __init__(self, cell):
-        self.calls = 0
-        step, names = cell._fused_step
+        self.calls = self.sequences = 0
+        native, names = cell._fused_kernels
 
-        def counted(*args):
+        def counted_step(*args):
             self.calls += 1
-            return step(*args)
-        cell._fused_step = (counted, names)
+            return native.step(*args)
+
+        def counted_sequence(*args):
+            self.sequences += 1
+            return native.kernel(*args)
+        cell._fused_kernels = (dataclasses.replace(native, step=counted_step, kernel=counted_sequence), names)
 
 
 def _state(cell, batch, dtype=torch.float32):
@@ -90,7 +96,7 @@ def test_a_no_grad_step_runs_torchs_kernel_and_matches_the_generated_code(name, 
 def test_a_recognized_user_cell_takes_the_fused_step_with_its_own_parameter_names(backend):
     torch.manual_seed(0)
     cell = rnndsl.load_source(PERMUTED_LSTM)["permuted"].build(5, 7, backend=backend)
-    weights, biases = cell._fused_step[1][:2], cell._fused_step[1][2:]
+    weights, biases = cell._fused_kernels[1][:2], cell._fused_kernels[1][2:]
     assert weights == ("w", "u") and sorted(biases) == ["bh", "bx"]  # the biases are only added: either order
     spy = Spy(cell)
     x, state = torch.randn(3, 5), _state(cell, 3)
@@ -107,7 +113,7 @@ def test_a_recognized_user_cell_takes_the_fused_step_with_its_own_parameter_name
 
 @pytest.mark.parametrize("name", ["rnn_sigmoid", "peephole_lstm", "mingru"])
 def test_cells_torch_has_no_kernel_for_run_their_generated_step(name):
-    assert rnndsl.load_cell(name).build(4, 4)._fused_step is None
+    assert rnndsl.load_cell(name).build(4, 4)._fused_kernels is None
 
 
 def _where_the_generated_code_must_run():
@@ -162,10 +168,10 @@ def test_the_fused_step_reads_parametrized_and_swapped_parameters(backend):
     torch.testing.assert_close(h_swapped, expected)
 
 
-def test_a_network_step_at_one_time_step_takes_the_fused_step():
+def test_a_network_step_at_one_time_step_takes_the_fused_kernels():
     torch.manual_seed(0)
     network = rnndsl.LSTM(5, 7, num_layers=2, backend="script")
-    cells = [module for module in network._engine.modules() if getattr(module, "_fused_step", None) is not None]
+    cells = [module for module in network._engine.modules() if getattr(module, "_fused_kernels", None) is not None]
     spies = [Spy(cell) for cell in cells]
     xs = torch.randn(1, 3, 5)
     with torch.no_grad():
@@ -179,11 +185,70 @@ def test_a_network_step_at_one_time_step_takes_the_fused_step():
     torch.testing.assert_close(c, expected_c)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", sorted(TORCH_CELLS))
+@settings(max_examples=6, deadline=None)
+@given(input_size=st.integers(1, 9), hidden=st.integers(1, 9), batch=st.integers(1, 3), steps=st.integers(2, 5),
+       seed=st.integers(0, 99))
+def test_a_no_grad_sequence_runs_torchs_sequence_kernel_and_matches_the_generated_loop(
+        name, backend, input_size, hidden, batch, steps, seed):
+    torch.manual_seed(seed)
+    cell = rnndsl.load_cell(name).build(input_size, hidden, backend=backend).double()
+    spy = Spy(cell)
+    xs, state = torch.randn(steps, batch, input_size, dtype=torch.float64), _state(cell, batch, torch.float64)
+    with torch.no_grad():
+        outputs, final = cell.forward_sequence(xs, state)
+        expected_outputs, expected_final = cell._python_methods.forward_sequence(cell, xs, state, None)
+    assert (spy.sequences, spy.calls) == (1, 0)
+    torch.testing.assert_close(outputs, expected_outputs, rtol=1e-12, atol=1e-12)
+    for got, expected in zip(final, expected_final, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_masked_or_recorded_sequence_runs_the_generated_loop(backend):
+    torch.manual_seed(0)
+    cell = rnndsl.load_cell("lstm").build(4, 6, backend=backend)
+    spy = Spy(cell)
+    xs, state = torch.randn(5, 3, 4), _state(cell, 3)
+    mask = torch.arange(5).unsqueeze(1) < torch.tensor([5, 2, 4])
+    with torch.no_grad():
+        masked, _ = cell.forward_sequence(xs, state, mask)
+    recorded, _ = cell.forward_sequence(xs, state)
+    assert (spy.sequences, spy.calls) == (0, 0)
+    with torch.no_grad():
+        expected, _ = cell._python_methods.forward_sequence(cell, xs, state, mask)
+        fused, _ = cell.forward_sequence(xs, state)
+    assert spy.sequences == 1
+    torch.testing.assert_close(masked, expected)
+    torch.testing.assert_close(recorded.detach(), fused)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_a_no_grad_network_sequence_takes_the_sequence_kernel_in_every_layer(bidirectional):
+    torch.manual_seed(0)
+    network = rnndsl.LSTM(5, 7, num_layers=2, bidirectional=bidirectional, backend="script")
+    cells = {id(module): module for module in network._engine.modules()
+             if getattr(module, "_fused_kernels", None) is not None}
+    spies = [Spy(cell) for cell in cells.values()]
+    xs = torch.randn(6, 3, 5)
+    with torch.no_grad():
+        output, (h, c) = network(xs)
+    reference = torch.nn.LSTM(5, 7, num_layers=2, bidirectional=bidirectional)
+    reference.load_state_dict(network.state_dict())
+    with torch.no_grad():
+        expected, (expected_h, expected_c) = reference(xs)
+    assert sum(spy.sequences for spy in spies) == 2 * (1 + bidirectional)
+    torch.testing.assert_close(output, expected)
+    torch.testing.assert_close(h, expected_h)
+    torch.testing.assert_close(c, expected_c)
+
+
 def test_a_pickled_cell_keeps_its_fused_step_and_an_older_pickle_runs_without():
     cell = rnndsl.load_cell("lstm").build(4, 6)
     again = pickle.loads(pickle.dumps(cell))
-    assert again._fused_step == cell._fused_step
-    del again.__dict__["_fused_step"]  # as a cell pickled before the fused step existed
+    assert again._fused_kernels == cell._fused_kernels
+    del again.__dict__["_fused_kernels"]  # as a cell pickled before the fused step existed
     x, state = torch.randn(2, 4), _state(cell, 2)
     with torch.no_grad():
         torch.testing.assert_close(again(state, x)[1], cell(state, x)[1])
