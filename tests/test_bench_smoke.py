@@ -1,5 +1,5 @@
 """Smoke tests of the benchmark harnesses (bench/benchmark.py, bench/bench_parallel_scan.py,
-bench/bench_precision.py): they run and report, at a tiny size.
+bench/bench_precision.py, bench/bench_word_lm.py): they run and report, at a tiny size.
 
 No timing is asserted; the hand-written baselines are checked to compute an LSTM,
 so the benchmark compares like with like.
@@ -79,3 +79,18 @@ def test_precision_benchmark_reports_every_variant_at_every_step(monkeypatch, ca
     assert [line.split()[0] for line in lines[2:]] == ["1", "5"]  # step 64 lies beyond the 5 steps run
     float32_error = float(lines[-1].split()[-2])
     assert float32_error < 1e-4 < float(lines[-1].split()[3])  # bfloat16 state's error stands out
+
+
+def test_word_lm_benchmark_reports_each_backend_against_native(monkeypatch, capsys, tmp_path):
+    from bench import bench_word_lm
+
+    words = [f"w{k % 37}" for k in range(1200)]
+    for split in ("train", "valid", "test"):
+        (tmp_path / f"{split}.txt").write_text("\n".join(" ".join(words[i:i + 12]) for i in range(0, 1200, 12)))
+    monkeypatch.setattr(sys, "argv", ["bench_word_lm", "--data", str(tmp_path), "--rounds", "1", "--batches", "1",
+                                      "--backends", "native", "script"])
+    bench_word_lm.main()
+    lines = capsys.readouterr().out.splitlines()
+    assert "x native" in lines[-3]
+    assert [line.split()[0] for line in lines[-2:]] == ["native", "script"]
+    assert lines[-2].split()[2] == "1.000"
