@@ -81,11 +81,25 @@ def _linear_matmul(v: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> 
     """``v @ weight.t() + bias`` over the last dim of ``v``, any leading dims; ``bias`` is a vector
     or a whole addend the size of the result."""
     if bias is not None and (v.dim() == 2 or (bias.dim() == 1 and v.is_contiguous())):
-        # The GEMM adds it: one pass less over the result (leading dims flattened, as F.linear does).
-        flat = torch.addmm(bias, v.reshape(-1, v.size(-1)), weight.t())
-        return flat.reshape(list(v.size())[:-1] + [flat.size(-1)])
+        # The GEMM adds it: one pass less over the result. F.linear, not torch.addmm, which
+        # TorchScript's executor splits into a GEMM and an add (its DecomposeOps pass).
+        return torch.nn.functional.linear(v, weight, bias)
     product = torch.matmul(v, weight.t())
     return product if bias is None else product + bias
+
+
+def _accumulate_matmul(addend: Tensor, v: Tensor, weight: Tensor) -> Tensor:
+    """``addend + v @ weight.t()`` for a 2-D ``v``, written over ``addend`` (which nothing else reads):
+    the GEMM adds into it in place, where :func:`linear`'s addmm first copies it into a new result."""
+    return addend.addmm_(v, weight.t())
+
+
+def _accumulate_onednn(addend: Tensor, v: Tensor, weight: Tensor) -> Tensor:
+    """:func:`_accumulate_matmul` by oneDNN's GEMM where :func:`linear` would take it (``weight`` may
+    be prepacked)."""
+    if weight.is_mkldnn or _uses_onednn(_rows(v), weight):
+        return addend.add_(_linear_onednn(v, weight))
+    return _accumulate_matmul(addend, v, weight)
 
 
 def _prepack_none(weight: Tensor, rows: int) -> Tensor:
@@ -172,6 +186,7 @@ def _onednn_beats_mkl() -> bool:
 _USE_ONEDNN = _onednn_beats_mkl()
 linear = _linear_onednn if _USE_ONEDNN else _linear_matmul
 prepack = _prepack_onednn if _USE_ONEDNN else _prepack_none
+accumulate = _accumulate_onednn if _USE_ONEDNN else _accumulate_matmul
 outer_sum = _outer_sum_onednn if _USE_ONEDNN else _outer_sum_matmul
 
 

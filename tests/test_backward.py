@@ -185,6 +185,31 @@ def test_a_fully_padded_sequence_keeps_its_state_and_gets_its_gradient_through()
     assert torch.equal(grad[1], torch.ones(4, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("name", ["lstm", "gru"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_the_results_are_tensors_of_their_own_that_a_caller_may_edit_in_place(name, masked):
+    # The saving forward computes each output and next state straight into its buffers; the results
+    # must still be no views of them (autograd refuses in-place edits of a Function's views), and
+    # an edit after the call must not reach what the backward reads.
+    derived = build(name, 3, 4).double()
+    loop = build(name, 3, 4, derived_backward=False).double()
+    loop.load_state_dict(derived.state_dict())
+    xs, state, mask = inputs(derived, steps=4, batch=3)
+    grads = []
+    for cell in (derived, loop):
+        x = xs.clone().requires_grad_(True)
+        outputs, final = cell.forward_sequence(x, state, mask if masked else None)
+        if cell is derived:
+            assert outputs.grad_fn is not None and all(t._base is None for t in (outputs, *final))
+        outputs.mul_(2)
+        for value in final:
+            value.add_(1)
+        loss = outputs.pow(2).sum() + sum(value.pow(2).sum() for value in final)
+        grads.append(torch.autograd.grad(loss, [x, *cell.parameters()]))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 def test_parameters_train_without_an_input_gradient():
     cell = build("lstm", 3, 4)
     xs, state, _ = inputs(cell, steps=3, batch=2, dtype=torch.float32)

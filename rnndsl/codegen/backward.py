@@ -34,7 +34,7 @@ faster.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..ir import Graph, Node, Op, OpKind, Shape, Size
 from ..names import SCRIPT_GLOBALS, Namespace
@@ -275,34 +275,93 @@ class _Generator:
             if matrix is not None and matrix not in self.packed:
                 self.packed[matrix] = self.names.fresh(matrix, "packed")
                 lines.append(f"    {self.packed[matrix]} = prepack({emitter.ref(matrix, {})}, xs.size(1))")
-        # Kept values are copied at each step into (T, batch, n) tensors, while still in cache
-        # (a list of steps stacked after the loop costs twice as much here).
+        # Kept values go at each step into (T, batch, n) tensors, while still in cache (a list of
+        # steps stacked after the loop costs twice as much here): written there by their op's out=
+        # form where it has one, else copied. Each op saved is a few microseconds per step.
         outputs = [self.names.fresh("outputs") for _ in graph.outputs]
+        writes, from_outputs, trails = self.kept_in_place(outputs)
         for name, local in list(zip(graph.outputs, outputs)) + list(self.reads.stacked.items()):
+            if name in trails:
+                continue
             size = ", ".join(size_code(d) for d in self.nodes[name].shape.dims)
             lines.append(f"    {local} = xs.new_empty([xs.size(0), xs.size(1), {size}])")
+        for index, d in enumerate(graph.states):
+            if d.name in trails:
+                size = ", ".join(size_code(dim) for dim in d.shape.dims)
+                lines.append(f"    {trails[d.name]} = xs.new_empty([xs.size(0) + 1, xs.size(1), {size}])")
+                lines.append(f"    {trails[d.name]}[0].copy_({states[index]})")
         needed = [i for n in step for i in n.inputs] + list(graph.results())
         reads = [name for name in self.reads.seq_names if name in needed]
         lines.append("    for t in range(xs.size(0)):")
         lines += [f"        {emitter.var(name)} = {self.reads.seq_names[name]}[t]" for name in reads]
-        lines += [f"        {self.reads.stacked[d.name]}[t].copy_({emitter.var(d.name)})"
-                  for d in graph.states if d.name in self.reads.stacked]
+        for d in graph.states:
+            if d.name in from_outputs:  # unmasked, the outputs' rows give it after the loop
+                lines.append("        if mask is not None:")
+                lines.append(f"            {self.reads.stacked[d.name]}[t].copy_({emitter.var(d.name)})")
+            elif d.name in self.reads.stacked and d.name not in trails:
+                lines.append(f"        {self.reads.stacked[d.name]}[t].copy_({emitter.var(d.name)})")
         for node in step:
             if node.name in biased:  # computed with the sum below
                 continue
             buffer = self.reads.stacked.get(node.name)
-            written = buffer is not None and self.written_into(node, f"{buffer}[t]")
+            target = f"{buffer}[t]" if buffer is not None else writes.get(node.name)
+            written = target is not None and self.written_into(node, target)
             lines.append(f"        {node.name} = {written or self.step_expression(node)}")
             if buffer is not None and not written:
                 lines.append(f"        {buffer}[t].copy_({node.name})")
         for local, name in zip(outputs, graph.outputs):
-            lines.append(f"        {local}[t].copy_({emitter.ref(name, {})})")
+            if writes.get(name) != f"{local}[t]":
+                lines.append(f"        {local}[t].copy_({emitter.ref(name, {})})")
         lines.extend(state_update(states, [emitter.ref(n, {}) for n in graph.next_states]))
+        for d, local in zip(graph.states, states):
+            if d.name in trails:  # masked, the state carried is not always the value written
+                lines.append("        if mask is not None:")
+                lines.append(f"            {trails[d.name]}[t + 1].copy_({local})")
+        lines += [f"    {self.reads.stacked[name]} = {trail}.narrow(0, 0, xs.size(0))"
+                  for name, trail in trails.items()]
+        if from_outputs:
+            index = {d.name: i for i, d in enumerate(graph.states)}
+            lines.append("    if mask is None:")
+            lines += [f"        {self.reads.stacked[name]} = torch.cat([state[{index[name]}].unsqueeze(0), "
+                      f"{output}.narrow(0, 0, xs.size(0) - 1)])" for name, output in from_outputs.items()]
+        # A final state written into a buffer is a view of it: its own tensor, as autograd wants
+        # the results of a Function that a caller may edit in place.
+        lines += [f"    {local} = {local}.clone()" for d, local in zip(graph.states, states)
+                  if d.name in from_outputs or d.name in trails]
         lines.append("    if mask is not None:")
         lines += [f"        {local} = {local} * mask.unsqueeze(2).to(xs.dtype)" for local in outputs]
         saved = ", ".join(self.reads.saved_locals())
         lines.append(f"    return [{', '.join(outputs)}], [{', '.join(states)}], [{saved}]")
         return "\n".join(lines) + "\n"
+
+    def kept_in_place(self, outputs: List[str]) -> Tuple[Dict[str, str], Dict[str, str], Dict[str, str]]:
+        """Where the saving forward's loop writes values straight into their buffers, not copied:
+        ``writes``, a loop value -> the buffer row it is computed into (an output's, or a trail's);
+        ``from_outputs``, a kept state whose next value is an output -> that output's buffer (its
+        steps are the initial state and the outputs but the last, when no mask holds it back);
+        ``trails``, another kept state -> a local of T + 1 rows, the initial state then each next
+        value computed into its row (its steps are the first T)."""
+        graph = self.graph
+        loop = {n.name for n in self.body[Level.LOOP]} - set(self.emitter.biased)
+        writable = {name for name in loop if name not in self.reads.stacked and self.nodes[name].op in WRITES_INTO
+                    and not any(self.nodes[i].shape.is_scalar or i in self.emitter.biased
+                                for i in self.nodes[name].inputs)}
+        writes: Dict[str, str] = {}
+        for name, local in zip(graph.outputs, outputs):
+            if name in writable and name not in writes:
+                writes[name] = f"{local}[t]"
+        nexts = dict(zip((d.name for d in graph.states), graph.next_states))
+        from_outputs: Dict[str, str] = {}
+        trails: Dict[str, str] = {}
+        for state, following in nexts.items():
+            if state not in self.reads.stacked or list(nexts.values()).count(following) != 1:
+                continue
+            if following in writes:
+                from_outputs[state] = writes[following][:-len("[t]")]
+            elif following in writable:
+                trails[state] = self.names.fresh(self.emitter.var(state), "trail")
+                writes[following] = f"{trails[state]}[t + 1]"
+        return writes, from_outputs, trails
 
     def biased_products(self) -> Dict[str, str]:
         """Products whose GEMM adds their bias (see base.biased_products): over the whole sequence
@@ -332,8 +391,23 @@ class _Generator:
             if biased is None:
                 return self.emitter.expression(node, {})
             product, addend = self.nodes[biased], [self.emitter.ref(i, {}) for i in node.inputs if i != biased]
+            others = [i for i in node.inputs if i != biased]
+            if len(others) == 1 and self.overwritable(others[0]):
+                matrix, vector = product.inputs
+                return f"accumulate({addend[0]}, {self.emitter.ref(vector, {})}, {self.packed[matrix]})"
         matrix, vector = product.inputs
         return BACKWARD_EMITTERS[Op.MATMUL](product, [self.packed[matrix], self.emitter.ref(vector, {})] + addend)
+
+    def overwritable(self, name: str) -> bool:
+        """Whether a step's row of whole-sequence value ``name`` (the input projection hoisted out of
+        the loop) may be overwritten by the one sum that reads it: computed here (not an argument),
+        read by no other node of the loop, not a result and not kept for the backward. The step's
+        GEMM then adds into it in place (``accumulate``), where an addmm would copy it first."""
+        node = self.nodes[name]
+        if level_of(node) is not Level.SEQ or node.op is Op.SEQUENCE_INPUT or name in self.reads.whole:
+            return False
+        readers = [n for n in self.body[Level.LOOP] for i in n.inputs if i == name]
+        return len(readers) == 1 and name not in self.graph.results()
 
 
 def generate_backward(graph: Graph) -> PythonCode:
