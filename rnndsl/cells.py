@@ -62,8 +62,8 @@ class CellModule(torch.nn.Module):
         self.output_size = output.shape.dims[0].evaluate(sizes)
         self.source = source
         self.derived_backward_trains = supports_training(graph)
-        # torch's kernels where they compute this cell (CellSpec.fused_kernels): what inference
-        # runs (see EagerCell._fused_kernels_for).
+        # torch's kernels where they compute this cell (CellSpec.fused_kernels): what a no-grad
+        # step runs (see EagerCell._fused_kernels_for).
         self._fused_kernels = spec.fused_kernels
         self._inits: Dict[str, Optional[float]] = {d.name: d.default for d in graph.params}
         for decl in graph.params:
@@ -283,12 +283,12 @@ class EagerCell(CellModule):
         return self._python_methods.forward(self, state, x, *extras)
 
     def _fused_kernels_for(self, x):
-        """torch's kernels for this cell (torch.lstm_cell and torch.lstm, ...) and the weights they
-        take, where they compute this cell and nothing follows the Python: no autograd (whose double
-        backward and derived backward the generated code serves), no torch.compile, torch.func,
-        tracing or autocast, on the CPU in float32 or float64. None elsewhere. Inference at small
-        batches is where the generated step's dozen ops cost more than their arithmetic (issue 16:
-        a step 1.3x torch.nn.LSTMCell at hidden 200, word_lm's batch-1 evaluation 1.18x torch.lstm)."""
+        """torch's kernels for this cell (torch.lstm_cell, ...) and the weights they take, where they
+        compute this cell and nothing follows the Python: no autograd (whose double backward and
+        derived backward the generated code serves), no torch.compile, torch.func, tracing or
+        autocast, on the CPU in float32 or float64. None elsewhere. A step at batch 1 is where the
+        generated step's dozen ops cost more than their arithmetic (issue 16: 1.3x
+        torch.nn.LSTMCell at hidden 200)."""
         fused = self._fused_kernels
         if fused is None or torch.is_grad_enabled() or not x.is_cpu or x.dtype not in _FUSED_DTYPES \
                 or torch.compiler.is_compiling() or torch.compiler.is_exporting() \
@@ -297,18 +297,6 @@ class EagerCell(CellModule):
             return None
         native, names = fused
         return native, [current_parameter(self, name) for name in names]
-
-    def _fused_sequence(self, xs, state, mask):
-        """``forward_sequence`` by torch's kernels where :meth:`_fused_kernels_for` allows, else None:
-        the one-step kernel at one step, the sequence kernel (one call for all steps) at more."""
-        fused = None if mask is not None else self._fused_kernels_for(xs)
-        if fused is None:
-            return None
-        native, weights = fused
-        if xs.size(0) == 1:
-            state, output = native.run_step(xs[0], tuple(state), weights)
-            return output.unsqueeze(0), state
-        return native.run_sequence(xs, tuple(state), weights, train=False)
 
     def forward_sequence(self, xs, state, mask=None, **inputs):
         """The whole ``(T, batch, ...)`` sequence ``xs`` from ``state``: (outputs, final state). A cell
@@ -329,9 +317,6 @@ class EagerCell(CellModule):
         """``forward_sequence`` after the checks: the form that suits the caller."""
         if extras:
             return self._run_sequence_of_several_inputs(xs, state, mask, extras)
-        fused = self._fused_sequence(xs, state, mask)
-        if fused is not None:
-            return fused
         if torch.compiler.is_exporting():  # one scan node: the program runs at any length, with torch alone
             return self.forward_sequence_scan(xs, state, mask)
         if torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active():
@@ -453,13 +438,17 @@ class ScriptedCell(EagerCell):
             return self._python_methods.forward_sequence(self, xs, state, mask)
         if derived.uses_derived_backward(self, xs, state):
             return derived.derived_forward_sequence(self, xs, state, mask)
-        fused = self._fused_sequence(xs, state, mask)
-        if fused is not None:
-            return fused
         if xs.size(0) == 1 and mask is None and not torch.is_grad_enabled():
             # A sampler's step: the step method skips the loop's hoisting, unbind and stack,
-            # which at one step cost as much as the step itself.
-            state, output = self.kernel().forward(tuple(state), xs[0])
+            # which at one step cost as much as the step itself. (Only a step: over a sequence,
+            # torch.lstm's oneDNN kernel reorders the weights at every call, and at batch 1 and
+            # hidden 650 took 1.7x the generated loop's time for 20 steps.)
+            fused = self._fused_kernels_for(xs)
+            if fused is not None:
+                native, weights = fused
+                state, output = native.run_step(xs[0], tuple(state), weights)
+            else:
+                state, output = self.kernel().forward(tuple(state), xs[0])
             return output.unsqueeze(0), state
         return self.kernel().forward_sequence(xs, state, mask)
 

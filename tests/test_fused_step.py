@@ -1,6 +1,6 @@
-"""The fused kernels: a cell that torch's kernels compute runs through them (torch.lstm_cell for a
-step, torch.lstm for a sequence, ...) when nothing needs the generated code (no autograd, torch.compile,
-torch.func, tracing or autocast; the CPU, float32 or float64), and computes what the generated code computes.
+"""The fused step: a cell that torch's one-step kernels compute runs through them (torch.lstm_cell,
+...) when nothing needs the generated code (no autograd, torch.compile, torch.func, tracing or
+autocast; the CPU, float32 or float64), and computes what the generated code computes.
 
 Also the fast path of the argument checks, which must say yes only where the full checks pass,
 and the native recognizer on graphs whose naive fingerprints grow exponentially.
@@ -186,62 +186,18 @@ def test_a_network_step_at_one_time_step_takes_the_fused_kernels():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", sorted(TORCH_CELLS))
-@settings(max_examples=6, deadline=None)
-@given(input_size=st.integers(1, 9), hidden=st.integers(1, 9), batch=st.integers(1, 3), steps=st.integers(2, 5),
-       seed=st.integers(0, 99))
-def test_a_no_grad_sequence_runs_torchs_sequence_kernel_and_matches_the_generated_loop(
-        name, backend, input_size, hidden, batch, steps, seed):
-    torch.manual_seed(seed)
-    cell = rnndsl.load_cell(name).build(input_size, hidden, backend=backend).double()
-    spy = Spy(cell)
-    xs, state = torch.randn(steps, batch, input_size, dtype=torch.float64), _state(cell, batch, torch.float64)
-    with torch.no_grad():
-        outputs, final = cell.forward_sequence(xs, state)
-        expected_outputs, expected_final = cell._python_methods.forward_sequence(cell, xs, state, None)
-    assert (spy.sequences, spy.calls) == (1, 0)
-    torch.testing.assert_close(outputs, expected_outputs, rtol=1e-12, atol=1e-12)
-    for got, expected in zip(final, expected_final, strict=True):
-        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_a_masked_or_recorded_sequence_runs_the_generated_loop(backend):
+def test_a_no_grad_sequence_runs_the_generated_loop(backend):
+    # torch.lstm's oneDNN kernel reorders the weights at every call: over a sequence at batch 1 and
+    # hidden 650 it took 1.7x the generated loop's time, so only single steps take torch's kernels.
     torch.manual_seed(0)
     cell = rnndsl.load_cell("lstm").build(4, 6, backend=backend)
     spy = Spy(cell)
     xs, state = torch.randn(5, 3, 4), _state(cell, 3)
-    mask = torch.arange(5).unsqueeze(1) < torch.tensor([5, 2, 4])
     with torch.no_grad():
-        masked, _ = cell.forward_sequence(xs, state, mask)
-    recorded, _ = cell.forward_sequence(xs, state)
+        outputs, _ = cell.forward_sequence(xs, state)
+        expected, _ = cell._python_methods.forward_sequence(cell, xs, state, None)
     assert (spy.sequences, spy.calls) == (0, 0)
-    with torch.no_grad():
-        expected, _ = cell._python_methods.forward_sequence(cell, xs, state, mask)
-        fused, _ = cell.forward_sequence(xs, state)
-    assert spy.sequences == 1
-    torch.testing.assert_close(masked, expected)
-    torch.testing.assert_close(recorded.detach(), fused)
-
-
-@pytest.mark.parametrize("bidirectional", [False, True])
-def test_a_no_grad_network_sequence_takes_the_sequence_kernel_in_every_layer(bidirectional):
-    torch.manual_seed(0)
-    network = rnndsl.LSTM(5, 7, num_layers=2, bidirectional=bidirectional, backend="script")
-    cells = {id(module): module for module in network._engine.modules()
-             if getattr(module, "_fused_kernels", None) is not None}
-    spies = [Spy(cell) for cell in cells.values()]
-    xs = torch.randn(6, 3, 5)
-    with torch.no_grad():
-        output, (h, c) = network(xs)
-    reference = torch.nn.LSTM(5, 7, num_layers=2, bidirectional=bidirectional)
-    reference.load_state_dict(network.state_dict())
-    with torch.no_grad():
-        expected, (expected_h, expected_c) = reference(xs)
-    assert sum(spy.sequences for spy in spies) == 2 * (1 + bidirectional)
-    torch.testing.assert_close(output, expected)
-    torch.testing.assert_close(h, expected_h)
-    torch.testing.assert_close(c, expected_c)
+    torch.testing.assert_close(outputs, expected)
 
 
 def test_a_pickled_cell_keeps_its_fused_step_and_an_older_pickle_runs_without():
