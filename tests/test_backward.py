@@ -37,6 +37,8 @@ def build(name: str, input_size: int, hidden: int, **options) -> torch.nn.Module
     spec = rnndsl.load_cell(CELLS_DIR / f"{name}.cell")
     if spec.graph.input.shape.dims[0].variables == ("hidden",):  # sru: the input size is the hidden size
         input_size = hidden
+    if name == "slstm" and hidden % 2:  # it cuts hidden into 2 heads: head_dim = hidden / 2 must be whole
+        hidden += 1
     return spec.build(input_size, hidden, scan="sequential", **options)
 
 
