@@ -8,9 +8,9 @@ decoder over the whole vocabulary) from the same seed, and the example's own ste
 (``train_step``: forward, cross-entropy, backward, clipping, SGD; ``window_loss_sum``: a
 batch-1 evaluation window). Every round runs ``--batches`` training windows then as many
 evaluation windows on each backend in turn (every other round in reverse order), the
-state carried as in an epoch; the report
-is the median ms per window over the rounds, and each backend's ratio to ``native``
-(torch's fused LSTM kernel, what ``--backend native`` trains with).
+state carried as in an epoch. The report: the median ms per window over the rounds, and each
+backend's ratio to ``native`` (torch's fused LSTM kernel, what ``--backend native`` trains
+with), the median of the rounds' ratios.
 """
 from __future__ import annotations
 
@@ -37,8 +37,8 @@ def windows(source: torch.Tensor, bptt: int) -> Iterator[Tuple[torch.Tensor, tor
         yield from bptt_batches(source, bptt, full_only=True)
 
 
-def measure(args: argparse.Namespace) -> Dict[str, Dict[str, float]]:
-    """Median ms per training window and per evaluation window of each backend."""
+def measure(args: argparse.Namespace) -> Dict[str, Dict[str, List[float]]]:
+    """Seconds per training window and per evaluation window of each backend, round by round."""
     data = args.data
     if data is None and shared_data_dir() is not None:
         data = shared_data_dir() / "ptb-small"
@@ -88,18 +88,22 @@ def measure(args: argparse.Namespace) -> Dict[str, Dict[str, float]]:
             runs[backend][0].rnn.initialize_hidden(1)
             times[backend]["evaluate"].append(evaluate_windows(backend, args.batches))
         print(f"round {round_ + 1}/{args.rounds} done", file=sys.stderr, flush=True)
-    return {backend: {kind: 1000 * statistics.median(values) for kind, values in kinds.items()}
-            for backend, kinds in times.items()}
+    return times
 
 
-def report(medians: Dict[str, Dict[str, float]], reference: str) -> str:
+def report(times: Dict[str, Dict[str, List[float]]], reference: str) -> str:
+    """Median ms per window, and the median over rounds of each round's ratio to ``reference``
+    (paired within a round, so that the machine's drift between rounds cancels)."""
     lines = [f"{'backend':<10} {'train ms/window':>16} {'x ' + reference:>10} "
              f"{'eval ms/window':>15} {'x ' + reference:>10}"]
-    for backend, kinds in medians.items():
-        ratios = {kind: kinds[kind] / medians[reference][kind] if reference in medians else float("nan")
-                  for kind in kinds}
-        lines.append(f"{backend:<10} {kinds['train']:16.2f} {ratios['train']:10.3f} "
-                     f"{kinds['evaluate']:15.2f} {ratios['evaluate']:10.3f}")
+    for backend, kinds in times.items():
+        cells = []
+        for kind in ("train", "evaluate"):
+            ratios = ([ours / theirs for ours, theirs in zip(kinds[kind], times[reference][kind])]
+                      if reference in times else [float("nan")])
+            cells.append((1000 * statistics.median(kinds[kind]), statistics.median(ratios)))
+        (train, train_ratio), (evaluate, evaluate_ratio) = cells
+        lines.append(f"{backend:<10} {train:16.2f} {train_ratio:10.3f} {evaluate:15.2f} {evaluate_ratio:10.3f}")
     return "\n".join(lines)
 
 
@@ -116,10 +120,10 @@ def main() -> None:
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     torch.set_num_threads(args.threads)
-    medians = measure(args)
+    times = measure(args)
     print(f"word_lm, {args.cell}, {torch.get_num_threads()} thread(s), median of {args.rounds} rounds "
           f"of {args.batches} windows per backend")
-    print(report(medians, "native"))
+    print(report(times, "native"))
 
 
 if __name__ == "__main__":
