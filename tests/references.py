@@ -16,6 +16,14 @@ Params = Dict[str, Tensor]
 State = Tuple[Tensor, ...]
 Reference = Callable[[Params, State, Tensor], Tuple[State, Tensor]]
 
+# The stock cells torch.nn has a cell for: (input_size, hidden_size) -> that torch.nn cell.
+TORCH_CELLS = {
+    "lstm": lambda i, h: torch.nn.LSTMCell(i, h),
+    "gru": lambda i, h: torch.nn.GRUCell(i, h),
+    "rnn_tanh": lambda i, h: torch.nn.RNNCell(i, h, nonlinearity="tanh"),
+    "rnn_relu": lambda i, h: torch.nn.RNNCell(i, h, nonlinearity="relu"),
+}
+
 
 def _linear(weight: Tensor, x: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     out = x @ weight.t()

@@ -16,15 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import rnndsl
+from references import TORCH_CELLS
 from rnndsl.cells import _call_fits, check_call
 
 BACKENDS = ["script", "eager"]
-TORCH_CELLS = {
-    "lstm": lambda i, h: torch.nn.LSTMCell(i, h),
-    "gru": lambda i, h: torch.nn.GRUCell(i, h),
-    "rnn_tanh": lambda i, h: torch.nn.RNNCell(i, h, nonlinearity="tanh"),
-    "rnn_relu": lambda i, h: torch.nn.RNNCell(i, h, nonlinearity="relu"),
-}
 TORCH_STEPS = {"lstm": torch.lstm_cell, "gru": torch.gru_cell, "rnn_tanh": torch.rnn_tanh_cell,
                "rnn_relu": torch.rnn_relu_cell}
 

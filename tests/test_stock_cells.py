@@ -12,14 +12,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import rnndsl
+from references import TORCH_CELLS
 
 BACKENDS = ["script", "eager"]
-TORCH_CELLS = {
-    "lstm": lambda i, h: torch.nn.LSTMCell(i, h),
-    "gru": lambda i, h: torch.nn.GRUCell(i, h),
-    "rnn_tanh": lambda i, h: torch.nn.RNNCell(i, h, nonlinearity="tanh"),
-    "rnn_relu": lambda i, h: torch.nn.RNNCell(i, h, nonlinearity="relu"),
-}
 TORCH_LAYERS = {
     "lstm": lambda i, h: torch.nn.LSTM(i, h),
     "gru": lambda i, h: torch.nn.GRU(i, h),
