@@ -212,6 +212,48 @@ def test_the_results_are_tensors_of_their_own_that_a_caller_may_edit_in_place(na
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+INPUT_AS_ADDEND = """
+cell plain(x[hidden]) -> h {
+    state h[hidden]
+    param W[hidden, hidden]
+    h' = tanh(W @ h + x)
+}
+cell halves(x[2*hidden]) -> h {
+    state h[hidden]
+    param W[hidden, hidden]
+    a, b = chunk(x, 2)
+    h' = tanh(W @ h + a) * sigmoid(b)
+}
+cell projected(x[input]) -> h {
+    state h[hidden]
+    param W[hidden, hidden], U[hidden, input]
+    h' = tanh(W @ h + U @ x)
+}
+"""
+
+
+@pytest.mark.parametrize("name", ["plain", "halves", "projected"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_the_saving_forward_never_writes_into_the_callers_input(name, masked):
+    # The step's GEMM may add into its row of a whole-sequence value in place (accumulate): only
+    # into one rnndsl computed, never into the input or a view of it (a chunk of x).
+    spec = rnndsl.load_source(INPUT_AS_ADDEND)[name]
+    derived = spec.build({"plain": 4, "halves": 8, "projected": 3}[name], 4).double()
+    loop = spec.build(derived.input_size, 4, derived_backward=False).double()
+    loop.load_state_dict(derived.state_dict())
+    xs, state, mask = inputs(derived, steps=5, batch=3)
+    mask = mask if masked else None
+    for requires_grad in (True, False):  # the derived path, with and without the input's gradient
+        x = xs.clone().requires_grad_(requires_grad)
+        outputs, _ = derived.forward_sequence(x, state, mask)
+        outputs.sum().backward()
+        assert type(outputs.grad_fn).__name__ == "DerivedSequenceBackward"
+        assert torch.equal(x.detach(), xs)
+    got, expected = run(derived, xs, state, mask), run(loop, xs, state, mask)
+    for a, b in zip(got[0] + got[1], expected[0] + expected[1]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 def test_parameters_train_without_an_input_gradient():
     cell = build("lstm", 3, 4)
     xs, state, _ = inputs(cell, steps=3, batch=2, dtype=torch.float32)

@@ -400,11 +400,14 @@ class _Generator:
 
     def overwritable(self, name: str) -> bool:
         """Whether a step's row of whole-sequence value ``name`` (the input projection hoisted out of
-        the loop) may be overwritten by the one sum that reads it: computed here (not an argument),
-        read by no other node of the loop, not a result and not kept for the backward. The step's
-        GEMM then adds into it in place (``accumulate``), where an addmm would copy it first."""
+        the loop) may be overwritten by the one sum that reads it: a tensor of its own computed here
+        (an arithmetic op's or a product's result: never an input, nor a view of one such as a
+        chunk of ``x``), read by no other node of the loop, not a result and not kept for the
+        backward. The step's GEMM then adds into it in place (``accumulate``), where an addmm
+        would copy it first."""
         node = self.nodes[name]
-        if level_of(node) is not Level.SEQ or node.op is Op.SEQUENCE_INPUT or name in self.reads.whole:
+        if node not in self.body[Level.SEQ] or name in self.reads.whole \
+                or not (node.op in WRITES_INTO or node.op is Op.MATMUL):
             return False
         readers = [n for n in self.body[Level.LOOP] for i in n.inputs if i == name]
         return len(readers) == 1 and name not in self.graph.results()
