@@ -324,10 +324,10 @@ class _Generator:
             lines.append("    if mask is None:")
             lines += [f"        {self.reads.stacked[name]} = torch.cat([state[{index[name]}].unsqueeze(0), "
                       f"{output}.narrow(0, 0, xs.size(0) - 1)])" for name, output in from_outputs.items()]
-        # A final state written into a buffer is a view of it: its own tensor, as autograd wants
-        # the results of a Function that a caller may edit in place.
-        lines += [f"    {local} = {local}.clone()" for d, local in zip(graph.states, states)
-                  if d.name in from_outputs or d.name in trails]
+        # A final state computed into a buffer (an output's, a trail's, a kept value's) is a view
+        # of it: each gets its own tensor, as autograd wants of the results of a Function that a
+        # caller may edit in place (one copy of (batch, n) per sequence).
+        lines += [f"    {local} = {local}.clone()" for local in states]
         lines.append("    if mask is not None:")
         lines += [f"        {local} = {local} * mask.unsqueeze(2).to(xs.dtype)" for local in outputs]
         saved = ", ".join(self.reads.saved_locals())
