@@ -29,7 +29,6 @@ from .scan import check_mask, check_not_empty
 
 if TYPE_CHECKING:
     from .cellspec import CellSpec
-    from .native import NativeMode
 
 
 class CellModule(torch.nn.Module):
@@ -38,7 +37,7 @@ class CellModule(torch.nn.Module):
     Subclasses get ``forward`` and ``forward_sequence`` from generated source.
     """
 
-    _fused_kernels: Optional[Tuple["NativeMode", Tuple[str, ...]]] = None  # also for cells pickled without them
+    _fused_step: Optional[Tuple[Callable[..., object], Tuple[str, ...]]] = None  # also for cells pickled without it
 
     def __init__(self, spec: "CellSpec", sizes: Dict[str, int], hypers: Dict[str, float], source: str):
         super().__init__()
@@ -62,9 +61,9 @@ class CellModule(torch.nn.Module):
         self.output_size = output.shape.dims[0].evaluate(sizes)
         self.source = source
         self.derived_backward_trains = supports_training(graph)
-        # torch's kernels where they compute this cell (CellSpec.fused_kernels): what a no-grad
-        # step runs (see EagerCell._fused_kernels_for).
-        self._fused_kernels = spec.fused_kernels
+        # torch's one-step kernel where one computes this cell (CellSpec.fused_step): what a
+        # sampler's step runs (see EagerCell._fused_step).
+        self._fused_step = spec.fused_step
         self._inits: Dict[str, Optional[float]] = {d.name: d.default for d in graph.params}
         for decl in graph.params:
             shape = tuple(dim.evaluate(sizes) for dim in decl.shape.dims)
@@ -276,27 +275,30 @@ class EagerCell(CellModule):
 
     def forward(self, state, x, **inputs):
         extras = check_call(self, state, x, sequence=False, inputs=inputs)
-        fused = self._fused_kernels_for(x)
+        fused = self._fused_step_of(state, x)
         if fused is not None:
-            native, weights = fused
-            return native.run_step(x, tuple(state), weights)
+            return fused
         return self._python_methods.forward(self, state, x, *extras)
 
-    def _fused_kernels_for(self, x):
-        """torch's kernels for this cell (torch.lstm_cell, ...) and the weights they take, where they
-        compute this cell and nothing follows the Python: no autograd (whose double backward and
-        derived backward the generated code serves), no torch.compile, torch.func, tracing or
-        autocast, on the CPU in float32 or float64. None elsewhere. A step at batch 1 is where the
-        generated step's dozen ops cost more than their arithmetic (issue 16: 1.3x
-        torch.nn.LSTMCell at hidden 200)."""
-        fused = self._fused_kernels
+    def _fused_step_of(self, state, x):
+        """The step by torch's one-step kernel (torch.lstm_cell, ...) where one computes this cell
+        and nothing follows the Python: no autograd (whose double backward and derived backward the
+        generated code serves), no torch.compile, torch.func, tracing or autocast, on the CPU in
+        float32 or float64. None elsewhere. At batch 1, the generated step's dozen ops cost more
+        than their arithmetic (issue 16: 1.3x torch.nn.LSTMCell at hidden 200)."""
+        fused = self._fused_step
         if fused is None or torch.is_grad_enabled() or not x.is_cpu or x.dtype not in _FUSED_DTYPES \
                 or torch.compiler.is_compiling() or torch.compiler.is_exporting() \
                 or torch._C._are_functorch_transforms_active() or torch.jit.is_tracing() \
                 or torch.is_autocast_enabled("cpu"):
             return None
-        native, names = fused
-        return native, [current_parameter(self, name) for name in names]
+        step, names = fused
+        weights = [current_parameter(self, name) for name in names]
+        if len(state) == 2:  # LSTM: (h, c)
+            h, c = step(x, state, *weights)
+            return (h, c), h
+        h = step(x, state[0], *weights)
+        return (h,), h
 
     def forward_sequence(self, xs, state, mask=None, **inputs):
         """The whole ``(T, batch, ...)`` sequence ``xs`` from ``state``: (outputs, final state). A cell
@@ -413,10 +415,9 @@ class ScriptedCell(EagerCell):
         if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
             return super().forward(state, x, **inputs)
         extras = check_call(self, state, x, sequence=False, inputs=inputs)
-        fused = self._fused_kernels_for(x)
+        fused = self._fused_step_of(state, x)
         if fused is not None:
-            native, weights = fused
-            return native.run_step(x, tuple(state), weights)
+            return fused
         return self.kernel().forward(state, x, *extras)
 
     def _run_sequence(self, xs, state, mask, extras=()):
@@ -440,15 +441,11 @@ class ScriptedCell(EagerCell):
             return derived.derived_forward_sequence(self, xs, state, mask)
         if xs.size(0) == 1 and mask is None and not torch.is_grad_enabled():
             # A sampler's step: the step method skips the loop's hoisting, unbind and stack,
-            # which at one step cost as much as the step itself. (Only a step: over a sequence,
-            # torch.lstm's oneDNN kernel reorders the weights at every call, and at batch 1 and
-            # hidden 650 took 1.7x the generated loop's time for 20 steps.)
-            fused = self._fused_kernels_for(xs)
-            if fused is not None:
-                native, weights = fused
-                state, output = native.run_step(xs[0], tuple(state), weights)
-            else:
-                state, output = self.kernel().forward(tuple(state), xs[0])
+            # which at one step cost as much as the step itself. (Only a step takes torch's kernel:
+            # over a sequence, torch.lstm's oneDNN kernel reorders the weights at every call, and at
+            # batch 1 and hidden 650 took 1.7x the generated loop's time for 20 steps.)
+            fused = self._fused_step_of(tuple(state), xs[0])
+            state, output = self.kernel().forward(tuple(state), xs[0]) if fused is None else fused
             return output.unsqueeze(0), state
         return self.kernel().forward_sequence(xs, state, mask)
 

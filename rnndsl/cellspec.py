@@ -15,7 +15,7 @@ import os
 import stat
 import warnings
 from pathlib import Path
-from typing import Dict, Optional, Tuple, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 
@@ -27,7 +27,7 @@ from .compile import (backward_source, cached, cell_class, compile_lock, generat
 from .errors import CellError, CellWarning, Span
 from .ir import MAX_DIMENSION, Graph, Op, Size
 from .lower import lower, size_of
-from .native import NATIVE_MODES, PARAMETER_NAMES, NativeMode
+from .native import NATIVE_MODES, PARAMETER_NAMES
 from .native_match import MATCH_DISABLE, match_native
 from .ops import PROBABILITY_OPS
 from .options import CELL_BACKENDS, BuildOptions, Passes
@@ -97,14 +97,14 @@ class CellSpec:
         return dict(self._native_match[2])
 
     @functools.cached_property
-    def fused_kernels(self) -> Optional[Tuple[NativeMode, Tuple[str, ...]]]:
-        """torch's kernels computing this cell (``torch.lstm_cell`` for a step, ``torch.lstm`` for a
-        sequence, ...) and the cell's parameters in the order they take them (``weight_ih``,
-        ``weight_hh``, ``bias_ih``, ``bias_hh``); None when no kernel computes it."""
+    def fused_step(self) -> Optional[Tuple[Callable[..., object], Tuple[str, ...]]]:
+        """torch's one-step kernel computing this cell (``torch.lstm_cell``, ...) and the cell's
+        parameters in the order it takes them (``weight_ih``, ``weight_hh``, ``bias_ih``,
+        ``bias_hh``); None when no kernel computes it."""
         if self.native_mode is None:
             return None
         names = {torch_name: name for name, torch_name in self.native_param_names.items()}
-        return NATIVE_MODES[self.native_mode], tuple(names[torch_name] for torch_name in PARAMETER_NAMES)
+        return NATIVE_MODES[self.native_mode].step, tuple(names[torch_name] for torch_name in PARAMETER_NAMES)
 
     def optimized(self, disable: Passes = ()) -> Graph:
         """The IR after the passes (see rnndsl.passes)."""

@@ -37,25 +37,6 @@ class NativeMode:
     kernel: Callable[..., Tuple[Tensor, ...]]  # a whole sequence: torch.lstm, ...
     step: Callable[..., object]  # one step, what torch.nn.LSTMCell runs: torch.lstm_cell, ...
 
-    def initial_hidden(self, state: Tuple[Tensor, ...]):
-        """A cell's ``(batch, hidden)`` state as the kernel takes it: one layer, ``(1, batch, hidden)``."""
-        return [s.unsqueeze(0) for s in state] if len(state) == 2 else state[0].unsqueeze(0)
-
-    def run_sequence(self, xs: Tensor, state: Tuple[Tensor, ...], weights: List[Tensor],
-                     train: bool) -> Tuple[Tensor, Tuple[Tensor, ...]]:
-        """One layer over the whole ``(T, batch, n)`` sequence ``xs``: (outputs, final state)."""
-        outputs, *final = self.kernel(xs, self.initial_hidden(state), weights, True, 1, 0.0, train, False, False)
-        return outputs, tuple(f.squeeze(0) for f in final)
-
-    def run_step(self, x: Tensor, state: Tuple[Tensor, ...],
-                 weights: List[Tensor]) -> Tuple[Tuple[Tensor, ...], Tensor]:
-        """One step, as a cell's ``forward`` returns it: (next state, output)."""
-        if len(state) == 2:  # LSTM: (h, c)
-            h, c = self.step(x, state, *weights)
-            return (h, c), h
-        h = self.step(x, state[0], *weights)
-        return (h,), h
-
 
 # The one table of native modes: the recognizer (through CellSpec.native_mode), the native
 # backend and the torch.nn drop-ins (rnndsl/networks.py) all read it.
@@ -97,14 +78,14 @@ def run_native(mode: str, xs: Tensor, state: Tuple[Tensor, ...], weights: List[T
     packed, so each final state is taken at its sequence's last step.
     """
     check_not_empty(xs, "run_native")
-    native = NATIVE_MODES[mode]
+    kernel = NATIVE_MODES[mode].kernel
+    hx = [s.unsqueeze(0) for s in state] if mode == "LSTM" else state[0].unsqueeze(0)
     # The kernel's `train` flag: cuDNN keeps what its backward needs only in training mode (and
     # refuses the backward otherwise); dropout is 0 here, so the flag changes no number.
     train = torch.is_grad_enabled()
     if mask is None:
-        return native.run_sequence(xs, state, weights, train)
-    hx = native.initial_hidden(state)
-    kernel = native.kernel
+        outputs, *final = kernel(xs, hx, weights, True, 1, 0.0, train, False, False)
+        return outputs, tuple(f.squeeze(0) for f in final)
     packed = pack_padded_sequence(xs, mask.sum(0).cpu(), enforce_sorted=False)
     sort = packed.sorted_indices
     hx = [h.index_select(1, sort) for h in hx] if mode == "LSTM" else hx.index_select(1, sort)

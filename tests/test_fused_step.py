@@ -7,7 +7,6 @@ and the native recognizer on graphs whose naive fingerprints grow exponentially.
 """
 from __future__ import annotations
 
-import dataclasses
 import pickle
 
 import pytest
@@ -36,21 +35,16 @@ cell permuted(x[input]) -> h {
 
 
 class Spy:
-    """Wraps a cell's fused kernels to count the calls that take them: ``calls`` one-step calls
-    (torch.lstm_cell, ...), ``sequences`` whole-sequence calls (torch.lstm, ...)."""
+    """Wraps a cell's fused step to count the calls that take it."""
 
     def __init__(self, cell):
-        self.calls = self.sequences = 0
-        native, names = cell._fused_kernels
+        self.calls = 0
+        step, names = cell._fused_step
 
-        def counted_step(*args):
+        def counted(*args):
             self.calls += 1
-            return native.step(*args)
-
-        def counted_sequence(*args):
-            self.sequences += 1
-            return native.kernel(*args)
-        cell._fused_kernels = (dataclasses.replace(native, step=counted_step, kernel=counted_sequence), names)
+            return step(*args)
+        cell._fused_step = (counted, names)
 
 
 def _state(cell, batch, dtype=torch.float32):
@@ -91,7 +85,7 @@ def test_a_no_grad_step_runs_torchs_kernel_and_matches_the_generated_code(name, 
 def test_a_recognized_user_cell_takes_the_fused_step_with_its_own_parameter_names(backend):
     torch.manual_seed(0)
     cell = rnndsl.load_source(PERMUTED_LSTM)["permuted"].build(5, 7, backend=backend)
-    weights, biases = cell._fused_kernels[1][:2], cell._fused_kernels[1][2:]
+    weights, biases = cell._fused_step[1][:2], cell._fused_step[1][2:]
     assert weights == ("w", "u") and sorted(biases) == ["bh", "bx"]  # the biases are only added: either order
     spy = Spy(cell)
     x, state = torch.randn(3, 5), _state(cell, 3)
@@ -108,7 +102,7 @@ def test_a_recognized_user_cell_takes_the_fused_step_with_its_own_parameter_name
 
 @pytest.mark.parametrize("name", ["rnn_sigmoid", "peephole_lstm", "mingru"])
 def test_cells_torch_has_no_kernel_for_run_their_generated_step(name):
-    assert rnndsl.load_cell(name).build(4, 4)._fused_kernels is None
+    assert rnndsl.load_cell(name).build(4, 4)._fused_step is None
 
 
 def _where_the_generated_code_must_run():
@@ -163,10 +157,10 @@ def test_the_fused_step_reads_parametrized_and_swapped_parameters(backend):
     torch.testing.assert_close(h_swapped, expected)
 
 
-def test_a_network_step_at_one_time_step_takes_the_fused_kernels():
+def test_a_network_step_at_one_time_step_takes_the_fused_step():
     torch.manual_seed(0)
     network = rnndsl.LSTM(5, 7, num_layers=2, backend="script")
-    cells = [module for module in network._engine.modules() if getattr(module, "_fused_kernels", None) is not None]
+    cells = [module for module in network._engine.modules() if getattr(module, "_fused_step", None) is not None]
     spies = [Spy(cell) for cell in cells]
     xs = torch.randn(1, 3, 5)
     with torch.no_grad():
@@ -191,15 +185,15 @@ def test_a_no_grad_sequence_runs_the_generated_loop(backend):
     with torch.no_grad():
         outputs, _ = cell.forward_sequence(xs, state)
         expected, _ = cell._python_methods.forward_sequence(cell, xs, state, None)
-    assert (spy.sequences, spy.calls) == (0, 0)
+    assert spy.calls == 0
     torch.testing.assert_close(outputs, expected)
 
 
 def test_a_pickled_cell_keeps_its_fused_step_and_an_older_pickle_runs_without():
     cell = rnndsl.load_cell("lstm").build(4, 6)
     again = pickle.loads(pickle.dumps(cell))
-    assert again._fused_kernels == cell._fused_kernels
-    del again.__dict__["_fused_kernels"]  # as a cell pickled before the fused step existed
+    assert again._fused_step == cell._fused_step
+    del again.__dict__["_fused_step"]  # as a cell pickled before the fused step existed
     x, state = torch.randn(2, 4), _state(cell, 2)
     with torch.no_grad():
         torch.testing.assert_close(again(state, x)[1], cell(state, x)[1])
