@@ -346,18 +346,19 @@ class _Generator:
         writable = {name for name in loop if name not in self.reads.stacked and self.nodes[name].op in WRITES_INTO
                     and not any(self.nodes[i].shape.is_scalar or i in self.emitter.biased
                                 for i in self.nodes[name].inputs)}
-        writes: Dict[str, str] = {}
+        written_outputs: Dict[str, str] = {}  # an output computed into its buffer -> that buffer
         for name, local in zip(graph.outputs, outputs):
-            if name in writable and name not in writes:
-                writes[name] = f"{local}[t]"
+            if name in writable:
+                written_outputs.setdefault(name, local)
+        writes = {name: f"{local}[t]" for name, local in written_outputs.items()}
         nexts = dict(zip((d.name for d in graph.states), graph.next_states))
         from_outputs: Dict[str, str] = {}
         trails: Dict[str, str] = {}
         for state, following in nexts.items():
             if state not in self.reads.stacked or list(nexts.values()).count(following) != 1:
                 continue
-            if following in writes:
-                from_outputs[state] = writes[following][:-len("[t]")]
+            if following in written_outputs:
+                from_outputs[state] = written_outputs[following]
             elif following in writable:
                 trails[state] = self.names.fresh(self.emitter.var(state), "trail")
                 writes[following] = f"{trails[state]}[t + 1]"
