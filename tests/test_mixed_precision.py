@@ -199,7 +199,15 @@ def test_drop_ins_return_what_torch_nn_returns_under_autocast(backend, mode, opt
     elif form == "bfloat16 input":
         x = x.to(LOW)
     with torch.backends.mkldnn.flags(enabled=form != "padded, oneDNN off"):
-        want, expected = _dtypes_and_values(theirs, x)
+        try:
+            want, expected = _dtypes_and_values(theirs, x)
+        except RuntimeError as error:
+            # On CPUs without bfloat16 instructions (an AMD EPYC with AVX2 only), oneDNN has no
+            # bfloat16 LSTM primitive and torch.nn.LSTM itself raises: there is nothing to mirror.
+            # "padded, oneDNN off" still checks the values against torch on such a CPU.
+            if "could not create a primitive descriptor" not in str(error):
+                raise
+            pytest.skip(f"torch.nn.{mode} itself fails under autocast on this CPU: {str(error).splitlines()[0]}")
         got, values = _dtypes_and_values(ours, x)
     assert got == want
     for a, b in zip(values, expected, strict=True):
