@@ -1,14 +1,15 @@
 """The few helpers generated code calls by name, besides torch's own.
 
 Convolutions go through :func:`conv_same` and its two gradients, for values of any
-leading dims. Matrix products go through :func:`linear` and :func:`outer_sum`, which use
-oneDNN's GEMM for large float32 products on CPUs where torch's own matmul (MKL's
+leading dims. Matrix products go through :func:`linear` and :func:`outer_sum`. :func:`linear`
+uses oneDNN's GEMM for large float32 products on CPUs where torch's own matmul (MKL's
 sgemm) is slow: on AMD CPUs it runs at about half the speed torch.nn.LSTM's
 oneDNN kernels get. On Intel CPUs MKL is as fast or faster (:func:`_onednn_beats_mkl`),
 and they use torch's matmul. oneDNN's op has no derivative, so :func:`linear` picks it
 only where autograd does not record (the derived backward's methods run that way);
 :func:`linear_with_grad` wraps it in an autograd Function for code that runs
-under autograd (the parallel scan's ``forward_parallel``).
+under autograd (the parallel scan's ``forward_parallel``). :func:`outer_sum` (a weight's
+gradient over all steps) is torch's matmul on every CPU: see its docstring.
 """
 from __future__ import annotations
 
@@ -34,12 +35,17 @@ def resolve_globals(names: Iterable[str]) -> Dict[str, Any]:
 
 def _onednn_fits(rows: int, weight: Tensor) -> bool:
     """Whether a ``rows``-row product with ``weight`` is float32 on CPU and large enough for oneDNN:
-    below about a million multiply-adds its fixed cost per call outweighs its faster kernel.
+    below about a million multiply-adds its fixed cost per call outweighs its faster kernel. A
+    step's product (under 256 rows) needs a weight of half a million numbers too: with a smaller
+    one, MKL reading the weight's transpose in place (:func:`_prepack_onednn`) was 5-20% faster
+    on the AMD EPYC (batch 16 to 64, hidden 200 and 256, forward and backward, one thread) and
+    saves the weight's reorder; from hidden 512 (a million numbers) oneDNN was 5-15% faster.
 
-    (TorchScript compiles this function too, so the threshold is a literal, not a global.)
+    (TorchScript compiles this function too, so the thresholds are literals, not globals.)
     """
     return (weight.dtype == torch.float32 and weight.device.type == "cpu"
-            and rows * weight.size(0) * weight.size(1) >= 1048576)
+            and rows * weight.size(0) * weight.size(1) >= 1048576
+            and (rows >= 256 or weight.size(0) * weight.size(1) >= 524288))
 
 
 def _uses_onednn(rows: int, weight: Tensor) -> bool:
@@ -67,13 +73,18 @@ def _linear_onednn(v: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> 
 
 
 def _prepack_onednn(weight: Tensor, rows: int) -> Tensor:
-    """``weight`` in oneDNN's blocked layout for products of ``rows`` rows, when they go to oneDNN.
+    """``weight`` in oneDNN's blocked layout for products of ``rows`` rows, when they go to oneDNN;
+    otherwise laid out so that MKL reads ``weight.t()`` as a plain row-major matrix.
 
     Packed once per sequence, the recurrent weight saves a reorder in each step's GEMM
-    (10 to 20% of its time here).
+    (10 to 20% of its time here). MKL's small products ran 5-10% faster with the transpose
+    contiguous than with a transposed view (a copy only where the layout is not already so:
+    the backward's ``weight.t()`` needs none).
     """
     if _uses_onednn(rows, weight):
         return torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+    if weight.dtype == torch.float32 and weight.device.type == "cpu" and not torch.is_grad_enabled():
+        return weight.t().contiguous().t()
     return weight
 
 
@@ -105,17 +116,6 @@ def _accumulate_onednn(addend: Tensor, v: Tensor, weight: Tensor) -> Tensor:
 def _prepack_none(weight: Tensor, rows: int) -> Tensor:
     """Without oneDNN, weights stay as they are."""
     return weight
-
-
-def _outer_sum_onednn(grad: Tensor, vector: Tensor) -> Tensor:
-    """``sum_k grad[k] ⊗ vector[k]`` over all leading dims: the gradient of W in ``W @ v``, one GEMM."""
-    grads, vectors = grad.reshape(-1, grad.size(-1)), vector.reshape(-1, vector.size(-1))
-    count, rows, columns = grads.size(0), grads.size(1), vectors.size(1)
-    # oneDNN copies a transposed left operand to make it contiguous: transpose the side that
-    # moves less memory (for an LSTM's (4h, h) weight, the vectors and the result).
-    if columns * count + rows * columns < rows * count:
-        return _linear_onednn(vectors.t(), grads.t()).t().contiguous()
-    return _linear_onednn(grads.t(), vectors.t())
 
 
 def _images(v: Tensor) -> Tensor:
@@ -151,8 +151,14 @@ def conv_same_weight_grad(grad: Tensor, v: Tensor, weight: Tensor) -> Tensor:
     return grads[1]
 
 
-def _outer_sum_matmul(grad: Tensor, vector: Tensor) -> Tensor:
-    """:func:`_outer_sum_onednn` by torch's matmul, which reads the transposed operand in place."""
+def outer_sum(grad: Tensor, vector: Tensor) -> Tensor:
+    """``sum_k grad[k] ⊗ vector[k]`` over all leading dims: the gradient of W in ``W @ v``, one GEMM.
+
+    Torch's matmul (MKL's sgemm) on every CPU: it reads the transposed operand in place, where
+    oneDNN copies it first. On the AMD EPYC where oneDNN wins the other products (2026-12-05,
+    float32, 1 and 2 threads), MKL took 0.67-0.77x oneDNN's time for an LSTM's weight gradients
+    at hidden 200 (700 rows) and minGRU's (16,384 rows), 0.91-0.97x at hidden 256 to 1024.
+    """
     return torch.mm(grad.reshape(-1, grad.size(-1)).t(), vector.reshape(-1, vector.size(-1)))
 
 
@@ -169,7 +175,8 @@ def _cpu_vendor() -> str:
 
 
 def _onednn_beats_mkl() -> bool:
-    """Whether large float32 products should go to oneDNN rather than torch's matmul (MKL's sgemm).
+    """Whether large float32 products (not weight gradients: :func:`outer_sum`) should go to oneDNN
+    rather than torch's matmul (MKL's sgemm).
 
     Measured at one thread for an LSTM's products (batch 20 to 64, hidden 200 to 1024): on AMD
     EPYC, MKL ran at about half oneDNN's speed. On an Intel Xeon, MKL was as fast for a step's
@@ -187,14 +194,13 @@ _USE_ONEDNN = _onednn_beats_mkl()
 linear = _linear_onednn if _USE_ONEDNN else _linear_matmul
 prepack = _prepack_onednn if _USE_ONEDNN else _prepack_none
 accumulate = _accumulate_onednn if _USE_ONEDNN else _accumulate_matmul
-outer_sum = _outer_sum_onednn if _USE_ONEDNN else _outer_sum_matmul
 
 
 
 
 class _LinearFunction(torch.autograd.Function):
-    """``v @ weight.t() + bias`` whose forward and backward products all go through :func:`linear`
-    and :func:`outer_sum` (autograd's own would take MKL's matmul)."""
+    """``v @ weight.t() + bias`` whose forward product and input gradient go through :func:`linear`
+    (autograd's own would take MKL's matmul), its weight gradient through :func:`outer_sum`."""
 
     @staticmethod
     def forward(ctx: Any, v: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
