@@ -280,12 +280,11 @@ class EagerCell(CellModule):
             return fused
         return self._python_methods.forward(self, state, x, *extras)
 
-    def _fused_step_of(self, state, x):
-        """The step by torch's one-step kernel (torch.lstm_cell, ...) where one computes this cell
-        and nothing follows the Python: no autograd (whose double backward and derived backward the
-        generated code serves), no torch.compile, torch.func, tracing or autocast, on the CPU in
-        float32 or float64. None elsewhere. At batch 1, the generated step's dozen ops cost more
-        than their arithmetic (issue 16: 1.3x torch.nn.LSTMCell at hidden 200)."""
+    def _fused_kernel(self, x):
+        """torch's one-step kernel (torch.lstm_cell, ...) and the cell's weights in its order, where
+        one computes this cell and nothing follows the Python: no autograd (whose double backward
+        and derived backward the generated code serves), no torch.compile, torch.func, tracing or
+        autocast, on the CPU in float32 or float64. None elsewhere."""
         fused = self._fused_step
         if fused is None or torch.is_grad_enabled() or not x.is_cpu or x.dtype not in _FUSED_DTYPES \
                 or torch.compiler.is_compiling() or torch.compiler.is_exporting() \
@@ -293,12 +292,45 @@ class EagerCell(CellModule):
                 or torch.is_autocast_enabled("cpu"):
             return None
         step, names = fused
-        weights = [current_parameter(self, name) for name in names]
+        return step, [current_parameter(self, name) for name in names]
+
+    def _fused_step_of(self, state, x):
+        """The step by torch's one-step kernel where :meth:`_fused_kernel` allows; None elsewhere.
+        At batch 1, the generated step's dozen ops cost more than their arithmetic (issue 16: 1.3x
+        torch.nn.LSTMCell at hidden 200)."""
+        fused = self._fused_kernel(x)
+        if fused is None:
+            return None
+        step, weights = fused
         if len(state) == 2:  # LSTM: (h, c)
             h, c = step(x, state, *weights)
             return (h, c), h
         h = step(x, state[0], *weights)
         return (h,), h
+
+    def _fused_sequence_of(self, state, xs, mask):
+        """The whole unmasked sequence by torch's sequence kernel (torch.lstm, ...) where
+        :meth:`_fused_kernel` allows and the recurrent weight has under 2^18 numbers; None elsewhere.
+
+        The kernel pays a weight reorder (oneDNN's, for the LSTM) at every call, so it wins only
+        for small weights. Measured (2026-12-05, 2-core AMD EPYC, one thread, 20 steps, no grad),
+        its time over the generated loop's: LSTM 0.36x at hidden 128, 0.52x at 200, 1.03x at 256,
+        1.3-1.4x at 362-650 (batch 1), 0.80x at hidden 200, batch 20; GRU 0.62-0.88x at hidden
+        128-650. (An Intel Xeon gave the LSTM 0.46-0.69 against 0.68-1.07 ms at hidden 200, and
+        1.6x the loop's time at 650.)
+        """
+        fused = None if mask is not None else self._fused_kernel(xs)
+        if fused is None or fused[1][1].numel() >= 2 ** 18:
+            return None
+        step, weights = fused
+        kernel = _sequence_kernel(step)
+        if kernel is None:
+            return None
+        hx = [s.unsqueeze(0) for s in state]
+        # torch.lstm(input, (h, c), params, has_biases, num_layers, dropout, train, bidirectional,
+        # batch_first) -> (output, h, c); the others take h alone and return (output, h).
+        results = kernel(xs, tuple(hx) if len(hx) == 2 else hx[0], weights, True, 1, 0.0, False, False, False)
+        return results[0], tuple(h[0] for h in results[1:])
 
     def forward_sequence(self, xs, state, mask=None, **inputs):
         """The whole ``(T, batch, ...)`` sequence ``xs`` from ``state``: (outputs, final state). A cell
@@ -332,6 +364,9 @@ class EagerCell(CellModule):
         # The parallel scan's autograd Functions have no vmap rule: torch.func runs the loop.
         if self.scan_mode == "parallel" and not torch._C._are_functorch_transforms_active():
             return self.forward_parallel(xs, state, mask)
+        fused = self._fused_sequence_of(tuple(state), xs, mask)
+        if fused is not None:
+            return fused
         return self._python_methods.forward_sequence(self, xs, state, mask)
 
     def _run_sequence_of_several_inputs(self, xs, state, mask, extras):
@@ -441,12 +476,13 @@ class ScriptedCell(EagerCell):
             return derived.derived_forward_sequence(self, xs, state, mask)
         if xs.size(0) == 1 and mask is None and not torch.is_grad_enabled():
             # A sampler's step: the step method skips the loop's hoisting, unbind and stack,
-            # which at one step cost as much as the step itself. (Only a step takes torch's kernel:
-            # over a sequence, torch.lstm's oneDNN kernel reorders the weights at every call, and at
-            # batch 1 and hidden 650 took 1.7x the generated loop's time for 20 steps.)
+            # which at one step cost as much as the step itself.
             fused = self._fused_step_of(tuple(state), xs[0])
             state, output = self.kernel().forward(tuple(state), xs[0]) if fused is None else fused
             return output.unsqueeze(0), state
+        fused = self._fused_sequence_of(tuple(state), xs, mask)
+        if fused is not None:
+            return fused
         return self.kernel().forward_sequence(xs, state, mask)
 
     @property
@@ -455,6 +491,13 @@ class ScriptedCell(EagerCell):
 
 
 _FUSED_DTYPES = (torch.float32, torch.float64)
+
+
+def _sequence_kernel(step: Callable[..., object]) -> Optional[Callable[..., Tuple[Tensor, ...]]]:
+    """torch's whole-sequence kernel (torch.lstm, ...) of its one-step kernel ``step``; None for
+    any other function."""
+    from .native import NATIVE_MODES  # function-level: rnndsl/native.py imports this module
+    return next((mode.kernel for mode in NATIVE_MODES.values() if mode.step is step), None)
 _KERNEL_ATTRIBUTES = ("_kernel", "_kernel_parameters", "_kernel_settings")
 
 

@@ -174,17 +174,58 @@ def test_a_network_step_at_one_time_step_takes_the_fused_step():
     torch.testing.assert_close(c, expected_c)
 
 
+class SequenceSpy:
+    """Counts the sequences that take torch's sequence kernel (rnndsl.cells._sequence_kernel)."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        find = rnndsl.cells._sequence_kernel
+
+        def counted_kernel(step):
+            kernel = find(step)
+
+            def counted(*args):
+                self.calls += 1
+                return kernel(*args)
+            return None if kernel is None else counted
+        monkeypatch.setattr(rnndsl.cells, "_sequence_kernel", counted_kernel)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_no_grad_sequence_runs_the_generated_loop(backend):
-    # torch.lstm's oneDNN kernel reorders the weights at every call: over a sequence at batch 1 and
-    # hidden 650 it took 1.7x the generated loop's time, so only single steps take torch's kernels.
+@pytest.mark.parametrize("name", sorted(TORCH_CELLS))
+@settings(max_examples=6, deadline=None)
+@given(input_size=st.integers(1, 12), hidden=st.integers(1, 12), batch=st.integers(1, 4),
+       steps=st.integers(2, 6), seed=st.integers(0, 99))
+def test_a_no_grad_sequence_with_small_weights_runs_torchs_sequence_kernel(name, backend, input_size, hidden,
+                                                                          batch, steps, seed):
+    """torch.lstm (...) over a whole sequence, from a given state, equals the generated loop."""
+    torch.manual_seed(seed)
+    cell = rnndsl.load_cell(name).build(input_size, hidden, backend=backend)
+    xs, state = torch.randn(steps, batch, input_size), _state(cell, batch)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        spy = SequenceSpy(monkeypatch)
+        with torch.no_grad():
+            outputs, final = cell.forward_sequence(xs, state)
+            expected, expected_final = cell._python_methods.forward_sequence(cell, xs, state, None)
+    assert spy.calls == 1
+    torch.testing.assert_close(outputs, expected)
+    torch.testing.assert_close(final, expected_final)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_sequence_runs_the_generated_loop_with_a_mask_large_weights_or_autograd(backend, monkeypatch):
+    # torch.lstm's oneDNN kernel reorders the weights at every call: at hidden 650 it took 1.3x
+    # the generated loop's time over 20 steps at batch 1, so weights of 2^18 numbers and more
+    # (an LSTM's from hidden 256) keep the loop; a mask (lengths) and autograd always do.
+    spy = SequenceSpy(monkeypatch)
     torch.manual_seed(0)
-    cell = rnndsl.load_cell("lstm").build(4, 6, backend=backend)
-    spy = Spy(cell)
-    xs, state = torch.randn(5, 3, 4), _state(cell, 3)
+    small, large = (rnndsl.load_cell("lstm").build(4, hidden, backend=backend) for hidden in (6, 256))
+    xs, state = torch.randn(5, 3, 4), _state(large, 3)
     with torch.no_grad():
-        outputs, _ = cell.forward_sequence(xs, state)
-        expected, _ = cell._python_methods.forward_sequence(cell, xs, state, None)
+        outputs, _ = large.forward_sequence(xs, state)
+        expected, _ = large._python_methods.forward_sequence(large, xs, state, None)
+        small.forward_sequence(xs, _state(small, 3), mask=torch.ones(5, 3, dtype=torch.bool))
+    small.forward_sequence(xs, _state(small, 3))
     assert spy.calls == 0
     torch.testing.assert_close(outputs, expected)
 
