@@ -315,9 +315,9 @@ class EagerCell(CellModule):
         The kernel pays a weight reorder (oneDNN's, for the LSTM) at every call, so it wins only
         for small weights. Measured (2026-12-05, 2-core AMD EPYC, one thread, 20 steps, no grad),
         its time over the generated loop's: LSTM 0.36x at hidden 128, 0.52x at 200, 1.03x at 256,
-        1.3-1.4x at 362-650 (batch 1), 0.80x at hidden 200, batch 20; GRU 0.62-0.88x at hidden
-        128-650. (An Intel Xeon gave the LSTM 0.46-0.69 against 0.68-1.07 ms at hidden 200, and
-        1.6x the loop's time at 650.)
+        1.3-1.4x at 362-650 (batch 1), 0.80-0.86x at hidden 200-650, batch 20; GRU 0.62-0.99x and
+        RNN 0.84-0.93x at every size measured (128 to 650). (An Intel Xeon gave the LSTM 0.46-0.69
+        against 0.68-1.07 ms at hidden 200, and 1.6x the loop's time at 650, batch 1.)
         """
         fused = None if mask is not None else self._fused_kernel(xs)
         if fused is None or fused[1][1].numel() >= 2 ** 18:
@@ -498,6 +498,8 @@ def _sequence_kernel(step: Callable[..., object]) -> Optional[Callable[..., Tupl
     any other function."""
     from .native import NATIVE_MODES  # function-level: rnndsl/native.py imports this module
     return next((mode.kernel for mode in NATIVE_MODES.values() if mode.step is step), None)
+
+
 _KERNEL_ATTRIBUTES = ("_kernel", "_kernel_parameters", "_kernel_settings")
 
 
