@@ -38,6 +38,7 @@ class CellModule(torch.nn.Module):
     """
 
     _fused_step: Optional[Tuple[Callable[..., object], Tuple[str, ...]]] = None  # also for cells pickled without it
+    _fused_sequence: Optional[Callable[..., Tuple[Tensor, ...]]] = None  # the same
 
     def __init__(self, spec: "CellSpec", sizes: Dict[str, int], hypers: Dict[str, float], source: str):
         super().__init__()
@@ -64,6 +65,7 @@ class CellModule(torch.nn.Module):
         # torch's one-step kernel where one computes this cell (CellSpec.fused_step): what a
         # sampler's step runs (see EagerCell._fused_step).
         self._fused_step = spec.fused_step
+        self._fused_sequence = spec.fused_sequence  # torch.lstm, ...: see EagerCell._fused_sequence_of
         self._inits: Dict[str, Optional[float]] = {d.name: d.default for d in graph.params}
         for decl in graph.params:
             shape = tuple(dim.evaluate(sizes) for dim in decl.shape.dims)
@@ -322,8 +324,7 @@ class EagerCell(CellModule):
         fused = None if mask is not None else self._fused_kernel(xs)
         if fused is None or fused[1][1].numel() >= 2 ** 18:
             return None
-        step, weights = fused
-        kernel = _sequence_kernel(step)
+        kernel, weights = self._fused_sequence, fused[1]
         if kernel is None:
             return None
         hx = [s.unsqueeze(0) for s in state]
@@ -491,13 +492,6 @@ class ScriptedCell(EagerCell):
 
 
 _FUSED_DTYPES = (torch.float32, torch.float64)
-
-
-def _sequence_kernel(step: Callable[..., object]) -> Optional[Callable[..., Tuple[Tensor, ...]]]:
-    """torch's whole-sequence kernel (torch.lstm, ...) of its one-step kernel ``step``; None for
-    any other function."""
-    from .native import NATIVE_MODES  # function-level: rnndsl/native.py imports this module
-    return next((mode.kernel for mode in NATIVE_MODES.values() if mode.step is step), None)
 
 
 _KERNEL_ATTRIBUTES = ("_kernel", "_kernel_parameters", "_kernel_settings")

@@ -106,6 +106,12 @@ class CellSpec:
         names = {torch_name: name for name, torch_name in self.native_param_names.items()}
         return NATIVE_MODES[self.native_mode].step, tuple(names[torch_name] for torch_name in PARAMETER_NAMES)
 
+    @functools.cached_property
+    def fused_sequence(self) -> Optional[Callable[..., Tuple[torch.Tensor, ...]]]:
+        """torch's whole-sequence kernel computing this cell (``torch.lstm``, ...), which takes the
+        parameters in :attr:`fused_step`'s order; None when no kernel computes it."""
+        return None if self.native_mode is None else NATIVE_MODES[self.native_mode].kernel
+
     def optimized(self, disable: Passes = ()) -> Graph:
         """The IR after the passes (see rnndsl.passes)."""
         return optimized(self.graph, BuildOptions(disable))

@@ -175,20 +175,16 @@ def test_a_network_step_at_one_time_step_takes_the_fused_step():
 
 
 class SequenceSpy:
-    """Counts the sequences that take torch's sequence kernel (rnndsl.cells._sequence_kernel)."""
+    """Wraps a cell's fused sequence kernel (torch.lstm, ...) to count the calls that take it."""
 
-    def __init__(self, monkeypatch):
+    def __init__(self, cell):
         self.calls = 0
-        find = rnndsl.cells._sequence_kernel
+        kernel = cell._fused_sequence
 
-        def counted_kernel(step):
-            kernel = find(step)
-
-            def counted(*args):
-                self.calls += 1
-                return kernel(*args)
-            return None if kernel is None else counted
-        monkeypatch.setattr(rnndsl.cells, "_sequence_kernel", counted_kernel)
+        def counted(*args):
+            self.calls += 1
+            return kernel(*args)
+        cell._fused_sequence = counted
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -202,42 +198,44 @@ def test_a_no_grad_sequence_with_small_weights_runs_torchs_sequence_kernel(name,
     torch.manual_seed(seed)
     cell = rnndsl.load_cell(name).build(input_size, hidden, backend=backend)
     xs, state = torch.randn(steps, batch, input_size), _state(cell, batch)
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        spy = SequenceSpy(monkeypatch)
-        with torch.no_grad():
-            outputs, final = cell.forward_sequence(xs, state)
-            expected, expected_final = cell._python_methods.forward_sequence(cell, xs, state, None)
+    spy = SequenceSpy(cell)
+    with torch.no_grad():
+        outputs, final = cell.forward_sequence(xs, state)
+        expected, expected_final = cell._python_methods.forward_sequence(cell, xs, state, None)
     assert spy.calls == 1
     torch.testing.assert_close(outputs, expected)
     torch.testing.assert_close(final, expected_final)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_sequence_runs_the_generated_loop_with_a_mask_large_weights_or_autograd(backend, monkeypatch):
+def test_a_sequence_runs_the_generated_loop_with_a_mask_large_weights_or_autograd(backend):
     # torch.lstm's oneDNN kernel reorders the weights at every call: at hidden 650 it took 1.3x
     # the generated loop's time over 20 steps at batch 1, so weights of 2^18 numbers and more
     # (an LSTM's from hidden 256) keep the loop; a mask (lengths) and autograd always do.
-    spy = SequenceSpy(monkeypatch)
     torch.manual_seed(0)
     small, large = (rnndsl.load_cell("lstm").build(4, hidden, backend=backend) for hidden in (6, 256))
+    spies = [SequenceSpy(small), SequenceSpy(large)]
     xs, state = torch.randn(5, 3, 4), _state(large, 3)
     with torch.no_grad():
         outputs, _ = large.forward_sequence(xs, state)
         expected, _ = large._python_methods.forward_sequence(large, xs, state, None)
         small.forward_sequence(xs, _state(small, 3), mask=torch.ones(5, 3, dtype=torch.bool))
     small.forward_sequence(xs, _state(small, 3))
-    assert spy.calls == 0
+    assert [spy.calls for spy in spies] == [0, 0]
     torch.testing.assert_close(outputs, expected)
 
 
 def test_a_pickled_cell_keeps_its_fused_step_and_an_older_pickle_runs_without():
     cell = rnndsl.load_cell("lstm").build(4, 6)
     again = pickle.loads(pickle.dumps(cell))
-    assert again._fused_step == cell._fused_step
-    del again.__dict__["_fused_step"]  # as a cell pickled before the fused step existed
+    assert again._fused_step == cell._fused_step and again._fused_sequence is torch.lstm
+    # As a cell pickled before the fused step and sequence existed.
+    del again.__dict__["_fused_step"], again.__dict__["_fused_sequence"]
     x, state = torch.randn(2, 4), _state(cell, 2)
+    xs = torch.randn(3, 2, 4)
     with torch.no_grad():
         torch.testing.assert_close(again(state, x)[1], cell(state, x)[1])
+        torch.testing.assert_close(again.forward_sequence(xs, state), cell.forward_sequence(xs, state))
 
 
 # The fast path of the argument checks -----------------------------------------------------
