@@ -38,7 +38,7 @@ class CellModule(torch.nn.Module):
     """
 
     _fused_step: Optional[Tuple[Callable[..., object], Tuple[str, ...]]] = None  # also for cells pickled without it
-    _fused_sequence: Optional[Callable[..., Tuple[Tensor, ...]]] = None  # the same
+    _fused_sequence: Optional[Callable[..., Tuple[Tensor, Tuple[Tensor, ...]]]] = None  # the same
 
     def __init__(self, spec: "CellSpec", sizes: Dict[str, int], hypers: Dict[str, float], source: str):
         super().__init__()
@@ -65,7 +65,7 @@ class CellModule(torch.nn.Module):
         # torch's one-step kernel where one computes this cell (CellSpec.fused_step): what a
         # sampler's step runs (see EagerCell._fused_step).
         self._fused_step = spec.fused_step
-        self._fused_sequence = spec.fused_sequence  # torch.lstm, ...: see EagerCell._fused_sequence_of
+        self._fused_sequence = spec.fused_sequence  # run_native: see EagerCell._fused_sequence_of
         self._inits: Dict[str, Optional[float]] = {d.name: d.default for d in graph.params}
         for decl in graph.params:
             shape = tuple(dim.evaluate(sizes) for dim in decl.shape.dims)
@@ -324,14 +324,8 @@ class EagerCell(CellModule):
         fused = None if mask is not None else self._fused_kernel(xs)
         if fused is None or fused[1][1].numel() >= 2 ** 18:
             return None
-        kernel, weights = self._fused_sequence, fused[1]
-        if kernel is None:
-            return None
-        hx = [s.unsqueeze(0) for s in state]
-        # torch.lstm(input, (h, c), params, has_biases, num_layers, dropout, train, bidirectional,
-        # batch_first) -> (output, h, c); the others take h alone and return (output, h).
-        results = kernel(xs, tuple(hx) if len(hx) == 2 else hx[0], weights, True, 1, 0.0, False, False, False)
-        return results[0], tuple(h[0] for h in results[1:])
+        run = self._fused_sequence
+        return None if run is None else run(xs, state, fused[1])
 
     def forward_sequence(self, xs, state, mask=None, **inputs):
         """The whole ``(T, batch, ...)`` sequence ``xs`` from ``state``: (outputs, final state). A cell

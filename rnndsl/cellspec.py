@@ -27,7 +27,7 @@ from .compile import (backward_source, cached, cell_class, compile_lock, generat
 from .errors import CellError, CellWarning, Span
 from .ir import MAX_DIMENSION, Graph, Op, Size
 from .lower import lower, size_of
-from .native import NATIVE_MODES, PARAMETER_NAMES
+from .native import NATIVE_MODES, PARAMETER_NAMES, run_native
 from .native_match import MATCH_DISABLE, match_native
 from .ops import PROBABILITY_OPS
 from .options import CELL_BACKENDS, BuildOptions, Passes
@@ -107,10 +107,11 @@ class CellSpec:
         return NATIVE_MODES[self.native_mode].step, tuple(names[torch_name] for torch_name in PARAMETER_NAMES)
 
     @functools.cached_property
-    def fused_sequence(self) -> Optional[Callable[..., Tuple[torch.Tensor, ...]]]:
-        """torch's whole-sequence kernel computing this cell (``torch.lstm``, ...), which takes the
-        parameters in :attr:`fused_step`'s order; None when no kernel computes it."""
-        return None if self.native_mode is None else NATIVE_MODES[self.native_mode].kernel
+    def fused_sequence(self) -> Optional[Callable[..., Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]]]:
+        """:func:`rnndsl.native.run_native` for this cell's mode (one layer by ``torch.lstm``, ...):
+        ``(xs, state, weights)`` -> (outputs, final state), the weights in :attr:`fused_step`'s
+        order; None when no kernel computes the cell."""
+        return None if self.native_mode is None else functools.partial(run_native, self.native_mode)
 
     def optimized(self, disable: Passes = ()) -> Graph:
         """The IR after the passes (see rnndsl.passes)."""

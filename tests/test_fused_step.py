@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 import rnndsl
 from references import TORCH_CELLS
 from rnndsl.cells import _call_fits, check_call
+from rnndsl.native import run_native
 
 BACKENDS = ["script", "eager"]
 TORCH_STEPS = {"lstm": torch.lstm_cell, "gru": torch.gru_cell, "rnn_tanh": torch.rnn_tanh_cell,
@@ -175,7 +176,7 @@ def test_a_network_step_at_one_time_step_takes_the_fused_step():
 
 
 class SequenceSpy:
-    """Wraps a cell's fused sequence kernel (torch.lstm, ...) to count the calls that take it."""
+    """Wraps a cell's fused sequence (run_native: torch.lstm, ...) to count the calls that take it."""
 
     def __init__(self, cell):
         self.calls = 0
@@ -228,7 +229,8 @@ def test_a_sequence_runs_the_generated_loop_with_a_mask_large_weights_or_autogra
 def test_a_pickled_cell_keeps_its_fused_step_and_an_older_pickle_runs_without():
     cell = rnndsl.load_cell("lstm").build(4, 6)
     again = pickle.loads(pickle.dumps(cell))
-    assert again._fused_step == cell._fused_step and again._fused_sequence is torch.lstm
+    assert again._fused_step == cell._fused_step
+    assert again._fused_sequence.func is run_native and again._fused_sequence.args == ("LSTM",)
     # As a cell pickled before the fused step and sequence existed.
     del again.__dict__["_fused_step"], again.__dict__["_fused_sequence"]
     x, state = torch.randn(2, 4), _state(cell, 2)
