@@ -33,19 +33,45 @@ def resolve_globals(names: Iterable[str]) -> Dict[str, Any]:
     return {name: known[name] for name in names}
 
 
+def _step_weight_to_onednn_avx2(weight: Tensor) -> bool:
+    """Whether a step's product (under 256 rows) with ``weight`` goes to oneDNN on a CPU without
+    AVX-512: from a weight of half a million numbers. With a smaller one, MKL reading the weight's
+    transpose in place (:func:`_prepack_onednn`) was 5-20% faster on an AVX2 AMD EPYC (batch 16 to
+    64, hidden 200 and 256, forward and backward, one thread) and saves the weight's reorder; from
+    hidden 512 (a million numbers) oneDNN was 5-15% faster."""
+    return weight.size(0) * weight.size(1) >= 524288
+
+
+def _step_weight_to_onednn_avx512(weight: Tensor) -> bool:
+    """:func:`_step_weight_to_onednn_avx2` on a CPU with AVX-512, where oneDNN's kernels also win a
+    forward step's product from a quarter of a million numbers: one that widens (more outputs than
+    inputs, as a cell's gates from its state). On an AVX-512 AMD EPYC (2026-12-06, a sequence of 20
+    steps with the weight's reorder or copy, batch 4 to 64, 1 and 2 threads) an LSTM's took
+    0.54-0.88x MKL's time at hidden 256 and 0.61-0.94x at 300-362; its backward's product, which
+    narrows, 0.98-1.44x at hidden 256 (and MKL 1.00-1.20x oneDNN's at hidden 200 either way)."""
+    numbers = weight.size(0) * weight.size(1)
+    return numbers >= 524288 or (numbers >= 262144 and weight.size(0) > weight.size(1))
+
+
+def _has_avx512() -> bool:
+    """Whether torch runs its CPU kernels with AVX-512 (oneDNN picks its own by the same test)."""
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+_step_weight_to_onednn = _step_weight_to_onednn_avx512 if _has_avx512() else _step_weight_to_onednn_avx2
+
+
 def _onednn_fits(rows: int, weight: Tensor) -> bool:
     """Whether a ``rows``-row product with ``weight`` is float32 on CPU and large enough for oneDNN:
     below about a million multiply-adds its fixed cost per call outweighs its faster kernel. A
-    step's product (under 256 rows) needs a weight of half a million numbers too: with a smaller
-    one, MKL reading the weight's transpose in place (:func:`_prepack_onednn`) was 5-20% faster
-    on the AMD EPYC (batch 16 to 64, hidden 200 and 256, forward and backward, one thread) and
-    saves the weight's reorder; from hidden 512 (a million numbers) oneDNN was 5-15% faster.
+    step's product (under 256 rows) also needs the weight :func:`_step_weight_to_onednn` asks for.
 
-    (TorchScript compiles this function too, so the thresholds are literals, not globals.)
+    (TorchScript compiles this function too, so the thresholds are literals, not globals; the
+    CPU's rule is a function picked at import.)
     """
     return (weight.dtype == torch.float32 and weight.device.type == "cpu"
             and rows * weight.size(0) * weight.size(1) >= 1048576
-            and (rows >= 256 or weight.size(0) * weight.size(1) >= 524288))
+            and (rows >= 256 or _step_weight_to_onednn(weight)))
 
 
 def _uses_onednn(rows: int, weight: Tensor) -> bool:

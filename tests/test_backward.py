@@ -147,11 +147,12 @@ def test_the_derivative_of_a_power_is_torchs(k, literal):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("name", ["lstm", "gru", "layernorm_lstm"])
-def test_float32_on_onednn_matches_autograd_of_the_loop(name):
-    """Sizes large enough that the products go to oneDNN (and the recurrent weight is prepacked)."""
-    derived = build(name, 96, 128)
-    loop = build(name, 96, 128, derived_backward=False)
+@pytest.mark.parametrize("name, hidden", [("lstm", 128), ("gru", 128), ("layernorm_lstm", 128), ("lstm", 384)])
+def test_float32_on_onednn_matches_autograd_of_the_loop(name, hidden):
+    """Sizes large enough that the sequence's products go to oneDNN on CPUs where it serves them
+    (rnndsl/kernels.py); at hidden 384 each step's too, with the recurrent weight prepacked."""
+    derived = build(name, 96, hidden)
+    loop = build(name, 96, hidden, derived_backward=False)
     loop.load_state_dict(derived.state_dict())
     xs, state, mask = inputs(derived, steps=5, batch=64, dtype=torch.float32)
     for masked in (None, mask):
@@ -159,6 +160,26 @@ def test_float32_on_onednn_matches_autograd_of_the_loop(name):
         for a, b in zip(got[0] + got[1], expected[0] + expected[1]):
             # float32 sums over steps and examples in another order: relative to the largest entry.
             assert (a - b).abs().max() <= 1e-5 * b.abs().max() + 1e-6
+
+
+def test_a_steps_product_goes_to_onednn_by_the_rule_of_the_cpus_kind():
+    """A step's product (under 256 rows) takes oneDNN from a weight of 2^19 numbers; with AVX-512,
+    from 2^18 when it widens (a cell's gates from its state), not when it narrows (the backward's)."""
+    from rnndsl import kernels
+
+    def weight(rows, columns):
+        return torch.empty(rows, columns)
+
+    for rule in (kernels._step_weight_to_onednn_avx2, kernels._step_weight_to_onednn_avx512):
+        assert rule(weight(4 * 384, 384)) and rule(weight(384, 4 * 384))
+        assert not rule(weight(4 * 200, 200)) and not rule(weight(256, 256))
+    assert kernels._step_weight_to_onednn_avx512(weight(4 * 256, 256))
+    assert not kernels._step_weight_to_onednn_avx512(weight(256, 4 * 256))
+    assert not kernels._step_weight_to_onednn_avx2(weight(4 * 256, 256))
+    # A sequence's product (256 rows or more) needs only a million multiply-adds, in float32 on CPU.
+    assert kernels._onednn_fits(20 * 64, weight(4 * 200, 200))
+    assert not kernels._onednn_fits(20 * 64, weight(4 * 200, 200).double())
+    assert not kernels._onednn_fits(2, weight(4 * 200, 200))
 
 
 def test_gradients_reach_everything_from_the_final_state_or_the_outputs_alone():
