@@ -14,7 +14,8 @@ measured in the same rounds. "fwd" is the forward pass as in training (autograd
 recording); "fwd+bwd" adds the backward pass of the outputs. Input size equals
 the hidden size (a language model's embedding feeding its core).
 
-Start-up and memory run in a fresh process per variant: the time to import,
+Start-up and memory run in a fresh process per variant (the median of three,
+``--memory-runs``, the variants taking turns): the time to import,
 construct and make the first forward+backward call, then, at seq 100 after
 warm-up, the bytes of tensors saved for backward (parameters and input
 excluded), the peak resident-set growth of one forward+backward call, and on
@@ -495,15 +496,28 @@ def measure_in_fresh_process(variant: Variant, hidden: int, memory_seq: int, con
 
 
 def startup_and_memory(variants: Sequence[Variant], hidden: int, memory_seq: int, config: Config,
-                       log: Callable[[str], None] = lambda line: None) -> List[dict]:
-    """Rows of :data:`AUX_METRICS` for each variant, memory also as a ratio to the family's reference."""
-    results: Dict[str, Dict[str, float]] = {}
-    for variant in variants:
-        log(f"start-up and memory: {variant.name} in a fresh process")
-        try:
-            results[variant.name] = measure_in_fresh_process(variant, hidden, memory_seq, config)
-        except (RuntimeError, subprocess.TimeoutExpired) as error:
-            log(f"start-up and memory: {variant.name} failed and is left out: {error}")
+                       log: Callable[[str], None] = lambda line: None, runs: int = 3) -> List[dict]:
+    """Rows of :data:`AUX_METRICS` for each variant, memory also as a ratio to the family's reference.
+
+    Each figure is the median of ``runs`` fresh processes, the variants taking turns: a process's
+    peak resident set moves with where the allocator happens to place the buffers (rnndsl's
+    LSTM drop-in read 163-190 MB over four processes at hidden 256, torch.nn.GRU 147-166 MB).
+    """
+    measured: Dict[str, List[Dict[str, float]]] = {variant.name: [] for variant in variants}
+    failed = set()
+    for run in range(runs):
+        for variant in variants:
+            if variant.name in failed:
+                continue
+            log(f"start-up and memory: {variant.name} in a fresh process ({run + 1} of {runs})")
+            try:
+                measured[variant.name].append(measure_in_fresh_process(variant, hidden, memory_seq, config))
+            except (RuntimeError, subprocess.TimeoutExpired) as error:
+                log(f"start-up and memory: {variant.name} failed and is left out: {error}")
+                failed.add(variant.name)
+    results = {name: {metric: statistics.median(run[metric] for run in runs_of)
+                      for metric in runs_of[0]}
+               for name, runs_of in measured.items() if runs_of and name not in failed}
     rows = []
     for variant in variants:
         if variant.name not in results:
@@ -512,7 +526,8 @@ def startup_and_memory(variants: Sequence[Variant], hidden: int, memory_seq: int
         for metric, value in results[variant.name].items():
             ratio = value / reference[metric] if metric.endswith("bytes") and reference.get(metric) else None
             seq = config.seq if metric.endswith("_s") else memory_seq
-            rows.append(row("startup_memory", variant, hidden, seq, metric, value, ratio, AUX_METRICS[metric]))
+            note = f"{AUX_METRICS[metric]}; median of {len(measured[variant.name])} processes"
+            rows.append(row("startup_memory", variant, hidden, seq, metric, value, ratio, note))
     return rows
 
 
@@ -558,7 +573,8 @@ def format_tables(rows: Sequence[dict], config: Config) -> str:
         first = aux_rows[0]
         lines.append(f"\nstart-up (seq {config.seq}) and memory of one fwd+bwd (seq "
                      f"{next((r['seq'] for r in aux_rows if r['metric'].endswith('bytes')), '?')}), "
-                     f"hidden {first['hidden']}, a fresh process per variant")
+                     f"hidden {first['hidden']}, medians of {first['note'].rsplit('median of ', 1)[-1]}"
+                     f" (a fresh one per variant, in turns)")
         columns = [m for m in AUX_METRICS if any(r["metric"] == m for r in aux_rows)]
         headers = {"import_s": "import s", "construct_s": "build s", "first_fwd_bwd_s": "1st call s",
                    "saved_for_backward_bytes": "saved MB (x ref)",
@@ -692,6 +708,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--memory-seq", type=int, default=100, help="sequence length of the memory run")
     parser.add_argument("--memory-hidden", type=int, default=256,
                         help="hidden size of the start-up and memory runs")
+    parser.add_argument("--memory-runs", type=int, default=3,
+                        help="fresh processes per variant for start-up and memory (their median)")
     parser.add_argument("--allow-tf32", action="store_true",
                         help="let CUDA matmuls and cuDNN use TF32 (default: full fp32 for every variant)")
     parser.add_argument("--csv", type=Path, help="CSV path (default bench/results/benchmark-<device>.csv)")
@@ -700,7 +718,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--list", action="store_true", help="list the variants and exit")
     args = parser.parse_args(argv)
     if args.quick:
-        args.hidden, args.repeats, args.compile = [256], 3, False
+        args.hidden, args.repeats, args.compile, args.memory_runs = [256], 3, False, 1
     args.hidden = args.hidden or list(CUDA_HIDDEN if args.device.startswith("cuda") else CPU_HIDDEN)
     args.csv = args.csv or RESULTS / f"benchmark-{args.device.split(':')[0]}.csv"
     args.plot = args.plot or RESULTS / f"benchmark-{args.device.split(':')[0]}.png"
@@ -747,7 +765,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     try:
         if args.startup_memory:
-            rows += startup_and_memory(variants, args.memory_hidden, args.memory_seq, config, log)
+            rows += startup_and_memory(variants, args.memory_hidden, args.memory_seq, config, log,
+                                       args.memory_runs)
             save()
         for hidden in args.hidden:
             rows += benchmark_size(variants, hidden, config, log)

@@ -35,7 +35,7 @@ fi
 # --no-compile: torch.compile of the unrolled Python loop alone took 213 s to start on an H200
 # (2026-12-04), more than all other variants together.
 timeout --signal=INT --kill-after=20 400 \
-    "$python" -m bench.benchmark --device cuda --memory-hidden 1024 --repeats 10 --no-compile \
+    "$python" -m bench.benchmark --device cuda --memory-hidden 1024 --memory-runs 1 --repeats 10 --no-compile \
         --csv "$out/benchmark-cuda.csv" --plot "$out/benchmark-cuda.png" "$@" \
     2>&1 | tee "$out/benchmark-cuda.txt" || true
 timeout --signal=INT --kill-after=10 120 \

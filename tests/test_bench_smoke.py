@@ -26,6 +26,32 @@ def test_one_variant_produces_its_rows():
     assert "torch.nn.LSTM" in format_tables(rows, TINY)
 
 
+def test_start_up_and_memory_are_medians_of_fresh_processes_in_turns(monkeypatch):
+    """Each variant's figures are the median of its processes, taken in turns; a variant whose
+    process fails is left out, and the others keep their ratios to the reference."""
+    import bench.benchmark as benchmark
+
+    peaks = {"torch.nn.LSTM": [100, 300, 200], "rnndsl.LSTM-script": [250, 110, 120]}
+    order = []
+
+    def fake_process(variant, hidden, memory_seq, config):
+        order.append(variant.name)
+        if variant.name == "rnndsl-lstm-script":
+            raise RuntimeError("no luck")
+        return {"import_s": 1.0, "peak_rss_growth_bytes": peaks[variant.name][order.count(variant.name) - 1]}
+
+    monkeypatch.setattr(benchmark, "measure_in_fresh_process", fake_process)
+    variants = [VARIANTS[name] for name in ("torch.nn.LSTM", "rnndsl.LSTM-script", "rnndsl-lstm-script")]
+    rows = benchmark.startup_and_memory(variants, 8, 10, TINY, runs=3)
+    assert order == ["torch.nn.LSTM", "rnndsl.LSTM-script", "rnndsl-lstm-script",
+                     "torch.nn.LSTM", "rnndsl.LSTM-script", "torch.nn.LSTM", "rnndsl.LSTM-script"]
+    peak = {r["variant"]: r for r in rows if r["metric"] == "peak_rss_growth_bytes"}
+    assert set(peak) == {"torch.nn.LSTM", "rnndsl.LSTM-script"}
+    assert peak["torch.nn.LSTM"]["value"] == 200 and peak["rnndsl.LSTM-script"]["value"] == 120
+    assert peak["rnndsl.LSTM-script"]["ratio"] == 0.6
+    assert "medians of 3 processes" in format_tables(rows, TINY)
+
+
 def test_python_loop_is_torch_lstm():
     torch.manual_seed(0)
     reference = torch.nn.LSTM(5, 8, 2).double()
