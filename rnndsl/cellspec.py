@@ -113,6 +113,12 @@ class CellSpec:
         order; None when no kernel computes the cell."""
         return None if self.native_mode is None else functools.partial(run_native, self.native_mode)
 
+    @property
+    def fused_sequence_limit(self) -> Optional[int]:
+        """The largest recurrent weight (in numbers) for which :attr:`fused_sequence` runs a no-grad
+        sequence (``NativeMode.sequence_weight_limit``); None: any size."""
+        return None if self.native_mode is None else NATIVE_MODES[self.native_mode].sequence_weight_limit
+
     def optimized(self, disable: Passes = ()) -> Graph:
         """The IR after the passes (see rnndsl.passes)."""
         return optimized(self.graph, BuildOptions(disable))

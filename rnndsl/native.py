@@ -36,12 +36,20 @@ class NativeMode:
     gates: int  # gate blocks per hidden unit in torch's weights and biases
     kernel: Callable[..., Tuple[Tensor, ...]]  # a whole sequence: torch.lstm, ...
     step: Callable[..., object]  # one step, what torch.nn.LSTMCell runs: torch.lstm_cell, ...
+    # The largest recurrent weight (in numbers) for which a cell's no-grad CPU sequence takes
+    # `kernel` rather than its generated loop (rnndsl/cells.py, _fused_sequence_of); None: any.
+    # torch.lstm is oneDNN's kernel, which reorders the weights at every call: over 20 steps at
+    # batch 1, one thread, it took 0.36-0.54x the loop's time up to hidden 256 but 1.3-2.2x at
+    # 362-650 (AMD EPYC, with and without AVX-512, 2026-12-05/06; erratic between: 1.5x at 288,
+    # 0.6x at 320). torch.gru and torch.rnn_* run ATen's own loop, which has no reorder to pay:
+    # 0.62-0.99x the generated loop's time at every size measured, hidden 128 to 1024.
+    sequence_weight_limit: Optional[int] = None
 
 
 # The one table of native modes: the recognizer (through CellSpec.native_mode), the native
 # backend and the torch.nn drop-ins (rnndsl/networks.py) all read it.
 NATIVE_MODES: Dict[str, NativeMode] = {
-    "LSTM": NativeMode("lstm", 4, torch.lstm, torch.lstm_cell),
+    "LSTM": NativeMode("lstm", 4, torch.lstm, torch.lstm_cell, sequence_weight_limit=2 ** 18),
     "GRU": NativeMode("gru", 3, torch.gru, torch.gru_cell),
     "RNN_TANH": NativeMode("rnn_tanh", 1, torch.rnn_tanh, torch.rnn_tanh_cell),
     "RNN_RELU": NativeMode("rnn_relu", 1, torch.rnn_relu, torch.rnn_relu_cell),
