@@ -364,7 +364,7 @@ def benchmark_size(variants: Sequence[Variant], hidden: int, config: Config,
     return rows
 
 
-CSV_FIELDS = ["section", "variant", "family", "hidden", "seq", "metric", "value", "ratio", "note"]
+CSV_FIELDS = ["section", "variant", "family", "hidden", "seq", "metric", "value", "ratio", "note", "processes"]
 
 
 def row(section: str, variant: Variant, hidden: int, seq: int, metric: str, value: Optional[float],
@@ -526,8 +526,8 @@ def startup_and_memory(variants: Sequence[Variant], hidden: int, memory_seq: int
         for metric, value in results[variant.name].items():
             ratio = value / reference[metric] if metric.endswith("bytes") and reference.get(metric) else None
             seq = config.seq if metric.endswith("_s") else memory_seq
-            note = f"{AUX_METRICS[metric]}; median of {len(measured[variant.name])} processes"
-            rows.append(row("startup_memory", variant, hidden, seq, metric, value, ratio, note))
+            row_ = row("startup_memory", variant, hidden, seq, metric, value, ratio, AUX_METRICS[metric])
+            rows.append({**row_, "processes": len(measured[variant.name])})
     return rows
 
 
@@ -573,7 +573,7 @@ def format_tables(rows: Sequence[dict], config: Config) -> str:
         first = aux_rows[0]
         lines.append(f"\nstart-up (seq {config.seq}) and memory of one fwd+bwd (seq "
                      f"{next((r['seq'] for r in aux_rows if r['metric'].endswith('bytes')), '?')}), "
-                     f"hidden {first['hidden']}, medians of {first['note'].rsplit('median of ', 1)[-1]}"
+                     f"hidden {first['hidden']}, medians of {first.get('processes', 1)} processes"
                      f" (a fresh one per variant, in turns)")
         columns = [m for m in AUX_METRICS if any(r["metric"] == m for r in aux_rows)]
         headers = {"import_s": "import s", "construct_s": "build s", "first_fwd_bwd_s": "1st call s",
@@ -717,6 +717,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--no-plot", dest="make_plot", action="store_false")
     parser.add_argument("--list", action="store_true", help="list the variants and exit")
     args = parser.parse_args(argv)
+    if args.memory_runs < 1:
+        parser.error(f"--memory-runs must be at least 1, not {args.memory_runs}")
     if args.quick:
         args.hidden, args.repeats, args.compile, args.memory_runs = [256], 3, False, 1
     args.hidden = args.hidden or list(CUDA_HIDDEN if args.device.startswith("cuda") else CPU_HIDDEN)

@@ -39,7 +39,7 @@ class CellModule(torch.nn.Module):
 
     _fused_step: Optional[Tuple[Callable[..., object], Tuple[str, ...]]] = None  # also for cells pickled without it
     _fused_sequence: Optional[Callable[..., Tuple[Tensor, Tuple[Tensor, ...]]]] = None  # the same
-    _fused_sequence_limit: Optional[int] = 2 ** 18  # a cell pickled before limits were per kernel: its old one
+    _fused_sequence_limit: Optional[int] = 2 ** 18 - 1  # a cell pickled before limits were per kernel: its old one
 
     def __init__(self, spec: "CellSpec", sizes: Dict[str, int], hypers: Dict[str, float], source: str):
         super().__init__()

@@ -49,12 +49,14 @@ def _step_weight_to_onednn_avx512(weight: Tensor) -> bool:
     steps with the weight's reorder or copy, batch 4 to 64, 1 and 2 threads) an LSTM's took
     0.54-0.88x MKL's time at hidden 256 and 0.61-0.94x at 300-362; its backward's product, which
     narrows, 0.98-1.44x at hidden 256 (and MKL 1.00-1.20x oneDNN's at hidden 200 either way)."""
-    numbers = weight.size(0) * weight.size(1)
-    return numbers >= 524288 or (numbers >= 262144 and weight.size(0) > weight.size(1))
+    return _step_weight_to_onednn_avx2(weight) or (
+        weight.size(0) * weight.size(1) >= 262144 and weight.size(0) > weight.size(1))
 
 
 def _has_avx512() -> bool:
-    """Whether torch runs its CPU kernels with AVX-512 (oneDNN picks its own by the same test)."""
+    """Whether torch runs its CPU kernels with AVX-512. oneDNN reads the CPU's own flags, so the two
+    agree unless ``ATEN_CPU_CAPABILITY`` lowers torch's. (A kernel saved by ``torch.jit.save``
+    keeps the rule of the machine that compiled it, as it keeps :data:`linear`'s choice.)"""
     return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 

@@ -39,10 +39,11 @@ class NativeMode:
     # The largest recurrent weight (in numbers) for which a cell's no-grad CPU sequence takes
     # `kernel` rather than its generated loop (rnndsl/cells.py, _fused_sequence_of); None: any.
     # torch.lstm is oneDNN's kernel, which reorders the weights at every call: over 20 steps at
-    # batch 1, one thread, it took 0.36-0.54x the loop's time up to hidden 256 but 1.3-2.2x at
-    # 362-650 (AMD EPYC, with and without AVX-512, 2026-12-05/06; erratic between: 1.5x at 288,
-    # 0.6x at 320). torch.gru and torch.rnn_* run ATen's own loop, which has no reorder to pay:
-    # 0.62-0.99x the generated loop's time at every size measured, hidden 128 to 1024.
+    # batch 1, one thread, it took 0.36-0.54x the loop's time up to hidden 200 on AMD EPYCs with
+    # and without AVX-512 (2026-12-05/06), at 256 0.54x with AVX-512 and 1.03x without, and 1.3-2.2x
+    # at 362-650 (erratic between: 1.5x at 288, 0.6x at 320, with AVX-512). torch.gru and torch.rnn_*
+    # run ATen's own loop, which has no reorder to pay: 0.62-0.99x the generated loop's time at every
+    # size measured, hidden 128 to 650 without AVX-512 and to 1024 with it. (Not measured on Intel.)
     sequence_weight_limit: Optional[int] = None
 
 

@@ -147,10 +147,12 @@ def test_the_derivative_of_a_power_is_torchs(k, literal):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("name, hidden", [("lstm", 128), ("gru", 128), ("layernorm_lstm", 128), ("lstm", 384)])
+@pytest.mark.parametrize("name, hidden", [("lstm", 128), ("gru", 128), ("layernorm_lstm", 128), ("lstm", 256),
+                                          ("lstm", 384)])
 def test_float32_on_onednn_matches_autograd_of_the_loop(name, hidden):
     """Sizes large enough that the sequence's products go to oneDNN on CPUs where it serves them
-    (rnndsl/kernels.py); at hidden 384 each step's too, with the recurrent weight prepacked."""
+    (rnndsl/kernels.py); at hidden 384 each step's too, with the recurrent weight prepacked, and at
+    256 the forward step's on AVX-512."""
     derived = build(name, 96, hidden)
     loop = build(name, 96, hidden, derived_backward=False)
     loop.load_state_dict(derived.state_dict())
@@ -180,6 +182,13 @@ def test_a_steps_product_goes_to_onednn_by_the_rule_of_the_cpus_kind():
     assert kernels._onednn_fits(20 * 64, weight(4 * 200, 200))
     assert not kernels._onednn_fits(20 * 64, weight(4 * 200, 200).double())
     assert not kernels._onednn_fits(2, weight(4 * 200, 200))
+    # The rule of this machine's kind, and what it does to a step's weight here.
+    avx512 = kernels._has_avx512()
+    assert kernels._step_weight_to_onednn is (kernels._step_weight_to_onednn_avx512 if avx512
+                                              else kernels._step_weight_to_onednn_avx2)
+    with torch.no_grad():
+        packed = kernels.prepack(torch.randn(4 * 256, 256), 64)
+    assert packed.is_mkldnn == (kernels._USE_ONEDNN and avx512)
 
 
 def test_gradients_reach_everything_from_the_final_state_or_the_outputs_alone():

@@ -50,6 +50,7 @@ def test_start_up_and_memory_are_medians_of_fresh_processes_in_turns(monkeypatch
     assert peak["torch.nn.LSTM"]["value"] == 200 and peak["rnndsl.LSTM-script"]["value"] == 120
     assert peak["rnndsl.LSTM-script"]["ratio"] == 0.6
     assert "medians of 3 processes" in format_tables(rows, TINY)
+    assert {r["processes"] for r in rows} == {3}
 
 
 def test_python_loop_is_torch_lstm():

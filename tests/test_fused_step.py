@@ -251,6 +251,13 @@ def test_a_pickled_cell_keeps_its_fused_step_and_an_older_pickle_runs_without():
     assert again._fused_step == cell._fused_step
     assert again._fused_sequence.func is run_native and again._fused_sequence.args == ("LSTM",)
     assert again._fused_sequence_limit == 2 ** 18
+    # As a cell pickled before the limit was the kernel's: the old one, under 2^18 numbers.
+    older = pickle.loads(pickle.dumps(rnndsl.load_cell("lstm").build(4, 256)))
+    del older.__dict__["_fused_sequence_limit"]
+    spy = SequenceSpy(older)
+    with torch.no_grad():
+        older.forward_sequence(torch.randn(3, 2, 4), _state(older, 2))
+    assert spy.calls == 0
     # As a cell pickled before the fused step and sequence existed.
     del again.__dict__["_fused_step"], again.__dict__["_fused_sequence"], again.__dict__["_fused_sequence_limit"]
     x, state = torch.randn(2, 4), _state(cell, 2)
