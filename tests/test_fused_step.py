@@ -188,6 +188,17 @@ class SequenceSpy:
         cell._fused_sequence = counted
 
 
+def assert_takes_torchs_sequence_kernel(cell, xs, state):
+    """A no-grad sequence of ``cell`` runs torch's sequence kernel once and equals the generated loop."""
+    spy = SequenceSpy(cell)
+    with torch.no_grad():
+        outputs, final = cell.forward_sequence(xs, state)
+        expected, expected_final = cell._python_methods.forward_sequence(cell, xs, state, None)
+    assert spy.calls == 1
+    torch.testing.assert_close(outputs, expected)
+    torch.testing.assert_close(final, expected_final)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", sorted(TORCH_CELLS))
 @settings(max_examples=6, deadline=None)
@@ -198,14 +209,7 @@ def test_a_no_grad_sequence_with_small_weights_runs_torchs_sequence_kernel(name,
     """torch.lstm (...) over a whole sequence, from a given state, equals the generated loop."""
     torch.manual_seed(seed)
     cell = rnndsl.load_cell(name).build(input_size, hidden, backend=backend)
-    xs, state = torch.randn(steps, batch, input_size), _state(cell, batch)
-    spy = SequenceSpy(cell)
-    with torch.no_grad():
-        outputs, final = cell.forward_sequence(xs, state)
-        expected, expected_final = cell._python_methods.forward_sequence(cell, xs, state, None)
-    assert spy.calls == 1
-    torch.testing.assert_close(outputs, expected)
-    torch.testing.assert_close(final, expected_final)
+    assert_takes_torchs_sequence_kernel(cell, torch.randn(steps, batch, input_size), _state(cell, batch))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -235,14 +239,7 @@ def test_torchs_own_loops_take_weights_of_any_size_an_lstm_up_to_hidden_256(name
     cell = rnndsl.load_cell(name).build(3, hidden, backend=backend)
     weight_hh = getattr(cell, cell._fused_step[1][1])
     assert weight_hh.numel() == 2 ** 18 if name == "lstm" else weight_hh.numel() > 2 ** 18
-    spy = SequenceSpy(cell)
-    xs, state = torch.randn(4, 2, 3), _state(cell, 2)
-    with torch.no_grad():
-        outputs, final = cell.forward_sequence(xs, state)
-        expected, expected_final = cell._python_methods.forward_sequence(cell, xs, state, None)
-    assert spy.calls == 1
-    torch.testing.assert_close(outputs, expected)
-    torch.testing.assert_close(final, expected_final)
+    assert_takes_torchs_sequence_kernel(cell, torch.randn(4, 2, 3), _state(cell, 2))
 
 
 def test_a_pickled_cell_keeps_its_fused_step_and_an_older_pickle_runs_without():
