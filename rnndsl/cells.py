@@ -39,7 +39,8 @@ class CellModule(torch.nn.Module):
 
     _fused_step: Optional[Tuple[Callable[..., object], Tuple[str, ...]]] = None  # also for cells pickled without it
     _fused_sequence: Optional[Callable[..., Tuple[Tensor, Tuple[Tensor, ...]]]] = None  # the same
-    _fused_sequence_limit: Optional[int] = 2 ** 18 - 1  # a cell pickled before limits were per kernel: its old one
+    # A cell pickled before the bounds were the kernel's: its old ones (under 2^18 numbers, any batch).
+    _fused_sequence_bounds: Optional[Tuple[int, int]] = (2 ** 18 - 1, 2 ** 62)
 
     def __init__(self, spec: "CellSpec", sizes: Dict[str, int], hypers: Dict[str, float], source: str):
         super().__init__()
@@ -67,7 +68,7 @@ class CellModule(torch.nn.Module):
         # sampler's step runs (see EagerCell._fused_step).
         self._fused_step = spec.fused_step
         self._fused_sequence = spec.fused_sequence  # run_native: see EagerCell._fused_sequence_of
-        self._fused_sequence_limit = spec.fused_sequence_limit
+        self._fused_sequence_bounds = spec.fused_sequence_bounds
         self._inits: Dict[str, Optional[float]] = {d.name: d.default for d in graph.params}
         for decl in graph.params:
             shape = tuple(dim.evaluate(sizes) for dim in decl.shape.dims)
@@ -314,15 +315,16 @@ class EagerCell(CellModule):
 
     def _fused_sequence_of(self, state, xs, mask):
         """The whole unmasked sequence by torch's sequence kernel (torch.lstm, ...) where
-        :meth:`_fused_kernel` allows and the recurrent weight is within the kernel's limit
-        (``NativeMode.sequence_weight_limit``: an LSTM's up to hidden 256, any other's); None elsewhere.
+        :meth:`_fused_kernel` allows and the kernel's bounds do (``NativeMode.sequence_kernel_bounds``:
+        an LSTM up to hidden 256 or from batch 8, any other cell); None elsewhere.
 
-        torch.lstm (oneDNN's) pays a weight reorder at every call, so it wins only for small
-        weights. Measured (2-core AMD EPYC, one thread, 20 steps, no grad), its time over the
+        torch.lstm (oneDNN's) pays a weight reorder at every call, so at small batches it wins only
+        for small weights. Measured (2-core AMD EPYC, one thread, 20 steps, no grad), its time over the
         generated loop's: without AVX-512 (2026-12-05) LSTM 0.36x at hidden 128, 0.52x at 200,
         1.03x at 256, 1.3-1.4x at 362-650 (batch 1), 0.80-0.86x at hidden 200-650, batch 20; GRU
         0.62-0.99x and RNN 0.84-0.93x at every size measured (128 to 650). With AVX-512 (2026-12-06)
-        LSTM 0.39-0.54x up to 256 and 1.5-2.2x at 288, 362 and 512 (batch 1), 0.54-0.91x at batch 20;
+        LSTM 0.39-0.54x up to 256 and 1.5-2.2x at 288, 362 and 512 (batch 1), up to 1.9x at batch 2-4,
+        0.51-0.94x from batch 8 (hidden 362-1024, 1 and 2 threads);
         GRU 0.64-0.97x and RNN 0.95-0.97x up to hidden 1024. (An Intel Xeon gave the LSTM 0.46-0.69
         against 0.68-1.07 ms at hidden 200, and 1.6x the loop's time at 650, batch 1.)
         """
@@ -330,8 +332,8 @@ class EagerCell(CellModule):
         if fused is None:
             return None
         _, weights = fused  # weight_ih, weight_hh, bias_ih, bias_hh: torch's order
-        run, limit = self._fused_sequence, self._fused_sequence_limit
-        if run is None or (limit is not None and weights[1].numel() > limit):
+        run, bounds = self._fused_sequence, self._fused_sequence_bounds
+        if run is None or (bounds is not None and weights[1].numel() > bounds[0] and xs.size(1) < bounds[1]):
             return None
         return run(xs, state, weights)
 

@@ -114,10 +114,11 @@ class CellSpec:
         return None if self.native_mode is None else functools.partial(run_native, self.native_mode)
 
     @property
-    def fused_sequence_limit(self) -> Optional[int]:
-        """The largest recurrent weight (in numbers) for which :attr:`fused_sequence` runs a no-grad
-        sequence (``NativeMode.sequence_weight_limit``); None: any size."""
-        return None if self.native_mode is None else NATIVE_MODES[self.native_mode].sequence_weight_limit
+    def fused_sequence_bounds(self) -> Optional[Tuple[int, int]]:
+        """Where :attr:`fused_sequence` runs a no-grad sequence (``NativeMode.sequence_kernel_bounds``):
+        None, always; (numbers, batch), with a recurrent weight of at most that many numbers or a
+        batch of at least that many sequences."""
+        return None if self.native_mode is None else NATIVE_MODES[self.native_mode].sequence_kernel_bounds
 
     def optimized(self, disable: Passes = ()) -> Graph:
         """The IR after the passes (see rnndsl.passes)."""

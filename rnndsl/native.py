@@ -36,21 +36,25 @@ class NativeMode:
     gates: int  # gate blocks per hidden unit in torch's weights and biases
     kernel: Callable[..., Tuple[Tensor, ...]]  # a whole sequence: torch.lstm, ...
     step: Callable[..., object]  # one step, what torch.nn.LSTMCell runs: torch.lstm_cell, ...
-    # The largest recurrent weight (in numbers) for which a cell's no-grad CPU sequence takes
-    # `kernel` rather than its generated loop (rnndsl/cells.py, _fused_sequence_of); None: any.
-    # torch.lstm is oneDNN's kernel, which reorders the weights at every call: over 20 steps at
-    # batch 1, one thread, it took 0.36-0.54x the loop's time up to hidden 200 on AMD EPYCs with
+    # Where a cell's no-grad CPU sequence takes `kernel` rather than its generated loop
+    # (rnndsl/cells.py, _fused_sequence_of): None, always; (numbers, batch), only with a recurrent
+    # weight of at most that many numbers or a batch of at least that many sequences.
+    # torch.lstm is oneDNN's kernel, which reorders the weights at every call. Over 20 steps, at
+    # batch 1 and one thread, it took 0.36-0.54x the loop's time up to hidden 200 on AMD EPYCs with
     # and without AVX-512 (2026-12-05/06), at 256 0.54x with AVX-512 and 1.03x without, and 1.3-2.2x
-    # at 362-650 (erratic between: 1.5x at 288, 0.6x at 320, with AVX-512). torch.gru and torch.rnn_*
-    # run ATen's own loop, which has no reorder to pay: 0.62-0.99x the generated loop's time at every
-    # size measured, hidden 128 to 650 without AVX-512 and to 1024 with it. (Not measured on Intel.)
-    sequence_weight_limit: Optional[int] = None
+    # at 362-650 (erratic between: 1.5x at 288, 0.6x at 320, with AVX-512); at batch 2 and 4 up to
+    # 1.9x (hidden 362-1024, one thread); from batch 8, 0.51-0.94x at every size measured (hidden
+    # 362 to 1024, 1 and 2 threads, with AVX-512; 0.80-0.86x at batch 20 without). torch.gru and
+    # torch.rnn_* run ATen's own loop, which has no reorder to pay: 0.62-0.99x the generated loop's
+    # time at every size measured, hidden 128 to 650 without AVX-512 and to 1024 with it.
+    # (Not measured on Intel.)
+    sequence_kernel_bounds: Optional[Tuple[int, int]] = None
 
 
 # The one table of native modes: the recognizer (through CellSpec.native_mode), the native
 # backend and the torch.nn drop-ins (rnndsl/networks.py) all read it.
 NATIVE_MODES: Dict[str, NativeMode] = {
-    "LSTM": NativeMode("lstm", 4, torch.lstm, torch.lstm_cell, sequence_weight_limit=2 ** 18),
+    "LSTM": NativeMode("lstm", 4, torch.lstm, torch.lstm_cell, sequence_kernel_bounds=(2 ** 18, 8)),
     "GRU": NativeMode("gru", 3, torch.gru, torch.gru_cell),
     "RNN_TANH": NativeMode("rnn_tanh", 1, torch.rnn_tanh, torch.rnn_tanh_cell),
     "RNN_RELU": NativeMode("rnn_relu", 1, torch.rnn_relu, torch.rnn_relu_cell),
