@@ -40,7 +40,7 @@ class NativeMode:
     # (rnndsl/cells.py, _fused_sequence_of): None, always; (numbers, batch), only with a recurrent
     # weight of at most that many numbers or a batch of at least that many sequences.
     # torch.lstm is oneDNN's kernel, which reorders the weights at every call. Over 20 steps, at
-    # batch 1 and one thread, it took 0.36-0.54x the loop's time up to hidden 200 on AMD EPYCs with
+    # batch 1 and one thread, it took 0.36-0.52x the loop's time up to hidden 200 on AMD EPYCs with
     # and without AVX-512 (2026-12-05/06), at 256 0.54x with AVX-512 and 1.03x without, and 1.3-2.2x
     # at 362-650 (erratic between: 1.5x at 288, 0.6x at 320, with AVX-512); at batch 2 and 4 up to
     # 1.9x (hidden 362-1024, one thread); from batch 8, 0.51-0.94x at every size measured (hidden
