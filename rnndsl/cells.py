@@ -496,8 +496,6 @@ class ScriptedCell(EagerCell):
 
 
 _FUSED_DTYPES = (torch.float32, torch.float64)
-
-
 _KERNEL_ATTRIBUTES = ("_kernel", "_kernel_parameters", "_kernel_settings")
 
 
