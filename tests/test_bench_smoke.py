@@ -1,5 +1,5 @@
 """Smoke tests of the benchmark harnesses (bench/benchmark.py, bench/bench_parallel_scan.py,
-bench/bench_precision.py, bench/bench_word_lm.py): they run and report, at a tiny size.
+bench/bench_precision.py, bench/bench_word_lm.py, bench/bench_fused_sequence.py): they run and report, at a tiny size.
 
 No timing is asserted; the hand-written baselines are checked to compute an LSTM,
 so the benchmark compares like with like.
@@ -121,3 +121,23 @@ def test_word_lm_benchmark_reports_each_backend_against_native(monkeypatch, caps
     assert "x native" in lines[-3]
     assert [line.split()[0] for line in lines[-2:]] == ["native", "script"]
     assert lines[-2].split()[2] == "1.000"
+
+
+def test_fused_sequence_benchmark_times_both_ways_and_reports_the_cells_pick(monkeypatch, capsys, tmp_path):
+    """Both ways agree (the benchmark checks), each size gets a row, and the pick it reports is
+    the cell's own: a tiny LSTM and a GRU take torch's kernel."""
+    import csv
+
+    from bench import bench_fused_sequence
+
+    table = tmp_path / "table.csv"
+    monkeypatch.setattr(sys, "argv", ["bench_fused_sequence", "--cells", "lstm", "gru", "--hidden", "8",
+                                      "--batch", "1", "3", "--steps", "4", "--rounds", "1", "--calls", "1",
+                                      "--csv", str(table)])
+    bench_fused_sequence.main()
+    lines = capsys.readouterr().out.splitlines()
+    assert "kernel / loop time" in lines[0] and len(lines) == 5
+    rows = list(csv.DictReader(table.open()))
+    assert [(r["cell"], r["batch"]) for r in rows] == [("lstm", "1"), ("lstm", "3"), ("gru", "1"), ("gru", "3")]
+    assert {r["picks"] for r in rows} == {"kernel"}
+    assert all(float(r["kernel_ms"]) > 0 and float(r["loop_ms"]) > 0 for r in rows)
