@@ -325,8 +325,8 @@ class EagerCell(CellModule):
         0.62-0.99x and RNN 0.84-0.93x at every size measured (128 to 650). With AVX-512 (2026-12-06)
         LSTM 0.39-0.54x up to 256 and 1.5-2.2x at 288, 362 and 512 (batch 1), up to 1.9x at batch 2-4,
         0.51-0.94x from batch 8 (hidden 362-1024, 1 and 2 threads);
-        GRU 0.64-0.97x and RNN 0.95-0.97x up to hidden 1024. (An Intel Xeon gave the LSTM 0.46-0.69
-        against 0.68-1.07 ms at hidden 200, and 1.6x the loop's time at 650, batch 1.)
+        GRU 0.64-0.97x and RNN 0.95-0.97x up to hidden 1024. An Intel Xeon (2026-12-06) agrees:
+        ``python -m bench.bench_fused_sequence`` times both ways by cell, hidden size and batch.
         """
         fused = None if mask is not None else self._fused_kernel(xs)
         if fused is None:
