@@ -31,10 +31,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -42,6 +40,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from bench.chunkwise_reference import gla_chunkwise, gla_step, ssd_chunkwise, ssd_step
+from bench.timing import interleaved_medians
 
 Run = Callable[[], None]
 
@@ -164,16 +163,7 @@ BASELINES = {"gla": "gla step", "ssd": "ssd step", "gla cell": "gla cell sequent
 
 
 def _median_ms(runs: Dict[str, Run], rounds: int) -> Dict[str, float]:
-    for run in runs.values():
-        run()
-        run()
-    times: Dict[str, List[float]] = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+    return {name: seconds * 1e3 for name, seconds in interleaved_medians(runs, rounds, warmups=2).items()}
 
 
 def _status_mb(field: str) -> float:

@@ -12,8 +12,6 @@ Three pairs, each measured side by side in every round (medians, ratios against 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 import warnings
 from typing import Callable, Dict
 
@@ -21,6 +19,7 @@ import torch
 from torch import nn
 
 import rnndsl
+from bench.timing import interleaved_medians
 
 VOCABULARY = 10_000
 
@@ -70,19 +69,8 @@ def cases(hidden: int) -> Dict[str, Callable[[], object]]:
 
 def measure(hidden: int, rounds: int, calls: int) -> Dict[str, float]:
     """Median seconds per call of every case, interleaved round by round."""
-    timed = cases(hidden)
-    times = {name: [] for name in timed}
     with torch.no_grad():
-        for call in timed.values():
-            for _ in range(calls):
-                call()
-        for _ in range(rounds):
-            for name, call in timed.items():
-                start = time.perf_counter()
-                for _ in range(calls):
-                    call()
-                times[name].append((time.perf_counter() - start) / calls)
-    return {name: statistics.median(values) for name, values in times.items()}
+        return interleaved_medians(cases(hidden), rounds, calls, warmups=calls)
 
 
 def report(hidden: int, medians: Dict[str, float]) -> str:

@@ -13,16 +13,16 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, List
 
 import torch
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.timing import interleaved_medians  # noqa: E402
 from rnndsl.linear_scan import linear_recurrence, sequential_linear_recurrence  # noqa: E402
 
 
@@ -58,20 +58,6 @@ def inputs(steps: int, batch: int, hidden: int, dtype: torch.dtype, seed: int = 
     return [a, b, s0]
 
 
-def medians(functions: Dict[str, Callable[[], object]], repeats: int,
-            clock: Callable[[], float] = time.perf_counter) -> Dict[str, float]:
-    """Median seconds of each function, run alternately so load changes hit all alike."""
-    for function in functions.values():
-        function()
-    times: Dict[str, List[float]] = {name: [] for name in functions}
-    for _ in range(repeats):
-        for name, function in functions.items():
-            start = clock()
-            function()
-            times[name].append(clock() - start)
-    return {name: statistics.median(seconds) for name, seconds in times.items()}
-
-
 def forward_backward(recurrence: Callable[..., Tensor], tensors: List[Tensor]) -> Callable[[], None]:
     leaves = [t.clone().requires_grad_() for t in tensors]
     weights = torch.randn_like(tensors[1])
@@ -88,8 +74,9 @@ def compare_with_loop(args: argparse.Namespace) -> List[dict]:
     print(f"{'T':>6} {'loop ms':>10} {'scan ms':>10} {'speedup':>8}")
     for steps in args.steps:
         tensors = inputs(steps, args.batch, args.hidden, args.dtype)
-        timed = medians({"loop": forward_backward(sequential_linear_recurrence, tensors),
-                         "scan": forward_backward(linear_recurrence, tensors)}, args.repeats, args.clock)
+        timed = interleaved_medians({"loop": forward_backward(sequential_linear_recurrence, tensors),
+                                     "scan": forward_backward(linear_recurrence, tensors)},
+                                    args.repeats, clock=args.clock)
         row = {"T": steps, "loop_ms": 1e3 * timed["loop"], "scan_ms": 1e3 * timed["scan"],
                "speedup": timed["loop"] / timed["scan"]}
         print(f"{steps:>6} {row['loop_ms']:>10.3f} {row['scan_ms']:>10.3f} {row['speedup']:>7.1f}x",
@@ -110,8 +97,8 @@ def compare_algorithms(args: argparse.Namespace) -> List[dict]:
         with_zero = [t.clone() for t in tensors]
         with_zero[0][steps // 2] = 0.0
         with torch.no_grad():
-            timed = medians({name: lambda f=f, tensors=tensors: f(*tensors) for name, f in candidates.items()},
-                            args.repeats, args.clock)
+            timed = interleaved_medians({name: lambda f=f, tensors=tensors: f(*tensors)
+                                         for name, f in candidates.items()}, args.repeats, clock=args.clock)
             for name, f in candidates.items():
                 error = ((f(*tensors).double() - reference).abs().max()
                          / reference.abs().max()).item()

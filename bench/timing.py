@@ -1,0 +1,27 @@
+"""Timing shared by the benchmarks: cases run in interleaved rounds, medians.
+
+Every round runs each case in turn, so a busy neighbour or a change of clock speed slows all the
+cases of that round alike; the median of the rounds then drops the rounds it hit hardest.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Dict, List
+
+
+def interleaved_medians(cases: Dict[str, Callable[[], object]], rounds: int, calls: int = 1, warmups: int = 1,
+                        clock: Callable[[], float] = time.perf_counter) -> Dict[str, float]:
+    """Median seconds per call of each case: ``warmups`` calls of each first, then ``rounds``
+    rounds in which each case in turn runs ``calls`` times."""
+    for case in cases.values():
+        for _ in range(warmups):
+            case()
+    times: Dict[str, List[float]] = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, case in cases.items():
+            start = clock()
+            for _ in range(calls):
+                case()
+            times[name].append((clock() - start) / calls)
+    return {name: statistics.median(seconds) for name, seconds in times.items()}
