@@ -124,12 +124,15 @@ def test_word_lm_benchmark_reports_each_backend_against_native(monkeypatch, caps
 
 
 def test_fused_sequence_benchmark_times_both_ways_and_reports_the_cells_pick(monkeypatch, capsys, tmp_path):
-    """Both ways agree (the benchmark checks), each size gets a row, and the pick it reports is
-    the cell's own: a tiny LSTM and a GRU take torch's kernel."""
+    """Each size gets a row with both ways timed, and the way reported is the one the cell takes:
+    with the LSTM's bounds set to batches of 3 or more, the loop at batch 1 and the kernel at 3."""
     import csv
+    import dataclasses
 
     from bench import bench_fused_sequence
+    from rnndsl.native import NATIVE_MODES
 
+    monkeypatch.setitem(NATIVE_MODES, "LSTM", dataclasses.replace(NATIVE_MODES["LSTM"], sequence_kernel_bounds=(0, 3)))
     table = tmp_path / "table.csv"
     monkeypatch.setattr(sys, "argv", ["bench_fused_sequence", "--cells", "lstm", "gru", "--hidden", "8",
                                       "--batch", "1", "3", "--steps", "4", "--rounds", "1", "--calls", "1",
@@ -138,6 +141,14 @@ def test_fused_sequence_benchmark_times_both_ways_and_reports_the_cells_pick(mon
     lines = capsys.readouterr().out.splitlines()
     assert "kernel / loop time" in lines[0] and len(lines) == 5
     rows = list(csv.DictReader(table.open()))
-    assert [(r["cell"], r["batch"]) for r in rows] == [("lstm", "1"), ("lstm", "3"), ("gru", "1"), ("gru", "3")]
-    assert {r["picks"] for r in rows} == {"kernel"}
-    assert all(float(r["kernel_ms"]) > 0 and float(r["loop_ms"]) > 0 for r in rows)
+    assert [(r["cell"], r["batch"], r["picks"]) for r in rows] == [
+        ("lstm", "1", "loop"), ("lstm", "3", "kernel"), ("gru", "1", "kernel"), ("gru", "3", "kernel")]
+
+
+def test_fused_sequence_benchmark_refuses_when_the_two_ways_take_one_path(monkeypatch):
+    """Were the loop's bounds to let the kernel run, both ways would time the same code: refused."""
+    from bench import bench_fused_sequence
+
+    monkeypatch.setattr(bench_fused_sequence, "NEVER_KERNEL", None)
+    with pytest.raises(RuntimeError, match="did not take the two paths"):
+        bench_fused_sequence.timed_both_ways("gru", 8, 2, steps=3, rounds=1, calls=1)
