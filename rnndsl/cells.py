@@ -319,14 +319,8 @@ class EagerCell(CellModule):
         an LSTM up to hidden 256 or from batch 8, any other cell); None elsewhere.
 
         torch.lstm (oneDNN's) pays a weight reorder at every call, so at small batches it wins only
-        for small weights. Measured (2-core AMD EPYC, one thread, 20 steps, no grad), its time over the
-        generated loop's: without AVX-512 (2026-12-05) LSTM 0.36x at hidden 128, 0.52x at 200,
-        1.03x at 256, 1.3-1.4x at 362-650 (batch 1), 0.80-0.86x at hidden 200-650, batch 20; GRU
-        0.62-0.99x and RNN 0.84-0.93x at every size measured (128 to 650). With AVX-512 (2026-12-06)
-        LSTM 0.39-0.54x up to 256 and 1.5-2.2x at 288, 362 and 512 (batch 1), up to 1.9x at batch 2-4,
-        0.51-0.94x from batch 8 (hidden 362-1024, 1 and 2 threads);
-        GRU 0.64-0.97x and RNN 0.95-0.97x up to hidden 1024. An Intel Xeon (2026-12-06) agrees:
-        ``python -m bench.bench_fused_sequence`` times both ways by cell, hidden size and batch.
+        for small weights; the figures behind the bounds are at ``NativeMode.sequence_kernel_bounds``
+        (rnndsl/native.py), and ``python -m bench.bench_fused_sequence`` measures them again.
         """
         fused = None if mask is not None else self._fused_kernel(xs)
         if fused is None:

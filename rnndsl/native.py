@@ -47,10 +47,13 @@ class NativeMode:
     # 362 to 1024, 1 and 2 threads, with AVX-512; 0.80-0.86x at batch 20 without). torch.gru and
     # torch.rnn_* run ATen's own loop, which has no reorder to pay: 0.62-0.99x the generated loop's
     # time at every size measured, hidden 128 to 650 without AVX-512 and to 1024 with it.
-    # An Intel Xeon (2026-12-06, `python -m bench.bench_fused_sequence`) agrees: LSTM 0.44-0.80x up
-    # to hidden 256 at any batch but one (1.03x at 256, batch 4), 0.59-0.89x from batch 8 at every
-    # size, 1.0-1.8x at batch 1 from hidden 512 (1 thread); with 2 threads 0.56-0.96x from batch 8
-    # and erratic below it (0.71-2.4x at hidden 362-1024); GRU 0.67-0.98x, RNN 0.90-1.01x.
+    # On an Intel Xeon (2026-12-06, `python -m bench.bench_fused_sequence`, one thread): LSTM 0.44-0.80x
+    # up to hidden 256 at any batch but one (1.03x at 256, batch 4), 0.59-0.89x from batch 8 at every
+    # size, 1.0-1.8x at batch 1 from hidden 512; with 2 threads 0.56-0.96x from batch 8 and erratic
+    # below it (0.71-2.4x at hidden 362-1024); GRU 0.67-0.98x, RNN 0.90-1.01x. There the loop kept
+    # three cases the kernel won by more than 5% (hidden 362 batch 1, 0.95x; 512 and 650 at batch 4,
+    # 0.87x and 0.91x); the bounds stay, because with AVX-512 the AMD EPYC's kernel took up to 1.9x
+    # the loop's time at batch 2-4.
     sequence_kernel_bounds: Optional[Tuple[int, int]] = None
 
 
