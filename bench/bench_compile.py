@@ -17,15 +17,15 @@ medians; ratios against torch.nn.LSTM.
 from __future__ import annotations
 
 import argparse
-import statistics
+import functools
 import subprocess
 import sys
-import time
 import warnings
 
 import torch
 
 import rnndsl
+from bench.timing import interleaved_medians
 
 _COMPILE_CASE = r"""
 import time, warnings, torch, rnndsl
@@ -71,22 +71,15 @@ def speed(hidden: int, rounds: int, device: str, steps: int = 20, batch: int = 6
     if device == "cuda":  # CUDA graphs replay each step's launches without Python or the CPU in the way
         variants["rnndsl script, compiled reduce-overhead"] = torch.compile(script, mode="reduce-overhead")
     xs = torch.randn(steps, batch, hidden, device=device)
-    times = {name: [] for name in variants}
 
     def step(model) -> None:
         model(xs)[0].sum().backward()
         if device == "cuda":
             torch.cuda.synchronize()
 
-    for model in variants.values():  # warm-up, compiles (CUDA graphs record on the third call)
-        for _ in range(3):
-            step(model)
-    for _ in range(rounds):
-        for name, model in variants.items():
-            start = time.perf_counter()
-            step(model)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    # Three warm-up calls each: the first compiles, and CUDA graphs record on the third.
+    return interleaved_medians({name: functools.partial(step, model) for name, model in variants.items()},
+                               rounds, warmups=3)
 
 
 def main() -> None:

@@ -18,8 +18,6 @@ rnndsl/csrc/linear_scan.cpp (rnndsl.linear_scan.use_cpu_kernel) for its runs onl
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
@@ -28,16 +26,19 @@ from rnndsl.kernels import linear_with_grad
 from rnndsl.linear_scan import use_cpu_kernel
 from rnndsl.scan import python_scan
 
+from bench.timing import interleaved_medians
 
-def _time(function, rounds: int, device: torch.device):
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
+
+def _synchronized(function, device: torch.device):
+    """``function`` waiting for its kernels on CUDA, which run asynchronously, so that timing it
+    times them."""
+    if device.type != "cuda":
+        return function
+
+    def run():
         function()
-        if device.type == "cuda":  # kernels run asynchronously: wait for them
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        torch.cuda.synchronize(device)
+    return run
 
 
 def main() -> None:
@@ -104,14 +105,9 @@ def main() -> None:
                 finally:
                     use_cpu_kernel(False)
             runs["C++ scan"] = with_kernel
-        for function in runs.values():
-            function()
-            function()
-        medians = {mode: [] for mode in runs}
-        for _ in range(args.rounds):
-            for mode, function in runs.items():
-                medians[mode].append(_time(function, 1, device))
-        ms = {mode: statistics.median(times) * 1e3 for mode, times in medians.items()}
+        medians = interleaved_medians({mode: _synchronized(function, device) for mode, function in runs.items()},
+                                      args.rounds, warmups=2)
+        ms = {mode: seconds * 1e3 for mode, seconds in medians.items()}
         plain, sequential, parallel = ms["plain loop"], ms["sequential"], ms["parallel"]
         extra = f" {ms['python loop']:>12.2f} {ms['python loop'] / parallel:>9.1f}x" if args.python_loop else ""
         if args.cpu_kernel:
