@@ -65,9 +65,11 @@ def use_cpu_kernel(enabled: bool = True) -> bool:
     if enabled and _built is None:
         try:
             from torch.utils import cpp_extension  # function-level: only this opt-in needs the builder
-            # No fused multiply-add, so every machine rounds as the step-by-step loop does.
+            # No fused multiply-add, so every machine rounds as the step-by-step loop does. OpenMP, or
+            # at::parallel_for (its OpenMP backend is all in the header) runs on one thread.
             _built = cpp_extension.load("rnndsl_linear_scan", [str(_KERNEL_SOURCE)],
-                                        extra_cflags=["-O3", "-ffp-contract=off"])
+                                        extra_cflags=["-O3", "-ffp-contract=off", "-fopenmp"],
+                                        extra_ldflags=["-fopenmp"])
         except Exception as error:  # noqa: BLE001 (any build failure leaves the chunked scan in place)
             warnings.warn(f"rnndsl: the C++ linear scan did not build, the chunked scan stays: {error}",
                           RuntimeWarning, stacklevel=2)
