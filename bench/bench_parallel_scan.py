@@ -10,8 +10,9 @@ the input projection of all steps (one GEMM with its bias) and its backward
 it, so "sequential / floor" bounds the speed-up any parallel scan can reach
 over the sequential loop on this machine.
 
-"parallel, C++ scan" (--cpu-kernel) is the same parallel cell with the scan switched to
-rnndsl/csrc/linear_scan.cpp (rnndsl.linear_scan.use_cpu_kernel) for its runs only.
+"fused C++" (--cpu-kernel) is the same parallel cell under rnndsl.linear_scan.use_cpu_kernel(), for
+its runs only: minGRU's gate math and scan, forward and backward, as the one C++ loop the compiler
+derives from the cell (rnndsl/codegen/fused.py, built on first use; `rnndsl show mingru --stage fused`).
 
     python -m bench.bench_parallel_scan [--threads N] [--lengths 64 256 1024 4096] [--device cuda] [--cpu-kernel]
 """
@@ -52,10 +53,10 @@ def main() -> None:
     parser.add_argument("--python-loop", action="store_true",
                         help="also time a Python loop calling the (eager) cell once per step (slow)")
     parser.add_argument("--cpu-kernel", action="store_true",
-                        help="also time the parallel cell with the C++ scan (built on first use)")
+                        help="also time the parallel cell with its fused C++ kernel (built on first use)")
     args = parser.parse_args()
     if args.cpu_kernel and not use_cpu_kernel():
-        parser.error("the C++ linear scan did not build")
+        parser.error("the C++ kernels do not build here")
     use_cpu_kernel(False)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -69,6 +70,8 @@ def main() -> None:
     }
     if args.python_loop:
         cells["python loop"] = spec.build(args.hidden, args.hidden, backend="eager", scan="sequential")
+    if args.cpu_kernel and not all(kernel.library() for kernel in cells["parallel"].fused_kernels):
+        parser.error("minGRU's fused kernel did not build")
     device = torch.device(args.device)
     for cell in cells.values():
         cell.load_state_dict(cells["sequential"].state_dict())
@@ -76,7 +79,7 @@ def main() -> None:
     where = f"{torch.get_num_threads()} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
     print(f"minGRU fwd+bwd, batch {args.batch}, hidden {args.hidden}, {where}; ms, medians of interleaved runs")
     extra = f" {'python loop':>12} {'vs python':>10}" if args.python_loop else ""
-    extra += f" {'C++ scan':>9} {'vs sequential':>14}" if args.cpu_kernel else ""
+    extra += f" {'fused C++':>10} {'vs sequential':>14}" if args.cpu_kernel else ""
     print(f"{'T':>6} {'plain loop':>11} {'sequential':>11} {'parallel':>9} {'vs plain':>9} {'vs sequential':>14}"
           f" {'GEMM floor':>11} {'sequential / floor':>19}" + extra)
     weights = torch.cat([cells["sequential"].weight_z, cells["sequential"].weight_h]).detach().requires_grad_()
@@ -104,14 +107,14 @@ def main() -> None:
                     run(cell)
                 finally:
                     use_cpu_kernel(False)
-            runs["C++ scan"] = with_kernel
+            runs["fused C++"] = with_kernel
         medians = interleaved_medians({mode: _synchronized(function, device) for mode, function in runs.items()},
                                       args.rounds, warmups=2)
         ms = {mode: seconds * 1e3 for mode, seconds in medians.items()}
         plain, sequential, parallel = ms["plain loop"], ms["sequential"], ms["parallel"]
         extra = f" {ms['python loop']:>12.2f} {ms['python loop'] / parallel:>9.1f}x" if args.python_loop else ""
         if args.cpu_kernel:
-            extra += f" {ms['C++ scan']:>9.2f} {sequential / ms['C++ scan']:>13.1f}x"
+            extra += f" {ms['fused C++']:>10.2f} {sequential / ms['fused C++']:>13.1f}x"
         print(f"{steps:>6} {plain:>11.2f} {sequential:>11.2f} {parallel:>9.2f} {plain / parallel:>8.1f}x "
               f"{sequential / parallel:>13.1f}x {ms['floor']:>11.2f} {sequential / ms['floor']:>18.1f}x" + extra)
 

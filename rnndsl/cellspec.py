@@ -22,7 +22,7 @@ import torch
 from . import syntax_tree as st
 from .cells import Recipe
 from .check import check_file, hyper_value_problem, input_sizes
-from .compile import (backward_source, cached, cell_class, compile_lock, generated_class, optimized,
+from .compile import (backward_source, cached, cell_class, compile_lock, generated_class, fused_sources, optimized,
                       parallel_plan, scan_source, step_source)
 from .errors import CellError, CellWarning, Span
 from .ir import MAX_DIMENSION, Graph, Op, Size
@@ -252,6 +252,12 @@ class CellSpec:
         """``(source of forward_parallel, "")`` when the recurrence is linear in the state, else
         ``(None, why not)`` quoting the equation that is not (see rnndsl/codegen/parallel.py)."""
         return parallel_plan(self.graph, BuildOptions(disable, fixed_dropout_mask=fixed_dropout_mask), self.source)
+
+    def fused_sources(self, disable: Passes = ()) -> Tuple[str, ...]:
+        """The C++ of the kernels that run each state's coefficients and scan as one loop under
+        ``rnndsl.linear_scan.use_cpu_kernel()`` (rnndsl/codegen/fused.py); none for a cell without
+        a parallel scan, or with a tensor state."""
+        return fused_sources(self.graph, BuildOptions(disable), self.source)
 
     def build(self, input_size: int, hidden_size: int, backend: str = "script", *,
               disable: Passes = (), fixed_dropout_mask: bool = False, scan: str = "auto",

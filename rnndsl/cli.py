@@ -1,4 +1,4 @@
-"""The command line: ``rnndsl check FILE...`` and ``rnndsl show FILE --stage ast|ir|code|backward|dot``.
+"""The command line: ``rnndsl check FILE...`` and ``rnndsl show FILE --stage STAGE`` (STAGES).
 
 Problems in cell files print as compiler diagnostics and exit 1, never as a
 Python traceback. ``--stage parallel`` of a cell that is not linear in its state
@@ -17,7 +17,7 @@ from .errors import CellError, printable
 from .passes import PASS_NAMES
 from .syntax_tree import pretty
 
-STAGES = ("ast", "ir", "code", "backward", "parallel", "scan", "dot")
+STAGES = ("ast", "ir", "code", "backward", "parallel", "fused", "scan", "dot")
 
 
 def _say(text: object, stream=None) -> None:
@@ -72,6 +72,12 @@ def _show(path: str, stage: str, cell: Optional[str], disable: List[str], raw: b
                 _say(f"# cell {name} cannot run as a parallel scan: {why_not}")
             else:
                 print(source)
+        elif stage == "fused":  # the C++ forward_parallel calls under use_cpu_kernel() (rnndsl/codegen/fused.py)
+            sources = spec.fused_sources(disable)
+            if not sources:
+                _say(f"# cell {name} has no fused kernel: it runs no parallel scan, or a state of it is a tensor "
+                     "(--stage parallel says which)")
+            print("\n".join(sources), end="")
         else:
             print(to_dot(spec.graph if raw else spec.optimized(disable)), end="")
     return 0

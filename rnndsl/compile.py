@@ -28,6 +28,7 @@ from .cells import CellModule, EagerCell, ScriptedCell
 from .codegen import (NotLinear, PythonCode, find_linear_recurrences, generate_backward, generate_parallel,
                       generate_scan, generate_step, linearized, validate_source)
 from .errors import one_line, source_lines
+from .fused_scan import FusedKernel
 from .ir import Graph
 from .options import BuildOptions
 from .passes import run_passes
@@ -97,6 +98,14 @@ def parallel_plan(graph: Graph, options: BuildOptions, cell_source: str) -> Tupl
     ``(None, why not)`` quoting the equation of ``cell_source`` that is not (rnndsl/codegen/parallel.py)."""
     code, why_not = _parallel_plan(graph, options.disable, options.fixed_dropout_mask, cell_source)
     return (None if code is None else code.source), why_not
+
+
+def fused_sources(graph: Graph, options: BuildOptions, cell_source: str) -> Tuple[str, ...]:
+    """The C++ of the fused kernels ``forward_parallel`` calls under ``use_cpu_kernel()``
+    (rnndsl/codegen/fused.py): one per state, or none when the cell runs no parallel scan or a
+    state of it is a tensor."""
+    code, _ = _parallel_plan(graph, options.disable, options.fixed_dropout_mask, cell_source)
+    return () if code is None else code.kernels
 
 
 def script_kernel(cell: CellModule) -> torch.jit.RecursiveScriptModule:
@@ -209,7 +218,8 @@ def _class_with_parallel(name: str, bases: Tuple[type, ...], parallel: Optional[
         return type(name, bases, generated)
     namespace, filename = _run(parallel, "parallel")
     cls = type(name, bases, {**generated, "forward_parallel": namespace["forward_parallel"], "scan_mode": "parallel",
-                             "parallel_source": parallel.source})
+                             "parallel_source": parallel.source,
+                             "fused_kernels": tuple(FusedKernel(source) for source in parallel.kernels)})
     weakref.finalize(cls, linecache.cache.pop, filename, None)
     return cls
 

@@ -14,14 +14,15 @@ gradient over all steps) is torch's matmul on every CPU: see its docstring.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from .autograd_modes import plain_backward_needed
 from .chunkwise import chunkwise_attention  # noqa: F401 (generated code gets it through resolve_globals())
-from .linear_scan import linear_recurrence  # noqa: F401 (generated code gets it through resolve_globals())
+from .fused_scan import fused_linear_recurrence, fused_scan_runs  # noqa: F401 (likewise)
+from .linear_scan import along_steps, linear_recurrence  # noqa: F401 (likewise)
 from .names import EMITTED_HELPERS, PARALLEL_HELPERS, SCAN_HELPERS, SCRIPT_HELPERS
 
 
@@ -262,22 +263,6 @@ def linear_with_grad(v: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -
     if _USE_ONEDNN and torch.is_grad_enabled() and _onednn_fits(_rows(v), weight):
         return _LinearFunction.apply(v, weight, bias)
     return linear(v, weight, bias)
-
-
-def along_steps(value: Union[Tensor, float], steps: int, s0: Tensor) -> Tensor:
-    """A coefficient of a linear recurrence as the ``(T, batch, hidden)`` tensor
-    :func:`linear_recurrence` takes.
-
-    Per-step values already have that shape and pass through; a parameter vector
-    or a number, shared by all steps, is broadcast as a view (autograd sums its gradient back).
-    The coefficients take the state's dtype: under autocast, those made from products come in
-    low precision, and the recurrence runs in the dtype the state is carried in (a no-op otherwise).
-    """
-    shape = (steps,) + tuple(s0.shape)
-    if isinstance(value, Tensor):
-        value = value.to(s0.dtype)
-        return value if value.shape == shape else value.expand(shape)
-    return s0.new_full(shape, value)
 
 
 def time_scan(step, init: List[Tensor], per_step: List[Tensor],

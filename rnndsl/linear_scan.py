@@ -31,21 +31,22 @@ dL/da_t = g_t * s_{t-1}, dL/db_t = g_t, dL/ds0 = a_1 * g_1.
 
 On CPU, :func:`use_cpu_kernel` swaps both for a small C++ loop (rnndsl/csrc/linear_scan.cpp),
 compiled on first use: one pass over memory each way where the chunked scan makes five or six,
-the gradient of ``a`` in the same pass as the reverse scan.
+the gradient of ``a`` in the same pass as the reverse scan. It also lets a cell's generated code
+run its coefficients' math and the scan as one generated kernel (rnndsl/fused_scan.py).
 """
 from __future__ import annotations
 
 import math
 import warnings
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from .autograd_modes import plain_backward_needed
 
-__all__ = ["linear_recurrence", "sequential_linear_recurrence", "use_cpu_kernel"]
+__all__ = ["along_steps", "linear_recurrence", "sequential_linear_recurrence", "use_cpu_kernel"]
 
 _KERNEL_SOURCE = Path(__file__).resolve().parent / "csrc" / "linear_scan.cpp"
 _built: Optional[Any] = None  # the compiled extension, once built
@@ -77,6 +78,11 @@ def use_cpu_kernel(enabled: bool = True) -> bool:
     return _kernel is not None
 
 
+def cpu_kernel_enabled() -> bool:
+    """Whether :func:`use_cpu_kernel` is on (and its kernel built)."""
+    return _kernel is not None
+
+
 def _kernel_runs(a: Tensor) -> bool:
     return _kernel is not None and a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64)
 
@@ -91,6 +97,22 @@ def linear_recurrence(a: Tensor, b: Tensor, s0: Tensor) -> Tensor:
     if torch.compiler.is_compiling():  # the chunked scan's in-place writes as one op dynamo need not trace
         return torch.ops.rnndsl.linear_recurrence(a, b, s0)
     return _LinearRecurrence.apply(a, b, s0)
+
+
+def along_steps(value: Union[Tensor, float], steps: int, s0: Tensor) -> Tensor:
+    """A coefficient of a linear recurrence as the ``(T, batch, hidden)`` tensor
+    :func:`linear_recurrence` takes.
+
+    Per-step values already have that shape and pass through; a parameter vector
+    or a number, shared by all steps, is broadcast as a view (autograd sums its gradient back).
+    The coefficients take the state's dtype: under autocast, those made from products come in
+    low precision, and the recurrence runs in the dtype the state is carried in (a no-op otherwise).
+    """
+    shape = (steps,) + tuple(s0.shape)
+    if isinstance(value, Tensor):
+        value = value.to(s0.dtype)
+        return value if value.shape == shape else value.expand(shape)
+    return s0.new_full(shape, value)
 
 
 def sequential_linear_recurrence(a: Tensor, b: Tensor, s0: Tensor) -> Tensor:

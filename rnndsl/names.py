@@ -20,7 +20,8 @@ from typing import Dict, Tuple
 # (rnndsl/codegen/base.py) call, which every target's code may hold, then each target's own.
 EMITTED_HELPERS = ("conv_same",)
 SCRIPT_HELPERS = ("linear", "accumulate", "outer_sum", "prepack", "conv_same_input_grad", "conv_same_weight_grad")
-PARALLEL_HELPERS = ("along_steps", "chunkwise_attention", "linear_recurrence", "linear_with_grad")
+PARALLEL_HELPERS = ("along_steps", "chunkwise_attention", "linear_recurrence", "linear_with_grad",
+                    "fused_linear_recurrence", "fused_scan_runs")
 SCAN_HELPERS = ("time_scan",)
 
 # The globals each target's source reads: TorchScript methods (step loop, derived backward) and

@@ -7,6 +7,8 @@
 - ``backward`` (with its per-op rules in ``derivatives``): ``generate_backward``, the derived
   backward's ``forward_sequence_saving`` and ``backward_sequence``;
 - ``parallel``: ``generate_parallel``, ``forward_parallel`` for recurrences linear in the state;
+- ``fused`` (C++, not Python; called by ``parallel``): ``fused_kernel``, a linear recurrence's
+  coefficient math and scan, forward and backward, as one loop over time;
 - ``scan``: ``generate_scan``, ``forward_sequence_scan``, the time loop as one ``scan`` node,
   which ``torch.export`` keeps valid for any sequence length;
 - ``precision`` (not a target): which values ``torch.autocast`` may compute in low precision

@@ -35,10 +35,12 @@ Emitter = Callable[[Node, List[str]], str]
 @dataclass(frozen=True)
 class PythonCode:
     """A generator's result, as torch.fx's ``PythonCode``: the source, and the names of the globals
-    it reads (from rnndsl/names.py's registry), which the runtime binds before running it."""
+    it reads (from rnndsl/names.py's registry), which the runtime binds before running it; and the
+    C++ sources of the kernels it calls as ``self.fused_kernels[i]`` (rnndsl/codegen/fused.py)."""
 
     source: str
     globals: Tuple[str, ...]
+    kernels: Tuple[str, ...] = ()
 
 
 def size_code(value) -> str:

@@ -15,19 +15,23 @@ state in its state and collects the terms (``a' = a + x`` is ``1 * a + x``,
 
 ``find_linear_recurrences`` decides; ``generate_parallel`` writes the
 ``forward_parallel`` method (plain Python: autograd Functions cannot be called
-from TorchScript). Its dialect of the emitters sends matrix products to
-``linear_with_grad`` (rnndsl/kernels.py), the bias added in the same GEMM.
+from TorchScript). When every state is a vector updated ``a * s + b``, the method
+has a second branch: each state's coefficients and scan as one generated C++ kernel
+(rnndsl/codegen/fused.py), taken under ``rnndsl.linear_scan.use_cpu_kernel()``. Its
+dialect of the emitters sends matrix products to ``linear_with_grad``
+(rnndsl/kernels.py), the bias added in the same GEMM.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Set, Tuple, Union
+from typing import Collection, Dict, List, Optional, Set, Tuple, Union
 
 from ..dependency import Dependence, dependencies
 from ..ir import Graph, Node, Op, OpKind, Shape, Size, attrs, tiling_order
 from ..names import PARALLEL_GLOBALS, Namespace
 from ..ops import SHAPE_RULES, operand_orders
 from .chunkwise import MatrixUpdate, NotLinear, ViewUpdate, log_code, state_view, tensor_update
+from .fused import FusedKernelCode, fused_kernel
 from .base import (EMITTERS, NodeEmitter, PythonCode, biased_products, body_nodes, gemm, one_or_tuple,
                    reshape_code, size_code, tuple_code, validate_source)
 from .precision import carried_dtype_casts
@@ -238,15 +242,20 @@ def generate_parallel(graph: Graph, updates: List[Update]) -> PythonCode:
     # chunkwise form exists to avoid.
     from_outputs = _needed_for_outputs(graph, nodes, done)
     wanted = code.with_whole_splits(_upstream(nodes, from_outputs | _operands(updates, nodes), done, code.biased))
+    kernels = _fused_kernels(graph, updates, code.biased.values())
+    # With fused kernels, what only the coefficients need is computed on the other branch alone.
+    shared = wanted if not kernels else code.with_whole_splits(
+        _upstream(nodes, from_outputs | {leaf for kernel in kernels for leaf in kernel.leaves}, done, code.biased))
     states = [code.var(d.name) for d in graph.states]
     lines.append("def forward_parallel(self, xs, state, mask=None):")
     lines.extend(f"    {name} = state[{i}]" for i, name in enumerate(states))
     lines.append("    # Every value free of the states, for all steps at once.")
     for node in body:
-        if found[node.name] is not Dependence.STATE and node.name in wanted:
+        if found[node.name] is not Dependence.STATE and node.name in shared:
             code.emit_whole(node, seq if found[node.name] is Dependence.INPUT else {})
     lines.append("    if mask is not None:")
     lines.append("        real = mask.unsqueeze(2)")
+    indent = _emit_fused_branch(code, kernels, updates, states, seq, wanted - shared) if kernels else "    "
     finals = []
     for update, var in zip(updates, states):
         if isinstance(update, MatrixUpdate):
@@ -256,20 +265,20 @@ def generate_parallel(graph: Graph, updates: List[Update]) -> PythonCode:
         like = var
         if isinstance(update, ViewUpdate):  # a and b broadcast to the state's tensor, then flattened
             like = names.fresh(update.state, "start")
-            lines.append(f"    {like} = {reshape_code(var, 1, nodes[update.view].shape.dims)}")
+            lines.append(f"{indent}{like} = {reshape_code(var, 1, nodes[update.view].shape.dims)}")
         a = "1.0" if isinstance(update, ViewUpdate) and update.a is None else code.ref(update.a, seq)
         # Coefficients shared by all steps (a parameter, a number) are broadcast over them.
-        lines.append(f"    {full_a} = along_steps({a}, xs.size(0), {like})")
-        lines.append(f"    {full_b} = along_steps({code.ref(update.b, seq)}, xs.size(0), {like})")
+        lines.append(f"{indent}{full_a} = along_steps({a}, xs.size(0), {like})")
+        lines.append(f"{indent}{full_b} = along_steps({code.ref(update.b, seq)}, xs.size(0), {like})")
         if isinstance(update, ViewUpdate):
-            lines.append(f"    {full_a}, {full_b} = {full_a}.flatten(2), {full_b}.flatten(2)")
-        lines.append("    if mask is not None:  # padded steps keep the state: a = 1, b = 0")
-        lines.append(f"        {full_a} = torch.where(real, {full_a}, 1.0)")
-        lines.append(f"        {full_b} = torch.where(real, {full_b}, 0.0)")
-        lines.append(f"    {seq[update.next]} = linear_recurrence({full_a}, {full_b}, {var})")
+            lines.append(f"{indent}{full_a}, {full_b} = {full_a}.flatten(2), {full_b}.flatten(2)")
+        lines.append(f"{indent}if mask is not None:  # padded steps keep the state: a = 1, b = 0")
+        lines.append(f"{indent}    {full_a} = torch.where(real, {full_a}, 1.0)")
+        lines.append(f"{indent}    {full_b} = torch.where(real, {full_b}, 0.0)")
+        lines.append(f"{indent}{seq[update.next]} = linear_recurrence({full_a}, {full_b}, {var})")
         if isinstance(update, ViewUpdate):
             dims = nodes[update.tensor].shape.dims
-            lines.append(f"    {seq[update.tensor]} = {reshape_code(seq[update.next], 1, dims)}")
+            lines.append(f"{indent}{seq[update.tensor]} = {reshape_code(seq[update.next], 1, dims)}")
         finals.append(f"{seq[update.next]}[-1]")
     lines.append("    # What the outputs need from the new states, for all steps at once.")
     needed = code.with_whole_splits(from_outputs)
@@ -284,7 +293,32 @@ def generate_parallel(graph: Graph, updates: List[Update]) -> PythonCode:
     lines.append("    if mask is not None:")
     lines.append(f"        return {one_or_tuple(zeroed)}, {tuple_code(finals)}")
     lines.append(f"    return {one_or_tuple(outputs)}, {tuple_code(finals)}")
-    return PythonCode(validate_source("\n".join(lines) + "\n"), PARALLEL_GLOBALS)
+    return PythonCode(validate_source("\n".join(lines) + "\n"), PARALLEL_GLOBALS,
+                      tuple(kernel.source for kernel in kernels))
+
+
+def _emit_fused_branch(code: "_WholeSequenceCode", kernels: List[FusedKernelCode], updates: List[Update],
+                       states: List[str], seq: Dict[str, str], coefficients_only: Set[str]) -> str:
+    """``if fused_scan_runs(...)``: the fused kernels' calls; ``else:``, then the values only the
+    coefficients need. Returns the indent of the else branch, where the scans follow."""
+    code.lines.append("    if fused_scan_runs(self.fused_kernels, xs, mask):  # the C++: rnndsl show --stage fused")
+    for index, (kernel, update, var) in enumerate(zip(kernels, updates, states)):
+        leaves = ", ".join(code.ref(name, seq) for name in kernel.leaves)
+        code.lines.append(f"        {seq[update.next]} = fused_linear_recurrence("
+                          f"self.fused_kernels[{index}], [{leaves}], {var}, xs.size(0))")
+    code.lines.append("    else:")
+    for node in body_nodes(code.graph):
+        if code.dependencies[node.name] is not Dependence.STATE and node.name in coefficients_only:
+            code.emit_whole(node, seq if code.dependencies[node.name] is Dependence.INPUT else {}, "        ")
+    return "        "
+
+
+def _fused_kernels(graph: Graph, updates: List[Update], leaves_only: Collection[str]) -> List[FusedKernelCode]:
+    """A fused kernel per update (rnndsl/codegen/fused.py) when every update is ``a * s + b`` of a
+    vector state, else none: the generated code takes all of them or none."""
+    if not all(type(update) is LinearUpdate for update in updates):
+        return []
+    return [fused_kernel(graph, u.state, u.a, u.b, leaves_only, f"cell {graph.name}") for u in updates]
 
 
 def _emit_chunkwise(update: MatrixUpdate, var: str, code: "_WholeSequenceCode", seq: Dict[str, str],
@@ -361,7 +395,7 @@ class _WholeSequenceCode(NodeEmitter):
                  for piece, _ in pieces}
         return wanted | extra
 
-    def emit_whole(self, node: Node, rename: Dict[str, str]) -> None:
+    def emit_whole(self, node: Node, rename: Dict[str, str], indent: str = "    ") -> None:
         """``node``'s line over whole sequences, unless another line makes it: a product with the sum
         that adds its bias, a piece with its split."""
         if node.name in self.split_at:
@@ -369,9 +403,9 @@ class _WholeSequenceCode(NodeEmitter):
             pieces = self.splits[value]
             targets = ", ".join(rename.get(piece, piece) for piece, _ in pieces)
             sizes = ", ".join(size_code(length) for _, length in pieces)
-            self.lines.append(f"    {targets} = {self.ref(value, rename)}.split([{sizes}], -1)")
+            self.lines.append(f"{indent}{targets} = {self.ref(value, rename)}.split([{sizes}], -1)")
         elif node.name not in self.biased and node.name not in self.pieces:
-            self.emit(node, "    ", rename)
+            self.emit(node, indent, rename)
 
 
 def tiling_slices(graph: Graph) -> Dict[str, List[Tuple[str, Size]]]:
