@@ -102,26 +102,30 @@ class FusedKernel:
         return grad_s0
 
 
-def fused_linear_recurrence(kernel: FusedKernel, leaves: Sequence[Any], s0: Tensor, steps: int) -> Tensor:
+def fused_linear_recurrence(kernel: FusedKernel, leaves: Sequence[Any], s0: Tensor, steps: int,
+                            split_from: Sequence[Tensor] = ()) -> Tensor:
     """All ``steps`` states of ``s_t = a_t * s_(t-1) + b_t``, with ``a`` and ``b`` computed by ``kernel``
     from ``leaves`` (tensors of ``(T, batch, hidden)`` or broadcast to it: parameters, numbers).
 
-    Leaves that are column ranges of one tensor (the pieces of the GEMM output the generated code
-    splits) go in as that tensor, so that the kernel writes their gradients into one buffer of its
-    shape: given the pieces, autograd would join their gradients with a copy (at T = 1024, batch
-    16, 2 x 64 units: a sixth of minGRU's fwd+bwd time).
+    ``split_from`` holds the ``(T, batch, width)`` tensors the caller cut into leaves with ``split``
+    (the generated code's GEMM output): such pieces go in as their tensor, so that the kernel writes
+    their gradients into one buffer of its shape; given the pieces, autograd would join their
+    gradients with a copy (at T = 1024, batch 16, 2 x 64 units: a sixth of minGRU's fwd+bwd time).
+    Only the caller knows that nothing stands between a piece and its tensor in autograd, so no
+    other leaf is ever grouped: a view made by a custom Function, or under no_grad, has a gradient
+    path of its own.
     """
     sources: List[Tensor] = []
-    roots: Dict[int, int] = {}  # id of a tensor whose column ranges are leaves -> its index in sources
+    roots: Dict[int, int] = {}  # id of a tensor in split_from -> its index in sources
     layout: List[Tuple[int, int]] = []  # each leaf: (index in sources, its first column there)
     for leaf in leaves:
         view = _as_leaf(leaf, steps, s0)
-        root, column = _column_range_of(view)
+        root, column = _column_range_of(view, split_from)
         index = roots.get(id(root)) if root is not None else None
         if index is not None and any(i == index and abs(c - column) < view.size(2) for i, c in layout):
             root, index = None, None  # overlapping ranges: written into, their gradients would clobber
         if index is None:
-            sources.append(view if root is None else root.view(view.size(0), view.size(1), -1))
+            sources.append(view if root is None else root)
             index = len(sources) - 1
             if root is not None:
                 roots[id(root)] = index
@@ -136,21 +140,20 @@ def _as_leaf(value: Any, steps: int, s0: Tensor) -> Tensor:
     return leaf if leaf.stride(2) in (0, 1) else leaf.contiguous()
 
 
-def _column_range_of(view: Tensor) -> Tuple[Optional[Tensor], int]:
-    """``(root, first column)`` when ``view`` is ``root.view(T, batch, -1)[:, :, c:c + hidden]``, where
-    ``root`` is the contiguous tensor it views and autograd differentiates as ``view`` is; else
-    ``(None, 0)``."""
-    root = view._base
-    if (root is None or not root.is_contiguous() or root.dtype != view.dtype
-            or root.requires_grad != view.requires_grad or view.stride(2) != 1):
-        return None, 0
+def _column_range_of(view: Tensor, split_from: Sequence[Tensor]) -> Tuple[Optional[Tensor], int]:
+    """``(root, first column)`` when ``view`` is ``root[:, :, c:c + hidden]`` for a contiguous
+    ``(T, batch, width)`` tensor ``root`` of ``split_from``; else ``(None, 0)``."""
     steps, batch, hidden = view.shape
-    width = view.stride(1)
-    column = view.storage_offset() - root.storage_offset()
-    if (view.stride(0) != batch * width or root.numel() != steps * batch * width
-            or not 0 <= column <= width - hidden):
-        return None, 0
-    return root, column
+    for root in split_from:
+        if (root.dim() != 3 or tuple(root.shape[:2]) != (steps, batch) or not root.is_contiguous()
+                or root.dtype != view.dtype or root.requires_grad != view.requires_grad
+                or root.untyped_storage().data_ptr() != view.untyped_storage().data_ptr()):
+            continue
+        width = root.size(2)
+        column = view.storage_offset() - root.storage_offset()
+        if view.stride() == (batch * width, width, 1) and 0 <= column <= width - hidden:
+            return root, column
+    return None, 0
 
 
 class _FusedRecurrence(torch.autograd.Function):
@@ -173,7 +176,7 @@ class _FusedRecurrence(torch.autograd.Function):
         # A source the leaves do not cover column for column gets zeros in the rest.
         covered = [sum(hidden for i, _ in ctx.layout if i == index) for index in range(len(sources))]
         grads = [(torch.empty if covered[index] == source.size(2) else torch.zeros)(
-            source.shape, dtype=source.dtype) for index, source in enumerate(sources)]
+            source.shape, dtype=source.dtype, device=source.device) for index, source in enumerate(sources)]
         grad_s0 = ctx.kernel.backward([sources[i].narrow(2, c, hidden) for i, c in ctx.layout], s0, states,
                                       grad.contiguous(), [grads[i].narrow(2, c, hidden) for i, c in ctx.layout])
         return (None, None, None, grad_s0, *grads)

@@ -31,6 +31,15 @@ cell every_op(x[input]) -> y {
 }
 """
 
+# The input itself is a leaf (no GEMM): the kernel reads the caller's tensor.
+ELEMENTWISE_INPUT = """
+cell elementwise(x[hidden]) -> y {
+    state h[hidden]
+    h' = sigmoid(x) * h + tanh(x)
+    y = h'
+}
+"""
+
 
 @pytest.fixture
 def fused(monkeypatch):
@@ -186,7 +195,9 @@ def test_leaves_cut_from_one_tensor_get_its_gradient(fused, columns):
     s0 = torch.randn(2, 4, dtype=torch.float64, generator=g, requires_grad=True)
 
     z_in, candidate = (whole[..., c:c + 4] for c in columns)
-    got = fused_scan.fused_linear_recurrence(kernel, [z_in, candidate], s0, 9)
+    got = fused_scan.fused_linear_recurrence(kernel, [z_in, candidate], s0, 9, split_from=[whole])
+    sources = len(got.grad_fn.next_functions) - 1  # the tensors the kernel's Function took, s0 aside
+    assert sources == (2 if columns == (0, 2) else 1)
     weights = torch.randn(got.shape, dtype=torch.float64, generator=g)
     got_grads = torch.autograd.grad((got * weights).sum(), [whole, s0])
     z = torch.sigmoid(z_in)
@@ -194,3 +205,34 @@ def test_leaves_cut_from_one_tensor_get_its_gradient(fused, columns):
     want_grads = torch.autograd.grad((want * weights).sum(), [whole, s0])
     assert fused == {"forward": 1, "backward": 1}
     assert_all_close([got, *got_grads], [want, *want_grads])
+
+
+class _ReverseGradient(torch.autograd.Function):
+    """A view of its input whose backward flips the gradient's sign (domain-adversarial training's)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -grad
+
+
+@pytest.mark.parametrize("make_view", [_ReverseGradient.apply, lambda x: x.detach()[:].requires_grad_()],
+                         ids=["custom-function", "made-under-no-grad"])
+def test_a_view_the_generated_code_did_not_split_keeps_its_own_gradient_path(fused, make_view):
+    """A leaf that views another tensor goes in as itself: the kernel cannot see what autograd puts
+    between a view and its base (here a flipped sign, or no path at all)."""
+    spec = rnndsl.load_source(ELEMENTWISE_INPUT, "elementwise.cell")["elementwise"]
+    loop, parallel = loop_and_parallel(spec, 4, 4)
+    base = torch.randn(7, 3, 4, dtype=torch.float64, requires_grad=True)
+    state = (torch.randn(3, 4, dtype=torch.float64),)
+    got = []
+    for cell in (loop, parallel):
+        view = make_view(base)
+        outputs, _ = rnndsl.scan(cell, view, state)
+        grads = torch.autograd.grad((outputs * outputs).sum(), [base, view], allow_unused=True)
+        got.append([torch.zeros_like(base) if g is None else g for g in grads])
+    assert fused == {"forward": 1, "backward": 1}
+    assert_all_close(got[1], got[0])

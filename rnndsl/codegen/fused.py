@@ -23,22 +23,30 @@ from typing import Callable, Collection, Dict, List, Set, Tuple
 from ..dependency import Dependence, dependencies
 from ..ir import Graph, Node, Op
 
+
+def _infix(symbol: str) -> Callable[[List[str]], str]:
+    return lambda a: f"{a[0]} {symbol} {a[1]}"
+
+
+def _method(name: str) -> Callable[[List[str]], str]:
+    return lambda a: f"{a[0]}.{name}()"
+
+
 # A node's value as a C++ expression of its inputs' (``V`` is the vector type).
-_VALUES: Dict[Op, Callable[[Node, List[str]], str]] = {
-    Op.NEG: lambda node, a: f"{a[0]}.neg()",
-    Op.ADD: lambda node, a: f"{a[0]} + {a[1]}",
-    Op.SUB: lambda node, a: f"{a[0]} - {a[1]}",
-    Op.MUL: lambda node, a: f"{a[0]} * {a[1]}",
-    Op.DIV: lambda node, a: f"{a[0]} / {a[1]}",
-    # ATen's sigmoid, silu and softplus kernels, term for term.
-    Op.SIGMOID: lambda node, a: f"V(1) / (V(1) + {a[0]}.neg().exp())",
-    Op.TANH: lambda node, a: f"{a[0]}.tanh()",
-    Op.EXP: lambda node, a: f"{a[0]}.exp()",
-    Op.LOG: lambda node, a: f"{a[0]}.log()",
-    Op.RELU: lambda node, a: f"at::vec::clamp_min({a[0]}, V(0))",
-    Op.SILU: lambda node, a: f"{a[0]} / (V(1) + {a[0]}.neg().exp())",
-    # torch's softplus: x itself above the threshold 20.
-    Op.SOFTPLUS: lambda node, a: f"V::blendv({a[0]}.exp().log1p(), {a[0]}, {a[0]} > V(20))",
+_VALUES: Dict[Op, Callable[[List[str]], str]] = {
+    Op.NEG: _method("neg"),
+    Op.ADD: _infix("+"),
+    Op.SUB: _infix("-"),
+    Op.MUL: _infix("*"),
+    Op.DIV: _infix("/"),
+    Op.TANH: _method("tanh"),
+    Op.EXP: _method("exp"),
+    Op.LOG: _method("log"),
+    # ATen's sigmoid, silu and softplus kernels, term for term; softplus is x itself above 20.
+    Op.SIGMOID: lambda a: f"V(1) / (V(1) + {a[0]}.neg().exp())",
+    Op.SILU: lambda a: f"{a[0]} / (V(1) + {a[0]}.neg().exp())",
+    Op.SOFTPLUS: lambda a: f"V::blendv({a[0]}.exp().log1p(), {a[0]}, {a[0]} > V(20))",
+    Op.RELU: lambda a: f"at::vec::clamp_min({a[0]}, V(0))",
 }
 
 # Each input's gradient contribution, from the node's gradient ``g``, its inputs ``a`` and its value
@@ -53,7 +61,8 @@ _GRADIENTS: Dict[Op, Callable[[str, List[str], str], List[str]]] = {
     Op.TANH: lambda g, a, y: [f"{g} * (V(1) - {y} * {y})"],
     Op.EXP: lambda g, a, y: [f"{g} * {y}"],
     Op.LOG: lambda g, a, y: [f"{g} / {a[0]}"],
-    Op.RELU: lambda g, a, y: [f"V::blendv(V(0), {g}, {y} > V(0))"],
+    # threshold_backward's test, so a NaN passes its gradient as torch's does.
+    Op.RELU: lambda g, a, y: [f"V::blendv({g}, V(0), {y} <= V(0))"],
     Op.SILU: lambda g, a, y: [f"{g} * (V(1) / (V(1) + {a[0]}.neg().exp())) * "
                               f"(V(1) + {a[0]} * (V(1) - V(1) / (V(1) + {a[0]}.neg().exp())))"],
     Op.SOFTPLUS: lambda g, a, y: [f"V::blendv({g} * ({a[0]}.exp() / ({a[0]}.exp() + V(1))), {g}, {a[0]} > V(20))"],
@@ -128,7 +137,7 @@ class _Writer:
     def values(self, order: List[Node]) -> List[str]:
         lines = [f"const V {ref} = load(leaves[{i}], t, b, u, n);" for i, ref in enumerate(self.leaves.values())]
         for node in order:
-            lines.append(f"const V v_{node.name} = {_VALUES[node.op](node, [self.ref(i) for i in node.inputs])};")
+            lines.append(f"const V v_{node.name} = {_VALUES[node.op]([self.ref(i) for i in node.inputs])};")
         return lines
 
     def gradients(self, order: List[Node], a: str, b: str) -> List[str]:

@@ -304,8 +304,12 @@ def _emit_fused_branch(code: "_WholeSequenceCode", kernels: List[FusedKernelCode
     code.lines.append("    if fused_scan_runs(self.fused_kernels, xs, mask):  # the C++: rnndsl show --stage fused")
     for index, (kernel, update, var) in enumerate(zip(kernels, updates, states)):
         leaves = ", ".join(code.ref(name, seq) for name in kernel.leaves)
+        # The values this code split whose pieces are leaves: the kernel takes those pieces as
+        # column ranges of the value, and writes their gradients into one buffer.
+        split = [value for value, pieces in code.splits.items() if any(p in kernel.leaves for p, _ in pieces)]
+        roots = f", split_from=[{', '.join(code.ref(value, seq) for value in split)}]" if split else ""
         code.lines.append(f"        {seq[update.next]} = fused_linear_recurrence("
-                          f"self.fused_kernels[{index}], [{leaves}], {var}, xs.size(0))")
+                          f"self.fused_kernels[{index}], [{leaves}], {var}, xs.size(0){roots})")
     code.lines.append("    else:")
     for node in body_nodes(code.graph):
         if code.dependencies[node.name] is not Dependence.STATE and node.name in coefficients_only:
