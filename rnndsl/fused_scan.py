@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import os
 import tempfile
 import threading
 import warnings
@@ -202,7 +203,10 @@ def _build(source: str) -> Any:
     path = Path(tempfile.gettempdir()) / "rnndsl_fused" / f"{name}.cpp"
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists() or path.read_text() != source:
-        path.write_text(source)
+        # Written aside, then renamed: another process building the same kernel never reads half a file.
+        partial = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}")
+        partial.write_text(source)
+        os.replace(partial, path)
     library = ctypes.CDLL(cpp_extension.load(name, [str(path)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                                                 is_python_module=False))
     size, pointer = ctypes.c_int64, ctypes.c_void_p
