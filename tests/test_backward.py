@@ -452,3 +452,23 @@ def test_numbers_built_on_numbers_are_computed_once_each():
     got, expected = run(derived, xs, state, mask), run(loop, xs, state, mask)
     for a, b in zip(got[0] + got[1], expected[0] + expected[1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def _backward_loop(name: str) -> str:
+    """The time loop of a stock or zoo cell's derived backward, as code."""
+    code = rnndsl.load_cell(CELLS_DIR / f"{name}.cell").backward_code()
+    lines = code[code.index("    for t in", code.index("def backward_sequence")):].splitlines()
+    body = [line for line in lines[1:] if not line.startswith(" " * 8)]  # the first line after the loop
+    return "\n".join(lines[:lines.index(body[0])] if body else lines)
+
+
+@pytest.mark.parametrize("name", ["lstm", "gru", "cifg_lstm"])
+def test_gate_gradients_are_written_into_the_steps_buffer_row_without_a_cat(name):
+    loop = _backward_loop(name)
+    assert "grad_input=" in loop and "torch.cat(" not in loop
+
+
+def test_a_part_whose_gradient_is_a_sum_is_joined_by_cat_into_the_buffer_row():
+    # janet's gate gradient adds two terms: no single op writes it, so its join copies it in
+    loop = _backward_loop("janet")
+    assert "grad_input=" not in loop and "torch.cat(" in loop and ", out=" in loop

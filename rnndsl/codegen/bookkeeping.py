@@ -49,6 +49,31 @@ def level_of(node: Node) -> Level:
     return Level.LOOP
 
 
+# Gradient calls of ATen that write into a given tensor (their ``grad_input=`` form).
+_WRITE_GRAD_INPUT = ("torch.ops.aten.sigmoid_backward(", "torch.ops.aten.tanh_backward(",
+                     "torch.ops.aten.threshold_backward(")
+
+
+def _one_call(expr: str, opening: int) -> bool:
+    """Whether the parenthesis at ``opening`` closes at the end of ``expr`` (``expr`` is one call)."""
+    depth = 0
+    for position in range(opening, len(expr)):
+        depth += {"(": 1, ")": -1}.get(expr[position], 0)
+        if depth == 0:
+            return position == len(expr) - 1
+    return False
+
+
+def _written_into(expr: str, into: str, products: Dict[str, Tuple[str, str]]) -> Optional[str]:
+    """``expr`` computed into the tensor ``into`` by its op's out= form, or None where it has none."""
+    if expr in products:
+        return f"torch.mul({', '.join(products[expr])}, out={into})"
+    for call in _WRITE_GRAD_INPUT:
+        if expr.startswith(call) and _one_call(expr, len(call) - 1):
+            return f"{expr[:-1]}, grad_input={into})"
+    return None
+
+
 def _reduce(expr: str, shape: Shape, lead: int, target: Shape, target_lead: int) -> str:
     """Sum a gradient of IR shape ``shape`` with ``lead`` leading dims down to ``target``'s shape,
     which has ``target_lead`` leading dims where it is summed.
@@ -87,6 +112,15 @@ class Item:
     contribution: object  # Term, Product, Placed or OuterOf
     shape: Shape
     lead: int
+
+
+@dataclass(frozen=True)
+class Definition:
+    """Where a gradient local was assigned, and to what."""
+
+    block: "Block"
+    index: int
+    expr: str
 
 
 @dataclass
@@ -194,6 +228,8 @@ class GradientSums:
         # Gradients joined from slices with torch.cat: local -> (block, line, its parts with their ranges).
         self.joins: Dict[str, Tuple[Block, int, List[Tuple[str, Size, Size]]]] = {}
         self.views: Dict[str, Tuple[str, Size, Size]] = {}  # buffers that are slices of another buffer
+        self.definitions: Dict[str, Definition] = {}  # gradient locals by the line that assigns them
+        self.products: Dict[str, Tuple[str, str]] = {}  # code ``a * b`` of two tensors -> (a, b)
 
     def route(self, target: str, item: object, shape: Shape, block: Block) -> None:
         """File a contribution made at ``block``'s level where ``target``'s gradient is summed."""
@@ -214,6 +250,7 @@ class GradientSums:
         if expr.isidentifier():
             return expr
         local = self.names.fresh(*parts)
+        self.definitions[local] = Definition(block, len(block.lines), expr)
         block.emit(f"{local} = {expr}")
         return local
 
@@ -231,8 +268,11 @@ class GradientSums:
             for term in (c for c in group if isinstance(c, Term)):
                 total = term.expr if total is None else f"{total} + {atom(term.expr)}"
             for product in (c for c in group if isinstance(c, Product)):
-                total = (f"{atom(product.left)} * {atom(product.right)}" if total is None else
-                         f"torch.addcmul({total}, {product.left}, {product.right})")
+                if total is None:
+                    total = f"{atom(product.left)} * {atom(product.right)}"
+                    self.products[total] = (atom(product.left), atom(product.right))
+                else:
+                    total = f"torch.addcmul({total}, {product.left}, {product.right})"
             sums.append(_reduce(total, shape, lead, target, LEAD[block.level]))
         return " + ".join(sums[:1] + [atom(s) for s in sums[1:]]) if sums else None
 
@@ -252,7 +292,7 @@ class GradientSums:
                     self.views[parts[key]][1:] == key for key in order):
                 return bases.pop()  # the slices of one buffer, all of it in order: the buffer
             local = self.names.fresh(*name)
-            self.joins[local] = (block, len(block.lines), [(parts[key],) + key for key in order])
+            self.joins[local] = (block, len(block.lines), dim, [(parts[key],) + key for key in order])
             block.emit(f"{local} = torch.cat([{', '.join(parts[key] for key in order)}], {dim})")
             return local
         # Gaps or overlaps: start from zeros (rare: a chunk with an unused part).
@@ -293,16 +333,53 @@ class GradientSums:
                 after.append((target, Item(Term(self._buffer(local, shape)), shape, lead + 1)))
         for local, (buffer, _) in self.buffers.items():
             if local in self.joins:  # join the parts straight into the buffer: no copy, no allocation
-                block, index, joined = self.joins[local]
-                block.lines[index] = f"{block.lines[index][:-1]}, out={buffer}[t])"
+                block, index, dim, joined = self.joins[local]
+                if self._compute_parts_into(f"{buffer}[t]", block, index, dim, joined):
+                    block.lines[index] = f"{block.indent}{local} = {buffer}[t]"
+                else:
+                    block.lines[index] = f"{block.lines[index][:-1]}, out={buffer}[t])"
                 for part, start, length in joined:  # a buffered part is then a slice of this buffer
                     if part in self.buffers and part not in self.joins:
                         self.views.setdefault(self.buffers[part][0], (buffer, start, length))
         for local, (buffer, _) in self.buffers.items():
             if buffer not in self.views and local not in self.joins:
-                loop.emit(f"{buffer}[t].copy_({local})")
+                rewrite = self._computed_into(local, f"{buffer}[t]", loop, len(loop.lines))
+                if rewrite is None:
+                    loop.emit(f"{buffer}[t].copy_({local})")
+                else:  # computed straight into its row: no copy
+                    loop.lines[rewrite[0]] = rewrite[1]
+                    del self.definitions[local]
         self.crossing.clear()
         return after
+
+    def _computed_into(self, local: str, into: str, block: Block, before: int) -> Optional[Tuple[int, str]]:
+        """The line of ``block`` that assigns ``local`` and that line rewritten to compute it straight
+        into the tensor ``into`` (by its op's out= form); None unless ``local`` is assigned once, by a
+        line of ``block`` before line ``before``, of an op with an out= form."""
+        definition = self.definitions.get(local)
+        if definition is None or definition.block is not block or definition.index >= before:
+            return None
+        code = _written_into(definition.expr, into, self.products)
+        return None if code is None else (definition.index, f"{block.indent}{local} = {code}")
+
+    def _compute_parts_into(self, whole: str, block: Block, index: int, dim: int,
+                            joined: Sequence[Tuple[str, Size, Size]]) -> bool:
+        """Have each part of a join computed straight into its slice of ``whole``, so that no
+        ``torch.cat`` copies them there; False, changing nothing, unless every part can."""
+        rewrites = []
+        for part, start, length in joined:
+            rewrite = self._computed_into(
+                part, f"{whole}.narrow({dim}, {size_code(start)}, {size_code(length)})", block, index)
+            if rewrite is None:
+                return False
+            rewrites.append(rewrite)
+        if len({line for line, _ in rewrites}) < len(rewrites):  # one local for two parts
+            return False
+        for line, code in rewrites:
+            block.lines[line] = code
+        for part, _, _ in joined:  # written once: a later join cannot move it again
+            del self.definitions[part]
+        return True
 
     def file(self, contributions: Sequence[Tuple[str, Item]]) -> None:
         """File contributions already in their final form (the loop's buffers, after the loop)."""
