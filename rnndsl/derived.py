@@ -62,13 +62,36 @@ class DerivedSequence(torch.autograd.Function):
             xs, mask, list(tensors[state_count:tensor_count - input_count]), saved,
             [g.contiguous() for g in grads[:output_count]], [g.contiguous() for g in grads[output_count:]],
             need_input_grad, *inputs)
-        # One tensor may be the gradient of two parameters (bias_ih and bias_hh of a sum):
-        # autograd may keep it as both .grad, so each gets its own.
-        seen, distinct = set(), []
-        for grad in grad_params:
-            distinct.append(grad.clone() if id(grad) in seen else grad)
-            seen.add(id(grad))
-        return (None, grad_xs if need_input_grad else None, None, None, *grad_state, *distinct)
+        grad_xs, *rest = _in_memory_of_their_own([grad_xs if need_input_grad else None, *grad_state,
+                                                   *grad_params])
+        return (None, grad_xs, None, None, *rest)
+
+
+def _in_memory_of_their_own(grads: Sequence[Optional[Tensor]]) -> List[Optional[Tensor]]:
+    """``grads`` with a copy of each one whose memory overlaps an earlier one's.
+
+    The generated backward may return one tensor as two gradients (bias_ih and bias_hh of a sum),
+    or a state's gradient as a row of the input's (a cell that adds its input to its state); the
+    caller, or autograd keeping them as two ``.grad``, could then change one by writing the other.
+    Disjoint slices of one buffer (weights joined by the passes) stay as they are.
+    """
+    spans: List[Tuple[int, int]] = []
+    distinct: List[Optional[Tensor]] = []
+    for grad in grads:
+        if grad is None or grad.numel() == 0:
+            distinct.append(grad)
+            continue
+        if any(_span(grad)[0] < end and start < _span(grad)[1] for start, end in spans):
+            grad = grad.clone()
+        spans.append(_span(grad))
+        distinct.append(grad)
+    return distinct
+
+
+def _span(tensor: Tensor) -> Tuple[int, int]:
+    """The addresses from ``tensor``'s first element to past its last."""
+    last = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+    return tensor.data_ptr(), tensor.data_ptr() + (last + 1) * tensor.element_size()
 
 
 def _recomputed_gradients(ctx, xs: Tensor, mask: Optional[Tensor], tensors: Sequence[Tensor],

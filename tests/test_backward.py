@@ -472,3 +472,18 @@ def test_a_part_whose_gradient_is_a_sum_is_joined_by_cat_into_the_buffer_row():
     # janet's gate gradient adds two terms: no single op writes it, so its join copies it in
     loop = _backward_loop("janet")
     assert "grad_input=" not in loop and "torch.cat(" in loop and ", out=" in loop
+
+
+
+def test_no_two_gradients_share_memory(tmp_path):
+    # h' = relu(x + h + b): the state's gradient is the first row of the buffer that is the input's
+    path = tmp_path / "residual.cell"
+    path.write_text("cell residual(x[hidden]) -> h {\n    state h[hidden]\n    param b[hidden]\n"
+                    "    h' = relu(x + h + b)\n}\n")
+    for cell in (rnndsl.load_cell(path).build(4, 4, scan="sequential"), build("lstm", 3, 4)):
+        xs = torch.randn(3, 2, cell.input_size, requires_grad=True)
+        state = tuple(torch.randn(2, size, requires_grad=True) for size in cell.state_sizes)
+        outputs, _ = cell.forward_sequence(xs, state, None)
+        grads = torch.autograd.grad(outputs.sum(), [xs, *state, *cell.parameters()])
+        storages = [grad.untyped_storage().data_ptr() for grad in grads]
+        assert len(set(storages)) == len(storages)  # the LSTM's two bias gradients are one sum
