@@ -81,9 +81,11 @@ def _in_memory_of_their_own(grads: Sequence[Optional[Tensor]]) -> List[Optional[
         if grad is None or grad.numel() == 0:
             distinct.append(grad)
             continue
-        if any(_span(grad)[0] < end and start < _span(grad)[1] for start, end in spans):
+        first, past = _span(grad)
+        if any(first < end and start < past for start, end in spans):
             grad = grad.clone()
-        spans.append(_span(grad))
+            first, past = _span(grad)
+        spans.append((first, past))
         distinct.append(grad)
     return distinct
 

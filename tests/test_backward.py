@@ -474,7 +474,6 @@ def test_a_part_whose_gradient_is_a_sum_is_joined_by_cat_into_the_buffer_row():
     assert "grad_input=" not in loop and "torch.cat(" in loop and ", out=" in loop
 
 
-
 def test_no_two_gradients_share_memory(tmp_path):
     # h' = relu(x + h + b): the state's gradient is the first row of the buffer that is the input's
     path = tmp_path / "residual.cell"

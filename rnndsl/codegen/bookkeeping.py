@@ -225,8 +225,8 @@ class GradientSums:
         self.pending: Dict[str, List[Item]] = defaultdict(list)
         self.crossing: Dict[str, List[Item]] = defaultdict(list)  # from the loop to other levels
         self.buffers: Dict[str, Tuple[str, Shape]] = {}  # per-step gradient -> its (T, ...) buffer
-        # Gradients joined from slices with torch.cat: local -> (block, line, its parts with their ranges).
-        self.joins: Dict[str, Tuple[Block, int, List[Tuple[str, Size, Size]]]] = {}
+        # Gradients joined from slices with torch.cat: local -> (block, line, dim, its parts with their ranges).
+        self.joins: Dict[str, Tuple[Block, int, int, List[Tuple[str, Size, Size]]]] = {}
         self.views: Dict[str, Tuple[str, Size, Size]] = {}  # buffers that are slices of another buffer
         self.definitions: Dict[str, Definition] = {}  # gradient locals by the line that assigns them
         self.products: Dict[str, Tuple[str, str]] = {}  # code ``a * b`` of two tensors -> (a, b)
