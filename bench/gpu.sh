@@ -2,14 +2,18 @@
 # The benchmarks on CUDA: hidden 256 to 4096, every variant against cuDNN's
 # torch.nn.LSTM / torch.nn.GRU, start-up and memory at hidden 1024; then
 # minGRU's parallel scan against its loop (issue 6's goal, which on CPU the
-# shared GEMMs bound; on a GPU the loop is launch-bound instead).
-# Writes benchmark-cuda.{csv,png,txt} and parallel-scan-cuda.txt to $OUT when
-# set, else to bench/results/. Not needed for CPU use: `python -m bench.benchmark`
-# and `python -m bench.bench_parallel_scan` are the CPU benchmarks.
+# shared GEMMs bound; on a GPU the loop is launch-bound instead); then
+# torch.compile'd rnndsl LSTMs (Inductor's kernels, and CUDA graphs with
+# mode="reduce-overhead") against cuDNN at hidden 512 to 2048 (issue 16's goal).
+# Writes benchmark-cuda.{csv,png,txt}, parallel-scan-cuda.txt and compile-cuda.txt
+# to $OUT when set, else to bench/results/. Not needed for CPU use: `python -m
+# bench.benchmark`, `bench.bench_parallel_scan` and `bench.bench_compile` are the
+# CPU benchmarks.
 #
-# Stops itself after 400 + 120 s; the CSV and plot are rewritten after every section,
-# so a run cut short keeps what it measured. Extra arguments go to the
-# benchmark (e.g. --variants ...). PYTHON picks the interpreter;
+# Stops itself after 330 + 90 + 150 s (the device machine allows 600 s a command);
+# the CSV and plot are rewritten after every section, and the compiled rows are
+# printed a size at a time, so a run cut short keeps what it measured. Extra
+# arguments go to the benchmark (e.g. --variants ...). PYTHON picks the interpreter;
 # by default the first of .venv/bin/python, python3, python whose torch sees a GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,10 +38,14 @@ fi
 
 # --no-compile: torch.compile of the unrolled Python loop alone took 213 s to start on an H200
 # (2026-12-04), more than all other variants together.
-timeout --signal=INT --kill-after=20 400 \
+timeout --signal=INT --kill-after=10 330 \
     "$python" -m bench.benchmark --device cuda --memory-hidden 1024 --memory-runs 1 --repeats 10 --no-compile \
         --csv "$out/benchmark-cuda.csv" --plot "$out/benchmark-cuda.png" "$@" \
     2>&1 | tee "$out/benchmark-cuda.txt" || true
-timeout --signal=INT --kill-after=10 120 \
+timeout --signal=INT --kill-after=10 90 \
     "$python" -m bench.bench_parallel_scan --device cuda --python-loop \
-    2>&1 | tee "$out/parallel-scan-cuda.txt"
+    2>&1 | tee "$out/parallel-scan-cuda.txt" || true
+# Each size compiles three variants afresh (Inductor, then Triton), so few sizes and rounds.
+timeout --signal=INT --kill-after=10 150 \
+    "$python" -u -m bench.bench_compile --device cuda --skip-compile-time --hidden 512 1024 2048 --rounds 5 \
+    2>&1 | tee "$out/compile-cuda.txt"
