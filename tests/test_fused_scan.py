@@ -42,7 +42,7 @@ cell elementwise(x[hidden]) -> y {
 
 
 @pytest.fixture
-def fused(monkeypatch):
+def fused(monkeypatch, at_least_two_threads):
     """use_cpu_kernel() on for one test, and the fused kernels' forward and backward calls counted."""
     if not use_cpu_kernel():
         pytest.skip("the C++ kernels do not build here")

@@ -185,7 +185,7 @@ def test_mismatched_dtypes_are_named():
 
 
 @pytest.fixture
-def cpu_kernel():
+def cpu_kernel(at_least_two_threads):
     """The C++ scan switched on for one test (built on first use), off again after."""
     if not use_cpu_kernel():
         pytest.skip("the C++ linear scan did not build here")
@@ -193,13 +193,14 @@ def cpu_kernel():
     use_cpu_kernel(False)
 
 
-@pytest.mark.parametrize("steps", [1, 2, 17, 300])
-def test_cpu_kernel_matches_the_loop(cpu_kernel, steps):
+# 3 x 5 lanes run on one thread; 4 x 300 are split between threads (the kernel's grain is 256 lanes).
+@pytest.mark.parametrize("steps, lanes", [(1, (3, 5)), (2, (3, 5)), (17, (3, 5)), (300, (3, 5)), (17, (4, 300))])
+def test_cpu_kernel_matches_the_loop(cpu_kernel, steps, lanes):
     g = torch.Generator().manual_seed(steps)
-    a = torch.randn(steps, 3, 5, dtype=torch.float64, generator=g)
+    a = torch.randn(steps, *lanes, dtype=torch.float64, generator=g)
     a[a.abs() < 0.3] = 0.0  # zeros, negatives and values above one alike
-    b, weights = (torch.randn(steps, 3, 5, dtype=torch.float64, generator=g) for _ in range(2))
-    s0 = torch.randn(3, 5, dtype=torch.float64, generator=g)
+    b, weights = (torch.randn(steps, *lanes, dtype=torch.float64, generator=g) for _ in range(2))
+    s0 = torch.randn(*lanes, dtype=torch.float64, generator=g)
     assert_matches(linear_recurrence(a, b, s0), sequential_linear_recurrence(a, b, s0))
     for requires in [(True, True, True), (False, True, True), (True, False, False)]:
         _, got_grads = gradients(linear_recurrence, a, b, s0, weights, requires)
