@@ -62,14 +62,17 @@ def _method(cell, name: str, params: List[Tensor], buffers: List[Tensor]):
 
 
 def _distinct(results: Sequence[Tensor], inputs: Sequence[Optional[Tensor]]) -> List[Tensor]:
-    """``results`` with every tensor that shares memory with an input or an earlier result (the
-    same tensor, or a view of it) replaced by a copy: a custom op's outputs may alias neither."""
+    """``results`` made contiguous, as the ops' fake implementations promise and Inductor checks (a
+    reduction's gradient is an expanded view), and with every tensor that shares memory with an
+    input or an earlier result (the same tensor, or a view of it) replaced by a copy: a custom op's
+    outputs may alias neither."""
     def storage(t: Tensor) -> int:
         return t.untyped_storage().data_ptr()
 
     taken = {storage(t) for t in inputs if t is not None and t.numel()}
     distinct = []
     for result in results:
+        result = result.contiguous()
         if result.numel() and storage(result) in taken:
             result = result.clone()
         distinct.append(result)

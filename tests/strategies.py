@@ -121,7 +121,7 @@ class _Builder:
         kinds = ["matmul"] if size not in self.pool or not self.pool[size] else ["leaf", "matmul"]
         if depth > 0:
             kinds += ["matmul", "concat", "unary", "safe", "neg", "binary", "scale", "bias", "divide",
-                      "layernorm", "dropout", "zoneout"]
+                      "layernorm", "reduce", "dropout", "zoneout"]
         kind = self.draw(st.sampled_from(kinds))
         if kind == "leaf":
             return self.draw(st.sampled_from(self.pool[size]))
@@ -134,11 +134,18 @@ class _Builder:
             return f"{self.param(f'{size}, {left} + {right}')} @ {joined}"
         inner = self.vector(size, depth - 1)
         if kind == "unary":
-            function = self.draw(st.sampled_from(["sigmoid", "tanh", "relu", "abs", "silu", "softplus"]))
+            function = self.draw(st.sampled_from(["sigmoid", "tanh", "relu", "abs", "silu", "softplus", "gelu",
+                                                  "elu", "selu", "mish", "logsigmoid", "hardtanh",
+                                                  "hardsigmoid", "softsign", "sin", "cos", "erf", "softmax"]))
             return f"{function}({inner})"
         if kind == "safe":  # functions whose domain or range needs a guard to stay finite
             return self.draw(st.sampled_from([f"exp(tanh({inner}))", f"log(1 + softplus({inner}))",
-                                              f"sqrt(abs({inner}) + 1)"]))
+                                              f"sqrt(abs({inner}) + 1)", f"log1p(abs({inner}))",
+                                              f"expm1(tanh({inner}))"]))
+        if kind == "reduce":  # a number per example, spread back over the vector
+            function = self.draw(st.sampled_from(["sum", "mean", "logsumexp"]))
+            source = self.draw(st.sampled_from(sources))
+            return f"({inner} + {function}({self.vector(source, depth - 1)}))"
         if kind == "neg":
             return f"-({inner})"
         if kind == "binary":  # `+` and `-` bind looser than `@`; `*` needs the parentheses

@@ -23,7 +23,9 @@ from hypothesis import strategies as hs
 import rnndsl
 from rnndsl import cli
 from rnndsl.codegen.derivatives import DERIVATIVES
+from rnndsl import opaque
 from rnndsl.derived import DerivedSequence
+from rnndsl.twin import buffers_of, parameters_of
 from rnndsl.ir import Op, OpKind
 from strategies import well_formed_cells
 
@@ -50,11 +52,15 @@ def inputs(cell, steps: int, batch: int, dtype=torch.float64, seed: int = 0):
     return xs, state, mask
 
 
-def run(cell, xs, state, mask, seed: int = 1):
-    """Outputs, final state, and the gradients of a random weighting of both wrt inputs and parameters."""
+def run(cell, xs, state, mask, seed: int = 1, forward_sequence=None):
+    """Outputs, final state, and the gradients of a random weighting of both wrt inputs and parameters,
+    from ``forward_sequence(cell, xs, state, mask)`` (by default the cell's own)."""
     xs = xs.clone().requires_grad_(True)
     state = tuple(s.clone().requires_grad_(True) for s in state)
-    outputs, final = cell.forward_sequence(xs, state, mask)
+    if forward_sequence is None:
+        outputs, final = cell.forward_sequence(xs, state, mask)
+    else:
+        outputs, final = forward_sequence(cell, xs, state, mask)
     results = list(outputs if isinstance(outputs, tuple) else (outputs,)) + list(final)
     generator = torch.Generator().manual_seed(seed)
     loss = sum((r * torch.randn(r.shape, dtype=r.dtype, generator=generator)).sum() for r in results)
@@ -100,22 +106,31 @@ def test_derived_backward_equals_autograd_of_the_loop(name, input_size, hidden, 
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+def through_the_compiled_op(cell, xs, state, mask):
+    """What torch.compile runs for ``cell``'s sequence (rnndsl/opaque.py), called without dynamo: for an
+    eager cell, its generated Python methods, which nothing else runs backward."""
+    return opaque.forward_sequence(cell, xs, state, mask, parameters_of(cell), buffers_of(cell), saving=True)
+
+
 @settings(max_examples=10, deadline=None)
 @given(drawn=well_formed_cells(), input_size=hs.integers(1, 3), hidden=hs.integers(1, 3),
-       steps=hs.integers(1, 4), masked=hs.booleans())
-def test_random_cells_derive_the_same_gradients(drawn, input_size, hidden, steps, masked):
-    """Every op of the language, in random combinations (tests/strategies.py), evaluation mode."""
+       steps=hs.integers(1, 4), masked=hs.booleans(), backend=hs.sampled_from(["script", "eager"]))
+def test_random_cells_derive_the_same_gradients(drawn, input_size, hidden, steps, masked, backend):
+    """Every op of the language, in random combinations (tests/strategies.py), evaluation mode; the
+    derived backward in TorchScript (DerivedSequence) and in Python (the eager cell's, under torch.compile)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # unused values are legal
         spec = rnndsl.load_source(drawn.source)[drawn.name]
     try:
-        derived = spec.build(input_size, hidden, scan="sequential").double().eval()
+        derived = spec.build(input_size, hidden, scan="sequential", backend=backend).double().eval()
     except ValueError:  # sizes this cell cannot take (e.g. its input must be as large as a state)
         return
     loop = spec.build(input_size, hidden, derived_backward=False, scan="sequential").double().eval()
     loop.load_state_dict(derived.state_dict())
     xs, state, mask = inputs(derived, steps, batch=2)
-    got, expected = run(derived, xs, state, mask if masked else None), run(loop, xs, state, mask if masked else None)
+    mask = mask if masked else None
+    got = run(derived, xs, state, mask, forward_sequence=None if backend == "script" else through_the_compiled_op)
+    expected = run(loop, xs, state, mask)
     for a, b in zip(got[0] + got[1], expected[0] + expected[1]):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
@@ -372,7 +387,7 @@ cell many(x[input]) -> y, h {
     d = exp(-abs(a)) / (1 + softplus(z)) - sqrt(c * c + 1) * s + log(1 + sigmoid(b))
     e = layernorm(silu(d) + relu(a) * k, g, n)
     u, v = chunk(concat(e, tanh(z)), 2)
-    y = u * v - b
+    y = u * v - b + 0.5 * sum(h) - mean(c)
     h' = tanh(y)
     c' = c
 }
@@ -380,16 +395,18 @@ cell many(x[input]) -> y, h {
 
 
 @pytest.mark.parametrize("disable", [(), ("hoist",), ("cse", "dce", "hoist", "merge_matmuls", "reassociate")])
-def test_every_op_with_and_without_the_passes(disable):
-    """Parameter vectors in the loop, a state passed through, two outputs, layer norm, concat."""
+@pytest.mark.parametrize("backend", ["script", "eager"])
+def test_every_op_with_and_without_the_passes(disable, backend):
+    """Parameter vectors in the loop, a state passed through, two outputs, layer norm, concat, sums."""
     spec = rnndsl.load_source(MANY_OPS_CELL)["many"]
-    derived = spec.build(3, 4, disable=disable).double()
+    derived = spec.build(3, 4, disable=disable, backend=backend).double()
     loop = spec.build(3, 4, disable=disable, derived_backward=False).double()
     derived.load_state_dict(loop.state_dict())
     xs, state, mask = inputs(derived, steps=3, batch=2)
+    forward_sequence = None if backend == "script" else through_the_compiled_op
     for masked in (None, mask):
-        got, expected = run(derived, xs, state, masked), run(loop, xs, state, masked)
-        assert type(got[2]).__name__ == "DerivedSequenceBackward"
+        got, expected = run(derived, xs, state, masked, forward_sequence=forward_sequence), run(loop, xs, state, masked)
+        assert ("DerivedSequence" if backend == "script" else "rnndsl_sequence") in type(got[2]).__name__
         for a, b in zip(got[0] + got[1], expected[0] + expected[1]):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 

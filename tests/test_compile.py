@@ -172,6 +172,22 @@ def test_inductor_compiles_a_drop_in_network(backend):
     _compare(module, lambda m, xs: m(xs), (torch.randn(5, 2, 3, dtype=F64),), backend="inductor")
 
 
+@pytest.mark.parametrize("backend", ["script", "eager"])
+def test_inductor_compiles_a_cell_whose_gradients_are_expanded_views(backend):
+    """A reduction's gradient is spread back as an expanded view; the op still hands Inductor
+    the contiguous tensors its fake implementation promised (here the initial state's gradient)."""
+    torch.manual_seed(0)
+    spec = rnndsl.load_source("""
+        cell spread(x[input]) -> h {
+            state h[hidden]
+            param W[hidden, input]
+            h' = tanh(W @ x) + mean(h)
+        }""")["spread"]
+    cell = spec.build(3, 4, backend=backend).double()
+    _compare(cell, lambda m, xs, h: m.forward_sequence(xs, (h,))[0],
+             (torch.randn(5, 2, 3, dtype=F64), torch.randn(2, 4, dtype=F64)), backend="inductor")
+
+
 def test_a_parametrized_cell_compiles():
     """A scripted cell is a plain module: a parametrization's tensor reaches the compiled op."""
     torch.manual_seed(0)

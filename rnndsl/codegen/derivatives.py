@@ -241,7 +241,8 @@ def _where(r: Rule) -> Contributions:
 
 def _spread(r: Rule, grad: str) -> Term:
     """A reduction's gradient (one unit per example) spread over the units of its input."""
-    return Term(f"{atom(grad)}.expand({atom(grad)}.size()[:-1] + [{r.size(r.shape(0).dims[0])}])", r.shape(0))
+    # `list(...)`: in Python (the eager cell's methods) a size's slice is a tuple, in TorchScript a list.
+    return Term(f"{atom(grad)}.expand(list({atom(grad)}.size()[:-1]) + [{r.size(r.shape(0).dims[0])}])", r.shape(0))
 
 
 def _sum(r: Rule) -> Contributions:
