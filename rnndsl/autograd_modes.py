@@ -13,6 +13,12 @@ import torch
 from torch import Tensor
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type``; False for a device autocast does not know (meta,
+    where a forward only infers shapes), on which ``torch.is_autocast_enabled`` raises."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def plain_backward_needed(grads: Sequence[Optional[Tensor]]) -> bool:
     """Whether the backward running now must be differentiable or batchable: under
     ``create_graph`` (grad mode is on inside the backward), under torch.func's transforms, or

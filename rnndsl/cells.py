@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from . import derived, opaque
+from .autograd_modes import autocast_enabled
 from .codegen import supports_training
 from .errors import CellWarning
 from .options import BuildOptions
@@ -460,14 +461,14 @@ class ScriptedCell(EagerCell):
             # Function without a vmap rule (the derived backward's, the parallel scan's).
             return super()._run_sequence(xs, state, mask, extras)
         if extras:
-            if torch.is_autocast_enabled(xs.device.type):
+            if autocast_enabled(xs.device.type):
                 return self._python_methods.forward_sequence(self, xs, state, mask, *extras)
             if derived.uses_derived_backward(self, xs, state, extras):
                 return derived.derived_forward_sequence(self, xs, state, mask, extras)
             return self.kernel().forward_sequence(xs, state, mask, *extras)
         if self.scan_mode == "parallel":
             return self.forward_parallel(xs, state, mask)
-        if torch.is_autocast_enabled(xs.device.type):
+        if autocast_enabled(xs.device.type):
             # Autocast's casts are autograd's to undo; the derived backward, run outside autocast
             # on what the forward saved in mixed dtypes, does not know them.
             return self._python_methods.forward_sequence(self, xs, state, mask)

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
+from .autograd_modes import autocast_enabled
 from .scan import per_step_inputs, python_scan, scan
 from .sequences import lengths_mask, refuse_packed_under_export, repack, reverse_padded
 
@@ -368,7 +369,7 @@ def out_of_autocast(tensor: Tensor, carried: torch.dtype) -> Tensor:
     if not isinstance(tensor, Tensor):  # left for the checks to name
         return tensor
     device = tensor.device.type
-    if torch.is_autocast_enabled(device) and tensor.dtype == torch.get_autocast_dtype(device) != carried:
+    if autocast_enabled(device) and tensor.dtype == torch.get_autocast_dtype(device) != carried:
         return tensor.to(carried)
     return tensor
 

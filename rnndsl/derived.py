@@ -14,7 +14,7 @@ from torch import Tensor
 
 from . import opaque
 from .twin import buffers_of, eager_forward_sequence, parameters_of
-from .autograd_modes import plain_backward_needed
+from .autograd_modes import autocast_enabled, plain_backward_needed
 
 
 class DerivedSequence(torch.autograd.Function):
@@ -173,6 +173,6 @@ def compiled_forward_sequence(cell, xs: Tensor, state: Sequence[Tensor], mask: O
     saving = _records(xs, state, cell)
     if saving and not derived_backward_serves(cell):
         return None
-    if torch.is_autocast_enabled(xs.device.type):
+    if autocast_enabled(xs.device.type):
         return None  # the op's backward would see autocast's mixed dtypes, which autograd alone undoes
     return opaque.forward_sequence(cell, xs, tuple(state), mask, parameters_of(cell), buffers_of(cell), saving)

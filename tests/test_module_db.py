@@ -16,7 +16,7 @@ from typing import Callable
 import pytest
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 import rnndsl
 
@@ -70,6 +70,21 @@ def test_factory_kwargs(info, backend):
                 assert isinstance(parameter, nn.Parameter), name
                 assert parameter.dtype == factory.get("dtype", torch.get_default_dtype()), name
                 assert parameter.device.type == factory.get("device", "cpu"), name
+
+
+@pytest.mark.parametrize("info, backend", CASES)
+def test_a_forward_on_the_meta_device_gives_torchs_shapes(info, backend):
+    """Shape inference: a module and its inputs on the meta device, as torch's module runs there."""
+    def on_meta(args):
+        return tree_map(lambda t: t.detach().to("meta") if isinstance(t, torch.Tensor) else t, args)
+
+    for module_input in module_inputs(info):
+        constructor, forward = module_input.constructor_input, module_input.forward_input
+        args, kwargs = on_meta(forward.args), on_meta(forward.kwargs)
+        reference = info.module_cls(*constructor.args, **constructor.kwargs, device="meta", dtype=F64)
+        ours = build(info, module_input, backend, device="meta", dtype=F64)
+        got, expected = tree_flatten(ours(*args, **kwargs))[0], tree_flatten(reference(*args, **kwargs))[0]
+        assert [(t.shape, t.device.type) for t in got] == [(t.shape, t.device.type) for t in expected]
 
 
 @pytest.mark.parametrize("info, backend", CASES)
