@@ -178,6 +178,20 @@ def test_refusal_names_the_equation(name):
     assert f"{name}.cell:" in message
 
 
+def test_a_state_passed_through_is_refused_by_name():
+    spec = rnndsl.load_source("""
+        cell kept(x[input]) -> y {
+            state h[hidden], s[hidden]
+            param W[hidden, input], U[hidden, input]
+            h' = sigmoid(W @ x) * h + U @ x
+            s' = s
+            y = h' + s'
+        }""", path="kept.cell")["kept"]
+    with pytest.raises(ValueError, match="`s' = s` passes the state through unchanged"):
+        spec.build(4, 4, scan="parallel")
+    assert spec.build(4, 4, scan="auto").scan_mode == "sequential"
+
+
 def test_find_linear_recurrences_reads_the_ir():
     (update,) = find_linear_recurrences(rnndsl.load_cell("qrnn").optimized())
     assert update.state == "c" and update.next == "c_next"

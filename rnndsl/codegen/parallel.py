@@ -196,6 +196,9 @@ def find_linear_recurrences(graph: Graph, fixed_dropout_mask: bool = False) -> L
     for decl, next_name in zip(graph.states, graph.next_states):
         if state_view(graph, decl.name) is not None:  # a tensor state (rnndsl/codegen/chunkwise.py)
             updates.append(tensor_update(graph, decl.name, next_name, free))
+        elif next_name == decl.name:
+            raise NotLinear(f"`{decl.name}' = {decl.name}` passes the state through unchanged, which the parallel "
+                            f"scan does not take: drop the state, or run scan=\"sequential\"", nodes[next_name])
         else:
             a, b = _update_of(decl.name, nodes[next_name], nodes, free)
             updates.append(LinearUpdate(decl.name, next_name, a, b))
