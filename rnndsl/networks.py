@@ -285,8 +285,17 @@ class _CompiledRNNBase:
 
     def __init__(self, *args, backend: str = "script", **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.backend = backend
+
+    @property
+    def backend(self) -> str:
+        """``"script"``, ``"eager"`` or ``"native"``; assigning another (or ``"auto"``) rebuilds the cells."""
+        return self.__dict__["_backend"]
+
+    @backend.setter
+    def backend(self, backend: str) -> None:
         # torch's fused kernels take projections too: the native backend runs any proj_size.
-        self.backend = resolve_backend(backend, load_stock_cell(NATIVE_MODES[self.mode].stock_cell))
+        self.__dict__["_backend"] = resolve_backend(backend, load_stock_cell(NATIVE_MODES[self.mode].stock_cell))
         self._build_engine()
         if self.backend != "native":
             _let_dynamo_trace_drop_ins()
@@ -335,6 +344,8 @@ class _CompiledRNNBase:
         return state
 
     def __setstate__(self, state) -> None:
+        if "backend" in state:  # pickled before `backend` was a property
+            state["_backend"] = state.pop("backend")
         super().__setstate__(state)
         self._build_engine()
 
@@ -360,20 +371,22 @@ class _CompiledRNNBase:
             # Checked before choosing the kernel, so every backend raises the same error.
             check_not_empty(input.transpose(0, 1) if self.batch_first and input.dim() == 3 else input,
                             type(self).__name__)
+        if packed:
+            checked, batch_sizes, batched = input.data, input.batch_sizes, True
+        else:
+            batched = input.dim() == 3
+            checked = input if batched else input.unsqueeze(0 if self.batch_first else 1)
+            batch_sizes = None
+        # Checked before choosing the kernel too: torch's own errors for these are less clear.
+        self.check_input(checked, batch_sizes)
+        given_hx = hx if hx is None else self._checked_hx(hx, checked, batch_sizes, batched)
         if self.backend == "native":
             return super().forward(input, hx)
         if packed:
-            self.check_input(input.data, input.batch_sizes)
-            checked, batch_sizes, batched = input.data, input.batch_sizes, True
             xs, lengths = pad_packed_sequence(input)
         else:
-            batched = input.dim() == 3
-            if not batched:
-                input = input.unsqueeze(0 if self.batch_first else 1)
-            self.check_input(input, None)
-            checked, batch_sizes, lengths = input, None, None
-            xs = input.transpose(0, 1) if self.batch_first else input
-        hx = self._prepare_hx(hx, checked, batch_sizes, batched, xs)
+            xs, lengths = (checked.transpose(0, 1) if self.batch_first else checked), None
+        hx = given_hx if given_hx is not None else self._zero_hx(xs)
         # Under autocast the layers carry the state in the parameters' dtype, whatever the input's.
         carried = self.weight_ih_l0.dtype
         xs, hx = out_of_autocast(xs, carried), tuple(out_of_autocast(h, carried) for h in hx)
@@ -439,29 +452,31 @@ class _CompiledRNNBase:
             return (low, low, full) if self.proj_size else (full, full, full)
         return (full, full) if self.mode == "GRU" else (low, low)
 
-    def _prepare_hx(self, hx, checked: Tensor, batch_sizes, batched: bool, xs: Tensor):
-        """Zeros, or the user's ``hx`` checked and made 3-D; a tuple either way."""
+    def _zero_hx(self, xs: Tensor) -> Tuple[Tensor, ...]:
+        """torch's zero initial state for a (steps, batch, features) ``xs``; a tuple."""
+        h_0 = xs.new_zeros(self.num_layers * (2 if self.bidirectional else 1), xs.size(1),
+                           self.proj_size or self.hidden_size)
+        return (h_0, xs.new_zeros(h_0.shape[:2] + (self.hidden_size,))) if self.mode == "LSTM" else (h_0,)
+
+    def _checked_hx(self, hx, checked: Tensor, batch_sizes, batched: bool) -> Tuple[Tensor, ...]:
+        """The user's ``hx`` checked against the (batched) input ``checked`` and made 3-D; a tuple."""
         lstm = self.mode == "LSTM"
-        directions = 2 if self.bidirectional else 1
-        if hx is None:
-            h_0 = xs.new_zeros(self.num_layers * directions, xs.size(1), self.proj_size or self.hidden_size)
-            return (h_0, xs.new_zeros(h_0.shape[:2] + (self.hidden_size,))) if lstm else (h_0,)
         hx = (hx,) if isinstance(hx, Tensor) else tuple(hx)
         if len(hx) != (2 if lstm else 1) or not all(isinstance(h, Tensor) for h in hx):
             raise ValueError(f"{type(self).__name__}: hx must be "
                              + ("a tuple (h_0, c_0) of tensors" if lstm else "a tensor"))
         dims = 3 if batched else 2
-        if any(h.dim() != dims for h in hx):
-            got = ", ".join(f"{h.dim()}-D" for h in hx)
-            raise RuntimeError(f"For {'batched 3-D' if batched else 'unbatched 2-D'} input, hx "
-                               f"should also be {dims}-D but got ({got})")
+        if any(h.dim() != dims for h in hx):  # torch's words
+            got = f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors" if lstm else f"{hx[0].dim()}-D tensor"
+            raise RuntimeError(f"For {'batched 3-D' if batched else 'unbatched 2-D'} input, "
+                               f"{'hx and cx' if lstm else 'hx'} should also be {dims}-D but got {got}")
         if not batched:
             hx = tuple(h.unsqueeze(1) for h in hx)
         self.check_forward_args(checked, hx if lstm else hx[0], batch_sizes)
         for name, h in zip(("h_0", "c_0"), hx):
-            if h.dtype != xs.dtype or h.device != xs.device:
+            if h.dtype != checked.dtype or h.device != checked.device:
                 raise ValueError(f"{type(self).__name__}: {name} is {h.dtype} on {h.device} "
-                                 f"but the input is {xs.dtype} on {xs.device}")
+                                 f"but the input is {checked.dtype} on {checked.device}")
         return hx
 
     def _layer_states(self, hx: Tuple[Tensor, ...]):

@@ -139,13 +139,20 @@ def test_drop_in_pickles_copies_and_moves():
     assert not torch.allclose(flat(doubled)[0], expected[0].double())
 
 
-def test_drop_in_errors_name_expected_and_received():
-    lstm = LSTM(10, 20)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_drop_in_errors_name_expected_and_received(backend):
+    """The same errors on every backend, the native one's too (torch's own say less there)."""
+    lstm = LSTM(10, 20, backend=backend)
     with pytest.raises(RuntimeError, match="Expected 10, got 11"):
         lstm(torch.randn(5, 3, 11))
     with pytest.raises(RuntimeError, match=r"Expected hidden\[0\] size \(1, 3, 20\), got \[1, 4, 20\]"):
         lstm(torch.randn(5, 3, 10), (torch.zeros(1, 4, 20), torch.zeros(1, 3, 20)))
-    with pytest.raises(RuntimeError, match="hx should also be 3-D"):
+    packed = pack_padded_sequence(torch.randn(5, 2, 10), torch.tensor([5, 3]))
+    with pytest.raises(RuntimeError, match=r"Expected hidden\[0\] size \(1, 2, 20\), got \[1, 3, 20\]"):
+        lstm(packed, (torch.zeros(1, 3, 20), torch.zeros(1, 3, 20)))
+    with pytest.raises(RuntimeError, match="Expected 11, got 10"):
+        LSTM(11, 20, backend=backend)(packed)
+    with pytest.raises(RuntimeError, match=r"hx and cx should also be 3-D but got \(2-D, 2-D\) tensors"):
         lstm(torch.randn(5, 3, 10), (torch.zeros(3, 20), torch.zeros(3, 20)))
     with pytest.raises(ValueError, match="h_0 is torch.float64 on cpu but the input is torch.float32"):
         lstm(torch.randn(5, 3, 10), (torch.zeros(1, 3, 20, dtype=F64), torch.zeros(1, 3, 20)))
@@ -177,6 +184,22 @@ def test_drop_in_projections_match_torch(backend, bidirectional, bias):
         grads_ours = torch.autograd.grad(sum((t * w).sum() for t, w in zip(got, weights)),
                                          wrt + list(ours.parameters()))
         torch.testing.assert_close(grads_ours, grads, **TOL)
+
+
+@pytest.mark.parametrize("first, second", [("script", "eager"), ("eager", "native"), ("native", "script")])
+def test_a_backend_assigned_after_construction_takes_effect(first, second):
+    reference, ours = pair("LSTM", first, input_size=3, hidden_size=4, num_layers=2)
+    ours.backend = second
+    assert ours.backend == second and f"backend='{second}'" in repr(ours)
+    assert (ours._engine is None) == (second == "native")
+    if second != "native":
+        cell = ours._engine.layers[0].cell
+        assert hasattr(cell, "kernel") == (second == "script")  # a scripted cell keeps its TorchScript kernel
+    x = randn(5, 2, 3)
+    torch.testing.assert_close(flat(ours(x)), flat(reference(x)), **TOL)
+    with pytest.raises(ValueError, match="unknown backend"):
+        ours.backend = "cuda"
+    assert ours.backend == second
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
