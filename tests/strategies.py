@@ -134,9 +134,12 @@ class _Builder:
             return f"{self.param(f'{size}, {left} + {right}')} @ {joined}"
         inner = self.vector(size, depth - 1)
         if kind == "unary":
+            # Not hardsigmoid: torch's own derivative of it is 1/6 rounded to float32 in float64 too
+            # (0.16666667163), TorchScript's autodiff of a scripted step the exact 1/6, so the two
+            # backends' gradients part at 3e-8 (tests/test_functions.py checks it against torch).
             function = self.draw(st.sampled_from(["sigmoid", "tanh", "relu", "abs", "silu", "softplus", "gelu",
-                                                  "elu", "selu", "mish", "logsigmoid", "hardtanh",
-                                                  "hardsigmoid", "softsign", "sin", "cos", "erf", "softmax"]))
+                                                  "elu", "selu", "mish", "logsigmoid", "hardtanh", "softsign",
+                                                  "sin", "cos", "erf", "softmax"]))
             return f"{function}({inner})"
         if kind == "safe":  # functions whose domain or range needs a guard to stay finite
             return self.draw(st.sampled_from([f"exp(tanh({inner}))", f"log(1 + softplus({inner}))",

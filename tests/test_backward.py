@@ -411,6 +411,26 @@ def test_every_op_with_and_without_the_passes(disable, backend):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", ["script", "eager"])
+def test_an_output_that_is_a_state_kept_in_a_trail(backend):
+    """`y = h` where the backward keeps `h`'s steps in a trail (its next value is computed into
+    it): the output still gets a buffer of its own."""
+    spec = rnndsl.load_source("""
+        cell kept(x[input]) -> y {
+            state h[hidden]
+            h' = log(1 + softplus(h)) + sum(x)
+            y = h
+        }""")["kept"]
+    derived = spec.build(3, 4, backend=backend).double()
+    loop = spec.build(3, 4, derived_backward=False).double()
+    xs, state, mask = inputs(derived, steps=3, batch=2)
+    forward_sequence = None if backend == "script" else through_the_compiled_op
+    for masked in (None, mask):
+        got, expected = run(derived, xs, state, masked, forward_sequence=forward_sequence), run(loop, xs, state, masked)
+        for a, b in zip(got[0] + got[1], expected[0] + expected[1]):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 def test_the_switch_leaves_the_derived_methods_out():
     cell = build("rnn_tanh", 3, 4, derived_backward=False)
     assert not hasattr(type(cell), "backward_sequence")

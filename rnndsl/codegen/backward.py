@@ -280,9 +280,10 @@ class _Generator:
         # form where it has one, else copied. Each op saved is a few microseconds per step.
         outputs = [self.names.fresh("outputs") for _ in graph.outputs]
         writes, from_outputs, trails = self.kept_in_place(outputs)
-        for name, local in list(zip(graph.outputs, outputs)) + list(self.reads.stacked.items()):
-            if name in trails:
-                continue
+        # A kept state with a trail takes its steps from it; an output that reads that state
+        # (`y = h`) still needs its own buffer.
+        kept = [(name, local) for name, local in self.reads.stacked.items() if name not in trails]
+        for name, local in list(zip(graph.outputs, outputs)) + kept:
             size = ", ".join(size_code(d) for d in self.nodes[name].shape.dims)
             lines.append(f"    {local} = xs.new_empty([xs.size(0), xs.size(1), {size}])")
         for index, d in enumerate(graph.states):
