@@ -25,6 +25,7 @@ from . import derived, opaque
 from .autograd_modes import autocast_enabled
 from .codegen import supports_training
 from .errors import CellWarning
+from .ir import Op
 from .options import BuildOptions
 from .scan import check_mask, check_not_empty
 
@@ -63,6 +64,10 @@ class CellModule(torch.nn.Module):
         self.state_sizes: List[int] = [d.shape.dims[0].evaluate(sizes) for d in graph.states]
         output = graph.node_map()[graph.outputs[0]]
         self.output_size = output.shape.dims[0].evaluate(sizes)
+        # An image output comes flat: the sizes of its image, (height, width), which a spatial
+        # layer above must read as they are; () for a vector.
+        unflat = graph.node_map()[output.inputs[0]] if output.op is Op.RESHAPE else output
+        self.output_image = tuple(dim.evaluate(sizes) for dim in unflat.shape.dims[1:])
         self.source = source
         self.derived_backward_trains = supports_training(graph)
         # torch's one-step kernel where one computes this cell (CellSpec.fused_step): what a

@@ -195,19 +195,25 @@ class CellSpec:
                              f"{torch.get_default_dtype()}; a cell may have at most {MAX_ELEMENTS:,} numbers")
         return sizes, hypers
 
-    def input_size_reading(self, features: int, hidden_size: int, **hyper: float) -> int:
+    def input_size_reading(self, features: int, hidden_size: int, image_below: Tuple[int, ...] = (),
+                           **hyper: float) -> int:
         """The ``input_size`` with which this cell reads ``features`` numbers per example (what the
-        layer below outputs): ``features`` for a vector input; for a spatial input
-        ``x[input, height, width]``, the channels, ``features / (height*width)`` at these sizes."""
+        layer below outputs, images of ``image_below`` where it outputs images): ``features`` for a
+        vector input; for a spatial input ``x[input, height, width]``, the channels,
+        ``features / (height*width)`` at these sizes, which must be the images' below."""
         if len(self.input_dims) == 1:
             return features
         try:
             sizes, _ = self.bind(1, hidden_size, **hyper)  # the sizes of the other dims; input_size set below
         except ValueError:  # a first dim other than `input`: build names what it must be
             return features
-        image = math.prod(dim.evaluate(sizes) for dim in self.input_dims[1:])
+        dims = tuple(dim.evaluate(sizes) for dim in self.input_dims[1:])
+        shape = ", ".join(f"{dim}={dim.evaluate(sizes)}" for dim in self.input_dims[1:])
+        if image_below and image_below != dims:  # the same numbers read as other images: pixels scrambled
+            raise ValueError(f"cell {self.name} reads images [{shape}], but the layer below outputs images of "
+                             f"{' x '.join(map(str, image_below))}: give both layers the same image sizes")
+        image = math.prod(dims)
         if features % image:
-            shape = ", ".join(f"{dim}={dim.evaluate(sizes)}" for dim in self.input_dims[1:])
             raise ValueError(f"cell {self.name} reads images [{shape}] of {image} numbers per channel, "
                              f"which {features} numbers per example are not a whole number of")
         return features // image

@@ -138,17 +138,18 @@ def _make(cell, input_size: int, hids: Sequence[int], *, bidirectional: bool,
     if return_all_states and "native" in backends:
         raise ValueError("return_all_states needs the script or eager backend: torch's fused kernels "
                          "return the final state only")
-    layers, size = [], input_size
+    layers, size, image = [], input_size, ()
     for spec, hidden, layer_backend, layer_keywords in zip(specs, hids, backends, keywords):
         if layers:  # the layer below gives `size` numbers per example: a spatial cell reads them as channels
             sizes = {key: value for key, value in layer_keywords.items() if key not in _BUILD_OPTIONS}
-            size = spec.input_size_reading(size, hidden, **sizes)
-        layer = _layer(spec, size, hidden, layer_backend, layer_keywords, return_all_states)
+            size = spec.input_size_reading(size, hidden, image, **sizes)
+        forward = _layer(spec, size, hidden, layer_backend, layer_keywords, return_all_states)
+        layer = forward
         if bidirectional:
             reverse = None if share_weights else _layer(spec, size, hidden, layer_backend, layer_keywords)
             layer = Bidirectional(layer, reverse)
         layers.append(layer)
-        size = layer.output_size
+        size, image = layer.output_size, forward.cell.output_image
     table = SequenceTable(layers, dropout=dropout, return_all=return_all_layers)
     network = setup_recurrent(table, [ZeroState(layer.state_sizes, hinitfun) for layer in layers],
                               save_hidden, batch_first=batch_first)

@@ -142,6 +142,22 @@ def test_input_size_is_the_channels_and_the_input_comes_flat():
         spec.build(2, 3)
 
 
+def test_spatial_layers_read_the_images_of_the_layer_below_as_they_are():
+    """Per-layer image sizes that differ would read the same numbers as other images (8 x 8 as
+    4 x 16, or 4 channels of 8 x 8 as 16 of 4 x 4): refused, naming both."""
+    for height, width in [([8, 4], [8, 16]), ([8, 4], [8, 4])]:
+        with pytest.raises(ValueError, match=r"reads images \[height=4, width=\d+\], but the layer below "
+                                             r"outputs images of 8 x 8"):
+            rnndsl.make_recurrent("convgru", 1, [4, 2], height=height, width=width)
+    with pytest.raises(ValueError, match="the layer below outputs images of 4 x 4"):
+        rnndsl.make_bidirectional("convlstm", 1, [4, 2], height=[4, 2], width=[4, 8])
+    stacked = rnndsl.make_recurrent(["gru", "convgru", "gru"], 5, [32, 2, 3], height=[None, 4, None],
+                                    width=[None, 2, None], save_hidden=False)  # vectors below and above
+    assert stacked(torch.randn(3, 2, 5))[0].shape == (3, 2, 3)
+    assert rnndsl.load_cell("convgru").build(2, 3, height=4, width=5).output_image == (4, 5)
+    assert rnndsl.load_cell("gru").build(2, 3).output_image == ()
+
+
 def test_the_input_convolution_runs_for_all_steps_at_once():
     graph = rnndsl.load_cell("convlstm").optimized()
     phases = {node.inputs[1]: node.phase for node in graph.nodes if node.op is Op.CONV}
