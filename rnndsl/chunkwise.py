@@ -60,8 +60,9 @@ def chunkwise_attention(q: Tensor, k: Tensor, v: Tensor, log_decay: Optional[Ten
     g = (torch.zeros(decay_shape, dtype=dtype, device=state.device) if log_decay is None
          else torch.broadcast_to(log_decay.to(dtype), decay_shape))
     if mask is not None:  # a padded step keeps the state: decay 1 (log 0), nothing added
+        # `where`, not a product with the mask: whatever the padding holds (inf, nan) stays out.
         g = torch.where(mask.view(mask.shape + (1,) * (g.dim() - 2)), g, 0.0)
-        k = k * mask[:, :, None, None].to(dtype)
+        k, v = (torch.where(mask[:, :, None, None], t, 0.0) for t in (k, v))
     size = max(1, min(chunk or (CHUNK_PER_KEY if per_key else CHUNK_PER_HEAD), steps))
     sub = min(SUB_CHUNK, size)
     if per_key:

@@ -112,6 +112,24 @@ def test_stock_cells_chunkwise_equal_their_loop(name, backend, steps, batch, mas
 
 
 @pytest.mark.parametrize("name", CHUNKWISE_CELLS)
+def test_what_padded_steps_hold_never_reaches_the_real_ones(name):
+    """inf and nan in the padding: the real steps' outputs and the final state are those of zero
+    padding, as in the step loop (the padding's k and v are left out, not multiplied by 0)."""
+    sequential, parallel = sequential_and_parallel(name, "script", 3, 4)
+    lengths = torch.tensor([70, 20, 1])
+    mask = torch.arange(70)[:, None] < lengths[None, :]
+    xs = torch.randn(70, 3, 3, dtype=torch.float64)
+    state = tuple(torch.zeros(3, size, dtype=torch.float64) for size in sequential.state_sizes)
+    for padding in (float("nan"), float("inf")):
+        poisoned = torch.where(mask[..., None], xs, padding)
+        for cell in (sequential, parallel):
+            expected, expected_final = rnndsl.scan(cell, xs * mask[..., None], state, mask)
+            outputs, final = rnndsl.scan(cell, poisoned, state, mask)
+            torch.testing.assert_close(outputs[mask], expected[mask], rtol=1e-10, atol=1e-10)
+            torch.testing.assert_close(final, expected_final, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", CHUNKWISE_CELLS)
 def test_the_chunkwise_form_makes_no_state_per_step(name):
     source = rnndsl.load_cell(name).parallel_plan()[0]
     assert "chunkwise_attention(" in source
