@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from .autograd_modes import autocast_enabled
-from .scan import per_step_inputs, python_scan, scan
+from .scan import per_step_inputs, scan
 from .sequences import lengths_mask, refuse_packed_under_export, repack, reverse_padded
 
 StateTree = Union[Tensor, Tuple["StateTree", ...]]
@@ -95,6 +95,24 @@ class _FlatStateCell(nn.Module):
     def forward(self, state: Tuple[Tensor, ...], x: Tensor, **inputs: Tensor) -> Tuple[Tuple[Tensor, ...], Tensor]:
         new_state, output = self.cell(_unflatten(state, self.layout), x, **inputs)
         return tuple(_flatten(new_state)[0]), output
+
+
+class _StatesAsOutputCell(nn.Module):
+    """Shows a cell to the scan as one whose output is its output and its new state, joined, for
+    ``return_all_states``. A module, as :class:`_FlatStateCell`: under torch.export the scan takes
+    it as one ``scan`` node, whatever the length."""
+
+    def __init__(self, cell: Callable) -> None:
+        super().__init__()
+        self.cell = cell
+
+    @property
+    def extra_inputs(self) -> Dict[str, Tuple[int, bool]]:
+        return extra_inputs_of(self.cell)
+
+    def forward(self, state: Tuple[Tensor, ...], x: Tensor, **inputs: Tensor) -> Tuple[Tuple[Tensor, ...], Tensor]:
+        new_state, output = self.cell(state, x, **inputs)
+        return new_state, torch.cat([first_output(output), *new_state], -1)
 
 
 def extra_inputs_of(*modules: nn.Module) -> Dict[str, Tuple[int, bool]]:
@@ -185,10 +203,7 @@ class RecurrentTable(nn.Module):
         """``(final_state, (outputs, states))``: ``states`` the state after every step, each
         ``(T, batch, size)`` (zero at padded steps, as the outputs). A Python loop over steps,
         since the compiled loop keeps no state but the last."""
-        def cell(state, x, **step_inputs):
-            new_state, output = self.cell(state, x, **step_inputs)
-            return new_state, torch.cat([first_output(output), *new_state], -1)
-        joined, final = python_scan(cell, xs, tuple(state), mask, inputs, per_step_inputs(self.cell))
+        joined, final = scan(_StatesAsOutputCell(self.cell), xs, tuple(state), mask, **inputs)
         sizes = [self.output_size] + list(self.state_sizes)
         outputs, *states = joined.split(sizes, -1)
         return final, (outputs, tuple(states))

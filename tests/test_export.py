@@ -164,6 +164,19 @@ def test_network_exports_with_lengths(bidirectional):
         program.module()(torch.randn(4, 2, 3, dtype=F64), lengths=torch.tensor([4, 5]))
 
 
+def test_every_steps_state_exports_with_a_dynamic_length():
+    """``return_all_states``: the Python loop that keeps each step's state is one scan node too."""
+    torch.manual_seed(0)
+    net = rnndsl.make_recurrent("lstm", 3, [4, 4], save_hidden=False, return_all_states=True).double().eval()
+    batch = _batch()
+    program = _export(net, (torch.randn(6, 3, 3, dtype=F64),), {"x": {0: _sequence_length(), 1: batch},
+                                                                "lengths": {0: batch}},
+                      kwargs={"lengths": torch.tensor([6, 2, 4])})
+    for steps, lengths in ((1, [1]), (9, [9, 1, 4, 7, 3])):
+        x, lengths = torch.randn(steps, len(lengths), 3, dtype=F64), torch.tensor(lengths)
+        _assert_same(program.module()(x, lengths=lengths), net(x, lengths=lengths))
+
+
 @pytest.mark.parametrize("backend", ["script", "eager"])
 def test_deep_cell_exports_as_one_scan(backend):
     """A SequenceTable of cells run depth-first by one RecurrentTable: no forward_sequence, so the
