@@ -153,13 +153,29 @@ def _layer_cells(network: nn.Module) -> List[List[nn.Module]]:
     return cells
 
 
+def _names_per_layer(network: nn.Module) -> List[Dict[str, str]]:
+    """:func:`native_names` of each layer's cell; a ValueError unless every layer is torch's one
+    kind of layer (a torch.nn module holds one: a peephole or a GRU layer beside LSTM ones has
+    no place in it)."""
+    specs = getattr(network, "specs", None)
+    if specs is None:
+        raise ValueError(f"native_state_dict takes a network made by make_recurrent or make_bidirectional, "
+                         f"got {type(network).__name__} (the drop-ins' state_dict has torch's names already)")
+    names = [native_names(spec) for spec in specs]  # refuses a cell with no torch counterpart
+    for depth, spec in enumerate(specs):
+        if spec.native_mode != specs[0].native_mode:
+            raise ValueError(f"layer {depth}'s cell {spec.name!r} is torch's {spec.native_mode}, layer 0's "
+                             f"{specs[0].name!r} its {specs[0].native_mode}: one torch.nn module holds one kind")
+    return names
+
+
 def native_state_dict(network: nn.Module) -> Dict[str, Tensor]:
     """The weights of a network made by ``make_recurrent``/``make_bidirectional``
     under ``torch.nn.LSTM``'s names (``weight_ih_l0``, ``bias_hh_l1_reverse``...),
     ready for ``torch.nn.LSTM(...).load_state_dict`` when all layers have one size."""
-    names = native_names(network.spec)
+    per_layer = _names_per_layer(network)
     result = {}
-    for depth, directions in enumerate(_layer_cells(network)):
+    for depth, (names, directions) in enumerate(zip(per_layer, _layer_cells(network))):
         for direction, cell in enumerate(directions):
             suffix = f"_l{depth}" + ("_reverse" if direction else "")
             weights = cell.state_dict()
@@ -177,8 +193,7 @@ def load_native_state_dict(network: nn.Module, state_dict: Mapping[str, Tensor])
     if missing or unexpected:
         raise ValueError(f"state_dict does not fit this network: missing {missing}, "
                          f"unexpected {unexpected}")
-    names = native_names(network.spec)
-    for depth, directions in enumerate(_layer_cells(network)):
+    for depth, (names, directions) in enumerate(zip(_names_per_layer(network), _layer_cells(network))):
         shared = len(directions) == 2 and directions[0] is directions[1]
         for direction, cell in enumerate(directions):
             suffix = f"_l{depth}" + ("_reverse" if direction else "")

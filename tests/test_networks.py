@@ -491,6 +491,20 @@ def test_make_bidirectional_matches_torch_through_the_weight_conversion(backend,
             load_native_state_dict(net, tampered)
 
 
+def test_torchs_names_are_given_only_for_a_network_torch_can_hold():
+    """Every layer's cell checked, not only the first's: a peephole LSTM above an LSTM would lose its
+    peepholes in torch.nn.LSTM, a GRU beside an LSTM has no place in either."""
+    for cells, words in [(["lstm", "peephole_lstm"], "'peephole_lstm' has no torch counterpart"),
+                         (["lstm", "layernorm_lstm"], "'layernorm_lstm' has no torch counterpart"),
+                         (["gru", "lstm"], "layer 1's cell 'lstm' is torch's LSTM, layer 0's 'gru' its GRU")]:
+        net = make_recurrent(cells, 3, [4, 4])
+        for convert in (native_state_dict, lambda n: load_native_state_dict(n, {})):
+            with pytest.raises(ValueError, match=words):
+                convert(net)
+    with pytest.raises(ValueError, match="takes a network made by make_recurrent"):
+        native_state_dict(LSTM(3, 4))
+
+
 def test_native_runs_a_renamed_copy_of_the_lstm(tmp_path):
     (tmp_path / "my_lstm.cell").write_text(RENAMED_LSTM)
     spec = rnndsl.load_cell(tmp_path / "my_lstm.cell")
