@@ -41,8 +41,8 @@ def __getattr__(name: str) -> object:
 
 
 # The attributes of the cells rnndsl builds.
-_CELL_ATTRIBUTES = {"input_size", "hidden_size", "output_size", "state_sizes", "state_names", "source", "code",
-                    "cell_name", "forward_sequence", "reset_parameters", "generated_source", "kernel",
+_CELL_ATTRIBUTES = {"input_size", "hidden_size", "output_size", "output_image", "state_sizes", "state_names", "source",
+                    "code", "cell_name", "forward_sequence", "reset_parameters", "generated_source", "kernel",
                     "scripted_method", "backward_sequence", "derived_backward_trains", "forward_sequence_saving",
                     "forward_parallel", "scan_mode", "parallel_source", "forward_sequence_scan", "extra_inputs"}
 
