@@ -24,7 +24,8 @@ from .cells import Recipe
 from .check import check_file, hyper_value_problem, input_sizes
 from .compile import (backward_source, cached, cell_class, compile_lock, generated_class, fused_sources, optimized,
                       parallel_plan, scan_source, step_source)
-from .errors import CellError, CellWarning, Span
+from .codegen.base import NUMBER_EMITTERS
+from .errors import CellError, CellWarning, Span, one_line, source_lines
 from .ir import MAX_DIMENSION, Graph, Op, Size
 from .lower import lower, size_of
 from .native import NATIVE_MODES, PARAMETER_NAMES, run_native
@@ -188,12 +189,40 @@ class CellSpec:
                                      f"{dim.evaluate(sizes)} with {sizes}; sizes run from 1 to "
                                      f"{MAX_DIMENSION:,}")
         self._check_kernels(sizes)
+        self._check_numbers(hypers)
         elements = sum(math.prod(dim.evaluate(sizes) for dim in decl.shape.dims) for decl in self.graph.params)
         if elements > MAX_ELEMENTS:
             raise ValueError(f"cell {self.name}: with {sizes} its parameters would hold {elements:,} numbers, "
                              f"{elements * torch.finfo(torch.get_default_dtype()).bits // 8:,} bytes in "
                              f"{torch.get_default_dtype()}; a cell may have at most {MAX_ELEMENTS:,} numbers")
         return sizes, hypers
+
+    def _check_numbers(self, hypers: Dict[str, float]) -> None:
+        """Compute the cell's numbers (functions of constants and hyper-parameters, as the generated
+        code computes them on Python floats) with these hypers: a ValueError naming the equation
+        where one is not a finite number (`sqrt(k)` with k < 0, `1 / 0`, `exp(1000)`), which the
+        eager backend would raise as a bare Python error at the first call and TorchScript would
+        carry on as nan or inf."""
+        values: Dict[str, float] = {}
+        for node in self.graph.nodes:
+            if node.op is Op.CONST:
+                values[node.name] = float(node.attr("value"))
+            elif node.op is Op.HYPER:
+                values[node.name] = hypers[node.name]
+            elif node.shape.is_scalar and node.op in NUMBER_EMITTERS and all(i in values for i in node.inputs):
+                expression = NUMBER_EMITTERS[node.op](node, [f"({values[i]!r})" for i in node.inputs])
+                try:
+                    value = float(eval(expression, {"math": math}))  # noqa: S307 (our own emitter's code)
+                    problem = "" if math.isfinite(value) else f"is {value}"
+                except (ArithmeticError, ValueError) as error:
+                    problem = f"cannot be computed ({error})"
+                if problem:
+                    where = "" if node.span is None else f" at {one_line(node.span.file)}:{node.span.line}:" \
+                        f"{node.span.column} (`{one_line(source_lines(self.source)[node.span.line - 1].strip())}`)"
+                    given = ", ".join(f"{name}={value!r}" for name, value in hypers.items())
+                    raise ValueError(f"cell {self.name}: the number `{node.name}`{where} {problem}"
+                                     + (f" with {given}" if given else ""))
+                values[node.name] = value
 
     def input_size_reading(self, features: int, hidden_size: int, image_below: Tuple[int, ...] = (),
                            **hyper: float) -> int:

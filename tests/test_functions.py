@@ -198,6 +198,36 @@ def test_comparisons_do_not_chain_and_bind_below_arithmetic():
     assert ops.index("neg") > ops.index("pow")  # -a ** 2 is -(a ** 2), as in Python
 
 
+@pytest.mark.parametrize("number, words", [
+    ("sqrt(-1.0)", r"the number `sqrt` at <string>:5:22 \(`h' = tanh\(W @ x\) \* sqrt\(-1.0\)`\) cannot be "
+                   r"computed \(math domain error\)"),
+    ("(1.0 / 0.0)", "cannot be computed"), ("exp(1000.0)", "cannot be computed"), ("10.0 ** 400", "cannot be computed"),
+    ("log(k)", r"`log` at <string>:5:22 .* cannot be computed \(math domain error\) with k=-2.0")])
+def test_a_number_that_is_not_finite_is_refused_at_build(number, words):
+    """Python's math raises (the eager backend's first call) where TorchScript gives nan or inf: both
+    backends refuse the build instead, naming the equation."""
+    spec = load(cell_source("hyper k = -2.0", f"h' = tanh(W @ x) * {number}"))
+    for backend in BACKENDS:
+        with pytest.raises(ValueError, match=words):
+            spec.build(3, 4, backend=backend)
+
+
+@pytest.mark.parametrize("function", ["sigmoid", "silu"])
+def test_numbers_far_below_zero_do_not_overflow(function):
+    """`sigmoid(k)` of a hyper-parameter k = -1000 is 0 (Python's exp(1000) would overflow)."""
+    spec = load(cell_source("hyper k = -1000.0", f"h' = tanh(W @ x) + {function}(k) * h"))
+    x, h = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
+    results = []
+    for backend in BACKENDS:
+        cell = spec.build(3, 4, backend=backend).double()
+        if results:
+            cell.load_state_dict(results[0][1])
+        results.append((cell((h,), x)[1], cell.state_dict()))
+    expected = torch.tanh(x @ results[0][1]["W"].t())
+    for got, _ in results:
+        torch.testing.assert_close(got, expected, **TOLERANCE)
+
+
 def test_scalar_parameters_and_buffers_in_the_module():
     source = cell_source("param s, g[] = 2.0", "buffer ones[hidden] = 1.0, table[hidden, input] = 0.5",
                          "h' = tanh(W @ x + s * (table @ x) + U @ h) * ones + g")

@@ -173,7 +173,8 @@ _SOFTPLUS = "({0} if {0} > 20.0 else math.log1p(math.exp({0})))"  # torch's thre
 # tensor op would refuse a number (rnndsl/ops.py, NUMBER_OPS): `sigmoid(k)` of a hyper-parameter.
 NUMBER_EMITTERS: Dict[Op, Emitter] = {
     **{op: EMITTERS[op] for op in (Op.NEG, Op.ADD, Op.SUB, Op.MUL, Op.DIV)},
-    Op.SIGMOID: _number_call("1.0 / (1.0 + math.exp(-{0}))"),
+    # Split by sign, so that no exp overflows (Python's math.exp raises where TorchScript's gives inf).
+    Op.SIGMOID: _number_call("(1.0 / (1.0 + math.exp(-{0})) if {0} >= 0.0 else math.exp({0}) / (1.0 + math.exp({0})))"),
     Op.TANH: _number_call("math.tanh({0})"),
     Op.RELU: _number_call("max({0}, 0.0)"),
     Op.EXP: _number_call("math.exp({0})"),
@@ -181,7 +182,8 @@ NUMBER_EMITTERS: Dict[Op, Emitter] = {
     Op.SOFTPLUS: _number_call(_SOFTPLUS),
     Op.ABS: _number_call("math.fabs({0})"),
     Op.SQRT: _number_call("math.sqrt({0})"),
-    Op.SILU: _number_call("{0} / (1.0 + math.exp(-{0}))"),
+    Op.SILU: _number_call("({0} / (1.0 + math.exp(-{0})) if {0} >= 0.0 "
+                          "else {0} * math.exp({0}) / (1.0 + math.exp({0})))"),
     Op.GELU: _number_call("0.5 * {0} * (1.0 + math.erf({0} / 1.4142135623730951))"),
     Op.ELU: _number_call("({0} if {0} > 0.0 else math.expm1({0}))"),
     Op.SELU: _number_call("1.0507009873554805 * ({0} if {0} > 0.0 else 1.6732632423543772 * math.expm1({0}))"),
