@@ -35,7 +35,7 @@ mirror that nesting so that initial states and shape checks come for free.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -334,6 +334,13 @@ class Bidirectional(nn.Module):
                 mask: Optional[Tensor] = None, **inputs: Tensor) -> Tuple[Tuple[StateTree, StateTree], Tensor]:
         forward_state, reverse_state = state
         lengths = None if mask is None else mask.sum(0)
+        if mask is not None and not torch.compiler.is_compiling():  # traced masks come from lengths
+            prefix = torch.arange(mask.size(0), device=mask.device).unsqueeze(1) < lengths.unsqueeze(0)
+            if not torch.equal(mask, prefix):
+                late = int((mask != prefix).any(0).nonzero()[0])
+                raise ValueError(f"Bidirectional needs a mask True on a prefix of each sequence, as lengths= "
+                                 f"gives (the reverse direction starts at each sequence's last real step); "
+                                 f"sequence {late}'s has padding before a real step")
         forward_final, forward_out = self.fwd(forward_state, xs, mask, **inputs_for(self.fwd, inputs))
         # The reverse layer reads the inputs of every step backwards too; per-sequence ones as they are.
         per_step = per_step_inputs(self.reverse_layer)
@@ -443,6 +450,10 @@ class RecurrentNetwork(nn.Module):
             if sizes is None:
                 raise ValueError("init_functions are needed for a network without state_sizes")
             init_functions = [ZeroState(layer_sizes) for layer_sizes in sizes]
+        if callable(init_functions) or not isinstance(init_functions, Iterable):
+            kind = type(init_functions).__name__
+            raise TypeError(f"init_functions must be a list with one function per layer, got a {kind}: "
+                            f"write [{kind}(...), ...]")
         self.init_functions = list(init_functions)
         self.save_hidden = save_hidden
         self.batch_first = batch_first
@@ -508,7 +519,7 @@ class RecurrentNetwork(nn.Module):
         xs = x.transpose(0, 1) if self.batch_first else x
         carried = self._factory()["dtype"]
         xs = out_of_autocast(xs, carried)
-        if state is not None and torch.is_autocast_enabled(xs.device.type):
+        if state is not None and autocast_enabled(xs.device.type):
             state = map_state(lambda t: out_of_autocast(t, carried), state)
         steps, batch_size = xs.shape[:2]
         input_size = getattr(self.network, "input_size", None)
@@ -516,12 +527,13 @@ class RecurrentNetwork(nn.Module):
             raise ValueError(f"expected input of size {input_size} in the last dimension, "
                              f"got {xs.size(2)} (input shape {tuple(x.shape)})")
         mask = None if lengths is None else lengths_mask(lengths, steps, batch_size, xs.device)
-        if state is None:
+        given = state is not None
+        if not given:
             state = self._initial_state(batch_size, xs)
-        else:
-            sizes = getattr(self.network, "state_sizes", None)
-            if sizes is not None:
-                check_state(state, sizes, getattr(self.network, "state_names", None), batch_size, xs)
+        sizes = getattr(self.network, "state_sizes", None)
+        if sizes is not None:  # the init functions' states too: a user's may return a bare tensor
+            check_state(state, sizes, getattr(self.network, "state_names", None), batch_size, xs,
+                        "state" if given else "the init functions' state")
         per_step = per_step_inputs(self.network)
         inputs = {name: out_of_autocast(value.transpose(0, 1) if self.batch_first and name in per_step
                                         and isinstance(value, Tensor) else value, carried)

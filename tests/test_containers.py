@@ -148,6 +148,14 @@ def test_bidirectional_reverse_reads_each_sequence_backwards():
     assert layer.output_size == 8 and layer.state_sizes == ([4, 4], [4, 4])
 
 
+def test_bidirectional_refuses_a_mask_that_is_not_a_prefix():
+    cell = TorchGRUCell(3, 4).double()
+    layer = Bidirectional(RecurrentTable(cell))
+    mask = torch.tensor([[True, False], [True, True], [True, True], [False, True]])  # sequence 1 left-padded
+    with pytest.raises(ValueError, match="sequence 1's has padding before a real step"):
+        layer(random_states([cell, cell], 2), randn(4, 2, 3), mask)
+
+
 def test_bidirectional_without_reverse_shares_the_forward_weights():
     cell = TorchGRUCell(3, 4).double()
     shared = Bidirectional(RecurrentTable(cell))
@@ -237,6 +245,17 @@ def test_state_errors_name_expected_and_received():
         net(x, lengths=[5, 2])
     with pytest.raises(ValueError, match=r"lengths must have shape \(2,\)"):
         net(x, lengths=[4, 2, 1])
+
+
+def test_init_functions_are_a_list_whose_states_are_checked():
+    cells = mixed_cells()
+    table = SequenceTable([RecurrentTable(c) for c in cells])
+    with pytest.raises(TypeError, match=r"init_functions must be a list with one function per layer, got a "
+                                        r"ZeroState: write \[ZeroState\(...\), ...\]"):
+        setup_recurrent(table, ZeroState(table.state_sizes))
+    net = setup_recurrent(table, [ZeroState(table.state_sizes[0]), ZeroState(4)])  # a tensor, not (h,)
+    with pytest.raises(ValueError, match=r"the init functions' state\[1\] must have 1 entries, got a tensor"):
+        net(randn(4, 2, 3))
 
 
 def test_network_pickles_with_its_saved_state():
