@@ -246,6 +246,11 @@ def _check_body(cell: st.Cell) -> None:
                             hint=f"give its next value with `{decl.name}' = ...`")
     for output in cell.outputs:
         if output.name not in scope.locals and scope.kinds.get(output.name) != "state":
+            kind = scope.kinds.get(output.name)
+            if kind is not None:  # declared, but not a value the cell computes
+                raise CellError(f"output `{output.name}` is {'an' if kind[0] in 'aeiou' else 'a'} {kind}, not a "
+                                "value the cell computes", output.span,
+                                hint="outputs name a state (its next value) or a value assigned in the cell")
             raise CellError(f"output `{output.name}` is never defined", output.span,
                             hint=did_you_mean(output.name, list(scope.locals) + [d.name for d in cell.states])
                             or "outputs name a state (its next value) or a value assigned in the cell")

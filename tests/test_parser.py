@@ -111,6 +111,12 @@ BAD = [
          h' = tanh(W @ x)
      }""", 1, 21, ["output `y` is never defined"], None),
     ("""
+     cell c(x[input]) -> W {
+         state h[hidden]
+         param W[hidden, input]
+         h' = tanh(W @ x)
+     }""", 1, 21, ["output `W` is a parameter, not a value the cell computes"], "outputs name a state"),
+    ("""
      cell c(x[input]) -> h {
          state h[hidden]
          param W[4*hidden, input], b[hidden]
