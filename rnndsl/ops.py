@@ -107,6 +107,9 @@ def _not_mask(shape: Shape, what: str) -> None:
 
 def _elementwise_unary(node: Node, shapes: List[Shape]) -> Shape:
     (shape,) = shapes
+    if node.op is Op.NEG and shape.is_matrix and not shape.batched:
+        raise ShapeError("`-` of a matrix parameter: `-W @ x` groups as `(-W) @ x`, as in Python; "
+                         "write `-(W @ x)`")
     _not_matrix(shape, node.op.label)
     _not_mask(shape, node.op.label)
     if shape.is_scalar and node.op not in NUMBER_OPS:  # torch's functions take tensors, not numbers

@@ -111,6 +111,12 @@ BAD = [
          h' = tanh(W @ x)
      }""", 1, 21, ["output `y` is never defined"], None),
     ("""
+     cell c(x[input]) -> h {
+         state h[hidden]
+         param W[hidden, input]
+         h' = -W @ x + h
+     }""", 4, 10, ["`-W @ x` groups as `(-W) @ x`, as in Python; write `-(W @ x)`"], None),
+    ("""
      cell c(x[input]) -> W {
          state h[hidden]
          param W[hidden, input]
