@@ -134,7 +134,9 @@ def _make(cell, input_size: int, hids: Sequence[int], *, bidirectional: bool,
     keywords = _per_layer(hyper, len(hids))
     for spec, layer_keywords in zip(specs, keywords):
         _check_keywords(spec, layer_keywords, function)
-    backends = [resolve_backend(backend, spec) for spec in specs]
+    # "auto" takes the script backend where every step's state is asked for: torch's kernels give the last.
+    backends = [resolve_backend("script" if return_all_states and backend == "auto" else backend, spec)
+                for spec in specs]
     if return_all_states and "native" in backends:
         raise ValueError("return_all_states needs the script or eager backend: torch's fused kernels "
                          "return the final state only")

@@ -53,8 +53,9 @@ def test_a_cell_picked_from_a_file_of_several(tmp_path):
     assert [layer.cell.cell_name for layer in mixed.network.layers] == ["tanh_rnn", "relu_rnn"]
 
 
-@pytest.mark.parametrize("backend", ["script", "eager"])
+@pytest.mark.parametrize("backend", ["script", "eager", "auto"])
 def test_return_all_states_gives_every_step_of_every_layer(backend):
+    """"auto", which would take torch's kernels for these cells, takes the script backend here."""
     kwargs = dict(input_size=3, hids=[4, 5], backend=backend, save_hidden=False)
     plain = make_recurrent(cells=["gru", "lstm"], **kwargs).double()
     every = make_recurrent(cells=["gru", "lstm"], return_all_states=True, **kwargs).double()
