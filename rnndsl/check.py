@@ -159,7 +159,11 @@ def _check_declarations(cell: st.Cell) -> None:
     for decl in cell.sizes:
         if decl.formula is not None:
             # Computed at build from sizes known by then: the built-in ones and those declared above.
-            _check_size(decl.formula, earlier, division=True)
+            if decl.name in _size_names((decl.formula,)):
+                raise CellError(f"size `{decl.name}` is defined by itself", decl.span,
+                                hint="a size's default reads the sizes declared above it")
+            _check_size(decl.formula, earlier, division=True,
+                        later={d.name: d.span for d in cell.sizes if d.name not in earlier})
         elif not 1 <= decl.default <= MAX_DIMENSION:
             raise CellError(f"size `{decl.name}` must be from 1 to {MAX_DIMENSION:,}, got {decl.default}",
                             decl.span)
@@ -198,12 +202,17 @@ def hyper_value_problem(value: object, probability: bool) -> Optional[str]:
     return None
 
 
-def _check_size(size: st.SizeExpr, sizes: Set[str], division: bool = False) -> None:
+def _check_size(size: st.SizeExpr, sizes: Set[str], division: bool = False,
+                later: Optional[Dict[str, Span]] = None) -> None:
     """Names known; ``/`` only where ``division`` (a size's default, computed at build: shapes
-    stay polynomials so that they can be checked symbolically)."""
+    stay polynomials so that they can be checked symbolically). ``later``: sizes declared below
+    the one checked, by name."""
     stack = [size]
     while stack:
         node = stack.pop()
+        if isinstance(node, st.SizeName) and later and node.name in later and node.name not in sizes:
+            raise CellError(f"size `{node.name}` is declared below, at line {later[node.name].line}", node.span,
+                            hint="a size's default reads the sizes declared above it: move its declaration up")
         if isinstance(node, st.SizeName) and node.name not in sizes:
             raise CellError(f"unknown size `{node.name}`", node.span,
                             hint=did_you_mean(node.name, sizes) or

@@ -112,6 +112,14 @@ BAD = [
      }""", 1, 21, ["output `y` is never defined"], None),
     ("""
      cell c(x[input]) -> h {
+         size key = heads * 2
+         size heads = 4
+         state h[hidden]
+         param W[hidden, input]
+         h' = tanh(W @ x)
+     }""", 2, 16, ["size `heads` is declared below, at line 3"], "move its declaration up"),
+    ("""
+     cell c(x[input]) -> h {
          state h[hidden]
          param W[hidden, input]
          h' = -W @ x + h
