@@ -14,7 +14,7 @@ from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
 from . import syntax_tree as st
-from .errors import CellError, Span, source_lines
+from .errors import CellError, Span, did_you_mean, source_lines
 from .resources import grammar_path
 
 MAX_FILE_BYTES = 1 << 20   # a cell is a few hundred bytes; larger files are not even read in full
@@ -189,8 +189,8 @@ def _syntax_error(exc: UnexpectedInput, text: str, path: str) -> CellError:
         if char == "\x00":
             message = "unexpected NUL byte: this looks like a binary file, not a .cell file"
         elif char.isprintable() and not char.isascii():
-            message = (f"unexpected character `{char}` (U+{ord(char):04X}): names use ASCII "
-                       "letters, digits and `_`")
+            message = f"unexpected character `{char}` (U+{ord(char):04X})" + \
+                ("" if char in _CHARACTER_HINTS else ": names use ASCII letters, digits and `_`")
         elif char.isprintable():
             message = f"unexpected character `{char}`"
         else:
@@ -224,6 +224,11 @@ _CHARACTER_HINTS = {
     ";": "statements need no separator: put each on its own line",
     "\\": "no line continuation is needed: an equation may span lines",
     ":": "the cell language has no lambdas, slices or type annotations",
+    # Lookalikes a word processor or a paper's PDF puts in place of the ASCII operator.
+    "\u2212": "did you mean `-`?", "\u2013": "did you mean `-`?", "\u00d7": "did you mean `*`?",
+    "\u22c5": "did you mean `*`?", "\u2218": "did you mean `*`?", "\u00f7": "did you mean `/`?",
+    "\u2019": "did you mean `'`?", "\u2032": "did you mean `'`?", "\uff08": "did you mean `(`?",
+    "\uff09": "did you mean `)`?",
 }
 
 
@@ -256,6 +261,10 @@ def _hint_for(exc: UnexpectedInput) -> str | None:
         return "an input is read at every step unless marked `per sequence`: drop `per step`"
     if token.type == "PRIMED":
         return "next-state names like `h'` go on the left of `=` or after the state's update"
+    stack = getattr(getattr(exc, "state", None), "value_stack", None) or []
+    if token.type == "NAME" and stack and isinstance(stack[-1], Token) and stack[-1].type == "NAME":
+        # two names in a row: the first was meant as a keyword (`stat h[hidden]`)
+        return did_you_mean(str(stack[-1]), ["state", "param", "buffer", "hyper", "size", "cell"])
     return None
 
 

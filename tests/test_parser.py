@@ -112,6 +112,18 @@ BAD = [
      }""", 1, 21, ["output `y` is never defined"], None),
     ("""
      cell c(x[input]) -> h {
+         stat h[hidden]
+         param W[hidden, input]
+         h' = tanh(W @ x)
+     }""", 2, 10, ["unexpected `h`"], "did you mean `state`?"),
+    ("""
+     cell c(x[input]) -> h {
+         state h[hidden]
+         param W[hidden, input]
+         h' = tanh(W @ x) \u2212 h
+     }""", 4, 22, ["unexpected character `\u2212` (U+2212)"], "did you mean `-`?"),
+    ("""
+     cell c(x[input]) -> h {
          size key = heads * 2
          size heads = 4
          state h[hidden]
