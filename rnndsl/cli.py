@@ -25,28 +25,35 @@ def _say(text: object, stream=None) -> None:
     print(printable(text), file=stream or sys.stdout)
 
 
+def _load(path: str):
+    """The cells of ``path``, its warnings said on stderr as diagnostics (not as Python prints
+    them, with rnndsl's own file and line); None, the error said, if it has one."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            cells = load_cells(path)
+        except CellError as error:
+            _say(error, sys.stderr)
+            return None
+    for warning in caught:
+        _say(warning.message, sys.stderr)
+    return cells
+
+
 def _check(paths: List[str]) -> int:
     status = 0
     for path in paths:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                cells = load_cells(path)
-            except CellError as error:
-                _say(error, sys.stderr)
-                status = 1
-                continue
-        for warning in caught:
-            _say(warning.message, sys.stderr)
+        cells = _load(path)
+        if cells is None:
+            status = 1
+            continue
         _say(f"{path}: ok ({len(cells)} cell{'s' if len(cells) != 1 else ''}: {', '.join(cells)})")
     return status
 
 
 def _show(path: str, stage: str, cell: Optional[str], disable: List[str], raw: bool) -> int:
-    try:
-        cells = load_cells(path)
-    except CellError as error:
-        _say(error, sys.stderr)
+    cells = _load(path)
+    if cells is None:
         return 1
     if cell is not None and cell not in cells:
         _say(f"error: {path} has no cell named {cell!r}; it has {', '.join(cells)}", sys.stderr)

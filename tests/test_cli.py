@@ -48,6 +48,16 @@ def test_show_with_a_pass_disabled(capsys):
     assert "# every step" not in text
 
 
+def test_show_says_a_files_warnings_as_check_does(tmp_path, capsys):
+    for index, command in enumerate((["check"], ["show", "--stage", "ast"])):
+        path = tmp_path / f"unused{index}.cell"  # a file of its own: a loaded file's warnings are said once
+        path.write_text("cell c(x[input]) -> h {\n  state h[hidden]\n  param W[hidden, input], V[hidden]\n"
+                        "  h' = tanh(W @ x)\n}\n")
+        assert main([*command, str(path)]) == 0
+        err = capsys.readouterr().err
+        assert err.startswith(f"{path}:3:27: warning: parameter `V` is never used") and "CellWarning" not in err
+
+
 def test_missing_file_is_a_clear_error(capsys):
     assert main(["check", "/no/such/dir/x.cell"]) == 1
     assert "no such file: /no/such/dir/x.cell" in capsys.readouterr().err
