@@ -26,7 +26,8 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # data.py, when imported from elsewhere
 
 import rnndsl  # noqa: E402
-from data import HelpFormatter, Progress, batchify, bptt_batches, count_batches, shared_data_dir  # noqa: E402
+from data import (HelpFormatter, Progress, batchify, bptt_batches, count_batches, positive_int, run,  # noqa: E402
+                  shared_data_dir)
 
 
 def _default_data() -> Optional[Path]:
@@ -42,22 +43,22 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--cell", default="lstm", help="stock cell name or path to a .cell file")
     parser.add_argument("--backend", default="script", choices=("script", "eager", "native", "auto"),
                         help="how the cells run; native is torch's fused kernel")
-    parser.add_argument("--wordvec-size", type=int, default=64, help="character embedding size")
-    parser.add_argument("--rnn-size", type=int, default=128, help="hidden size of each layer")
-    parser.add_argument("--num-layers", type=int, default=2, help="number of layers")
+    parser.add_argument("--wordvec-size", type=positive_int, default=64, help="character embedding size")
+    parser.add_argument("--rnn-size", type=positive_int, default=128, help="hidden size of each layer")
+    parser.add_argument("--num-layers", type=positive_int, default=2, help="number of layers")
     parser.add_argument("--dropout", type=float, default=0.0, help="dropout between layers")
-    parser.add_argument("--seq-length", type=int, default=50, help="truncated-BPTT length")
-    parser.add_argument("--batch-size", type=int, default=50, help="number of parallel streams")
+    parser.add_argument("--seq-length", type=positive_int, default=50, help="truncated-BPTT length")
+    parser.add_argument("--batch-size", type=positive_int, default=50, help="number of parallel streams")
     parser.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
-    parser.add_argument("--lr-decay-every", type=int, default=5, help="epochs between decays")
+    parser.add_argument("--lr-decay-every", type=positive_int, default=5, help="epochs between decays")
     parser.add_argument("--lr-decay-factor", type=float, default=0.5, help="learning rate decay")
     parser.add_argument("--grad-clip", type=float, default=5.0, help="clamp each gradient to ±this")
-    parser.add_argument("--epochs", type=int, default=1, help="training budget in epochs "
+    parser.add_argument("--epochs", type=positive_int, default=1, help="training budget in epochs "
                         "(torch-rnn trains 50)")
-    parser.add_argument("--max-batches", type=int,
+    parser.add_argument("--max-batches", type=positive_int,
                         help="at most this many batches per epoch and per evaluation")
     parser.add_argument("--seed", type=int, default=1111, help="random seed")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: torch's choice)")
     args = parser.parse_args(argv)
     if args.data is None:
         parser.error("no --data given and ../shared/data/tiny-shakespeare.txt is absent")
@@ -150,4 +151,4 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

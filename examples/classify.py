@@ -26,7 +26,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # data.py, when imported from elsewhere
 
 import rnndsl  # noqa: E402
-from data import UNK, HelpFormatter, Progress, Vocabulary, divide_lr_if_worse  # noqa: E402
+from data import UNK, HelpFormatter, Progress, Vocabulary, divide_lr_if_worse, positive_int, run  # noqa: E402
 
 PAD = "<pad>"
 INIT_RANGE = 0.1
@@ -43,8 +43,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--cell", default="lstm", help="stock cell name or path to a .cell file")
     parser.add_argument("--backend", default="script", choices=("script", "eager", "native", "auto"),
                         help="how the cells run; native is torch's fused kernel")
-    parser.add_argument("--emsize", type=int, default=256, help="word embedding size")
-    parser.add_argument("--nhid", type=int, nargs="+", default=[512, 512],
+    parser.add_argument("--emsize", type=positive_int, default=256, help="word embedding size")
+    parser.add_argument("--nhid", type=positive_int, nargs="+", default=[512, 512],
                         help="hidden size of each layer (per direction), one value per layer")
     parser.add_argument("--pool", choices=("mean", "max"), default="mean",
                         help="how outputs are pooled over each sentence's real positions")
@@ -55,11 +55,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, help="initial learning rate (default: 1 for sgd, "
                         "1e-3 for adam)")
     parser.add_argument("--clip", type=float, default=0.0, help="gradient norm clipping (0: none)")
-    parser.add_argument("--batch-size", type=int, default=20, help="sentences per batch")
-    parser.add_argument("--epochs", type=int, default=10, help="number of epochs")
-    parser.add_argument("--max-batches", type=int, help="at most this many training batches per epoch")
+    parser.add_argument("--batch-size", type=positive_int, default=20, help="sentences per batch")
+    parser.add_argument("--epochs", type=positive_int, default=10, help="number of epochs")
+    parser.add_argument("--max-batches", type=positive_int, help="at most this many training batches per epoch")
     parser.add_argument("--seed", type=int, default=1111, help="random seed")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: torch's choice)")
     args = parser.parse_args(argv)
     if args.epochs < 1:
         parser.error("--epochs must be at least 1")
@@ -212,4 +212,4 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -26,24 +26,24 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # data.py, when imported from elsewhere
 
 import rnndsl  # noqa: E402
-from data import HelpFormatter  # noqa: E402
+from data import HelpFormatter, positive_int, run  # noqa: E402
 
 CELL = Path(__file__).resolve().parent / "conditional_gru.cell"
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
-    parser.add_argument("--topics", type=int, default=4, help="how many documentation topics (the classes)")
-    parser.add_argument("--emsize", type=int, default=16, help="character embedding size")
-    parser.add_argument("--context", type=int, default=16, help="topic embedding size (the cell's `context`)")
-    parser.add_argument("--nhid", type=int, nargs="+", default=[96], help="hidden size of each layer")
-    parser.add_argument("--bptt", type=int, default=48, help="characters per training window")
-    parser.add_argument("--batch-size", type=int, default=32, help="windows per batch")
-    parser.add_argument("--steps", type=int, default=300, help="training steps (Adam)")
+    parser.add_argument("--topics", type=positive_int, default=4, help="how many documentation topics (the classes)")
+    parser.add_argument("--emsize", type=positive_int, default=16, help="character embedding size")
+    parser.add_argument("--context", type=positive_int, default=16, help="topic embedding size (the cell's `context`)")
+    parser.add_argument("--nhid", type=positive_int, nargs="+", default=[96], help="hidden size of each layer")
+    parser.add_argument("--bptt", type=positive_int, default=48, help="characters per training window")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="windows per batch")
+    parser.add_argument("--steps", type=positive_int, default=300, help="training steps (Adam)")
     parser.add_argument("--lr", type=float, default=5e-3, help="Adam's learning rate")
     parser.add_argument("--backend", default="script", choices=("script", "eager"), help="how the cells run")
     parser.add_argument("--seed", type=int, default=1111, help="random seed")
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--threads", type=positive_int, help="torch threads (default: torch's choice)")
     return parser.parse_args(argv)
 
 
@@ -134,4 +134,4 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -19,10 +19,12 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+
+from rnndsl import CellError
 
 EOS = "<eos>"
 UNK = "<unk>"
@@ -36,6 +38,31 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if "(default" in (action.help or "") or action.default is None:
             return action.help or ""
         return super()._get_help_string(action)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type for sizes and counts: a whole number from 1 up."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def run(main: Callable[[], None]) -> None:
+    """Run an example's ``main``: what rnndsl or the file system refuses (a cell file with an error,
+    a size a cell cannot take, a missing file) ends the run as ``prog: error: ...``, exit 1, as
+    argparse's own errors do, not as a traceback."""
+    try:
+        main()
+    except CellError as error:  # says its file, line and column itself
+        print(error, file=sys.stderr)
+        raise SystemExit(1) from None
+    except (ValueError, OSError) as error:
+        print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def shared_data_dir() -> Optional[Path]:

@@ -13,6 +13,7 @@ not learned the motion would do), and writes a PNG of predicted against true fra
     python examples/moving_blobs.py --steps 600 --hidden 16 8 --png blobs.png
 """
 import argparse
+import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
@@ -23,24 +24,27 @@ from torch import Tensor, nn
 
 import rnndsl
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # data.py, when imported from elsewhere
+from data import HelpFormatter, positive_int, run  # noqa: E402
+
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--size", type=int, default=32, help="canvas height and width, in pixels")
-    parser.add_argument("--frames", type=int, default=10, help="frames per sequence")
-    parser.add_argument("--blobs", type=int, default=2, help="blobs per sequence")
-    parser.add_argument("--hidden", type=int, nargs="+", default=[8],
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--size", type=positive_int, default=32, help="canvas height and width, in pixels")
+    parser.add_argument("--frames", type=positive_int, default=10, help="frames per sequence")
+    parser.add_argument("--blobs", type=positive_int, default=2, help="blobs per sequence")
+    parser.add_argument("--hidden", type=positive_int, nargs="+", default=[8],
                         help="hidden channels of each ConvLSTM layer, one value per layer")
-    parser.add_argument("--kernel", type=int, default=5, help="the ConvLSTM's kernel size (odd)")
-    parser.add_argument("--steps", type=int, default=300, help="training steps")
-    parser.add_argument("--batch-size", type=int, default=16, help="sequences per step")
+    parser.add_argument("--kernel", type=positive_int, default=5, help="the ConvLSTM's kernel size (odd)")
+    parser.add_argument("--steps", type=positive_int, default=300, help="training steps")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="sequences per step")
     parser.add_argument("--lr", type=float, default=1e-2, help="Adam's learning rate")
     parser.add_argument("--backend", default="script", choices=("script", "eager"), help="how the cells run")
     parser.add_argument("--png", type=Path, default=Path("moving_blobs.png"),
                         help="where the picture of predicted and true frames goes")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: torch's choice)")
     args = parser.parse_args(argv)
     if args.kernel % 2 == 0:
         parser.error("--kernel must be odd: the convolution keeps height and width")
@@ -160,4 +164,4 @@ def main(argv: Optional[Sequence[str]] = None) -> Tuple[float, float]:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

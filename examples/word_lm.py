@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # data.py, when import
 
 import rnndsl  # noqa: E402
 from data import (EOS, HelpFormatter, Progress, Vocabulary, batchify, bptt_batches, count_batches,  # noqa: E402
-                  divide_lr_if_worse, read_lines, stdlib_corpus, tokenize)
+                  divide_lr_if_worse, positive_int, read_lines, run, stdlib_corpus, tokenize)
 
 INIT_RANGE = 0.1
 
@@ -54,8 +54,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     data.add_argument("--test", type=Path, help="test text")
     model = parser.add_argument_group("model")
     model.add_argument("--cell", default="lstm", help="stock cell name or path to a .cell file")
-    model.add_argument("--emsize", type=int, default=200, help="word embedding size")
-    model.add_argument("--nhid", type=int, nargs="+", default=[200, 200],
+    model.add_argument("--emsize", type=positive_int, default=200, help="word embedding size")
+    model.add_argument("--nhid", type=positive_int, nargs="+", default=[200, 200],
                        help="hidden size of each layer, one value per layer")
     model.add_argument("--rnn-init", default="cell", choices=("cell", "rnnlib"),
                        help="recurrent weights: the cell's own init (uniform in ±1/sqrt(hidden), as "
@@ -65,13 +65,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     training = parser.add_argument_group("training")
     training.add_argument("--lr", type=float, default=20.0, help="initial learning rate")
     training.add_argument("--clip", type=float, default=0.5, help="gradient norm clipping")
-    training.add_argument("--epochs", type=int, default=6, help="number of epochs")
-    training.add_argument("--batch-size", type=int, default=20, help="training batch size")
-    training.add_argument("--bptt", type=int, default=20, help="truncated-BPTT length")
+    training.add_argument("--epochs", type=positive_int, default=6, help="number of epochs")
+    training.add_argument("--batch-size", type=positive_int, default=20, help="training batch size")
+    training.add_argument("--bptt", type=positive_int, default=20, help="truncated-BPTT length")
     training.add_argument("--seed", type=int, default=1111, help="random seed")
-    training.add_argument("--threads", type=int,
+    training.add_argument("--threads", type=positive_int,
                           help="CPU threads for torch (default: torch's choice)")
-    training.add_argument("--max-batches", type=int,
+    training.add_argument("--max-batches", type=positive_int,
                           help="at most this many batches per epoch and per evaluation (smoke runs)")
     output = parser.add_argument_group("output")
     output.add_argument("--save", type=Path, help="write a checkpoint here (embeds the cell source)")
@@ -395,4 +395,4 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -270,3 +270,17 @@ def test_conditional_lm_trains_a_few_steps():
                                                      "--steps", "3"])
     assert "held-out bits/char" in printed
     assert math.isfinite(result["own_topic"]) and math.isfinite(result["other_topic"])
+
+
+@pytest.mark.parametrize("script, arguments, words", [
+    ("word_lm.py", ["--max-batches", "-1"], "argument --max-batches: must be at least 1, got -1"),
+    ("word_lm.py", ["--cell", "/no/such/x.cell", "--epochs", "1", "--max-batches", "1"],
+     "error: no such file: /no/such/x.cell"),
+    ("classify.py", ["--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+    ("generate.py", ["--checkpoint", "/no/such/model.pt"], "generate.py: error: [Errno 2] No such file"),
+])
+def test_bad_arguments_end_the_examples_with_an_error_not_a_traceback(script, arguments, words):
+    result = subprocess.run([sys.executable, str(EXAMPLES / script), *arguments], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode in (1, 2) and words in result.stderr
+    assert "Traceback" not in result.stderr
