@@ -25,7 +25,7 @@ from .check import check_file, hyper_value_problem, input_sizes
 from .compile import (backward_source, cached, cell_class, compile_lock, generated_class, fused_sources, optimized,
                       parallel_plan, scan_source, step_source)
 from .codegen.base import NUMBER_EMITTERS
-from .errors import CellError, CellWarning, Span, one_line, source_lines
+from .errors import CellError, CellWarning, Span, quoted_line
 from .ir import MAX_DIMENSION, Graph, Op, Size
 from .lower import lower, size_of
 from .native import NATIVE_MODES, PARAMETER_NAMES, run_native
@@ -217,8 +217,7 @@ class CellSpec:
                 except (ArithmeticError, ValueError) as error:
                     problem = f"cannot be computed ({error})"
                 if problem:
-                    where = "" if node.span is None else f" at {one_line(node.span.file)}:{node.span.line}:" \
-                        f"{node.span.column} (`{one_line(source_lines(self.source)[node.span.line - 1].strip())}`)"
+                    where = "" if node.span is None else f" at {node.span} (`{quoted_line(self.source, node.span)}`)"
                     given = ", ".join(f"{name}={value!r}" for name, value in hypers.items())
                     raise ValueError(f"cell {self.name}: the number `{node.name}`{where} {problem}"
                                      + (f" with {given}" if given else ""))

@@ -27,7 +27,7 @@ from . import kernels
 from .cells import CellModule, EagerCell, ScriptedCell
 from .codegen import (NotLinear, PythonCode, find_linear_recurrences, generate_backward, generate_parallel,
                       generate_scan, generate_step, linearized, validate_source)
-from .errors import one_line, source_lines
+from .errors import one_line, quoted_line
 from .fused_scan import FusedKernel
 from .ir import Graph
 from .options import BuildOptions
@@ -257,9 +257,7 @@ def _parallel_plan(graph: Graph, disable: Tuple[str, ...], fixed_dropout_mask: b
         where = ""
         span = reason.node.span if reason.node is not None else None
         if span is not None:
-            lines = source_lines(source)
-            quoted = lines[span.line - 1].strip() if 0 < span.line <= len(lines) else ""
-            where = f" (at {one_line(span.file)}:{span.line}: `{one_line(quoted)}`)"
+            where = f" (at {one_line(span.file)}:{span.line}: `{quoted_line(source, span)}`)"
         return None, f"the recurrence is not linear in the state: {reason}{where}"
 
 

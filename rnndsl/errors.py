@@ -54,6 +54,12 @@ def source_lines(source: str) -> List[str]:
     return [line.removesuffix("\r") for line in source.split("\n")]
 
 
+def quoted_line(source: str, span: Span) -> str:
+    """The source line ``span`` starts on, stripped and printable on one line; "" if out of range."""
+    lines = source_lines(source)
+    return one_line(lines[span.line - 1].strip()) if 0 < span.line <= len(lines) else ""
+
+
 def _underline(source: Optional[str], span: Span) -> str:
     """The source line of ``span`` with a ``^~~~`` marker under it."""
     if not source:
