@@ -145,13 +145,12 @@ def _make(cell, input_size: int, hids: Sequence[int], *, bidirectional: bool,
         if layers:  # the layer below gives `size` numbers per example: a spatial cell reads them as channels
             sizes = {key: value for key, value in layer_keywords.items() if key not in _BUILD_OPTIONS}
             size = spec.input_size_reading(size, hidden, image, **sizes)
-        forward = _layer(spec, size, hidden, layer_backend, layer_keywords, return_all_states)
-        layer = forward
+        layer = _layer(spec, size, hidden, layer_backend, layer_keywords, return_all_states)
         if bidirectional:
             reverse = None if share_weights else _layer(spec, size, hidden, layer_backend, layer_keywords)
             layer = Bidirectional(layer, reverse)
         layers.append(layer)
-        size, image = layer.output_size, forward.cell.output_image
+        size, image = layer.output_size, (layer.fwd if bidirectional else layer).cell.output_image
     table = SequenceTable(layers, dropout=dropout, return_all=return_all_layers)
     network = setup_recurrent(table, [ZeroState(layer.state_sizes, hinitfun) for layer in layers],
                               save_hidden, batch_first=batch_first)
