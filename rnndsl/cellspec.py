@@ -384,7 +384,8 @@ def _resolve(name_or_path: Union[str, os.PathLike]) -> Path:
     A bare name (no suffix, no separator) is a stock cell unless something other
     than a directory has that name in the working directory: that file wins, with
     a warning naming it when it shadows a stock cell. A directory never does, so
-    that a folder ``lstm/`` beside a script cannot hide the stock ``lstm``.
+    that a folder ``lstm/`` beside a script cannot hide the stock ``lstm``; a
+    directory with no stock cell's name is returned, to be refused as a directory.
     """
     text = os.fspath(name_or_path)
     if not text:  # Path("") is ".", which would be reported as a directory
@@ -398,6 +399,8 @@ def _resolve(name_or_path: Union[str, os.PathLike]) -> Path:
             warnings.warn(f"{text!r} names the file {path.absolute()}, which is loaded instead of the stock "
                           f"cell {text}; rnndsl.load_stock_cell({text!r}) loads the stock one",
                           CellWarning, stacklevel=4)
+        return path
+    if path.is_dir() and text not in stock_cell_names():  # reported as a directory, not as no stock cell
         return path
     return _stock_file(text)
 

@@ -195,6 +195,15 @@ def test_missing_or_unreadable_paths_are_clear_errors(tmp_path, capsys):
         assert words in err and "Traceback" not in err, (name, err)
 
 
+def test_a_bare_folder_name_is_refused_as_a_folder_not_as_no_stock_cell(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mycells").mkdir()
+    with pytest.raises(CellError, match="mycells is a directory, not a .cell file"):
+        rnndsl.load_cell("mycells")
+    (tmp_path / "lstm").mkdir()  # a folder never hides a stock cell
+    assert rnndsl.load_cell("lstm").name == "lstm"
+
+
 # The bad-input list of the language issue --------------------------------------------
 
 def _snippet(*lines: str) -> str:
