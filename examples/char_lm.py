@@ -26,8 +26,8 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # data.py, when imported from elsewhere
 
 import rnndsl  # noqa: E402
-from data import (HelpFormatter, Progress, batchify, bptt_batches, count_batches, positive_int, run,  # noqa: E402
-                  shared_data_dir)
+from data import (CELL_HELP, HelpFormatter, Progress, batchify, bptt_batches, count_batches,  # noqa: E402
+                  load_vector_cell, number, positive_int, run, shared_data_dir)
 
 
 def _default_data() -> Optional[Path]:
@@ -40,19 +40,19 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                      formatter_class=HelpFormatter)
     parser.add_argument("--data", type=Path, default=_default_data(),
                         help="a text file (default: ../shared/data/tiny-shakespeare.txt)")
-    parser.add_argument("--cell", default="lstm", help="stock cell name or path to a .cell file")
+    parser.add_argument("--cell", default="lstm", help=CELL_HELP)
     parser.add_argument("--backend", default="script", choices=("script", "eager", "native", "auto"),
                         help="how the cells run; native is torch's fused kernel")
     parser.add_argument("--wordvec-size", type=positive_int, default=64, help="character embedding size")
     parser.add_argument("--rnn-size", type=positive_int, default=128, help="hidden size of each layer")
     parser.add_argument("--num-layers", type=positive_int, default=2, help="number of layers")
-    parser.add_argument("--dropout", type=float, default=0.0, help="dropout between layers")
+    parser.add_argument("--dropout", type=number(at_least=0, below=1), default=0.0, help="dropout between layers")
     parser.add_argument("--seq-length", type=positive_int, default=50, help="truncated-BPTT length")
     parser.add_argument("--batch-size", type=positive_int, default=50, help="number of parallel streams")
-    parser.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
+    parser.add_argument("--lr", type=number(above=0), default=2e-3, help="Adam learning rate")
     parser.add_argument("--lr-decay-every", type=positive_int, default=5, help="epochs between decays")
-    parser.add_argument("--lr-decay-factor", type=float, default=0.5, help="learning rate decay")
-    parser.add_argument("--grad-clip", type=float, default=5.0, help="clamp each gradient to ±this")
+    parser.add_argument("--lr-decay-factor", type=number(above=0), default=0.5, help="learning rate decay")
+    parser.add_argument("--grad-clip", type=number(at_least=0), default=5.0, help="clamp each gradient to ±this")
     parser.add_argument("--epochs", type=positive_int, default=1, help="training budget in epochs "
                         "(torch-rnn trains 50)")
     parser.add_argument("--max-batches", type=positive_int,
@@ -117,7 +117,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
     print(f"data: {args.data} | {len(alphabet)} characters | train {train.numel()}, "
           f"valid {valid.numel()}, test {test.numel()}")
     train, valid, test = (batchify(split, args.batch_size) for split in (train, valid, test))
-    model = CharLM(rnndsl.load_cell(args.cell), len(alphabet), args)
+    model = CharLM(load_vector_cell(args.cell), len(alphabet), args)
     print(f"model: cell {model.rnn.spec.name}, backend {model.rnn.backend}, "
           f"{sum(p.numel() for p in model.parameters())} parameters")
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)

@@ -26,7 +26,8 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # data.py, when imported from elsewhere
 
 import rnndsl  # noqa: E402
-from data import UNK, HelpFormatter, Progress, Vocabulary, divide_lr_if_worse, positive_int, run  # noqa: E402
+from data import (CELL_HELP, UNK, HelpFormatter, Progress, Vocabulary, divide_lr_if_worse, load_vector_cell, number,
+                  positive_int, run)  # noqa: E402
 
 PAD = "<pad>"
 INIT_RANGE = 0.1
@@ -40,7 +41,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--valid", type=Path,
                         help="validation file (default: every tenth training example, held out)")
     parser.add_argument("--test", type=Path, help="test file, scored once at the end")
-    parser.add_argument("--cell", default="lstm", help="stock cell name or path to a .cell file")
+    parser.add_argument("--cell", default="lstm", help=CELL_HELP)
     parser.add_argument("--backend", default="script", choices=("script", "eager", "native", "auto"),
                         help="how the cells run; native is torch's fused kernel")
     parser.add_argument("--emsize", type=positive_int, default=256, help="word embedding size")
@@ -50,11 +51,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="how outputs are pooled over each sentence's real positions")
     parser.add_argument("--share", action="store_true",
                         help="share the weights of the forward and reverse directions")
-    parser.add_argument("--dropout", type=float, default=0.0, help="dropout on the pooled vector")
+    parser.add_argument("--dropout", type=number(at_least=0, below=1), default=0.0, help="dropout on the pooled vector")
     parser.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd", help="optimizer")
-    parser.add_argument("--lr", type=float, help="initial learning rate (default: 1 for sgd, "
+    parser.add_argument("--lr", type=number(above=0), help="initial learning rate (default: 1 for sgd, "
                         "1e-3 for adam)")
-    parser.add_argument("--clip", type=float, default=0.0, help="gradient norm clipping (0: none)")
+    parser.add_argument("--clip", type=number(at_least=0), default=0.0, help="gradient norm clipping (0: none)")
     parser.add_argument("--batch-size", type=positive_int, default=20, help="sentences per batch")
     parser.add_argument("--epochs", type=positive_int, default=10, help="number of epochs")
     parser.add_argument("--max-batches", type=positive_int, help="at most this many training batches per epoch")
@@ -168,7 +169,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
     vocabulary = Vocabulary([PAD, UNK] + sorted(counts, key=lambda w: (-counts[w], w)))
     print(f"data: {len(train)} train, {len(valid)} valid, {len(test)} test sentences | "
           f"{len(labels)} classes | vocabulary {len(vocabulary)}")
-    model = Classifier(rnndsl.load_cell(args.cell), len(vocabulary), len(labels), args.emsize,
+    model = Classifier(load_vector_cell(args.cell), len(vocabulary), len(labels), args.emsize,
                        args.nhid, args.pool, args.backend, args.share, args.dropout)
     print(f"model: cell {model.rnn.spec.name}, backend {model.rnn.backend}, pool {args.pool}, "
           f"{sum(p.numel() for p in model.parameters())} parameters")

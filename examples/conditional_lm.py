@@ -26,7 +26,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # data.py, when imported from elsewhere
 
 import rnndsl  # noqa: E402
-from data import HelpFormatter, positive_int, run  # noqa: E402
+from data import HelpFormatter, number, positive_int, run  # noqa: E402
 
 CELL = Path(__file__).resolve().parent / "conditional_gru.cell"
 
@@ -40,11 +40,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--bptt", type=positive_int, default=48, help="characters per training window")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="windows per batch")
     parser.add_argument("--steps", type=positive_int, default=300, help="training steps (Adam)")
-    parser.add_argument("--lr", type=float, default=5e-3, help="Adam's learning rate")
+    parser.add_argument("--lr", type=number(above=0), default=5e-3, help="Adam's learning rate")
     parser.add_argument("--backend", default="script", choices=("script", "eager"), help="how the cells run")
     parser.add_argument("--seed", type=int, default=1111, help="random seed")
     parser.add_argument("--threads", type=positive_int, help="torch threads (default: torch's choice)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    from pydoc_data.topics import topics
+    if not 2 <= args.topics <= len(topics):  # the run compares a text's own topic with another
+        parser.error(f"--topics must be from 2 to {len(topics)} (the documentation's topics), got {args.topics}")
+    return args
 
 
 def topic_texts(count: int) -> Dict[str, str]:

@@ -14,17 +14,21 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import re
 import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from rnndsl import CellError
+if TYPE_CHECKING:  # rnndsl is imported only where an example uses it: generate.py --program needs torch alone
+    from rnndsl import CellSpec
+
 
 EOS = "<eos>"
 UNK = "<unk>"
@@ -51,17 +55,79 @@ def positive_int(text: str) -> int:
     return value
 
 
+def number(*, above: Optional[float] = None, at_least: Optional[float] = None,
+           below: Optional[float] = None) -> Callable[[str], float]:
+    """An argparse type for a finite float within the given bounds (``nan`` and ``inf`` are
+    refused: a nan learning rate trains silently to nan)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        for bound, holds, says in ((above, lambda b: value > b, "above"),
+                                   (at_least, lambda b: value >= b, "at least"),
+                                   (below, lambda b: value < b, "below")):
+            if bound is not None and not holds(bound):
+                raise argparse.ArgumentTypeError(f"must be {says} {bound:g}, got {value:g}")
+        return value
+    return parse
+
+
+def output_file(text: str) -> Path:
+    """An argparse type for a file the run writes at its end: its folder must exist and it must
+    not be a folder itself, checked before training rather than after it."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory; give a file name")
+    folder = path.parent
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot write {text}: no directory {folder}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write {text}: directory {folder} is not writable")
+    return path
+
+
+CELL_HELP = "stock cell name, path to a .cell file, or FILE.cell:NAME for one cell of a file with several"
+
+
+def load_vector_cell(argument: str) -> CellSpec:
+    """The cell ``--cell`` names (see ``CELL_HELP``), which must read a vector per step: these
+    examples feed it embeddings, which an image cell (``x[input, height, width]``) would take as
+    channels of images and refuse only once the model is built."""
+    path, colon, name = argument.rpartition(":")
+    if not (colon and path.endswith(".cell")):
+        path, name = argument, ""
+    from rnndsl import load_cells
+
+    cells = load_cells(path)
+    if name and name not in cells:
+        raise ValueError(f"{path} has no cell named {name!r}; it has {', '.join(cells)}")
+    if not name and len(cells) > 1:
+        raise ValueError(f"{path} holds several cells ({', '.join(cells)}); pick one with --cell {path}:NAME")
+    spec = cells[name] if name else next(iter(cells.values()))
+    if len(spec.input_dims) != 1:
+        dims = ", ".join(map(str, spec.input_dims))
+        raise ValueError(f"cell {spec.name} reads images [{dims}] per step, and this example feeds it vectors: "
+                         "use a cell whose input is a vector (such as lstm)")
+    return spec
+
+
 def run(main: Callable[[], None]) -> None:
     """Run an example's ``main``: what rnndsl or the file system refuses (a cell file with an error,
     a size a cell cannot take, a missing file) ends the run as ``prog: error: ...``, exit 1, as
     argparse's own errors do, not as a traceback."""
     try:
         main()
-    except CellError as error:  # says its file, line and column itself
-        print(error, file=sys.stderr)
-        raise SystemExit(1) from None
     except (ValueError, OSError) as error:
         print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except Exception as error:
+        rnndsl = sys.modules.get("rnndsl")  # a CellError can only come once rnndsl is imported
+        if rnndsl is None or not isinstance(error, rnndsl.CellError):
+            raise
+        print(error, file=sys.stderr)  # says its file, line and column itself
         raise SystemExit(1) from None
 
 

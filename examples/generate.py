@@ -14,6 +14,7 @@ with ``--torchscript``, a TorchScript model.
 import argparse
 import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -21,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # word_lm.py, when imported from elsewhere
 
-from data import EOS, HelpFormatter, Vocabulary, run  # noqa: E402
+from data import EOS, HelpFormatter, Vocabulary, number, run  # noqa: E402
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -31,15 +32,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     source.add_argument("--checkpoint", type=Path, help="file written by word_lm.py --save")
     source.add_argument("--program", type=Path, help="file written by word_lm.py --export (needs only torch)")
     parser.add_argument("--words", type=int, default=100, help="number of words to sample")
-    parser.add_argument("--temperature", type=float, default=1.0,
+    parser.add_argument("--temperature", type=number(above=0), default=1.0,
                         help="softmax temperature: lower is more conservative")
     parser.add_argument("--seed", type=int, default=1111, help="random seed")
     parser.add_argument("--primer", default="", help="text the model reads before sampling")
     parser.add_argument("--backend", choices=("script", "eager", "native", "auto"),
                         help="how the cells run (default: the one the model was trained with)")
     args = parser.parse_args(argv)
-    if args.temperature <= 0:
-        parser.error("--temperature must be positive")
     if args.words < 0:
         parser.error("--words must not be negative")
     return args
@@ -62,16 +61,45 @@ def sample(model, vocabulary: Vocabulary, words: int, temperature: float = 1.0,
     return drawn
 
 
+def archive_kind(path: Path) -> str:
+    """What ``word_lm.py`` wrote at ``path``: ``"checkpoint"`` (``--save``), ``"program"`` (a
+    torch.export program, ``--export``) or ``"torchscript"`` (``--export --torchscript``), read
+    from the names inside the zip archive each of them is, so that a file given to the wrong flag
+    is named for what it is, not reported as a corrupted file by torch."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = {name.split("/", 1)[-1] for name in archive.namelist()}
+    except zipfile.BadZipFile:
+        raise ValueError(f"{path} is not a file written by word_lm.py --save or --export "
+                         "(it is not a torch archive)") from None
+    for kind, marker in (("program", "archive_format"), ("torchscript", "constants.pkl"), ("checkpoint", "data.pkl")):
+        if marker in names:
+            return kind
+    raise ValueError(f"{path} is a zip archive, but not one written by word_lm.py --save or --export")
+
+
+def _expect(path: Path, flag: str) -> None:
+    """Refuse a file written for the other flag, saying which flag takes it."""
+    kind = archive_kind(path)
+    wanted = {"--checkpoint": ("checkpoint",), "--program": ("program", "torchscript")}[flag]
+    if kind not in wanted:
+        other = "--program" if flag == "--checkpoint" else "--checkpoint"
+        what = {"checkpoint": "a checkpoint (word_lm.py --save)", "program": "a torch.export program (--export)",
+                "torchscript": "a TorchScript model (--export --torchscript)"}[kind]
+        raise ValueError(f"{path} is {what}: give it as {other} {path}")
+
+
 class ProgramLM:
     """A program written by ``word_lm.py --export`` as the model :func:`sample` drives:
     ``model(tokens)`` carries the state across calls, ``model.rnn.initialize_hidden(batch)`` resets it."""
 
     def __init__(self, path: Path) -> None:
-        try:  # a torch.export program, with the vocabulary and the state's width as extra files
+        _expect(path, "--program")
+        if archive_kind(path) == "program":  # with the vocabulary and the state's width as extra files
             extra = {"vocabulary.txt": "", "state_size.txt": ""}
             self.forward = torch.export.load(str(path), extra_files=extra).module()
             self.words, self.state_size = extra["vocabulary.txt"].split("\n"), int(extra["state_size.txt"])
-        except (RuntimeError, ValueError, KeyError):  # not one: a TorchScript model
+        else:
             scripted = torch.jit.load(str(path))
             self.forward, self.words, self.state_size = scripted, list(scripted.vocabulary), scripted.state_size
         self.rnn, self.state = self, None
@@ -93,6 +121,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
         model = ProgramLM(args.program)
         vocabulary = Vocabulary(model.words)
     else:
+        _expect(args.checkpoint, "--checkpoint")
         from word_lm import load_checkpoint  # imports rnndsl, which a program does not need
         model, vocabulary = load_checkpoint(args.checkpoint, backend=args.backend)
     primer = args.primer.split()

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 import rnndsl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # data.py, when imported from elsewhere
-from data import HelpFormatter, positive_int, run  # noqa: E402
+from data import HelpFormatter, number, output_file, positive_int, run  # noqa: E402
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -39,9 +39,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--kernel", type=positive_int, default=5, help="the ConvLSTM's kernel size (odd)")
     parser.add_argument("--steps", type=positive_int, default=300, help="training steps")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="sequences per step")
-    parser.add_argument("--lr", type=float, default=1e-2, help="Adam's learning rate")
+    parser.add_argument("--lr", type=number(above=0), default=1e-2, help="Adam's learning rate")
     parser.add_argument("--backend", default="script", choices=("script", "eager"), help="how the cells run")
-    parser.add_argument("--png", type=Path, default=Path("moving_blobs.png"),
+    parser.add_argument("--png", type=output_file, default=Path("moving_blobs.png"),
                         help="where the picture of predicted and true frames goes")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: torch's choice)")

@@ -38,8 +38,9 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # data.py, when imported from elsewhere
 
 import rnndsl  # noqa: E402
-from data import (EOS, HelpFormatter, Progress, Vocabulary, batchify, bptt_batches, count_batches,  # noqa: E402
-                  divide_lr_if_worse, positive_int, read_lines, run, stdlib_corpus, tokenize)
+from data import (CELL_HELP, EOS, HelpFormatter, Progress, Vocabulary, batchify, bptt_batches, count_batches,  # noqa: E402
+                  divide_lr_if_worse, load_vector_cell, number, output_file, positive_int, read_lines, run,
+                  stdlib_corpus, tokenize)
 
 INIT_RANGE = 0.1
 
@@ -53,7 +54,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     data.add_argument("--valid", type=Path, help="validation text")
     data.add_argument("--test", type=Path, help="test text")
     model = parser.add_argument_group("model")
-    model.add_argument("--cell", default="lstm", help="stock cell name or path to a .cell file")
+    model.add_argument("--cell", default="lstm", help=CELL_HELP)
     model.add_argument("--emsize", type=positive_int, default=200, help="word embedding size")
     model.add_argument("--nhid", type=positive_int, nargs="+", default=[200, 200],
                        help="hidden size of each layer, one value per layer")
@@ -63,8 +64,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     model.add_argument("--backend", default="script", choices=("script", "eager", "native", "auto"),
                        help="how the cells run; native is torch's fused kernel")
     training = parser.add_argument_group("training")
-    training.add_argument("--lr", type=float, default=20.0, help="initial learning rate")
-    training.add_argument("--clip", type=float, default=0.5, help="gradient norm clipping")
+    training.add_argument("--lr", type=number(above=0), default=20.0, help="initial learning rate")
+    training.add_argument("--clip", type=number(above=0), default=0.5, help="gradient norm clipping")
     training.add_argument("--epochs", type=positive_int, default=6, help="number of epochs")
     training.add_argument("--batch-size", type=positive_int, default=20, help="training batch size")
     training.add_argument("--bptt", type=positive_int, default=20, help="truncated-BPTT length")
@@ -74,8 +75,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     training.add_argument("--max-batches", type=positive_int,
                           help="at most this many batches per epoch and per evaluation (smoke runs)")
     output = parser.add_argument_group("output")
-    output.add_argument("--save", type=Path, help="write a checkpoint here (embeds the cell source)")
-    output.add_argument("--export", type=Path,
+    output.add_argument("--save", type=output_file, help="write a checkpoint here (embeds the cell source)")
+    output.add_argument("--export", type=output_file,
                         help="write the model here as a torch.export program (.pt2) that runs at any length "
                              "and batch with torch alone; see --torchscript")
     output.add_argument("--torchscript", action="store_true",
@@ -355,7 +356,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
     print(f"corpus: {corpus} | vocabulary {len(vocabulary)} | words: train {train.numel()}, "
           f"valid {valid.numel()}, test {test.numel()}")
     train = batchify(train, args.batch_size)
-    model = WordLM(rnndsl.load_cell(args.cell), len(vocabulary), args.emsize, args.nhid, args.backend,
+    model = WordLM(load_vector_cell(args.cell), len(vocabulary), args.emsize, args.nhid, args.backend,
                    args.rnn_init)
     spec, size = model.rnn.spec, sum(p.numel() for p in model.parameters())
     print(f"model: cell {spec.name} ({spec.path}), backend {model.rnn.backend}, emsize {args.emsize}, "

@@ -278,9 +278,59 @@ def test_conditional_lm_trains_a_few_steps():
      "error: no such file: /no/such/x.cell"),
     ("classify.py", ["--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
     ("generate.py", ["--checkpoint", "/no/such/model.pt"], "generate.py: error: [Errno 2] No such file"),
+    # checked before training, not after it
+    ("word_lm.py", ["--save", "/no/such/dir/lm.pt"], "argument --save: cannot write /no/such/dir/lm.pt: no directory"),
+    ("word_lm.py", ["--cell", "convlstm"], "cell convlstm reads images [input, height, width] per step"),
+    ("conditional_lm.py", ["--topics", "1"], "--topics must be from 2 to"),
 ])
 def test_bad_arguments_end_the_examples_with_an_error_not_a_traceback(script, arguments, words):
     result = subprocess.run([sys.executable, str(EXAMPLES / script), *arguments], capture_output=True, text=True,
                             timeout=300)
     assert result.returncode in (1, 2) and words in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_number_arguments_refuse_nan_inf_and_out_of_range_values():
+    import argparse
+
+    from data import number
+    learning_rate, dropout = number(above=0), number(at_least=0, below=1)
+    assert learning_rate("0.5") == 0.5 and dropout("0") == 0.0
+    for parse, text, says in [(learning_rate, "nan", "finite"), (learning_rate, "inf", "finite"),
+                              (learning_rate, "0", "above 0"), (dropout, "1", "below 1"),
+                              (dropout, "-0.1", "at least 0"), (dropout, "x", "expected a number")]:
+        with pytest.raises(argparse.ArgumentTypeError, match=says):
+            parse(text)
+
+
+def test_cell_argument_picks_one_cell_of_a_file_with_several(tmp_path):
+    from data import load_vector_cell
+    path = tmp_path / "two.cell"
+    path.write_text(MGU_CELL + MGU_CELL.replace("cell mgu", "cell other"))
+    assert load_vector_cell(f"{path}:other").name == "other"
+    with pytest.raises(ValueError, match=f"pick one with --cell {path}:NAME"):
+        load_vector_cell(str(path))
+    with pytest.raises(ValueError, match="has no cell named 'third'; it has mgu, other"):
+        load_vector_cell(f"{path}:third")
+
+
+@pytest.mark.parametrize("flag, key, says", [
+    ("--checkpoint", "export", "is a torch.export program (--export): give it as --program"),
+    ("--program", "checkpoint", "is a checkpoint (word_lm.py --save): give it as --checkpoint"),
+])
+def test_generate_names_a_file_given_to_the_wrong_flag(word_model, flag, key, says):
+    with pytest.raises(ValueError, match=re.escape(says)):
+        generate.main([flag, str(word_model[key]), "--words", "1"])
+
+
+def test_generate_from_a_program_runs_without_importing_rnndsl(word_model):
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["rnndsl"] = None  # any import of rnndsl now fails
+        sys.path.insert(0, {str(EXAMPLES)!r})
+        import generate
+        generate.main(["--program", "lm.pt2", "--words", "2"])
+    """)
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    subprocess.run([sys.executable, "-I", "-c", script], cwd=word_model["folder"], env=env, check=True,
+                   capture_output=True, timeout=120)
