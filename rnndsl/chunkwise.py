@@ -52,7 +52,12 @@ def chunkwise_attention(q: Tensor, k: Tensor, v: Tensor, log_decay: Optional[Ten
     Returns ``o``: ``(T, batch, heads, value)`` and the state after the last step.
     """
     batch, heads, keys, values = state.shape
-    dtype = state.dtype
+    # Half precision computes in float32: the cumulative log-decays G grow along a chunk, and their
+    # differences rounded at G's magnitude (multiples of 2 once |G| passes 500 in bfloat16; -inf
+    # past -65504 in float16, and then -inf - -inf = nan) are exponentiated.
+    returned = state.dtype
+    dtype = torch.float32 if returned in (torch.float16, torch.bfloat16) else returned
+    state = state.to(dtype)
     q = torch.broadcast_to(q.to(dtype), (steps, batch, heads, keys))
     k = torch.broadcast_to(k.to(dtype), (steps, batch, heads, keys))
     v = torch.broadcast_to(v.to(dtype), (steps, batch, heads, values))
@@ -95,7 +100,7 @@ def chunkwise_attention(q: Tensor, k: Tensor, v: Tensor, log_decay: Optional[Ten
     starts = starts.reshape(count, batch, heads, keys, values).permute(1, 2, 0, 3, 4)
     across = (q * torch.exp(cumulative)) @ starts  # (batch, heads, chunks, C, value)
     o = (inside + across).reshape(batch, heads, count * size, values)[:, :, :steps]
-    return o.permute(2, 0, 1, 3), ends[-1].reshape(batch, heads, keys, values)
+    return o.permute(2, 0, 1, 3).to(returned), ends[-1].reshape(batch, heads, keys, values).to(returned)
 
 
 def _causal_decays(cumulative: Tensor) -> Tensor:

@@ -25,8 +25,8 @@ import torch
 
 from . import kernels
 from .cells import CellModule, EagerCell, ScriptedCell
-from .codegen import (NotLinear, PythonCode, find_linear_recurrences, generate_backward, generate_parallel,
-                      generate_scan, generate_step, linearized, validate_source)
+from .codegen import (DecayNotPositive, NotLinear, PythonCode, find_linear_recurrences, generate_backward,
+                      generate_parallel, generate_scan, generate_step, linearized, validate_source)
 from .errors import one_line, quoted_line
 from .fused_scan import FusedKernel
 from .ir import Graph
@@ -258,7 +258,9 @@ def _parallel_plan(graph: Graph, disable: Tuple[str, ...], fixed_dropout_mask: b
         span = reason.node.span if reason.node is not None else None
         if span is not None:
             where = f" (at {one_line(span.file)}:{span.line}: `{quoted_line(source, span)}`)"
-        return None, f"the recurrence is not linear in the state: {reason}{where}"
+        problem = "the chunkwise form needs a decay positive by its form" if isinstance(reason, DecayNotPositive) else \
+            "the recurrence is not linear in the state"
+        return None, f"{problem}: {reason}{where}"
 
 
 def _run(code: PythonCode, label: str) -> Tuple[dict, str]:

@@ -160,3 +160,63 @@ def test_a_decay_outside_the_class_is_refused_by_name():
     assert spec.build(3, 4).scan_mode == "sequential"
     with pytest.raises(ValueError, match="not of the form a \\* S \\+ b"):
         spec.build(3, 4, scan="parallel")
+
+
+def _decayed_attention(decay: str) -> str:
+    return f"""
+cell t(x[input]) -> y {{
+    size heads = 2
+    state S[heads, hidden, hidden]
+    param weight_q[heads*hidden, input], weight_k[heads*hidden, input], weight_v[heads*hidden, input]
+    {"param d[heads]" if "d" in decay.replace("decay", "") else ""}
+    q = split(weight_q @ x, heads)
+    k = split(weight_k @ x, heads)
+    v = split(weight_v @ x, heads)
+    S' = {decay} * S + outer(k, v)
+    y = join(q @ S')
+}}"""
+
+
+@pytest.mark.parametrize("decay", ["0.9", "1.0", "sigmoid(d) * exp(-d * d)", "0.5 * sigmoid(d)"])
+def test_decays_positive_by_their_form_run_chunkwise_and_equal_the_loop(decay):
+    from test_parallel_scan import _run
+    spec = rnndsl.load_source(_decayed_attention(decay))["t"]
+    sequential = spec.build(3, 4, scan="sequential").double()
+    parallel = spec.build(3, 4, scan="parallel").double()
+    assert "chunkwise_attention(" in spec.parallel_plan()[0]
+    parallel.load_state_dict(sequential.state_dict())
+    xs = torch.randn(37, 2, 3, dtype=torch.float64, requires_grad=True)
+    state = (torch.randn(2, sequential.state_sizes[0], dtype=torch.float64, requires_grad=True),)
+    mask = torch.arange(37)[:, None] < torch.tensor([37, 20])
+    want, got = _run(sequential, xs, state, mask), _run(parallel, xs, state, mask)
+    for a, b in zip(got[:1] + got[1] + got[2], want[:1] + want[1] + want[2], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_a_decay_that_may_be_negative_keeps_the_loop():
+    """The chunkwise form takes the decay's log: a raw parameter, which training may push to 0 or
+    below, gave nan there where the loop is exact. It is refused, and scan="auto" keeps the loop."""
+    spec = rnndsl.load_source(_decayed_attention("d"))["t"]
+    assert spec.build(3, 4).scan_mode == "sequential"
+    with pytest.raises(ValueError, match=r"needs a decay positive by its form: .*`d` may be 0 or negative"):
+        spec.build(3, 4, scan="parallel")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_is_as_exact_as_the_loop(dtype):
+    """Large log-decays early in a chunk: rounded at their cumulative magnitude in half precision,
+    the chunkwise form was 20x further from float64 than the loop in bfloat16, and nan in float16
+    (a cumulative sum past -65504 is -inf). It computes in float32, as the loop's error shows."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v, _, state, _ = _problem(64, 2, 2, 3, 4, False, g)
+    log_decay = torch.full((64, 2, 2), -0.01, dtype=torch.float64)
+    log_decay[:10] = -1600.0
+    exact, exact_final = sequential_attention(q, k, v, log_decay, state, 64)
+    low = [t.detach().to(dtype) for t in (q, k, v, log_decay, state)]
+    for function, slack in ((sequential_attention, 1.0), (chunkwise_attention, 2.0)):
+        o, final = function(*low, 64)
+        assert o.dtype == final.dtype == dtype
+        error = ((final.double() - exact_final).abs().max() / exact_final.abs().max()).item()
+        if function is sequential_attention:
+            loop_error = error
+        assert torch.isfinite(o).all() and error <= slack * loop_error + 1e-3, (function.__name__, error)

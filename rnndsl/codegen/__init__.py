@@ -23,9 +23,11 @@ each other's private names. Nothing here imports torch.
 """
 from .backward import generate_backward, supports_training
 from .base import PythonCode, validate_source
+from .chunkwise import DecayNotPositive
 from .parallel import NotLinear, find_linear_recurrences, generate_parallel, linearized
 from .scan import generate_scan
 from .step import generate_step
 
 __all__ = ["PythonCode", "validate_source", "generate_step", "generate_backward", "supports_training",
-           "generate_parallel", "find_linear_recurrences", "linearized", "NotLinear", "generate_scan"]
+           "generate_parallel", "find_linear_recurrences", "linearized", "NotLinear", "DecayNotPositive",
+           "generate_scan"]

@@ -15,8 +15,9 @@ rnndsl/lower.py). Two kinds of update run in parallel over time:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from ..ir import Graph, Node, Op
 from ..ops import operand_orders
@@ -31,6 +32,11 @@ class NotLinear(Exception):
     def __init__(self, message: str, node: Optional[Node]):
         super().__init__(message)
         self.node = node
+
+
+class DecayNotPositive(NotLinear):
+    """A linear update whose decay may be 0 or negative: the chunkwise form, which takes its log,
+    cannot run it (the step loop can)."""
 
 
 @dataclass(frozen=True)
@@ -118,21 +124,44 @@ def _decay(a: Optional[str], nodes: Dict[str, Node], state: str, tensor: Node) -
     if a is None:
         return None, False
     node = nodes[a]
-    if node.op is Op.EXPAND:
-        base = nodes[node.inputs[0]]
-        if node.attr("trailing") == 2 and len(base.shape.dims) == 1:
-            return base.name, False
-        if node.attr("trailing") == 1 and len(base.shape.dims) == 2:
-            return base.name, True
-    raise NotLinear(f"the decay of `{state}` must be a number per head ([heads]) or per key dim "
-                    f"([heads, key]), got `{a}` of shape {node.shape}", tensor)
+    base, per_key = None, False
+    if node.shape.is_scalar:  # a number, the same for every head
+        base = node
+    elif node.op is Op.EXPAND:
+        inner = nodes[node.inputs[0]]
+        if node.attr("trailing") == 2 and len(inner.shape.dims) == 1:
+            base = inner
+        elif node.attr("trailing") == 1 and len(inner.shape.dims) == 2:
+            base, per_key = inner, True
+    if base is None:
+        raise NotLinear(f"the decay of `{state}` must be a number per head ([heads]) or per key dim "
+                        f"([heads, key]), got `{a}` of shape {node.shape}", tensor)
+    if decay_operands(base, nodes) is None:
+        raise DecayNotPositive(f"it takes the decay of `{state}` by its logarithm, and `{base.name}` may be 0 "
+                               "or negative: write it as sigmoid(...) or exp(...) (what is positive by its form: "
+                               "those, a positive constant, and their products)", tensor)
+    return base.name, per_key
 
 
-def log_code(node: Node, ref) -> str:
-    """Code for the log of a decay, from its meaning where the equations give one (no underflow to
-    log 0 for a tiny decay): ``exp(x)`` is ``x``, ``sigmoid(x)`` is ``logsigmoid(x)``."""
+def log_code(node: Node, nodes: Dict[str, Node], ref) -> Optional[str]:
+    """Code for the log of a decay, from its meaning (no underflow to log 0 for a tiny decay, no nan
+    for a negative one): ``exp(x)`` is ``x``, ``sigmoid(x)`` is ``logsigmoid(x)``, a positive
+    constant its log, a product the sum of its factors' logs. None where the decay is not positive
+    by its form: a parameter may be 0 or negative, and then only the step loop computes it."""
     if node.op is Op.EXP:
         return ref(node.inputs[0])
     if node.op is Op.SIGMOID:
         return f"torch.nn.functional.logsigmoid({ref(node.inputs[0])})"
-    return f"torch.log({ref(node.name)})"
+    if node.op is Op.CONST and float(node.attr("value")) > 0:
+        return repr(math.log(float(node.attr("value"))))
+    if node.op is Op.MUL:
+        logs = [log_code(nodes[name], nodes, ref) for name in node.inputs]
+        if None not in logs:
+            return f"({logs[0]} + {logs[1]})"
+    return None
+
+
+def decay_operands(node: Node, nodes: Dict[str, Node]) -> Optional[List[str]]:
+    """The values :func:`log_code` reads for the decay ``node``, or None when it has no log form."""
+    found: List[str] = []
+    return None if log_code(node, nodes, lambda name: found.append(name) or name) is None else found

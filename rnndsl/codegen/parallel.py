@@ -30,7 +30,7 @@ from ..dependency import Dependence, dependencies
 from ..ir import Graph, Node, Op, OpKind, Shape, Size, attrs, tiling_order
 from ..names import PARALLEL_GLOBALS, Namespace
 from ..ops import SHAPE_RULES, operand_orders
-from .chunkwise import MatrixUpdate, NotLinear, ViewUpdate, log_code, state_view, tensor_update
+from .chunkwise import MatrixUpdate, NotLinear, ViewUpdate, decay_operands, log_code, state_view, tensor_update
 from .fused import FusedKernelCode, fused_kernel
 from .base import (EMITTERS, NodeEmitter, PythonCode, biased_products, body_nodes, gemm, one_or_tuple,
                    reshape_code, size_code, tuple_code, validate_source)
@@ -334,7 +334,9 @@ def _emit_chunkwise(update: MatrixUpdate, var: str, code: "_WholeSequenceCode", 
     view = code.nodes[update.tensor].shape.dims
     start, final = names.fresh(update.state, "start"), names.fresh(update.state, "final")
     ref = lambda name: code.ref(name, seq)  # noqa: E731
-    log_decay = "None" if update.decay is None else log_code(code.nodes[update.decay], ref)
+    log_decay = "None" if update.decay is None else log_code(code.nodes[update.decay], code.nodes, ref)
+    if update.decay is not None and code.nodes[update.decay].shape.is_scalar:  # a number: as a tensor
+        log_decay = f"xs.new_full([1], {log_decay})"
     code.lines.append(f"    {start} = {reshape_code(var, 1, view)}")
     code.lines.append(f"    # {update.state}' = decay * {update.state} + outer({update.key}, {update.value}), "
                       f"read by {update.query} @ {update.state}': chunk by chunk")
@@ -351,8 +353,7 @@ def _operands(updates: List[Update], nodes: Dict[str, Node]) -> Set[str]:
         if isinstance(update, MatrixUpdate):
             found |= {update.key, update.value, update.query}
             if update.decay is not None:
-                decay = nodes[update.decay]
-                found |= set(decay.inputs) if decay.op in (Op.EXP, Op.SIGMOID) else {decay.name}
+                found |= set(decay_operands(nodes[update.decay], nodes))
         else:
             found |= {name for name in (update.a, update.b) if name is not None}
     return found
