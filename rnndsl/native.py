@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .cells import check_call
-from .containers import Bidirectional, RecurrentTable, cell_sizes
+from .containers import Bidirectional, RecurrentTable, cell_sizes, out_of_autocast
 from .options import CELL_BACKENDS
 from .scan import check_not_empty
 
@@ -141,7 +141,9 @@ class NativeLayer(RecurrentTable):
         check_call(self.cell, tuple(state), xs, sequence=True, mask=mask)
         weights = [getattr(self.cell, self.names[name]) for name in PARAMETER_NAMES]
         outputs, final = run_native(self.mode, xs, tuple(state), weights, mask)
-        return final, outputs
+        # Under autocast torch's kernel answers in the low-precision dtype: the layer carries its
+        # parameters' dtype, as the compiled cells do (the layer above checks its input against it).
+        return tuple(out_of_autocast(f, xs.dtype) for f in final), out_of_autocast(outputs, xs.dtype)
 
 
 def _layer_cells(network: nn.Module) -> List[List[nn.Module]]:

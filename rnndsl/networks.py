@@ -25,9 +25,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
+from .autograd_modes import autocast_enabled
 from .cellspec import CellSpec, load_cell, load_stock_cell
-from .containers import (Bidirectional, RecurrentNetwork, RecurrentTable, SequenceTable, ZeroState, out_of_autocast,
-                         setup_recurrent)
+from .containers import Bidirectional, RecurrentNetwork, RecurrentTable, SequenceTable, ZeroState, setup_recurrent
 from .errors import did_you_mean
 from .options import BuildOptions
 from .native import NATIVE_MODES, PARAMETER_NAMES, NativeLayer, native_names, resolve_backend
@@ -389,9 +389,11 @@ class _CompiledRNNBase:
         else:
             xs, lengths = (checked.transpose(0, 1) if self.batch_first else checked), None
         hx = given_hx if given_hx is not None else self._zero_hx(xs)
-        # Under autocast the layers carry the state in the parameters' dtype, whatever the input's.
+        # Under autocast the layers carry the state in the parameters' dtype, whatever the input's
+        # (torch.nn skips its dtype check under autocast: a bfloat16 model takes a float32 input).
         carried = self.weight_ih_l0.dtype
-        xs, hx = out_of_autocast(xs, carried), tuple(out_of_autocast(h, carried) for h in hx)
+        if autocast_enabled(xs.device.type) and xs.is_floating_point():
+            xs, hx = xs.to(carried), tuple(h.to(carried) for h in hx)
         returned = self._autocast_dtypes(checked, packed)
         state = self._layer_states(hx)
         mask = None if lengths is None else lengths_mask(lengths, xs.size(0), xs.size(1), xs.device)

@@ -130,6 +130,22 @@ def test_every_cell_trains_under_bfloat16_autocast_carrying_a_float32_state(name
         assert_close_in_scale(a, b, bound)
 
 
+@pytest.mark.parametrize("name", ["lstm", "gru", "rnn_tanh"])
+@pytest.mark.parametrize("lengths", [None, [5, 3, 1]])
+def test_native_layers_carry_float32_under_autocast_as_the_compiled_ones(name, lengths):
+    """torch's fused kernel answers in bfloat16 under autocast: a native layer turned it back, or
+    the layer above refused its own network's output ("state h is float32, but the input is
+    bfloat16"), and one layer returned bfloat16 where make_recurrent promises float32."""
+    torch.manual_seed(0)
+    net = rnndsl.make_recurrent(name, 4, [6, 6], backend="native", save_hidden=False)
+    x = torch.randn(5, 3, 4, generator=torch.Generator().manual_seed(1))
+    expected, expected_grads = _train(net, x, lengths, low=False)
+    got, grads = _train(net, x, lengths, low=True)
+    for a, b in zip(got + grads, expected + expected_grads, strict=True):
+        assert a.dtype == torch.float32 and torch.isfinite(a).all()
+        assert_close_in_scale(a, b, AUTOCAST_SCALE)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_one_step_and_the_python_scan_keep_the_state_float32(backend):
     """A cell's own step (what a stack of cells in one RecurrentTable runs, through the Python scan):
@@ -249,6 +265,23 @@ def test_drop_ins_train_as_low_precision_models(backend, mode, options, convert)
     assert all(p.grad.dtype == dtype and torch.isfinite(p.grad).all() for p in ours.parameters())
     expected, _ = theirs(x)
     assert_close_in_scale(output, expected, LOW_MODEL_SCALE)
+
+
+@pytest.mark.parametrize("mode, options", DROP_IN_CASES[:4])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_bfloat16_drop_in_takes_a_float32_input_under_autocast_as_torch_nn(backend, mode, options):
+    """torch.nn skips its dtype check under autocast; the drop-ins refused the float32 input of a
+    bfloat16 model ("its parameters are torch.bfloat16 ..., but the input is torch.float32"). They
+    now run it in the model's dtype, which they return (torch.nn keeps a float32 state in some
+    layers here: see _autocast_dtypes, which mirrors torch's choices for float32 models only)."""
+    theirs, ours = _torch_pair(mode, backend, **options)
+    theirs, ours = theirs.to(torch.bfloat16), ours.to(torch.bfloat16)
+    x = torch.randn(3, 2, 4)
+    _, expected = _dtypes_and_values(theirs, x)
+    got, values = _dtypes_and_values(ours, x)
+    assert got == [torch.bfloat16] * len(got)
+    for a, b in zip(values, expected, strict=True):
+        assert_close_in_scale(a, b, LOW_MODEL_SCALE)
 
 
 # The analysis behind the casts -----------------------------------------------------------------
