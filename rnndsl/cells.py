@@ -27,7 +27,7 @@ from .codegen import supports_training
 from .errors import CellWarning
 from .ir import Op
 from .options import BuildOptions
-from .scan import check_mask, check_not_empty
+from .scan import check_mask, check_not_empty, zero_padded_steps
 
 if TYPE_CHECKING:
     from .cellspec import CellSpec
@@ -342,6 +342,12 @@ class EagerCell(CellModule):
         with several inputs takes the others by name: one read at every step as ``(T, batch, n)``, one
         read once per sequence as ``(batch, n)``."""
         extras = check_call(self, state, xs, sequence=True, mask=mask, inputs=inputs)
+        # The generated code carries states over padded steps, but computes them. (Not when exporting:
+        # the program has no backward to protect, its scan masks its outputs with `where`, and AOTInductor
+        # in torch 2.13 emits C++ that redeclares a buffer for this where before a scan.)
+        if mask is not None and not torch.compiler.is_exporting():
+            xs = zero_padded_steps(xs, mask)
+            extras = tuple(zero_padded_steps(value, mask) if value.dim() == 3 else value for value in extras)
         return self._run_sequence(xs, state, mask, extras)
 
     def __init__(self, *args, **kwargs) -> None:

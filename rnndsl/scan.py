@@ -103,6 +103,18 @@ def check_mask(mask: Optional[Tensor], xs: Tensor) -> None:
         raise ValueError(f"mask is on {mask.device} but the input is on {xs.device}")
 
 
+def zero_padded_steps(xs: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """``xs`` (T, batch, ...) with zeros where ``mask`` says a step is padding.
+
+    What a padded step holds (often nan or garbage) must reach neither a real step's output nor a
+    gradient, as with torch's packed sequences, which never read it. Carrying the state with
+    ``where`` is not enough: the GEMMs over all steps (the hoisted input projection, the weight
+    gradients) multiply a padded step's input by its zero gradient, and 0 * nan is nan."""
+    if mask is None:
+        return xs
+    return xs.masked_fill(~mask.view(mask.shape + (1,) * (xs.dim() - 2)), 0)
+
+
 def python_scan(cell: torch.nn.Module, xs: Tensor, state: State, mask: Optional[Tensor] = None,
                 inputs: Optional[Dict[str, Tensor]] = None,
                 per_step: Optional[Tuple[str, ...]] = None) -> Tuple[Tensor, State]:
@@ -111,7 +123,8 @@ def python_scan(cell: torch.nn.Module, xs: Tensor, state: State, mask: Optional[
     ``(T, batch, n)`` and given a step at a time."""
     inputs = inputs or {}
     per_step = per_step_inputs(cell) if per_step is None else per_step
-    steps = {name: value.unbind(0) for name, value in inputs.items() if name in per_step}
+    xs = zero_padded_steps(xs, mask)
+    steps = {name: zero_padded_steps(value, mask).unbind(0) for name, value in inputs.items() if name in per_step}
     outputs = []
     # unbind, not xs[t]: indexing at every step makes the backward zero-fill a whole
     # (T, batch, input) gradient per step, O(T^2).
@@ -121,7 +134,7 @@ def python_scan(cell: torch.nn.Module, xs: Tensor, state: State, mask: Optional[
         if mask is not None:
             keep = mask[t].unsqueeze(1)
             new_state = tuple(torch.where(keep, new, old) for new, old in zip(new_state, state))
-            output = output * keep.to(output.dtype)
+            output = torch.where(keep, output, 0)
         state = tuple(new_state)
         outputs.append(output)
     return torch.stack(outputs), state
@@ -144,7 +157,7 @@ def exported_python_scan(cell: torch.nn.Module, xs: Tensor, state: State,
         new_state, output = torch.func.functional_call(cell, dict(zip(named, invariants)), (tuple(carry), x))
         # Fresh tensors, as scan requires (an output may be a state, or the input itself).
         return ([torch.where(keep, new, old) for new, old in zip(new_state, carry)],
-                [output * keep.to(output.dtype)])
+                [torch.where(keep, output, 0)])
 
     final, outputs = time_scan(one_step, list(state), [xs, keep_seq], list(named.values()))
     return outputs[0], tuple(final)

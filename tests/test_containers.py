@@ -297,3 +297,25 @@ def test_cells_with_two_outputs_stack_feeding_the_first_to_the_next_layer(backen
     _, (y2, z2) = second(zero[1], y1, mask)
     torch.testing.assert_close(y, y2.transpose(0, 1))
     torch.testing.assert_close(z, z2.transpose(0, 1))
+
+
+def test_the_python_loop_keeps_nan_in_the_padding_out_of_outputs_and_gradients():
+    """A hand-written cell runs through the scan's Python loop: nan in the padding must reach
+    neither the outputs (zero there) nor a gradient."""
+    from rnndsl.scan import exported_python_scan
+    torch.manual_seed(0)
+    cell = TorchLSTMCell(3, 4).double()
+    mask = torch.arange(4)[:, None] < torch.tensor([2, 4])
+    xs = randn(4, 2, 3) * mask[..., None]
+    state = (randn(2, 4), randn(2, 4))
+    poisoned = torch.where(mask[..., None], xs, float("nan"))
+    grads = []
+    for inputs in (xs, poisoned):
+        cell.zero_grad()
+        outputs, _ = rnndsl.scan(cell, inputs, state, mask)
+        outputs.sum().backward()
+        assert not outputs[~mask].any()
+        grads.append([p.grad.clone() for p in cell.parameters()])
+    torch.testing.assert_close(grads[1], grads[0], **TOL)
+    # The exported form (no backward to protect) masks the outputs with where.
+    torch.testing.assert_close(exported_python_scan(cell, poisoned, state, mask), rnndsl.scan(cell, xs, state, mask))

@@ -160,6 +160,10 @@ def test_network_exports_with_lengths(bidirectional):
     for steps, lengths in ((2, [1, 2]), (9, [9, 1, 4, 7, 3])):
         x, lengths = torch.randn(steps, len(lengths), 3, dtype=F64), torch.tensor(lengths)
         _assert_same(program.module()(x, lengths=lengths), net(x, lengths=lengths))
+    # nan in the padding reaches no output: zero past each end, as the module gives
+    padding = torch.arange(9)[:, None] >= lengths
+    _assert_same(program.module()(x.masked_fill(padding[..., None], float("nan")), lengths=lengths),
+                 net(x.masked_fill(padding[..., None], 0.0), lengths=lengths))
     with pytest.raises(RuntimeError, match=r"lengths must be whole numbers of steps in \[1, T\]"):
         program.module()(torch.randn(4, 2, 3, dtype=F64), lengths=torch.tensor([4, 5]))
 

@@ -576,3 +576,34 @@ def test_native_kernel_runs_in_training_mode_when_autograd_records(monkeypatch, 
     with torch.no_grad():
         net(x, lengths=lengths)
     assert seen == [True, False]
+
+
+@pytest.mark.parametrize("backend", ["script", "eager"])
+@pytest.mark.parametrize("cell, bidirectional", [("lstm", False), ("gru", True), ("mingru", False), ("gla", False)])
+def test_nan_and_inf_in_the_padding_reach_no_output_and_no_gradient(cell, backend, bidirectional):
+    """As torch's packed sequences, which never read the padding: outputs past each sequence's end
+    are zero and the gradients those of zero padding. (The weight GEMMs over all steps multiplied a
+    padded input by its zero gradient: 0 * nan is nan, in every parameter's gradient.)"""
+    torch.manual_seed(0)
+    make = make_bidirectional if bidirectional else make_recurrent
+    net = make(cell, 3, [4], backend=backend, save_hidden=False).double()
+    lengths = torch.tensor([2, 5, 4])
+    mask = torch.arange(5)[:, None] < lengths
+    xs = randn(5, 3, 3) * mask[..., None]
+
+    def run(inputs):
+        net.zero_grad()
+        inputs = inputs.detach().requires_grad_()
+        outputs, _ = net(inputs, lengths=lengths)
+        (outputs * randn(*outputs.shape).abs()).sum().backward()
+        return outputs, inputs.grad, [p.grad.clone() for p in net.parameters()]
+
+    torch.manual_seed(1)
+    expected = run(xs)
+    for padding in (float("nan"), float("inf")):
+        torch.manual_seed(1)
+        outputs, input_grad, grads = run(torch.where(mask[..., None], xs, padding))
+        assert not outputs[~mask].any()
+        torch.testing.assert_close(outputs, expected[0], **TOL)
+        torch.testing.assert_close(input_grad, expected[1], **TOL)
+        torch.testing.assert_close(grads, expected[2], **TOL)

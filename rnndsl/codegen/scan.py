@@ -12,8 +12,8 @@ invariants)`` takes the carried state, this step's slices (the hoisted values an
 and the tensors every step reads alike (the parameters, buffers and parameter-only values
 the step uses; a number computed once, a Python float, it reads from the enclosing method),
 and returns the next state and the outputs. Both are fresh tensors, as scan requires: the
-state is always ``torch.where(keep, new, old)`` and the outputs are multiplied by the
-mask, which is all True when the caller gives none.
+state is always ``torch.where(keep, new, old)`` and the outputs ``torch.where(keep, output, 0)``,
+with a mask that is all True when the caller gives none.
 
 The step reads no tensor from outside itself: everything comes in through its arguments.
 torch's ``scan`` op then traces it as it is, without dynamo (which ``torch.scan`` runs to
@@ -83,7 +83,8 @@ def generate_scan(graph: Graph) -> PythonCode:
     kept = [f"torch.where(keep, {emitter.ref(new, {})}, {old})" for new, old in zip(graph.next_states, states)]
     # The step reads no batched value from outside itself (not even xs.dtype): export would fix the
     # batch size of a tensor the step closes over.
-    masked = [f"{ref} * keep.to({ref}.dtype)" for ref in (emitter.ref(name, {}) for name in graph.outputs)]
+    # where, not a product with the mask: a padded step's output may be nan (from nan padding).
+    masked = [f"torch.where(keep, {ref}, 0.0)" for ref in (emitter.ref(name, {}) for name in graph.outputs)]
     lines.append(f"        return [{', '.join(kept)}], [{', '.join(masked)}]")
     lines.append("")
     # Contiguous slices (a chunk of a sum is not): export would otherwise fix the batch size when the
