@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from .autograd_modes import autocast_enabled
-from .scan import per_step_inputs, scan
+from .scan import check_not_empty, per_step_inputs, scan
 from .sequences import lengths_mask, refuse_packed_under_export, repack, reverse_padded
 
 StateTree = Union[Tensor, Tuple["StateTree", ...]]
@@ -516,6 +516,7 @@ class RecurrentNetwork(nn.Module):
         if x.dim() != 3:
             layout = "(batch, T, input)" if self.batch_first else "(T, batch, input)"
             raise ValueError(f"expected a {layout} input, got shape {tuple(x.shape)}")
+        check_not_empty(x, type(self).__name__, 1 if self.batch_first else 0)  # quoting the shape as given
         xs = x.transpose(0, 1) if self.batch_first else x
         carried = self._factory()["dtype"]
         xs = out_of_autocast(xs, carried)

@@ -371,8 +371,7 @@ class _CompiledRNNBase:
                 raise ValueError(f"{type(self).__name__}: Expected input to be 2D or 3D, "
                                  f"got {input.dim()}D instead")
             # Checked before choosing the kernel, so every backend raises the same error.
-            check_not_empty(input.transpose(0, 1) if self.batch_first and input.dim() == 3 else input,
-                            type(self).__name__)
+            check_not_empty(input, type(self).__name__, 1 if self.batch_first and input.dim() == 3 else 0)
         if packed:
             checked, batch_sizes, batched = input.data, input.batch_sizes, True
         else:
@@ -465,6 +464,8 @@ class _CompiledRNNBase:
     def _checked_hx(self, hx, checked: Tensor, batch_sizes, batched: bool) -> Tuple[Tensor, ...]:
         """The user's ``hx`` checked against the (batched) input ``checked`` and made 3-D; a tuple."""
         lstm = self.mode == "LSTM"
+        if not lstm and not isinstance(hx, Tensor):  # as torch's, whose kernel alone would take no tuple
+            raise ValueError(f"{type(self).__name__}: hx must be a tensor, got {type(hx).__name__}")
         hx = (hx,) if isinstance(hx, Tensor) else tuple(hx)
         if len(hx) != (2 if lstm else 1) or not all(isinstance(h, Tensor) for h in hx):
             raise ValueError(f"{type(self).__name__}: hx must be "

@@ -42,12 +42,13 @@ class EmptySequenceError(RuntimeError, ValueError):
     ValueError, as rnndsl raises for every input that does not fit."""
 
 
-def check_not_empty(xs: Tensor, where: str) -> None:
-    """Raise :class:`EmptySequenceError` when the (T, ...) sequence ``xs`` has no step.
+def check_not_empty(xs: Tensor, where: str, time_dim: int = 0) -> None:
+    """Raise :class:`EmptySequenceError` when the sequence ``xs``, whose steps run along
+    ``time_dim`` (1 for a batch-first input, quoted as the user gave it), has no step.
 
     The message starts as torch.nn's does, so code matching torch's error matches ours.
     """
-    if xs.size(0) == 0:
+    if xs.size(time_dim) == 0:
         raise EmptySequenceError(f"Expected sequence length to be larger than 0 in RNN "
                                  f"({where} got a sequence of shape {tuple(xs.shape)})")
 

@@ -39,7 +39,10 @@ def lengths_mask(lengths: Union[Tensor, Sequence[int]], steps: int, batch_size: 
                  device: torch.device) -> Optional[Tensor]:
     """The (T, batch) mask of real steps for sequences of the given lengths;
     None when every sequence fills all ``steps``, so no masking is needed."""
-    lengths = torch.as_tensor(lengths)
+    try:
+        lengths = torch.as_tensor(lengths)
+    except (TypeError, RuntimeError, ValueError):  # torch's words would be "could not infer dtype of NoneType"
+        raise ValueError(f"lengths must be a tensor or a sequence of whole numbers of steps, got {lengths!r}") from None
     if tuple(lengths.shape) != (batch_size,):
         raise ValueError(f"lengths must have shape ({batch_size},), one per sequence, "
                          f"got {tuple(lengths.shape)}")

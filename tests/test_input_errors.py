@@ -59,6 +59,12 @@ def test_fractional_lengths_are_refused(lengths):
         net(torch.randn(3, 2, INPUT), lengths=lengths)
 
 
+@pytest.mark.parametrize("lengths", [[2, None], "ab", [[1, 2], [3]]])
+def test_lengths_that_are_not_numbers_are_refused_by_name(lengths):
+    with pytest.raises(ValueError, match="lengths must be a tensor or a sequence of whole numbers of steps, got"):
+        make_recurrent("lstm", INPUT, [HIDDEN])(torch.randn(3, 2, INPUT), lengths=lengths)
+
+
 def test_whole_lengths_in_floats_are_steps():
     net = make_recurrent("lstm", INPUT, [HIDDEN], save_hidden=False)
     xs = torch.randn(3, 2, INPUT)

@@ -160,6 +160,8 @@ def test_drop_in_errors_name_expected_and_received(backend):
         lstm(torch.randn(5, 3, 10), torch.zeros(1, 3, 20))
     with pytest.raises(ValueError, match="Expected input to be 2D or 3D, got 4D"):
         GRU(10, 20)(torch.randn(5, 3, 1, 10))
+    with pytest.raises(ValueError, match="GRU: hx must be a tensor, got tuple"):  # every backend alike
+        GRU(10, 20, backend=backend)(torch.randn(5, 3, 10), (torch.zeros(1, 3, 20),))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -220,10 +222,13 @@ def test_empty_sequences_raise_what_torch_raises_everywhere():
     for backend in BACKENDS:
         for batch_first, x in [(False, torch.randn(0, 2, 3)), (True, torch.randn(2, 0, 3)),
                                (False, torch.randn(0, 3))]:
-            with pytest.raises(rnndsl.EmptySequenceError, match=message):
+            with pytest.raises(rnndsl.EmptySequenceError, match=message) as caught:
                 LSTM(3, 4, batch_first=batch_first, backend=backend)(x)
+            assert f"shape {tuple(x.shape)}" in str(caught.value)  # as given, not transposed
         with pytest.raises(rnndsl.EmptySequenceError, match=message):
             make_recurrent("gru", 3, [4], backend=backend)(torch.randn(0, 2, 3))
+        with pytest.raises(rnndsl.EmptySequenceError, match=r"shape \(2, 0, 3\)"):
+            make_recurrent("gru", 3, [4], backend=backend, batch_first=True)(torch.randn(2, 0, 3))
     for backend in ("script", "eager"):
         for scan in ("sequential", "parallel"):
             cell = rnndsl.load_cell("mingru").build(3, 4, backend=backend, scan=scan)
