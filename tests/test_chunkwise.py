@@ -205,8 +205,8 @@ def test_a_decay_that_may_be_negative_keeps_the_loop():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_is_as_exact_as_the_loop(dtype):
     """Large log-decays early in a chunk: rounded at their cumulative magnitude in half precision,
-    the chunkwise form was 20x further from float64 than the loop in bfloat16, and nan in float16
-    (a cumulative sum past -65504 is -inf). It computes in float32, as the loop's error shows."""
+    the chunkwise form strayed far further from float64 than the loop in bfloat16, and gave nan in
+    float16 (a cumulative sum past -65504 is -inf). It computes in float32: the loop's error bounds it."""
     g = torch.Generator().manual_seed(0)
     q, k, v, _, state, _ = _problem(64, 2, 2, 3, 4, False, g)
     log_decay = torch.full((64, 2, 2), -0.01, dtype=torch.float64)
