@@ -21,7 +21,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from .cells import check_call
 from .containers import Bidirectional, RecurrentTable, cell_sizes, out_of_autocast
 from .options import CELL_BACKENDS
-from .scan import check_not_empty
+from .scan import check_not_empty, has_step_hooks, scan
 
 # What networks build with: a cell backend, torch's fused kernels, or the kernels where they apply.
 NETWORK_BACKENDS = CELL_BACKENDS + ("native", "auto")
@@ -139,6 +139,9 @@ class NativeLayer(RecurrentTable):
         # The fused kernels' own errors (a dtype mismatch inside a GEMM) name neither the cell nor the
         # argument: check as the compiled cells do.
         check_call(self.cell, tuple(state), xs, sequence=True, mask=mask)
+        if has_step_hooks(self.cell):  # a weight prune's hook computes at every call: step the cell
+            outputs, final = scan(self.cell, xs, tuple(state), mask)
+            return final, outputs
         weights = [getattr(self.cell, self.names[name]) for name in PARAMETER_NAMES]
         outputs, final = run_native(self.mode, xs, tuple(state), weights, mask)
         # Under autocast torch's kernel answers in the low-precision dtype: the layer carries its

@@ -15,7 +15,8 @@ gives it each one read at every step a step at a time, and the others whole.
 A cell may also offer ``forward_sequence(xs, state, mask)`` that runs a whole
 ``(T, batch, input_size)`` sequence itself (cells built by rnndsl do: the loop
 is compiled with the cell, input projections hoisted out of it). ``scan`` uses
-it when present and falls back to a Python loop otherwise; under torch.export, that
+it when present (unless the cell has forward hooks, which belong to its call: a step) and falls
+back to a Python loop otherwise; under torch.export, that
 loop is one ``scan`` node too (:func:`exported_python_scan`), so a deep cell (a
 ``SequenceTable`` of cells) exports for any sequence length.
 
@@ -67,7 +68,7 @@ def scan(cell: torch.nn.Module, xs: Tensor, state: State,
     check_mask(mask, xs)
     state = tuple(state)
     forward_sequence = getattr(cell, "forward_sequence", None)
-    if forward_sequence is not None:
+    if forward_sequence is not None and not has_step_hooks(cell):
         outputs, final = forward_sequence(xs, state, mask, **inputs)
         return outputs, tuple(final)
     if torch.compiler.is_exporting() and isinstance(cell, torch.nn.Module):
@@ -75,6 +76,14 @@ def scan(cell: torch.nn.Module, xs: Tensor, state: State,
             raise NotImplementedError("torch.export of a cell with several inputs is not supported yet")
         return exported_python_scan(cell, xs, state, mask)
     return python_scan(cell, xs, state, mask, inputs)
+
+
+def has_step_hooks(cell: object) -> bool:
+    """Whether ``cell`` has forward hooks of its own. A cell's call is one step, and so are its
+    hooks: ``torch.nn.utils.prune`` and the old ``weight_norm`` compute a weight in a forward
+    pre-hook, which a whole-sequence method would skip, running on a stale weight. Such a cell is
+    stepped through its call, the hooks firing at every step."""
+    return isinstance(cell, torch.nn.Module) and bool(cell._forward_pre_hooks or cell._forward_hooks)
 
 
 def per_step_inputs(cell: object) -> Tuple[str, ...]:

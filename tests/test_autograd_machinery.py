@@ -93,6 +93,37 @@ def test_parameters_changed_after_construction(backend, mutation):
     assert_same_gradients(reference, ours)
 
 
+CELL_HOOKS = {"prune": lambda cell: prune.l1_unstructured(cell, "weight_hh", amount=0.5),
+              "weight_norm (the hook form)": lambda cell: nn.utils.weight_norm(cell, "weight_hh")}
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm is deprecated")
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("hook", list(CELL_HOOKS))
+def test_a_cells_forward_hooks_run_inside_a_network(backend, hook):
+    """prune and the old weight_norm compute the weight in a forward pre-hook of the cell. The
+    networks ran the cell's whole-sequence method, which no hook sees: the weight of the hook's
+    first call stayed, stale after an optimizer step (and a second backward through it failed)."""
+    torch.manual_seed(0)
+    net = rnndsl.make_recurrent("lstm", 3, [5], backend=backend, save_hidden=False).double()
+    cell = net.network.layers[0].cell
+    CELL_HOOKS[hook](cell)
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    for _ in range(2):  # the second step reads what the first one changed
+        net(x)[0].square().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    reference = nn.LSTM(3, 5, dtype=torch.float64)
+    for name in ("weight_ih", "bias_ih", "bias_hh"):
+        setattr(reference, f"{name}_l0", nn.Parameter(getattr(cell, name).detach().clone()))
+    pruned = "weight_hh_orig" in dict(cell.named_parameters())
+    effective = (cell.weight_hh_orig * cell.weight_hh_mask if pruned
+                 else torch._weight_norm(cell.weight_hh_v, cell.weight_hh_g, 0))
+    reference.weight_hh_l0 = nn.Parameter(effective.detach().clone())
+    torch.testing.assert_close(net(x)[0], reference(x)[0], rtol=1e-10, atol=1e-12)
+
+
 # How the network is made, and which parameter becomes which.
 TIES = {"across layers": (dict(num_layers=3), {"weight_hh_l1": "weight_hh_l0", "weight_hh_l2": "weight_hh_l0"}),
         "across directions": (dict(bidirectional=True), {"weight_hh_l0_reverse": "weight_hh_l0",
