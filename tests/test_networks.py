@@ -460,6 +460,13 @@ def test_make_recurrent_hidden_state_carries_over(backend):
     second, final = net(xs[3:])
     torch.testing.assert_close(torch.cat([first, second]), whole)
     torch.testing.assert_close(final, whole_final)
+    # a validation pass under inference_mode saves an inference tensor; training continues from it
+    net.initialize_hidden(2)
+    with torch.inference_mode():
+        net(xs[:3])
+    outputs, _ = net(xs[3:])
+    outputs.sum().backward()
+    torch.testing.assert_close(outputs, second)
     assert all(t.grad_fn is None for t in rnndsl.containers._flatten(net.hidden)[0])
     net.initialize_hidden(2)
     torch.testing.assert_close(net(xs[:3])[0], first)
