@@ -52,6 +52,9 @@ class BuildOptions:
         if self.scan not in SCANS:
             raise ValueError(f"unknown scan {self.scan!r}; choose one of {', '.join(SCANS)}")
         object.__setattr__(self, "disable", disable)
-        object.__setattr__(self, "derived_backward", bool(self.derived_backward))
-        object.__setattr__(self, "fixed_dropout_mask", bool(self.fixed_dropout_mask))
+        for flag in ("derived_backward", "fixed_dropout_mask"):
+            value = getattr(self, flag)
+            if value not in (True, False):  # a per-layer list, or "no", would read as True
+                raise TypeError(f"{flag} must be True or False (one for every layer), got {value!r}")
+            object.__setattr__(self, flag, bool(value))
 

@@ -86,6 +86,20 @@ def has_step_hooks(cell: object) -> bool:
     return isinstance(cell, torch.nn.Module) and bool(cell._forward_pre_hooks or cell._forward_hooks)
 
 
+def refuse_stepping_fixed_masks(cell: object) -> None:
+    """A ValueError when ``cell`` (or a cell inside it), training, is about to be stepped through its
+    call while built to draw its dropout masks once per sequence, which only its ``forward_sequence``
+    does: each step would draw a new mask, silently."""
+    modules = cell.modules() if isinstance(cell, torch.nn.Module) else ()
+    for module in modules:
+        if getattr(module, "fixed_dropout_masks", False) and module.training:
+            raise ValueError(f"cell {module.cell_name} was built with fixed_dropout_mask=True, which only its "
+                             "whole-sequence method keeps, but here it runs a step at a time through its call "
+                             "(for return_all_states, a forward hook, or several cells in one RecurrentTable), "
+                             "which draws a new dropout mask at every step; train it without those, or build "
+                             "it without fixed_dropout_mask")
+
+
 def per_step_inputs(cell: object) -> Tuple[str, ...]:
     """The names of the inputs besides the first that ``cell`` reads at every step (its ``extra_inputs``)."""
     return tuple(name for name, (_, once) in getattr(cell, "extra_inputs", {}).items() if not once)
@@ -131,6 +145,8 @@ def python_scan(cell: torch.nn.Module, xs: Tensor, state: State, mask: Optional[
     """The reference loop: one call of ``cell`` per step. ``inputs`` are the cell's others, by
     name; those named in ``per_step`` (default: :func:`per_step_inputs` of the cell) are
     ``(T, batch, n)`` and given a step at a time."""
+    check_not_empty(xs, "python_scan")
+    refuse_stepping_fixed_masks(cell)
     inputs = inputs or {}
     per_step = per_step_inputs(cell) if per_step is None else per_step
     xs = zero_padded_steps(xs, mask)
@@ -144,9 +160,12 @@ def python_scan(cell: torch.nn.Module, xs: Tensor, state: State, mask: Optional[
         if mask is not None:
             keep = mask[t].unsqueeze(1)
             new_state = tuple(torch.where(keep, new, old) for new, old in zip(new_state, state))
-            output = torch.where(keep, output, 0)
+            output = (tuple(torch.where(keep, o, 0) for o in output) if isinstance(output, tuple)
+                      else torch.where(keep, output, 0))
         state = tuple(new_state)
         outputs.append(output)
+    if isinstance(outputs[0], tuple):  # a cell with several outputs: a sequence of each
+        return tuple(torch.stack(sequence) for sequence in zip(*outputs)), state
     return torch.stack(outputs), state
 
 

@@ -165,6 +165,24 @@ def test_fixed_dropout_mask_is_drawn_once_per_sequence(backend: str, disable: Tu
     assert not torch.equal(y_again[0], y[0])  # a new sequence, a new mask
 
 
+def test_a_fixed_mask_is_refused_where_the_cell_runs_a_step_at_a_time():
+    """Only forward_sequence draws a mask per sequence; return_all_states, a forward hook or a stack
+    of cells in one RecurrentTable step the cell through its call, which drew a new mask at every
+    step, silently. Refused in training; in eval, where dropout is off, they run."""
+    cell, xs, state = _probe("eager", fixed_dropout_mask=True)
+    stepped = {"return_all_states": lambda: rnndsl.RecurrentTable(cell, return_states=True)(state, xs),
+               "a forward hook": lambda: (cell.register_forward_hook(lambda *args: None),
+                                          rnndsl.scan(cell, xs, state))}
+    for why, run in stepped.items():
+        cell.train()
+        with pytest.raises(ValueError, match="fixed_dropout_mask=True, which only its whole-sequence method keeps"):
+            run()
+        cell.eval()
+        run()
+    with pytest.raises(TypeError, match=r"fixed_dropout_mask must be True or False \(one for every layer\)"):
+        rnndsl.make_recurrent("janet", 3, [4, 4], fixed_dropout_mask=[True, False])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_dropout_mask_is_redrawn_each_step_by_default(backend: str) -> None:
     torch.manual_seed(0)
