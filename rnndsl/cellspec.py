@@ -26,7 +26,7 @@ from .compile import (backward_source, cached, cell_class, compile_lock, generat
                       parallel_plan, scan_source, step_source)
 from .codegen.base import NUMBER_EMITTERS
 from .errors import CellError, CellWarning, Span, quoted_line
-from .ir import MAX_DIMENSION, Graph, Op, Size
+from .ir import MAX_DIMENSION, Graph, Node, Op, Size
 from .lower import lower, size_of
 from .native import NATIVE_MODES, PARAMETER_NAMES, run_native
 from .native_match import MATCH_DISABLE, match_native
@@ -202,7 +202,13 @@ class CellSpec:
         code computes them on Python floats) with these hypers: a ValueError naming the equation
         where one is not a finite number (`sqrt(k)` with k < 0, `1 / 0`, `exp(1000)`), which the
         eager backend would raise as a bare Python error at the first call and TorchScript would
-        carry on as nan or inf."""
+        carry on as nan or inf; or where a clamp's bounds are crossed (`clamp(c, -k, k)` with
+        k < 0), which makes every value its upper bound."""
+        def refuse(node: Node, what: str, problem: str) -> None:
+            where = "" if node.span is None else f" at {node.span} (`{quoted_line(self.source, node.span)}`)"
+            given = ", ".join(f"{name}={value!r}" for name, value in hypers.items())
+            raise ValueError(f"cell {self.name}: {what}{where} {problem}" + (f" with {given}" if given else ""))
+
         values: Dict[str, float] = {}
         for node in self.graph.nodes:
             if node.op is Op.CONST:
@@ -213,15 +219,16 @@ class CellSpec:
                 expression = NUMBER_EMITTERS[node.op](node, [f"({values[i]!r})" for i in node.inputs])
                 try:
                     value = float(eval(expression, {"math": math}))  # noqa: S307 (our own emitter's code)
-                    problem = "" if math.isfinite(value) else f"is {value}"
                 except (ArithmeticError, ValueError) as error:
-                    problem = f"cannot be computed ({error})"
-                if problem:
-                    where = "" if node.span is None else f" at {node.span} (`{quoted_line(self.source, node.span)}`)"
-                    given = ", ".join(f"{name}={value!r}" for name, value in hypers.items())
-                    raise ValueError(f"cell {self.name}: the number `{node.name}`{where} {problem}"
-                                     + (f" with {given}" if given else ""))
+                    refuse(node, f"the number `{node.name}`", f"cannot be computed ({error})")
+                if not math.isfinite(value):
+                    refuse(node, f"the number `{node.name}`", f"is {value}")
                 values[node.name] = value
+            elif node.op is Op.CLAMP and all(bound in values for bound in node.inputs[1:]):
+                low, high = (values[bound] for bound in node.inputs[1:])
+                if low > high:
+                    refuse(node, "clamp", f"has its lower bound {low:g} above its upper bound {high:g}, which "
+                                          f"makes every value {high:g}")
 
     def input_size_reading(self, features: int, hidden_size: int, image_below: Tuple[int, ...] = (),
                            **hyper: float) -> int:

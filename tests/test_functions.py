@@ -212,6 +212,19 @@ def test_a_number_that_is_not_finite_is_refused_at_build(number, words):
             spec.build(3, 4, backend=backend)
 
 
+@pytest.mark.parametrize("bounds, words", [("-k, k", "lower bound 2 above its upper bound -2, which makes every "
+                                                      "value -2 with k=-2.0"), ("1.0, -1.0", "lower bound 1 above")])
+def test_a_clamp_whose_bounds_cross_is_refused_at_build(bounds, words):
+    """torch's clamp with min > max gives max everywhere: a cell clipped by a negative hyper
+    (lstm_cell_clip's cell_clip=-1) computed a constant, silently."""
+    spec = load(cell_source("hyper k = -2.0", f"h' = clamp(tanh(W @ x) + h, {bounds})"))
+    for backend in BACKENDS:
+        with pytest.raises(ValueError, match=r"clamp at <string>:5:\d+ .*" + words):
+            spec.build(3, 4, backend=backend)
+    if "k" in bounds:
+        spec.build(3, 4, k=2.0)  # the same cell with bounds in order
+
+
 @pytest.mark.parametrize("function", ["sigmoid", "silu"])
 def test_numbers_far_below_zero_do_not_overflow(function):
     """`sigmoid(k)` of a hyper-parameter k = -1000 is 0 (Python's exp(1000) would overflow)."""
