@@ -519,7 +519,8 @@ class RecurrentNetwork(nn.Module):
             x, lengths = pad_packed_sequence(packed, batch_first=self.batch_first)
         if x.dim() != 3:
             layout = "(batch, T, input)" if self.batch_first else "(T, batch, input)"
-            raise ValueError(f"expected a {layout} input, got shape {tuple(x.shape)}")
+            hint = "; a spatial cell takes its images flat: x.flatten(2)" if x.dim() > 3 else ""
+            raise ValueError(f"expected a {layout} input, got shape {tuple(x.shape)}{hint}")
         check_not_empty(x, type(self).__name__, 1 if self.batch_first else 0)  # quoting the shape as given
         xs = x.transpose(0, 1) if self.batch_first else x
         carried = self._factory()["dtype"]

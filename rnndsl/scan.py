@@ -62,7 +62,8 @@ def scan(cell: torch.nn.Module, xs: Tensor, state: State,
 
     Returns the outputs ``(T, batch, output_size)`` and the final state.
     """
-    if xs.dim() != 3:
+    # A compiled cell's own check says more of a wrong shape (images: flatten them).
+    if xs.dim() != 3 and (xs.dim() < 2 or not hasattr(cell, "forward_sequence")):
         raise ValueError(f"scan expects a (T, batch, input) sequence, got shape {tuple(xs.shape)}")
     check_not_empty(xs, "scan")
     check_mask(mask, xs)

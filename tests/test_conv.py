@@ -186,3 +186,14 @@ def test_command_line_shows_every_stage_of_a_spatial_cell(stage):
     with redirect_stdout(out):
         assert main(["show", str(rnndsl.load_cell("convgru").path), "--stage", stage]) == 0
     assert "conv" in out.getvalue()
+
+
+def test_unflattened_frames_get_the_flatten_hint_at_every_entry():
+    """scan and the networks gave only "expected a (T, batch, input) sequence" for frames; the
+    hint to flatten them came from the cell's own method alone."""
+    cell = rnndsl.load_cell("convgru").build(2, 3, height=3, width=4)
+    frames = torch.randn(2, 1, 2, 3, 4)
+    with pytest.raises(ValueError, match=r"flatten it with x\.flatten\(2\)"):
+        rnndsl.scan(cell, frames, (torch.zeros(1, 36),))
+    with pytest.raises(ValueError, match=r"a spatial cell takes its images flat: x\.flatten\(2\)"):
+        rnndsl.make_recurrent("convgru", 2, [3], height=3, width=4)(frames)

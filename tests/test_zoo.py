@@ -173,7 +173,7 @@ def test_a_fixed_mask_is_refused_where_the_cell_runs_a_step_at_a_time():
     stepped = {"return_all_states": lambda: rnndsl.RecurrentTable(cell, return_states=True)(state, xs),
                "a forward hook": lambda: (cell.register_forward_hook(lambda *args: None),
                                           rnndsl.scan(cell, xs, state))}
-    for why, run in stepped.items():
+    for run in stepped.values():
         cell.train()
         with pytest.raises(ValueError, match="fixed_dropout_mask=True, which only its whole-sequence method keeps"):
             run()
