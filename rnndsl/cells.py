@@ -89,12 +89,24 @@ class CellModule(torch.nn.Module):
                 raise MemoryError(f"cell {graph.name}: parameter {decl.name} of shape {list(shape)} needs "
                                   f"{need:,} bytes in {dtype}, which cannot be allocated ({exc})") from None
             self.register_parameter(decl.name, parameter)
+        # From here on, a parameter assigned with another shape is refused where it is assigned.
+        self._parameter_shapes = {name: parameter.shape for name, parameter in self._parameters.items()}
         # Buffers: constants in the state_dict, moved by `.to()`, never trained nor re-initialized.
         self._buffer_names: Tuple[str, ...] = tuple(d.name for d in graph.buffers)
         for decl in graph.buffers:
             shape = tuple(dim.evaluate(sizes) for dim in decl.shape.dims)
             self.register_buffer(decl.name, torch.full(shape, float(decl.default)))
         self.reset_parameters()
+
+    def register_parameter(self, name: str, param: Optional[torch.nn.Parameter]) -> None:
+        """torch's, refusing a parameter of another shape than the cell declares (``cell.weight_hh =
+        nn.Parameter(...)``, ``load_state_dict(assign=True)``): the generated code would fail deep in
+        TorchScript, and torch's fused kernels, which no-grad calls run, read past a smaller one."""
+        shape = self.__dict__.get("_parameter_shapes", {}).get(name)
+        if shape is not None and param is not None and param.shape != shape:
+            raise ValueError(f"cell {self.cell_name}: parameter {name} must have shape {tuple(shape)}, "
+                             f"as the cell declares it, got {tuple(param.shape)}")
+        super().register_parameter(name, param)
 
     @torch.jit.ignore
     def reset_parameters(self) -> None:

@@ -213,3 +213,14 @@ def test_one_pass_to_disable_may_be_a_string():
     assert cell.code == spec.code(disable=("hoist",))
     with pytest.raises(ValueError, match=r"unknown pass\(es\) \['hoister'\]; passes are cse, "):
         spec.build(INPUT, HIDDEN, disable="hoister")
+
+
+def test_a_parameter_assigned_with_another_shape_is_refused_where_it_is_assigned():
+    """It gave numbers without grad (torch's fused kernel reading past a smaller weight) and a
+    TorchScript traceback with grad."""
+    cell = rnndsl.load_cell("lstm").build(INPUT, HIDDEN)
+    with pytest.raises(ValueError, match=rf"parameter weight_hh must have shape \({4 * HIDDEN}, {HIDDEN}\), as "
+                                         rf"the cell declares it, got \({4 * HIDDEN}, {HIDDEN + 1}\)"):
+        cell.weight_hh = torch.nn.Parameter(torch.randn(4 * HIDDEN, HIDDEN + 1))
+    cell.weight_hh = torch.nn.Parameter(torch.zeros(4 * HIDDEN, HIDDEN))  # the declared shape: taken
+    assert not cell.weight_hh.any()
