@@ -43,7 +43,7 @@ class CellModule(torch.nn.Module):
     _fused_sequence: Optional[Callable[..., Tuple[Tensor, Tuple[Tensor, ...]]]] = None  # the same
     # Whether forward_sequence draws each dropout's mask once per sequence (build's
     # fixed_dropout_mask, for a cell with a dropout); a step of the cell's call draws anew.
-    fixed_dropout_masks = False
+    _fixed_dropout_masks = False
     # A cell pickled before the bounds were the kernel's: its old ones (under 2^18 numbers, any batch).
     _fused_sequence_bounds: Optional[Tuple[int, int]] = (2 ** 18 - 1, 2 ** 62)
 

@@ -326,7 +326,7 @@ class CellSpec:
         cls = self.cell_class(options, backend)
         cell = cls(self, sizes, hypers, cls.generated_source)
         cell._recipe = recipe  # what pickling needs to make the cell again
-        cell.fixed_dropout_masks = options.fixed_dropout_mask and any(n.op is Op.DROPOUT for n in self.graph.nodes)
+        cell._fixed_dropout_masks = options.fixed_dropout_mask and any(n.op is Op.DROPOUT for n in self.graph.nodes)
         if backend == "script":
             cell.kernel()  # compiled now, so that a cell TorchScript refuses fails at build
         return cell

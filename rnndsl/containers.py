@@ -488,7 +488,7 @@ class RecurrentNetwork(nn.Module):
         if saved is not None and _flatten(saved)[0][0].size(0) == batch_size:
             # A state saved under torch.inference_mode is an inference tensor, which autograd may
             # not save: outside that mode it continues from a copy (as torch's error advises).
-            escape = not torch.is_inference_mode_enabled()
+            escape = not torch.compiler.is_compiling() and not torch.is_inference_mode_enabled()
             return map_state(lambda t: (t.clone() if escape and t.is_inference() else t)
                              .to(dtype=like.dtype, device=like.device), saved)
         return self.initialize_hidden(batch_size, dtype=like.dtype, device=like.device)

@@ -93,7 +93,7 @@ def refuse_stepping_fixed_masks(cell: object) -> None:
     does: each step would draw a new mask, silently."""
     modules = cell.modules() if isinstance(cell, torch.nn.Module) else ()
     for module in modules:
-        if getattr(module, "fixed_dropout_masks", False) and module.training:
+        if getattr(module, "_fixed_dropout_masks", False) and module.training:
             raise ValueError(f"cell {module.cell_name} was built with fixed_dropout_mask=True, which only its "
                              "whole-sequence method keeps, but here it runs a step at a time through its call "
                              "(for return_all_states, a forward hook, or several cells in one RecurrentTable), "
