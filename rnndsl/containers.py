@@ -547,7 +547,9 @@ class RecurrentNetwork(nn.Module):
         final, outputs = (self.network(state, xs, mask, **inputs) if mask is not None
                           else self.network(state, xs, **inputs))
         if self.save_hidden and not exporting:  # the traced state is not a tensor to keep
-            self._hidden = map_state(Tensor.detach, final)
+            # A copy: a final state may be a view of the whole output sequence (the parallel scan's
+            # last step), which it would keep alive, and which AOTAutograd cannot replay as an alias.
+            self._hidden = map_state(lambda t: t.detach().clone(), final)
         if packed is not None:
             return map_state(lambda t: repack(t, lengths, packed), outputs), final
         if self.batch_first:

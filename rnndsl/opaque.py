@@ -108,9 +108,11 @@ def _sequence_shapes(cell_id: int, xs: Tensor, mask: Optional[Tensor], state: Li
 
 def _twin_results(cell, xs: Tensor, mask: Optional[Tensor], state: List[Tensor], params: List[Tensor],
                   buffers: List[Tensor], saving: bool, steps: int) -> List[Tensor]:
-    """What :func:`sequence` returns, computed by the cell's Python twin for the first ``steps`` steps."""
+    """What :func:`sequence` returns, computed by the cell's Python twin for ``steps`` steps (on fake
+    tensors: only the shapes count, so a sequence of one step gives two as well)."""
     view = bound_view(cell, params, buffers=buffers)
-    xs, mask = xs.narrow(0, 0, steps), (None if mask is None else mask.narrow(0, 0, steps))
+    xs = xs.new_empty((steps, *xs.shape[1:]))
+    mask = None if mask is None else mask.new_empty((steps, *mask.shape[1:]))
     # Grad mode on: the twin's products then take torch's matmul, which fake tensors support.
     with torch.enable_grad():
         if saving:
