@@ -102,7 +102,7 @@ COMPARISON_OPS: Dict[str, Op] = {"<": Op.LT, "<=": Op.LE, ">": Op.GT, ">=": Op.G
 def _not_mask(shape: Shape, what: str) -> None:
     if shape.mask:
         raise ShapeError(f"{what} of a mask: a comparison's result is read only by `where`; "
-                         "write `where(m, a, b)`, or `where(m, 1.0, 0.0) * v` for a 0/1 factor")
+                         "write `where(m, a, b)`, or `where(m, v, 0.0)` for v where m holds and 0 elsewhere")
 
 
 def _elementwise_unary(node: Node, shapes: List[Shape]) -> Shape:
