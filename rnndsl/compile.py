@@ -258,8 +258,8 @@ def _parallel_plan(graph: Graph, disable: Tuple[str, ...], fixed_dropout_mask: b
         span = reason.node.span if reason.node is not None else None
         if span is not None:
             where = f" (at {one_line(span.file)}:{span.line}: `{quoted_line(source, span)}`)"
-        problem = "the chunkwise form needs a decay positive by its form" if isinstance(reason, DecayNotPositive) else \
-            "the recurrence is not linear in the state"
+        problem = ("the chunkwise form needs a decay positive by its form" if isinstance(reason, DecayNotPositive)
+                   else "the recurrence is not linear in the state")
         return None, f"{problem}: {reason}{where}"
 
 

@@ -15,9 +15,9 @@ gives it each one read at every step a step at a time, and the others whole.
 A cell may also offer ``forward_sequence(xs, state, mask)`` that runs a whole
 ``(T, batch, input_size)`` sequence itself (cells built by rnndsl do: the loop
 is compiled with the cell, input projections hoisted out of it). ``scan`` uses
-it when present (unless the cell has forward hooks, which belong to its call: a step) and falls
-back to a Python loop otherwise; under torch.export, that
-loop is one ``scan`` node too (:func:`exported_python_scan`), so a deep cell (a
+it when present (unless the cell has forward hooks, which belong to its call: a step)
+and falls back to a Python loop otherwise; under torch.export, that loop is one
+``scan`` node too (:func:`exported_python_scan`), so a deep cell (a
 ``SequenceTable`` of cells) exports for any sequence length.
 
 ``mask`` is an optional ``(T, batch)`` bool tensor, True at real steps: at a
