@@ -119,6 +119,31 @@ def test_every_op_and_leaf_kind_fused_equals_the_loop(fused):
     assert_all_close(got, want)
 
 
+RATIO = """
+cell ratio(x[input]) -> y {
+    state h[hidden]
+    param W[2*hidden, input]
+    p, q = chunk(W @ x, 2)
+    h' = 0.5 * h + p / q
+    y = h'
+}
+"""
+
+
+@pytest.mark.parametrize("scale", [1e-23, 1e20])
+def test_the_gradient_of_a_quotient_holds_at_extreme_magnitudes(fused, scale):
+    """The kernel's rule squared the divisor, which overflows (or underflows) in float32 where the
+    quotient is O(1): nan, inf or a row of zeros in the weight's gradient, where the loop is right."""
+    loop, parallel = loop_and_parallel(rnndsl.load_source(RATIO, "ratio.cell")["ratio"], 3, 4, torch.float32)
+    xs, state = inputs(loop, 5, 2, 0, torch.float32)
+    want = run(loop, xs * scale, state)
+    got = run(parallel, xs * scale, state)
+    assert fused == {"forward": 1, "backward": 1}
+    for a, b in zip(got, want, strict=True):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
 def test_float32_fused_stays_close_to_float64(fused):
     loop, parallel = loop_and_parallel(rnndsl.load_cell("mingru"), 8, 40)
     xs, state = inputs(loop, 300, 4, 1)

@@ -56,7 +56,8 @@ _GRADIENTS: Dict[Op, Callable[[str, List[str], str], List[str]]] = {
     Op.ADD: lambda g, a, y: [g, g],
     Op.SUB: lambda g, a, y: [g, f"{g}.neg()"],
     Op.MUL: lambda g, a, y: [f"{g} * {a[1]}", f"{g} * {a[0]}"],
-    Op.DIV: lambda g, a, y: [f"{g} / {a[1]}", f"({g} * {a[0]} / ({a[1]} * {a[1]})).neg()"],
+    # torch's -g * ((a / b) / b): b * b would overflow or underflow where the quotient does not.
+    Op.DIV: lambda g, a, y: [f"{g} / {a[1]}", f"({g} * (({a[0]} / {a[1]}) / {a[1]})).neg()"],
     Op.SIGMOID: lambda g, a, y: [f"{g} * (V(1) - {y}) * {y}"],
     Op.TANH: lambda g, a, y: [f"{g} * (V(1) - {y} * {y})"],
     Op.EXP: lambda g, a, y: [f"{g} * {y}"],
