@@ -18,7 +18,8 @@ elements keep the plain loop; see ``_chunk_length``). Only products and sums
 of the inputs appear, never a division or a logarithm, so it holds for any
 real ``a`` (zero, negative, above one): a product of gates that underflows to
 zero only drops a contribution that small, where cumprod-and-divide would
-divide by it. ``bench/bench_linear_scan.py --algorithms`` measures it against
+divide by it; a chunk's product that overflows (coefficients above one) runs
+the plain loop instead. ``bench/bench_linear_scan.py --algorithms`` measures it against
 the alternatives (forward, float32, batch 16, hidden 64, one thread, T = 64 to
 4096): Hillis-Steele doubling does O(T log T) work and ran 1.1-1.3x slower at
 T = 64 and 8-13x slower at T >= 1024; a log-space cumsum with sign handling
@@ -275,6 +276,11 @@ def _scan(a: Tensor, b: Tensor, init: Tensor, reverse: bool,
     for t in order[1:]:
         torch.addcmul(b_at[t], a_at[t], local_ends, out=local_ends)
     decay = a_chunked.prod(1)
+    if not bool(torch.isfinite(decay).all()):
+        # Coefficients above 1 whose product over a chunk overflows, where the loop's states need
+        # not (a later step's 0 or small gate undoes the growth): inf * 0 would be nan. The loop.
+        _run(a.unbind(0), b.unbind(0), init, out.unbind(0), reverse)
+        return out
     ends = _scan(decay, local_ends, init, reverse)
     if reverse:
         entering = torch.cat([ends[1:], init.unsqueeze(0)])

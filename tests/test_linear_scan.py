@@ -124,6 +124,23 @@ def test_long_sequences_stay_finite_and_accurate(dtype, tolerance):
     assert (states.double() - expected).abs().max() < tolerance * max(1.0, expected.abs().max().item())
 
 
+@pytest.mark.parametrize("dtype, steps, growth", [(torch.float32, 300, 4.0), (torch.float64, 4100, 2.0)])
+def test_coefficients_whose_chunk_products_overflow_match_the_loop(dtype, steps, growth):
+    """A state that grows (a > 1) with no input until the last steps: the loop's states are finite,
+    the chunks' products of a overflow, and inf * 0 made the chunked scan nan, forward and backward."""
+    a = torch.full((steps, 2, 3), growth, dtype=dtype, requires_grad=True)
+    b = torch.zeros(steps, 2, 3, dtype=dtype)
+    b[-3:] = 1.0
+    b.requires_grad_()
+    s0 = torch.zeros(2, 3, dtype=dtype, requires_grad=True)
+    got, want = linear_recurrence(a, b, s0), sequential_linear_recurrence(a, b, s0)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # The first steps' loss: its gradient runs back through products of a that stay finite.
+    for g, w in zip(torch.autograd.grad(got[:3].sum(), (b, s0)), torch.autograd.grad(want[:3].sum(), (b, s0))):
+        assert torch.isfinite(w).all()
+        torch.testing.assert_close(g, w)
+
+
 def test_wide_steps_take_the_plain_loop_and_agree():
     # 2 x 2100 = 4200 elements a step: above the width where CPU chunking stops paying.
     inputs = (torch.rand(9, 2, 2100, dtype=torch.float64), torch.randn(9, 2, 2100, dtype=torch.float64),
