@@ -92,9 +92,12 @@ def linear_recurrence(a: Tensor, b: Tensor, s0: Tensor) -> Tensor:
     """All states s_1..s_T of ``s_t = a_t * s_{t-1} + b_t``, in parallel over time.
 
     ``a``, ``b``: ``(T, batch, hidden)``; ``s0``: ``(batch, hidden)``. Returns
-    ``(T, batch, hidden)``. Differentiable (once) in ``a``, ``b`` and ``s0``.
+    ``(T, batch, hidden)``. Differentiable in ``a``, ``b`` and ``s0``, twice too; under torch.func's
+    transforms (vmap, grad, jacrev) it is the loop, which they batch and differentiate.
     """
     _check_inputs(a, b, s0)
+    if torch._C._are_functorch_transforms_active():  # the autograd Function has no vmap rule
+        return sequential_linear_recurrence(a, b, s0)
     if torch.compiler.is_compiling():  # the chunked scan's in-place writes as one op dynamo need not trace
         return torch.ops.rnndsl.linear_recurrence(a, b, s0)
     return _LinearRecurrence.apply(a, b, s0)

@@ -141,6 +141,20 @@ def test_coefficients_whose_chunk_products_overflow_match_the_loop(dtype, steps,
         torch.testing.assert_close(g, w)
 
 
+def test_torch_func_transforms_take_the_loop():
+    """vmap, grad and jacrev raised torch's 'must override the setup_context staticmethod' from
+    the scan's autograd Function; they now run the loop, as the cells do under torch.func."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(4, 5, 2, 3, dtype=torch.float64, generator=g)
+    b = torch.randn(4, 5, 2, 3, dtype=torch.float64, generator=g)
+    s0 = torch.randn(4, 2, 3, dtype=torch.float64, generator=g)
+    torch.testing.assert_close(torch.func.vmap(linear_recurrence)(a, b, s0),
+                               torch.stack([sequential_linear_recurrence(*args) for args in zip(a, b, s0)]))
+    grads = [torch.func.grad(lambda a, f=f: f(a, b[0], s0[0]).square().sum())(a[0])
+             for f in (linear_recurrence, sequential_linear_recurrence)]
+    torch.testing.assert_close(grads[0], grads[1])
+
+
 def test_wide_steps_take_the_plain_loop_and_agree():
     # 2 x 2100 = 4200 elements a step: above the width where CPU chunking stops paying.
     inputs = (torch.rand(9, 2, 2100, dtype=torch.float64), torch.randn(9, 2, 2100, dtype=torch.float64),
