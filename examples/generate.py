@@ -78,8 +78,9 @@ def archive_kind(path: Path) -> str:
     raise ValueError(f"{path} is a zip archive, but not one written by word_lm.py --save or --export")
 
 
-def _expect(path: Path, flag: str) -> None:
-    """Refuse a file written for the other flag, saying which flag takes it."""
+def _expect(path: Path, flag: str) -> str:
+    """The :func:`archive_kind` of ``path``; a ValueError for a file written for the other flag,
+    saying which flag takes it."""
     kind = archive_kind(path)
     wanted = {"--checkpoint": ("checkpoint",), "--program": ("program", "torchscript")}[flag]
     if kind not in wanted:
@@ -87,6 +88,7 @@ def _expect(path: Path, flag: str) -> None:
         what = {"checkpoint": "a checkpoint (word_lm.py --save)", "program": "a torch.export program (--export)",
                 "torchscript": "a TorchScript model (--export --torchscript)"}[kind]
         raise ValueError(f"{path} is {what}: give it as {other} {path}")
+    return kind
 
 
 class ProgramLM:
@@ -94,8 +96,7 @@ class ProgramLM:
     ``model(tokens)`` carries the state across calls, ``model.rnn.initialize_hidden(batch)`` resets it."""
 
     def __init__(self, path: Path) -> None:
-        _expect(path, "--program")
-        if archive_kind(path) == "program":  # with the vocabulary and the state's width as extra files
+        if _expect(path, "--program") == "program":  # with the vocabulary and the state's width as extra files
             extra = {"vocabulary.txt": "", "state_size.txt": ""}
             self.forward = torch.export.load(str(path), extra_files=extra).module()
             self.words, self.state_size = extra["vocabulary.txt"].split("\n"), int(extra["state_size.txt"])
