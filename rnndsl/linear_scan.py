@@ -270,6 +270,12 @@ def _scan(a: Tensor, b: Tensor, init: Tensor, reverse: bool,
         return x[start:start + body].view(chunks, length, *x.shape[1:])
 
     a_chunked = by_chunk(a)
+    decay = a_chunked.prod(1)
+    if not bool(torch.isfinite(decay).all()):
+        # Coefficients above 1 whose product over a chunk overflows, where the loop's states need
+        # not (a later step's 0 or small gate undoes the growth): inf * 0 would be nan. The loop.
+        _run(a.unbind(0), b.unbind(0), init, out.unbind(0), reverse)
+        return out
     # One (chunks, ...) tensor per offset within a chunk: all chunks step together.
     a_at, b_at, out_at = a_chunked.unbind(1), by_chunk(b).unbind(1), by_chunk(out).unbind(1)
     # First pass: each chunk's end state from a zero start, kept in one small
@@ -278,12 +284,6 @@ def _scan(a: Tensor, b: Tensor, init: Tensor, reverse: bool,
     local_ends = b_at[order[0]].clone()
     for t in order[1:]:
         torch.addcmul(b_at[t], a_at[t], local_ends, out=local_ends)
-    decay = a_chunked.prod(1)
-    if not bool(torch.isfinite(decay).all()):
-        # Coefficients above 1 whose product over a chunk overflows, where the loop's states need
-        # not (a later step's 0 or small gate undoes the growth): inf * 0 would be nan. The loop.
-        _run(a.unbind(0), b.unbind(0), init, out.unbind(0), reverse)
-        return out
     ends = _scan(decay, local_ends, init, reverse)
     if reverse:
         entering = torch.cat([ends[1:], init.unsqueeze(0)])
