@@ -22,6 +22,7 @@ from .cells import check_call
 from .containers import Bidirectional, RecurrentTable, cell_sizes, out_of_autocast
 from .options import CELL_BACKENDS
 from .scan import check_not_empty, has_step_hooks, scan
+from .sequences import first_gap
 
 # What networks build with: a cell backend, torch's fused kernels, or the kernels where they apply.
 NETWORK_BACKENDS = CELL_BACKENDS + ("native", "auto")
@@ -139,7 +140,12 @@ class NativeLayer(RecurrentTable):
         # The fused kernels' own errors (a dtype mismatch inside a GEMM) name neither the cell nor the
         # argument: check as the compiled cells do.
         check_call(self.cell, tuple(state), xs, sequence=True, mask=mask)
-        if has_step_hooks(self.cell):  # a weight prune's hook computes at every call: step the cell
+        # A weight prune's hook computes at every call: step the cell. torch's kernels take a mask
+        # only as lengths of at least one step (packed); a mask RecurrentTable allows beyond that
+        # (padding before a real step, which keeps the state; a sequence of no step) runs the
+        # cell's own loop too.
+        if has_step_hooks(self.cell) or (mask is not None and not torch.compiler.is_compiling()
+                                         and (first_gap(mask) is not None or not bool(mask[0].all()))):
             outputs, final = scan(self.cell, xs, tuple(state), mask)
             return final, outputs
         weights = [getattr(self.cell, self.names[name]) for name in PARAMETER_NAMES]
@@ -177,36 +183,54 @@ def _names_per_layer(network: nn.Module) -> List[Dict[str, str]]:
 def native_state_dict(network: nn.Module) -> Dict[str, Tensor]:
     """The weights of a network made by ``make_recurrent``/``make_bidirectional``
     under ``torch.nn.LSTM``'s names (``weight_ih_l0``, ``bias_hh_l1_reverse``...),
-    ready for ``torch.nn.LSTM(...).load_state_dict`` when all layers have one size."""
+    ready for ``torch.nn.LSTM(...).load_state_dict`` when all layers have one size.
+
+    Each is the weight the cell computes with: through a parametrization, ``weight_norm`` or a
+    prune, the product, which torch.nn then computes as the cell did."""
     per_layer = _names_per_layer(network)
     result = {}
     for depth, (names, directions) in enumerate(zip(per_layer, _layer_cells(network))):
         for direction, cell in enumerate(directions):
             suffix = f"_l{depth}" + ("_reverse" if direction else "")
-            weights = cell.state_dict()
             for torch_name, name in names.items():
-                result[torch_name + suffix] = weights[name]
+                result[torch_name + suffix] = getattr(cell, name).detach()
     return result
 
 
 def load_native_state_dict(network: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
     """Load weights named as ``torch.nn.LSTM``'s (see :func:`native_state_dict`)
-    into a network made by ``make_recurrent``/``make_bidirectional``."""
+    into a network made by ``make_recurrent``/``make_bidirectional``.
+
+    Everything is checked before anything is copied: a refused state_dict leaves the network as it was."""
     expected = native_state_dict(network)
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     if missing or unexpected:
         raise ValueError(f"state_dict does not fit this network: missing {missing}, "
                          f"unexpected {unexpected}")
+    copies = []
     for depth, (names, directions) in enumerate(zip(_names_per_layer(network), _layer_cells(network))):
         shared = len(directions) == 2 and directions[0] is directions[1]
         for direction, cell in enumerate(directions):
             suffix = f"_l{depth}" + ("_reverse" if direction else "")
-            values = {name: state_dict[torch_name + suffix] for torch_name, name in names.items()}
             if shared and direction == 1:
                 if any(not torch.equal(state_dict[n + suffix], state_dict[n + f"_l{depth}"])
                        for n in names):
                     raise ValueError(f"layer {depth} shares its weights between directions, "
                                      f"but the state_dict's forward and reverse weights differ")
                 continue
-            cell.load_state_dict(values)
+            for torch_name, name in names.items():
+                key, value = torch_name + suffix, state_dict[torch_name + suffix]
+                target = cell._parameters.get(name)
+                if target is None:  # a parametrization, weight_norm or prune computes it from others
+                    raise ValueError(f"{key}: the cell's {name!r} is computed by a wrapper (a parametrization, "
+                                     f"weight_norm, prune), not a parameter to copy into; load the weights "
+                                     f"before wrapping it")
+                if tuple(value.shape) != tuple(target.shape):
+                    raise ValueError(f"{key} has shape {tuple(value.shape)}, but layer {depth}'s "
+                                     f"{name!r} has {tuple(target.shape)}")
+                copies.append((target, value))
+    with torch.no_grad():
+        for target, value in copies:
+            target.copy_(value)
+
