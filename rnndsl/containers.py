@@ -43,7 +43,7 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from .autograd_modes import autocast_enabled
 from .scan import check_not_empty, per_step_inputs, scan
-from .sequences import lengths_mask, refuse_packed_under_export, repack, reverse_padded
+from .sequences import first_gap, lengths_mask, refuse_packed_under_export, repack, reverse_padded
 
 StateTree = Union[Tensor, Tuple["StateTree", ...]]
 InitFunction = Callable[..., StateTree]
@@ -335,9 +335,8 @@ class Bidirectional(nn.Module):
         forward_state, reverse_state = state
         lengths = None if mask is None else mask.sum(0)
         if mask is not None and not torch.compiler.is_compiling():  # traced masks come from lengths
-            prefix = torch.arange(mask.size(0), device=mask.device).unsqueeze(1) < lengths.unsqueeze(0)
-            if not torch.equal(mask, prefix):
-                late = int((mask != prefix).any(0).nonzero()[0])
+            late = first_gap(mask)
+            if late is not None:
                 raise ValueError(f"Bidirectional needs a mask True on a prefix of each sequence, as lengths= "
                                  f"gives (the reverse direction starts at each sequence's last real step); "
                                  f"sequence {late}'s has padding before a real step")
@@ -359,8 +358,9 @@ class Bidirectional(nn.Module):
 class ZeroState:
     """An init function giving zero states of the given (nested) sizes.
 
-    ``hinitfun``, if given, is then applied in place to each state tensor, like
-    the ``torch.nn.init`` functions (``hinitfun=torch.nn.init.normal_``).
+    ``hinitfun``, if given, is then applied to each state tensor, in place like
+    the ``torch.nn.init`` functions (``hinitfun=torch.nn.init.normal_``), or
+    returning the state to use (``lambda t: torch.full_like(t, 0.5)``).
     """
 
     def __init__(self, state_sizes, hinitfun: Optional[Callable[[Tensor], Any]] = None) -> None:
@@ -374,10 +374,19 @@ class ZeroState:
         if not isinstance(sizes, int):
             return tuple(self._build(part, batch_size, dtype, device) for part in sizes)
         tensor = torch.zeros(batch_size, sizes, dtype=dtype, device=device)
-        if self.hinitfun is not None:
-            with torch.no_grad():
-                self.hinitfun(tensor)
-        return tensor
+        if self.hinitfun is None:
+            return tensor
+        with torch.no_grad():
+            made = self.hinitfun(tensor)
+        if made is None or made is tensor:
+            return tensor
+        # A function that returns a new tensor (not in place) means that tensor; one of another
+        # shape or kind would otherwise fail later, far from its cause.
+        if not isinstance(made, Tensor) or made.shape != tensor.shape:
+            got = tuple(made.shape) if isinstance(made, Tensor) else type(made).__name__
+            raise ValueError(f"hinitfun must fill the state tensor it is given in place or return one of "
+                             f"its shape {tuple(tensor.shape)}, got {got}")
+        return made.to(dtype=dtype, device=device)
 
 
 def out_of_autocast(tensor: Tensor, carried: torch.dtype) -> Tensor:
@@ -558,13 +567,18 @@ class RecurrentNetwork(nn.Module):
 
 
 def setup_recurrent(network: nn.Module, init_functions: Optional[Sequence[InitFunction]] = None,
-                    save_hidden: bool = True, *, batch_first: bool = False) -> RecurrentNetwork:
+                    save_hidden: Optional[bool] = None, *, batch_first: bool = False) -> RecurrentNetwork:
     """Add hidden-state handling to ``network``: rnnlib's ``setupRecurrent``.
 
     ``network`` follows the container convention ``(state, xs, mask) ->
     (final_state, outputs)`` with a state holding one entry per layer;
     ``init_functions[i](batch_size, dtype=..., device=...)`` makes layer
     ``i``'s initial state (zeros of ``network.state_sizes`` when omitted).
+    ``save_hidden`` (carry the final state into the next call) defaults to True, as rnnlib's,
+    but to False for a network holding a :class:`Bidirectional` layer, as ``make_bidirectional``:
+    its reverse direction would start each batch from the previous batch's *first* step.
     """
+    if save_hidden is None:
+        save_hidden = not any(isinstance(module, Bidirectional) for module in network.modules())
     return RecurrentNetwork(network, init_functions, save_hidden=save_hidden,
                             batch_first=batch_first)

@@ -154,10 +154,27 @@ def _make(cell, input_size: int, hids: Sequence[int], *, bidirectional: bool,
     table = SequenceTable(layers, dropout=dropout, return_all=return_all_layers)
     network = setup_recurrent(table, [ZeroState(layer.state_sizes, hinitfun) for layer in layers],
                               save_hidden, batch_first=batch_first)
-    (winitfun or uniform_weights)(network)
+    _initialize_weights(network, winitfun)
     # `spec` and `backend`: the network's one cell and backend, or the first layer's; `specs`: each layer's.
     network.spec, network.backend, network.specs = specs[0], backends[0], specs
     return network
+
+
+def _initialize_weights(network: nn.Module, winitfun: Optional[Callable[[nn.Module], None]]) -> None:
+    """rnnlib's ``winitfun(network)``; a torch.nn.init function, which takes a tensor, gets its
+    mistake named rather than a bare AttributeError from inside it."""
+    if winitfun is None:
+        uniform_weights(network)
+        return
+    try:
+        winitfun(network)
+    except AttributeError as error:
+        if getattr(winitfun, "__module__", None) != "torch.nn.init":
+            raise
+        name = getattr(winitfun, "__name__", "it")
+        raise ValueError(f"winitfun is called with the whole network, as rnnlib's is, and {name} takes one "
+                         f"tensor; give lambda network: [torch.nn.init.{name}(p) for p in network.parameters() "
+                         f"if p.dim() > 1]") from error
 
 
 def make_recurrent(cell=None, input_size: Optional[int] = None, hids: Optional[Sequence[int]] = None, *,

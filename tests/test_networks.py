@@ -619,3 +619,59 @@ def test_nan_and_inf_in_the_padding_reach_no_output_and_no_gradient(cell, backen
         torch.testing.assert_close(outputs, expected[0], **TOL)
         torch.testing.assert_close(input_grad, expected[1], **TOL)
         torch.testing.assert_close(grads, expected[2], **TOL)
+
+
+def test_native_layer_with_a_mask_lengths_cannot_give_runs_the_cells_loop():
+    """torch's kernels take a mask only as lengths of at least one step; the containers also allow
+    padding before a real step (the step keeps the state) and a sequence of no step. The native
+    layer packed any mask by its count of real steps: another sequence, silently."""
+    torch.manual_seed(0)
+    native = make_recurrent("gru", 4, [5], backend="native", save_hidden=False).double()
+    script = make_recurrent("gru", 4, [5], backend="script", save_hidden=False).double()
+    script.load_state_dict(native.state_dict())
+    xs, state = randn(4, 3, 4), ((randn(3, 5),),)
+    mask = torch.tensor([[True, True, False], [False, True, False], [True, True, False], [True, False, False]])
+    (final, ), outputs = native.network(state, xs, mask)
+    (expected_final, ), expected = script.network(state, xs, mask)
+    torch.testing.assert_close(outputs, expected, **TOL)
+    torch.testing.assert_close(final, expected_final, **TOL)
+    torch.testing.assert_close(final[0][2], state[0][0][2], **TOL)  # no real step: the state as given
+
+
+def test_native_state_dict_gives_the_weight_a_wrapper_computes_and_loading_refuses_before_copying():
+    torch.manual_seed(0)
+    net = make_recurrent("lstm", 3, [4], save_hidden=False).double()
+    nn.utils.parametrizations.weight_norm(net.network.layers[0].cell, "weight_hh")
+    reference = nn.LSTM(3, 4, dtype=F64)
+    reference.load_state_dict(native_state_dict(net))
+    xs = randn(5, 2, 3)
+    torch.testing.assert_close(reference(xs)[0], net(xs)[0], **TOL)
+    with pytest.raises(ValueError, match="weight_hh_l0: the cell's 'weight_hh' is computed by a wrapper"):
+        load_native_state_dict(net, reference.state_dict())
+
+    two = make_recurrent("lstm", 3, [4, 6])
+    before = copy.deepcopy(two.state_dict())
+    with pytest.raises(ValueError, match=r"weight_hh_l1 has shape \(16, 4\), but layer 1's 'weight_hh' has \(24, 6\)"):
+        load_native_state_dict(two, nn.LSTM(3, 4, num_layers=2).state_dict())
+    assert all(torch.equal(before[k], v) for k, v in two.state_dict().items())  # nothing copied
+
+
+def test_weight_and_hidden_init_functions_misused():
+    with pytest.raises(ValueError, match="winitfun is called with the whole network.*xavier_uniform_"):
+        make_recurrent("lstm", 3, [4], winitfun=nn.init.xavier_uniform_)
+    net = make_recurrent("lstm", 3, [4], hinitfun=lambda t: torch.full_like(t, 0.5))  # returns, not in place
+    assert all(torch.equal(s, torch.full((2, 4), 0.5)) for s in net.initialize_hidden(2)[0])
+    with pytest.raises(ValueError, match=r"hinitfun must fill .* shape \(2, 4\), got \(4,\)"):
+        make_recurrent("lstm", 3, [4], hinitfun=lambda t: t[0]).initialize_hidden(2)
+
+
+def test_setup_recurrent_carries_no_state_through_a_bidirectional_layer_by_default():
+    """Carried over, the reverse direction's state would start each batch from the previous batch's
+    first step; make_bidirectional already defaults to not saving."""
+    from rnndsl.containers import Bidirectional, RecurrentTable, SequenceTable, setup_recurrent
+    cell = rnndsl.load_cell("gru").build(input_size=3, hidden_size=4)
+    forward_only = setup_recurrent(SequenceTable([RecurrentTable(cell)]))
+    both = setup_recurrent(SequenceTable([Bidirectional(RecurrentTable(cell))]))
+    assert forward_only.save_hidden and not both.save_hidden
+    xs = torch.randn(3, 2, 3)
+    torch.testing.assert_close(both(xs)[0], both(xs)[0])
