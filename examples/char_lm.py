@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # data.py, when import
 
 import rnndsl  # noqa: E402
 from data import (CELL_HELP, HelpFormatter, Progress, batchify, bptt_batches, count_batches,  # noqa: E402
-                  load_vector_cell, number, positive_int, run, shared_data_dir)
+                  load_vector_cell, number, positive_int, require_windows, run, shared_data_dir)
 
 
 def _default_data() -> Optional[Path]:
@@ -117,6 +117,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
     print(f"data: {args.data} | {len(alphabet)} characters | train {train.numel()}, "
           f"valid {valid.numel()}, test {test.numel()}")
     train, valid, test = (batchify(split, args.batch_size) for split in (train, valid, test))
+    for split, source in (("training", train), ("validation", valid), ("test", test)):
+        require_windows(source, args.seq_length, split, True, "give a smaller --seq-length or --batch-size")
     model = CharLM(load_vector_cell(args.cell), len(alphabet), args)
     print(f"model: cell {model.rnn.spec.name}, backend {model.rnn.backend}, "
           f"{sum(p.numel() for p in model.parameters())} parameters")

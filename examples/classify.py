@@ -157,14 +157,17 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
     if args.valid is None:
         train, valid = [e for i, e in enumerate(train) if i % 10 != 9], train[9::10]
         if not valid or not train:
-            sys.exit("classify.py: too few examples to hold out a validation set; give --valid")
+            raise ValueError("too few examples to hold out a validation set; give --valid")
     else:
         valid = read_examples(args.valid)
     test = read_examples(args.test) if args.test is not None else []
     labels = {label: i for i, label in enumerate(sorted({label for _, label in train}))}
+    if len(labels) < 2:
+        raise ValueError(f"the training set has {len(labels)} label ({', '.join(labels)}); "
+                         "a classifier needs two or more")
     unseen = {label for _, label in valid + test} - set(labels)
     if unseen:
-        sys.exit(f"classify.py: labels {sorted(unseen)} do not occur in the training set")
+        raise ValueError(f"labels {sorted(unseen)} do not occur in the training set")
     counts = Counter(word for words, _ in train for word in words)
     vocabulary = Vocabulary([PAD, UNK] + sorted(counts, key=lambda w: (-counts[w], w)))
     print(f"data: {len(train)} train, {len(valid)} valid, {len(test)} test sentences | "

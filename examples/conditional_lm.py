@@ -115,6 +115,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
     cut = [int(len(text) * 0.9) for text in encoded]
     train = [text[:at] for text, at in zip(encoded, cut)]
     valid = [text[at:] for text, at in zip(encoded, cut)]
+    # A window reads bptt + 1 characters from a random start: every part needs one more than that.
+    shortest, name = min((len(part), name) for name, parts in zip(texts, zip(train, valid)) for part in parts)
+    if shortest < args.bptt + 2:
+        raise ValueError(f"--bptt {args.bptt} is too long for topic {name!r}, whose shorter part (training or "
+                         f"held out) has {shortest} characters: give --bptt {shortest - 2} or less, or fewer --topics")
     print(f"{len(texts)} topics ({', '.join(texts)}), {sum(map(len, encoded)):,} characters, "
           f"{len(alphabet)} distinct")
     model = ConditionalLM(len(alphabet), len(texts), args)

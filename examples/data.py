@@ -111,6 +111,10 @@ def load_vector_cell(argument: str) -> CellSpec:
         dims = ", ".join(map(str, spec.input_dims))
         raise ValueError(f"cell {spec.name} reads images [{dims}] per step, and this example feeds it vectors: "
                          "use a cell whose input is a vector (such as lstm)")
+    if spec.graph.extra_inputs:
+        others = ", ".join(decl.name for decl in spec.graph.extra_inputs)
+        raise ValueError(f"cell {spec.name} reads inputs besides its step's vector ({others}), "
+                         "which this example has no data for: use a cell with one input (such as lstm)")
     return spec
 
 
@@ -127,7 +131,7 @@ def run(main: Callable[[], None]) -> None:
         rnndsl = sys.modules.get("rnndsl")  # a CellError can only come once rnndsl is imported
         if rnndsl is None or not isinstance(error, rnndsl.CellError):
             raise
-        print(error, file=sys.stderr)  # says its file, line and column itself
+        print(f"{Path(sys.argv[0]).name}: {error}", file=sys.stderr)  # says its file, line and column itself
         raise SystemExit(1) from None
 
 
@@ -245,6 +249,20 @@ def count_batches(source: Tensor, bptt: int, max_batches: Optional[int] = None,
                   full_only: bool = False) -> int:
     """How many windows :func:`bptt_batches` yields."""
     return len(_window_starts(source, bptt, full_only, max_batches))
+
+
+def require_windows(source: Tensor, bptt: int, split: str, full_only: bool, hint: str) -> None:
+    """Refuse a split that gives no window (no full one with ``full_only``) of ``bptt`` steps: a run
+    would otherwise report a loss over nothing (0.00 for training) or divide by zero after training."""
+    if count_batches(source, bptt, full_only=full_only) == 0:
+        kind = "full window" if full_only else "window"
+        raise ValueError(f"the {split} split gives no {kind} of {bptt} steps ({source.size(0)} rows of "
+                         f"{source.size(1)} sequences); {hint}")
+
+
+def perplexity(loss: float) -> float:
+    """``exp(loss)``; inf where a diverged run's loss is past float range, not an OverflowError."""
+    return math.exp(loss) if loss < 709.0 else math.inf
 
 
 def divide_lr_if_worse(optimizer: torch.optim.Optimizer, lr: float, previous: Optional[float],

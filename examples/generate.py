@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # word_lm.py, when imported from elsewhere
 
-from data import EOS, HelpFormatter, Vocabulary, number, run  # noqa: E402
+from data import EOS, UNK, HelpFormatter, Vocabulary, number, run  # noqa: E402
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -126,10 +126,13 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
         from word_lm import load_checkpoint  # imports rnndsl, which a program does not need
         model, vocabulary = load_checkpoint(args.checkpoint, backend=args.backend)
     primer = args.primer.split()
-    try:
-        vocabulary.ids(primer)
-    except KeyError as error:
-        sys.exit(f"generate.py: the primer has a word the model does not know: {error}")
+    unknown = [word for word in primer if word not in vocabulary.index]
+    if unknown and UNK not in vocabulary.index:
+        raise ValueError(f"the primer has words the model does not know: {', '.join(unknown)}")
+    if unknown:  # the model reads them as <unk>: say so, and show the primer as it was read
+        print(f"generate.py: warning: the model does not know {', '.join(unknown)} (its words are case-sensitive); "
+              f"it reads {UNK} in their place", file=sys.stderr)
+        primer = [UNK if word in unknown else word for word in primer]
     generator = torch.Generator().manual_seed(args.seed)
     start = time.perf_counter()
     drawn = sample(model, vocabulary, args.words, args.temperature, primer, generator)

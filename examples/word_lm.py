@@ -24,7 +24,6 @@ batch with torch alone (:func:`export_program`; ``--torchscript`` writes a Torch
 ``--compile`` trains under torch.compile, ``--amp`` under bfloat16 autocast.
 """
 import argparse
-import math
 import sys
 import time
 import warnings
@@ -39,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # data.py, when import
 
 import rnndsl  # noqa: E402
 from data import (CELL_HELP, EOS, HelpFormatter, Progress, Vocabulary, batchify, bptt_batches, count_batches,  # noqa: E402
-                  divide_lr_if_worse, load_vector_cell, number, output_file, positive_int, read_lines, run,
-                  stdlib_corpus, tokenize)
+                  divide_lr_if_worse, load_vector_cell, number, output_file, perplexity, positive_int, read_lines,
+                  require_windows, run, stdlib_corpus, tokenize)
 
 INIT_RANGE = 0.1
 
@@ -179,7 +178,7 @@ def train_epoch(model: WordLM, data: Tensor, optimizer: torch.optim.Optimizer,
         loss_sum += train_step(model, inputs, targets, optimizer, parameters, args.clip, args.amp)
         batches += 1
         mean = loss_sum / batches
-        progress.update(loss=mean, ppl=math.exp(mean))
+        progress.update(loss=mean, ppl=perplexity(mean))
     progress.close()
     return loss_sum / max(batches, 1), batches, time.perf_counter() - start
 
@@ -351,13 +350,16 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    cell = load_vector_cell(args.cell)  # before the corpus: a cell's error should not wait for it
     vocabulary, train, valid, test = load_corpus(args)
     corpus = "Python's documentation (pydoc_data.topics)" if args.train is None else str(args.train)
     print(f"corpus: {corpus} | vocabulary {len(vocabulary)} | words: train {train.numel()}, "
           f"valid {valid.numel()}, test {test.numel()}")
     train = batchify(train, args.batch_size)
-    model = WordLM(load_vector_cell(args.cell), len(vocabulary), args.emsize, args.nhid, args.backend,
-                   args.rnn_init)
+    require_windows(train, args.bptt, "training", True, "give a smaller --bptt or --batch-size")
+    for split, words in (("validation", valid), ("test", test)):  # read as one sequence
+        require_windows(words.view(-1, 1), args.bptt, split, False, "it needs two words or more")
+    model = WordLM(cell, len(vocabulary), args.emsize, args.nhid, args.backend, args.rnn_init)
     spec, size = model.rnn.spec, sum(p.numel() for p in model.parameters())
     print(f"model: cell {spec.name} ({spec.path}), backend {model.rnn.backend}, emsize {args.emsize}, "
           f"nhid {' '.join(map(str, args.nhid))}, {size} parameters")
@@ -376,12 +378,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
         print(f"| end of epoch {epoch:3d} | lr {lr:8.4f} | {batches} batches, "
               f"{1000 * train_seconds / max(batches, 1):6.1f} ms/batch, train {train_seconds:6.1f} s "
               f"| train loss {train_loss:5.2f} "
-              f"| valid loss {valid_loss:5.2f} ppl {math.exp(valid_loss):8.2f} "
-              f"| test loss {test_loss:5.2f} ppl {math.exp(test_loss):8.2f} "
+              f"| valid loss {valid_loss:5.2f} ppl {perplexity(valid_loss):8.2f} "
+              f"| test loss {test_loss:5.2f} ppl {perplexity(test_loss):8.2f} "
               f"| eval {eval_seconds:5.1f} s", flush=True)
         lr = divide_lr_if_worse(optimizer, lr, previous_valid, valid_loss, factor=4)
         previous_valid = valid_loss
-    print(f"| end of training | test loss {test_loss:5.2f} | test ppl {math.exp(test_loss):.2f}")
+    print(f"| end of training | test loss {test_loss:5.2f} | test ppl {perplexity(test_loss):.2f}")
     if args.save is not None:
         save_checkpoint(args.save, trained, vocabulary, args)
         print(f"saved checkpoint to {args.save}")

@@ -282,6 +282,8 @@ def test_conditional_lm_trains_a_few_steps():
     ("word_lm.py", ["--save", "/no/such/dir/lm.pt"], "argument --save: cannot write /no/such/dir/lm.pt: no directory"),
     ("word_lm.py", ["--cell", "convlstm"], "cell convlstm reads images [input, height, width] per step"),
     ("conditional_lm.py", ["--topics", "1"], "--topics must be from 2 to"),
+    # a cell's error, before the corpus loads, under the script's name
+    ("word_lm.py", ["--cell", "lstmm"], "word_lm.py: error: no stock cell named 'lstmm'"),
 ])
 def test_bad_arguments_end_the_examples_with_an_error_not_a_traceback(script, arguments, words):
     result = subprocess.run([sys.executable, str(EXAMPLES / script), *arguments], capture_output=True, text=True,
@@ -334,3 +336,43 @@ def test_generate_from_a_program_runs_without_importing_rnndsl(word_model):
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     subprocess.run([sys.executable, "-I", "-c", script], cwd=word_model["folder"], env=env, check=True,
                    capture_output=True, timeout=120)
+
+
+def test_splits_too_short_for_a_window_are_refused_before_training(tmp_path, data_dir):
+    """A run used to train on no window and report a train loss of 0.00, or divide by zero after
+    its training, when a split held no full window of the asked length."""
+    with pytest.raises(ValueError, match="the training split gives no full window of 4000 steps"):
+        word_lm.main(["--emsize", "4", "--nhid", "4", "--batch-size", "20", "--bptt", "4000",
+                      "--data", str(data_dir / "ptb-small")])  # 3,688 rows of 20
+    text = tmp_path / "t.txt"
+    text.write_text("a b c d e f g h\n" * 20)
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(ValueError, match="the validation split gives no window"):
+        word_lm.main(TINY_WORD_LM + ["--train", str(text), "--valid", str(tmp_path / "empty.txt"), "--test", str(text)])
+    with pytest.raises(ValueError, match="the validation split gives no full window of 1500 steps"):
+        char_lm.main(["--data", str(data_dir / "tiny-shakespeare.txt"), "--seq-length", "1500", "--rnn-size", "4"])
+    with pytest.raises(ValueError, match=r"--bptt 100000 is too long for topic .*: give --bptt \d+ or less"):
+        conditional_lm.main(["--bptt", "100000", "--steps", "1"])
+
+
+def test_examples_refuse_a_cell_with_other_inputs_and_a_classifier_of_one_label(tmp_path):
+    from data import load_vector_cell
+    with pytest.raises(ValueError, match=r"cell cond_gru reads inputs besides its step's vector \(enc\)"):
+        load_vector_cell(str(EXAMPLES / "conditional_gru.cell"))
+    one_label = tmp_path / "one.tsv"
+    one_label.write_text("pos\tgood film\n" * 30)
+    with pytest.raises(ValueError, match="the training set has 1 label"):
+        classify.main(["--train", str(one_label), "--epochs", "1"])
+
+
+def test_a_diverged_run_reports_an_infinite_perplexity():
+    from data import perplexity
+    assert perplexity(0.0) == 1.0 and perplexity(1e4) == math.inf
+
+
+def test_generate_says_which_primer_words_the_model_reads_as_unknown(word_model):
+    errors = io.StringIO()
+    with contextlib.redirect_stderr(errors):
+        text, _ = run_main(generate.main, ["--checkpoint", word_model["checkpoint"], "--words", "2",
+                                           "--primer", "zzzqqq the"])
+    assert text.startswith("<unk> the") and "does not know zzzqqq" in errors.getvalue()
