@@ -43,7 +43,7 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from .autograd_modes import autocast_enabled
 from .scan import check_not_empty, per_step_inputs, scan
-from .sequences import first_gap, lengths_mask, refuse_packed_under_export, repack, reverse_padded
+from .sequences import first_gap, lengths_mask, prefix_of, refuse_packed_under_export, repack, reverse_padded
 
 StateTree = Union[Tensor, Tuple["StateTree", ...]]
 InitFunction = Callable[..., StateTree]
@@ -334,12 +334,15 @@ class Bidirectional(nn.Module):
                 mask: Optional[Tensor] = None, **inputs: Tensor) -> Tuple[Tuple[StateTree, StateTree], Tensor]:
         forward_state, reverse_state = state
         lengths = None if mask is None else mask.sum(0)
-        if mask is not None and not torch.compiler.is_compiling():  # traced masks come from lengths
-            late = first_gap(mask)
-            if late is not None:
-                raise ValueError(f"Bidirectional needs a mask True on a prefix of each sequence, as lengths= "
-                                 f"gives (the reverse direction starts at each sequence's last real step); "
-                                 f"sequence {late}'s has padding before a real step")
+        if mask is not None:
+            needs = ("Bidirectional needs a mask True on a prefix of each sequence, as lengths= gives (the reverse "
+                     "direction starts at each sequence's last real step)")
+            if torch.compiler.is_compiling():  # the mask's values are unknown while tracing: checked when it runs
+                torch._assert_async((mask == prefix_of(mask)).all(), needs)
+            else:
+                late = first_gap(mask)
+                if late is not None:
+                    raise ValueError(f"{needs}; sequence {late}'s has padding before a real step")
         forward_final, forward_out = self.fwd(forward_state, xs, mask, **inputs_for(self.fwd, inputs))
         # The reverse layer reads the inputs of every step backwards too; per-sequence ones as they are.
         per_step = per_step_inputs(self.reverse_layer)

@@ -276,6 +276,17 @@ def time_scan(step, init: List[Tensor], per_step: List[Tensor],
     cache then outlives the export (the guards of one trace, checked against a later one, could
     fix a dynamic size). The generated step closes over no tensor, so the op can take it as is.
     """
+    if torch.compiler.is_dynamo_compiling():
+        # torch.export(strict=True) traces with dynamo, which refuses the op's bare step: there the
+        # public wrapper, whose step dynamo traces itself (lifting the tensors it closes over).
+        from torch._higher_order_ops.scan import scan
+
+        def combine(carry: List[Tensor], sliced: List[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
+            new_carry, outputs = step(list(carry), list(sliced), list(invariants))
+            return list(new_carry), list(outputs)
+
+        carry, outputs = scan(combine, [t.contiguous() for t in init], list(per_step))
+        return list(carry), list(outputs)
     from torch._higher_order_ops.scan import scan_op  # function-level: a private module, loaded when exporting
     carried, sliced, shared = len(init), len(per_step), len(invariants)
     # Inductor (AOTInductor) lowers scan to a while loop whose output buffers it sizes from the

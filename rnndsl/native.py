@@ -144,8 +144,11 @@ class NativeLayer(RecurrentTable):
         # only as lengths of at least one step (packed); a mask RecurrentTable allows beyond that
         # (padding before a real step, which keeps the state; a sequence of no step) runs the
         # cell's own loop too.
-        if has_step_hooks(self.cell) or (mask is not None and not torch.compiler.is_compiling()
-                                         and (first_gap(mask) is not None or not bool(mask[0].all()))):
+        # torch.export: the cell's generated code, one loop node valid at any length (torch's kernel
+        # would fix the program at the example's length, and packs lengths as data).
+        if has_step_hooks(self.cell) or torch.compiler.is_exporting() or \
+                (mask is not None and not torch.compiler.is_compiling()
+                 and (first_gap(mask) is not None or not bool(mask[0].all()))):
             outputs, final = scan(self.cell, xs, tuple(state), mask)
             return final, outputs
         weights = [getattr(self.cell, self.names[name]) for name in PARAMETER_NAMES]

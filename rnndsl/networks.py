@@ -320,11 +320,10 @@ class _CompiledRNNBase:
             _let_dynamo_trace_drop_ins()
 
     def _build_engine(self) -> None:
-        """Build the cells (none for the native backend) and how their
-        parameters map onto this module's."""
-        self.__dict__["_engine"] = None
-        if self.backend == "native":
-            return
+        """Build the cells and how their parameters map onto this module's. The native backend's
+        are eager cells that only torch.export runs: torch's fused kernel would fix the program at
+        the example's length, and cannot take lengths there."""
+        backend = "eager" if self.backend == "native" else self.backend
         spec = load_stock_cell(_PROJECTED_LSTM if self.proj_size else NATIVE_MODES[self.mode].stock_cell)
         sizes = {"proj": self.proj_size} if self.proj_size else {}
         names = PARAMETER_NAMES + (("weight_hr",) if self.proj_size else ())
@@ -338,7 +337,7 @@ class _CompiledRNNBase:
                 size = self.input_size if depth == 0 else (self.proj_size or self.hidden_size) * directions
                 tables = []
                 for direction in range(directions):
-                    cell = spec.build(size, self.hidden_size, backend=self.backend, **sizes)
+                    cell = spec.build(size, self.hidden_size, backend=backend, **sizes)
                     prefix = f"layers.{depth}." + ("" if directions == 1 else ("fwd.", "rev.")[direction])
                     suffix = f"_l{depth}" + ("_reverse" if direction else "")
                     for name in names:
@@ -398,7 +397,7 @@ class _CompiledRNNBase:
         # Checked before choosing the kernel too: torch's own errors for these are less clear.
         self.check_input(checked, batch_sizes)
         given_hx = hx if hx is None else self._checked_hx(hx, checked, batch_sizes, batched)
-        if self.backend == "native":
+        if self.backend == "native" and not torch.compiler.is_exporting():
             return super().forward(input, hx)
         if packed:
             xs, lengths = pad_packed_sequence(input)

@@ -71,11 +71,15 @@ def lengths_mask(lengths: Union[Tensor, Sequence[int]], steps: int, batch_size: 
     return torch.arange(steps, device=device).unsqueeze(1) < lengths.unsqueeze(0)
 
 
+def prefix_of(mask: Tensor) -> Tensor:
+    """The (T, batch) mask with each sequence's count of real steps at its start."""
+    return torch.arange(mask.size(0), device=mask.device).unsqueeze(1) < mask.sum(0).unsqueeze(0)
+
+
 def first_gap(mask: Tensor) -> Optional[int]:
     """The first sequence of a (T, batch) mask whose real steps are not a prefix (padding before
     a real step), or None when every sequence's are, as :func:`lengths_mask` makes them."""
-    prefix = torch.arange(mask.size(0), device=mask.device).unsqueeze(1) < mask.sum(0).unsqueeze(0)
-    gapped = (mask != prefix).any(0).nonzero()
+    gapped = (mask != prefix_of(mask)).any(0).nonzero()
     return int(gapped[0]) if gapped.numel() else None
 
 

@@ -320,3 +320,70 @@ def test_a_length_outside_the_declared_range_names_the_bound():
                       ({0: torch.export.Dim("T", min=2, max=64)},))
     with pytest.raises(AssertionError, match=r"input.size\(\)\[0\] <= 64"):
         program.module()(torch.randn(65, 2, 3))
+
+
+def test_native_backend_networks_and_drop_ins_export_their_cells_code():
+    """torch's fused kernel would fix the program at the example's length, and packs lengths as
+    data: under export the native backend runs its cells' generated code."""
+    torch.manual_seed(0)
+    net = rnndsl.make_recurrent("gru", 3, [4, 4], backend="auto", save_hidden=False).double().eval()
+    assert net.backend == "native"
+    lengths = torch.tensor([5, 2, 4])
+    program = _export(net, (torch.randn(5, 3, 3, dtype=F64),),
+                      {"x": {0: _sequence_length(), 1: _batch()}, "lengths": {0: _batch()}}, {"lengths": lengths})
+    xs, lengths = torch.randn(9, 4, 3, dtype=F64), torch.tensor([9, 1, 4, 7])
+    _assert_same(program.module()(xs, lengths=lengths), net(xs, lengths=lengths))
+    lstm = rnndsl.LSTM(3, 4, num_layers=2, backend="native", dtype=F64).eval()
+    program = _export(lstm, (torch.randn(5, 3, 3, dtype=F64),), ({0: _sequence_length(), 1: _batch()},))
+    _assert_same(program.module()(xs), lstm(xs))
+
+
+TWO_OUTPUTS = """
+cell two(x[input]) -> y, z {
+    state h[hidden]
+    param W[hidden, input], U[hidden, hidden], b[hidden]
+    h' = tanh(W @ x + U @ h + b)
+    y = h'
+    z = sigmoid(h') * 2.0
+}
+"""
+
+
+def test_stepped_cells_with_several_outputs_export_and_strict_export_works(tmp_path):
+    """A deep cell (several cells in one RecurrentTable) is stepped through its call: one with two
+    outputs failed in the export loop's where(); strict=True failed in torch's scan op."""
+    (tmp_path / "two.cell").write_text(TWO_OUTPUTS)
+    torch.manual_seed(0)
+    deep = rnndsl.setup_recurrent(rnndsl.RecurrentTable(rnndsl.SequenceTable(
+        [rnndsl.load_cell("lstm").build(3, 5), rnndsl.load_cell(tmp_path / "two.cell").build(5, 4)])),
+        save_hidden=False).double().eval()
+    program = _export(deep, (torch.randn(6, 2, 3, dtype=F64),), ({0: _sequence_length()},))
+    xs = torch.randn(9, 2, 3, dtype=F64)
+    _assert_same(program.module()(xs), deep(xs))
+    net = rnndsl.make_recurrent("mingru", 3, [4, 4], save_hidden=False).double().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(net, (torch.randn(5, 3, 3, dtype=F64),),
+                                      dynamic_shapes=({0: _sequence_length()},), strict=True)
+    xs = torch.randn(9, 3, 3, dtype=F64)
+    _assert_same(program.module()(xs), net(xs))
+
+
+class _MaskedBidirectional(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = rnndsl.Bidirectional(rnndsl.RecurrentTable(rnndsl.load_cell("gru").build(3, 4)))
+
+    def forward(self, xs, mask):
+        state = ((xs.new_zeros(xs.size(1), 4),), (xs.new_zeros(xs.size(1), 4),))
+        return self.layer(state, xs, mask)[1]
+
+
+def test_an_exported_bidirectional_layer_refuses_a_mask_with_a_gap_when_it_runs():
+    module = _MaskedBidirectional().eval()
+    prefix = torch.tensor([[True, True], [True, False], [True, False]])
+    program = _export(module, (torch.randn(3, 2, 3), prefix), None)
+    torch.testing.assert_close(program.module()(torch.ones(3, 2, 3), prefix), module(torch.ones(3, 2, 3), prefix))
+    gapped = torch.tensor([[True, True], [False, True], [True, True]])
+    with pytest.raises(RuntimeError, match="Bidirectional needs a mask True on a prefix"):
+        program.module()(torch.ones(3, 2, 3), gapped)
