@@ -19,6 +19,21 @@ def autocast_enabled(device_type: str) -> bool:
     return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
+def forward_ad_active() -> bool:
+    """Whether forward-mode AD is recording (a ``torch.autograd.forward_ad.dual_level`` is open:
+    ``jacfwd``-style ``autograd.functional`` strategies, ``gradcheck(check_forward_ad=True)``,
+    ``torch.func.linearize``)."""
+    return torch.autograd.forward_ad._current_level >= 0
+
+
+def plain_ops_needed() -> bool:
+    """Whether the code running now must be plain torch ops, with no TorchScript kernel and no custom
+    autograd Function: under torch.func's transforms (the Functions have no vmap rule) and under
+    forward-mode AD (they have no jvp rule, and TorchScript's optimized graphs drop tangents after
+    their first run: a silently zero derivative)."""
+    return torch._C._are_functorch_transforms_active() or forward_ad_active()
+
+
 def plain_backward_needed(grads: Sequence[Optional[Tensor]]) -> bool:
     """Whether the backward running now must be differentiable or batchable: under
     ``create_graph`` (grad mode is on inside the backward), under torch.func's transforms, or

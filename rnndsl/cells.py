@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from . import derived, opaque
-from .autograd_modes import autocast_enabled
+from .autograd_modes import autocast_enabled, plain_ops_needed
 from .codegen import supports_training
 from .errors import CellWarning
 from .ir import Op
@@ -314,7 +314,7 @@ class EagerCell(CellModule):
         fused = self._fused_step
         if fused is None or torch.is_grad_enabled() or not x.is_cpu or x.dtype not in _FUSED_DTYPES \
                 or torch.compiler.is_compiling() or torch.compiler.is_exporting() \
-                or torch._C._are_functorch_transforms_active() or torch.jit.is_tracing() \
+                or plain_ops_needed() or torch.jit.is_tracing() \
                 or torch.is_autocast_enabled("cpu"):
             return None
         step, names = fused
@@ -379,7 +379,7 @@ class EagerCell(CellModule):
             return self._run_sequence_of_several_inputs(xs, state, mask, extras)
         if torch.compiler.is_exporting():  # one scan node: the program runs at any length, with torch alone
             return self.forward_sequence_scan(xs, state, mask)
-        if torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active():
+        if torch.compiler.is_compiling() and not plain_ops_needed():
             if self.scan_mode == "parallel":
                 return self.forward_parallel(xs, state, mask)
             # The loop as one opaque op, compiled once whatever the length. (Not the scan form:
@@ -387,8 +387,8 @@ class EagerCell(CellModule):
             compiled = derived.compiled_forward_sequence(self, xs, state, mask)
             if compiled is not None:
                 return compiled
-        # The parallel scan's autograd Functions have no vmap rule: torch.func runs the loop.
-        if self.scan_mode == "parallel" and not torch._C._are_functorch_transforms_active():
+        # The parallel scan's autograd Functions have no vmap or jvp rule: torch.func and forward AD run the loop.
+        if self.scan_mode == "parallel" and not plain_ops_needed():
             return self.forward_parallel(xs, state, mask)
         fused = self._fused_sequence_of(tuple(state), xs, mask)
         if fused is not None:
@@ -473,7 +473,7 @@ class ScriptedCell(EagerCell):
         return self.kernel().save_to_buffer(_extra_files=_extra_files or {})
 
     def forward(self, state, x, **inputs):
-        if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        if torch.compiler.is_compiling() or plain_ops_needed():
             return super().forward(state, x, **inputs)
         extras = check_call(self, state, x, sequence=False, inputs=inputs)
         fused = self._fused_step_of(state, x)
@@ -482,9 +482,9 @@ class ScriptedCell(EagerCell):
         return self.kernel().forward(state, x, *extras)
 
     def _run_sequence(self, xs, state, mask, extras=()):
-        if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
-            # torch.compile, torch.export and torch.func follow Python, not TorchScript nor a
-            # Function without a vmap rule (the derived backward's, the parallel scan's).
+        if torch.compiler.is_compiling() or plain_ops_needed():
+            # torch.compile, torch.export, torch.func and forward AD follow Python, not TorchScript nor
+            # a Function without a vmap or jvp rule (the derived backward's, the parallel scan's).
             return super()._run_sequence(xs, state, mask, extras)
         if extras:
             if autocast_enabled(xs.device.type):

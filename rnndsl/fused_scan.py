@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from . import linear_scan
-from .autograd_modes import plain_backward_needed
+from .autograd_modes import plain_backward_needed, plain_ops_needed
 from .linear_scan import along_steps
 
 __all__ = ["FusedKernel", "fused_linear_recurrence", "fused_scan_runs"]
@@ -52,7 +52,7 @@ def fused_scan_runs(kernels: Sequence["FusedKernel"], xs: Tensor, mask: Optional
     time they would, they are built (a kernel that fails to build warns and is not taken again)."""
     return (linear_scan.cpu_kernel_enabled() and mask is None and xs.device.type == "cpu" and xs.dtype in _DTYPES
             and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
-            and not torch._C._are_functorch_transforms_active() and not torch.is_autocast_enabled("cpu")
+            and not plain_ops_needed() and not torch.is_autocast_enabled("cpu")
             and all(kernel.library() is not None for kernel in kernels))
 
 

@@ -19,7 +19,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .autograd_modes import autocast_enabled, plain_backward_needed
+from .autograd_modes import autocast_enabled, plain_backward_needed, plain_ops_needed
 from .chunkwise import chunkwise_attention  # noqa: F401 (generated code gets it through resolve_globals())
 from .fused_scan import fused_linear_recurrence, fused_scan_runs  # noqa: F401 (likewise)
 from .linear_scan import along_steps, linear_recurrence  # noqa: F401 (likewise)
@@ -258,7 +258,7 @@ def linear_with_grad(v: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -
     and backward (about twice as fast as MKL's there for a (T*batch, n) sequence). Under autocast,
     torch's own product, which autocast runs in its low-precision dtype (oneDNN's op would run
     in float32); under torch.compile too, where Inductor picks its own GEMM."""
-    if autocast_enabled(v.device.type) or torch.compiler.is_compiling():
+    if autocast_enabled(v.device.type) or torch.compiler.is_compiling() or plain_ops_needed():
         return torch.nn.functional.linear(v, weight, bias)
     if _USE_ONEDNN and torch.is_grad_enabled() and _onednn_fits(_rows(v), weight):
         return _LinearFunction.apply(v, weight, bias)

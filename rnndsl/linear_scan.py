@@ -45,7 +45,7 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .autograd_modes import plain_backward_needed
+from .autograd_modes import plain_backward_needed, plain_ops_needed
 
 __all__ = ["along_steps", "linear_recurrence", "sequential_linear_recurrence", "use_cpu_kernel"]
 
@@ -96,7 +96,7 @@ def linear_recurrence(a: Tensor, b: Tensor, s0: Tensor) -> Tensor:
     transforms (vmap, grad, jacrev) it is the loop, which they batch and differentiate.
     """
     _check_inputs(a, b, s0)
-    if torch._C._are_functorch_transforms_active():  # the autograd Function has no vmap rule
+    if plain_ops_needed():  # the autograd Function has no vmap or jvp rule
         return sequential_linear_recurrence(a, b, s0)
     if torch.compiler.is_compiling():  # the chunked scan's in-place writes as one op dynamo need not trace
         return torch.ops.rnndsl.linear_recurrence(a, b, s0)

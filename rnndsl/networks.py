@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
-from .autograd_modes import autocast_enabled
+from .autograd_modes import autocast_enabled, plain_ops_needed
 from .cellspec import CellSpec, load_cell, load_stock_cell
 from .containers import Bidirectional, RecurrentNetwork, RecurrentTable, SequenceTable, ZeroState, setup_recurrent
 from .errors import did_you_mean
@@ -435,7 +435,7 @@ class _CompiledRNNBase:
     def _run_engine(self, args: tuple, like: Tensor):
         """The engine's cells on this module's parameters as they are now."""
         parameters = self._parameters_for_engine(like)
-        if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        if torch.compiler.is_compiling() or plain_ops_needed():
             return torch.func.functional_call(self._engine, parameters, args)
         # Eagerly, point each cell's slot at the tensor: what functional_call does, without its
         # walk over the module tree (a third of a generation step's time) or the swap back.
