@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from . import opaque
-from .twin import buffers_of, eager_forward_sequence, parameters_of
+from .twin import buffers_of, constants_of, eager_forward_sequence, parameters_of
 from .autograd_modes import autocast_enabled, plain_backward_needed
 
 
@@ -32,9 +32,9 @@ class DerivedSequence(torch.autograd.Function):
     (``create_graph=True``) or a batched one (``torch.func``, ``gradcheck``'s batched check),
     the backward recomputes the forward with autograd instead (:func:`_recomputed_gradients`).
 
-    Hyper-parameters are read from the cell when the backward runs: one reassigned between
-    forward and backward (``cell.beta = 0.25``) would change the gradient, where autograd of the
-    eager loop keeps the forward's value.
+    The backward runs with the forward's hyper-parameters, mode and buffers, as autograd of the eager
+    loop does: one reassigned in between (``cell.beta = 0.25``, a new buffer tensor) does not change
+    the gradient, and a buffer changed in place is caught by its version counter.
     """
 
     @staticmethod
@@ -43,28 +43,44 @@ class DerivedSequence(torch.autograd.Function):
         state, parameters = tuple(tensors[:state_count]), list(tensors[state_count:len(tensors) - input_count])
         inputs = [list(tensors[len(tensors) - input_count:])] if input_count else []
         outputs, final, saved = cell.scripted_method("forward_sequence_saving")(xs, state, mask, parameters, *inputs)
-        ctx.cell, ctx.training = cell, cell.training
-        ctx.counts = (len(outputs), len(tensors), state_count, input_count)
-        ctx.save_for_backward(xs, mask, *tensors, *saved)
+        ctx.cell, ctx.training, ctx.constants = cell, cell.training, constants_of(cell)
+        buffers = buffers_of(cell)
+        ctx.counts = (len(outputs), len(tensors), state_count, input_count, len(buffers))
+        ctx.save_for_backward(xs, mask, *tensors, *buffers, *saved)
         return (*outputs, *final)
 
     @staticmethod
     def backward(ctx, *grads: Tensor):
         xs, mask, *rest = ctx.saved_tensors
-        output_count, tensor_count, state_count, input_count = ctx.counts
-        tensors, saved = rest[:tensor_count], rest[tensor_count:]
+        output_count, tensor_count, state_count, input_count, buffer_count = ctx.counts
+        tensors, buffers = rest[:tensor_count], rest[tensor_count:tensor_count + buffer_count]
+        saved = rest[tensor_count + buffer_count:]
         if plain_backward_needed(grads):
-            return (None, *_recomputed_gradients(ctx, xs, mask, tensors, grads))
+            return (None, *_recomputed_gradients(ctx, xs, mask, tensors, buffers, grads))
         need_input_grad = bool(ctx.needs_input_grad[1])
         inputs = [list(tensors[tensor_count - input_count:])] if input_count else []
         # grad_params ends with the other inputs' gradients, as tensors ends with them.
-        grad_xs, grad_state, grad_params = ctx.cell.scripted_method("backward_sequence")(
+        grad_xs, grad_state, grad_params = _kernel_as_at_forward(ctx, buffers)._c._get_method("backward_sequence")(
             xs, mask, list(tensors[state_count:tensor_count - input_count]), saved,
             [g.contiguous() for g in grads[:output_count]], [g.contiguous() for g in grads[output_count:]],
             need_input_grad, *inputs)
         grad_xs, *rest = _in_memory_of_their_own([grad_xs if need_input_grad else None, *grad_state,
                                                    *grad_params])
         return (None, grad_xs, None, None, *rest)
+
+
+def _kernel_as_at_forward(ctx, buffers: Sequence[Tensor]):
+    """The cell's TorchScript kernel with the forward's buffers, hyper-parameters and mode; the cell's
+    next call of ``kernel()`` binds its own again (they are pushed when they differ from the kernel's)."""
+    cell = ctx.cell
+    kernel = cell.kernel(buffers=buffers)
+    settings = (ctx.training, *ctx.constants)
+    if settings != cell.__dict__["_kernel_settings"]:
+        kernel.train(ctx.training)
+        for name, value in zip(cell._python_methods._constant_names, ctx.constants):
+            setattr(kernel, name, value)
+        cell.__dict__["_kernel_settings"] = settings
+    return kernel
 
 
 def _in_memory_of_their_own(grads: Sequence[Optional[Tensor]]) -> List[Optional[Tensor]]:
@@ -97,7 +113,7 @@ def _span(tensor: Tensor) -> Tuple[int, int]:
 
 
 def _recomputed_gradients(ctx, xs: Tensor, mask: Optional[Tensor], tensors: Sequence[Tensor],
-                          grads: Sequence[Tensor]) -> Tuple[Optional[Tensor], ...]:
+                          buffers: Sequence[Tensor], grads: Sequence[Tensor]) -> Tuple[Optional[Tensor], ...]:
     """DerivedSequence's gradients for ``(xs, mask, state_count, *tensors)`` by autograd through
     the generated loop run again as plain Python on the saved inputs.
 
@@ -105,7 +121,7 @@ def _recomputed_gradients(ctx, xs: Tensor, mask: Optional[Tensor], tensors: Sequ
     differentiable in everything they depend on; under torch.func's vmap the grads come batched
     and the plain ops batch them.
     """
-    _, tensor_count, state_count, input_count = ctx.counts
+    _, tensor_count, state_count, input_count, _ = ctx.counts
     needs = ctx.needs_input_grad
     create_graph = torch.is_grad_enabled()
     with torch.enable_grad():
@@ -116,7 +132,7 @@ def _recomputed_gradients(ctx, xs: Tensor, mask: Optional[Tensor], tensors: Sequ
         inner_xs, inner = arguments[0], arguments[1:]
         parameters, inputs = inner[state_count:tensor_count - input_count], inner[tensor_count - input_count:]
         outputs, final = eager_forward_sequence(ctx.cell, inner_xs, inner[:state_count], mask,
-                                                parameters, ctx.training, inputs)
+                                                parameters, ctx.training, inputs, buffers, ctx.constants)
         results = (*(outputs if isinstance(outputs, tuple) else (outputs,)), *final)
         # A result that depends on nothing differentiated (a state that only doubles itself, from a
         # start that needs no gradient) contributes nothing, and autograd.grad refuses it.
@@ -139,7 +155,13 @@ def uses_derived_backward(cell, xs: Tensor, state: Sequence[Tensor], inputs: Seq
     """
     if torch.jit.is_tracing():
         return False
-    return _records(xs, (*state, *inputs), cell) and derived_backward_serves(cell)
+    return _records(xs, (*state, *inputs), cell) and derived_backward_serves(cell) and not _buffer_needs_grad(cell)
+
+
+def _buffer_needs_grad(cell) -> bool:
+    """Whether a buffer was swapped for a tensor that needs a gradient (``functional_call`` with a
+    buffer's name): the derived backward gives none to buffers, autograd of the loop does."""
+    return any(b.requires_grad for b in buffers_of(cell))
 
 
 def derived_backward_serves(cell) -> bool:
@@ -171,7 +193,7 @@ def compiled_forward_sequence(cell, xs: Tensor, state: Sequence[Tensor], mask: O
     cell cannot train with the derived backward; autocast), and the caller then runs the Python loop,
     which dynamo unrolls."""
     saving = _records(xs, state, cell)
-    if saving and not derived_backward_serves(cell):
+    if saving and (not derived_backward_serves(cell) or _buffer_needs_grad(cell)):
         return None
     if autocast_enabled(xs.device.type):
         return None  # the op's backward would see autocast's mixed dtypes, which autograd alone undoes

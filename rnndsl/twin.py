@@ -15,25 +15,27 @@ from torch import Tensor
 
 
 def bound_view(cell, parameters: Optional[Sequence[Tensor]] = None, training: Optional[bool] = None,
-               buffers: Optional[Sequence[Tensor]] = None) -> types.SimpleNamespace:
+               buffers: Optional[Sequence[Tensor]] = None,
+               constants: Optional[Sequence[object]] = None) -> types.SimpleNamespace:
     """A cell as its generated methods read it (``self.weight``, ``self.hidden``,
-    ``self.training``), as plain attributes, with its parameters bound to ``parameters`` and its
-    buffers to ``buffers``, in declaration order (default: the cell's own now), and ``training``
-    (default: the cell's mode)."""
+    ``self.training``), as plain attributes, with its parameters bound to ``parameters``, its
+    buffers to ``buffers`` and its hyper-parameters to ``constants``, in declaration order
+    (default: the cell's own now), and ``training`` (default: the cell's mode)."""
     parameters = parameters_of(cell) if parameters is None else parameters
     buffers = buffers_of(cell) if buffers is None else buffers
-    constants = {name: getattr(cell, name) for name in cell._python_methods._constant_names}
+    constants = dict(zip(cell._python_methods._constant_names, constants_of(cell) if constants is None else constants))
     return types.SimpleNamespace(training=cell.training if training is None else training, **constants,
                                  **dict(zip(cell._buffer_names, buffers)), **dict(zip(cell._inits, parameters)))
 
 
 def eager_forward_sequence(cell, xs: Tensor, state: Sequence[Tensor], mask: Optional[Tensor],
                            parameters: Optional[Sequence[Tensor]] = None, training: Optional[bool] = None,
-                           inputs: Sequence[Tensor] = ()):
+                           inputs: Sequence[Tensor] = (), buffers: Optional[Sequence[Tensor]] = None,
+                           constants: Optional[Sequence[object]] = None):
     """A cell's ``forward_sequence`` run as plain Python on :func:`bound_view`: (outputs, final state);
     ``inputs`` are its other inputs, in declaration order."""
-    return cell._python_methods.forward_sequence(bound_view(cell, parameters, training), xs, tuple(state), mask,
-                                                 *inputs)
+    view = bound_view(cell, parameters, training, buffers, constants)
+    return cell._python_methods.forward_sequence(view, xs, tuple(state), mask, *inputs)
 
 
 def parameters_of(cell) -> List[Tensor]:
@@ -49,6 +51,11 @@ def named_parameters_of(cell) -> List[Tuple[str, Tensor]]:
     """The cell's parameters with their names, in declaration order, duplicates kept, as the cell's
     code reads them (a parametrized one computed)."""
     return [(name, getattr(cell, name)) for name in cell._inits]
+
+
+def constants_of(cell) -> Tuple[object, ...]:
+    """The hyper-parameters' values now (``cell.beta``), in the order of ``_constant_names``."""
+    return tuple(getattr(cell, name) for name in cell._python_methods._constant_names)
 
 
 def buffers_of(cell) -> List[Tensor]:
