@@ -558,7 +558,9 @@ class RecurrentNetwork(nn.Module):
                   for name, value in inputs.items()}
         final, outputs = (self.network(state, xs, mask, **inputs) if mask is not None
                           else self.network(state, xs, **inputs))
-        if self.save_hidden and not exporting:  # the traced state is not a tensor to keep
+        # Neither the traced state of an export nor the wrapped one of torch.func (vmap's batched
+        # tensor would fail the next plain call) is a tensor to keep.
+        if self.save_hidden and not exporting and not torch._C._are_functorch_transforms_active():
             # A copy: a final state may be a view of the whole output sequence (the parallel scan's
             # last step), which it would keep alive, and which AOTAutograd cannot replay as an alias.
             self._hidden = map_state(lambda t: t.detach().clone(), final)

@@ -344,3 +344,92 @@ def test_every_stock_cell_trains_under_cpu_autocast(name, backend):
         grads.append([p.grad for p in net.parameters()])
     for got, want in zip(*grads):
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+def _forward_mode_tangent(function, x: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor:
+    import torch.autograd.forward_ad as forward_ad
+    with forward_ad.dual_level():
+        return forward_ad.unpack_dual(function(forward_ad.make_dual(x, tangent))).tangent
+
+
+@pytest.mark.parametrize("name, options", [("lstm", {}), ("lstm", {"derived_backward": False}),
+                                           ("mingru", {}), ("gla", {})])
+def test_forward_mode_ad_outside_torch_func(name, options):
+    """TorchScript's optimized graphs drop forward-mode tangents after their first run (a zero
+    Jacobian from the second call), and rnndsl's autograd Functions have no jvp rule: under a dual
+    level the cells run plain ops, as under torch.func."""
+    torch.manual_seed(0)
+    reference = rnndsl.make_recurrent(name, 3, [4], backend="eager", save_hidden=False, scan="sequential").double()
+    ours = rnndsl.make_recurrent(name, 3, [4], save_hidden=False, **options).double()
+    ours.load_state_dict(reference.state_dict())
+    x, dx = torch.randn(5, 2, 3, dtype=torch.float64), torch.randn(5, 2, 3, dtype=torch.float64)
+    _, expected = torch.autograd.functional.jvp(lambda v: reference(v)[0], (x,), (dx,))
+    for _ in range(3):  # the first run of a TorchScript graph differs from the later, optimized ones
+        torch.testing.assert_close(_forward_mode_tangent(lambda v: ours(v)[0], x, dx), expected)
+    cell = ours.network.layers[0].cell
+    state = tuple(torch.zeros(2, size, dtype=torch.float64) for size in cell.state_sizes)
+    for _ in range(3):
+        torch.testing.assert_close(_forward_mode_tangent(lambda v: cell(state, v)[1], x[0], dx[0]),
+                                   _forward_mode_tangent(lambda v: reference.network.layers[0].cell(state, v)[1],
+                                                         x[0], dx[0]))
+
+
+def _attention_tables():
+    """attention_rnn (a buffer, `sharpness`) over time on the eager and script backends, same weights."""
+    torch.manual_seed(0)
+    eager = rnndsl.load_cell("attention_rnn").build(3, 4, backend="eager").double()
+    script = rnndsl.load_cell("attention_rnn").build(3, 4).double()
+    script.load_state_dict(eager.state_dict())
+    return [rnndsl.RecurrentTable(cell) for cell in (eager, script)]
+
+
+def test_a_buffer_swapped_for_a_tensor_needing_grad_gets_its_gradient():
+    """The derived backward gives buffers no gradient: functional_call with a buffer that needs one
+    takes autograd's loop (it gave None on the script backend)."""
+    xs, state = torch.randn(5, 2, 3, dtype=torch.float64), (torch.zeros(2, 4, dtype=torch.float64),)
+    found = []
+    for table in _attention_tables():
+        sharpness = table.cell.sharpness.clone().requires_grad_()
+        _, outputs = torch.func.functional_call(table, {"cell.sharpness": sharpness}, (state, xs))
+        outputs.square().sum().backward()
+        found.append(sharpness.grad)
+    assert found[1] is not None
+    torch.testing.assert_close(found[1], found[0])
+
+
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_the_backward_uses_the_forwards_buffers_and_hyper_parameters(create_graph):
+    """A buffer or hyper-parameter reassigned between forward and backward left autograd of the eager
+    loop unchanged but changed the script backend's gradient (its backward read them then)."""
+    xs, state = torch.randn(5, 2, 3, dtype=torch.float64), (torch.zeros(2, 4, dtype=torch.float64),)
+    for table in _attention_tables():
+        grads = []
+        for reassign in (False, True):
+            _, outputs = table(state, xs)
+            if reassign:
+                table.cell.sharpness = table.cell.sharpness * 5
+            grads.append(torch.autograd.grad(outputs.square().sum(), list(table.parameters()),
+                                             create_graph=create_graph))
+        table.cell.sharpness = table.cell.sharpness / 5
+        for before, after in zip(*grads):
+            torch.testing.assert_close(after, before)
+    torch.manual_seed(0)
+    cell = rnndsl.load_cell("lstm_cell_clip").build(3, 4, cell_clip=0.5).double()
+    state = (torch.zeros(2, 4, dtype=torch.float64),) * 2
+    grads = []
+    for reassign in (False, True):
+        outputs, _ = cell.forward_sequence(xs * 5, state)
+        if reassign:
+            cell.cell_clip = 3.0
+        grads.append(torch.autograd.grad(outputs.sum(), list(cell.parameters()), create_graph=create_graph))
+    for before, after in zip(*grads):
+        torch.testing.assert_close(after, before)
+
+
+def test_vmap_over_a_network_that_saves_its_state_leaves_the_next_call_working():
+    """vmap's batched final state used to be saved as the next call's start, which then failed."""
+    net = rnndsl.make_recurrent("gru", 3, [4]).double()
+    xs = torch.randn(3, 5, 2, 3, dtype=torch.float64)
+    batched = torch.func.vmap(lambda x: net(x)[0])(xs)
+    assert batched.shape == (3, 5, 2, 4)
+    torch.testing.assert_close(net(xs[0])[0], batched[0])  # from zeros: nothing saved under vmap
