@@ -262,7 +262,8 @@ class CellSpec:
                 kernel = nodes[node.inputs[0]].shape.dims
                 values = [dim.evaluate(sizes) for dim in kernel]
                 if any(value % 2 == 0 for value in values[2:]):
-                    named = ", ".join(f"{name}={sizes[name]}" for dim in kernel[2:] for name in dim.variables)
+                    names = dict.fromkeys(name for dim in kernel[2:] for name in dim.variables)  # once each
+                    named = ", ".join(f"{name}={sizes[name]}" for name in names)
                     raise ValueError(f"cell {self.name}: conv's kernel `{node.inputs[0]}` would have shape "
                                      f"{values}{f' with {named}' if named else ''}, but conv keeps height and "
                                      "width by padding half the kernel on each side: its sizes must be odd")
