@@ -249,3 +249,102 @@ def test_training_forward_keeps_tanh_relatively_accurate_for_tiny_arguments():
         expected, _ = cell.forward_sequence(xs, h)
     trained, _ = cell.forward_sequence(xs.requires_grad_(True), h)  # the derived backward's saving forward
     torch.testing.assert_close(trained, expected, rtol=1e-5, atol=0)
+
+
+GATES_3_2 = """
+cell c(x[input]) -> h {
+    state h[hidden]
+    param W1[hidden, input], W2[hidden, input]
+    param U1[hidden, hidden], U2[hidden, hidden], U3[hidden, hidden]
+    p = W1 @ x + U1 @ h
+    q = W2 @ x + U2 @ h
+    r = U3 @ h
+    h' = tanh(p) * sigmoid(q) + 0.1 * r
+}
+"""
+
+
+@pytest.mark.parametrize("disable", [(), ("cse",)])
+def test_the_derived_backward_of_gates_merged_beside_a_recurrent_only_product(disable):
+    """Three recurrent GEMMs merged, two of them also reading x: the input's gradient took the
+    merged buffer (3 * hidden wide) as the gradient of the two gates (2 * hidden), a shape error
+    whenever x needed a gradient (any layer above the first)."""
+    spec = load(GATES_3_2)
+    torch.manual_seed(0)
+    eager = spec.build(3, 4, backend="eager", disable=disable).double()
+    script = spec.build(3, 4, disable=disable).double()
+    script.load_state_dict(eager.state_dict())
+    xs, state = torch.randn(5, 2, 3, dtype=torch.float64), (torch.randn(2, 4, dtype=torch.float64),)
+    found = []
+    for cell in (eager, script):
+        x = xs.clone().requires_grad_()
+        outputs, _ = rnndsl.scan(cell, x, state)
+        found.append(torch.autograd.grad(outputs.square().sum(), [x, *cell.parameters()]))
+    for want, got in zip(*found):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("random", ["dropout(enc, 0.1)", "zoneout(tanh(enc), enc, 0.5)"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_random_ops_of_a_per_sequence_input_are_drawn_per_step(random, backend):
+    """A draw of a per-sequence value (no time axis) was made with the all-steps values and read
+    back one row per step: step t got example t's row, silently (batch > T), or an IndexError."""
+    spec = load_source("cell c(x[input], enc[hidden] per sequence) -> h {\n  state h[hidden]\n"
+                       f"  param W[hidden, input]\n  h' = tanh(W @ x + h) + {random}\n}}\n")["c"]
+    torch.manual_seed(0)
+    cell = spec.build(3, 4, backend=backend).double().eval()
+    xs, enc = torch.randn(3, 6, 3, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
+    state = (torch.zeros(6, 4, dtype=torch.float64),)
+    outputs, _ = rnndsl.scan(cell, xs, state, enc=enc)
+    stepped = []
+    for x in xs:
+        state, y = cell(state, x, enc=enc)
+        stepped.append(y)
+    torch.testing.assert_close(outputs, torch.stack(stepped))
+    cell.train()
+    assert rnndsl.scan(cell, torch.randn(9, 2, 3, dtype=torch.float64), (torch.zeros(2, 4, dtype=torch.float64),),
+                       enc=enc[:2])[0].shape == (9, 2, 4)  # T > batch: was an IndexError
+
+
+@pytest.mark.parametrize("text, message", [
+    ("cell c(x[input], mask[hidden]) -> h {\n  state h[hidden]\n  h' = h * mask\n}\n",
+     "`mask` cannot name an input besides the first"),
+    ("cell c(x[input], lengths[hidden]) -> h {\n  state h[hidden]\n  h' = h * lengths\n}\n",
+     "`lengths` cannot name an input besides the first"),
+    ("cell c(x[input]) -> y {\n  size heads = 2\n  state S[heads, hidden]\n  param W[hidden, input], "
+     "P[heads, hidden]\n  S' = tanh(S)\n  y = concat(S', P) @ (W @ x)\n}\n",
+     "concat stacks matrices that are parameters"),
+])
+def test_declarations_and_shapes_the_calls_could_not_take(text, message):
+    with pytest.raises(CellError, match=message):
+        load_source(text)
+
+
+@pytest.mark.parametrize("lines, build, message", [
+    (["hyper p = 0.5", "h' = tanh(W @ x + dropout(h, 2 * p + 0.25))"], {}, "has the probability 1.25"),
+    (["hyper p = 0.25", "h' = zoneout(tanh(W @ x), h, 1 - p)"], {"p": -0.5}, "has the probability 1.5"),
+    (["hyper tau = 4.0", "h' = h + (tanh(W @ x) - h) / tau"], {"tau": 0.0}, "divides by zero"),
+])
+def test_numbers_computed_from_hyper_parameters_are_checked_at_build(lines, build, message):
+    """A computed dropout probability failed at the first call (zoneout above 1 kept every old value,
+    silently); a division by a zero hyper-parameter gave inf in the loop, a ZeroDivisionError in the
+    parallel scan."""
+    with pytest.raises(ValueError, match=message):
+        load(cell_source(*lines)).build(3, 4, **build)
+
+
+def test_a_chunkwise_cell_takes_a_batch_of_no_sequence():
+    for name in ("gla", "mamba2"):
+        cell = rnndsl.load_cell(name).build(4, 4)
+        outputs, _ = rnndsl.scan(cell, torch.randn(3, 0, 4), tuple(torch.zeros(0, s) for s in cell.state_sizes))
+        assert outputs.shape == (3, 0, 4)
+
+
+def test_a_batch_first_network_quotes_a_wrong_per_step_input_in_the_callers_layout():
+    spec = load_source("cell c(x[input], u[extra]) -> h {\n  state h[hidden]\n  param W[hidden, input], "
+                       "V[hidden, extra]\n  h' = tanh(W @ x + V @ u + h)\n}\n")["c"]
+    net = rnndsl.make_recurrent(spec, 3, [4], extra=2, batch_first=True, save_hidden=False)
+    with pytest.raises(ValueError, match=r"input u: expected \(batch, T, n\) = \(2, 5, n\) with batch_first=True, "
+                                         r"got \(5, 2, 2\)"):
+        net(torch.randn(2, 5, 3), u=torch.randn(5, 2, 2))
+    assert net(torch.randn(2, 5, 3), u=torch.randn(2, 5, 2))[0].shape == (2, 5, 4)

@@ -290,7 +290,13 @@ class GradientSums:
             bases = {self.views.get(parts[key], (None,))[0] for key in order}
             if len(bases) == 1 and None not in bases and all(
                     self.views[parts[key]][1:] == key for key in order):
-                return bases.pop()  # the slices of one buffer, all of it in order: the buffer
+                base = bases.pop()  # the slices of one buffer, in order, from its start: the buffer
+                base_shape = dict(self.buffers.values())[base]
+                if base_shape.dims[0] == whole:
+                    return base
+                # The buffer is longer (it also holds the gradient of a product this value is not
+                # part of, say a third GEMM's merged beside two): its first `whole` entries.
+                return f"{base}.narrow({dim}, 0, {size_code(whole)})"
             local = self.names.fresh(*name)
             self.joins[local] = (block, len(block.lines), dim, [(parts[key],) + key for key in order])
             block.emit(f"{local} = torch.cat([{', '.join(parts[key] for key in order)}], {dim})")
