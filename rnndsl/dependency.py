@@ -31,8 +31,9 @@ def dependencies(graph: Graph) -> Dict[str, Dependence]:
     """What each node's value varies with.
 
     Random ops draw fresh noise at every step, so they never count as parameters only: one of
-    a batched value varies like the input (all steps' draws can be made at once); one of a
-    parameter-only value (no batch, no time axis) counts as STATE, a fresh draw per step.
+    a value read at every step varies like the input (all steps' draws can be made at once, over
+    its time axis); one of a value without a time axis (parameters only, or a per-sequence input's)
+    counts as STATE, a fresh draw per step.
     """
     found: Dict[str, Dependence] = {}
     for node in graph.nodes:
@@ -41,6 +42,6 @@ def dependencies(graph: Graph) -> Dict[str, Dependence]:
             continue
         dependence = max((found[name] for name in node.inputs), default=Dependence.PARAMETERS)
         if node.op.kind is OpKind.RANDOM:
-            dependence = max(dependence, Dependence.INPUT if node.shape.batched else Dependence.STATE)
+            dependence = Dependence.INPUT if dependence is Dependence.INPUT else Dependence.STATE
         found[node.name] = dependence
     return found
