@@ -229,6 +229,12 @@ class CellSpec:
                 if low > high:
                     refuse(node, "clamp", f"has its lower bound {low:g} above its upper bound {high:g}, which "
                                           f"makes every value {high:g}")
+            elif node.op is Op.DIV and node.inputs[1] in values and values[node.inputs[1]] == 0:
+                refuse(node, "a division", "divides by zero")  # the loop would give inf or nan, the parallel scan fail
+            elif node.op in PROBABILITY_OPS and node.inputs[-1] in values and not 0 <= values[node.inputs[-1]] <= 1:
+                # A computed probability (`2 * p + 0.25`): dropout would fail at the first call, zoneout
+                # above 1 would keep every old value, silently.
+                refuse(node, node.op.name.lower(), f"has the probability {values[node.inputs[-1]]:g}, outside [0, 1]")
 
     def input_size_reading(self, features: int, hidden_size: int, image_below: Tuple[int, ...] = (),
                            **hyper: float) -> int:

@@ -49,6 +49,10 @@ _CELL_ATTRIBUTES = {"input_size", "hidden_size", "output_size", "output_image", 
 # Sizes and hyper-parameters are set as keyword arguments of CellSpec.build(input_size, hidden_size,
 # backend, *, <the build options>, **hyper): they cannot share a name with its own arguments.
 BUILD_ARGUMENTS = frozenset(BUILD_POSITIONAL) | {field.name for field in dataclasses.fields(BuildOptions)}
+# The arguments of the calls that take a cell's other inputs by keyword (cell(state, x, ...),
+# forward_sequence(xs, state, mask, ...), scan(cell, xs, state, mask, ...), net(x, state, lengths, ...)):
+# an input of one of these names could not be passed.
+CALL_ARGUMENTS = frozenset({"self", "cell", "state", "x", "xs", "mask", "lengths"})
 
 
 def check_file(file: st.File) -> st.File:
@@ -124,6 +128,9 @@ def _check_declarations(cell: st.Cell) -> None:
         if what in ("parameter", "buffer", "size", "hyper-parameter") and name in _module_attributes():
             raise CellError(f"`{name}` cannot name {_article(what)}: it clashes with the attribute `{name}` "
                             "every cell module has", span, hint=_another_name(name))
+        if what == "input" and name in CALL_ARGUMENTS and span != cell.inputs[0].span:
+            raise CellError(f"`{name}` cannot name an input besides the first: the calls that take the others by "
+                            f"name have an argument `{name}` of their own", span, hint=_another_name(name))
         if what in ("size", "hyper-parameter") and name in BUILD_ARGUMENTS:
             raise CellError(f"`{name}` cannot name {_article(what)}: it is an argument of CellSpec.build, "
                             f"which could not set this {what}", span, hint=_another_name(name))

@@ -249,6 +249,9 @@ def _concat(node: Node, shapes: List[Shape]) -> Shape:
             total = total + s.dims[0]
         return Shape((total,), shapes[0].batched)
     if ranks == {2} and len({s.dims[1] for s in shapes}) == 1:
+        if any(s.batched for s in shapes):  # stacked parameter matrices only: the rows of a GEMM's weight
+            raise ShapeError("concat stacks matrices that are parameters (the rows of one weight), not per-example "
+                             "tensors: got " + ", ".join(_describe(s) for s in shapes))
         rows = Size()
         for s in shapes:
             rows = rows + s.dims[0]
