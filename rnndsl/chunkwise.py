@@ -77,7 +77,8 @@ def chunkwise_attention(q: Tensor, k: Tensor, v: Tensor, log_decay: Optional[Ten
     if pad:  # padded like masked steps: the state passes through them unchanged
         q, k, v, g = (torch.nn.functional.pad(t, (0, 0) * (t.dim() - 1) + (0, pad)) for t in (q, k, v, g))
     # (T, batch, heads, ...) -> (batch, heads, chunks, C, ...)
-    q, k, v = (t.permute(1, 2, 0, 3).reshape(batch, heads, count, size, -1) for t in (q, k, v))
+    # Sizes spelled out, not -1: a batch of 0 sequences leaves -1 undetermined.
+    q, k, v = (t.permute(1, 2, 0, 3).reshape(batch, heads, count, size, t.size(-1)) for t in (q, k, v))
     if per_key:
         g = g.permute(1, 2, 0, 3).reshape(batch, heads, count, size, keys)
     else:
@@ -93,10 +94,11 @@ def chunkwise_attention(q: Tensor, k: Tensor, v: Tensor, log_decay: Optional[Ten
     added = (k * torch.exp(last - cumulative)).transpose(-1, -2) @ v  # (batch, heads, chunks, key, value)
     carried = torch.exp(last).squeeze(3).unsqueeze(-1).expand(batch, heads, count, keys, values)
     # The chunk states in the state's dtype (under autocast the products come in low precision).
-    ends = linear_recurrence(carried.to(dtype).permute(2, 0, 1, 3, 4).reshape(count, batch, -1),
-                             added.to(dtype).permute(2, 0, 1, 3, 4).reshape(count, batch, -1),
-                             state.reshape(batch, -1))  # (chunks, batch, heads*key*value)
-    starts = torch.cat([state.reshape(1, batch, -1), ends[:-1]])
+    flat = heads * keys * values
+    ends = linear_recurrence(carried.to(dtype).permute(2, 0, 1, 3, 4).reshape(count, batch, flat),
+                             added.to(dtype).permute(2, 0, 1, 3, 4).reshape(count, batch, flat),
+                             state.reshape(batch, flat))  # (chunks, batch, heads*key*value)
+    starts = torch.cat([state.reshape(1, batch, flat), ends[:-1]])
     starts = starts.reshape(count, batch, heads, keys, values).permute(1, 2, 0, 3, 4)
     across = (q * torch.exp(cumulative)) @ starts  # (batch, heads, chunks, C, value)
     o = (inside + across).reshape(batch, heads, count * size, values)[:, :, :steps]
@@ -130,7 +132,7 @@ def _inside_per_key(q: Tensor, k: Tensor, v: Tensor, cumulative: Tensor, sub: in
     between = torch.exp((starts.unsqueeze(-2) - ends.unsqueeze(-3)).masked_fill(~earlier[:, :, None], float("-inf")))
     scores = (q_scaled.unsqueeze(-3) * between.unsqueeze(-2)) @ k_scaled.unsqueeze(-4).transpose(-1, -2)
     across = (scores @ v.unsqueeze(-4)).sum(-3)  # (..., i, sub, value)
-    return (same + across).reshape(*lead, size, -1)
+    return (same + across).reshape(*lead, size, v.shape[-1])
 
 
 def sequential_attention(q: Tensor, k: Tensor, v: Tensor, log_decay: Optional[Tensor], state: Tensor,

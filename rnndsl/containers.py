@@ -553,6 +553,11 @@ class RecurrentNetwork(nn.Module):
             check_state(state, sizes, getattr(self.network, "state_names", None), batch_size, xs,
                         "state" if given else "the init functions' state")
         per_step = per_step_inputs(self.network)
+        for name, value in inputs.items():  # quoted in the caller's layout, before it is transposed
+            if self.batch_first and name in per_step and isinstance(value, Tensor) and value.dim() == 3 \
+                    and tuple(value.shape[:2]) != (batch_size, steps):
+                raise ValueError(f"input {name}: expected (batch, T, n) = ({batch_size}, {steps}, n) with "
+                                 f"batch_first=True, got {tuple(value.shape)}")
         inputs = {name: out_of_autocast(value.transpose(0, 1) if self.batch_first and name in per_step
                                         and isinstance(value, Tensor) else value, carried)
                   for name, value in inputs.items()}
