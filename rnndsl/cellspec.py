@@ -202,15 +202,23 @@ class CellSpec:
         code computes them on Python floats) with these hypers: a ValueError naming the equation
         where one is not a finite number (`sqrt(k)` with k < 0, `1 / 0`, `exp(1000)`), which the
         eager backend would raise as a bare Python error at the first call and TorchScript would
-        carry on as nan or inf; or where a clamp's bounds are crossed (`clamp(c, -k, k)` with
-        k < 0), which makes every value its upper bound."""
+        carry on as nan or inf; where a clamp's bounds are crossed (`clamp(c, -k, k)` with
+        k < 0), which makes every value its upper bound; where a value is divided by a zero number;
+        or where a dropout or zoneout probability lies outside [0, 1]. Values that reach no result
+        (dead code, which the passes drop) are not checked."""
         def refuse(node: Node, what: str, problem: str) -> None:
             where = "" if node.span is None else f" at {node.span} (`{quoted_line(self.source, node.span)}`)"
             given = ", ".join(f"{name}={value!r}" for name, value in hypers.items())
             raise ValueError(f"cell {self.name}: {what}{where} {problem}" + (f" with {given}" if given else ""))
 
+        live = set(self.graph.results())
+        for node in reversed(self.graph.nodes):
+            if node.name in live:
+                live.update(node.inputs)
         values: Dict[str, float] = {}
         for node in self.graph.nodes:
+            if node.name not in live:
+                continue
             if node.op is Op.CONST:
                 values[node.name] = float(node.attr("value"))
             elif node.op is Op.HYPER:

@@ -348,3 +348,19 @@ def test_a_batch_first_network_quotes_a_wrong_per_step_input_in_the_callers_layo
                                          r"got \(5, 2, 2\)"):
         net(torch.randn(2, 5, 3), u=torch.randn(5, 2, 2))
     assert net(torch.randn(2, 5, 3), u=torch.randn(2, 5, 2))[0].shape == (2, 5, 4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zoneout_of_a_per_example_value_beside_a_per_step_one_draws_at_every_step(backend):
+    """`zoneout(enc, W @ x, p)`: the draw had the per-example value's shape, so the all-steps
+    form reused one draw at every step."""
+    spec = load_source("cell c(x[input], enc[hidden] per sequence) -> h {\n  state h[hidden]\n"
+                       "  param W[hidden, input]\n  h' = zoneout(enc, W @ x, 0.5) + 0 * h\n}\n")["c"]
+    cell = spec.build(3, 64, backend=backend).train()
+    outputs, _ = rnndsl.scan(cell, torch.ones(6, 2, 3), (torch.zeros(2, 64),), enc=torch.full((2, 64), 7.0))
+    kept = outputs == 7.0  # the units that kept enc at each step
+    assert not all(torch.equal(kept[0], step) for step in kept[1:])
+
+
+def test_a_division_in_dead_code_is_not_checked():
+    load(cell_source("hyper tau = 4.0", "k = h / tau", "h' = tanh(W @ x + h)")).build(3, 4, tau=0.0)

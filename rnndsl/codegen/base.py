@@ -78,7 +78,9 @@ def _concat(node: Node, args: List[str]) -> str:
 
 def _zoneout(node: Node, args: List[str]) -> str:
     new, old, p = args
-    return (f"torch.where(torch.rand_like({new}) < {p}, {old}, {new}) "
+    # Drawn at the shape of both: a per-example `new` beside a per-step `old` (all steps at once)
+    # must get a draw per step, not one reused at every step.
+    return (f"torch.where(torch.rand_like(torch.broadcast_tensors({new}, {old})[0]) < {p}, {old}, {new}) "
             f"if self.training else {new}")
 
 
