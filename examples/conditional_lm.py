@@ -118,8 +118,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
     # A window reads bptt + 1 characters from a random start: every part needs one more than that.
     shortest, name = min((len(part), name) for name, parts in zip(texts, zip(train, valid)) for part in parts)
     if shortest < args.bptt + 2:
+        hint = f"give --bptt {shortest - 2} or less, or fewer --topics" if shortest > 2 else "give fewer --topics"
         raise ValueError(f"--bptt {args.bptt} is too long for topic {name!r}, whose shorter part (training or "
-                         f"held out) has {shortest} characters: give --bptt {shortest - 2} or less, or fewer --topics")
+                         f"held out) has {shortest} characters: {hint}")
     print(f"{len(texts)} topics ({', '.join(texts)}), {sum(map(len, encoded)):,} characters, "
           f"{len(alphabet)} distinct")
     model = ConditionalLM(len(alphabet), len(texts), args)

@@ -262,7 +262,10 @@ def require_windows(source: Tensor, bptt: int, split: str, full_only: bool, hint
 
 def perplexity(loss: float) -> float:
     """``exp(loss)``; inf where a diverged run's loss is past float range, not an OverflowError."""
-    return math.exp(loss) if loss < 709.0 else math.inf
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
 
 
 def divide_lr_if_worse(optimizer: torch.optim.Optimizer, lr: float, previous: Optional[float],

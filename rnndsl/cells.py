@@ -425,9 +425,11 @@ class ScriptedCell(EagerCell):
     _script_kernel: Callable  # compile.script_kernel, set on each class by the compiler that made it
 
     def kernel(self, parameters: Optional[Sequence[Tensor]] = None,
-               buffers: Optional[Sequence[Tensor]] = None) -> torch.jit.RecursiveScriptModule:
-        """The TorchScript module, bound to this cell's hyper-parameters and mode, and to its
-        parameters and buffers now (or to ``parameters`` and ``buffers``, in declaration order)."""
+               buffers: Optional[Sequence[Tensor]] = None,
+               settings: Optional[Tuple[object, ...]] = None) -> torch.jit.RecursiveScriptModule:
+        """The TorchScript module, bound to this cell's mode and hyper-parameters, parameters and
+        buffers now (or to ``settings`` = (training, *hyper-parameters), ``parameters`` and
+        ``buffers``, in declaration order: the derived backward binds its forward's)."""
         if torch.jit.is_tracing():
             raise RuntimeError(f"cell {self.cell_name}: torch.jit.trace cannot follow a scripted cell's TorchScript "
                                "kernel, which is not a submodule; trace rnndsl.torchscript(model), where the cells are "
@@ -439,11 +441,12 @@ class ScriptedCell(EagerCell):
             self.__dict__["_kernel_parameters"] = [None] * len(self._inits)
             self.__dict__["_kernel_settings"] = ()
         # The mode and the hyper-parameters set after build (`cell.beta = 0.25`), pushed when they change.
-        settings = (self.training, *(getattr(self, name) for name in self._python_methods._constant_names))
+        if settings is None:
+            settings = (self.training, *(getattr(self, name) for name in self._python_methods._constant_names))
         if settings != self.__dict__["_kernel_settings"]:
-            kernel.train(self.training)
-            for name in self._python_methods._constant_names:
-                setattr(kernel, name, getattr(self, name))
+            kernel.train(settings[0])
+            for name, value in zip(self._python_methods._constant_names, settings[1:]):
+                setattr(kernel, name, value)
             self.__dict__["_kernel_settings"] = settings
         for index, name in enumerate(self._buffer_names):  # `.to()` replaces a buffer's tensor: bound again by identity
             current = getattr(self, name) if buffers is None else buffers[index]

@@ -379,8 +379,7 @@ class ZeroState:
         tensor = torch.zeros(batch_size, sizes, dtype=dtype, device=device)
         if self.hinitfun is None:
             return tensor
-        with torch.no_grad():
-            made = self.hinitfun(tensor)
+        made = self.hinitfun(tensor)  # not under no_grad: a returned state may be learnt (h0.expand_as(t))
         if made is None or made is tensor:
             return tensor
         # A function that returns a new tensor (not in place) means that tensor; one of another

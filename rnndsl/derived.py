@@ -60,27 +60,14 @@ class DerivedSequence(torch.autograd.Function):
         need_input_grad = bool(ctx.needs_input_grad[1])
         inputs = [list(tensors[tensor_count - input_count:])] if input_count else []
         # grad_params ends with the other inputs' gradients, as tensors ends with them.
-        grad_xs, grad_state, grad_params = _kernel_as_at_forward(ctx, buffers)._c._get_method("backward_sequence")(
+        kernel = ctx.cell.kernel(buffers=buffers, settings=(ctx.training, *ctx.constants))  # the forward's
+        grad_xs, grad_state, grad_params = kernel._c._get_method("backward_sequence")(
             xs, mask, list(tensors[state_count:tensor_count - input_count]), saved,
             [g.contiguous() for g in grads[:output_count]], [g.contiguous() for g in grads[output_count:]],
             need_input_grad, *inputs)
         grad_xs, *rest = _in_memory_of_their_own([grad_xs if need_input_grad else None, *grad_state,
                                                    *grad_params])
         return (None, grad_xs, None, None, *rest)
-
-
-def _kernel_as_at_forward(ctx, buffers: Sequence[Tensor]):
-    """The cell's TorchScript kernel with the forward's buffers, hyper-parameters and mode; the cell's
-    next call of ``kernel()`` binds its own again (they are pushed when they differ from the kernel's)."""
-    cell = ctx.cell
-    kernel = cell.kernel(buffers=buffers)
-    settings = (ctx.training, *ctx.constants)
-    if settings != cell.__dict__["_kernel_settings"]:
-        kernel.train(ctx.training)
-        for name, value in zip(cell._python_methods._constant_names, ctx.constants):
-            setattr(kernel, name, value)
-        cell.__dict__["_kernel_settings"] = settings
-    return kernel
 
 
 def _in_memory_of_their_own(grads: Sequence[Optional[Tensor]]) -> List[Optional[Tensor]]:

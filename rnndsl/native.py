@@ -146,9 +146,10 @@ class NativeLayer(RecurrentTable):
         # cell's own loop too.
         # torch.export: the cell's generated code, one loop node valid at any length (torch's kernel
         # would fix the program at the example's length, and packs lengths as data).
+        # Under torch.compile a mask's values are unknown while tracing: any mask takes the loop.
         if has_step_hooks(self.cell) or torch.compiler.is_exporting() or \
-                (mask is not None and not torch.compiler.is_compiling()
-                 and (first_gap(mask) is not None or not bool(mask[0].all()))):
+                (mask is not None and (torch.compiler.is_compiling() or first_gap(mask) is not None
+                                       or not bool(mask[0].all()))):
             outputs, final = scan(self.cell, xs, tuple(state), mask)
             return final, outputs
         weights = [getattr(self.cell, self.names[name]) for name in PARAMETER_NAMES]

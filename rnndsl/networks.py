@@ -169,9 +169,10 @@ def _initialize_weights(network: nn.Module, winitfun: Optional[Callable[[nn.Modu
     try:
         winitfun(network)
     except AttributeError as error:
-        if getattr(winitfun, "__module__", None) != "torch.nn.init":
+        function = getattr(winitfun, "func", winitfun)  # functools.partial(torch.nn.init.uniform_, ...)
+        if getattr(function, "__module__", None) != "torch.nn.init":
             raise
-        name = getattr(winitfun, "__name__", "it")
+        name = getattr(function, "__name__", "it")
         raise ValueError(f"winitfun is called with the whole network, as rnnlib's is, and {name} takes one "
                          f"tensor; give lambda network: [torch.nn.init.{name}(p) for p in network.parameters() "
                          f"if p.dim() > 1]") from error

@@ -182,15 +182,16 @@ def exported_python_scan(cell: torch.nn.Module, xs: Tensor, state: State,
     named = dict(itertools.chain(cell.named_parameters(), cell.named_buffers()))
     keep_seq = mask if mask is not None else xs.new_ones(xs.shape[:2], dtype=torch.bool)
 
-    several = []  # whether the cell gives a tuple of outputs, learnt at the (one) trace of the step
+    # Whether the cell gives a tuple of outputs, from one step outside the loop (the program drops
+    # it): the loop's body may not record it, which dynamo (strict=True) refuses as a side effect.
+    several = isinstance(cell(state, xs[0])[1], tuple)
 
     def one_step(carry, step_inputs, invariants):
         x, keep = step_inputs[0], step_inputs[1].unsqueeze(1)
         new_state, output = torch.func.functional_call(cell, dict(zip(named, invariants)), (tuple(carry), x))
-        several[:] = [isinstance(output, tuple)]
         # Fresh tensors, as scan requires (an output may be a state, or the input itself).
         return ([torch.where(keep, new, old) for new, old in zip(new_state, carry)],
-                [torch.where(keep, o, 0) for o in (output if several[0] else (output,))])
+                [torch.where(keep, o, 0) for o in (output if several else (output,))])
 
     final, outputs = time_scan(one_step, list(state), [xs, keep_seq], list(named.values()))
-    return (tuple(outputs) if several[0] else outputs[0]), tuple(final)
+    return (tuple(outputs) if several else outputs[0]), tuple(final)

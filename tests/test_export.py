@@ -387,3 +387,34 @@ def test_an_exported_bidirectional_layer_refuses_a_mask_with_a_gap_when_it_runs(
     gapped = torch.tensor([[True, True], [False, True], [True, True]])
     with pytest.raises(RuntimeError, match="Bidirectional needs a mask True on a prefix"):
         program.module()(torch.ones(3, 2, 3), gapped)
+
+
+class _TwoOutputUserCell(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3, 4)
+
+    def forward(self, state, x):
+        h = torch.tanh(self.linear(x) + state[0])
+        return (h,), (h, 2 * h)
+
+
+class _ScanUserCell(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.cell = _TwoOutputUserCell()
+
+    def forward(self, xs, h):
+        outputs, final = rnndsl.scan(self.cell, xs, (h,))
+        return outputs, final[0]
+
+
+def test_a_user_cell_with_two_outputs_exports_strictly():
+    """The loop body recorded whether the cell gave several outputs, a side effect dynamo refuses."""
+    module = _ScanUserCell().double()
+    xs, h = torch.randn(5, 2, 3, dtype=F64), torch.zeros(2, 4, dtype=F64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(module, (xs, h), dynamic_shapes=({0: _sequence_length(2)}, None), strict=True)
+    xs = torch.randn(8, 2, 3, dtype=F64)
+    _assert_same(program.module()(xs, h), module(xs, h))

@@ -673,3 +673,20 @@ def test_setup_recurrent_carries_no_state_through_a_bidirectional_layer_by_defau
     assert forward_only.save_hidden and not both.save_hidden
     xs = torch.randn(3, 2, 3)
     torch.testing.assert_close(both(xs)[0], both(xs)[0])
+
+
+def test_a_hidden_init_function_may_return_a_learnt_state():
+    h0 = torch.zeros(4, requires_grad=True)
+    net = make_recurrent("gru", 3, [4], save_hidden=False, hinitfun=lambda t: h0.expand_as(t))
+    net(torch.randn(5, 2, 3))[0].sum().backward()
+    assert h0.grad is not None and h0.grad.abs().sum() > 0
+
+
+def test_the_native_layer_under_torch_compile_runs_a_mask_with_a_gap_as_the_cells_loop():
+    torch.manual_seed(0)
+    native = make_recurrent("gru", 4, [5], backend="native", save_hidden=False)
+    xs, state = torch.randn(4, 2, 4), ((torch.randn(2, 5),),)
+    mask = torch.tensor([[True, True], [False, True], [True, True], [True, False]])
+    expected = rnndsl.scan(native.network.layers[0].cell, xs, state[0], mask)[0]
+    compiled = torch.compile(lambda s, x, m: native.network(s, x, m)[1], backend="eager")
+    torch.testing.assert_close(compiled(state, xs, mask), expected)
