@@ -28,8 +28,9 @@ class BuildOptions:
     """How a cell is compiled and run.
 
     ``disable``: passes to switch off (rnndsl.passes.PASS_NAMES), one name or several.
-    ``fixed_dropout_mask``: in ``forward_sequence``, each ``dropout`` of a value that depends
-    on a state draws one mask per sequence instead of one per step.
+    ``fixed_dropout_mask``: in ``forward_sequence``, each ``dropout`` drawn in the loop (of a value
+    that depends on a state, or has no time axis: parameters, a per-sequence input) draws one mask
+    per sequence instead of one per step.
     ``scan``: ``"parallel"`` runs ``forward_sequence`` as a parallel scan (only for cells
     linear in their state), ``"sequential"`` as a time loop, ``"auto"`` picks the parallel
     scan where it applies.
