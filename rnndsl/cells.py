@@ -28,6 +28,7 @@ from .errors import CellWarning
 from .ir import Op
 from .options import BuildOptions
 from .scan import check_mask, check_not_empty, zero_padded_steps
+from .twin import constants_of
 
 if TYPE_CHECKING:
     from .cellspec import CellSpec
@@ -442,7 +443,7 @@ class ScriptedCell(EagerCell):
             self.__dict__["_kernel_settings"] = ()
         # The mode and the hyper-parameters set after build (`cell.beta = 0.25`), pushed when they change.
         if settings is None:
-            settings = (self.training, *(getattr(self, name) for name in self._python_methods._constant_names))
+            settings = (self.training, *constants_of(self))
         if settings != self.__dict__["_kernel_settings"]:
             kernel.train(settings[0])
             for name, value in zip(self._python_methods._constant_names, settings[1:]):

@@ -30,6 +30,7 @@ from .ir import MAX_DIMENSION, Graph, Node, Op, Size
 from .lower import lower, size_of
 from .native import NATIVE_MODES, PARAMETER_NAMES, run_native
 from .native_match import MATCH_DISABLE, match_native
+from .passes.dead_code import live_names
 from .ops import PROBABILITY_OPS
 from .options import CELL_BACKENDS, BuildOptions, Passes
 from .resources import stock_cell_names, stock_cells_dir
@@ -211,10 +212,7 @@ class CellSpec:
             given = ", ".join(f"{name}={value!r}" for name, value in hypers.items())
             raise ValueError(f"cell {self.name}: {what}{where} {problem}" + (f" with {given}" if given else ""))
 
-        live = set(self.graph.results())
-        for node in reversed(self.graph.nodes):
-            if node.name in live:
-                live.update(node.inputs)
+        live = live_names(self.graph)
         values: Dict[str, float] = {}
         for node in self.graph.nodes:
             if node.name not in live:
