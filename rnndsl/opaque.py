@@ -11,7 +11,9 @@ backward is ``rnndsl::sequence_backward``, the kernel's ``backward_sequence``. I
 compiles the code around the op; the op itself is the fast loop, compiled once whatever T.
 
 A custom op takes tensors and numbers, not modules: the cell travels as its ``id``, looked
-up in :data:`_live_cells` (cells register themselves when built or unpickled), and its
+up in :data:`_live_cells` (cells register themselves when built or unpickled), its mode and
+hyper-parameters as numbers (dynamo reads them when it traces, so the backward runs with the
+forward's, as autograd of the loop does, and a new value compiles again), and its
 parameters and buffers as the op's inputs, the buffers without a gradient: the op's methods
 read only the tensors it is given, so its fake run sees fake tensors, never the module's real ones. The op's
 shapes for the compiler (its "fake" implementation) come from the cell's Python twin run
@@ -35,7 +37,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .twin import bound_view
+from .twin import bound_view, constants_of
 
 _live_cells: "weakref.WeakValueDictionary[int, torch.nn.Module]" = weakref.WeakValueDictionary()
 
@@ -53,12 +55,30 @@ def _cell(cell_id: int) -> torch.nn.Module:
                            "compile the model again (torch._dynamo.reset())") from None
 
 
-def _method(cell, name: str, params: List[Tensor], buffers: List[Tensor]):
-    """A generated method of ``cell`` bound to ``params`` and ``buffers``: the TorchScript kernel's
-    for a scripted cell, the plain Python one for an eager cell."""
+def settings_of(cell) -> List[float]:
+    """The cell's mode and hyper-parameters now, as the ops take them: [training, *hyper-parameters]."""
+    return [float(cell.training), *(float(value) for value in constants_of(cell))]
+
+
+def _typed(cell, settings: List[float]) -> Tuple[bool, Tuple[object, ...]]:
+    """``settings`` back as (training, hyper-parameters) of the types the cell holds (TorchScript
+    attributes keep the type they were built with)."""
+    return bool(settings[0]), tuple(type(now)(value) for now, value in zip(constants_of(cell), settings[1:]))
+
+
+def _view(cell, params: List[Tensor], buffers: List[Tensor], settings: List[float]):
+    training, constants = _typed(cell, settings)
+    return bound_view(cell, params, training=training, buffers=buffers, constants=constants)
+
+
+def _method(cell, name: str, params: List[Tensor], buffers: List[Tensor], settings: List[float]):
+    """A generated method of ``cell`` bound to ``params``, ``buffers`` and ``settings`` (see
+    :func:`settings_of`): the TorchScript kernel's for a scripted cell, the plain Python one for
+    an eager cell."""
     if hasattr(cell, "kernel"):
-        return cell.kernel(params, buffers)._c._get_method(name)
-    return functools.partial(getattr(cell._python_methods, name), bound_view(cell, params, buffers=buffers))
+        training, constants = _typed(cell, settings)
+        return cell.kernel(params, buffers, settings=(training, *constants))._c._get_method(name)
+    return functools.partial(getattr(cell._python_methods, name), _view(cell, params, buffers, settings))
 
 
 def _distinct(results: Sequence[Tensor], inputs: Sequence[Optional[Tensor]]) -> List[Tensor]:
@@ -83,23 +103,24 @@ def _distinct(results: Sequence[Tensor], inputs: Sequence[Optional[Tensor]]) -> 
 
 @torch.library.custom_op("rnndsl::sequence", mutates_args=())
 def sequence(cell_id: int, xs: Tensor, mask: Optional[Tensor], state: List[Tensor], params: List[Tensor],
-             buffers: List[Tensor], saving: bool) -> List[Tensor]:
+             buffers: List[Tensor], settings: List[float], saving: bool) -> List[Tensor]:
     """The cell's outputs, then its final state, then (when ``saving``) what its backward reads, flat."""
     cell = _cell(cell_id)
     if saving:
-        outputs, final, saved = _method(cell, "forward_sequence_saving", params, buffers)(
+        outputs, final, saved = _method(cell, "forward_sequence_saving", params, buffers, settings)(
             xs, tuple(state), mask, params)
     else:
-        outputs, final = _method(cell, "forward_sequence", params, buffers)(xs, tuple(state), mask)
+        outputs, final = _method(cell, "forward_sequence", params, buffers, settings)(xs, tuple(state), mask)
         outputs, saved = (list(outputs) if isinstance(outputs, tuple) else [outputs]), []
     return _distinct([*outputs, *final, *saved], [xs, mask, *state, *params, *buffers])
 
 
 @sequence.register_fake
 def _sequence_shapes(cell_id: int, xs: Tensor, mask: Optional[Tensor], state: List[Tensor],
-                     params: List[Tensor], buffers: List[Tensor], saving: bool) -> List[Tensor]:
+                     params: List[Tensor], buffers: List[Tensor], settings: List[float],
+                     saving: bool) -> List[Tensor]:
     cell = _cell(cell_id)
-    one, two = (_twin_results(cell, xs, mask, state, params, buffers, saving, steps) for steps in (1, 2))
+    one, two = (_twin_results(cell, xs, mask, state, params, buffers, settings, saving, steps) for steps in (1, 2))
     steps = xs.size(0)
     # A result that grows with the length is per step: (T, ...) at the real length.
     return [a.new_empty((steps, *a.shape[1:])) if a.dim() and b.dim() and a.size(0) == 1 and b.size(0) == 2
@@ -107,10 +128,10 @@ def _sequence_shapes(cell_id: int, xs: Tensor, mask: Optional[Tensor], state: Li
 
 
 def _twin_results(cell, xs: Tensor, mask: Optional[Tensor], state: List[Tensor], params: List[Tensor],
-                  buffers: List[Tensor], saving: bool, steps: int) -> List[Tensor]:
+                  buffers: List[Tensor], settings: List[float], saving: bool, steps: int) -> List[Tensor]:
     """What :func:`sequence` returns, computed by the cell's Python twin for ``steps`` steps (on fake
     tensors: only the shapes count, so a sequence of one step gives two as well)."""
-    view = bound_view(cell, params, buffers=buffers)
+    view = _view(cell, params, buffers, settings)
     xs = xs.new_empty((steps, *xs.shape[1:]))
     mask = None if mask is None else mask.new_empty((steps, *mask.shape[1:]))
     # Grad mode on: the twin's products then take torch's matmul, which fake tensors support.
@@ -124,10 +145,11 @@ def _twin_results(cell, xs: Tensor, mask: Optional[Tensor], state: List[Tensor],
 
 @torch.library.custom_op("rnndsl::sequence_backward", mutates_args=())
 def sequence_backward(cell_id: int, xs: Tensor, mask: Optional[Tensor], params: List[Tensor], buffers: List[Tensor],
-                      saved: List[Tensor], grad_outputs: List[Tensor], grad_state: List[Tensor],
-                      need_input_grad: bool) -> List[Tensor]:
-    """The gradients of xs (an empty tensor when not needed), of the initial state and of the parameters."""
-    grad_xs, grad_initial, grad_params = _method(_cell(cell_id), "backward_sequence", params, buffers)(
+                      settings: List[float], saved: List[Tensor], grad_outputs: List[Tensor],
+                      grad_state: List[Tensor], need_input_grad: bool) -> List[Tensor]:
+    """The gradients of xs (an empty tensor when not needed), of the initial state and of the
+    parameters, with the forward's buffers and ``settings``."""
+    grad_xs, grad_initial, grad_params = _method(_cell(cell_id), "backward_sequence", params, buffers, settings)(
         xs, mask, params, saved, [g.contiguous() for g in grad_outputs], [g.contiguous() for g in grad_state],
         need_input_grad)
     grad_xs = grad_xs if need_input_grad else xs.new_empty(0)
@@ -137,16 +159,18 @@ def sequence_backward(cell_id: int, xs: Tensor, mask: Optional[Tensor], params: 
 
 @sequence_backward.register_fake
 def _sequence_backward_shapes(cell_id: int, xs: Tensor, mask: Optional[Tensor], params: List[Tensor],
-                              buffers: List[Tensor], saved: List[Tensor], grad_outputs: List[Tensor],
+                              buffers: List[Tensor], settings: List[float], saved: List[Tensor],
+                              grad_outputs: List[Tensor],
                               grad_state: List[Tensor], need_input_grad: bool) -> List[Tensor]:
     grad_xs = xs.new_empty(xs.shape) if need_input_grad else xs.new_empty(0)
     return [grad_xs, *(g.new_empty(g.shape) for g in grad_state), *(p.new_empty(p.shape) for p in params)]
 
 
 def _setup_context(ctx, inputs: Tuple, output: List[Tensor]) -> None:
-    cell_id, xs, mask, state, params, buffers, saving = inputs
+    cell_id, xs, mask, state, params, buffers, settings, saving = inputs
     outputs = _cell(cell_id)._python_methods._output_count
-    ctx.cell_id, ctx.counts = cell_id, (outputs, len(state), len(params), len(buffers))
+    # The backward runs with the forward's mode and hyper-parameters, as autograd of the loop does.
+    ctx.cell_id, ctx.settings, ctx.counts = cell_id, settings, (outputs, len(state), len(params), len(buffers))
     ctx.result_shapes = [r.shape for r in output[:outputs + len(state)]]
     ctx.need_input_grad = xs.requires_grad
     ctx.save_for_backward(xs, mask, *params, *buffers, *output[outputs + len(state):])
@@ -159,10 +183,10 @@ def _backward(ctx, grads: List[Optional[Tensor]]):
     buffers, saved = rest[:buffer_count], rest[buffer_count:]
     like = xs.new_zeros  # a result nothing used gets a zero gradient, as the derived backward expects
     grads = [g if g is not None else like(shape) for g, shape in zip(grads, ctx.result_shapes)]
-    results = sequence_backward(ctx.cell_id, xs, mask, list(params), list(buffers), list(saved), grads[:outputs],
-                                grads[outputs:outputs + states], ctx.need_input_grad)
+    results = sequence_backward(ctx.cell_id, xs, mask, list(params), list(buffers), ctx.settings, list(saved),
+                                grads[:outputs], grads[outputs:outputs + states], ctx.need_input_grad)
     grad_xs = results[0] if ctx.need_input_grad else None
-    return None, grad_xs, None, results[1:1 + states], results[1 + states:], [None] * len(buffers), None
+    return None, grad_xs, None, results[1:1 + states], results[1 + states:], [None] * len(buffers), None, None
 
 
 sequence.register_autograd(_backward, setup_context=_setup_context)
@@ -171,7 +195,7 @@ sequence.register_autograd(_backward, setup_context=_setup_context)
 def forward_sequence(cell, xs: Tensor, state: Sequence[Tensor], mask: Optional[Tensor], params: List[Tensor],
                      buffers: List[Tensor], saving: bool):
     """``forward_sequence`` of ``cell`` through :func:`sequence`: (outputs, final state)."""
-    results = torch.ops.rnndsl.sequence(id(cell), xs, mask, list(state), params, buffers, saving)
+    results = torch.ops.rnndsl.sequence(id(cell), xs, mask, list(state), params, buffers, settings_of(cell), saving)
     outputs, states = cell._python_methods._output_count, len(state)
     final = tuple(results[outputs:outputs + states])
     return (results[0] if outputs == 1 else tuple(results[:outputs])), final

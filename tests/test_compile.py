@@ -198,3 +198,32 @@ def test_a_parametrized_cell_compiles():
     net = rnndsl.make_recurrent("lstm", 3, [4], save_hidden=False).double()
     torch.nn.utils.parametrizations.weight_norm(net.network.layers[0].cell, "weight_hh")
     _compare(net, _network, (torch.randn(5, 2, 3, dtype=F64), None))
+
+
+@pytest.mark.parametrize("backend", ["script", "eager"])
+def test_the_compiled_backward_uses_the_forwards_hyper_parameters(backend):
+    """A hyper-parameter changed between a compiled forward and its backward changed the gradient:
+    the op's backward read it when it ran. Autograd of the eager loop keeps the forward's."""
+    torch.manual_seed(0)
+    spec = rnndsl.load_source("""
+        cell clipped(x[input]) -> h {
+            state h[hidden]
+            param W[hidden, input], U[hidden, hidden]
+            hyper clip = 0.5
+            hyper p = 0.5
+            h' = dropout(clamp(tanh(W @ x + U @ h) * 3, -clip, clip), p)
+        }""")["clipped"]
+    cell = spec.build(3, 4, backend=backend).double().eval()  # training with dropout takes autograd's loop
+    xs, state = torch.randn(6, 2, 3, dtype=F64), (torch.zeros(2, 4, dtype=F64),)
+    run = torch.compile(lambda xs, state: cell.forward_sequence(xs, state)[0], backend="aot_eager", fullgraph=True)
+    grads = []
+    for changed in (False, True):
+        outputs = run(xs, state)
+        if changed:
+            cell.clip = 3.0
+        grads.append(torch.autograd.grad(outputs.square().sum(), list(cell.parameters())))
+        cell.clip = 0.5
+    for before, after in zip(*grads):
+        torch.testing.assert_close(after, before, **TOL)
+    cell.clip = 3.0  # a new value is read by the next compiled call
+    torch.testing.assert_close(run(xs, state), cell.forward_sequence(xs, state)[0], **TOL)
