@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 import os
 import stat
 import warnings
@@ -38,6 +39,16 @@ from .syntax import MAX_FILE_BYTES, decode, parse
 
 # All the parameters of one cell: 2**36 float32 numbers are 256 GiB, more than any accelerator holds.
 MAX_ELEMENTS = 2**36
+
+
+def positive_size(value: object) -> Optional[int]:
+    """``value`` as a Python int when it is a positive integer of any kind (``numpy.int64``, a 0-d
+    integer tensor: what a config file or ``x.shape`` gives), else None (a bool, a float, below 1)."""
+    try:
+        number = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        return None
+    return number if number is not None and number >= 1 else None
 
 
 class CellSpec:
@@ -139,14 +150,16 @@ class CellSpec:
         torch.export keeps valid for any sequence length (rnndsl/codegen/scan.py)."""
         return scan_source(self.graph, BuildOptions(disable))
 
-    def _check_size(self, what: str, value: object) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    def _checked_size(self, what: str, value: object) -> int:
+        number = positive_size(value)
+        if number is None:
             raise ValueError(f"{self.name}: {what} must be a positive integer, got {value!r}")
+        return number
 
     def bind(self, input_size: int, hidden_size: int, **hyper: float) -> Tuple[Dict[str, int], Dict[str, float]]:
         """Size variables and hyper-parameters for a build, checked."""
-        for what, value in (("input_size", input_size), ("hidden_size", hidden_size)):
-            self._check_size(what, value)
+        input_size = self._checked_size("input_size", input_size)
+        hidden_size = self._checked_size("hidden_size", hidden_size)
         sizes: Dict[str, int] = {"input": input_size, "hidden": hidden_size}
         hypers = self.hypers
         for key, value in hyper.items():
@@ -156,8 +169,7 @@ class CellSpec:
                     raise ValueError(f"cell {self.name}: hyper-parameter {key} {problem}")
                 hypers[key] = float(value)
             elif key in self.sizes and key not in sizes:
-                self._check_size(f"size {key}", value)
-                sizes[key] = value
+                sizes[key] = self._checked_size(f"size {key}", value)
             else:
                 known = sorted(set(hypers) | (set(self.sizes) - {"input", "hidden"}))
                 raise TypeError(f"cell {self.name} has no hyper-parameter or size {key!r}"
@@ -334,8 +346,9 @@ class CellSpec:
                              "(networks also offer 'native' and 'auto')")
         options = BuildOptions(disable, fixed_dropout_mask, scan, derived_backward)
         sizes, hypers = self.bind(input_size, hidden_size, **hyper)
-        recipe = Recipe(self.source, self.path, self.name, input_size, hidden_size, backend, options,
-                        tuple(sorted(hyper.items())), tuple(hypers))
+        given = {key: hypers[key] if key in hypers else sizes[key] for key in hyper}  # as Python numbers
+        recipe = Recipe(self.source, self.path, self.name, sizes["input"], sizes["hidden"], backend, options,
+                        tuple(sorted(given.items())), tuple(hypers))
         cls = self.cell_class(options, backend)
         cell = cls(self, sizes, hypers, cls.generated_source)
         cell._recipe = recipe  # what pickling needs to make the cell again

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from .autograd_modes import autocast_enabled, plain_ops_needed
-from .cellspec import CellSpec, load_cell, load_stock_cell
+from .cellspec import CellSpec, load_cell, load_stock_cell, positive_size
 from .containers import Bidirectional, RecurrentNetwork, RecurrentTable, SequenceTable, ZeroState, setup_recurrent
 from .errors import did_you_mean
 from .options import BuildOptions
@@ -122,9 +122,10 @@ def _make(cell, input_size: int, hids: Sequence[int], *, bidirectional: bool,
     if isinstance(hids, (str, bytes)) or not isinstance(hids, Iterable):
         example = f"; for one layer of {hids}, write [{hids}]" if isinstance(hids, int) else ""
         raise TypeError(f"hids must be a list of hidden sizes, one per layer, got {hids!r}{example}")
-    hids = list(hids)
-    if not hids or any(not isinstance(h, int) or h < 1 for h in hids):
-        raise ValueError(f"hids must be a non-empty list of positive sizes, got {hids}")
+    sizes = [positive_size(h) for h in hids]
+    if not sizes or None in sizes:
+        raise ValueError(f"hids must be a non-empty list of positive sizes, got {list(hids)}")
+    hids = sizes
     if isinstance(cell, list):  # one cell per layer
         if len(cell) != len(hids):
             raise ValueError(f"{len(cell)} cells for {len(hids)} layers: give one cell per entry of hids")

@@ -172,6 +172,24 @@ def test_one_hidden_size_instead_of_a_list_is_refused():
         make_recurrent("lstm", INPUT, 16)
 
 
+def test_sizes_of_any_integer_type_build_and_others_are_refused():
+    """``numpy.int64`` and 0-d integer tensors (what ``x.shape``, numpy or a config gives) were refused
+    as "must be a positive integer"; they are integers, kept as Python ints in the recipe."""
+    import pickle
+
+    import numpy as np
+    cell = rnndsl.load_cell("lstm").build(np.int64(INPUT), torch.tensor(HIDDEN))
+    assert type(cell._recipe.input_size) is int and type(cell._recipe.hidden_size) is int
+    assert pickle.loads(pickle.dumps(cell)).weight_hh.shape == (4 * HIDDEN, HIDDEN)
+    net = make_recurrent("gru", np.int64(INPUT), np.array([HIDDEN, 2]))
+    assert net(torch.randn(T, BATCH, INPUT))[0].shape == (T, BATCH, 2)
+    for bad in (True, 2.0, 0, "4"):
+        with pytest.raises(ValueError, match="lstm: hidden_size must be a positive integer, got"):
+            rnndsl.load_cell("lstm").build(INPUT, bad)
+        with pytest.raises(ValueError, match="hids must be a non-empty list of positive sizes"):
+            make_recurrent("gru", INPUT, [HIDDEN, bad])
+
+
 def test_a_built_cell_instead_of_a_spec_is_refused():
     cell = rnndsl.load_cell("lstm").build(INPUT, HIDDEN)
     with pytest.raises(TypeError, match=r"cell must be a stock cell name, a path to a .cell file or a CellSpec, "
