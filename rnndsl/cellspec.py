@@ -26,7 +26,7 @@ from .check import check_file, hyper_value_problem, input_sizes
 from .compile import (backward_source, cached, cell_class, compile_lock, generated_class, fused_sources, optimized,
                       parallel_plan, scan_source, step_source)
 from .codegen.base import NUMBER_EMITTERS
-from .errors import CellError, CellWarning, Span, quoted_line
+from .errors import CellError, CellWarning, Span, quoted_line, quoted_text
 from .ir import MAX_DIMENSION, Graph, Node, Op, Size
 from .lower import lower, size_of
 from .native import NATIVE_MODES, PARAMETER_NAMES, run_native
@@ -224,6 +224,10 @@ class CellSpec:
             given = ", ".join(f"{name}={value!r}" for name, value in hypers.items())
             raise ValueError(f"cell {self.name}: {what}{where} {problem}" + (f" with {given}" if given else ""))
 
+        def number(node: Node) -> str:  # as the file spells it: the IR's names (`sqrt_1`) mean nothing there
+            text = None if node.span is None else quoted_text(self.source, node.span)
+            return f"the number `{text or node.name}`"
+
         live = live_names(self.graph)
         values: Dict[str, float] = {}
         for node in self.graph.nodes:
@@ -238,9 +242,9 @@ class CellSpec:
                 try:
                     value = float(eval(expression, {"math": math}))  # noqa: S307 (our own emitter's code)
                 except (ArithmeticError, ValueError) as error:
-                    refuse(node, f"the number `{node.name}`", f"cannot be computed ({error})")
+                    refuse(node, number(node), f"cannot be computed ({error})")
                 if not math.isfinite(value):
-                    refuse(node, f"the number `{node.name}`", f"is {value}")
+                    refuse(node, number(node), f"is {value}")
                 values[node.name] = value
             elif node.op is Op.CLAMP and all(bound in values for bound in node.inputs[1:]):
                 low, high = (values[bound] for bound in node.inputs[1:])

@@ -60,6 +60,14 @@ def quoted_line(source: str, span: Span) -> str:
     return one_line(lines[span.line - 1].strip()) if 0 < span.line <= len(lines) else ""
 
 
+def quoted_text(source: str, span: Span) -> Optional[str]:
+    """The source text ``span`` covers, printable, when it lies on one line; else None."""
+    lines = source_lines(source)
+    if span.line != span.end_line or not 0 < span.line <= len(lines):
+        return None
+    return one_line(lines[span.line - 1][span.column - 1:span.end_column - 1]) or None
+
+
 def _underline(source: Optional[str], span: Span) -> str:
     """The source line of ``span`` with a ``^~~~`` marker under it."""
     if not source:
