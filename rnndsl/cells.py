@@ -171,15 +171,32 @@ def check_call(cell: torch.nn.Module, state, x: Tensor, sequence: bool, mask: Op
         if value.dtype != dtype or value.device != device:
             raise ValueError(f"cell {name}: state {state_name} is {value.dtype} on {value.device}, "
                              f"but the input is {dtype} on {device}")
-    # One parameter tells the cell's dtype and device. The dict first: generating parameters()
-    # costs more than the rest of these checks, and this runs before every step of a sampler.
-    parameter = next(iter(cell._parameters.values()), None)
-    if parameter is None:
-        parameter = next(cell.parameters(), None)
-    if parameter is not None and (parameter.dtype != dtype or parameter.device != device):
-        raise ValueError(f"cell {name}: its parameters are {parameter.dtype} on {parameter.device}, "
+    misfit = _misfit_tensor(cell, dtype, device)
+    if misfit is not None:
+        kind, tensor_name, tensor = misfit
+        raise ValueError(f"cell {name}: its {kind} {tensor_name} is {tensor.dtype} on {tensor.device}, "
                          f"but the input is {dtype} on {device}; convert one with .to()")
     return check_inputs(cell, inputs or {}, x, sequence)
+
+
+def _misfit_tensor(cell: torch.nn.Module, dtype: torch.dtype,
+                   device: torch.device) -> Optional[Tuple[str, str, Tensor]]:
+    """The first parameter or buffer of ``cell`` not of ``dtype`` on ``device`` (a buffer that is no
+    float, a step count, only on another device), as (kind, name, tensor); None when all fit. Every
+    one is checked: a product with one weight on another device or dtype gives garbage (``meta``)
+    or a silently promoted result. The dicts, not parameters(): this runs before every step of a
+    sampler, and generating parameters() costs more than the rest of the checks."""
+    for parameter_name, parameter in cell._parameters.items():
+        if parameter is not None and (parameter.dtype != dtype or parameter.device != device):
+            return "parameter", parameter_name, parameter
+    for buffer_name, buffer in cell._buffers.items():
+        if buffer is not None and (buffer.device != device or (buffer.is_floating_point() and buffer.dtype != dtype)):
+            return "buffer", buffer_name, buffer
+    if "parametrizations" in cell._modules:  # the tensors weight_norm and friends compute from
+        for parameter_name, parameter in cell.parametrizations.named_parameters():
+            if parameter.dtype != dtype or parameter.device != device:
+                return "parameter", parameter_name, parameter
+    return None
 
 
 def _call_fits(cell: torch.nn.Module, state, x, sequence: bool) -> bool:
@@ -202,8 +219,7 @@ def _call_fits(cell: torch.nn.Module, state, x, sequence: bool) -> bool:
         if not isinstance(value, Tensor) or value.shape != (batch, size) or value.dtype != dtype \
                 or value.device != device:
             return False
-    parameter = next(iter(cell._parameters.values()), None)
-    return parameter is not None and parameter.dtype == dtype and parameter.device == device
+    return _misfit_tensor(cell, dtype, device) is None
 
 
 def current_parameter(cell: torch.nn.Module, name: str) -> Tensor:

@@ -190,6 +190,30 @@ def test_sizes_of_any_integer_type_build_and_others_are_refused():
             make_recurrent("gru", INPUT, [HIDDEN, bad])
 
 
+@pytest.mark.parametrize("backend", ["script", "eager"])
+def test_every_parameter_and_buffer_must_match_the_inputs_dtype_and_device(backend):
+    """Only the first parameter was checked: a weight moved to ``meta`` gave uninitialized numbers
+    (cpu @ meta), a float64 bias a float64 output, where torch.nn.LSTM raises."""
+    x, h = torch.randn(T, BATCH, INPUT), torch.zeros(BATCH, HIDDEN)
+    cell = rnndsl.load_cell("lstm").build(INPUT, HIDDEN, backend=backend)
+    cell.weight_hh = nn.Parameter(cell.weight_hh.detach().to("meta"))
+    with pytest.raises(ValueError, match="cell lstm: its parameter weight_hh is torch.float32 on meta, but the "
+                                         "input is torch.float32 on cpu"):
+        cell.forward_sequence(x, (h, h))
+    cell = rnndsl.load_cell("lstm").build(INPUT, HIDDEN, backend=backend)
+    cell.bias_hh = nn.Parameter(cell.bias_hh.detach().double())
+    with pytest.raises(ValueError, match="its parameter bias_hh is torch.float64 on cpu"):
+        cell((h, h), x[0])
+    drop_in = rnndsl.LSTM(INPUT, HIDDEN, backend=backend)
+    drop_in.weight_hh_l0 = nn.Parameter(drop_in.weight_hh_l0.detach().to("meta"))
+    with pytest.raises(ValueError, match="its parameter weight_hh is torch.float32 on meta"):
+        drop_in(x)
+    attention = rnndsl.load_cell("attention_rnn").build(INPUT, HIDDEN, backend=backend)
+    attention.sharpness = attention.sharpness.double()
+    with pytest.raises(ValueError, match="its buffer sharpness is torch.float64 on cpu"):
+        attention.forward_sequence(x, (h,))
+
+
 def test_a_built_cell_instead_of_a_spec_is_refused():
     cell = rnndsl.load_cell("lstm").build(INPUT, HIDDEN)
     with pytest.raises(TypeError, match=r"cell must be a stock cell name, a path to a .cell file or a CellSpec, "
