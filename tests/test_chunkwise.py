@@ -141,6 +141,10 @@ def test_the_auto_scan_picks_the_chunkwise_form_and_the_delta_rule_keeps_the_loo
     assert rnndsl.load_cell("deltanet").build(3, 4).scan_mode == "sequential"
     with pytest.raises(ValueError, match=r"deltanet cannot run as a parallel scan.*deltanet.cell:\d+: `S' = "):
         rnndsl.load_cell("deltanet").build(3, 4, scan="parallel")
+    # A vector state read through split() (slstm's h) is a vector state: refused for what its update
+    # is, not as a tensor state ("is not its tensor, flattened").
+    with pytest.raises(ValueError, match=r"next value of `h` is not of the form a \* h \+ b .*slstm.cell:\d+: `h' = "):
+        rnndsl.load_cell("slstm").build(4, 4, scan="parallel")
 
 
 DECAY_PER_VALUE = """

@@ -194,7 +194,10 @@ def find_linear_recurrences(graph: Graph, fixed_dropout_mask: bool = False) -> L
     free = {name: dependence is not Dependence.STATE for name, dependence in dependencies(graph).items()}
     updates: List[Update] = []
     for decl, next_name in zip(graph.states, graph.next_states):
-        if state_view(graph, decl.name) is not None:  # a tensor state (rnndsl/codegen/chunkwise.py)
+        # A tensor state (rnndsl/codegen/chunkwise.py) is read as its tensor and its next value is one,
+        # flattened; a vector state read through split() (slstm's h) has a view too, but is updated as a
+        # vector, and is refused (or taken) for what that update is.
+        if state_view(graph, decl.name) is not None and nodes[next_name].op is Op.RESHAPE:
             updates.append(tensor_update(graph, decl.name, next_name, free))
         elif next_name == decl.name:
             raise NotLinear(f"`{decl.name}' = {decl.name}` passes the state through unchanged, which the parallel "
