@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from .autograd_modes import autocast_enabled
-from .scan import check_not_empty, per_step_inputs, scan
+from .scan import check_mask, check_not_empty, per_step_inputs, scan
 from .sequences import first_gap, lengths_mask, prefix_of, refuse_packed_under_export, repack, reverse_padded
 
 StateTree = Union[Tensor, Tuple["StateTree", ...]]
@@ -56,13 +56,14 @@ def map_state(fn: Callable[[Tensor], Tensor], state: StateTree) -> StateTree:
     return tuple(map_state(fn, part) for part in state)
 
 
-def _flatten(state: StateTree) -> Tuple[List[Tensor], Any]:
-    """The tensors of a nested state in order, and the nesting to rebuild it."""
-    if isinstance(state, Tensor):
+def _flatten(state: StateTree, leaf: type = Tensor) -> Tuple[List[Tensor], Any]:
+    """The tensors of a nested state in order, and the nesting to rebuild it (of a module's
+    ``state_sizes``, with ``leaf=int``: the sizes)."""
+    if isinstance(state, leaf):
         return [state], None
     leaves, layout = [], []
     for part in state:
-        part_leaves, part_layout = _flatten(part)
+        part_leaves, part_layout = _flatten(part, leaf)
         leaves += part_leaves
         layout.append((len(part_leaves), part_layout))
     return leaves, layout
@@ -112,7 +113,7 @@ class _StatesAsOutputCell(nn.Module):
 
     def forward(self, state: Tuple[Tensor, ...], x: Tensor, **inputs: Tensor) -> Tuple[Tuple[Tensor, ...], Tensor]:
         new_state, output = self.cell(state, x, **inputs)
-        return new_state, torch.cat([first_output(output), *new_state], -1)
+        return new_state, torch.cat([first_output(output), *_flatten(new_state)[0]], -1)
 
 
 def extra_inputs_of(*modules: nn.Module) -> Dict[str, Tuple[int, bool]]:
@@ -189,6 +190,7 @@ class RecurrentTable(nn.Module):
 
     def forward(self, state: StateTree, xs: Tensor,
                 mask: Optional[Tensor] = None, **inputs: Tensor) -> Tuple[StateTree, Tensor]:
+        check_module_state(self.cell, state, "RecurrentTable")
         if self.return_states:
             return self._forward_with_states(state, xs, mask, inputs)
         leaves, layout = _flatten(state)
@@ -204,9 +206,9 @@ class RecurrentTable(nn.Module):
         ``(T, batch, size)`` (zero at padded steps, as the outputs). A Python loop over steps,
         since the compiled loop keeps no state but the last."""
         joined, final = scan(_StatesAsOutputCell(self.cell), xs, tuple(state), mask, **inputs)
-        sizes = [self.output_size] + list(self.state_sizes)
-        outputs, *states = joined.split(sizes, -1)
-        return final, (outputs, tuple(states))
+        sizes, layout = _flatten(self.state_sizes, leaf=int)  # a deep cell's are nested
+        outputs, *states = joined.split([self.output_size] + sizes, -1)
+        return final, (outputs, _unflatten(states, layout))
 
 
 class SequenceTable(nn.Module):
@@ -261,9 +263,7 @@ class SequenceTable(nn.Module):
 
     def forward(self, state: Sequence[StateTree], x: Tensor,
                 mask: Optional[Tensor] = None, **inputs: Tensor):
-        if len(state) != len(self.layers):
-            raise ValueError(f"state must have one entry per layer ({len(self.layers)}), "
-                             f"got {len(state)}")
+        check_module_state(self, state, "SequenceTable")
         check_input_names(self, inputs, "SequenceTable")
         finals, outputs, steps = [], [], []
         for depth, (layer, layer_state) in enumerate(zip(self.layers, state)):
@@ -280,6 +280,16 @@ class SequenceTable(nn.Module):
             outputs.append(x)
         result = tuple(outputs) if self.return_all else x
         return tuple(finals), (result, tuple(steps)) if steps else result
+
+
+def check_module_state(module: object, state: object, where: str) -> None:
+    """:func:`check_nesting` of ``state`` against ``module``'s ``state_sizes``, where it declares them
+    (a user's own cell may not)."""
+    try:
+        sizes = module.state_sizes
+    except AttributeError:  # a user's cell, or a container of one
+        return
+    check_nesting(state, sizes, f"{where}: state")
 
 
 def first_output(outputs: Union[Tensor, Tuple[Tensor, ...]]) -> Tensor:
@@ -332,6 +342,8 @@ class Bidirectional(nn.Module):
 
     def forward(self, state: Tuple[StateTree, StateTree], xs: Tensor,
                 mask: Optional[Tensor] = None, **inputs: Tensor) -> Tuple[Tuple[StateTree, StateTree], Tensor]:
+        check_module_state(self, state, "Bidirectional")
+        check_mask(mask, xs)  # before reading it for the lengths
         forward_state, reverse_state = state
         lengths = None if mask is None else mask.sum(0)
         if mask is not None:
@@ -411,10 +423,39 @@ def _describe(tensor: Tensor) -> str:
     return f"{str(tensor.dtype).replace('torch.', '')} on {tensor.device}"
 
 
+def state_template(sizes, batch: object = "batch") -> str:
+    """How a state of ``sizes`` (a module's ``state_sizes``) is nested, for messages:
+    ``((batch, 4), (batch, 4))`` for an LSTM cell, ``(((batch, 4), (batch, 4)),)`` for one layer of it."""
+    if isinstance(sizes, int):
+        return f"({batch}, {sizes})"
+    parts = [state_template(part, batch) for part in sizes]
+    return "(" + ", ".join(parts) + ("," if len(parts) == 1 else "") + ")"
+
+
+def check_nesting(state: object, sizes, where: str = "state", whole=None) -> None:
+    """Raise a ValueError, showing the nesting wanted, where ``state`` is not nested as ``sizes``
+    (a module's ``state_sizes``: a tuple of sizes for a cell, of those for a stack): a tensor where a
+    tuple belongs or the reverse, a tuple of another length, ``None``, a dict. The shapes are the
+    cells' to check."""
+    whole = sizes if whole is None else whole
+    if isinstance(sizes, int):
+        if not isinstance(state, Tensor):
+            raise ValueError(f"{where} must be a tensor of shape (batch, {sizes}), got {type(state).__name__}; "
+                             f"the state is nested as {state_template(whole)}")
+        return
+    if not isinstance(state, (tuple, list)) or len(state) != len(sizes):
+        got = f"{len(state)} entries" if isinstance(state, (tuple, list)) else type(state).__name__
+        raise ValueError(f"{where} must be a tuple of {len(sizes)}, got {got}; the state is nested as "
+                         f"{state_template(whole)}")
+    for index, (part, part_sizes) in enumerate(zip(state, sizes)):
+        check_nesting(part, part_sizes, f"{where}[{index}]", whole)
+
+
 def check_state(state: StateTree, sizes, names, batch_size: int, like: Tensor,
                 where: str = "state") -> None:
     """Raise a ValueError naming the first entry of ``state`` whose nesting,
     shape, dtype or device differs from what ``sizes`` and ``like`` ask for."""
+    check_nesting(state, sizes, where)
     if isinstance(sizes, int):
         label = where if not isinstance(names, str) else f"{where} ({names})"
         if not isinstance(state, Tensor):
@@ -426,9 +467,6 @@ def check_state(state: StateTree, sizes, names, batch_size: int, like: Tensor,
         if state.dtype != like.dtype or state.device != like.device:
             raise ValueError(f"{label} is {_describe(state)} but the input is {_describe(like)}")
         return
-    if isinstance(state, Tensor) or len(state) != len(sizes):
-        got = "a tensor" if isinstance(state, Tensor) else f"{len(state)} entries"
-        raise ValueError(f"{where} must have {len(sizes)} entries, got {got}")
     if names is None or isinstance(names, str) or len(names) != len(sizes):
         names = [None] * len(sizes)
     for index, (part, part_sizes, part_names) in enumerate(zip(state, sizes, names)):

@@ -62,11 +62,16 @@ def scan(cell: torch.nn.Module, xs: Tensor, state: State,
 
     Returns the outputs ``(T, batch, output_size)`` and the final state.
     """
+    if not isinstance(xs, Tensor):
+        raise ValueError(f"scan expects a (T, batch, input) tensor, got {type(xs).__name__}")
     # A compiled cell's own check says more of a wrong shape (images: flatten them).
     if xs.dim() != 3 and (xs.dim() < 2 or not hasattr(cell, "forward_sequence")):
         raise ValueError(f"scan expects a (T, batch, input) sequence, got shape {tuple(xs.shape)}")
     check_not_empty(xs, "scan")
     check_mask(mask, xs)
+    if not isinstance(state, (tuple, list)):  # tuple() of a tensor would split it into its rows
+        raise ValueError(f"scan: state must be a tuple of the cell's state tensors, as (h,) or (h, c), "
+                         f"got {type(state).__name__}")
     state = tuple(state)
     forward_sequence = getattr(cell, "forward_sequence", None)
     if forward_sequence is not None and not has_step_hooks(cell):
@@ -160,7 +165,7 @@ def python_scan(cell: torch.nn.Module, xs: Tensor, state: State, mask: Optional[
         new_state, output = cell(state, x, **step_inputs)
         if mask is not None:
             keep = mask[t].unsqueeze(1)
-            new_state = tuple(torch.where(keep, new, old) for new, old in zip(new_state, state))
+            new_state = _kept(keep, new_state, state)
             output = (tuple(torch.where(keep, o, 0) for o in output) if isinstance(output, tuple)
                       else torch.where(keep, output, 0))
         state = tuple(new_state)
@@ -168,6 +173,13 @@ def python_scan(cell: torch.nn.Module, xs: Tensor, state: State, mask: Optional[
     if isinstance(outputs[0], tuple):  # a cell with several outputs: a sequence of each
         return tuple(torch.stack(sequence) for sequence in zip(*outputs)), state
     return torch.stack(outputs), state
+
+
+def _kept(keep: Tensor, new: State, old: State) -> State:
+    """``new`` where ``keep``, else ``old``, tensor by tensor through any nesting (a deep cell's)."""
+    if isinstance(new, Tensor):
+        return torch.where(keep, new, old)
+    return tuple(_kept(keep, n, o) for n, o in zip(new, old))
 
 
 def exported_python_scan(cell: torch.nn.Module, xs: Tensor, state: State,

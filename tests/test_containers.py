@@ -121,6 +121,52 @@ def test_depth_first_unroll_equals_layer_by_layer(compiled):
     torch.testing.assert_close(depth_first(states, xs, mask), layered(states, xs, mask), **TOL)
 
 
+def test_scan_and_return_states_take_a_deep_cells_nested_state():
+    """rnndsl.scan of a deep cell (a SequenceTable of cells) failed with a mask (torch.where of
+    nested states), and RecurrentTable(deep, return_states=True) failed to join them."""
+    torch.manual_seed(1)
+    cells = mixed_cells(True)
+    deep = SequenceTable(cells)
+    xs, states = randn(5, 3, 3), random_states(cells, 3)
+    mask = torch.arange(5).unsqueeze(1) < torch.tensor([5, 1, 3])
+    want_final, want_outputs = RecurrentTable(deep)(states, xs, mask)
+    outputs, final = rnndsl.scan(deep, xs, states, mask)
+    torch.testing.assert_close((outputs, final), (want_outputs, want_final), **TOL)
+    final, (outputs, steps) = RecurrentTable(deep, return_states=True)(states, xs, mask)
+    torch.testing.assert_close((outputs, final), (want_outputs, want_final), **TOL)
+    assert [[tuple(s.shape) for s in layer] for layer in steps] == [[(5, 3, 5)] * 2, [(5, 3, 4)]]
+    for layer_steps, layer_final in zip(steps, final):
+        for each_step, last in zip(layer_steps, layer_final):
+            torch.testing.assert_close(each_step[-1, 0], last[0], **TOL)  # sequence 0 runs all 5 steps
+
+
+def test_containers_refuse_a_state_not_nested_as_their_cells():
+    """Used directly, the containers gave bare TypeErrors (None, a tensor, a flat (h, c)), a
+    RecursionError (a dict) or an unpacking error (three directions)."""
+    lstm, gru = rnndsl.load_cell("lstm").build(3, 4), rnndsl.load_cell("gru").build(4, 4)
+    xs, h = torch.randn(5, 2, 3), torch.zeros(2, 4)
+    table = RecurrentTable(lstm)
+    for state, got in ((h, "Tensor"), (None, "NoneType"), ({"h": h, "c": h}, "dict")):
+        with pytest.raises(ValueError, match=rf"RecurrentTable: state must be a tuple of 2, got {got}; the state "
+                                             r"is nested as \(\(batch, 4\), \(batch, 4\)\)"):
+            table(state, xs)
+    stack = SequenceTable([RecurrentTable(lstm), RecurrentTable(gru)])
+    with pytest.raises(ValueError, match=r"SequenceTable: state\[1\] must be a tuple of 1, got Tensor"):
+        stack(((h, h), h), xs)
+    both = Bidirectional(RecurrentTable(lstm), RecurrentTable(rnndsl.load_cell("lstm").build(3, 4)))
+    with pytest.raises(ValueError, match=r"Bidirectional: state\[0\] must be a tuple of 2, got Tensor"):
+        both((h, h), xs)
+    with pytest.raises(ValueError, match=r"Bidirectional: state must be a tuple of 2, got 3 entries"):
+        both(((h, h),) * 3, xs)
+    with pytest.raises(ValueError, match=r"scan: state must be a tuple of the cell's state tensors, as \(h,\) or "
+                                         r"\(h, c\), got Tensor"):
+        rnndsl.scan(gru, xs[..., :4].contiguous(), h)  # tuple(h) would be its rows: "got 2 values"
+    for mask, words in (([[True, True]] * 5, "mask must be a \\(T, batch\\) bool tensor, got list"),
+                        (torch.ones(5, 2, 1, dtype=torch.bool), r"mask must have shape \(T, batch\) = \(5, 2\)")):
+        with pytest.raises(ValueError, match=words):  # Bidirectional read it (mask.sum) before any check
+            both(((h, h), (h, h)), xs, mask)
+
+
 def test_reverse_padded_reverses_within_lengths():
     xs = torch.arange(4.0, dtype=torch.float64).view(4, 1, 1).expand(4, 3, 1)
     out = reverse_padded(xs, torch.tensor([4, 2, 1]))
@@ -235,7 +281,8 @@ def test_state_errors_name_expected_and_received():
     good = net.initialize_hidden(2)
     with pytest.raises(ValueError, match=r"state\[1\]\[0\] \(h\) has shape \(3, 4\), expected \(2, 4\)"):
         net(x, (good[0], (torch.zeros(3, 4, dtype=torch.float64),)))
-    with pytest.raises(ValueError, match="state must have 2 entries, got 1"):
+    with pytest.raises(ValueError, match=r"state must be a tuple of 2, got 1 entries; the state is nested as "
+                                         r"\(\(\(batch, 5\), \(batch, 5\)\), \(\(batch, 4\),\)\)"):
         net(x, good[:1])
     with pytest.raises(ValueError, match="float32 on cpu but the input is float64"):
         net(x, (good[0], (torch.zeros(2, 4, dtype=torch.float32),)))
@@ -254,7 +301,7 @@ def test_init_functions_are_a_list_whose_states_are_checked():
                                         r"ZeroState: write \[ZeroState\(...\), ...\]"):
         setup_recurrent(table, ZeroState(table.state_sizes))
     net = setup_recurrent(table, [ZeroState(table.state_sizes[0]), ZeroState(4)])  # a tensor, not (h,)
-    with pytest.raises(ValueError, match=r"the init functions' state\[1\] must have 1 entries, got a tensor"):
+    with pytest.raises(ValueError, match=r"the init functions' state\[1\] must be a tuple of 1, got Tensor"):
         net(randn(4, 2, 3))
 
 
