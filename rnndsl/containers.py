@@ -35,6 +35,7 @@ mirror that nesting so that initial states and shape checks come for free.
 from __future__ import annotations
 
 import itertools
+import operator
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -525,6 +526,14 @@ class RecurrentNetwork(nn.Module):
     def initialize_hidden(self, batch_size: int, *, dtype: Optional[torch.dtype] = None,
                           device: Optional[torch.device] = None) -> StateTree:
         """A fresh initial state for ``batch_size`` sequences; saved with ``save_hidden``."""
+        try:
+            count = None if isinstance(batch_size, bool) else operator.index(batch_size)
+        except TypeError:
+            count = None
+        if count is None or count < 0:
+            raise ValueError(f"initialize_hidden: batch_size must be a whole number of sequences (0 or more), "
+                             f"got {batch_size!r}")
+        batch_size = count
         factory = self._factory()
         factory = {"dtype": dtype or factory["dtype"], "device": device or factory["device"]}
         state = tuple(init(batch_size, **factory) for init in self.init_functions)
@@ -566,6 +575,9 @@ class RecurrentNetwork(nn.Module):
             if lengths is not None:
                 raise ValueError("a PackedSequence carries its own lengths; do not pass lengths=")
             x, lengths = pad_packed_sequence(packed, batch_first=self.batch_first)
+        if not isinstance(x, Tensor):
+            raise ValueError(f"{type(self).__name__}: expected the input as a tensor or a PackedSequence, "
+                             f"got {type(x).__name__}")
         if x.dim() != 3:
             layout = "(batch, T, input)" if self.batch_first else "(T, batch, input)"
             hint = "; a spatial cell takes its images flat: x.flatten(2)" if x.dim() > 3 else ""

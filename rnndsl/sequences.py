@@ -46,6 +46,9 @@ def lengths_mask(lengths: Union[Tensor, Sequence[int]], steps: int, batch_size: 
     if tuple(lengths.shape) != (batch_size,):
         raise ValueError(f"lengths must have shape ({batch_size},), one per sequence, "
                          f"got {tuple(lengths.shape)}")
+    if lengths.device.type == "meta":  # no values to check or mask by
+        raise ValueError("lengths are on the meta device, which holds no values; give them on the CPU or the "
+                         "input's device")
     if lengths.numel() == 0:  # an empty batch: no sequence to mask
         return None
     if torch.compiler.is_compiling():

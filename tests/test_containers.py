@@ -294,6 +294,20 @@ def test_state_errors_name_expected_and_received():
         net(x, lengths=[4, 2, 1])
 
 
+def test_a_network_refuses_a_non_tensor_input_meta_lengths_and_a_bad_batch_size():
+    """Each gave a bare error from deep inside: 'list' has no attribute 'dim', Tensor.item() on meta,
+    torch.zeros' "Dimension size must be non-negative"."""
+    _, net = make_network()
+    with pytest.raises(ValueError, match="expected the input as a tensor or a PackedSequence, got list"):
+        net([[0.0] * 3] * 4)
+    with pytest.raises(ValueError, match="lengths are on the meta device"):
+        net(randn(4, 2, 3), lengths=torch.tensor([4, 2], device="meta"))
+    for bad in (-1, 3.0, True):
+        with pytest.raises(ValueError, match="batch_size must be a whole number of sequences"):
+            net.initialize_hidden(bad)
+    assert net.initialize_hidden(torch.tensor(2))[0][0].shape[0] == 2
+
+
 def test_init_functions_are_a_list_whose_states_are_checked():
     cells = mixed_cells()
     table = SequenceTable([RecurrentTable(c) for c in cells])
