@@ -23,7 +23,7 @@ from .check import BUILTIN_SIZES, input_sizes
 from .errors import CellError, Span
 from .ir import MAX_DIMENSION, ONE, Decl, Graph, Node, Op, OpKind, Shape, Size, attrs
 from .names import Namespace, joined_name
-from .ops import BINARY_OPS, FUNCTIONS, SHAPE_RULES, ShapeError, aligned, contract_form, op_word
+from .ops import BINARY_OPS, FUNCTIONS, SHAPE_RULES, ShapeError, aligned, contract_form, op_word, refuse_mask
 from .spec import verify
 
 def size_of(expr: st.SizeExpr) -> Size:
@@ -82,6 +82,12 @@ class _Lowering:
     def make(self, op: Op, inputs: List[Node], span: Span, name: Optional[str] = None,
              hint: Optional[str] = None, **attributes) -> Node:
         """A new node; ``hint`` goes with a shape error."""
+        try:
+            for index, node in enumerate(inputs):  # a mask reaches `where`'s first argument only
+                if not (op is Op.WHERE and index == 0):
+                    refuse_mask(node.shape, op_word(op))
+        except ShapeError as exc:
+            raise CellError(str(exc), span, hint=hint) from None
         if op.kind is OpKind.ELEMENTWISE and len(inputs) == 2:
             inputs = self.broadcast(op, inputs, span)
         probe = Node("_", op, tuple(n.name for n in inputs), Shape(), attrs(**attributes), span)
@@ -196,6 +202,9 @@ class _Lowering:
             is_state = any(d.name == output.name for d in cell.states)
             # A tensor state is output as it is carried, flat: `-> h` of `state h[hidden, height, width]`.
             node = self.carried[output.name] if is_state else self.env[output.name]
+            if node.shape.mask:
+                raise CellError(f"output `{output.name}` is a mask (a comparison's result), which only `where` "
+                                "reads", output.span, hint="write `where(m, a, b)` to choose values by it")
             if not (node.shape.batched and node.shape.is_vector):
                 raise CellError(f"output `{output.name}` must be a per-example vector, got shape {node.shape}",
                                 output.span)

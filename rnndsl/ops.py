@@ -99,10 +99,14 @@ NUMBER_OPS: FrozenSet[Op] = frozenset({
 COMPARISON_OPS: Dict[str, Op] = {"<": Op.LT, "<=": Op.LE, ">": Op.GT, ">=": Op.GE}
 
 
-def _not_mask(shape: Shape, what: str) -> None:
+def refuse_mask(shape: Shape, what: str) -> None:
+    """A ShapeError where ``shape`` is a mask: only `where` reads one (lowering asks this of
+    every operand of every other op)."""
     if shape.mask:
         raise ShapeError(f"{what} of a mask: a comparison's result is read only by `where`; "
                          "write `where(m, a, b)`, or `where(m, v, 0.0)` for v where m holds and 0 elsewhere")
+
+
 
 
 def _elementwise_unary(node: Node, shapes: List[Shape]) -> Shape:
@@ -111,7 +115,7 @@ def _elementwise_unary(node: Node, shapes: List[Shape]) -> Shape:
         raise ShapeError("`-` of a matrix parameter: `-W @ x` groups as `(-W) @ x`, as in Python; "
                          "write `-(W @ x)`")
     _not_matrix(shape, node.op.label)
-    _not_mask(shape, node.op.label)
+    refuse_mask(shape, node.op.label)
     if shape.is_scalar and node.op not in NUMBER_OPS:  # torch's functions take tensors, not numbers
         raise ShapeError(f"{node.op.label} takes a vector, not a number; write the number it gives, "
                          "or make the number a parameter vector")
@@ -127,7 +131,7 @@ def broadcast(a: Shape, b: Shape, what: str) -> Shape:
     explicit with an ``expand`` node (see :func:`aligned`).
     """
     for shape in (a, b):
-        _not_mask(shape, what)
+        refuse_mask(shape, what)
         if not (a.is_tensor or b.is_tensor):  # beside a tensor, a two-dim parameter is an expanded vector
             _not_matrix(shape, what)
     if a.is_scalar:
@@ -155,7 +159,7 @@ _BINARY_WORDS = {Op.ADD: "addition", Op.SUB: "subtraction", Op.MUL: "multiplicat
 
 def _pow(node: Node, shapes: List[Shape]) -> Shape:
     base, exponent = shapes
-    _not_mask(exponent, "a power")
+    refuse_mask(exponent, "a power")
     if not exponent.is_scalar:
         raise ShapeError(f"the exponent of `**` must be a number or a hyper-parameter, got a {_describe(exponent)}")
     return broadcast(base, exponent, "a power")
@@ -199,7 +203,7 @@ def _where(node: Node, shapes: List[Shape]) -> Shape:
 
 def _reduction(node: Node, shapes: List[Shape]) -> Shape:
     (shape,) = shapes
-    _not_mask(shape, node.op.label)
+    refuse_mask(shape, node.op.label)
     if not shape.is_vector:
         raise ShapeError(f"{node.op.label} takes a vector, got a {_describe(shape)}")
     return shape if node.op is Op.SOFTMAX else Shape((ONE,), shape.batched)
@@ -290,7 +294,7 @@ def _probability_last(node: Node, shapes: List[Shape]) -> Shape:
 
 def _describe(shape: Shape) -> str:
     if shape.mask:
-        return f"mask [{shape.dims[0]}]"
+        return f"mask {_dims(shape)}"
     if shape.is_scalar:
         return "number"
     if shape.is_vector:

@@ -178,6 +178,10 @@ def test_gradcheck_of_the_derived_backward(name: str):
     ("h' = clamp(a, h, 1.0)", (5, 8), "clamp's lower bound must be a number"),
     ("h' = (a > h) * h", (5, 8), "multiplication of a mask"),
     ("h' = tanh(a > 0)", (5, 8), "tanh of a mask"),
+    # Ops that checked no operand for a mask (bool != float at the first call, silent 0/1 arithmetic):
+    ("h' = tanh(U @ (a > h))", (5, 13), "matmul of a mask"),
+    ("h' = dropout(a > h, 0.1)", (5, 8), "dropout of a mask"),
+    ("h' = tanh(a) + sum(concat(a > h, a))", (5, 22), "concat of a mask"),
     ("h' = sum(2.0) * a", (5, 8), "sum takes a vector, got a number"),
     ("h' = a + (1.0 < 2.0)", (5, 13), "a comparison of two numbers"),
     ("h' = a > h", (5, 3), "the next value of state `h` is a mask"),
@@ -187,6 +191,18 @@ def test_misuse_is_an_error_at_its_position(line, position, words):
         load(cell_source("a = W @ x + U @ h", line))
     assert words in error.value.message
     assert (error.value.line, error.value.column) == position
+
+
+def test_a_mask_is_read_by_where_alone_through_views_and_as_an_output():
+    """split, transpose and sum_over passed a mask on as a value (join(split(m)) * 2.0 computed on
+    0/1, sum_over gave int64), and a mask output came out bool."""
+    viewed = ("cell v(x[input]) -> h {\n  size heads = 2\n  state h[heads*hidden]\n  param W[heads*hidden, input]\n"
+              "  h' = tanh(join(split(W @ x > 0.0, heads)) * 2.0 + h)\n}\n")
+    with pytest.raises(CellError, match="reshape of a mask") as error:
+        load(viewed)
+    assert (error.value.line, error.value.column) == (5, 18)  # at split(...)
+    with pytest.raises(CellError, match="output `y` is a mask"):
+        load(cell_source("a = W @ x + U @ h", "h' = tanh(a)", "y = h' > 0.0").replace("-> h", "-> y"))
 
 
 def test_comparisons_do_not_chain_and_bind_below_arithmetic():
