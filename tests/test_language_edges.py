@@ -364,3 +364,21 @@ def test_zoneout_of_a_per_example_value_beside_a_per_step_one_draws_at_every_ste
 
 def test_a_division_in_dead_code_is_not_checked():
     load(cell_source("hyper tau = 4.0", "k = h / tau", "h' = tanh(W @ x + h)")).build(3, 4, tau=0.0)
+
+
+def test_a_one_row_product_beside_a_full_bias_runs_on_both_backends():
+    """`W[1, input] @ x + b[hidden]` (a one-unit vector broadcast over the bias) was folded into one
+    GEMM adding b, which fails for a one-row weight: the script backend's sequence raised."""
+    spec = load("cell c(x[input]) -> h {\n  state h[hidden]\n  param W[1, input], U[hidden, hidden], b[hidden]\n"
+                "  h' = tanh(W @ x + b + U @ h)\n}\n")
+    torch.manual_seed(0)
+    cells = [spec.build(3, 4, backend=backend).double() for backend in BACKENDS]
+    cells[1].load_state_dict(cells[0].state_dict())
+    xs, h = torch.randn(5, 2, 3, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
+    results = []
+    for cell in cells:
+        outputs, _ = cell.forward_sequence(xs, (h,))
+        results.append([outputs, *torch.autograd.grad(outputs.square().sum(), list(cell.parameters()))])
+    torch.testing.assert_close(results[1], results[0], rtol=1e-10, atol=1e-12)
+    step = torch.tanh(xs[0] @ cells[0].W.T + cells[0].b + h @ cells[0].U.T)  # the equation, by hand
+    torch.testing.assert_close(results[0][0][0], step, rtol=1e-10, atol=1e-12)

@@ -321,7 +321,8 @@ def biased_products(graph: Graph, among: Sequence[Node], addends: Collection[str
             if (nodes[product].op is Op.MATMUL and product in candidates and users[product] == (node.name,)
                     and bias != product
                     and product not in results and product not in kept and bias in addends
-                    and nodes[bias].shape.dims == node.shape.dims):
+                    and nodes[bias].shape.dims == node.shape.dims == nodes[product].shape.dims):
+                # (a one-row product broadcast over the bias, `W[1, input] @ x + b`, is not one GEMM)
                 found[product] = node.name
                 break
     return found
