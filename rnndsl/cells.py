@@ -94,8 +94,12 @@ class CellModule(torch.nn.Module):
         self._parameter_shapes = {name: parameter.shape for name, parameter in self._parameters.items()}
         # Buffers: constants in the state_dict, moved by `.to()`, never trained nor re-initialized.
         self._buffer_names: Tuple[str, ...] = tuple(d.name for d in graph.buffers)
+        largest = torch.finfo(torch.get_default_dtype()).max
         for decl in graph.buffers:
             shape = tuple(dim.evaluate(sizes) for dim in decl.shape.dims)
+            if abs(float(decl.default)) > largest:
+                raise ValueError(f"cell {self.cell_name}: buffer {decl.name} is declared `= {decl.default:g}`, beyond "
+                                 f"the largest {torch.get_default_dtype()} ({largest:g})")
             self.register_buffer(decl.name, torch.full(shape, float(decl.default)))
         self.reset_parameters()
 

@@ -202,7 +202,11 @@ def hyper_value_problem(value: object, probability: bool) -> Optional[str]:
     for defaults (a finite number; a probability of dropout or zoneout lies in [0, 1])."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return f"must be a number, got {value!r}"
-    if not math.isfinite(value):
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an int beyond any float (10**400)
+        finite = False
+    if not finite:
         return f"must be a finite number, got {value!r}"
     if probability and not 0 <= value <= 1:
         return f"is a probability of dropout or zoneout and must lie between 0 and 1, got {value!r}"

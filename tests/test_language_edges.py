@@ -382,3 +382,13 @@ def test_a_one_row_product_beside_a_full_bias_runs_on_both_backends():
     torch.testing.assert_close(results[1], results[0], rtol=1e-10, atol=1e-12)
     step = torch.tanh(xs[0] @ cells[0].W.T + cells[0].b + h @ cells[0].U.T)  # the equation, by hand
     torch.testing.assert_close(results[0][0][0], step, rtol=1e-10, atol=1e-12)
+
+
+def test_a_huge_integer_hyper_and_a_buffer_beyond_float32_are_clear_errors():
+    """An int beyond any float (math.isfinite's OverflowError) and a buffer declared 1e39 (torch.full's
+    "value cannot be converted to type float") were bare tracebacks at build."""
+    with pytest.raises(ValueError, match="hyper-parameter beta must be a finite number"):
+        rnndsl.load_cell("janet").build(3, 4, beta=10 ** 400)
+    spec = load(cell_source("buffer s[hidden] = 1e39", "h' = tanh(W @ x) * s"))
+    with pytest.raises(ValueError, match=r"buffer s is declared `= 1e\+39`, beyond the largest torch.float32"):
+        spec.build(3, 4)
