@@ -241,6 +241,11 @@ def _unfinished_line(exc: UnexpectedToken, path: str) -> "tuple[str, Span, str] 
     """(message, span, hint) when a declaration is a keyword and a name alone on its line, as in
     `param s` or `hyper beta`: the error belongs after the name, not at the next line's first token."""
     stack = getattr(getattr(exc, "state", None), "value_stack", None) or []
+    last = stack[-1] if stack else None
+    if isinstance(last, Token) and str(last) == "=" and exc.token.line > last.end_line:
+        # `buffer s[] =` and nothing after: the next line's first token is no value for it
+        span = Span(path, last.end_line, last.end_column, last.end_line, last.end_column + 1)
+        return ("the line ends after `=`", span, "a value must follow `=`, as in `= 1.0`")
     if len(stack) < 2 or not all(isinstance(item, Token) for item in stack[-2:]):
         return None
     keyword, name = stack[-2:]

@@ -195,6 +195,16 @@ def test_a_declaration_cut_short_is_reported_at_its_own_line(declaration, column
     assert error.value.hint == hint
 
 
+@pytest.mark.parametrize("declaration, column", [("buffer s[] =", 15), ("param s[hidden] =", 20)])
+def test_a_default_cut_short_after_its_equals_sign_is_reported_there(declaration, column):
+    """It was reported at the next line's `h'`, with the hint that next-state names go on the left of `=`."""
+    with pytest.raises(CellError) as error:
+        load(cell_source(declaration, "", "h' = tanh(W @ x)"))
+    assert (error.value.line, error.value.column) == (4, column)
+    assert error.value.message.startswith("the line ends after `=`")
+    assert error.value.hint == "a value must follow `=`, as in `= 1.0`"
+
+
 def test_a_matrix_multiplied_by_a_product_suggests_parentheses():
     with pytest.raises(CellError) as error:
         load(cell_source("param U[hidden, hidden]", "h' = W @ x * U @ h"))
