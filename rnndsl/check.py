@@ -153,6 +153,13 @@ def _check_declarations(cell: st.Cell) -> None:
             raise CellError(f"`{name}` cannot name a size: it is an argument of CellSpec.build or an "
                             "attribute every cell module has", span, hint=_another_name(name))
         declared[name] = "size"
+    first_dim = cell.input.shape[0] if cell.input.shape else None
+    if first_dim is not None and "input" in _size_names((first_dim,)) and \
+            not (isinstance(first_dim, st.SizeName) and first_dim.name == "input"):
+        # build's input_size is this dim: `x[2*input]` would ask input_size = 2 * input_size
+        raise CellError("the first input's first dim is `input` itself, the input_size given at build; "
+                        "`input` cannot be part of a larger size there", first_dim.span,
+                        hint=f"write `{cell.input.name}[input]` and give the size at build")
     if not cell.states:
         raise CellError(f"cell `{cell.name}` declares no state", cell.name_span,
                         hint="add a line such as `state h[hidden]`")

@@ -33,6 +33,8 @@ def size_of(expr: st.SizeExpr) -> Size:
     if any(abs(number) > MAX_DIMENSION for number in numbers):
         raise CellError(f"size `{size}` is too large: its numbers may be at most {MAX_DIMENSION:,}",
                         expr.span)
+    if not size.terms and size.const < 1:  # `hidden - hidden`, `2 - 3`: no build could give it a size
+        raise CellError(f"size is {size.const} whatever the sizes given at build: a dim is at least 1", expr.span)
     return size
 
 

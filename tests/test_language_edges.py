@@ -402,3 +402,21 @@ def test_a_huge_integer_hyper_and_a_buffer_beyond_float32_are_clear_errors():
     spec = load(cell_source("buffer s[hidden] = 1e39", "h' = tanh(W @ x) * s"))
     with pytest.raises(ValueError, match=r"buffer s is declared `= 1e\+39`, beyond the largest torch.float32"):
         spec.build(3, 4)
+
+
+@pytest.mark.parametrize("declaration, position, words", [
+    ("param b[hidden - hidden]", (4, 11), "size is 0 whatever the sizes given at build"),
+    ("param b[2 - 3]", (4, 11), "size is -1 whatever the sizes given at build"),
+])
+def test_a_dim_that_no_build_can_make_positive_is_refused_at_load(declaration, position, words):
+    """It loaded and `rnndsl check` said ok; build then refused it without a position."""
+    with pytest.raises(CellError, match=words) as error:
+        load(cell_source(declaration, "h' = tanh(W @ x)"))
+    assert (error.value.line, error.value.column) == position
+
+
+def test_the_first_input_cannot_be_a_multiple_of_its_own_size():
+    """`x[2*input]` loaded; build then asked input_size = 2 * input_size, which nothing satisfies."""
+    with pytest.raises(CellError, match="the first input's first dim is `input` itself") as error:
+        load(cell_source("h' = tanh(W @ x)").replace("x[input]", "x[2*input]"))
+    assert (error.value.line, error.value.column) == (1, 10)
