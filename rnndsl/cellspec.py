@@ -458,8 +458,13 @@ def _native_stock_graphs() -> Dict[str, Graph]:
             for mode, native in NATIVE_MODES.items()}
 
 
-def load_source(source: str, path: str = "<string>") -> Dict[str, CellSpec]:
-    """Every cell of a ``.cell`` text, by name."""
+def load_source(source: Union[str, bytes], path: str = "<string>") -> Dict[str, CellSpec]:
+    """Every cell of a ``.cell`` text (or its UTF-8 bytes, as a file holds them), by name."""
+    if isinstance(source, (bytes, bytearray)):
+        source = decode(bytes(source), path)
+    elif not isinstance(source, str):
+        raise TypeError(f"load_source takes the text of a .cell file, got {type(source).__name__}; "
+                        "for a file, use rnndsl.load_cell(path)")
     try:
         file = check_file(parse(source, path))
         if not file.cells:

@@ -272,6 +272,10 @@ def _check_body(cell: st.Cell) -> None:
             raise CellError(f"state `{decl.name}` is never updated", decl.span,
                             hint=f"give its next value with `{decl.name}' = ...`")
     for output in cell.outputs:
+        first = next(o for o in cell.outputs if o.name == output.name)
+        if first is not output:
+            raise CellError(f"output `{output.name}` is named twice (first at line {first.span.line})", output.span,
+                            hint="each output is a value of its own; name another, or drop this one")
         if output.name not in scope.locals and scope.kinds.get(output.name) != "state":
             kind = scope.kinds.get(output.name)
             if kind is not None:  # declared, but not a value the cell computes

@@ -420,3 +420,17 @@ def test_the_first_input_cannot_be_a_multiple_of_its_own_size():
     with pytest.raises(CellError, match="the first input's first dim is `input` itself") as error:
         load(cell_source("h' = tanh(W @ x)").replace("x[input]", "x[2*input]"))
     assert (error.value.line, error.value.column) == (1, 10)
+
+
+def test_load_source_takes_bytes_and_refuses_what_is_no_text_and_twice_named_outputs():
+    """bytes gave "cannot use a string pattern on a bytes-like object", None a bare TypeError, and
+    `-> h, h` loaded as two outputs of one value."""
+    source = cell_source("h' = tanh(W @ x)")
+    assert list(load_source(source.encode())) == ["c"]
+    with pytest.raises(CellError, match="file is not valid UTF-8"):
+        load_source(b"\xff" + source.encode())
+    with pytest.raises(TypeError, match="load_source takes the text of a .cell file, got NoneType"):
+        load_source(None)
+    with pytest.raises(CellError, match=r"output `h` is named twice \(first at line 1\)") as error:
+        load(source.replace("-> h", "-> h, h"))
+    assert (error.value.line, error.value.column) == (1, 24)
