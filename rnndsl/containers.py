@@ -132,8 +132,9 @@ def inputs_for(module: nn.Module, inputs: Dict[str, Tensor]) -> Dict[str, Tensor
     return {name: value for name, value in inputs.items() if name in declared}
 
 
-def check_input_names(module: nn.Module, inputs: Dict[str, Tensor], where: str) -> None:
-    """Refuse inputs that no cell of ``module`` declares, naming those it does."""
+def check_input_names(module: nn.Module, inputs: Dict[str, Tensor], where: str, batch_first: bool = False) -> None:
+    """Refuse inputs that no cell of ``module`` declares, naming those it does (a missing one in the
+    caller's layout)."""
     declared = extra_inputs_of(module)
     unknown = [name for name in inputs if name not in declared]
     if unknown:
@@ -142,7 +143,8 @@ def check_input_names(module: nn.Module, inputs: Dict[str, Tensor], where: str) 
         raise ValueError(f"{where} has no input named {', '.join(map(repr, unknown))}: {takes}")
     for name, (size, once) in declared.items():
         if name not in inputs:
-            shape, when = ("(batch, ", "once per sequence") if once else ("(T, batch, ", "at every step")
+            shape, when = ("(batch, ", "once per sequence") if once else \
+                (f"{'(batch, T, ' if batch_first else '(T, batch, '}", "at every step")
             raise ValueError(f"{where}: missing input {name}, a {shape}{size}) tensor its cells read {when}; "
                              f"pass it by name, as in net(x, {name}=...)")
 
@@ -567,7 +569,7 @@ class RecurrentNetwork(nn.Module):
                              "net.save_hidden = False) to start each call from the init functions, or pass the "
                              "state explicitly: net(x, state)")
         refuse_packed_under_export(x, type(self).__name__)
-        check_input_names(self.network, inputs, type(self).__name__)
+        check_input_names(self.network, inputs, type(self).__name__, self.batch_first)
         packed = x if isinstance(x, PackedSequence) else None
         if packed is not None and inputs:
             raise ValueError("a PackedSequence cannot come with other inputs: pass the padded batch and lengths=")
@@ -601,12 +603,13 @@ class RecurrentNetwork(nn.Module):
         if sizes is not None:  # the init functions' states too: a user's may return a bare tensor
             check_state(state, sizes, getattr(self.network, "state_names", None), batch_size, xs,
                         "state" if given else "the init functions' state")
-        per_step = per_step_inputs(self.network)
+        per_step, declared = per_step_inputs(self.network), extra_inputs_of(self.network)
         for name, value in inputs.items():  # quoted in the caller's layout, before it is transposed
+            expected = (batch_size, steps, declared[name][0])
             if self.batch_first and name in per_step and isinstance(value, Tensor) and value.dim() == 3 \
-                    and tuple(value.shape[:2]) != (batch_size, steps):
-                raise ValueError(f"input {name}: expected (batch, T, n) = ({batch_size}, {steps}, n) with "
-                                 f"batch_first=True, got {tuple(value.shape)}")
+                    and tuple(value.shape) != expected:
+                raise ValueError(f"input {name}: expected (batch, T, n) = {expected} with batch_first=True, "
+                                 f"got {tuple(value.shape)}")
         inputs = {name: out_of_autocast(value.transpose(0, 1) if self.batch_first and name in per_step
                                         and isinstance(value, Tensor) else value, carried)
                   for name, value in inputs.items()}

@@ -222,6 +222,12 @@ cell plain(x[input]) -> h {
     (want, _), _ = batch_first.network.layers[0].cell.forward_sequence(
         xs, tuple(torch.zeros(B, HIDDEN) for _ in range(2)), enc=enc, y=ys)
     torch.testing.assert_close(got, want.transpose(0, 1), atol=1e-10, rtol=0)
+    # Quoted in the caller's layout (they quoted the internal (T, batch, n) one, and the transposed y).
+    with pytest.raises(ValueError, match=rf"missing input y, a \(batch, T, {EXTRA}\) tensor"):
+        batch_first(xs.transpose(0, 1), enc=enc)
+    with pytest.raises(ValueError, match=rf"input y: expected \(batch, T, n\) = \({B}, {xs.size(0)}, {EXTRA}\) with "
+                                         rf"batch_first=True, got \({B}, {xs.size(0)}, {EXTRA + 1}\)"):
+        batch_first(xs.transpose(0, 1), enc=enc, y=torch.zeros(B, xs.size(0), EXTRA + 1))
     with pytest.raises(ValueError, match=r"missing input enc, a \(batch, 7\) tensor its cells read once per "
                                          r"sequence; pass it by name, as in net\(x, enc=...\)"):
         net(xs, y=ys)
