@@ -44,8 +44,10 @@ MAX_ELEMENTS = 2**36
 def positive_size(value: object) -> Optional[int]:
     """``value`` as a Python int when it is a positive integer of any kind (``numpy.int64``, a 0-d
     integer tensor: what a config file or ``x.shape`` gives), else None (a bool, a float, below 1)."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and (value.dim() != 0 or value.dtype == torch.bool)):
+        return None  # operator.index takes True, torch.tensor(True) and a one-number tensor [4]
     try:
-        number = None if isinstance(value, bool) else operator.index(value)
+        number = operator.index(value)
     except TypeError:
         return None
     return number if number is not None and number >= 1 else None

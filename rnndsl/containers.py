@@ -454,6 +454,20 @@ def check_nesting(state: object, sizes, where: str = "state", whole=None) -> Non
         check_nesting(part, part_sizes, f"{where}[{index}]", whole)
 
 
+def _batch_count(batch_size: object) -> int:
+    """``batch_size`` as a Python int, any integer type (not a bool, nor a tensor of more than one
+    number), refusing what is no count of sequences."""
+    try:
+        count = None if isinstance(batch_size, bool) or (isinstance(batch_size, Tensor) and (
+            batch_size.dim() != 0 or batch_size.dtype == torch.bool)) else operator.index(batch_size)
+    except TypeError:
+        count = None
+    if count is None or count < 0:
+        raise ValueError(f"initialize_hidden: batch_size must be a whole number of sequences (0 or more), "
+                         f"got {batch_size!r}")
+    return count
+
+
 def check_state(state: StateTree, sizes, names, batch_size: int, like: Tensor,
                 where: str = "state") -> None:
     """Raise a ValueError naming the first entry of ``state`` whose nesting,
@@ -528,14 +542,8 @@ class RecurrentNetwork(nn.Module):
     def initialize_hidden(self, batch_size: int, *, dtype: Optional[torch.dtype] = None,
                           device: Optional[torch.device] = None) -> StateTree:
         """A fresh initial state for ``batch_size`` sequences; saved with ``save_hidden``."""
-        try:
-            count = None if isinstance(batch_size, bool) else operator.index(batch_size)
-        except TypeError:
-            count = None
-        if count is None or count < 0:
-            raise ValueError(f"initialize_hidden: batch_size must be a whole number of sequences (0 or more), "
-                             f"got {batch_size!r}")
-        batch_size = count
+        if not isinstance(batch_size, torch.SymInt):  # a traced batch stays symbolic (export, dynamic compile)
+            batch_size = _batch_count(batch_size)
         factory = self._factory()
         factory = {"dtype": dtype or factory["dtype"], "device": device or factory["device"]}
         state = tuple(init(batch_size, **factory) for init in self.init_functions)

@@ -302,7 +302,7 @@ def test_a_network_refuses_a_non_tensor_input_meta_lengths_and_a_bad_batch_size(
         net([[0.0] * 3] * 4)
     with pytest.raises(ValueError, match="lengths are on the meta device"):
         net(randn(4, 2, 3), lengths=torch.tensor([4, 2], device="meta"))
-    for bad in (-1, 3.0, True):
+    for bad in (-1, 3.0, True, torch.tensor(True), torch.tensor([2])):
         with pytest.raises(ValueError, match="batch_size must be a whole number of sequences"):
             net.initialize_hidden(bad)
     assert net.initialize_hidden(torch.tensor(2))[0][0].shape[0] == 2

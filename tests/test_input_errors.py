@@ -81,7 +81,7 @@ def test_an_empty_batch_takes_empty_lengths(backend):
 @pytest.mark.parametrize("backend", ["script", "eager", "native"])
 def test_every_backend_names_a_dtype_mismatch(backend):
     net = make_recurrent("lstm", INPUT, [HIDDEN], backend=backend)
-    with pytest.raises(ValueError, match="cell lstm: its parameters are torch.float32 on cpu, "
+    with pytest.raises(ValueError, match="cell lstm: its parameter weight_ih is torch.float32 on cpu, "
                                          "but the input is torch.float64 on cpu"):
         net(torch.randn(3, 2, INPUT, dtype=torch.float64))
 
@@ -183,7 +183,7 @@ def test_sizes_of_any_integer_type_build_and_others_are_refused():
     assert pickle.loads(pickle.dumps(cell)).weight_hh.shape == (4 * HIDDEN, HIDDEN)
     net = make_recurrent("gru", np.int64(INPUT), np.array([HIDDEN, 2]))
     assert net(torch.randn(T, BATCH, INPUT))[0].shape == (T, BATCH, 2)
-    for bad in (True, 2.0, 0, "4"):
+    for bad in (True, 2.0, 0, "4", torch.tensor(True), torch.tensor([4])):
         with pytest.raises(ValueError, match="lstm: hidden_size must be a positive integer, got"):
             rnndsl.load_cell("lstm").build(INPUT, bad)
         with pytest.raises(ValueError, match="hids must be a non-empty list of positive sizes"):

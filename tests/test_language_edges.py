@@ -354,7 +354,7 @@ def test_a_batch_first_network_quotes_a_wrong_per_step_input_in_the_callers_layo
     spec = load_source("cell c(x[input], u[extra]) -> h {\n  state h[hidden]\n  param W[hidden, input], "
                        "V[hidden, extra]\n  h' = tanh(W @ x + V @ u + h)\n}\n")["c"]
     net = rnndsl.make_recurrent(spec, 3, [4], extra=2, batch_first=True, save_hidden=False)
-    with pytest.raises(ValueError, match=r"input u: expected \(batch, T, n\) = \(2, 5, n\) with batch_first=True, "
+    with pytest.raises(ValueError, match=r"input u: expected \(batch, T, n\) = \(2, 5, 2\) with batch_first=True, "
                                          r"got \(5, 2, 2\)"):
         net(torch.randn(2, 5, 3), u=torch.randn(5, 2, 2))
     assert net(torch.randn(2, 5, 3), u=torch.randn(2, 5, 2))[0].shape == (2, 5, 4)
