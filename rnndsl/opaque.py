@@ -11,11 +11,11 @@ backward is ``rnndsl::sequence_backward``, the kernel's ``backward_sequence``. I
 compiles the code around the op; the op itself is the fast loop, compiled once whatever T.
 
 A custom op takes tensors and numbers, not modules: the cell travels as its ``id``, looked
-up in :data:`_live_cells` (cells register themselves when built or unpickled), its mode and
-hyper-parameters as numbers (dynamo reads them when it traces, so the backward runs with the
-forward's, as autograd of the loop does, and a new value compiles again), and its
+up in :data:`_live_cells` (cells register themselves when built or unpickled), and its
 parameters and buffers as the op's inputs, the buffers without a gradient: the op's methods
-read only the tensors it is given, so its fake run sees fake tensors, never the module's real ones. The op's
+read only the tensors it is given, so its fake run sees fake tensors, never the module's real ones. The mode
+and hyper-parameters are read when the op runs (a new value compiles nothing again) and saved
+with its results as a tensor, so that the backward runs with the forward's. The op's
 shapes for the compiler (its "fake" implementation) come from the cell's Python twin run
 for one and for two steps on fake tensors: what changes with the length is per step.
 
@@ -103,12 +103,17 @@ def _distinct(results: Sequence[Tensor], inputs: Sequence[Optional[Tensor]]) -> 
 
 @torch.library.custom_op("rnndsl::sequence", mutates_args=())
 def sequence(cell_id: int, xs: Tensor, mask: Optional[Tensor], state: List[Tensor], params: List[Tensor],
-             buffers: List[Tensor], settings: List[float], saving: bool) -> List[Tensor]:
-    """The cell's outputs, then its final state, then (when ``saving``) what its backward reads, flat."""
+             buffers: List[Tensor], saving: bool) -> List[Tensor]:
+    """The cell's outputs, then its final state, then (when ``saving``) what its backward reads, flat,
+    and the mode and hyper-parameters it ran with (:func:`settings_of`, a float64 tensor)."""
     cell = _cell(cell_id)
+    # Read when the op runs, as the eager cell reads them: a value the trace fixed would compile the
+    # graph again for every new value (a schedule), and fall back to eager after dynamo's limit.
+    settings = settings_of(cell)
     if saving:
         outputs, final, saved = _method(cell, "forward_sequence_saving", params, buffers, settings)(
             xs, tuple(state), mask, params)
+        saved = [*saved, torch.tensor(settings, dtype=torch.float64)]  # for the backward: the forward's
     else:
         outputs, final = _method(cell, "forward_sequence", params, buffers, settings)(xs, tuple(state), mask)
         outputs, saved = (list(outputs) if isinstance(outputs, tuple) else [outputs]), []
@@ -117,14 +122,15 @@ def sequence(cell_id: int, xs: Tensor, mask: Optional[Tensor], state: List[Tenso
 
 @sequence.register_fake
 def _sequence_shapes(cell_id: int, xs: Tensor, mask: Optional[Tensor], state: List[Tensor],
-                     params: List[Tensor], buffers: List[Tensor], settings: List[float],
-                     saving: bool) -> List[Tensor]:
+                     params: List[Tensor], buffers: List[Tensor], saving: bool) -> List[Tensor]:
     cell = _cell(cell_id)
+    settings = settings_of(cell)
     one, two = (_twin_results(cell, xs, mask, state, params, buffers, settings, saving, steps) for steps in (1, 2))
     steps = xs.size(0)
     # A result that grows with the length is per step: (T, ...) at the real length.
-    return [a.new_empty((steps, *a.shape[1:])) if a.dim() and b.dim() and a.size(0) == 1 and b.size(0) == 2
-            else a.new_empty(a.shape) for a, b in zip(one, two)]
+    results = [a.new_empty((steps, *a.shape[1:])) if a.dim() and b.dim() and a.size(0) == 1 and b.size(0) == 2
+               else a.new_empty(a.shape) for a, b in zip(one, two)]
+    return results + [torch.empty(len(settings), dtype=torch.float64)] * saving
 
 
 def _twin_results(cell, xs: Tensor, mask: Optional[Tensor], state: List[Tensor], params: List[Tensor],
@@ -145,10 +151,11 @@ def _twin_results(cell, xs: Tensor, mask: Optional[Tensor], state: List[Tensor],
 
 @torch.library.custom_op("rnndsl::sequence_backward", mutates_args=())
 def sequence_backward(cell_id: int, xs: Tensor, mask: Optional[Tensor], params: List[Tensor], buffers: List[Tensor],
-                      settings: List[float], saved: List[Tensor], grad_outputs: List[Tensor],
+                      settings: Tensor, saved: List[Tensor], grad_outputs: List[Tensor],
                       grad_state: List[Tensor], need_input_grad: bool) -> List[Tensor]:
     """The gradients of xs (an empty tensor when not needed), of the initial state and of the
-    parameters, with the forward's buffers and ``settings``."""
+    parameters, with the forward's buffers and ``settings`` (the tensor :func:`sequence` saved)."""
+    settings = settings.tolist()
     grad_xs, grad_initial, grad_params = _method(_cell(cell_id), "backward_sequence", params, buffers, settings)(
         xs, mask, params, saved, [g.contiguous() for g in grad_outputs], [g.contiguous() for g in grad_state],
         need_input_grad)
@@ -159,7 +166,7 @@ def sequence_backward(cell_id: int, xs: Tensor, mask: Optional[Tensor], params: 
 
 @sequence_backward.register_fake
 def _sequence_backward_shapes(cell_id: int, xs: Tensor, mask: Optional[Tensor], params: List[Tensor],
-                              buffers: List[Tensor], settings: List[float], saved: List[Tensor],
+                              buffers: List[Tensor], settings: Tensor, saved: List[Tensor],
                               grad_outputs: List[Tensor],
                               grad_state: List[Tensor], need_input_grad: bool) -> List[Tensor]:
     grad_xs = xs.new_empty(xs.shape) if need_input_grad else xs.new_empty(0)
@@ -167,10 +174,9 @@ def _sequence_backward_shapes(cell_id: int, xs: Tensor, mask: Optional[Tensor], 
 
 
 def _setup_context(ctx, inputs: Tuple, output: List[Tensor]) -> None:
-    cell_id, xs, mask, state, params, buffers, settings, saving = inputs
+    cell_id, xs, mask, state, params, buffers, saving = inputs
     outputs = _cell(cell_id)._python_methods._output_count
-    # The backward runs with the forward's mode and hyper-parameters, as autograd of the loop does.
-    ctx.cell_id, ctx.settings, ctx.counts = cell_id, settings, (outputs, len(state), len(params), len(buffers))
+    ctx.cell_id, ctx.counts = cell_id, (outputs, len(state), len(params), len(buffers))
     ctx.result_shapes = [r.shape for r in output[:outputs + len(state)]]
     ctx.need_input_grad = xs.requires_grad
     ctx.save_for_backward(xs, mask, *params, *buffers, *output[outputs + len(state):])
@@ -180,13 +186,14 @@ def _backward(ctx, grads: List[Optional[Tensor]]):
     xs, mask, *rest = ctx.saved_tensors
     outputs, states, parameters, buffer_count = ctx.counts
     params, rest = rest[:parameters], rest[parameters:]
-    buffers, saved = rest[:buffer_count], rest[buffer_count:]
+    # The backward runs with the forward's buffers, mode and hyper-parameters, as autograd of the loop does.
+    buffers, saved, settings = rest[:buffer_count], rest[buffer_count:-1], rest[-1]
     like = xs.new_zeros  # a result nothing used gets a zero gradient, as the derived backward expects
     grads = [g if g is not None else like(shape) for g, shape in zip(grads, ctx.result_shapes)]
-    results = sequence_backward(ctx.cell_id, xs, mask, list(params), list(buffers), ctx.settings, list(saved),
+    results = sequence_backward(ctx.cell_id, xs, mask, list(params), list(buffers), settings, list(saved),
                                 grads[:outputs], grads[outputs:outputs + states], ctx.need_input_grad)
     grad_xs = results[0] if ctx.need_input_grad else None
-    return None, grad_xs, None, results[1:1 + states], results[1 + states:], [None] * len(buffers), None, None
+    return None, grad_xs, None, results[1:1 + states], results[1 + states:], [None] * len(buffers), None
 
 
 sequence.register_autograd(_backward, setup_context=_setup_context)
@@ -195,7 +202,7 @@ sequence.register_autograd(_backward, setup_context=_setup_context)
 def forward_sequence(cell, xs: Tensor, state: Sequence[Tensor], mask: Optional[Tensor], params: List[Tensor],
                      buffers: List[Tensor], saving: bool):
     """``forward_sequence`` of ``cell`` through :func:`sequence`: (outputs, final state)."""
-    results = torch.ops.rnndsl.sequence(id(cell), xs, mask, list(state), params, buffers, settings_of(cell), saving)
+    results = torch.ops.rnndsl.sequence(id(cell), xs, mask, list(state), params, buffers, saving)
     outputs, states = cell._python_methods._output_count, len(state)
     final = tuple(results[outputs:outputs + states])
     return (results[0] if outputs == 1 else tuple(results[:outputs])), final
