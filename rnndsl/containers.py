@@ -266,7 +266,8 @@ class SequenceTable(nn.Module):
 
     def forward(self, state: Sequence[StateTree], x: Tensor,
                 mask: Optional[Tensor] = None, **inputs: Tensor):
-        check_module_state(self, state, "SequenceTable")
+        if not isinstance(state, (tuple, list)) or len(state) != len(self.layers):  # each layer checks its entry
+            check_module_state(self, state, "SequenceTable")
         check_input_names(self, inputs, "SequenceTable")
         finals, outputs, steps = [], [], []
         for depth, (layer, layer_state) in enumerate(zip(self.layers, state)):
@@ -345,7 +346,8 @@ class Bidirectional(nn.Module):
 
     def forward(self, state: Tuple[StateTree, StateTree], xs: Tensor,
                 mask: Optional[Tensor] = None, **inputs: Tensor) -> Tuple[Tuple[StateTree, StateTree], Tensor]:
-        check_module_state(self, state, "Bidirectional")
+        if not isinstance(state, (tuple, list)) or len(state) != 2:  # each direction's layer checks its entry
+            check_module_state(self, state, "Bidirectional")
         check_mask(mask, xs)  # before reading it for the lengths
         forward_state, reverse_state = state
         lengths = None if mask is None else mask.sum(0)
@@ -435,12 +437,28 @@ def state_template(sizes, batch: object = "batch") -> str:
     return "(" + ", ".join(parts) + ("," if len(parts) == 1 else "") + ")"
 
 
-def check_nesting(state: object, sizes, where: str = "state", whole=None) -> None:
+def check_nesting(state: object, sizes, where: str = "state") -> None:
     """Raise a ValueError, showing the nesting wanted, where ``state`` is not nested as ``sizes``
     (a module's ``state_sizes``: a tuple of sizes for a cell, of those for a stack): a tensor where a
     tuple belongs or the reverse, a tuple of another length, ``None``, a dict. The shapes are the
-    cells' to check."""
-    whole = sizes if whole is None else whole
+    cells' to check. Every container checks its own call, so the walk that says yes is kept cheap."""
+    if not _nested_as(state, sizes):
+        _refuse_nesting(state, sizes, where, sizes)
+
+
+def _nested_as(state: object, sizes) -> bool:
+    if isinstance(sizes, int):
+        return isinstance(state, Tensor)
+    if not isinstance(state, (tuple, list)) or len(state) != len(sizes):
+        return False
+    for part, part_sizes in zip(state, sizes):
+        if not _nested_as(part, part_sizes):
+            return False
+    return True
+
+
+def _refuse_nesting(state: object, sizes, where: str, whole) -> None:
+    """The first entry of ``state`` not nested as ``sizes``, raised as a ValueError."""
     if isinstance(sizes, int):
         if not isinstance(state, Tensor):
             raise ValueError(f"{where} must be a tensor of shape (batch, {sizes}), got {type(state).__name__}; "
@@ -451,7 +469,7 @@ def check_nesting(state: object, sizes, where: str = "state", whole=None) -> Non
         raise ValueError(f"{where} must be a tuple of {len(sizes)}, got {got}; the state is nested as "
                          f"{state_template(whole)}")
     for index, (part, part_sizes) in enumerate(zip(state, sizes)):
-        check_nesting(part, part_sizes, f"{where}[{index}]", whole)
+        _refuse_nesting(part, part_sizes, f"{where}[{index}]", whole)
 
 
 def _batch_count(batch_size: object) -> int:
@@ -473,6 +491,10 @@ def check_state(state: StateTree, sizes, names, batch_size: int, like: Tensor,
     """Raise a ValueError naming the first entry of ``state`` whose nesting,
     shape, dtype or device differs from what ``sizes`` and ``like`` ask for."""
     check_nesting(state, sizes, where)
+    _check_leaves(state, sizes, names, batch_size, like, where)
+
+
+def _check_leaves(state: StateTree, sizes, names, batch_size: int, like: Tensor, where: str) -> None:
     if isinstance(sizes, int):
         label = where if not isinstance(names, str) else f"{where} ({names})"
         if not isinstance(state, Tensor):
@@ -487,7 +509,7 @@ def check_state(state: StateTree, sizes, names, batch_size: int, like: Tensor,
     if names is None or isinstance(names, str) or len(names) != len(sizes):
         names = [None] * len(sizes)
     for index, (part, part_sizes, part_names) in enumerate(zip(state, sizes, names)):
-        check_state(part, part_sizes, part_names, batch_size, like, f"{where}[{index}]")
+        _check_leaves(part, part_sizes, part_names, batch_size, like, f"{where}[{index}]")
 
 
 class RecurrentNetwork(nn.Module):
@@ -611,7 +633,8 @@ class RecurrentNetwork(nn.Module):
         if sizes is not None:  # the init functions' states too: a user's may return a bare tensor
             check_state(state, sizes, getattr(self.network, "state_names", None), batch_size, xs,
                         "state" if given else "the init functions' state")
-        per_step, declared = per_step_inputs(self.network), extra_inputs_of(self.network)
+        per_step = per_step_inputs(self.network)
+        declared = extra_inputs_of(self.network) if inputs else {}
         for name, value in inputs.items():  # quoted in the caller's layout, before it is transposed
             expected = (batch_size, steps, declared[name][0])
             if self.batch_first and name in per_step and isinstance(value, Tensor) and value.dim() == 3 \

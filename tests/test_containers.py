@@ -151,11 +151,15 @@ def test_containers_refuse_a_state_not_nested_as_their_cells():
                                              r"is nested as \(\(batch, 4\), \(batch, 4\)\)"):
             table(state, xs)
     stack = SequenceTable([RecurrentTable(lstm), RecurrentTable(gru)])
-    with pytest.raises(ValueError, match=r"SequenceTable: state\[1\] must be a tuple of 1, got Tensor"):
+    with pytest.raises(ValueError, match=r"RecurrentTable: state must be a tuple of 1, got Tensor; the state is "
+                                         r"nested as \(\(batch, 4\),\)"):  # the layer's own check
         stack(((h, h), h), xs)
+    with pytest.raises(ValueError, match=r"SequenceTable: state must be a tuple of 2, got Tensor; the state is "
+                                         r"nested as \(\(\(batch, 4\), \(batch, 4\)\), \(\(batch, 4\),\)\)"):
+        stack(h, xs)
     both = Bidirectional(RecurrentTable(lstm), RecurrentTable(rnndsl.load_cell("lstm").build(3, 4)))
-    with pytest.raises(ValueError, match=r"Bidirectional: state\[0\] must be a tuple of 2, got Tensor"):
-        both((h, h), xs)
+    with pytest.raises(ValueError, match=r"RecurrentTable: state must be a tuple of 2, got Tensor"):
+        both((h, h), xs)  # a flat (h, c) for both directions
     with pytest.raises(ValueError, match=r"Bidirectional: state must be a tuple of 2, got 3 entries"):
         both(((h, h),) * 3, xs)
     with pytest.raises(ValueError, match=r"scan: state must be a tuple of the cell's state tensors, as \(h,\) or "
