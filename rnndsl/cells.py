@@ -185,21 +185,22 @@ def check_call(cell: torch.nn.Module, state, x: Tensor, sequence: bool, mask: Op
 
 def _misfit_tensor(cell: torch.nn.Module, dtype: torch.dtype,
                    device: torch.device) -> Optional[Tuple[str, str, Tensor]]:
-    """The first parameter or buffer of ``cell`` not of ``dtype`` on ``device`` (a buffer that is no
-    float, a step count, only on another device), as (kind, name, tensor); None when all fit. Every
-    one is checked: a product with one weight on another device or dtype gives garbage (``meta``)
-    or a silently promoted result. The dicts, not parameters(): this runs before every step of a
-    sampler, and generating parameters() costs more than the rest of the checks."""
-    for parameter_name, parameter in cell._parameters.items():
+    """The first parameter or buffer the cell's code reads that is not of ``dtype`` on ``device``
+    (a buffer that is no float, a step count, only on another device), as (kind, name, tensor); None
+    when all fit. Every one is checked: a product with one weight on another device or dtype gives
+    garbage (``meta``) or a silently promoted result. The declared names, read from the dicts (as
+    ``functional_call`` swaps them): a tensor the user registered beside them is not the code's, and
+    a parametrized one is computed, from originals that may be stored otherwise. This runs before
+    every step of a sampler: no parameters(), no parametrization call."""
+    parameters, buffers = cell._parameters, cell._buffers
+    for name in cell._inits:
+        parameter = parameters.get(name)
         if parameter is not None and (parameter.dtype != dtype or parameter.device != device):
-            return "parameter", parameter_name, parameter
-    for buffer_name, buffer in cell._buffers.items():
+            return "parameter", name, parameter
+    for name in cell._buffer_names:
+        buffer = buffers.get(name)
         if buffer is not None and (buffer.device != device or (buffer.is_floating_point() and buffer.dtype != dtype)):
-            return "buffer", buffer_name, buffer
-    if "parametrizations" in cell._modules:  # the tensors weight_norm and friends compute from
-        for parameter_name, parameter in cell.parametrizations.named_parameters():
-            if parameter.dtype != dtype or parameter.device != device:
-                return "parameter", parameter_name, parameter
+            return "buffer", name, buffer
     return None
 
 

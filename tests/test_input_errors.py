@@ -212,6 +212,18 @@ def test_every_parameter_and_buffer_must_match_the_inputs_dtype_and_device(backe
     attention.sharpness = attention.sharpness.double()
     with pytest.raises(ValueError, match="its buffer sharpness is torch.float64 on cpu"):
         attention.forward_sequence(x, (h,))
+    # What the code does not read is the user's: a buffer of their own, a parametrization's original.
+    cell = rnndsl.load_cell("lstm").build(INPUT, HIDDEN, backend=backend)
+    cell.register_buffer("running_norm", torch.zeros((), dtype=torch.float64))
+
+    class Upcast(nn.Module):
+        def forward(self, stored):
+            return stored.float()
+
+    nn.utils.parametrize.register_parametrization(cell, "weight_hh", Upcast(), unsafe=True)
+    stored = cell.parametrizations.weight_hh
+    stored.original = nn.Parameter(stored.original.detach().bfloat16())  # kept in bfloat16, read as float32
+    assert cell.forward_sequence(x, (h, h))[0].dtype == torch.float32
 
 
 def test_a_built_cell_instead_of_a_spec_is_refused():
