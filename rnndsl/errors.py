@@ -61,11 +61,17 @@ def quoted_line(source: str, span: Span) -> str:
 
 
 def quoted_text(source: str, span: Span) -> Optional[str]:
-    """The source text ``span`` covers, printable, when it lies on one line; else None."""
+    """The source text ``span`` covers, printable, on one line (an expression written over several
+    is joined, its line breaks and indents as single spaces); None if out of range."""
     lines = source_lines(source)
-    if span.line != span.end_line or not 0 < span.line <= len(lines):
+    if not 0 < span.line <= span.end_line <= len(lines):
         return None
-    return one_line(lines[span.line - 1][span.column - 1:span.end_column - 1]) or None
+    if span.line == span.end_line:
+        text = lines[span.line - 1][span.column - 1:span.end_column - 1]
+    else:
+        text = " ".join([lines[span.line - 1][span.column - 1:], *lines[span.line:span.end_line - 1],
+                         lines[span.end_line - 1][:span.end_column - 1]])
+    return one_line(" ".join(text.split())) or None
 
 
 def _underline(source: Optional[str], span: Span) -> str:

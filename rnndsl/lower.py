@@ -33,8 +33,12 @@ def size_of(expr: st.SizeExpr) -> Size:
     if any(abs(number) > MAX_DIMENSION for number in numbers):
         raise CellError(f"size `{size}` is too large: its numbers may be at most {MAX_DIMENSION:,}",
                         expr.span)
-    if not size.terms and size.const < 1:  # `hidden - hidden`, `2 - 3`: no build could give it a size
-        raise CellError(f"size is {size.const} whatever the sizes given at build: a dim is at least 1", expr.span)
+    # `hidden - hidden`, `1 - hidden`: no build makes it positive (sizes are at least 1, so a size of
+    # no positive coefficient is largest when they all are 1)
+    if all(coeff <= 0 for _, coeff in size.terms) and size.const + sum(coeff for _, coeff in size.terms) < 1:
+        largest = size.const + sum(coeff for _, coeff in size.terms)
+        what = f"is {size.const}" if not size.terms else f"`{size}` is at most {largest}"
+        raise CellError(f"size {what} whatever the sizes given at build: a dim is at least 1", expr.span)
     return size
 
 

@@ -242,8 +242,9 @@ def _unfinished_line(exc: UnexpectedToken, path: str) -> "tuple[str, Span, str] 
     `param s` or `hyper beta`: the error belongs after the name, not at the next line's first token."""
     stack = getattr(getattr(exc, "state", None), "value_stack", None) or []
     last = stack[-1] if stack else None
-    if isinstance(last, Token) and str(last) == "=" and exc.token.line > last.end_line:
-        # `buffer s[] =` and nothing after: the next line's first token is no value for it
+    if isinstance(last, Token) and str(last) == "=" and exc.token.line > last.end_line and _in_declaration(stack):
+        # `buffer s[] =` and nothing after: the next line's first token is no value for it (an
+        # equation may go on at the next line: there the token is simply unexpected)
         span = Span(path, last.end_line, last.end_column, last.end_line, last.end_column + 1)
         return ("the line ends after `=`", span, "a value must follow `=`, as in `= 1.0`")
     if len(stack) < 2 or not all(isinstance(item, Token) for item in stack[-2:]):
@@ -254,6 +255,19 @@ def _unfinished_line(exc: UnexpectedToken, path: str) -> "tuple[str, Span, str] 
     span = Span(path, name.end_line, name.end_column, name.end_line, name.end_column + 1)
     return (f"the line ends after `{keyword} {name}`", span,
             f"`{name}` needs {_UNFINISHED[keyword.type].format(name=name)}")
+
+
+def _in_declaration(stack: list) -> bool:
+    """Whether the parser's stack ends inside a declaration (`param`, `buffer`, `hyper`, `size`),
+    not an equation: walked back to the statement's keyword or its start."""
+    for item in reversed(stack):
+        kind = getattr(item, "type", None)
+        if kind in ("PARAM", "BUFFER", "HYPER", "SIZE"):
+            return True
+        data = getattr(item, "data", None)
+        if kind == "LBRACE" or data == "target" or (isinstance(data, str) and data.startswith("__cell")):
+            return False
+    return False
 
 
 def _hint_for(exc: UnexpectedInput) -> str | None:

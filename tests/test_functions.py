@@ -214,6 +214,12 @@ def test_comparisons_do_not_chain_and_bind_below_arithmetic():
     assert ops.index("neg") > ops.index("pow")  # -a ** 2 is -(a ** 2), as in Python
 
 
+def test_a_number_written_over_two_lines_is_quoted_as_one():
+    spec = load(cell_source("hyper k = -2.0", "h' = tanh(W @ x) * sqrt(", "    k)"))
+    with pytest.raises(ValueError, match=r"the number `sqrt\( k\)` at <string>:5:22"):
+        spec.build(3, 4)
+
+
 @pytest.mark.parametrize("number, words", [
     ("sqrt(-1.0)", r"the number `sqrt\(-1.0\)` at <string>:5:22 \(`h' = tanh\(W @ x\) \* sqrt\(-1.0\)`\) cannot be "
                    r"computed \(math domain error\)"),

@@ -203,6 +203,10 @@ def test_a_default_cut_short_after_its_equals_sign_is_reported_there(declaration
     assert (error.value.line, error.value.column) == (4, column)
     assert error.value.message.startswith("the line ends after `=`")
     assert error.value.hint == "a value must follow `=`, as in `= 1.0`"
+    # An equation may go on at the next line: one cut short there is not told to give `= 1.0`.
+    with pytest.raises(CellError) as error:
+        load(cell_source("h' =", "}"))
+    assert error.value.message.startswith("unexpected `}`")
 
 
 def test_a_matrix_multiplied_by_a_product_suggests_parentheses():
@@ -407,6 +411,7 @@ def test_a_huge_integer_hyper_and_a_buffer_beyond_float32_are_clear_errors():
 @pytest.mark.parametrize("declaration, position, words", [
     ("param b[hidden - hidden]", (4, 11), "size is 0 whatever the sizes given at build"),
     ("param b[2 - 3]", (4, 11), "size is -1 whatever the sizes given at build"),
+    ("param b[1 - hidden]", (4, 11), "is at most 0 whatever the sizes given at build"),
 ])
 def test_a_dim_that_no_build_can_make_positive_is_refused_at_load(declaration, position, words):
     """It loaded and `rnndsl check` said ok; build then refused it without a position."""
