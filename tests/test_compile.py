@@ -66,6 +66,15 @@ def test_every_stock_cell_network_compiles_whole_and_matches_eager(name, backend
     _compare(net, _network, (xs, torch.tensor([5, 2, 4])))
 
 
+def test_gla_compiles_where_its_decays_gradient_is_a_permuted_tensor():
+    """gla wrote its decay as exp(-softplus(-z) / 16): at these sizes AOTAutograd's backward
+    graph viewed softplus_backward's permuted result, which fails when it runs outside Inductor
+    ("view size is not compatible"); logsigmoid, the same value, compiles."""
+    torch.manual_seed(0)
+    net = rnndsl.make_recurrent("gla", 8, [8], save_hidden=False).double()
+    _compare(net, lambda model, xs: model(xs)[0], (torch.randn(5, 2, 8, dtype=F64),))
+
+
 def _graphs(model, run, lengths) -> list:
     """The graphs dynamo makes, for each sequence length."""
     graphs = []
