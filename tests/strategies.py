@@ -295,10 +295,17 @@ def linear_cells(draw) -> DrawnCell:
 _ROUGH_TOKEN = re.compile(r"#[^\n]*|[A-Za-z0-9_.']+|->|\S")
 
 
+def _stock_sources() -> List[str]:
+    from rnndsl.resources import stock_cells_dir
+    return [path.read_text() for path in sorted(stock_cells_dir().glob("*.cell"))]
+
+
 @st.composite
-def mutated_cells(draw) -> str:
-    """A well-formed cell with one to three tokens deleted, repeated, swapped or replaced."""
-    tokens = _ROUGH_TOKEN.findall(draw(well_formed_cells()).source)
+def mutated_cells(draw, stock: bool = False) -> str:
+    """A well-formed cell (a stock cell's file, with ``stock``) with one to three tokens deleted,
+    repeated, swapped or replaced."""
+    source = draw(st.sampled_from(_stock_sources())) if stock else draw(well_formed_cells()).source
+    tokens = _ROUGH_TOKEN.findall(source)
     for _ in range(draw(st.integers(1, 3))):
         at = draw(st.integers(0, len(tokens) - 1))
         change = draw(st.sampled_from(["delete", "repeat", "swap", "replace"]))

@@ -76,6 +76,21 @@ def test_random_bytes_in_a_file_raise_only_cell_error(tmp_path_factory, data):
 @settings(max_examples=examples(150))
 @given(mutated_cells(), st.integers(1, 4), st.integers(1, 4))
 def test_mutated_cells_raise_only_cell_error_or_work(text, input_size, hidden_size):
+    _loads_and_runs_or_is_refused(text, input_size, hidden_size, "eager")
+
+
+@settings(max_examples=examples(40), deadline=None)
+@given(mutated_cells(stock=True), st.integers(1, 4), st.integers(1, 4), st.sampled_from(["eager", "script"]))
+def test_mutated_stock_cells_raise_only_cell_error_or_work(text, input_size, hidden_size, backend):
+    """The stock cells hold every feature of the language; a mutant that loads must build, step,
+    run a sequence and train on both backends (a comparison reaching a matmul, a one-row weight
+    beside a full bias: found by a longer run of this, 9,700 mutants)."""
+    _loads_and_runs_or_is_refused(text, input_size, hidden_size, backend)
+
+
+def _loads_and_runs_or_is_refused(text: str, input_size: int, hidden_size: int, backend: str) -> None:
+    """A CellError at a position, or cells that build (or refuse these sizes naming the cell), step,
+    run a sequence with a float output and take its gradient."""
     try:
         cells = load(text)
     except CellError as error:
@@ -83,12 +98,20 @@ def test_mutated_cells_raise_only_cell_error_or_work(text, input_size, hidden_si
         return
     for spec in cells.values():
         try:
-            cell = spec.build(input_size, hidden_size, backend="eager")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", rnndsl.CellWarning)
+                cell = spec.build(input_size, hidden_size, backend=backend)
         except ValueError as error:  # sizes that cannot hold for this build, e.g. input_size != hidden_size
             assert spec.name in str(error)
             continue
+        if cell.extra_inputs:
+            continue
         state = tuple(torch.randn(2, size) for size in cell.state_sizes)
-        cell(state, torch.randn(2, input_size))
+        cell(state, torch.randn(2, cell.input_size))  # a spatial cell's input: its images, flat
+        outputs, _ = cell.forward_sequence(torch.randn(3, 2, cell.input_size, requires_grad=True), state)
+        outputs = _flatten(outputs)
+        assert all(output.is_floating_point() for output in outputs)
+        sum(output.sum() for output in outputs).backward()
 
 
 def _inputs(cell, batch: int, steps: int):
