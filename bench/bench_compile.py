@@ -30,6 +30,7 @@ from bench.timing import interleaved_medians
 _COMPILE_CASE = r"""
 import time, warnings, torch, rnndsl
 warnings.simplefilter("ignore")
+torch._inductor.config.force_disable_caches = True  # else a second run reads Inductor's disk cache (8x less)
 kind, steps, hidden = {kind!r}, {steps}, {hidden}
 torch.manual_seed(0)
 if kind == "python loop":
@@ -62,6 +63,9 @@ def compile_seconds(kind: str, steps: int, hidden: int) -> float:
 
 def speed(hidden: int, rounds: int, device: str, steps: int = 20, batch: int = 64) -> dict:
     """Median fwd+bwd seconds of each variant of a 1-layer LSTM at ``hidden``."""
+    # A fresh dynamo for each size: the graphs of the sizes before count toward its recompile limit
+    # (8), past which a "compiled" variant would run uncompiled.
+    torch._dynamo.reset()
     torch.manual_seed(0)
     reference = torch.nn.LSTM(hidden, hidden).to(device)
     script = rnndsl.LSTM(hidden, hidden).to(device)

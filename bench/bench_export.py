@@ -8,6 +8,7 @@ exported program, the AOTInductor package and torch.nn.LSTM (medians).
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import tempfile
 import time
@@ -18,6 +19,7 @@ from typing import Callable, List
 import torch
 
 import rnndsl
+from bench.timing import interleaved_medians
 
 
 def median_seconds(run: Callable[..., object], rounds: int, *args: object) -> float:
@@ -61,20 +63,25 @@ def main() -> None:
             print(f"AOTInductor compile: {time.perf_counter() - start:.1f} s")
             runners["AOTInductor"] = torch._inductor.aoti_load_package(path)
 
-    print(f"no_grad forward, batch {args.batch}, hidden {args.hidden}, median of {args.rounds} (ms):")
+    print(f"no_grad forward, batch {args.batch}, hidden {args.hidden}, medians of {args.rounds} interleaved "
+          "rounds (ms); under no_grad the module runs torch's fused kernel at these sizes "
+          "(rnndsl/cellspec.py, fused_sequence), the exported program the cells' generated code:")
     print(f"{'':>18}" + "".join(f"{f'T={steps}':>10}" for steps in args.steps))
+    cells = {name: [] for name in runners}
     with torch.no_grad():
-        inputs = {steps: torch.randn(steps, args.batch, args.hidden) for steps in args.steps}
-        want = {steps: reference(x)[0] for steps, x in inputs.items()}
-        for name, run in runners.items():
-            cells = []
-            for steps, x in inputs.items():
-                run(x)  # warm-up
-                cells.append(f"{median_seconds(run, args.rounds, x) * 1e3:>10.1f}")
-                difference = (run(x)[0] - want[steps]).abs().max().item()
+        for steps in args.steps:
+            x = torch.randn(steps, args.batch, args.hidden)
+            want = reference(x)[0]
+            for name, run in runners.items():
+                difference = (run(x)[0] - want).abs().max().item()
                 if difference > 1e-4:
                     raise AssertionError(f"{name} differs from torch.nn.LSTM at T={steps} by {difference:.1e}")
-            print(f"{name:>18}" + "".join(cells))
+            medians = interleaved_medians({name: functools.partial(run, x) for name, run in runners.items()},
+                                          args.rounds, warmups=1)
+            for name, seconds in medians.items():
+                cells[name].append(f"{seconds * 1e3:>10.1f}")
+    for name, row in cells.items():
+        print(f"{name:>18}" + "".join(row))
 
 
 if __name__ == "__main__":

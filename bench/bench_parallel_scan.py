@@ -109,7 +109,7 @@ def main() -> None:
                     use_cpu_kernel(False)
             runs["fused C++"] = with_kernel
         medians = interleaved_medians({mode: _synchronized(function, device) for mode, function in runs.items()},
-                                      args.rounds, warmups=2)
+                                      args.rounds, warmups=4)  # TorchScript's loop settles on its 4th call
         ms = {mode: seconds * 1e3 for mode, seconds in medians.items()}
         plain, sequential, parallel = ms["plain loop"], ms["sequential"], ms["parallel"]
         extra = f" {ms['python loop']:>12.2f} {ms['python loop'] / parallel:>9.1f}x" if args.python_loop else ""

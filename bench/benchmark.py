@@ -240,7 +240,7 @@ class Config:
     seq: int = 20
     batch: int = 64
     layers: int = 2
-    repeats: int = 5
+    repeats: int = 15  # five rounds' ratios wandered by +-0.25 on a noisy 2-core VM
     warmup: int = 3  # TorchScript's profiling executor settles after about four calls
     threads: int = 0  # torch CPU threads; 0 keeps torch's choice
     allow_tf32: bool = False  # default: every variant in full fp32, cuDNN included
@@ -351,11 +351,14 @@ def benchmark_size(variants: Sequence[Variant], hidden: int, config: Config,
                for name, metrics in times.items()}
     rows = []
     for name, case in cases.items():
-        reference = medians.get(REFERENCES[case.variant.family])
+        reference = times.get(REFERENCES[case.variant.family])
         for metric, value in medians[name].items():
-            ratio = value / reference[metric] if reference else None
+            # The ratio of each round's pair, then their median: a slow spell of the machine then
+            # weighs on both sides of a ratio, not on one side's median.
+            ratio = statistics.median(mine / theirs for mine, theirs in zip(times[name][metric], reference[metric])) \
+                if reference else None
             rows.append(row("time", case.variant, hidden, config.seq, metric, value, ratio,
-                            f"median of {config.repeats} interleaved runs"))
+                            f"median of {config.repeats} interleaved runs; ratio: median of the rounds' ratios"))
         rows.append(row("time", case.variant, hidden, config.seq, "first_call_s", first_call[name], None,
                         "construct + first fwd+bwd in the benchmark process (torch.compile: cold compile)"))
         rows.append(row("time", case.variant, hidden, config.seq, "warmup_s", warmup[name], None,
@@ -700,7 +703,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--variants", nargs="+", metavar="NAME",
                         help="variants to run (default all available); references are always added")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run: hidden 256 only, 3 rounds, no torch.compile")
+                        help="smoke run: hidden 256 only, 3 rounds, no torch.compile, one fresh process "
+                             "per memory figure")
     parser.add_argument("--no-compile", dest="compile", action="store_false",
                         help="skip torch.compile (its cold compile takes 20-40 s per size on CPU)")
     parser.add_argument("--no-startup-memory", dest="startup_memory", action="store_false",

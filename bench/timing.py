@@ -13,13 +13,17 @@ from typing import Callable, Dict, List
 def interleaved_medians(cases: Dict[str, Callable[[], object]], rounds: int, calls: int = 1, warmups: int = 1,
                         clock: Callable[[], float] = time.perf_counter) -> Dict[str, float]:
     """Median seconds per call of each case: ``warmups`` calls of each first, then ``rounds``
-    rounds in which each case in turn runs ``calls`` times."""
+    rounds in which each case in turn runs ``calls`` times, each round starting one case later
+    (so that no case always runs right after the same other one, whose cache footprint it meets)."""
     for case in cases.values():
         for _ in range(warmups):
             case()
     times: Dict[str, List[float]] = {name: [] for name in cases}
-    for _ in range(rounds):
-        for name, case in cases.items():
+    names = list(cases)
+    for round_index in range(rounds if names else 0):
+        start_at = round_index % len(names)
+        for name in names[start_at:] + names[:start_at]:
+            case = cases[name]
             start = clock()
             for _ in range(calls):
                 case()

@@ -152,3 +152,27 @@ def test_fused_sequence_benchmark_refuses_when_the_two_ways_take_one_path(monkey
     monkeypatch.setattr(bench_fused_sequence, "NEVER_KERNEL", None)
     with pytest.raises(RuntimeError, match="did not take the two paths"):
         bench_fused_sequence.timed_both_ways("gru", 8, 2, steps=3, rounds=1, calls=1)
+
+
+# The other harnesses, each run once at a tiny size: they must not rot between the runs that
+# feed the README.
+@pytest.mark.parametrize("module, argv", [
+    ("bench_latency", ["--hidden", "8", "--rounds", "1", "--calls", "1"]),
+    ("bench_backward", ["--hidden", "8", "--seq", "3", "--batch", "2", "--rounds", "1", "--warmup", "1"]),
+    ("bench_linear_scan", ["--steps", "8", "--batch", "2", "--hidden", "4", "--repeats", "1", "--algorithms"]),
+    ("bench_export", ["--hidden", "8", "--batch", "2", "--steps", "3", "5", "--rounds", "1", "--no-aoti"]),
+    ("benchmark", ["--hidden", "8", "--seq", "3", "--batch", "2", "--repeats", "1", "--warmup", "1", "--no-compile",
+                   "--no-startup-memory", "--no-plot", "--variants", "rnndsl.LSTM-script", "rnndsl-lstm-script",
+                   "python-loop"]),
+])
+def test_each_benchmark_runs_at_a_tiny_size(module, argv, monkeypatch, capsys, tmp_path):
+    import importlib
+    bench = importlib.import_module(f"bench.{module}")
+    if module == "benchmark":
+        argv = argv + ["--csv", str(tmp_path / "rows.csv")]
+    monkeypatch.setattr(sys, "argv", [module, *argv])
+    bench.main()
+    out = capsys.readouterr().out
+    assert out.strip()
+    if module == "benchmark":
+        assert "rnndsl.LSTM-script" in out and "python-loop" in out
