@@ -508,16 +508,20 @@ def startup_and_memory(variants: Sequence[Variant], hidden: int, memory_seq: int
     """
     measured: Dict[str, List[Dict[str, float]]] = {variant.name: [] for variant in variants}
     failed = set()
-    for run in range(runs):
-        for variant in variants:
-            if variant.name in failed:
-                continue
-            log(f"start-up and memory: {variant.name} in a fresh process ({run + 1} of {runs})")
-            try:
-                measured[variant.name].append(measure_in_fresh_process(variant, hidden, memory_seq, config))
-            except (RuntimeError, subprocess.TimeoutExpired) as error:
-                log(f"start-up and memory: {variant.name} failed and is left out: {error}")
-                failed.add(variant.name)
+    interrupted = False
+    try:
+        for run in range(runs):
+            for variant in variants:
+                if variant.name in failed:
+                    continue
+                log(f"start-up and memory: {variant.name} in a fresh process ({run + 1} of {runs})")
+                try:
+                    measured[variant.name].append(measure_in_fresh_process(variant, hidden, memory_seq, config))
+                except (RuntimeError, subprocess.TimeoutExpired) as error:
+                    log(f"start-up and memory: {variant.name} failed and is left out: {error}")
+                    failed.add(variant.name)
+    except KeyboardInterrupt:  # keep the processes that finished
+        interrupted = True
     results = {name: {metric: statistics.median(run[metric] for run in runs_of)
                       for metric in runs_of[0]}
                for name, runs_of in measured.items() if runs_of and name not in failed}
@@ -531,7 +535,17 @@ def startup_and_memory(variants: Sequence[Variant], hidden: int, memory_seq: int
             seq = config.seq if metric.endswith("_s") else memory_seq
             row_ = row("startup_memory", variant, hidden, seq, metric, value, ratio, AUX_METRICS[metric])
             rows.append({**row_, "processes": len(measured[variant.name])})
+    if interrupted:
+        raise Interrupted(rows)
     return rows
+
+
+class Interrupted(KeyboardInterrupt):
+    """A section cut short by SIGINT, with the rows it finished."""
+
+    def __init__(self, rows: List[dict]) -> None:
+        super().__init__()
+        self.rows = rows
 
 
 # ----------------------------------------------------------------------------
@@ -770,15 +784,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 log(note)
 
     try:
-        if args.startup_memory:
-            rows += startup_and_memory(variants, args.memory_hidden, args.memory_seq, config, log,
-                                       args.memory_runs)
-            save()
+        # Timing first: it is what a time-limited run (gpu.sh) is for; start-up and memory after it.
         for hidden in args.hidden:
             rows += benchmark_size(variants, hidden, config, log)
             save()
-    except KeyboardInterrupt:
+        if args.startup_memory:
+            rows += startup_and_memory(variants, args.memory_hidden, args.memory_seq, config, log,
+                                       args.memory_runs)
+    except KeyboardInterrupt as interrupt:
+        rows += getattr(interrupt, "rows", [])
         log("interrupted: reporting the sections that finished")
+    finally:
+        save()
     print(f"rnndsl benchmark, {when}; {machine()}")
     print(format_tables(rows, config))
     plotted = args.make_plot and not notes and any(r["section"] == "time" for r in rows)

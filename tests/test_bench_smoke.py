@@ -161,6 +161,7 @@ def test_fused_sequence_benchmark_refuses_when_the_two_ways_take_one_path(monkey
     ("bench_backward", ["--hidden", "8", "--seq", "3", "--batch", "2", "--rounds", "1", "--warmup", "1"]),
     ("bench_linear_scan", ["--steps", "8", "--batch", "2", "--hidden", "4", "--repeats", "1", "--algorithms"]),
     ("bench_export", ["--hidden", "8", "--batch", "2", "--steps", "3", "5", "--rounds", "1", "--no-aoti"]),
+    ("gpu_smoke", ["--device", "cpu", "--no-compile"]),
     ("benchmark", ["--hidden", "8", "--seq", "3", "--batch", "2", "--repeats", "1", "--warmup", "1", "--no-compile",
                    "--no-startup-memory", "--no-plot", "--variants", "rnndsl.LSTM-script", "rnndsl-lstm-script",
                    "python-loop"]),
@@ -171,7 +172,12 @@ def test_each_benchmark_runs_at_a_tiny_size(module, argv, monkeypatch, capsys, t
     if module == "benchmark":
         argv = argv + ["--csv", str(tmp_path / "rows.csv")]
     monkeypatch.setattr(sys, "argv", [module, *argv])
-    bench.main()
+    if module == "gpu_smoke":  # exits: 0 when every check passed
+        with pytest.raises(SystemExit) as exit_:
+            bench.main()
+        assert exit_.value.code == 0
+    else:
+        bench.main()
     out = capsys.readouterr().out
     assert out.strip()
     if module == "benchmark":
