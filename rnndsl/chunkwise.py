@@ -144,7 +144,7 @@ def sequential_attention(q: Tensor, k: Tensor, v: Tensor, log_decay: Optional[Te
     k = torch.broadcast_to(k, (steps, batch, heads, keys))
     v = torch.broadcast_to(v, (steps, batch, heads, values))
     decay_shape = (steps, batch, heads, keys) if per_key else (steps, batch, heads)
-    a = (torch.ones(decay_shape, dtype=state.dtype) if log_decay is None
+    a = (torch.ones(decay_shape, dtype=state.dtype, device=state.device) if log_decay is None
          else torch.exp(torch.broadcast_to(log_decay, decay_shape)))
     outputs = []
     for t in range(steps):
