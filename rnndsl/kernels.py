@@ -9,7 +9,7 @@ and they use torch's matmul. oneDNN's op has no derivative, so :func:`linear` pi
 only where autograd does not record (the derived backward's methods run that way);
 :func:`linear_with_grad` wraps it in an autograd Function for code that runs
 under autograd (the parallel scan's ``forward_parallel``). :func:`outer_sum` (a weight's
-gradient over all steps) is torch's matmul on every CPU: see its docstring.
+gradient over all steps) is torch's matmul but on AMD CPUs with AVX-512: see where it is picked.
 """
 from __future__ import annotations
 
@@ -180,15 +180,22 @@ def conv_same_weight_grad(grad: Tensor, v: Tensor, weight: Tensor) -> Tensor:
     return grads[1]
 
 
-def outer_sum(grad: Tensor, vector: Tensor) -> Tensor:
-    """``sum_k grad[k] ⊗ vector[k]`` over all leading dims: the gradient of W in ``W @ v``, one GEMM.
-
-    Torch's matmul (MKL's sgemm) on every CPU: it reads the transposed operand in place, where
-    oneDNN copies it first. On the AMD EPYC where oneDNN wins the other products (2026-12-05,
-    float32, 1 and 2 threads), MKL took 0.67-0.77x oneDNN's time for an LSTM's weight gradients
-    at hidden 200 (700 rows) and minGRU's (16,384 rows), 0.91-0.97x at hidden 256 to 1024.
-    """
+def _outer_sum_matmul(grad: Tensor, vector: Tensor) -> Tensor:
+    """``sum_k grad[k] ⊗ vector[k]`` over all leading dims: the gradient of W in ``W @ v``, one GEMM
+    (torch's matmul, MKL's sgemm, which reads the transposed operand in place)."""
     return torch.mm(grad.reshape(-1, grad.size(-1)).t(), vector.reshape(-1, vector.size(-1)))
+
+
+def _outer_sum_onednn(grad: Tensor, vector: Tensor) -> Tensor:
+    """:func:`_outer_sum_matmul` through oneDNN's GEMM where it fits (float32 on the CPU, about a
+    million multiply-adds or more, outside autograd), the two operands transposed into copies first."""
+    flat_grad, flat_vector = grad.reshape(-1, grad.size(-1)), vector.reshape(-1, vector.size(-1))
+    if (not torch.is_grad_enabled() and flat_grad.dtype == torch.float32 and flat_vector.dtype == torch.float32
+            and flat_grad.device.type == "cpu"
+            and flat_grad.size(0) * flat_grad.size(1) * flat_vector.size(1) >= 1048576):
+        return torch.ops.mkldnn._linear_pointwise(flat_grad.t().contiguous(), flat_vector.t().contiguous(), None,
+                                                  "none", [], "")
+    return torch.mm(flat_grad.t(), flat_vector)
 
 
 def _cpu_vendor() -> str:
@@ -204,7 +211,7 @@ def _cpu_vendor() -> str:
 
 
 def _onednn_beats_mkl() -> bool:
-    """Whether large float32 products (not weight gradients: :func:`outer_sum`) should go to oneDNN
+    """Whether large float32 products (weight gradients by their own rule: :func:`outer_sum`) should go to oneDNN
     rather than torch's matmul (MKL's sgemm).
 
     Measured at one thread for an LSTM's products (batch 20 to 64, hidden 200 to 1024): on AMD
@@ -223,6 +230,11 @@ _USE_ONEDNN = _onednn_beats_mkl()
 linear = _linear_onednn if _USE_ONEDNN else _linear_matmul
 prepack = _prepack_onednn if _USE_ONEDNN else _prepack_none
 accumulate = _accumulate_onednn if _USE_ONEDNN else _accumulate_matmul
+# A weight's gradient over all steps: torch's matmul, except on the AMD CPUs with AVX-512, where
+# oneDNN, copies of the transposes included, took 0.56-0.71x MKL's time (a Zen 5 EPYC, 2026-12-07,
+# 2 threads, an LSTM's at hidden 200 to 1024). On an AVX2 EPYC (2026-12-05) MKL was the faster,
+# 0.67-0.77x oneDNN's at hidden 200 and 0.91-0.97x at 256 to 1024; on Intel CPUs MKL is.
+outer_sum = _outer_sum_onednn if _USE_ONEDNN and _has_avx512() else _outer_sum_matmul
 
 
 
