@@ -197,13 +197,22 @@ def test_a_steps_product_goes_to_onednn_by_the_rule_of_the_cpus_kind():
     assert kernels._onednn_fits(20 * 64, weight(4 * 200, 200))
     assert not kernels._onednn_fits(20 * 64, weight(4 * 200, 200).double())
     assert not kernels._onednn_fits(2, weight(4 * 200, 200))
+    # On AMD's Zen 5 every step's product (of a million multiply-adds or more) takes oneDNN.
+    assert kernels._step_weight_to_onednn_any(weight(4 * 200, 200))
     # The rule of this machine's kind, and what it does to a step's weight here.
-    avx512 = kernels._has_avx512()
-    assert kernels._step_weight_to_onednn is (kernels._step_weight_to_onednn_avx512 if avx512
+    avx512, zen5 = kernels._has_avx512(), kernels._amd_family() >= 26
+    assert kernels._step_weight_to_onednn is (kernels._step_weight_to_onednn_any if zen5 else
+                                              kernels._step_weight_to_onednn_avx512 if avx512
                                               else kernels._step_weight_to_onednn_avx2)
     with torch.no_grad():
         packed = kernels.prepack(torch.randn(4 * 256, 256), 64)
-    assert packed.is_mkldnn == (kernels._USE_ONEDNN and avx512)
+    assert packed.is_mkldnn == (kernels._USE_ONEDNN and (avx512 or zen5))
+    # Weights' gradients: oneDNN on AMD CPUs with AVX-512 only.
+    assert kernels.outer_sum is (kernels._outer_sum_onednn if kernels._USE_ONEDNN and avx512
+                                 else kernels._outer_sum_matmul)
+    grad, vector = torch.randn(1280, 4 * 64), torch.randn(1280, 64)
+    with torch.no_grad():  # (under autograd it takes torch's matmul, which has a derivative)
+        torch.testing.assert_close(kernels._outer_sum_onednn(grad, vector), grad.t() @ vector, rtol=1e-4, atol=1e-3)
 
 
 def test_gradients_reach_everything_from_the_final_state_or_the_outputs_alone():
