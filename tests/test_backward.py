@@ -210,7 +210,7 @@ def test_a_steps_product_goes_to_onednn_by_the_rule_of_the_cpus_kind():
     # Weights' gradients: oneDNN on AMD CPUs with AVX-512 only.
     assert kernels.outer_sum is (kernels._outer_sum_onednn if kernels._USE_ONEDNN and avx512
                                  else kernels._outer_sum_matmul)
-    grad, vector = torch.randn(1280, 4 * 64), torch.randn(1280, 64)
+    grad, vector = torch.randn(320, 4 * 256), torch.randn(320, 256)  # a batch of windows: oneDNN's case
     with torch.no_grad():  # (under autograd it takes torch's matmul, which has a derivative)
         torch.testing.assert_close(kernels._outer_sum_onednn(grad, vector), grad.t() @ vector, rtol=1e-4, atol=1e-3)
 
