@@ -25,7 +25,7 @@ import warnings
 import torch
 
 import rnndsl
-from bench.timing import interleaved_medians
+from bench.timing import interleaved_medians, set_tf32
 
 _COMPILE_CASE = r"""
 import time, warnings, torch, rnndsl
@@ -111,7 +111,7 @@ def main() -> None:
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     # As bench.benchmark: every variant in full float32, cuDNN's LSTM too (cuDNN may use TF32 by default).
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    set_tf32(False)
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {where}, TF32 off", flush=True)
     if not args.skip_compile_time:

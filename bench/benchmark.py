@@ -52,6 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bench.timing import set_tf32
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 GATES_CELL = Path(__file__).with_name("lstm_gates.cell")
@@ -249,8 +251,7 @@ class Config:
         """Set torch's process-wide options this configuration asks for."""
         if self.threads:
             torch.set_num_threads(self.threads)
-        torch.backends.cuda.matmul.allow_tf32 = self.allow_tf32
-        torch.backends.cudnn.allow_tf32 = self.allow_tf32
+        set_tf32(self.allow_tf32)
 
 
 @dataclass

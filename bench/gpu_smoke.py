@@ -20,6 +20,8 @@ from typing import List, Sequence
 import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
+from bench.timing import set_tf32
+
 F64 = torch.float64
 
 
@@ -142,7 +144,7 @@ def main() -> None:
         import rnndsl
     except ImportError as error:
         sys.exit(f"gpu_smoke: {error}: carry the missing wheel (see bench/gpu.sh)")
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    set_tf32(False)
     checks = Checks()
     start = time.perf_counter()
     torch.manual_seed(0)

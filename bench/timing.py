@@ -9,6 +9,8 @@ import statistics
 import time
 from typing import Callable, Dict, List
 
+import torch
+
 
 def interleaved_medians(cases: Dict[str, Callable[[], object]], rounds: int, calls: int = 1, warmups: int = 1,
                         clock: Callable[[], float] = time.perf_counter) -> Dict[str, float]:
@@ -29,3 +31,14 @@ def interleaved_medians(cases: Dict[str, Callable[[], object]], rounds: int, cal
                 case()
             times[name].append((clock() - start) / calls)
     return {name: statistics.median(seconds) for name, seconds in times.items()}
+
+
+def set_tf32(allowed: bool) -> None:
+    """Let (or forbid) float32 matrix products and cuDNN's kernels round through TF32 on the GPU.
+
+    The benchmarks default to full float32 everywhere, cuDNN's LSTM included, so that every variant
+    computes the same numbers. cuDNN's flag is set only where cuDNN exists: torch's own test suite
+    freezes the cuDNN flags once imported, and a benchmark run inside pytest would otherwise fail."""
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+    if torch.backends.cudnn.is_available():
+        torch.backends.cudnn.allow_tf32 = allowed
