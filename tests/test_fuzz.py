@@ -108,10 +108,13 @@ def _loads_and_runs_or_is_refused(text: str, input_size: int, hidden_size: int, 
             continue
         state = tuple(torch.randn(2, size) for size in cell.state_sizes)
         cell(state, torch.randn(2, cell.input_size))  # a spatial cell's input: its images, flat
+        state = tuple(part.requires_grad_() for part in state)
         outputs, _ = cell.forward_sequence(torch.randn(3, 2, cell.input_size, requires_grad=True), state)
         outputs = _flatten(outputs)
         assert all(output.is_floating_point() for output in outputs)
-        sum(output.sum() for output in outputs).backward()
+        loss = sum(output.sum() for output in outputs)
+        if loss.requires_grad:  # an output may be a constant of the cell (`h' = 1`), with nothing to differentiate
+            loss.backward()
 
 
 def _inputs(cell, batch: int, steps: int):
