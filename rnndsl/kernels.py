@@ -221,12 +221,24 @@ def _outer_sum_onednn(grad: Tensor, vector: Tensor) -> Tensor:
     autograd, about a million multiply-adds or more) and wins: a sum over at most 4,096 rows into a
     weight of at least 64 numbers per row, as an LSTM's over a batch of windows (1,280 rows into
     1024 x 256: 0.66x MKL's time). Over more rows into a smaller weight MKL wins, 1.5-4x (minGRU's
-    16,384 rows into 128 x 64; 8,192 rows into 1024 x 256). The operands are transposed into copies."""
+    16,384 rows into 128 x 64; 8,192 rows into 1024 x 256).
+
+    Up to 2**21 numbers of ``grad`` (an LSTM's at hidden 256 over 1,280 rows), oneDNN's inner-product
+    weight gradient reads both operands as they lie, after a plain copy into oneDNN's tensors: the
+    2-layer LSTM's fwd+bwd at hidden 256 took 1.11-1.15x torch.nn.LSTM's time against 1.20-1.25x
+    with the operands transposed into copies (three paired processes each, a Zen 5 EPYC VM,
+    2026-12-07). Above that size the copies into oneDNN's tensors cost what the transposes do (at
+    hidden 512 the two ran even); there the operands are transposed into copies for its GEMM."""
     flat_grad, flat_vector = grad.reshape(-1, grad.size(-1)), vector.reshape(-1, vector.size(-1))
     rows, weight_numbers = flat_grad.size(0), flat_grad.size(1) * flat_vector.size(1)
     if (not torch.is_grad_enabled() and flat_grad.dtype == torch.float32 and flat_vector.dtype == torch.float32
             and flat_grad.device.type == "cpu" and rows * weight_numbers >= 1048576
             and rows <= 4096 and weight_numbers >= 64 * rows):
+        if flat_grad.numel() <= 2097152:
+            # The third argument gives only the result's dtype and device.
+            return torch.ops.aten.mkldnn_linear_backward_weights(
+                flat_grad.contiguous().to_mkldnn(), flat_vector.contiguous().to_mkldnn(), flat_grad.new_empty([0]),
+                False)[0]
         return torch.ops.mkldnn._linear_pointwise(flat_grad.t().contiguous(), flat_vector.t().contiguous(), None,
                                                   "none", [], "")
     return torch.mm(flat_grad.t(), flat_vector)

@@ -211,8 +211,15 @@ def test_a_steps_product_goes_to_onednn_by_the_rule_of_the_cpus_kind():
     assert kernels.outer_sum is (kernels._outer_sum_onednn if kernels._USE_ONEDNN and avx512
                                  else kernels._outer_sum_matmul)
     grad, vector = torch.randn(320, 4 * 256), torch.randn(320, 256)  # a batch of windows: oneDNN's case
+    wide = torch.randn(320, 8 * 256)
+    # Its inner-product weight gradient up to 2**21 numbers of grad (a view too), its GEMM on
+    # transposed copies above.
+    cases = [(grad, vector), (wide.narrow(1, 256, 4 * 256), vector),
+             (torch.randn(1280, 8 * 256), torch.randn(1280, 2 * 256))]
     with torch.no_grad():  # (under autograd it takes torch's matmul, which has a derivative)
-        torch.testing.assert_close(kernels._outer_sum_onednn(grad, vector), grad.t() @ vector, rtol=1e-4, atol=1e-3)
+        for grad, vector in cases:
+            torch.testing.assert_close(kernels._outer_sum_onednn(grad, vector), grad.t() @ vector,
+                                       rtol=1e-4, atol=1e-3)
 
 
 def test_gradients_reach_everything_from_the_final_state_or_the_outputs_alone():
