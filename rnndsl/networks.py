@@ -386,8 +386,10 @@ class _CompiledRNNBase:
         packed = isinstance(input, PackedSequence)
         if not packed:
             if input.dim() not in (2, 3):
+                # torch.nn.RNN's words differ from LSTM's and GRU's by one; each drop-in says its own.
+                noun = " tensor" if self.mode.startswith("RNN") else ""
                 raise ValueError(f"{type(self).__name__}: Expected input to be 2D or 3D, "
-                                 f"got {input.dim()}D instead")
+                                 f"got {input.dim()}D{noun} instead")
             # Checked before choosing the kernel, so every backend raises the same error.
             check_not_empty(input, type(self).__name__, 1 if self.batch_first and input.dim() == 3 else 0)
         if packed:

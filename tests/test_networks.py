@@ -158,8 +158,12 @@ def test_drop_in_errors_name_expected_and_received(backend):
         lstm(torch.randn(5, 3, 10), (torch.zeros(1, 3, 20, dtype=F64), torch.zeros(1, 3, 20)))
     with pytest.raises(ValueError, match=r"hx must be a tuple \(h_0, c_0\) of tensors"):
         lstm(torch.randn(5, 3, 10), torch.zeros(1, 3, 20))
-    with pytest.raises(ValueError, match="Expected input to be 2D or 3D, got 4D"):
-        GRU(10, 20)(torch.randn(5, 3, 1, 10))
+    for kind in ("LSTM", "GRU", "RNN"):  # torch's very words, which differ between its classes
+        with pytest.raises(ValueError) as torch_error:
+            getattr(nn, kind)(10, 20)(torch.randn(5, 3, 1, 10))
+        with pytest.raises(ValueError) as our_error:
+            getattr(rnndsl, kind)(10, 20, backend=backend)(torch.randn(5, 3, 1, 10))
+        assert str(our_error.value) == str(torch_error.value)
     with pytest.raises(ValueError, match="GRU: hx must be a tensor, got tuple"):  # every backend alike
         GRU(10, 20, backend=backend)(torch.randn(5, 3, 10), (torch.zeros(1, 3, 20),))
 
