@@ -18,6 +18,7 @@ import dataclasses
 import inspect
 import os
 import sys
+import threading
 from collections.abc import Iterable
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -282,6 +283,33 @@ class _SetFlagWhenDynamoLoads(importlib.abc.MetaPathFinder):
         return spec
 
 
+class _EnginePool:
+    """A drop-in's engines, each with the parameter slots its calls fill; one call at a time per
+    engine. One thread finds the first engine idle at every call; a second engine is built only
+    while two calls run at once."""
+
+    def __init__(self, first: SequenceTable, build: Callable[[], SequenceTable], bindings: Iterable[str]) -> None:
+        self._build = build
+        # Where each cell parameter lives in an engine: its module's `_parameters` and its name there.
+        self._paths = [inner.rpartition(".")[::2] for inner in bindings]
+        self._idle = [(first, self._slots(first))]
+        self._lock = threading.Lock()
+
+    def _slots(self, engine: SequenceTable) -> List[Tuple[Dict[str, Tensor], str]]:
+        return [(engine.get_submodule(module)._parameters, name) for module, name in self._paths]
+
+    def take(self) -> Tuple[SequenceTable, List[Tuple[Dict[str, Tensor], str]]]:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        engine = self._build()
+        return engine, self._slots(engine)
+
+    def give_back(self, engine: SequenceTable, slots) -> None:
+        with self._lock:
+            self._idle.append((engine, slots))
+
+
 class _CompiledRNNBase:
     """Runs a ``torch.nn.RNNBase`` subclass's layers with rnndsl's stock cells.
 
@@ -325,6 +353,15 @@ class _CompiledRNNBase:
         """Build the cells and how their parameters map onto this module's. The native backend's
         are eager cells that only torch.export runs: torch's fused kernel would fix the program at
         the example's length, and cannot take lengths there."""
+        engine, bindings = self._new_engine()
+        self.__dict__["_engine"] = engine
+        self.__dict__["_bindings"] = bindings
+        # The module and its DataParallel replicas (which copy this dict, so share the pool) run
+        # eagerly on engines taken from here; see _run_engine.
+        self.__dict__["_engines"] = _EnginePool(engine, lambda: self._new_engine()[0], bindings)
+
+    def _new_engine(self) -> Tuple[SequenceTable, Dict[str, str]]:
+        """A fresh engine: the layers of cells, and each cell parameter's name in this module."""
         backend = "eager" if self.backend == "native" else self.backend
         spec = load_stock_cell(_PROJECTED_LSTM if self.proj_size else NATIVE_MODES[self.mode].stock_cell)
         sizes = {"proj": self.proj_size} if self.proj_size else {}
@@ -350,17 +387,13 @@ class _CompiledRNNBase:
                             setattr(cell, name, getattr(self, name + suffix))
                     tables.append(RecurrentTable(cell))
                 layers.append(tables[0] if directions == 1 else Bidirectional(*tables))
-        engine = SequenceTable(layers, dropout=self.dropout)
-        self.__dict__["_engine"] = engine
-        self.__dict__["_bindings"] = bindings
-        self.__dict__["_slots"] = [(engine.get_submodule(inner.rpartition(".")[0])._parameters,
-                                    inner.rpartition(".")[2]) for inner in bindings]
+        return SequenceTable(layers, dropout=self.dropout), bindings
 
     def __getstate__(self):
         state = super().__getstate__()
         state.pop("_engine", None)  # TorchScript modules cannot be pickled; rebuilt on load
         state.pop("_bindings", None)
-        state.pop("_slots", None)
+        state.pop("_engines", None)
         return state
 
     def __setstate__(self, state) -> None:
@@ -416,9 +449,6 @@ class _CompiledRNNBase:
         returned = self._autocast_dtypes(checked, packed)
         state = self._layer_states(hx)
         mask = None if lengths is None else lengths_mask(lengths, xs.size(0), xs.size(1), xs.device)
-        if self._engine.training != self.training:
-            self._engine.train(self.training)
-        self._engine.dropout = self.dropout  # as torch, which reads it at each call
         args = (state, xs) if mask is None else (state, xs, mask)
         finals, outputs = self._run_engine(args, xs)
         directions = [d for layer in finals for d in (layer if self.bidirectional else (layer,))]
@@ -440,12 +470,26 @@ class _CompiledRNNBase:
         """The engine's cells on this module's parameters as they are now."""
         parameters = self._parameters_for_engine(like)
         if torch.compiler.is_compiling() or plain_ops_needed():
+            self._set_modes(self._engine)
             return torch.func.functional_call(self._engine, parameters, args)
         # Eagerly, point each cell's slot at the tensor: what functional_call does, without its
-        # walk over the module tree (a third of a generation step's time) or the swap back.
-        for (slot, name), tensor in zip(self._slots, parameters.values()):
-            slot[name] = tensor
-        return self._engine(*args)
+        # walk over the module tree (a third of a generation step's time) or the swap back. The
+        # slots are the engine's own state, so a call takes an engine no other call is running:
+        # DataParallel's replicas (threads, each with its device's weights) would otherwise run
+        # one another's weights.
+        engine, slots = self._engines.take()
+        try:
+            self._set_modes(engine)
+            for (slot, name), tensor in zip(slots, parameters.values()):
+                slot[name] = tensor
+            return engine(*args)
+        finally:
+            self._engines.give_back(engine, slots)
+
+    def _set_modes(self, engine: SequenceTable) -> None:
+        if engine.training != self.training:
+            engine.train(self.training)
+        engine.dropout = self.dropout  # as torch, which reads it at each call
 
     def _autocast_dtypes(self, xs: Tensor, packed: bool) -> Optional[Tuple[torch.dtype, ...]]:
         """The dtypes of (output, h[, c]) that torch.nn's own forward returns under CPU autocast,

@@ -8,6 +8,7 @@ import copy
 import dataclasses
 import io
 import pickle
+import threading
 
 import pytest
 import torch
@@ -137,6 +138,37 @@ def test_drop_in_pickles_copies_and_moves():
     params = {n: p * 2 for n, p in ours.named_parameters()}
     doubled = torch.func.functional_call(ours, params, (x.double(),))
     assert not torch.allclose(flat(doubled)[0], expected[0].double())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_drop_in_replicas_running_at_once_keep_their_own_weights(backend):
+    """nn.DataParallel's replicas (a shallow copy of the module, its own weights set on it) run in
+    threads at once: each must compute with its own weights, as torch.nn's replicas do. They once
+    shared the one engine whose parameter slots each call fills, and ran each other's weights."""
+    torch.manual_seed(0)
+    original = LSTM(4, 8, num_layers=2, backend=backend)
+    replica = original._replicate_for_data_parallel()
+    for name, parameter in original.named_parameters():
+        setattr(replica, name, (parameter * 2).detach())  # what torch.nn.parallel.replicate does
+    x = torch.randn(30, 3, 4)
+    with torch.no_grad():
+        expected = [flat(module(x)) for module in (original, replica)]
+    barrier = threading.Barrier(2)
+    wrong = [0, 0]
+
+    def calls(index: int, module: nn.Module) -> None:
+        barrier.wait()
+        for _ in range(30):
+            with torch.no_grad():
+                got = flat(module(x))
+            wrong[index] += not all(torch.equal(a, b) for a, b in zip(got, expected[index]))
+
+    threads = [threading.Thread(target=calls, args=pair) for pair in enumerate((original, replica))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert wrong == [0, 0]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
