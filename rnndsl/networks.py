@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.abc
 import importlib.util
 import dataclasses
+import functools
 import inspect
 import os
 import sys
@@ -24,6 +25,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from .autograd_modes import autocast_enabled, plain_ops_needed
@@ -405,11 +407,22 @@ class _CompiledRNNBase:
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, backend={self.backend!r}"
 
-    def _parameters_for_engine(self, like: Tensor) -> Dict[str, Tensor]:
-        gates = NATIVE_MODES[self.mode].gates
-        zeros = None if self.bias else like.new_zeros(gates * self.hidden_size)
-        return {inner: getattr(self, outer) if self.bias or "weight" in outer else zeros
-                for inner, outer in self._bindings.items()}
+    def _parameters_for_engine(self) -> Dict[str, Tensor]:
+        """The tensors the engine's cells compute with, read once for the call (the first is
+        ``weight_ih_l0``'s)."""
+        if parametrize.is_parametrized(self):
+            # torch.nn's forward evaluates a parametrized weight twice (its check for changed
+            # weights, then its list of them): so here, so that a parametrization with a state
+            # (spectral_norm's power iteration, in training) steps as often as under torch.nn.
+            self._update_flat_weights()
+            read = dict(zip(self._flat_weights_names, self._flat_weights)).__getitem__
+        else:
+            read = functools.partial(getattr, self)
+        if self.bias:
+            return {inner: read(outer) for inner, outer in self._bindings.items()}
+        weights = {inner: read(outer) for inner, outer in self._bindings.items() if "weight" in outer}
+        zeros = next(iter(weights.values())).new_zeros(NATIVE_MODES[self.mode].gates * self.hidden_size)
+        return {inner: weights.get(inner, zeros) for inner in self._bindings}
 
     def forward(self, input, hx=None):
         if torch.jit.is_tracing():
@@ -443,14 +456,15 @@ class _CompiledRNNBase:
         hx = given_hx if given_hx is not None else self._zero_hx(xs)
         # Under autocast the layers carry the state in the parameters' dtype, whatever the input's
         # (torch.nn skips its dtype check under autocast: a bfloat16 model takes a float32 input).
-        carried = self.weight_ih_l0.dtype
+        parameters = self._parameters_for_engine()
+        carried = next(iter(parameters.values())).dtype  # weight_ih_l0's
         if autocast_enabled(xs.device.type) and xs.is_floating_point():
             xs, hx = xs.to(carried), tuple(h.to(carried) for h in hx)
-        returned = self._autocast_dtypes(checked, packed)
+        returned = self._autocast_dtypes(checked, packed, carried)
         state = self._layer_states(hx)
         mask = None if lengths is None else lengths_mask(lengths, xs.size(0), xs.size(1), xs.device)
         args = (state, xs) if mask is None else (state, xs, mask)
-        finals, outputs = self._run_engine(args, xs)
+        finals, outputs = self._run_engine(args, parameters)
         directions = [d for layer in finals for d in (layer if self.bidirectional else (layer,))]
         hidden = tuple(torch.stack([d[k] for d in directions]) for k in range(2 if lstm else 1))
         if returned is not None:
@@ -466,9 +480,8 @@ class _CompiledRNNBase:
                 hidden = tuple(h.squeeze(1) for h in hidden)
         return outputs, (hidden if lstm else hidden[0])
 
-    def _run_engine(self, args: tuple, like: Tensor):
-        """The engine's cells on this module's parameters as they are now."""
-        parameters = self._parameters_for_engine(like)
+    def _run_engine(self, args: tuple, parameters: Dict[str, Tensor]):
+        """The engine's cells on ``parameters`` (:meth:`_parameters_for_engine`)."""
         if torch.compiler.is_compiling() or plain_ops_needed():
             self._set_modes(self._engine)
             return torch.func.functional_call(self._engine, parameters, args)
@@ -491,11 +504,11 @@ class _CompiledRNNBase:
             engine.train(self.training)
         engine.dropout = self.dropout  # as torch, which reads it at each call
 
-    def _autocast_dtypes(self, xs: Tensor, packed: bool) -> Optional[Tuple[torch.dtype, ...]]:
+    def _autocast_dtypes(self, xs: Tensor, packed: bool, weights: torch.dtype) -> Optional[Tuple[torch.dtype, ...]]:
         """The dtypes of (output, h[, c]) that torch.nn's own forward returns under CPU autocast,
-        for float32 parameters and an input ``xs`` in float32 or in autocast's dtype (torch 2.13,
-        checked against torch by tests/test_mixed_precision.py); None outside CPU autocast or
-        where it leaves the parameters alone (not float32). On other devices the drop-ins return
+        for float32 parameters (``weights``, their dtype) and an input ``xs`` in float32 or in
+        autocast's dtype (torch 2.13, checked against torch by tests/test_mixed_precision.py); None
+        outside CPU autocast or where it leaves the parameters alone (not float32). On other devices the drop-ins return
         what every rnndsl network returns, the parameters' dtype: torch's choices there (cuDNN)
         are not mirrored.
 
@@ -507,7 +520,7 @@ class _CompiledRNNBase:
         float32, an RNN's h = tanh(W x + b + W h + b) does not.
         """
         if xs.device.type != "cpu" or not torch.is_autocast_enabled("cpu") or \
-                self.weight_ih_l0.dtype != torch.float32:
+                weights != torch.float32:
             return None
         low, full = torch.get_autocast_dtype("cpu"), torch.float32
         lstm = self.mode == "LSTM"
