@@ -13,8 +13,8 @@ log-decay since the chunk's start (``G_t - G_s = log a_{s+1} + ... + log a_t``):
 and across chunks ``S_end = exp(G_C) * S_start + sum_s (k_s * exp(G_C - G_s)) v_s^T``, a linear
 recurrence over T/C chunk states (run by rnndsl.linear_scan's parallel scan). No state is made per
 step: only one per chunk. Every exponent is a difference ``G_t - G_s`` with ``s <= t``, so at most
-zero: the form is stable at any length and any decay (log-space, no division by a cumulative
-product). A decay per head makes the ``(C, C)`` matrix of those exponentials. A decay per key dim
+zero: the form is stable at any length and any decay, 0 included (log-space, no division by a
+cumulative product; log-decays below the dtype's underflow are raised to it). A decay per head makes the ``(C, C)`` matrix of those exponentials. A decay per key dim
 would need a ``(C, C, key)`` tensor; instead each chunk is cut again into sub-chunks (GLA's
 secondary chunking, Yang et al. 2024): pairs of steps in one sub-chunk use that tensor, only
 ``(c, c, key)``, and pairs across sub-chunks factor the decay through the sub-chunks' bounds,
@@ -25,6 +25,7 @@ Plain torch ops: autograd derives the backward.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -64,6 +65,11 @@ def chunkwise_attention(q: Tensor, k: Tensor, v: Tensor, log_decay: Optional[Ten
     decay_shape = (steps, batch, heads, keys) if per_key else (steps, batch, heads)
     g = (torch.zeros(decay_shape, dtype=dtype, device=state.device) if log_decay is None
          else torch.broadcast_to(log_decay.to(dtype), decay_shape))
+    # A decay of exactly 0 (log -inf: exp overflowing in a cell's exp(-exp(A) * dt)) would make the
+    # differences G_t - G_s below -inf - -inf = nan; a huge finite one would swamp the chunk's other
+    # steps in G's rounding. Below the log of the dtype's smallest number, exp is 0 already: raising
+    # the log-decays to there changes no decay, and keeps every G finite and rounded at its scale.
+    g = g.clamp(min=_log_of_zero(dtype))
     if mask is not None:  # a padded step keeps the state: decay 1 (log 0), nothing added
         # `where`, not a product with the mask: whatever the padding holds (inf, nan) stays out.
         g = torch.where(mask.view(mask.shape + (1,) * (g.dim() - 2)), g, 0.0)
@@ -103,6 +109,12 @@ def chunkwise_attention(q: Tensor, k: Tensor, v: Tensor, log_decay: Optional[Ten
     across = (q * torch.exp(cumulative)) @ starts  # (batch, heads, chunks, C, value)
     o = (inside + across).reshape(batch, heads, count * size, values)[:, :, :steps]
     return o.permute(2, 0, 1, 3).to(returned), ends[-1].reshape(batch, heads, keys, values).to(returned)
+
+
+def _log_of_zero(dtype: torch.dtype) -> float:
+    """A log whose exp is 0 in ``dtype``: below the log of its smallest subnormal number."""
+    info = torch.finfo(dtype)
+    return math.log(info.tiny * info.eps) - 1.0
 
 
 def _causal_decays(cumulative: Tensor) -> Tensor:

@@ -82,6 +82,26 @@ def test_float32_at_8192_steps_with_extreme_decays():
     torch.testing.assert_close(final.double(), want_final, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("per_key", [False, True])
+def test_a_decay_of_exactly_zero_is_the_loops(dtype, per_key):
+    """A log-decay of -inf (exp overflowing in mamba2's exp(-exp(A_log) * dt)) or huge: the loop
+    multiplies the state by 0 there; the chunkwise form once gave nan (-inf - -inf in G_t - G_s)."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v, log_decay, state, _ = _problem(70, 2, 2, 3, 4, per_key, g)
+    with torch.no_grad():
+        log_decay.view(70, -1)[5, 0] = float("-inf")
+        log_decay.view(70, -1)[40, 1] = -1e30
+        log_decay.view(70, -1)[41] = float("-inf")
+    inputs = [t.detach().to(dtype).requires_grad_() for t in (q, k, v, log_decay, state)] + [None]
+    got = _results_and_grads(chunkwise_attention, inputs, None, 70, per_key, chunk=16)
+    want = _results_and_grads(sequential_attention, inputs, None, 70, per_key)
+    tolerance = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    for a, b in zip(got, want, strict=True):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, **tolerance)
+
+
 @pytest.mark.parametrize("backend", ["script", "eager"])
 @pytest.mark.parametrize("name", CHUNKWISE_CELLS)
 @settings(max_examples=4, deadline=None)
