@@ -81,7 +81,10 @@ def chunkwise_attention(q: Tensor, k: Tensor, v: Tensor, log_decay: Optional[Ten
     count = -(-steps // size)
     pad = count * size - steps
     if pad:  # padded like masked steps: the state passes through them unchanged
-        q, k, v, g = (torch.nn.functional.pad(t, (0, 0) * (t.dim() - 1) + (0, pad)) for t in (q, k, v, g))
+        # Zeros joined on, not F.pad: under torch.compile with a dynamic length, AOT autograd's
+        # backward for F.pad (a pad by minus as much) came out a view of a permuted gradient at run
+        # time that the traced shapes took for contiguous, and a later view raised.
+        q, k, v, g = (torch.cat([t, t.new_zeros((pad,) + t.shape[1:])]) for t in (q, k, v, g))
     # (T, batch, heads, ...) -> (batch, heads, chunks, C, ...)
     # Sizes spelled out, not -1: a batch of 0 sequences leaves -1 undetermined.
     q, k, v = (t.permute(1, 2, 0, 3).reshape(batch, heads, count, size, t.size(-1)) for t in (q, k, v))
