@@ -407,6 +407,27 @@ class _CompiledRNNBase:
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, backend={self.backend!r}"
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """What ``torch.jit.script`` compiles in this module's place (TorchScript cannot compile its
+        Python ``forward``): torch.nn's own class on the same parameters, shared, not copied, which
+        runs torch's fused kernel, as ``torch.jit.trace`` records it. (TorchScript also puts the
+        module returned here into the model being scripted, in this one's place.)"""
+        torch_class = next(c for c in type(self).__mro__ if c.__module__ == nn.RNNBase.__module__)
+        if parametrize.is_parametrized(self):
+            names = ", ".join(sorted(self.parametrizations))
+            raise RuntimeError(f"torch.jit.script cannot compile {torch_class.__name__} with a parametrized "
+                               f"weight ({names}), nor torch.nn's (whose error names its forward's hx); "
+                               f"torch.compile takes it")
+        options = {"nonlinearity": self.nonlinearity} if isinstance(self, nn.RNN) else {}
+        if self.proj_size:
+            options["proj_size"] = self.proj_size
+        plain = torch_class(self.input_size, self.hidden_size, num_layers=self.num_layers, bias=self.bias,
+                            batch_first=self.batch_first, dropout=self.dropout, bidirectional=self.bidirectional,
+                            device="meta", **options)
+        for name in self._flat_weights_names:
+            setattr(plain, name, getattr(self, name))
+        return plain.train(self.training)
+
     def _parameters_for_engine(self) -> Dict[str, Tensor]:
         """The tensors the engine's cells compute with, read once for the call (the first is
         ``weight_ih_l0``'s)."""

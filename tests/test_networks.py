@@ -301,6 +301,42 @@ def test_drop_ins_trace_and_export_to_onnx(backend):
     assert "GRU" in {node.op_type for node in model.graph.node}
 
 
+class _Holder(nn.Module):
+    """A model around an RNN, as users script them: TorchScript compiles this forward."""
+
+    def __init__(self, rnn: nn.Module) -> None:
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rnn(x)[0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind, options", [("LSTM", dict(proj_size=2, bidirectional=True, num_layers=2)),
+                                           ("GRU", dict(batch_first=True)),
+                                           ("RNN", dict(nonlinearity="relu", bias=False))])
+def test_a_model_holding_a_drop_in_scripts_as_one_holding_torchs(backend, kind, options):
+    """torch.jit.script compiles torch.nn's module in the drop-in's place (its Python forward is not
+    TorchScript's), on the same parameters: it once raised "Only a single generator is supported"."""
+    torch.manual_seed(0)
+    ours = getattr(rnndsl, kind)(3, 4, backend=backend, **options)
+    x = torch.randn(5, 2, 3)
+    expected = ours(x)[0]
+    model = _Holder(ours)
+    scripted = torch.jit.script(model)
+    torch.testing.assert_close(scripted(x), expected)
+    # TorchScript puts what __prepare_scriptable__ gives into the model, as for every such module:
+    # torch.nn's class, on the drop-in's very parameters.
+    assert type(model.rnn) is getattr(nn, kind) and model.rnn.weight_hh_l0 is ours.weight_hh_l0
+    with torch.no_grad():
+        ours.weight_hh_l0.mul_(2)  # shared, not copied
+    torch.testing.assert_close(scripted(x), ours(x)[0])
+    nn.utils.parametrizations.weight_norm(ours, "weight_hh_l0")
+    with pytest.raises(RuntimeError, match=rf"cannot compile {kind} with a parametrized weight \(weight_hh_l0\)"):
+        torch.jit.script(_Holder(ours))
+
+
 @pytest.mark.parametrize("mode", ["LSTM", "GRU"])
 def test_drop_ins_export_with_a_dynamic_batch(mode):
     torch.manual_seed(0)
