@@ -11,10 +11,10 @@ from .errors import CellError, CellWarning, Span
 from .linear_scan import linear_recurrence, sequential_linear_recurrence
 from .native import load_native_state_dict, native_state_dict
 from .networks import GRU, LSTM, RNN, make_bidirectional, make_recurrent
-from .scan import EmptySequenceError, scan
+from .scan import EmptySequenceError, PlacementError, scan
 
 __all__ = ["Bidirectional", "CellError", "EmptySequenceError", "CellSpec", "CellWarning", "GRU", "LSTM", "RNN",
-           "RecurrentNetwork", "RecurrentTable", "SequenceTable", "Span", "ZeroState", "load_cell", "load_cells",
-           "linear_recurrence", "load_native_state_dict", "load_source", "load_stock_cell",
+           "PlacementError", "RecurrentNetwork", "RecurrentTable", "SequenceTable", "Span", "ZeroState",
+           "load_cell", "load_cells", "linear_recurrence", "load_native_state_dict", "load_source", "load_stock_cell",
            "make_bidirectional", "make_recurrent", "native_state_dict", "scan", "sequential_linear_recurrence",
            "setup_recurrent", "torchscript"]

@@ -27,7 +27,7 @@ from .codegen import supports_training
 from .errors import CellWarning
 from .ir import Op
 from .options import BuildOptions
-from .scan import check_mask, check_not_empty, zero_padded_steps
+from .scan import PlacementError, check_mask, check_not_empty, zero_padded_steps
 from .twin import constants_of
 
 if TYPE_CHECKING:
@@ -173,13 +173,13 @@ def check_call(cell: torch.nn.Module, state, x: Tensor, sequence: bool, mask: Op
             raise ValueError(f"cell {name}: expected state {state_name} of shape ({batch}, {size}), "
                              f"got {tuple(value.shape)}")
         if value.dtype != dtype or value.device != device:
-            raise ValueError(f"cell {name}: state {state_name} is {value.dtype} on {value.device}, "
-                             f"but the input is {dtype} on {device}")
+            raise PlacementError(f"cell {name}: state {state_name} is {value.dtype} on {value.device}, "
+                                 f"but the input is {dtype} on {device}")
     misfit = _misfit_tensor(cell, dtype, device)
     if misfit is not None:
         kind, tensor_name, tensor = misfit
-        raise ValueError(f"cell {name}: its {kind} {tensor_name} is {tensor.dtype} on {tensor.device}, "
-                         f"but the input is {dtype} on {device}; convert one with .to()")
+        raise PlacementError(f"cell {name}: its {kind} {tensor_name} is {tensor.dtype} on {tensor.device}, "
+                             f"but the input is {dtype} on {device}; convert one with .to()")
     return check_inputs(cell, inputs or {}, x, sequence)
 
 
@@ -267,8 +267,8 @@ def check_inputs(cell: torch.nn.Module, inputs: Dict[str, Tensor], x: Tensor, se
             raise ValueError(f"cell {name}: expected input {key} of shape {expected} (read {where}), got {got}"
                              + hint)
         if value.dtype != x.dtype or value.device != x.device:
-            raise ValueError(f"cell {name}: input {key} is {value.dtype} on {value.device}, but the input is "
-                             f"{x.dtype} on {x.device}")
+            raise PlacementError(f"cell {name}: input {key} is {value.dtype} on {value.device}, but the input is "
+                                 f"{x.dtype} on {x.device}")
         found.append(value)
     return tuple(found)
 

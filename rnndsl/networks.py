@@ -34,7 +34,7 @@ from .containers import Bidirectional, RecurrentNetwork, RecurrentTable, Sequenc
 from .errors import did_you_mean
 from .options import BuildOptions
 from .native import NATIVE_MODES, PARAMETER_NAMES, NativeLayer, native_names, resolve_backend
-from .scan import check_not_empty
+from .scan import PlacementError, check_not_empty
 from .sequences import lengths_mask, refuse_packed_under_export, repack
 
 
@@ -467,6 +467,10 @@ class _CompiledRNNBase:
             batch_sizes = None
         # Checked before choosing the kernel too: torch's own errors for these are less clear.
         self.check_input(checked, batch_sizes)
+        parameter = self._flat_weights[0]  # what check_input reads the dtype from
+        if checked.device != parameter.device:  # torch's kernels' words, before a cell names its own weight
+            raise PlacementError(f"Input and parameter tensors are not at the same device, found input tensor at "
+                                 f"{checked.device} and parameter tensor at {parameter.device}")
         given_hx = hx if hx is None else self._checked_hx(hx, checked, batch_sizes, batched)
         if self.backend == "native" and not torch.compiler.is_exporting():
             return super().forward(input, hx)
@@ -578,8 +582,8 @@ class _CompiledRNNBase:
         self.check_forward_args(checked, hx if lstm else hx[0], batch_sizes)
         for name, h in zip(("h_0", "c_0"), hx):
             if h.dtype != checked.dtype or h.device != checked.device:
-                raise ValueError(f"{type(self).__name__}: {name} is {h.dtype} on {h.device} "
-                                 f"but the input is {checked.dtype} on {checked.device}")
+                raise PlacementError(f"{type(self).__name__}: {name} is {h.dtype} on {h.device} "
+                                     f"but the input is {checked.dtype} on {checked.device}")
         return hx
 
     def _layer_states(self, hx: Tuple[Tensor, ...]):

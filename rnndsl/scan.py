@@ -43,6 +43,12 @@ class EmptySequenceError(RuntimeError, ValueError):
     ValueError, as rnndsl raises for every input that does not fit."""
 
 
+class PlacementError(RuntimeError, ValueError):
+    """A state, input or parameter of another dtype or device than the input. A RuntimeError, as
+    torch raises for one (its ops, torch.nn.LSTM's device check), and a ValueError, as rnndsl
+    raises for every input that does not fit."""
+
+
 def check_not_empty(xs: Tensor, where: str, time_dim: int = 0) -> None:
     """Raise :class:`EmptySequenceError` when the sequence ``xs``, whose steps run along
     ``time_dim`` (1 for a batch-first input, quoted as the user gave it), has no step.

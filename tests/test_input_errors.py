@@ -84,6 +84,8 @@ def test_every_backend_names_a_dtype_mismatch(backend):
     with pytest.raises(ValueError, match="cell lstm: its parameter weight_ih is torch.float32 on cpu, "
                                          "but the input is torch.float64 on cpu"):
         net(torch.randn(3, 2, INPUT, dtype=torch.float64))
+    with pytest.raises(RuntimeError):  # a PlacementError is both, as torch raises RuntimeErrors for these
+        net(torch.randn(3, 2, INPUT, dtype=torch.float64))
 
 
 # Loading: paths that are no cell file ----------------------------------------------

@@ -188,6 +188,12 @@ def test_drop_in_errors_name_expected_and_received(backend):
         lstm(torch.randn(5, 3, 10), (torch.zeros(3, 20), torch.zeros(3, 20)))
     with pytest.raises(ValueError, match="h_0 is torch.float64 on cpu but the input is torch.float32"):
         lstm(torch.randn(5, 3, 10), (torch.zeros(1, 3, 20, dtype=F64), torch.zeros(1, 3, 20)))
+    # Mismatched dtypes and devices are RuntimeErrors too, as torch's (the meta device for another).
+    with pytest.raises(RuntimeError, match="h_0 is torch.float32 on meta but the input is torch.float32 on cpu"):
+        lstm(torch.randn(5, 3, 10), (torch.zeros(1, 3, 20, device="meta"), torch.zeros(1, 3, 20)))
+    with pytest.raises(RuntimeError, match="^Input and parameter tensors are not at the same device, found input "
+                                           "tensor at meta and parameter tensor at cpu$"):
+        lstm(torch.randn(5, 3, 10, device="meta"))
     with pytest.raises(ValueError, match=r"hx must be a tuple \(h_0, c_0\) of tensors"):
         lstm(torch.randn(5, 3, 10), torch.zeros(1, 3, 20))
     for kind in ("LSTM", "GRU", "RNN"):  # torch's very words, which differ between its classes
