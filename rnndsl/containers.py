@@ -239,6 +239,10 @@ class SequenceTable(nn.Module):
         self.layers = nn.ModuleList(modules)
         self.dropout = dropout
         self.return_all = return_all
+        # Where dropout draws, when set: the (step, sequence) positions of the real steps, flattened,
+        # in the order of a PackedSequence's data, so that a drop-in given one draws torch.nn's masks
+        # (torch drops the packed data). None: over the whole (T, batch, features) input.
+        self.dropout_rows: Optional[Tensor] = None
 
     @property
     def input_size(self) -> int:
@@ -274,7 +278,7 @@ class SequenceTable(nn.Module):
             if depth > 0:
                 x = first_output(x)
                 if self.dropout > 0:
-                    x = nn.functional.dropout(x, self.dropout, self.training)
+                    x = self._dropped(x)
             given = inputs_for(layer, inputs)
             layer_state, x = layer(layer_state, x, **given) if mask is None else layer(layer_state, x, mask, **given)
             if getattr(layer, "return_states", False):  # (outputs, the state after every step)
@@ -284,6 +288,14 @@ class SequenceTable(nn.Module):
             outputs.append(x)
         result = tuple(outputs) if self.return_all else x
         return tuple(finals), (result, tuple(steps)) if steps else result
+
+
+    def _dropped(self, x: Tensor) -> Tensor:
+        if self.dropout_rows is None or not self.training:
+            return nn.functional.dropout(x, self.dropout, self.training)
+        flat = x.reshape(-1, x.size(-1))
+        dropped = nn.functional.dropout(flat[self.dropout_rows], self.dropout, True)
+        return flat.index_copy(0, self.dropout_rows, dropped).view_as(x)
 
 
 def check_module_state(module: object, state: object, where: str) -> None:

@@ -285,6 +285,16 @@ class _SetFlagWhenDynamoLoads(importlib.abc.MetaPathFinder):
         return spec
 
 
+def _packed_rows(packed: PackedSequence, batch: int) -> Tensor:
+    """Where each row of ``packed.data`` lies in the padded ``(T, batch, ...)`` tensor, flattened:
+    step t's rows are its ``batch_sizes[t]`` longest sequences, in ``sorted_indices`` order."""
+    sizes = packed.batch_sizes
+    steps = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
+    within = torch.arange(int(sizes.sum())) - (sizes.cumsum(0) - sizes)[steps]
+    order = packed.sorted_indices if packed.sorted_indices is not None else torch.arange(batch)
+    return (steps.to(order.device) * batch + order[within.to(order.device)]).to(packed.data.device)
+
+
 class _EnginePool:
     """A drop-in's engines, each with the parameter slots its calls fill; one call at a time per
     engine. One thread finds the first engine idle at every call; a second engine is built only
@@ -474,8 +484,11 @@ class _CompiledRNNBase:
         given_hx = hx if hx is None else self._checked_hx(hx, checked, batch_sizes, batched)
         if self.backend == "native" and not torch.compiler.is_exporting():
             return super().forward(input, hx)
+        rows = None
         if packed:
             xs, lengths = pad_packed_sequence(input)
+            if self.dropout and self.training and self.num_layers > 1 and not torch.compiler.is_compiling():
+                rows = _packed_rows(input, xs.size(1))  # (compiled, the draws are Inductor's anyway)
         else:
             xs, lengths = (checked.transpose(0, 1) if self.batch_first else checked), None
         hx = given_hx if given_hx is not None else self._zero_hx(xs)
@@ -489,7 +502,7 @@ class _CompiledRNNBase:
         state = self._layer_states(hx)
         mask = None if lengths is None else lengths_mask(lengths, xs.size(0), xs.size(1), xs.device)
         args = (state, xs) if mask is None else (state, xs, mask)
-        finals, outputs = self._run_engine(args, parameters)
+        finals, outputs = self._run_engine(args, parameters, rows)
         directions = [d for layer in finals for d in (layer if self.bidirectional else (layer,))]
         hidden = tuple(torch.stack([d[k] for d in directions]) for k in range(2 if lstm else 1))
         if returned is not None:
@@ -505,10 +518,11 @@ class _CompiledRNNBase:
                 hidden = tuple(h.squeeze(1) for h in hidden)
         return outputs, (hidden if lstm else hidden[0])
 
-    def _run_engine(self, args: tuple, parameters: Dict[str, Tensor]):
-        """The engine's cells on ``parameters`` (:meth:`_parameters_for_engine`)."""
+    def _run_engine(self, args: tuple, parameters: Dict[str, Tensor], dropout_rows: Optional[Tensor] = None):
+        """The engine's cells on ``parameters`` (:meth:`_parameters_for_engine`), their dropout drawn
+        over ``dropout_rows`` where given (:attr:`SequenceTable.dropout_rows`)."""
         if torch.compiler.is_compiling() or plain_ops_needed():
-            self._set_modes(self._engine)
+            self._set_modes(self._engine, dropout_rows)
             return torch.func.functional_call(self._engine, parameters, args)
         # Eagerly, point each cell's slot at the tensor: what functional_call does, without its
         # walk over the module tree (a third of a generation step's time) or the swap back. The
@@ -517,17 +531,18 @@ class _CompiledRNNBase:
         # one another's weights.
         engine, slots = self._engines.take()
         try:
-            self._set_modes(engine)
+            self._set_modes(engine, dropout_rows)
             for (slot, name), tensor in zip(slots, parameters.values()):
                 slot[name] = tensor
             return engine(*args)
         finally:
             self._engines.give_back(engine, slots)
 
-    def _set_modes(self, engine: SequenceTable) -> None:
+    def _set_modes(self, engine: SequenceTable, dropout_rows: Optional[Tensor]) -> None:
         if engine.training != self.training:
             engine.train(self.training)
         engine.dropout = self.dropout  # as torch, which reads it at each call
+        engine.dropout_rows = dropout_rows
 
     def _autocast_dtypes(self, xs: Tensor, packed: bool, weights: torch.dtype) -> Optional[Tuple[torch.dtype, ...]]:
         """The dtypes of (output, h[, c]) that torch.nn's own forward returns under CPU autocast,

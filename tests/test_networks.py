@@ -126,6 +126,30 @@ def test_dropout_matches_torch_in_train_and_eval():
         torch.testing.assert_close(flat(ours(x)), flat(reference(x)), **TOL)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("enforce_sorted", [False, True])
+def test_seeded_dropout_draws_torchs_masks(backend, packed, enforce_sorted):
+    """Under one seed, the same masks as torch.nn in training, so the same numbers and gradients, and
+    the random stream left where torch leaves it: a PackedSequence's masks are drawn over its data, as
+    torch drops it (they were drawn over the padded tensor once)."""
+    reference, ours = pair("GRU", backend, input_size=3, hidden_size=4, num_layers=3, dropout=0.5,
+                           bidirectional=True)
+    x = randn(6, 3, 3)
+    lengths = torch.tensor([6, 4, 2]) if enforce_sorted else torch.tensor([4, 6, 2])
+    results = []
+    for module in (reference, ours):
+        leaf = x.clone().requires_grad_()
+        given = pack_padded_sequence(leaf, lengths, enforce_sorted=enforce_sorted) if packed else leaf
+        torch.manual_seed(3)
+        outputs = flat(module(given))
+        after = torch.rand(3)
+        grads = torch.autograd.grad(sum((o * o).sum() for o in outputs), [leaf, *module.parameters()])
+        results.append(outputs + list(grads) + [after])
+    for want, got in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, **TOL)
+
+
 def test_drop_in_pickles_copies_and_moves():
     torch.manual_seed(0)
     ours = LSTM(3, 4, num_layers=2)
