@@ -187,6 +187,13 @@ def _unflattened(images: Tensor, like: Tensor) -> Tensor:
     return images.reshape(list(like.size()[:-3]) + list(images.size()[-3:]))
 
 
+def hardtanh(v: Tensor) -> Tensor:
+    """``hardtanh`` of the cell language, torch's: ``v`` clamped to [-1, 1], with torch's gradient, 0 at
+    the bounds. Not F.hardtanh, which TorchScript's autodiff differentiates as a clamp, passing the
+    gradient there (``hardtanh(h + 1)`` from a zero state sits on a bound)."""
+    return torch.where((v > -1.0) & (v < 1.0), v, torch.clamp(v, -1.0, 1.0).detach())
+
+
 def conv_same(weight: Tensor, v: Tensor) -> Tensor:
     """``conv(K, v)`` of the cell language: ``v`` (..., in, height, width), any leading dims (a step's
     batch, or all steps at once), convolved by ``weight`` (out, in, kh, kw), zero-padded by half the

@@ -18,7 +18,7 @@ from typing import Dict, Tuple
 
 # Helpers of rnndsl/kernels.py that generated code calls by name: those the shared emitters
 # (rnndsl/codegen/base.py) call, which every target's code may hold, then each target's own.
-EMITTED_HELPERS = ("conv_same",)
+EMITTED_HELPERS = ("conv_same", "hardtanh")
 SCRIPT_HELPERS = ("linear", "accumulate", "outer_sum", "prepack", "conv_same_input_grad", "conv_same_weight_grad")
 PARALLEL_HELPERS = ("along_steps", "chunkwise_attention", "linear_recurrence", "linear_with_grad",
                     "fused_linear_recurrence", "fused_scan_runs")

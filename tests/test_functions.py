@@ -155,6 +155,20 @@ def test_function_matches_torch(name: str, backend: str):
         torch.testing.assert_close(got, want, **TOLERANCE)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("options", [{}, {"derived_backward": False}])
+def test_hardtanh_on_its_bound_has_torchs_gradient_at_every_call(backend, options):
+    """hardtanh(h + 1) from a zero state sits on the bound, where torch's gradient is 0. The script
+    backend gave 1 from the second call on: TorchScript's autodiff (which runs from its second call)
+    differentiates aten::hardtanh as a clamp."""
+    cell = load(cell_source("h' = W @ x + hardtanh(h + 1)")).build(3, 4, backend, **options).double()
+    x = torch.randn(1, 2, 3, dtype=torch.float64)
+    for _ in range(4):
+        for run in (lambda h: cell((h,), x[0])[0][0], lambda h: rnndsl.scan(cell, x, (h,))[1][0]):
+            h = torch.zeros(2, 4, dtype=torch.float64, requires_grad=True)
+            assert torch.autograd.grad(run(h).sum(), h)[0].abs().max() == 0
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_gradcheck_of_the_derived_backward(name: str):
     cell, _, xs, h, mask = _drawn_cell(name, "script", steps=3, seed=4)

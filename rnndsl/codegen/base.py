@@ -120,7 +120,7 @@ EMITTERS: Dict[Op, Emitter] = {
     Op.SELU: _call("torch.selu"),
     Op.MISH: _call("torch.nn.functional.mish"),
     Op.LOGSIGMOID: _call("torch.nn.functional.logsigmoid"),
-    Op.HARDTANH: _call("torch.nn.functional.hardtanh"),
+    Op.HARDTANH: _call("hardtanh"),
     Op.HARDSIGMOID: _call("torch.nn.functional.hardsigmoid"),
     Op.SOFTSIGN: lambda node, args: f"{atom(args[0])} / (1.0 + torch.abs({args[0]}))",
     Op.SIN: _call("torch.sin"),
