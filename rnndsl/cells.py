@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
@@ -426,6 +427,34 @@ class EagerCell(CellModule):
         return self._python_methods.forward_sequence(self, xs, state, mask, *extras)
 
 
+@dataclass
+class _BoundKernel:
+    """A TorchScript kernel and what it is bound to: parameters (by identity) and settings."""
+
+    module: torch.jit.RecursiveScriptModule
+    parameters: List[Optional[Tensor]]
+    settings: Tuple[object, ...] = ()
+
+
+class _KernelPool:
+    """A scripted cell's kernels, one per call running at once: a call binds its parameters into the
+    kernel it takes, so two calls must not share one. DataParallel's replicas copy the cell's
+    ``__dict__``, so they share this pool, each with its own weights. One thread finds the first
+    kernel idle at every call; another is compiled only while two calls run at once."""
+
+    def __init__(self) -> None:
+        self._idle: List[_BoundKernel] = []
+        self._lock = threading.Lock()
+
+    def take(self) -> Optional[_BoundKernel]:
+        with self._lock:
+            return self._idle.pop() if self._idle else None
+
+    def give_back(self, bound: _BoundKernel) -> None:
+        with self._lock:
+            self._idle.append(bound)
+
+
 class ScriptedCell(EagerCell):
     """A cell whose methods run as TorchScript: a plain module (its parameters, hooks, parametrizations
     and ``functional_call`` behave as any module's) that runs a TorchScript *kernel*, compiled from the
@@ -451,39 +480,60 @@ class ScriptedCell(EagerCell):
                settings: Optional[Tuple[object, ...]] = None) -> torch.jit.RecursiveScriptModule:
         """The TorchScript module, bound to this cell's mode and hyper-parameters, parameters and
         buffers now (or to ``settings`` = (training, *hyper-parameters), ``parameters`` and
-        ``buffers``, in declaration order: the derived backward binds its forward's)."""
+        ``buffers``, in declaration order: the derived backward binds its forward's). A call running
+        meanwhile in another thread may bind it again: the cell's own calls go through
+        :meth:`call_kernel`."""
+        bound = self._take_kernel(parameters, buffers, settings)
+        self._kernel_pool().give_back(bound)
+        return bound.module
+
+    def call_kernel(self, method: str, *args, parameters: Optional[Sequence[Tensor]] = None,
+                    buffers: Optional[Sequence[Tensor]] = None, settings: Optional[Tuple[object, ...]] = None):
+        """A method of a kernel bound as :meth:`kernel` binds it, which no other call uses meanwhile."""
+        bound = self._take_kernel(parameters, buffers, settings)
+        try:
+            return bound.module._c._get_method(method)(*args)
+        finally:
+            self._kernel_pool().give_back(bound)
+
+    def _kernel_pool(self) -> _KernelPool:
+        pool = self.__dict__.get("_kernels")
+        if pool is None:
+            pool = self.__dict__["_kernels"] = _KernelPool()
+        return pool
+
+    def _take_kernel(self, parameters: Optional[Sequence[Tensor]], buffers: Optional[Sequence[Tensor]],
+                     settings: Optional[Tuple[object, ...]]) -> _BoundKernel:
+        """A kernel from the pool (compiled if none is idle), bound; the caller gives it back."""
         if torch.jit.is_tracing():
             raise RuntimeError(f"cell {self.cell_name}: torch.jit.trace cannot follow a scripted cell's TorchScript "
                                "kernel, which is not a submodule; trace rnndsl.torchscript(model), where the cells are "
                                "their kernels, or export with torch.export")
-        kernel = self.__dict__.get("_kernel")
-        if kernel is None:
-            kernel = self._script_kernel(self)
-            self.__dict__["_kernel"] = kernel
-            self.__dict__["_kernel_parameters"] = [None] * len(self._inits)
-            self.__dict__["_kernel_settings"] = ()
+        bound = self._kernel_pool().take()
+        if bound is None:
+            bound = _BoundKernel(self._script_kernel(self), [None] * len(self._inits))
+        kernel = bound.module
         # The mode and the hyper-parameters set after build (`cell.beta = 0.25`), pushed when they change.
         if settings is None:
             settings = (self.training, *constants_of(self))
-        if settings != self.__dict__["_kernel_settings"]:
+        if settings != bound.settings:
             kernel.train(settings[0])
             for name, value in zip(self._python_methods._constant_names, settings[1:]):
                 setattr(kernel, name, value)
-            self.__dict__["_kernel_settings"] = settings
+            bound.settings = settings
         for index, name in enumerate(self._buffer_names):  # `.to()` replaces a buffer's tensor: bound again by identity
             current = getattr(self, name) if buffers is None else buffers[index]
             if getattr(kernel, name) is not current:
                 kernel._c.setattr(name, current)
-        bound = self.__dict__["_kernel_parameters"]
         for index, name in enumerate(self._inits):
             # The module's tensor now, found by identity: functional_call's swap into _parameters;
             # parametrizations and weight_norm remove the name from it and compute the tensor on
             # getattr. Rebinding is rare and cheap (a pointer).
             current = current_parameter(self, name) if parameters is None else parameters[index]
-            if current is not bound[index]:
+            if current is not bound.parameters[index]:
                 kernel._c.setattr(name, current)
-                bound[index] = current
-        return kernel
+                bound.parameters[index] = current
+        return bound
 
     def scripted_method(self, name: str):
         """A compiled method of the kernel."""
@@ -504,7 +554,7 @@ class ScriptedCell(EagerCell):
         fused = self._fused_step_of(state, x)
         if fused is not None:
             return fused
-        return self.kernel().forward(state, x, *extras)
+        return self.call_kernel("forward", state, x, *extras)
 
     def _run_sequence(self, xs, state, mask, extras=()):
         if torch.compiler.is_compiling() or plain_ops_needed():
@@ -516,7 +566,7 @@ class ScriptedCell(EagerCell):
                 return self._python_methods.forward_sequence(self, xs, state, mask, *extras)
             if derived.uses_derived_backward(self, xs, state, extras):
                 return derived.derived_forward_sequence(self, xs, state, mask, extras)
-            return self.kernel().forward_sequence(xs, state, mask, *extras)
+            return self.call_kernel("forward_sequence", xs, state, mask, *extras)
         if self.scan_mode == "parallel":
             return self.forward_parallel(xs, state, mask)
         if autocast_enabled(xs.device.type):
@@ -529,12 +579,12 @@ class ScriptedCell(EagerCell):
             # A sampler's step: the step method skips the loop's hoisting, unbind and stack,
             # which at one step cost as much as the step itself.
             fused = self._fused_step_of(tuple(state), xs[0])
-            state, output = self.kernel().forward(tuple(state), xs[0]) if fused is None else fused
+            state, output = self.call_kernel("forward", tuple(state), xs[0]) if fused is None else fused
             return output.unsqueeze(0), state
         fused = self._fused_sequence_of(tuple(state), xs, mask)
         if fused is not None:
             return fused
-        return self.kernel().forward_sequence(xs, state, mask)
+        return self.call_kernel("forward_sequence", xs, state, mask)
 
     @property
     def code(self) -> str:
@@ -542,7 +592,7 @@ class ScriptedCell(EagerCell):
 
 
 _FUSED_DTYPES = (torch.float32, torch.float64)
-_KERNEL_ATTRIBUTES = ("_kernel", "_kernel_parameters", "_kernel_settings")
+_KERNEL_ATTRIBUTES = ("_kernels",)
 
 
 def torchscript(model: torch.nn.Module) -> torch.nn.Module:

@@ -115,8 +115,10 @@ def script_kernel(cell: CellModule) -> torch.jit.RecursiveScriptModule:
     shell = generated.__new__(generated)
     torch.nn.Module.__init__(shell)
     # The cell's plain attributes, so that every cell of a class has one TorchScript type, compiled once.
+    # (A DataParallel replica holds its parameters and buffers as plain attributes: registered below.)
+    tensors = set(cell._inits) | set(cell._buffer_names)
     for name, value in vars(cell).items():
-        if not name.startswith("_") and name != "training":
+        if not name.startswith("_") and name != "training" and name not in tensors:
             object.__setattr__(shell, name, value)
     shell.training = cell.training
     for name in cell._inits:

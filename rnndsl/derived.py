@@ -42,7 +42,7 @@ class DerivedSequence(torch.autograd.Function):
         state_count, input_count = counts if isinstance(counts, tuple) else (counts, 0)  # one input: the state's count
         state, parameters = tuple(tensors[:state_count]), list(tensors[state_count:len(tensors) - input_count])
         inputs = [list(tensors[len(tensors) - input_count:])] if input_count else []
-        outputs, final, saved = cell.scripted_method("forward_sequence_saving")(xs, state, mask, parameters, *inputs)
+        outputs, final, saved = cell.call_kernel("forward_sequence_saving", xs, state, mask, parameters, *inputs)
         ctx.cell, ctx.training, ctx.constants = cell, cell.training, constants_of(cell)
         buffers = buffers_of(cell)
         ctx.counts = (len(outputs), len(tensors), state_count, input_count, len(buffers))
@@ -60,11 +60,11 @@ class DerivedSequence(torch.autograd.Function):
         need_input_grad = bool(ctx.needs_input_grad[1])
         inputs = [list(tensors[tensor_count - input_count:])] if input_count else []
         # grad_params ends with the other inputs' gradients, as tensors ends with them.
-        kernel = ctx.cell.kernel(buffers=buffers, settings=(ctx.training, *ctx.constants))  # the forward's
-        grad_xs, grad_state, grad_params = kernel._c._get_method("backward_sequence")(
-            xs, mask, list(tensors[state_count:tensor_count - input_count]), saved,
+        grad_xs, grad_state, grad_params = ctx.cell.call_kernel(
+            "backward_sequence", xs, mask, list(tensors[state_count:tensor_count - input_count]), saved,
             [g.contiguous() for g in grads[:output_count]], [g.contiguous() for g in grads[output_count:]],
-            need_input_grad, *inputs)
+            need_input_grad, *inputs,
+            buffers=buffers, settings=(ctx.training, *ctx.constants))  # the forward's
         grad_xs, *rest = _in_memory_of_their_own([grad_xs if need_input_grad else None, *grad_state,
                                                    *grad_params])
         return (None, grad_xs, None, None, *rest)

@@ -75,9 +75,10 @@ def _method(cell, name: str, params: List[Tensor], buffers: List[Tensor], settin
     """A generated method of ``cell`` bound to ``params``, ``buffers`` and ``settings`` (see
     :func:`settings_of`): the TorchScript kernel's for a scripted cell, the plain Python one for
     an eager cell."""
-    if hasattr(cell, "kernel"):
+    if hasattr(cell, "call_kernel"):
         training, constants = _typed(cell, settings)
-        return cell.kernel(params, buffers, settings=(training, *constants))._c._get_method(name)
+        return functools.partial(cell.call_kernel, name, parameters=params, buffers=buffers,
+                                 settings=(training, *constants))
     return functools.partial(getattr(cell._python_methods, name), _view(cell, params, buffers, settings))
 
 

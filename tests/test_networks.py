@@ -164,35 +164,60 @@ def test_drop_in_pickles_copies_and_moves():
     assert not torch.allclose(flat(doubled)[0], expected[0].double())
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_drop_in_replicas_running_at_once_keep_their_own_weights(backend):
-    """nn.DataParallel's replicas (a shallow copy of the module, its own weights set on it) run in
-    threads at once: each must compute with its own weights, as torch.nn's replicas do. They once
-    shared the one engine whose parameter slots each call fills, and ran each other's weights."""
-    torch.manual_seed(0)
-    original = LSTM(4, 8, num_layers=2, backend=backend)
-    replica = original._replicate_for_data_parallel()
-    for name, parameter in original.named_parameters():
-        setattr(replica, name, (parameter * 2).detach())  # what torch.nn.parallel.replicate does
-    x = torch.randn(30, 3, 4)
+def _replica_with_doubled_weights(module: nn.Module) -> nn.Module:
+    """What nn.DataParallel runs on a second device: a shallow copy of the module with its own
+    weights set on it (torch.nn.parallel.replicate's way), here twice the original's."""
+    replica = module._replicate_for_data_parallel()
+    for name, parameter in module.named_parameters():
+        setattr(replica, name, (parameter * 2).detach())
+    return replica
+
+
+def _wrong_calls_at_once(modules, call) -> list:
+    """Each module called 30 times in its own thread, all at once: how many calls per module
+    differ from its call alone."""
     with torch.no_grad():
-        expected = [flat(module(x)) for module in (original, replica)]
-    barrier = threading.Barrier(2)
-    wrong = [0, 0]
+        expected = [call(module) for module in modules]
+    assert not torch.equal(expected[0], expected[1])
+    barrier = threading.Barrier(len(modules))
+    wrong = [0] * len(modules)
 
     def calls(index: int, module: nn.Module) -> None:
         barrier.wait()
         for _ in range(30):
             with torch.no_grad():
-                got = flat(module(x))
-            wrong[index] += not all(torch.equal(a, b) for a, b in zip(got, expected[index]))
+                wrong[index] += not torch.equal(call(module), expected[index])
 
-    threads = [threading.Thread(target=calls, args=pair) for pair in enumerate((original, replica))]
+    threads = [threading.Thread(target=calls, args=pair) for pair in enumerate(modules)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert wrong == [0, 0]
+    return wrong
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_drop_in_replicas_running_at_once_keep_their_own_weights(backend):
+    """nn.DataParallel's replicas run in threads at once: each must compute with its own weights, as
+    torch.nn's replicas do. They once shared the one engine whose parameter slots each call fills,
+    and ran each other's weights."""
+    torch.manual_seed(0)
+    original = LSTM(4, 8, num_layers=2, backend=backend)
+    x = torch.randn(30, 3, 4)
+    modules = [original, _replica_with_doubled_weights(original)]
+    assert _wrong_calls_at_once(modules, lambda module: module(x)[0]) == [0, 0]
+
+
+def test_scripted_cell_replicas_running_at_once_keep_their_own_weights():
+    """The same for a scripted cell (a make_recurrent network's layers hold them), whose replicas
+    once shared its TorchScript kernel, into which each call binds its parameters: a sequence, and
+    a step (the replica builds its own kernel from parameters held as plain attributes)."""
+    torch.manual_seed(0)
+    cell = rnndsl.load_cell("peephole_lstm").build(4, 16)
+    xs, state = torch.randn(30, 3, 4), (torch.zeros(3, 16), torch.zeros(3, 16))
+    modules = [cell, _replica_with_doubled_weights(cell)]
+    assert _wrong_calls_at_once(modules, lambda module: module.forward_sequence(xs, state)[0]) == [0, 0]
+    assert _wrong_calls_at_once(modules, lambda module: module(state, xs[0])[1]) == [0, 0]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
