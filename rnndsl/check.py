@@ -42,9 +42,10 @@ def __getattr__(name: str) -> object:
 
 # The attributes of the cells rnndsl builds.
 _CELL_ATTRIBUTES = {"input_size", "hidden_size", "output_size", "output_image", "state_sizes", "state_names", "source",
-                    "code", "cell_name", "forward_sequence", "reset_parameters", "generated_source", "kernel", "call_kernel",
-                    "scripted_method", "backward_sequence", "derived_backward_trains", "forward_sequence_saving",
-                    "forward_parallel", "scan_mode", "parallel_source", "forward_sequence_scan", "extra_inputs"}
+                    "code", "cell_name", "forward_sequence", "reset_parameters", "generated_source", "kernel",
+                    "call_kernel", "scripted_method", "backward_sequence", "derived_backward_trains",
+                    "forward_sequence_saving", "forward_parallel", "scan_mode", "parallel_source",
+                    "forward_sequence_scan", "extra_inputs"}
 
 # Sizes and hyper-parameters are set as keyword arguments of CellSpec.build(input_size, hidden_size,
 # backend, *, <the build options>, **hyper): they cannot share a name with its own arguments.
