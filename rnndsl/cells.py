@@ -600,6 +600,13 @@ def torchscript(model: torch.nn.Module) -> torch.nn.Module:
     ``torch.jit.trace``, ``torch.jit.script`` and ``torch.jit.save`` take. The kernels run the
     generated methods on the copy's own parameters, without rnndsl's argument checks or the
     derived backward (autograd of the TorchScript loop trains them)."""
+    run_natively = {id(layer.cell) for layer in model.modules() if getattr(layer, "traces_torchs_kernel", False)}
+    for name, cell in model.named_modules():
+        if isinstance(cell, CellModule) and not isinstance(cell, ScriptedCell) and id(cell) not in run_natively:
+            where = f" ({name})" if name else ""
+            raise ValueError(f"rnndsl.torchscript: cell {cell.cell_name}{where} runs on the eager backend, which has "
+                             f"no TorchScript kernel: a trace would hold its loop unrolled at the traced length. "
+                             f"Build it with backend='script', or export the model with torch.export (any length)")
     model = copy.deepcopy(model)
     if isinstance(model, ScriptedCell):
         return model.kernel()

@@ -101,8 +101,10 @@ def run_native(mode: str, xs: Tensor, state: Tuple[Tensor, ...], weights: List[T
     kernel = NATIVE_MODES[mode].kernel
     hx = [s.unsqueeze(0) for s in state] if mode == "LSTM" else state[0].unsqueeze(0)
     # The kernel's `train` flag: cuDNN keeps what its backward needs only in training mode (and
-    # refuses the backward otherwise); dropout is 0 here, so the flag changes no number.
-    train = torch.is_grad_enabled()
+    # refuses the backward otherwise); dropout is 0 here, so the flag changes no number. A trace
+    # holds it as a constant: True, which any later call can run with (and torch.jit.trace's check,
+    # which reruns the call without autograd, then finds the same graph).
+    train = torch.jit.is_tracing() or torch.is_grad_enabled()
     if mask is None:
         outputs, *final = kernel(xs, hx, weights, True, 1, 0.0, train, False, False)
         return outputs, tuple(f.squeeze(0) for f in final)
@@ -123,6 +125,10 @@ class NativeLayer(RecurrentTable):
     (built with the eager backend) only holds the parameters, ``names`` says
     which is which (see :func:`native_names`).
     """
+
+    # Under torch.jit.trace the layer records torch's kernel, not its (eager) cell's loop:
+    # rnndsl.torchscript leaves it as it is.
+    traces_torchs_kernel = True
 
     def __init__(self, cell: nn.Module, mode: str, names: Mapping[str, str]) -> None:
         super().__init__(cell)

@@ -155,3 +155,20 @@ def test_a_parametrized_cell_refuses_pickling_as_torch_does():
 class _Doubled(torch.nn.Module):
     def forward(self, weight):
         return 2 * weight
+
+
+@pytest.mark.parametrize("backend", ["script", "native", "eager"])
+def test_a_traced_torchscript_copy_runs_at_any_length_or_is_refused(backend):
+    """rnndsl.torchscript's copy, traced, holds each scripted cell's loop (or torch's op for a native
+    layer), so it runs at a length it was not traced at; an eager cell has no kernel, and its trace
+    would unroll the loop at the traced length (once a cryptic error at another): refused by name."""
+    torch.manual_seed(0)
+    net = rnndsl.make_recurrent("gru", 4, [5, 3], backend=backend, save_hidden=False)
+    state = ((torch.zeros(3, 5),), (torch.zeros(3, 3),))
+    if backend == "eager":
+        with pytest.raises(ValueError, match=r"cell gru \(network.layers.0.cell\) runs on the eager backend"):
+            rnndsl.torchscript(net)
+        return
+    traced = torch.jit.trace(rnndsl.torchscript(net), (torch.randn(6, 3, 4), state))
+    xs = torch.randn(9, 3, 4)
+    torch.testing.assert_close(traced(xs, state)[0], net(xs, state)[0])
