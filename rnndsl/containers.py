@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from .autograd_modes import autocast_enabled
-from .scan import check_mask, check_not_empty, per_step_inputs, scan
+from .scan import PlacementError, check_mask, check_not_empty, per_step_inputs, scan
 from .sequences import first_gap, lengths_mask, prefix_of, refuse_packed_under_export, repack, reverse_padded
 
 StateTree = Union[Tensor, Tuple["StateTree", ...]]
@@ -516,7 +516,7 @@ def _check_leaves(state: StateTree, sizes, names, batch_size: int, like: Tensor,
             raise ValueError(f"{label} has shape {tuple(state.shape)}, expected "
                              f"({batch_size}, {sizes}) (batch {batch_size}, size {sizes})")
         if state.dtype != like.dtype or state.device != like.device:
-            raise ValueError(f"{label} is {_describe(state)} but the input is {_describe(like)}")
+            raise PlacementError(f"{label} is {_describe(state)} but the input is {_describe(like)}")
         return
     if names is None or isinstance(names, str) or len(names) != len(sizes):
         names = [None] * len(sizes)

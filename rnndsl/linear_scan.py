@@ -46,6 +46,7 @@ import torch
 from torch import Tensor
 
 from .autograd_modes import plain_backward_needed, plain_ops_needed
+from .scan import PlacementError
 
 __all__ = ["along_steps", "linear_recurrence", "sequential_linear_recurrence", "use_cpu_kernel"]
 
@@ -142,9 +143,9 @@ def _check_inputs(a: Tensor, b: Tensor, s0: Tensor) -> None:
         raise ValueError(f"s0 must have shape (batch, hidden) = {tuple(a.shape[1:])}, "
                          f"got {tuple(s0.shape)}")
     if not (a.dtype == b.dtype == s0.dtype):
-        raise ValueError(f"a, b and s0 must share a dtype, got {a.dtype}, {b.dtype}, {s0.dtype}")
+        raise PlacementError(f"a, b and s0 must share a dtype, got {a.dtype}, {b.dtype}, {s0.dtype}")
     if not (a.device == b.device == s0.device):
-        raise ValueError(f"a, b and s0 must be on one device, got {a.device}, {b.device}, {s0.device}")
+        raise PlacementError(f"a, b and s0 must be on one device, got {a.device}, {b.device}, {s0.device}")
 
 
 class _LinearRecurrence(torch.autograd.Function):

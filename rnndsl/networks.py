@@ -300,8 +300,7 @@ class _EnginePool:
     engine. One thread finds the first engine idle at every call; a second engine is built only
     while two calls run at once."""
 
-    def __init__(self, first: SequenceTable, build: Callable[[], SequenceTable], bindings: Iterable[str]) -> None:
-        self._build = build
+    def __init__(self, first: SequenceTable, bindings: Iterable[str]) -> None:
         # Where each cell parameter lives in an engine: its module's `_parameters` and its name there.
         self._paths = [inner.rpartition(".")[::2] for inner in bindings]
         self._idle = [(first, self._slots(first))]
@@ -310,11 +309,13 @@ class _EnginePool:
     def _slots(self, engine: SequenceTable) -> List[Tuple[Dict[str, Tensor], str]]:
         return [(engine.get_submodule(module)._parameters, name) for module, name in self._paths]
 
-    def take(self) -> Tuple[SequenceTable, List[Tuple[Dict[str, Tensor], str]]]:
+    def take(self, build: Callable[[], SequenceTable]) -> Tuple[SequenceTable, List[Tuple[Dict[str, Tensor], str]]]:
+        """An idle engine and its slots, or a new one from ``build`` (not kept: the pool holds no
+        reference to the module, which would keep it alive after ``del`` until a garbage collection)."""
         with self._lock:
             if self._idle:
                 return self._idle.pop()
-        engine = self._build()
+        engine = build()
         return engine, self._slots(engine)
 
     def give_back(self, engine: SequenceTable, slots) -> None:
@@ -370,7 +371,7 @@ class _CompiledRNNBase:
         self.__dict__["_bindings"] = bindings
         # The module and its DataParallel replicas (which copy this dict, so share the pool) run
         # eagerly on engines taken from here; see _run_engine.
-        self.__dict__["_engines"] = _EnginePool(engine, lambda: self._new_engine()[0], bindings)
+        self.__dict__["_engines"] = _EnginePool(engine, bindings)
 
     def _new_engine(self) -> Tuple[SequenceTable, Dict[str, str]]:
         """A fresh engine: the layers of cells, and each cell parameter's name in this module."""
@@ -423,11 +424,11 @@ class _CompiledRNNBase:
         runs torch's fused kernel, as ``torch.jit.trace`` records it. (TorchScript also puts the
         module returned here into the model being scripted, in this one's place.)"""
         torch_class = next(c for c in type(self).__mro__ if c.__module__ == nn.RNNBase.__module__)
-        if parametrize.is_parametrized(self):
-            names = ", ".join(sorted(self.parametrizations))
+        computed = [name for name in self._flat_weights_names if name not in self._parameters]
+        if computed:  # a parametrization, weight_norm's hook or a prune computes it
             raise RuntimeError(f"torch.jit.script cannot compile {torch_class.__name__} with a parametrized "
-                               f"weight ({names}), nor torch.nn's (whose error names its forward's hx); "
-                               f"torch.compile takes it")
+                               f"weight ({', '.join(computed)}), nor torch.nn's (whose error names its forward's "
+                               f"hx); torch.compile takes it")
         options = {"nonlinearity": self.nonlinearity} if isinstance(self, nn.RNN) else {}
         if self.proj_size:
             options["proj_size"] = self.proj_size
@@ -436,6 +437,8 @@ class _CompiledRNNBase:
                             device="meta", **options)
         for name in self._flat_weights_names:
             setattr(plain, name, getattr(self, name))
+        # The hooks too, the same dicts: TorchScript puts `plain` into the model in this one's place.
+        plain.__dict__.update({key: value for key, value in self.__dict__.items() if "hook" in key})
         return plain.train(self.training)
 
     def _parameters_for_engine(self) -> Dict[str, Tensor]:
@@ -488,7 +491,9 @@ class _CompiledRNNBase:
         if packed:
             xs, lengths = pad_packed_sequence(input)
             if self.dropout and self.training and self.num_layers > 1 and not torch.compiler.is_compiling():
-                rows = _packed_rows(input, xs.size(1))  # (compiled, the draws are Inductor's anyway)
+                # (Compiled, over the padded tensor: the rows' count is data, which dynamo would
+                # have to trace; compiled draws need not be eager's anyway, as under Inductor.)
+                rows = _packed_rows(input, xs.size(1))
         else:
             xs, lengths = (checked.transpose(0, 1) if self.batch_first else checked), None
         hx = given_hx if given_hx is not None else self._zero_hx(xs)
@@ -529,7 +534,7 @@ class _CompiledRNNBase:
         # slots are the engine's own state, so a call takes an engine no other call is running:
         # DataParallel's replicas (threads, each with its device's weights) would otherwise run
         # one another's weights.
-        engine, slots = self._engines.take()
+        engine, slots = self._engines.take(lambda: self._new_engine()[0])
         try:
             self._set_modes(engine, dropout_rows)
             for (slot, name), tensor in zip(slots, parameters.values()):

@@ -136,7 +136,7 @@ def check_mask(mask: Optional[Tensor], xs: Tensor) -> None:
         raise ValueError(f"mask must have shape (T, batch) = {tuple(xs.shape[:2])}, "
                          f"got {tuple(mask.shape)}")
     if mask.device != xs.device:
-        raise ValueError(f"mask is on {mask.device} but the input is on {xs.device}")
+        raise PlacementError(f"mask is on {mask.device} but the input is on {xs.device}")
 
 
 def zero_padded_steps(xs: Tensor, mask: Optional[Tensor]) -> Tensor:

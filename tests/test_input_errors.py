@@ -86,6 +86,12 @@ def test_every_backend_names_a_dtype_mismatch(backend):
         net(torch.randn(3, 2, INPUT, dtype=torch.float64))
     with pytest.raises(RuntimeError):  # a PlacementError is both, as torch raises RuntimeErrors for these
         net(torch.randn(3, 2, INPUT, dtype=torch.float64))
+    xs = torch.randn(3, 2, INPUT)
+    with pytest.raises(rnndsl.PlacementError, match=r"state\[0\]\[0\] \(h\) is float64 on cpu but the input"):
+        net(xs, ((torch.zeros(2, HIDDEN, dtype=torch.float64), torch.zeros(2, HIDDEN)),))
+    with pytest.raises(rnndsl.PlacementError, match="mask is on meta but the input is on cpu"):
+        rnndsl.scan(net.network.layers[0].cell, xs, (torch.zeros(2, HIDDEN), torch.zeros(2, HIDDEN)),
+                    torch.ones(3, 2, dtype=torch.bool, device="meta"))
 
 
 # Loading: paths that are no cell file ----------------------------------------------

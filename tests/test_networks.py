@@ -392,6 +392,31 @@ def test_a_model_holding_a_drop_in_scripts_as_one_holding_torchs(backend, kind, 
         torch.jit.script(_Holder(ours))
 
 
+@pytest.mark.filterwarnings("ignore:.*weight_norm is deprecated")
+def test_a_scripted_drop_in_keeps_its_hooks_and_refuses_weight_norms_hook():
+    """The module TorchScript puts in the drop-in's place keeps its hooks (TorchScript cannot compile
+    a hook on torch.nn's RNNs, whose forward is overloaded: it raises as for torch.nn's own, and the
+    model, which it changed first, still runs them); the hook form of weight_norm (a computed weight)
+    is refused by name, as a parametrization is."""
+    torch.manual_seed(0)
+    seen = []
+
+    def hook(module, args, output):
+        seen.append(type(module))
+
+    models = [_Holder(module) for module in (nn.LSTM(3, 4), rnndsl.LSTM(3, 4))]
+    for model in models:
+        model.rnn.register_forward_hook(hook)
+        with pytest.raises(RuntimeError):  # "Couldn't find method: 'forward'" (then TorchScript's cache speaks)
+            torch.jit.script(model)
+        model(torch.randn(5, 2, 3))
+    assert seen == [nn.LSTM, nn.LSTM]
+    hooked = rnndsl.GRU(3, 4)
+    nn.utils.weight_norm(hooked, "weight_hh_l0")
+    with pytest.raises(RuntimeError, match=r"cannot compile GRU with a parametrized weight \(weight_hh_l0\)"):
+        torch.jit.script(_Holder(hooked))
+
+
 @pytest.mark.parametrize("mode", ["LSTM", "GRU"])
 def test_drop_ins_export_with_a_dynamic_batch(mode):
     torch.manual_seed(0)
