@@ -7,11 +7,11 @@
 from .cells import torchscript
 from .cellspec import CellSpec, load_cell, load_cells, load_source, load_stock_cell
 from .containers import Bidirectional, RecurrentNetwork, RecurrentTable, SequenceTable, ZeroState, setup_recurrent
-from .errors import CellError, CellWarning, Span
+from .errors import CellError, CellWarning, PlacementError, Span
 from .linear_scan import linear_recurrence, sequential_linear_recurrence
 from .native import load_native_state_dict, native_state_dict
 from .networks import GRU, LSTM, RNN, make_bidirectional, make_recurrent
-from .scan import EmptySequenceError, PlacementError, scan
+from .scan import EmptySequenceError, scan
 
 __all__ = ["Bidirectional", "CellError", "EmptySequenceError", "CellSpec", "CellWarning", "GRU", "LSTM", "RNN",
            "PlacementError", "RecurrentNetwork", "RecurrentTable", "SequenceTable", "Span", "ZeroState",

@@ -25,10 +25,10 @@ from torch import Tensor
 from . import derived, opaque
 from .autograd_modes import autocast_enabled, plain_ops_needed
 from .codegen import supports_training
-from .errors import CellWarning
+from .errors import CellWarning, PlacementError
 from .ir import Op
 from .options import BuildOptions
-from .scan import PlacementError, check_mask, check_not_empty, zero_padded_steps
+from .scan import check_mask, check_not_empty, zero_padded_steps
 from .twin import constants_of
 
 if TYPE_CHECKING:

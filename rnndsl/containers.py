@@ -43,7 +43,8 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from .autograd_modes import autocast_enabled
-from .scan import PlacementError, check_mask, check_not_empty, per_step_inputs, scan
+from .errors import PlacementError
+from .scan import check_mask, check_not_empty, per_step_inputs, scan
 from .sequences import first_gap, lengths_mask, prefix_of, refuse_packed_under_export, repack, reverse_padded
 
 StateTree = Union[Tensor, Tuple["StateTree", ...]]

@@ -1,4 +1,4 @@
-"""Source positions and the one error type of the cell language.
+"""Source positions and the one error type of the cell language; and PlacementError, a run-time one.
 
 Every problem found in a ``.cell`` file is a :class:`CellError` that prints like
 a compiler diagnostic::
@@ -15,6 +15,12 @@ import unicodedata
 import warnings
 from dataclasses import dataclass
 from typing import Iterable, List, Optional
+
+
+class PlacementError(RuntimeError, ValueError):
+    """A state, input or parameter of another dtype or device than the input. A RuntimeError, as
+    torch raises for one (its ops, torch.nn.LSTM's device check), and a ValueError, as rnndsl
+    raises for every input that does not fit."""
 
 
 @dataclass(frozen=True, slots=True)

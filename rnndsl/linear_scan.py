@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from .autograd_modes import plain_backward_needed, plain_ops_needed
-from .scan import PlacementError
+from .errors import PlacementError
 
 __all__ = ["along_steps", "linear_recurrence", "sequential_linear_recurrence", "use_cpu_kernel"]
 

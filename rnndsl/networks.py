@@ -31,10 +31,10 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 from .autograd_modes import autocast_enabled, plain_ops_needed
 from .cellspec import CellSpec, load_cell, load_stock_cell, positive_size
 from .containers import Bidirectional, RecurrentNetwork, RecurrentTable, SequenceTable, ZeroState, setup_recurrent
-from .errors import did_you_mean
+from .errors import PlacementError, did_you_mean
 from .options import BuildOptions
 from .native import NATIVE_MODES, PARAMETER_NAMES, NativeLayer, native_names, resolve_backend
-from .scan import PlacementError, check_not_empty
+from .scan import check_not_empty
 from .sequences import lengths_mask, refuse_packed_under_export, repack
 
 

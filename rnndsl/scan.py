@@ -35,18 +35,14 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .errors import PlacementError
+
 State = Tuple[Tensor, ...]
 
 
 class EmptySequenceError(RuntimeError, ValueError):
     """A sequence of zero steps. A RuntimeError, as torch.nn.LSTM raises for one, and a
     ValueError, as rnndsl raises for every input that does not fit."""
-
-
-class PlacementError(RuntimeError, ValueError):
-    """A state, input or parameter of another dtype or device than the input. A RuntimeError, as
-    torch raises for one (its ops, torch.nn.LSTM's device check), and a ValueError, as rnndsl
-    raises for every input that does not fit."""
 
 
 def check_not_empty(xs: Tensor, where: str, time_dim: int = 0) -> None:
