@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import threading
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
@@ -28,6 +27,7 @@ from .codegen import supports_training
 from .errors import CellWarning, PlacementError
 from .ir import Op
 from .options import BuildOptions
+from .pool import IdlePool
 from .scan import check_mask, check_not_empty, zero_padded_steps
 from .twin import constants_of
 
@@ -436,25 +436,6 @@ class _BoundKernel:
     settings: Tuple[object, ...] = ()
 
 
-class _KernelPool:
-    """A scripted cell's kernels, one per call running at once: a call binds its parameters into the
-    kernel it takes, so two calls must not share one. DataParallel's replicas copy the cell's
-    ``__dict__``, so they share this pool, each with its own weights. One thread finds the first
-    kernel idle at every call; another is compiled only while two calls run at once."""
-
-    def __init__(self) -> None:
-        self._idle: List[_BoundKernel] = []
-        self._lock = threading.Lock()
-
-    def take(self) -> Optional[_BoundKernel]:
-        with self._lock:
-            return self._idle.pop() if self._idle else None
-
-    def give_back(self, bound: _BoundKernel) -> None:
-        with self._lock:
-            self._idle.append(bound)
-
-
 class ScriptedCell(EagerCell):
     """A cell whose methods run as TorchScript: a plain module (its parameters, hooks, parametrizations
     and ``functional_call`` behave as any module's) that runs a TorchScript *kernel*, compiled from the
@@ -496,11 +477,14 @@ class ScriptedCell(EagerCell):
         finally:
             self._kernel_pool().give_back(bound)
 
-    def _kernel_pool(self) -> _KernelPool:
+    def _kernel_pool(self) -> IdlePool[_BoundKernel]:
         pool = self.__dict__.get("_kernels")
         if pool is None:
-            pool = self.__dict__["_kernels"] = _KernelPool()
+            pool = self.__dict__["_kernels"] = IdlePool()
         return pool
+
+    def _new_bound_kernel(self) -> _BoundKernel:
+        return _BoundKernel(self._script_kernel(self), [None] * len(self._inits))
 
     def _take_kernel(self, parameters: Optional[Sequence[Tensor]], buffers: Optional[Sequence[Tensor]],
                      settings: Optional[Tuple[object, ...]]) -> _BoundKernel:
@@ -509,9 +493,7 @@ class ScriptedCell(EagerCell):
             raise RuntimeError(f"cell {self.cell_name}: torch.jit.trace cannot follow a scripted cell's TorchScript "
                                "kernel, which is not a submodule; trace rnndsl.torchscript(model), where the cells are "
                                "their kernels, or export with torch.export")
-        bound = self._kernel_pool().take()
-        if bound is None:
-            bound = _BoundKernel(self._script_kernel(self), [None] * len(self._inits))
+        bound = self._kernel_pool().take(self._new_bound_kernel)
         kernel = bound.module
         # The mode and the hyper-parameters set after build (`cell.beta = 0.25`), pushed when they change.
         if settings is None:

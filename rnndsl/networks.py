@@ -19,7 +19,6 @@ import functools
 import inspect
 import os
 import sys
-import threading
 from collections.abc import Iterable
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -33,6 +32,7 @@ from .cellspec import CellSpec, load_cell, load_stock_cell, positive_size
 from .containers import Bidirectional, RecurrentNetwork, RecurrentTable, SequenceTable, ZeroState, setup_recurrent
 from .errors import PlacementError, did_you_mean
 from .options import BuildOptions
+from .pool import IdlePool
 from .native import NATIVE_MODES, PARAMETER_NAMES, NativeLayer, native_names, resolve_backend
 from .scan import check_not_empty
 from .sequences import lengths_mask, refuse_packed_under_export, repack
@@ -295,32 +295,10 @@ def _packed_rows(packed: PackedSequence, batch: int) -> Tensor:
     return (steps.to(order.device) * batch + order[within.to(order.device)]).to(packed.data.device)
 
 
-class _EnginePool:
-    """A drop-in's engines, each with the parameter slots its calls fill; one call at a time per
-    engine. One thread finds the first engine idle at every call; a second engine is built only
-    while two calls run at once."""
-
-    def __init__(self, first: SequenceTable, bindings: Iterable[str]) -> None:
-        # Where each cell parameter lives in an engine: its module's `_parameters` and its name there.
-        self._paths = [inner.rpartition(".")[::2] for inner in bindings]
-        self._idle = [(first, self._slots(first))]
-        self._lock = threading.Lock()
-
-    def _slots(self, engine: SequenceTable) -> List[Tuple[Dict[str, Tensor], str]]:
-        return [(engine.get_submodule(module)._parameters, name) for module, name in self._paths]
-
-    def take(self, build: Callable[[], SequenceTable]) -> Tuple[SequenceTable, List[Tuple[Dict[str, Tensor], str]]]:
-        """An idle engine and its slots, or a new one from ``build`` (not kept: the pool holds no
-        reference to the module, which would keep it alive after ``del`` until a garbage collection)."""
-        with self._lock:
-            if self._idle:
-                return self._idle.pop()
-        engine = build()
-        return engine, self._slots(engine)
-
-    def give_back(self, engine: SequenceTable, slots) -> None:
-        with self._lock:
-            self._idle.append((engine, slots))
+def _slots(engine: SequenceTable, bindings: Iterable[str]) -> List[Tuple[Dict[str, Tensor], str]]:
+    """Where each cell parameter of ``engine`` lives: its module's ``_parameters`` and its name there."""
+    return [(engine.get_submodule(inner.rpartition(".")[0])._parameters, inner.rpartition(".")[2])
+            for inner in bindings]
 
 
 class _CompiledRNNBase:
@@ -369,9 +347,8 @@ class _CompiledRNNBase:
         engine, bindings = self._new_engine()
         self.__dict__["_engine"] = engine
         self.__dict__["_bindings"] = bindings
-        # The module and its DataParallel replicas (which copy this dict, so share the pool) run
-        # eagerly on engines taken from here; see _run_engine.
-        self.__dict__["_engines"] = _EnginePool(engine, bindings)
+        # Eager calls run on engines taken from here, with the slots they fill: see _run_engine.
+        self.__dict__["_engines"] = IdlePool([(engine, _slots(engine, bindings))])
 
     def _new_engine(self) -> Tuple[SequenceTable, Dict[str, str]]:
         """A fresh engine: the layers of cells, and each cell parameter's name in this module."""
@@ -534,14 +511,18 @@ class _CompiledRNNBase:
         # slots are the engine's own state, so a call takes an engine no other call is running:
         # DataParallel's replicas (threads, each with its device's weights) would otherwise run
         # one another's weights.
-        engine, slots = self._engines.take(lambda: self._new_engine()[0])
+        engine, slots = self._engines.take(self._fresh_engine)
         try:
             self._set_modes(engine, dropout_rows)
             for (slot, name), tensor in zip(slots, parameters.values()):
                 slot[name] = tensor
             return engine(*args)
         finally:
-            self._engines.give_back(engine, slots)
+            self._engines.give_back((engine, slots))
+
+    def _fresh_engine(self) -> Tuple[SequenceTable, List[Tuple[Dict[str, Tensor], str]]]:
+        engine, bindings = self._new_engine()
+        return engine, _slots(engine, bindings)
 
     def _set_modes(self, engine: SequenceTable, dropout_rows: Optional[Tensor]) -> None:
         if engine.training != self.training:
