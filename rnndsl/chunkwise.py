@@ -17,8 +17,8 @@ zero: the form is stable at any length and any decay, 0 included (log-space, no 
 cumulative product; log-decays below the dtype's underflow are raised to it). A decay per head
 makes the ``(C, C)`` matrix of those exponentials. A decay per key dim would need a ``(C, C, key)``
 tensor; instead each chunk is cut again into sub-chunks (GLA's secondary chunking, Yang et al.
-2024): pairs of steps in one sub-chunk use that tensor, only
-``(c, c, key)``, and pairs across sub-chunks factor the decay through the sub-chunks' bounds,
+2024): pairs of steps in one sub-chunk use that tensor, only ``(c, c, key)``, and pairs across
+sub-chunks factor the decay through the sub-chunks' bounds,
 ``exp(G_t - G_s) = exp(G_t - G_start(i)) exp(G_start(i) - G_end(j)) exp(G_end(j) - G_s)``, every
 factor again at most 1, into matrix products.
 

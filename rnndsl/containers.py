@@ -290,7 +290,6 @@ class SequenceTable(nn.Module):
         result = tuple(outputs) if self.return_all else x
         return tuple(finals), (result, tuple(steps)) if steps else result
 
-
     def _dropped(self, x: Tensor) -> Tensor:
         if self.dropout_rows is None or not self.training:
             return nn.functional.dropout(x, self.dropout, self.training)

@@ -32,8 +32,8 @@ from .cellspec import CellSpec, load_cell, load_stock_cell, positive_size
 from .containers import Bidirectional, RecurrentNetwork, RecurrentTable, SequenceTable, ZeroState, setup_recurrent
 from .errors import PlacementError, did_you_mean
 from .options import BuildOptions
-from .pool import IdlePool
 from .native import NATIVE_MODES, PARAMETER_NAMES, NativeLayer, native_names, resolve_backend
+from .pool import IdlePool
 from .scan import check_not_empty
 from .sequences import lengths_mask, refuse_packed_under_export, repack
 
@@ -285,16 +285,6 @@ class _SetFlagWhenDynamoLoads(importlib.abc.MetaPathFinder):
         return spec
 
 
-def _packed_rows(packed: PackedSequence, batch: int) -> Tensor:
-    """Where each row of ``packed.data`` lies in the padded ``(T, batch, ...)`` tensor, flattened:
-    step t's rows are its ``batch_sizes[t]`` longest sequences, in ``sorted_indices`` order."""
-    sizes = packed.batch_sizes
-    steps = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
-    within = torch.arange(int(sizes.sum())) - (sizes.cumsum(0) - sizes)[steps]
-    order = packed.sorted_indices if packed.sorted_indices is not None else torch.arange(batch)
-    return (steps.to(order.device) * batch + order[within.to(order.device)]).to(packed.data.device)
-
-
 def _slots(engine: SequenceTable, bindings: Iterable[str]) -> List[Tuple[Dict[str, Tensor], str]]:
     """Where each cell parameter of ``engine`` lives: its module's ``_parameters`` and its name there."""
     return [(engine.get_submodule(inner.rpartition(".")[0])._parameters, inner.rpartition(".")[2])
@@ -470,7 +460,10 @@ class _CompiledRNNBase:
             if self.dropout and self.training and self.num_layers > 1 and not torch.compiler.is_compiling():
                 # (Compiled, over the padded tensor: the rows' count is data, which dynamo would
                 # have to trace; compiled draws need not be eager's anyway, as under Inductor.)
-                rows = _packed_rows(input, xs.size(1))
+                # Each packed row's place in the padded (T, batch) grid, flattened: the grid's
+                # positions, packed as the input is.
+                positions = torch.arange(xs.size(0) * xs.size(1), device=xs.device).view(xs.shape[:2])
+                rows = repack(positions, lengths, input).data
         else:
             xs, lengths = (checked.transpose(0, 1) if self.batch_first else checked), None
         hx = given_hx if given_hx is not None else self._zero_hx(xs)
@@ -534,9 +527,9 @@ class _CompiledRNNBase:
         """The dtypes of (output, h[, c]) that torch.nn's own forward returns under CPU autocast,
         for float32 parameters (``weights``, their dtype) and an input ``xs`` in float32 or in
         autocast's dtype (torch 2.13, checked against torch by tests/test_mixed_precision.py); None
-        outside CPU autocast or where it leaves the parameters alone (not float32). On other devices the drop-ins return
-        what every rnndsl network returns, the parameters' dtype: torch's choices there (cuDNN)
-        are not mirrored.
+        outside CPU autocast or where it leaves the parameters alone (not float32). On other
+        devices the drop-ins return what every rnndsl network returns, the parameters' dtype:
+        torch's choices there (cuDNN) are not mirrored.
 
         torch.nn runs everything in autocast's dtype when it runs oneDNN's fused LSTM layer, which
         autocast lowers whole (a padded batch, no projections, oneDNN enabled), or when the input
